@@ -1,0 +1,235 @@
+/*
+ * frameshm: shared-memory frame/tensor streams between processes on one host.
+ *
+ * Public C API. No Python dependency. Every function that can fail returns 0 (or
+ * a non-negative value) on success and a negative errno-style code on failure;
+ * fshm_last_error() then holds a human-readable message for the calling thread.
+ *
+ * Byte layout of everything in shared memory: docs/wire-format.md.
+ */
+#ifndef FRAMESHM_H
+#define FRAMESHM_H
+
+#include <stddef.h>
+#include <stdint.h>
+#include <sys/types.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FSHM_MAX_DIMS 8
+#define FSHM_MAX_POOLS 4
+#define FSHM_MAX_CONSUMERS 64
+#define FSHM_NAME_MAX 63          /* stream, namespace and consumer names */
+#define FSHM_CONSUMER_NAME_MAX 31
+
+/* Errors: negative errno values where one fits, frameshm-specific codes below -1000. */
+#define FSHM_E_CORRUPT (-1001)        /* shared memory failed validation */
+#define FSHM_E_PRODUCER_DEAD (-1002)  /* timed out and the producer process is gone */
+#define FSHM_E_NOPOOL (-1003)         /* frame larger than every payload pool: dropped */
+#define FSHM_E_LIMIT (-1004)          /* a system limit (message queues) was hit */
+#define FSHM_E_COLLISION (-1005)      /* stream id already used by another name */
+#define FSHM_E_OVERRUN (-1006)        /* producer kept overwriting the slot during a copy */
+#define FSHM_E_CLOSED (-1007)         /* object already closed */
+
+const char *fshm_last_error(void);
+const char *fshm_strerror(int code);
+
+/* Element types: values of the wire spec's Dtype enum. */
+enum fshm_dtype {
+    FSHM_DTYPE_UNKNOWN = 0,
+    FSHM_DTYPE_UINT8 = 1,
+    FSHM_DTYPE_INT8 = 2,
+    FSHM_DTYPE_UINT16 = 3,
+    FSHM_DTYPE_INT16 = 4,
+    FSHM_DTYPE_UINT32 = 5,
+    FSHM_DTYPE_INT32 = 6,
+    FSHM_DTYPE_UINT64 = 7,
+    FSHM_DTYPE_INT64 = 8,
+    FSHM_DTYPE_FLOAT32 = 9,
+    FSHM_DTYPE_FLOAT64 = 10,
+    FSHM_DTYPE_BOOLEAN = 11,
+    FSHM_DTYPE_BYTES = 13,
+};
+/* Size in bytes of one element, 0 for unknown types. */
+int fshm_dtype_size(int dtype);
+
+enum fshm_major_order { FSHM_ORDER_ROW = 1, FSHM_ORDER_COLUMN = 2 };
+
+/* Controller mode byte in the control region (unknown values read as STANDBY). */
+enum fshm_mode { FSHM_MODE_STANDBY = 0, FSHM_MODE_ALARMED = 1 };
+
+typedef struct fshm_tensor {
+    int16_t dtype;
+    int16_t major_order;          /* FSHM_ORDER_ROW unless set */
+    uint8_t ndims;                /* 1..FSHM_MAX_DIMS */
+    int32_t dims[FSHM_MAX_DIMS];
+    int32_t strides[FSHM_MAX_DIMS]; /* bytes; 0 = contiguous, inferred from order */
+} fshm_tensor;
+
+/* Where a stream lives. NULL/0 fields take their defaults. */
+typedef struct fshm_stream_addr {
+    const char *name;       /* stream name; NULL when addressed by stream_id only */
+    uint32_t stream_id;     /* 0 = derived from name */
+    const char *base_dir;   /* NULL = $FRAMESHM_DIR or /dev/shm */
+    const char *ns;         /* NULL = $FRAMESHM_NAMESPACE or "default" */
+} fshm_stream_addr;
+
+/* Stream id a name maps to (stable across processes and builds). */
+uint32_t fshm_stream_id_for_name(const char *name);
+int fshm_validate_name(const char *name, const char *what);
+
+/* ---- writer (producer) ---- */
+
+typedef struct fshm_writer fshm_writer;
+
+typedef struct fshm_writer_config {
+    fshm_stream_addr addr;
+    uint32_t nslots;                       /* power of two, >= 1 */
+    uint32_t npools;                       /* 1..FSHM_MAX_POOLS */
+    uint32_t pool_bytes[FSHM_MAX_POOLS];   /* rounded up to a power-of-two multiple of 64 */
+    unsigned file_mode;                    /* 0 = 0600 */
+} fshm_writer_config;
+
+typedef struct fshm_loan {
+    void *data;
+    uint64_t seq;
+    uint32_t capacity;   /* stride of the chosen pool */
+    uint16_t pool_id;
+    uint16_t pool_index;
+    uint32_t slot;
+} fshm_loan;
+
+int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out);
+/* Claims the next slot for nbytes of payload (marks it in progress). */
+int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out);
+/* Commits the outstanding loan: header, seqlock commit, descriptors to consumers. */
+int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint64_t timestamp_ns);
+/* Loan + one memcpy + commit. */
+int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fshm_tensor *t,
+                        uint64_t timestamp_ns);
+void fshm_writer_set_mode(fshm_writer *w, uint8_t mode);
+uint8_t fshm_writer_mode(const fshm_writer *w);
+uint64_t fshm_writer_epoch(const fshm_writer *w);
+uint32_t fshm_writer_stream_id(const fshm_writer *w);
+uint32_t fshm_writer_nslots(const fshm_writer *w);
+uint32_t fshm_writer_npools(const fshm_writer *w);
+/* Base address and length of payload pool i (the whole region incl. superblock). */
+void *fshm_writer_pool_base(const fshm_writer *w, unsigned i, size_t *len, uint32_t *stride,
+                            uint16_t *pool_id);
+uint64_t fshm_writer_next_seq(const fshm_writer *w);
+/* Refreshes the activity timestamp without publishing (idle producers call this). */
+void fshm_writer_heartbeat(fshm_writer *w);
+/* unlink_files: remove the stream's regions (and the control region when no live
+ * consumer is registered) so nothing is left in the base directory. */
+void fshm_writer_close(fshm_writer *w, int unlink_files);
+
+/* ---- mappings: refcounted so frames/views can outlive a reader ---- */
+
+typedef struct fshm_map fshm_map;
+void fshm_map_ref(fshm_map *m);
+void fshm_map_unref(fshm_map *m);
+void *fshm_map_base(const fshm_map *m);
+size_t fshm_map_size(const fshm_map *m);
+int fshm_map_writable(const fshm_map *m);
+
+/* ---- reader (consumer) ---- */
+
+typedef struct fshm_reader fshm_reader;
+
+typedef struct fshm_reader_config {
+    fshm_stream_addr addr;
+    const char *consumer;   /* label shown by `frameshm ls`; NULL = "pid-<pid>" */
+} fshm_reader_config;
+
+typedef struct fshm_frame {
+    uint64_t seq;
+    uint64_t epoch;
+    uint64_t timestamp_ns;   /* capture time from the slot header (CLOCK_MONOTONIC) */
+    uint64_t publish_ns;     /* publish time from the descriptor, 0 if unknown */
+    uint64_t skipped;        /* frames between the previously returned one and this */
+    const void *data;
+    size_t nbytes;
+    fshm_tensor tensor;
+    fshm_map *map;           /* pool mapping holding data: borrowed, fshm_map_ref to keep */
+    uint32_t slot;
+    uint16_t pool_id;
+} fshm_frame;
+
+enum fshm_producer_state {
+    FSHM_PRODUCER_NONE = 0,   /* no producer has attached yet */
+    FSHM_PRODUCER_ALIVE = 1,
+    FSHM_PRODUCER_DEAD = 2,   /* process gone without closing */
+    FSHM_PRODUCER_CLOSED = 3, /* closed cleanly */
+};
+
+int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out);
+/* Blocks up to timeout_ns (<0: forever) for a frame newer than the last one returned,
+ * drains the descriptor queue and returns the newest committed frame. */
+int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f);
+/* Process-all: the next frame in order; f->skipped counts frames lost (overruns). */
+int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f);
+/* Newest committed frame without waiting; -EAGAIN when none is newer than `after`+1. */
+int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f);
+/* 1 if the slot still holds frame f (seqlock re-check after using its data). */
+int fshm_frame_valid(fshm_reader *r, const fshm_frame *f);
+/* Copies f's payload to dst (capacity >= f->nbytes) and checks it was not torn. */
+int fshm_frame_copy(fshm_reader *r, const fshm_frame *f, void *dst, size_t capacity);
+int fshm_reader_producer_state(fshm_reader *r, int64_t *pid);
+uint8_t fshm_reader_mode(fshm_reader *r);
+void fshm_reader_set_mode(fshm_reader *r, uint8_t mode);
+uint64_t fshm_reader_epoch(const fshm_reader *r);
+uint32_t fshm_reader_stream_id(const fshm_reader *r);
+uint64_t fshm_reader_overruns(const fshm_reader *r);
+uint64_t fshm_reader_drops(const fshm_reader *r);   /* frames dropped by validation */
+const char *fshm_reader_queue_name(const fshm_reader *r);
+void fshm_reader_close(fshm_reader *r);
+
+/* ---- inspection and cleanup (CLI) ---- */
+
+typedef struct fshm_consumer_info {
+    char name[FSHM_CONSUMER_NAME_MAX + 1];
+    char queue[32];
+    int64_t pid;
+    int alive;
+    int process_all;
+    uint64_t last_seq;       /* newest seq the consumer took, +1 (0 = none yet) */
+    uint64_t delivered;
+    uint64_t queue_full;
+} fshm_consumer_info;
+
+typedef struct fshm_stream_info {
+    char name[FSHM_NAME_MAX + 1];
+    uint32_t stream_id;
+    uint64_t epoch;
+    int producer_state;
+    int64_t producer_pid;
+    uint64_t latest_seq;     /* newest committed seq + 1, 0 = none */
+    uint64_t frames;
+    uint64_t drops_nopool;
+    uint64_t desc_sent;
+    uint64_t desc_dropped;
+    uint64_t pruned;
+    uint64_t activity_ns;
+    uint8_t mode;
+    uint32_t nslots;
+    uint32_t npools;
+    uint32_t pool_stride[FSHM_MAX_POOLS];
+    uint32_t nconsumers;
+    fshm_consumer_info consumers[FSHM_MAX_CONSUMERS];
+} fshm_stream_info;
+
+int fshm_stream_info_get(const fshm_stream_addr *addr, fshm_stream_info *out);
+/* Directory holding the streams of a namespace (for listing). */
+int fshm_namespace_dir(const char *base_dir, const char *ns, char *out, size_t cap);
+/* Removes the stream if its producer is dead/closed and no live consumer remains.
+ * Always unlinks dead consumers' queues. Returns 1 if removed, 0 if kept. */
+int fshm_stream_gc(const fshm_stream_addr *addr);
+
+uint64_t fshm_now_ns(void);   /* CLOCK_MONOTONIC */
+
+#ifdef __cplusplus
+}
+#endif
+#endif

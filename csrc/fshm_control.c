@@ -1,0 +1,295 @@
+/* The control region: frameshm's own per-stream file holding what the wire spec leaves
+ * to implementations (announce, consumer table, liveness, mode, counters). */
+#include <fcntl.h>
+#include <sched.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fshm_internal.h"
+
+static uint32_t random_u32(void)
+{
+    struct timespec ts;
+    clock_gettime(CLOCK_MONOTONIC, &ts);
+    static _Thread_local uint32_t state;
+    state ^= (uint32_t)ts.tv_nsec ^ ((uint32_t)getpid() << 16) ^ (uint32_t)(uintptr_t)&ts;
+    state = state * 1664525u + 1013904223u;
+    return state ^ (state >> 16);
+}
+
+static int map_ctl_fd(int fd, const fshm_paths *p, fshm_ctl_handle *h)
+{
+    struct stat st;
+    if (fstat(fd, &st) != 0)
+        return fshm_set_error(-errno, "cannot stat %s: %s", p->ctl, strerror(errno));
+    if (!S_ISREG(st.st_mode))
+        return fshm_set_error(FSHM_E_CORRUPT, "%s is not a regular file", p->ctl);
+    if ((size_t)st.st_size != FSHM_CTL_BYTES)
+        return fshm_set_error(FSHM_E_CORRUPT, "control region %s is %lld bytes, expected %u", p->ctl,
+                              (long long)st.st_size, FSHM_CTL_BYTES);
+    int rc = fshm_map_create(fd, FSHM_CTL_BYTES, 1, 0, &h->map);
+    if (rc)
+        return rc;
+    h->fd = fd;
+    h->ctl = (fshm_ctl *)h->map->base;
+    h->dev = st.st_dev;
+    h->ino = st.st_ino;
+    rc = fshm_ctl_validate(h->ctl, FSHM_CTL_BYTES, p);
+    if (rc) {
+        fshm_map_unref(h->map);
+        h->map = NULL;
+        h->ctl = NULL;
+    }
+    return rc;
+}
+
+/* Creates a fully initialised control file under a temporary name and links it into
+ * place, so no process ever sees a half-written one. Returns 1 if another process won. */
+static int create_ctl(const fshm_paths *p)
+{
+    char tmp[FSHM_PATH_MAX + 32];
+    snprintf(tmp, sizeof tmp, "%s/.ctl.%d.%08x", p->stream_dir, (int)getpid(), random_u32());
+    int fd, rc = fshm_create_file(tmp, FSHM_CTL_BYTES, 0600, &fd);
+    if (rc)
+        return rc;
+    fshm_map *m;
+    rc = fshm_map_create(fd, FSHM_CTL_BYTES, 1, 1, &m);
+    if (rc) {
+        close(fd);
+        unlink(tmp);
+        return rc;
+    }
+    fshm_ctl *c = (fshm_ctl *)m->base;
+    c->magic = FSHM_CTL_MAGIC;
+    c->version = FSHM_CTL_VERSION;
+    c->stream_id = p->stream_id;
+    snprintf(c->name, sizeof c->name, "%s", p->name);
+    fshm_map_unref(m);
+    close(fd);
+    rc = link(tmp, p->ctl) == 0 ? 0 : (errno == EEXIST ? 1 : -errno);
+    if (rc < 0)
+        fshm_set_error(rc, "cannot create control region %s: %s", p->ctl, strerror(-rc));
+    unlink(tmp);
+    return rc;
+}
+
+int fshm_ctl_open(const fshm_paths *p, int create, fshm_ctl_handle *h)
+{
+    memset(h, 0, sizeof *h);
+    h->fd = -1;
+    for (int attempt = 0; attempt < 8; attempt++) {
+        int fd = open(p->ctl, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+        if (fd >= 0) {
+            int rc = map_ctl_fd(fd, p, h);
+            if (rc)
+                close(fd);
+            return rc;
+        }
+        if (errno != ENOENT)
+            return fshm_set_error(-errno, "cannot open control region %s: %s", p->ctl,
+                                  strerror(errno));
+        if (!create)
+            return fshm_set_error(-ENOENT, "no stream '%s' (id %u) in %s", p->name, p->stream_id,
+                                  p->ns_dir);
+        int rc = create_ctl(p);
+        if (rc < 0)
+            return rc;
+    }
+    return fshm_set_error(-EAGAIN, "control region %s keeps changing", p->ctl);
+}
+
+void fshm_ctl_close(fshm_ctl_handle *h)
+{
+    if (h->map)
+        fshm_map_unref(h->map);
+    if (h->fd >= 0)
+        close(h->fd);
+    h->map = NULL;
+    h->ctl = NULL;
+    h->fd = -1;
+}
+
+int fshm_ctl_same_file(const fshm_ctl_handle *h, const char *path)
+{
+    struct stat st;
+    if (stat(path, &st) != 0)
+        return 0;
+    return (uint64_t)st.st_dev == h->dev && (uint64_t)st.st_ino == h->ino;
+}
+
+int fshm_ctl_validate(const fshm_ctl *c, size_t map_size, const fshm_paths *p)
+{
+    if (map_size < FSHM_CTL_BYTES)
+        return fshm_set_error(FSHM_E_CORRUPT, "control region too small");
+    if (c->magic != FSHM_CTL_MAGIC)
+        return fshm_set_error(FSHM_E_CORRUPT, "control region %s has a bad magic number", p->ctl);
+    if (c->version != FSHM_CTL_VERSION)
+        return fshm_set_error(FSHM_E_CORRUPT, "control region %s has version %u; this build reads %u",
+                              p->ctl, c->version, FSHM_CTL_VERSION);
+    if (c->stream_id != p->stream_id)
+        return fshm_set_error(FSHM_E_CORRUPT, "control region %s is for stream id %u, not %u", p->ctl,
+                              c->stream_id, p->stream_id);
+    if (memchr(c->name, 0, sizeof c->name) == NULL)
+        return fshm_set_error(FSHM_E_CORRUPT, "control region %s: stream name not terminated",
+                              p->ctl);
+    if (strcmp(c->name, p->name) != 0)
+        return fshm_set_error(FSHM_E_COLLISION,
+                              "stream id %u already belongs to stream '%.63s', not '%s': pass another "
+                              "stream_id",
+                              p->stream_id, c->name, p->name);
+    return 0;
+}
+
+static int queue_name_ok(const char *q)
+{
+    if (memchr(q, 0, 32) == NULL || strncmp(q, "/fshm-", 6) != 0)
+        return 0;
+    return strchr(q + 1, '/') == NULL;
+}
+
+int fshm_ctl_prune(fshm_ctl *c)
+{
+    int pruned = 0;
+    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
+        fshm_ctl_consumer *e = ctl_consumer(c, i);
+        uint32_t st = LOAD_ACQ(&e->state);
+        if (st != CONS_ACTIVE && st != CONS_CLAIMING)
+            continue;
+        uint64_t pid = LOAD_RLX(&e->pid);
+        if (st == CONS_CLAIMING && pid == 0)
+            continue;   /* being filled in right now */
+        if (fshm_pid_alive((int64_t)pid, LOAD_RLX(&e->pid_start)))
+            continue;
+        if (!__atomic_compare_exchange_n(&e->state, &st, CONS_PRUNING, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_RELAXED))
+            continue;
+        char q[32];
+        memcpy(q, e->queue, sizeof q);
+        if (queue_name_ok(q))
+            mq_unlink(q);
+        memset((uint8_t *)e + 4, 0, FSHM_CONSUMER_BYTES - 4);
+        STORE_REL(&e->state, CONS_FREE);
+        __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
+        ADD_RLX(&c->pruned, 1);
+        pruned++;
+    }
+    return pruned;
+}
+
+int fshm_ctl_live_consumers(fshm_ctl *c)
+{
+    int n = 0;
+    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
+        fshm_ctl_consumer *e = ctl_consumer(c, i);
+        if (LOAD_ACQ(&e->state) == CONS_ACTIVE &&
+            fshm_pid_alive((int64_t)LOAD_RLX(&e->pid), LOAD_RLX(&e->pid_start)))
+            n++;
+    }
+    return n;
+}
+
+int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue)
+{
+    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
+        fshm_ctl_consumer *e = ctl_consumer(c, i);
+        uint32_t expect = CONS_FREE;
+        if (!__atomic_compare_exchange_n(&e->state, &expect, CONS_CLAIMING, 0, __ATOMIC_ACQ_REL,
+                                         __ATOMIC_RELAXED))
+            continue;
+        e->flags = 0;
+        e->pid_start = fshm_self_start_time();
+        e->attach_ns = fshm_now_ns();
+        e->delivered = e->queue_full = e->last_seq = 0;
+        e->max_rate_hz = 0;
+        memset(e->name, 0, sizeof e->name);
+        snprintf(e->name, sizeof e->name, "%s", consumer);
+        memset(e->queue, 0, sizeof e->queue);
+        snprintf(e->queue, sizeof e->queue, "%s", queue);
+        STORE_REL(&e->pid, (uint64_t)getpid());
+        STORE_REL(&e->state, CONS_ACTIVE);
+        __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
+        return (int)i;
+    }
+    return fshm_set_error(FSHM_E_LIMIT, "stream '%s' already has %d consumers (the most it takes)",
+                          c->name, FSHM_MAX_CONSUMERS);
+}
+
+void fshm_ctl_unregister(fshm_ctl *c, int idx, const char *queue)
+{
+    if (idx < 0 || idx >= FSHM_MAX_CONSUMERS)
+        return;
+    fshm_ctl_consumer *e = ctl_consumer(c, (unsigned)idx);
+    uint32_t st = CONS_ACTIVE;
+    if (strncmp(e->queue, queue, sizeof e->queue) != 0 || LOAD_RLX(&e->pid) != (uint64_t)getpid())
+        return;   /* pruned and reused meanwhile: not ours any more */
+    if (!__atomic_compare_exchange_n(&e->state, &st, CONS_PRUNING, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_RELAXED))
+        return;
+    memset((uint8_t *)e + 4, 0, FSHM_CONSUMER_BYTES - 4);
+    STORE_REL(&e->state, CONS_FREE);
+    __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
+}
+
+int fshm_ctl_producer_state(const fshm_ctl *c, int64_t *pid)
+{
+    uint8_t st = LOAD_ACQ(&c->state);
+    int64_t p = (int64_t)LOAD_RLX(&c->producer_pid);
+    if (pid)
+        *pid = p;
+    if (st == CTL_STATE_CLOSED)
+        return FSHM_PRODUCER_CLOSED;
+    if (st != CTL_STATE_LIVE)
+        return FSHM_PRODUCER_NONE;
+    return fshm_pid_alive(p, LOAD_RLX(&c->producer_start)) ? FSHM_PRODUCER_ALIVE
+                                                          : FSHM_PRODUCER_DEAD;
+}
+
+int fshm_ctl_read_announce(const fshm_ctl *c, fshm_announce *a)
+{
+    for (int attempt = 0; attempt < 1000; attempt++) {
+        uint64_t s1 = LOAD_ACQ(&c->announce_seq);
+        if (s1 & 1) {
+            sched_yield();
+            continue;
+        }
+        a->epoch = c->announce_epoch;
+        a->header_nslots = c->header_nslots;
+        a->npools = c->npools;
+        memcpy(a->header_uri, c->header_uri, sizeof a->header_uri);
+        memcpy(a->pools, c->pools, sizeof a->pools);
+        atomic_thread_fence(memory_order_acquire);
+        if (LOAD_RLX(&c->announce_seq) != s1)
+            continue;
+        uint32_t n = a->header_nslots;
+        if (n == 0 || (n & (n - 1)) != 0 || n > (1u << 24))
+            return fshm_set_error(FSHM_E_CORRUPT, "announce: header nslots %u is not a power of two "
+                                  "in 1..2^24", n);
+        if (a->npools < 1 || a->npools > FSHM_MAX_POOLS)
+            return fshm_set_error(FSHM_E_CORRUPT, "announce: %u payload pools", a->npools);
+        if (memchr(a->header_uri, 0, sizeof a->header_uri) == NULL)
+            return fshm_set_error(FSHM_E_CORRUPT, "announce: header URI not terminated");
+        for (uint32_t i = 0; i < a->npools; i++) {
+            fshm_ctl_pool *pl = &a->pools[i];
+            if (memchr(pl->uri, 0, sizeof pl->uri) == NULL)
+                return fshm_set_error(FSHM_E_CORRUPT, "announce: pool URI not terminated");
+            if (!fshm_valid_stride(pl->stride_bytes))
+                return fshm_set_error(FSHM_E_CORRUPT,
+                                      "announce: pool %u stride %u is not a power-of-two multiple of 64",
+                                      pl->pool_id, pl->stride_bytes);
+            if (pl->nslots != n)
+                return fshm_set_error(FSHM_E_CORRUPT, "announce: pool %u has %u slots, ring has %u",
+                                      pl->pool_id, pl->nslots, n);
+            if (pl->pool_id == 0)
+                return fshm_set_error(FSHM_E_CORRUPT, "announce: pool id 0 is reserved");
+            for (uint32_t j = 0; j < i; j++)
+                if (a->pools[j].pool_id == pl->pool_id)
+                    return fshm_set_error(FSHM_E_CORRUPT, "announce: duplicate pool id %u",
+                                          pl->pool_id);
+        }
+        return 0;
+    }
+    return fshm_set_error(-EAGAIN, "announce kept changing while being read");
+}

@@ -1,0 +1,249 @@
+/* Internal declarations shared by the C core's translation units. */
+#ifndef FSHM_INTERNAL_H
+#define FSHM_INTERNAL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <errno.h>
+#include <limits.h>
+#include <mqueue.h>
+#include <stdatomic.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <string.h>
+
+#include "frameshm.h"
+
+#if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
+#error "frameshm's wire format is little-endian; big-endian hosts need byte swapping"
+#endif
+
+/* ---- errors ---- */
+int fshm_set_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+
+/* ---- wire constants (SHM Tensor Pool Wire Spec v1.2) ---- */
+#define FSHM_MAGIC 0x544F504C53484D31ULL   /* "TPOLSHM1" read as a little-endian u64 */
+#define FSHM_LAYOUT_VERSION 1u
+#define FSHM_SUPERBLOCK_SIZE 64u
+#define FSHM_SLOT_BYTES 256u
+#define FSHM_REGION_HEADER_RING 1
+#define FSHM_REGION_PAYLOAD_POOL 2
+#define FSHM_SCHEMA_ID 900u
+#define FSHM_SCHEMA_VERSION 1u
+#define FSHM_TENSOR_TEMPLATE_ID 52u
+#define FSHM_TENSOR_BLOCK_LENGTH 184u
+#define FSHM_TENSOR_HEADER_BYTES 192u     /* 8-byte SBE message header + block */
+#define FSHM_DESC_TEMPLATE_ID 4u
+#define FSHM_DESC_BLOCK_LENGTH 40u
+#define FSHM_DESC_BYTES 48u
+
+/* Superblock field offsets (SBE packs fields back to back). */
+enum {
+    SB_MAGIC = 0, SB_LAYOUT_VERSION = 8, SB_EPOCH = 12, SB_STREAM_ID = 20, SB_REGION_TYPE = 24,
+    SB_POOL_ID = 26, SB_NSLOTS = 28, SB_SLOT_BYTES = 32, SB_STRIDE_BYTES = 36, SB_PID = 40,
+    SB_START_NS = 48, SB_ACTIVITY_NS = 56,
+};
+/* SlotHeader field offsets within a 256-byte slot. */
+enum {
+    SH_SEQ_COMMIT = 0, SH_VALUES_LEN = 8, SH_PAYLOAD_SLOT = 12, SH_POOL_ID = 16,
+    SH_PAYLOAD_OFFSET = 18, SH_TIMESTAMP = 22, SH_META_VERSION = 30, SH_PAD = 34,
+    SH_HEADER_LEN = 60, SH_HEADER = 64,
+};
+/* TensorHeader offsets relative to the embedded message (after its 8-byte header). */
+enum {
+    TH_DTYPE = 0, TH_MAJOR = 2, TH_NDIMS = 4, TH_PAD_ALIGN = 5, TH_PROGRESS_UNIT = 6,
+    TH_PROGRESS_STRIDE = 7, TH_DIMS = 11, TH_STRIDES = 43, TH_PAD = 75,
+};
+/* FrameDescriptor offsets (after the 8-byte message header). */
+enum { FD_STREAM_ID = 0, FD_EPOCH = 4, FD_SEQ = 12, FD_TIMESTAMP = 20, FD_META = 28, FD_TRACE = 32 };
+
+static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
+static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
+static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
+static inline void st16(uint8_t *p, uint16_t v) { memcpy(p, &v, 2); }
+static inline void st32(uint8_t *p, uint32_t v) { memcpy(p, &v, 4); }
+static inline void st64(uint8_t *p, uint64_t v) { memcpy(p, &v, 8); }
+
+/* ---- seqlock word helpers: seq_commit = (seq << 1) | committed ---- */
+static inline uint64_t *slot_commit_word(uint8_t *ring, uint32_t idx)
+{
+    return (uint64_t *)(ring + FSHM_SUPERBLOCK_SIZE + (size_t)idx * FSHM_SLOT_BYTES);
+}
+
+/* ---- control region (frameshm's own; see docs/wire-format.md) ---- */
+#define FSHM_CTL_MAGIC 0x314C54434D485346ULL   /* ASCII "FSHMCTL1" read as a little-endian u64 */
+#define FSHM_CTL_VERSION 1u
+#define FSHM_CTL_HEADER_BYTES 4096u
+#define FSHM_CONSUMER_BYTES 128u
+#define FSHM_CTL_BYTES (FSHM_CTL_HEADER_BYTES + FSHM_MAX_CONSUMERS * FSHM_CONSUMER_BYTES)
+#define FSHM_URI_MAX 496
+
+enum { CTL_STATE_NEVER = 0, CTL_STATE_LIVE = 1, CTL_STATE_CLOSED = 2 };
+enum { CONS_FREE = 0, CONS_CLAIMING = 1, CONS_ACTIVE = 2, CONS_PRUNING = 3 };
+
+typedef struct fshm_ctl_pool {
+    uint16_t pool_id;
+    uint16_t reserved0;
+    uint32_t stride_bytes;
+    uint32_t nslots;
+    uint32_t reserved1;
+    char uri[FSHM_URI_MAX];
+} fshm_ctl_pool;   /* 512 bytes */
+
+typedef struct fshm_ctl {
+    uint64_t magic;             /* 0 */
+    uint32_t version;           /* 8 */
+    uint32_t stream_id;         /* 12 */
+    uint64_t epoch;             /* 16: current epoch, 0 = never produced (atomic) */
+    uint64_t latest_seq;        /* 24: newest committed seq + 1, 0 = none (atomic) */
+    uint64_t producer_pid;      /* 32 */
+    uint64_t producer_start;    /* 40: /proc/<pid>/stat starttime, guards pid reuse */
+    uint64_t activity_ns;       /* 48: CLOCK_MONOTONIC of the last publish/heartbeat */
+    uint64_t start_ns;          /* 56 */
+    uint8_t mode;               /* 64: controller mode byte (atomic) */
+    uint8_t state;              /* 65: CTL_STATE_* (atomic) */
+    uint16_t reserved0;         /* 66 */
+    uint32_t consumers_gen;     /* 68: bumped on every consumer table change (atomic) */
+    uint64_t frames;            /* 72 */
+    uint64_t drops_nopool;      /* 80 */
+    uint64_t desc_sent;         /* 88 */
+    uint64_t desc_dropped;      /* 96: queue full */
+    uint64_t pruned;            /* 104: dead consumers removed */
+    uint64_t announce_seq;      /* 112: seqlock over the announce block, odd while writing */
+    uint64_t reserved1;         /* 120 */
+    char name[64];              /* 128 */
+    /* announce block */
+    uint64_t announce_epoch;    /* 192 */
+    uint32_t header_nslots;     /* 200 */
+    uint32_t npools;            /* 204 */
+    char header_uri[FSHM_URI_MAX + 16]; /* 208 .. 720 */
+    fshm_ctl_pool pools[FSHM_MAX_POOLS]; /* 720 .. 2768 */
+    uint8_t reserved2[FSHM_CTL_HEADER_BYTES - 2768];
+} fshm_ctl;
+
+typedef struct fshm_ctl_consumer {
+    uint32_t state;             /* 0: CONS_* (atomic) */
+    uint32_t flags;             /* 4: bit0 process-all */
+    uint64_t pid;               /* 8 */
+    uint64_t pid_start;         /* 16 */
+    uint64_t attach_ns;         /* 24 */
+    uint64_t delivered;         /* 32: written by the producer */
+    uint64_t queue_full;        /* 40: written by the producer */
+    uint64_t last_seq;          /* 48: written by the consumer: newest seq taken + 1 */
+    uint32_t max_rate_hz;       /* 56: 0 = every frame */
+    uint32_t reserved;          /* 60 */
+    char name[32];              /* 64 */
+    char queue[32];             /* 96 */
+} fshm_ctl_consumer;
+
+_Static_assert(sizeof(fshm_ctl) == FSHM_CTL_HEADER_BYTES, "control header size");
+_Static_assert(sizeof(fshm_ctl_pool) == 512, "control pool entry size");
+_Static_assert(sizeof(fshm_ctl_consumer) == FSHM_CONSUMER_BYTES, "consumer entry size");
+_Static_assert(offsetof(fshm_ctl, name) == 128, "ctl name offset");
+_Static_assert(offsetof(fshm_ctl, announce_epoch) == 192, "announce offset");
+_Static_assert(offsetof(fshm_ctl, pools) == 720, "pools offset");
+
+static inline fshm_ctl_consumer *ctl_consumer(void *ctl_base, unsigned i)
+{
+    return (fshm_ctl_consumer *)((uint8_t *)ctl_base + FSHM_CTL_HEADER_BYTES + i * FSHM_CONSUMER_BYTES);
+}
+
+#define LOAD_ACQ(p) __atomic_load_n((p), __ATOMIC_ACQUIRE)
+#define LOAD_RLX(p) __atomic_load_n((p), __ATOMIC_RELAXED)
+#define STORE_REL(p, v) __atomic_store_n((p), (v), __ATOMIC_RELEASE)
+#define STORE_RLX(p, v) __atomic_store_n((p), (v), __ATOMIC_RELAXED)
+#define ADD_RLX(p, v) __atomic_fetch_add((p), (v), __ATOMIC_RELAXED)
+
+/* ---- mappings ---- */
+struct fshm_map {
+    int refs;          /* atomic */
+    int writable;
+    void *base;
+    size_t size;
+};
+int fshm_map_create(int fd, size_t size, int writable, int populate, fshm_map **out);
+
+/* ---- paths and files (fshm_path.c) ---- */
+#define FSHM_PATH_MAX 512
+typedef struct fshm_paths {
+    char base[FSHM_PATH_MAX];     /* canonical base directory */
+    char ns_dir[FSHM_PATH_MAX];   /* base/tensorpool-<user>/<ns> */
+    char stream_dir[FSHM_PATH_MAX];
+    char ctl[FSHM_PATH_MAX];
+    char name[FSHM_NAME_MAX + 1];
+    uint32_t stream_id;
+} fshm_paths;
+int fshm_resolve(const fshm_stream_addr *addr, int create_dirs, fshm_paths *out);
+int fshm_mkdir_private(const char *path, unsigned mode);
+int fshm_create_file(const char *path, size_t size, unsigned mode, int *fd_out);
+int fshm_uri_format(char *out, size_t cap, const char *path);
+/* Parses a region URI, checks containment under base and opens it no-follow. */
+int fshm_uri_open(const char *uri, const char *base, int writable, int *fd_out, size_t *size_out);
+int fshm_remove_tree(const char *dir);
+int fshm_statvfs_free(const char *dir, uint64_t *free_bytes);
+
+/* ---- processes (fshm_proc.c) ---- */
+uint64_t fshm_proc_start_time(int64_t pid);   /* 0 if unknown */
+int fshm_pid_alive(int64_t pid, uint64_t start_time);
+uint64_t fshm_self_start_time(void);
+
+/* ---- superblocks and slots (fshm_region.c) ---- */
+void fshm_superblock_write(uint8_t *base, uint64_t epoch, uint32_t stream_id, int16_t region_type,
+                           uint16_t pool_id, uint32_t nslots, uint32_t slot_bytes,
+                           uint32_t stride_bytes, uint64_t pid, uint64_t start_ns);
+int fshm_superblock_check(const uint8_t *base, size_t map_size, uint64_t epoch, uint32_t stream_id,
+                          int16_t region_type, uint16_t pool_id, uint32_t nslots,
+                          uint32_t slot_bytes, uint32_t stride_bytes);
+void fshm_slot_header_write(uint8_t *slot, uint32_t values_len, uint32_t payload_slot,
+                            uint16_t pool_id, uint64_t timestamp_ns, const fshm_tensor *t);
+/* Decodes a private copy of a slot header; validates every field. */
+typedef struct fshm_slot_view {
+    uint64_t seq_commit;
+    uint32_t values_len;
+    uint32_t payload_slot;
+    uint16_t pool_id;
+    uint64_t timestamp_ns;
+    fshm_tensor tensor;
+} fshm_slot_view;
+int fshm_slot_header_decode(const uint8_t slot[FSHM_SLOT_BYTES], fshm_slot_view *out);
+int fshm_tensor_check(const fshm_tensor *t, size_t nbytes, int fill_strides, fshm_tensor *out);
+uint32_t fshm_pool_stride_for(uint64_t nbytes);
+int fshm_valid_stride(uint32_t stride);
+void fshm_desc_encode(uint8_t out[FSHM_DESC_BYTES], uint32_t stream_id, uint64_t epoch,
+                      uint64_t seq, uint64_t publish_ns);
+int fshm_desc_decode(const uint8_t *msg, size_t len, uint32_t stream_id, uint64_t *epoch,
+                     uint64_t *seq, uint64_t *publish_ns);
+
+/* ---- control region (fshm_control.c) ---- */
+typedef struct fshm_ctl_handle {
+    int fd;
+    fshm_map *map;
+    fshm_ctl *ctl;
+    uint64_t dev, ino;
+} fshm_ctl_handle;
+int fshm_ctl_open(const fshm_paths *p, int create, fshm_ctl_handle *h);
+void fshm_ctl_close(fshm_ctl_handle *h);
+int fshm_ctl_validate(const fshm_ctl *c, size_t map_size, const fshm_paths *p);
+int fshm_ctl_same_file(const fshm_ctl_handle *h, const char *path);
+/* Unlinks the queues of consumers whose process died; returns how many were pruned. */
+int fshm_ctl_prune(fshm_ctl *c);
+int fshm_ctl_live_consumers(fshm_ctl *c);
+int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue);
+void fshm_ctl_unregister(fshm_ctl *c, int idx, const char *queue);
+int fshm_ctl_producer_state(const fshm_ctl *c, int64_t *pid);
+typedef struct fshm_announce {
+    uint64_t epoch;
+    uint32_t header_nslots;
+    uint32_t npools;
+    char header_uri[FSHM_URI_MAX + 16];
+    fshm_ctl_pool pools[FSHM_MAX_POOLS];
+} fshm_announce;
+int fshm_ctl_read_announce(const fshm_ctl *c, fshm_announce *a);
+
+/* ---- message queues (fshm_queue.c) ---- */
+int fshm_queue_create(char name[32], mqd_t *out);
+int fshm_queue_open_send(const char *name, mqd_t *out);
+int fshm_queue_limit(void);
+
+#endif

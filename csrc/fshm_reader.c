@@ -1,0 +1,519 @@
+/* The consumer side of a stream: registration, descriptor queue, epoch remapping and
+ * the seqlock read (spec §8.3 consumer steps, §15.21 validation rules). */
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/file.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fshm_internal.h"
+
+#define ENV_CHECK_NS 100000000ull      /* re-stat control file / epoch at most this often */
+#define WAIT_SLICE_NS 100000000ull     /* longest single blocking receive */
+
+typedef struct reader_pool {
+    fshm_map *map;
+    uint32_t stride;
+    uint16_t id;
+} reader_pool;
+
+struct fshm_reader {
+    fshm_paths paths;
+    fshm_ctl_handle ch;
+    fshm_ctl *ctl;
+    char consumer[FSHM_CONSUMER_NAME_MAX + 1];
+    char queue[32];
+    mqd_t q;
+    int entry;
+    uint64_t epoch;          /* mapped epoch, 0 = unmapped */
+    fshm_map *ring;
+    uint32_t nslots;
+    uint32_t npools;
+    reader_pool pools[FSHM_MAX_POOLS];
+    uint64_t last_plus1;     /* newest seq returned + 1 */
+    uint64_t overruns;
+    uint64_t drops;
+    uint64_t next_check_ns;
+    int corrupt_seen;
+    char corrupt_msg[256];
+};
+
+static void unmap_all(fshm_reader *r)
+{
+    for (unsigned i = 0; i < r->npools; i++)
+        fshm_map_unref(r->pools[i].map);
+    if (r->ring)
+        fshm_map_unref(r->ring);
+    r->ring = NULL;
+    r->npools = 0;
+    r->epoch = 0;
+}
+
+static int map_region(fshm_reader *r, const char *uri, fshm_map **out)
+{
+    int fd;
+    size_t size;
+    int rc = fshm_uri_open(uri, r->paths.base, 0, &fd, &size);
+    if (rc)
+        return rc;
+    rc = fshm_map_create(fd, size, 0, 0, out);
+    close(fd);
+    return rc;
+}
+
+/* Maps the regions of the control region's current epoch (spec §15.21 M0 → M1). */
+static int sync_epoch(fshm_reader *r)
+{
+    uint64_t e = LOAD_ACQ(&r->ctl->epoch);
+    if (e == r->epoch || e == 0)
+        return 0;
+    fshm_announce a;
+    int rc = fshm_ctl_read_announce(r->ctl, &a);
+    if (rc)
+        return rc;
+    if (a.epoch != e)
+        return fshm_set_error(-EAGAIN, "announce for epoch %llu not written yet",
+                              (unsigned long long)e);
+    fshm_map *ring = NULL;
+    reader_pool pools[FSHM_MAX_POOLS];
+    memset(pools, 0, sizeof pools);
+    unsigned np = 0;
+    if ((rc = map_region(r, a.header_uri, &ring)))
+        goto fail;
+    if ((rc = fshm_superblock_check(ring->base, ring->size, e, r->paths.stream_id,
+                                    FSHM_REGION_HEADER_RING, 0, a.header_nslots, FSHM_SLOT_BYTES,
+                                    FSHM_SLOT_BYTES)))
+        goto fail;
+    for (; np < a.npools; np++) {
+        if ((rc = map_region(r, a.pools[np].uri, &pools[np].map)))
+            goto fail;
+        pools[np].stride = a.pools[np].stride_bytes;
+        pools[np].id = a.pools[np].pool_id;
+        if ((rc = fshm_superblock_check(pools[np].map->base, pools[np].map->size, e,
+                                        r->paths.stream_id, FSHM_REGION_PAYLOAD_POOL, pools[np].id,
+                                        a.header_nslots, pools[np].stride, pools[np].stride))) {
+            np++;
+            goto fail;
+        }
+    }
+    /* Old mappings go only now: frames handed out earlier hold their own references. */
+    unmap_all(r);
+    r->ring = ring;
+    r->nslots = a.header_nslots;
+    r->npools = np;
+    memcpy(r->pools, pools, sizeof pools);
+    r->epoch = e;
+    return 0;
+fail:
+    for (unsigned i = 0; i < np; i++)
+        if (pools[i].map)
+            fshm_map_unref(pools[i].map);
+    if (ring)
+        fshm_map_unref(ring);
+    return rc;
+}
+
+static int attach_ctl(fshm_reader *r)
+{
+    int rc = fshm_ctl_open(&r->paths, 1, &r->ch);
+    if (rc)
+        return rc;
+    r->ctl = r->ch.ctl;
+    fshm_ctl_prune(r->ctl);
+    rc = fshm_ctl_register(r->ctl, r->consumer, r->queue);
+    if (rc < 0) {
+        fshm_ctl_close(&r->ch);
+        r->ctl = NULL;
+        return rc;
+    }
+    r->entry = rc;
+    return 0;
+}
+
+/* Notices a replaced control region (the stream was removed and created anew) or
+ * a lost registration, and follows the producer's epoch. */
+static int check_environment(fshm_reader *r, int force)
+{
+    uint64_t now = fshm_now_ns();
+    if (!force && now < r->next_check_ns)
+        return sync_epoch(r);
+    r->next_check_ns = now + ENV_CHECK_NS;
+    fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
+    int ours = LOAD_ACQ(&e->state) == CONS_ACTIVE && LOAD_RLX(&e->pid) == (uint64_t)getpid() &&
+               strncmp(e->queue, r->queue, sizeof e->queue) == 0;
+    if (!fshm_ctl_same_file(&r->ch, r->paths.ctl)) {
+        if (ours)
+            fshm_ctl_unregister(r->ctl, r->entry, r->queue);
+        fshm_ctl_close(&r->ch);
+        unmap_all(r);
+        int rc = attach_ctl(r);
+        if (rc)
+            return rc;
+    } else if (!ours) {
+        int rc = fshm_ctl_register(r->ctl, r->consumer, r->queue);
+        if (rc < 0)
+            return rc;
+        r->entry = rc;
+    }
+    return sync_epoch(r);
+}
+
+int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out)
+{
+    *out = NULL;
+    fshm_reader *r = calloc(1, sizeof *r);
+    if (!r)
+        return fshm_set_error(-ENOMEM, "out of memory");
+    r->ch.fd = -1;
+    r->q = (mqd_t)-1;
+    r->entry = -1;
+    int rc;
+    if (cfg->consumer) {
+        if ((rc = fshm_validate_name(cfg->consumer, "consumer")))
+            goto fail;
+        if (strlen(cfg->consumer) > FSHM_CONSUMER_NAME_MAX) {
+            rc = fshm_set_error(-EINVAL, "consumer name '%s' is longer than %d characters",
+                                cfg->consumer, FSHM_CONSUMER_NAME_MAX);
+            goto fail;
+        }
+        snprintf(r->consumer, sizeof r->consumer, "%s", cfg->consumer);
+    } else {
+        snprintf(r->consumer, sizeof r->consumer, "pid-%d", (int)getpid());
+    }
+    if ((rc = fshm_resolve(&cfg->addr, 1, &r->paths)))
+        goto fail;
+    if ((rc = fshm_queue_create(r->queue, &r->q)))
+        goto fail;
+    if ((rc = attach_ctl(r)))
+        goto fail;
+    r->next_check_ns = fshm_now_ns() + ENV_CHECK_NS;
+    rc = sync_epoch(r);
+    if (rc == FSHM_E_CORRUPT)
+        goto fail;
+    /* Any other mapping failure (a dead producer's files gone, announce in flux) only
+     * means there is nothing to read yet; the wait loop retries. */
+    *out = r;
+    return 0;
+fail:
+    fshm_reader_close(r);
+    return rc;
+}
+
+/* The seqlock read of frame `seq` from the mapped epoch: 0, -EAGAIN when the slot no
+ * longer (or not yet) holds it, FSHM_E_CORRUPT when the header fails validation. */
+static int read_frame(fshm_reader *r, uint64_t seq, fshm_frame *f)
+{
+    if (!r->epoch)
+        return -EAGAIN;
+    uint32_t idx = (uint32_t)(seq & (r->nslots - 1));
+    uint8_t *slot = (uint8_t *)r->ring->base + FSHM_SUPERBLOCK_SIZE + (size_t)idx * FSHM_SLOT_BYTES;
+    uint64_t want = (seq << 1) | 1;
+    uint64_t c1 = LOAD_ACQ((uint64_t *)slot);
+    if (c1 != want)
+        return -EAGAIN;
+    uint8_t copy[FSHM_SLOT_BYTES];
+    memcpy(copy, slot, sizeof copy);
+    atomic_thread_fence(memory_order_acquire);
+    if (LOAD_RLX((uint64_t *)slot) != c1)
+        return -EAGAIN;
+    fshm_slot_view v;
+    int rc = fshm_slot_header_decode(copy, &v);
+    if (rc)
+        return rc;
+    if (v.payload_slot != idx)
+        return fshm_set_error(FSHM_E_CORRUPT, "slot %u: payload_slot %u must equal the slot index",
+                              idx, v.payload_slot);
+    reader_pool *pl = NULL;
+    for (unsigned i = 0; i < r->npools; i++)
+        if (r->pools[i].id == v.pool_id)
+            pl = &r->pools[i];
+    if (!pl)
+        return fshm_set_error(FSHM_E_CORRUPT, "slot %u: pool_id %u was never announced", idx,
+                              v.pool_id);
+    if (v.values_len > pl->stride)
+        return fshm_set_error(FSHM_E_CORRUPT, "slot %u: values_len_bytes %u exceeds pool stride %u",
+                              idx, v.values_len, pl->stride);
+    f->seq = seq;
+    f->epoch = r->epoch;
+    f->timestamp_ns = v.timestamp_ns;
+    f->data = (uint8_t *)pl->map->base + FSHM_SUPERBLOCK_SIZE + (size_t)idx * pl->stride;
+    f->nbytes = v.values_len;
+    f->tensor = v.tensor;
+    f->map = pl->map;
+    f->slot = idx;
+    f->pool_id = pl->id;
+    return 0;
+}
+
+static void note_drop(fshm_reader *r, int rc)
+{
+    if (rc == FSHM_E_CORRUPT) {
+        r->drops++;
+        r->corrupt_seen = 1;
+        snprintf(r->corrupt_msg, sizeof r->corrupt_msg, "%s", fshm_last_error());
+    }
+}
+
+static void took(fshm_reader *r, fshm_frame *f)
+{
+    f->skipped = r->last_plus1 ? f->seq - r->last_plus1 : 0;
+    r->last_plus1 = f->seq + 1;
+    fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
+    STORE_RLX(&e->last_seq, f->seq + 1);
+}
+
+/* One descriptor from the queue: 1 got one, 0 none before the deadline (deadline 0:
+ * don't wait), <0 error. With `newer_than` set, also returns 0 as soon as the control
+ * region shows a committed seq >= *newer_than that never reached the queue (it was full). */
+static int receive(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than, uint64_t *seq,
+                   uint64_t *pub, uint64_t *epoch)
+{
+    uint8_t msg[64];
+    for (;;) {
+        ssize_t n;
+        if (deadline == 0) {
+            struct timespec zero = {0, 0};
+            n = mq_timedreceive(r->q, (char *)msg, sizeof msg, NULL, &zero);
+        } else {
+            uint64_t now = fshm_now_ns();
+            if (now >= deadline)
+                return 0;
+            uint64_t slice = deadline - now;
+            if (slice > WAIT_SLICE_NS)
+                slice = WAIT_SLICE_NS;
+            struct timespec ts;   /* mq_timedreceive wants CLOCK_REALTIME */
+            clock_gettime(CLOCK_REALTIME, &ts);
+            uint64_t ns = (uint64_t)ts.tv_nsec + slice;
+            ts.tv_sec += (time_t)(ns / 1000000000ull);
+            ts.tv_nsec = (long)(ns % 1000000000ull);
+            n = mq_timedreceive(r->q, (char *)msg, sizeof msg, NULL, &ts);
+        }
+        if (n < 0) {
+            if (errno == ETIMEDOUT || errno == EAGAIN) {
+                if (deadline == 0)
+                    return 0;
+                int rc = check_environment(r, 0);
+                if (rc == FSHM_E_CORRUPT)
+                    return rc;
+                if (newer_than && r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > *newer_than)
+                    return 0;
+                continue;
+            }
+            if (errno == EINTR)
+                return -EINTR;
+            return fshm_set_error(-errno, "receiving from queue %s: %s", r->queue, strerror(errno));
+        }
+        if (fshm_desc_decode(msg, (size_t)n, r->paths.stream_id, epoch, seq, pub) != 0) {
+            r->drops++;
+            continue;
+        }
+        if (*epoch != r->epoch) {
+            check_environment(r, 1);
+            if (*epoch != r->epoch) {
+                r->drops++;   /* spec: descriptors of another epoch are dropped */
+                continue;
+            }
+        }
+        return 1;
+    }
+}
+
+static int timeout_result(fshm_reader *r)
+{
+    int64_t pid;
+    int st = fshm_ctl_producer_state(r->ctl, &pid);
+    if (r->corrupt_seen)
+        return fshm_set_error(FSHM_E_CORRUPT, "stream '%s': frames dropped as corrupt: %s",
+                              r->paths.name, r->corrupt_msg);
+    if (st == FSHM_PRODUCER_DEAD)
+        return fshm_set_error(FSHM_E_PRODUCER_DEAD, "stream '%s': producer pid %lld is dead",
+                              r->paths.name, (long long)pid);
+    if (st == FSHM_PRODUCER_NONE)
+        return fshm_set_error(-ETIMEDOUT, "stream '%s': no producer has attached yet",
+                              r->paths.name);
+    if (st == FSHM_PRODUCER_CLOSED)
+        return fshm_set_error(-ETIMEDOUT, "stream '%s': producer closed the stream", r->paths.name);
+    return fshm_set_error(-ETIMEDOUT, "stream '%s': no new frame yet (producer pid %lld alive)",
+                          r->paths.name, (long long)pid);
+}
+
+static uint64_t deadline_for(int64_t timeout_ns)
+{
+    if (timeout_ns < 0)
+        return UINT64_MAX;
+    return fshm_now_ns() + (uint64_t)timeout_ns + 1;
+}
+
+int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
+{
+    uint64_t deadline = deadline_for(timeout_ns);
+    uint64_t floor = r->last_plus1;   /* seqs below this were taken or dropped */
+    uint64_t best = 0, best_pub = 0, seq, pub, epoch;
+    int have = 0, rc;
+    r->corrupt_seen = 0;
+    if ((rc = check_environment(r, 0)) == FSHM_E_CORRUPT)
+        return rc;
+    for (;;) {
+        /* Drain: keep only the newest descriptor. */
+        while ((rc = receive(r, 0, NULL, &seq, &pub, &epoch)) == 1)
+            if (!have || seq > best) {
+                best = seq, best_pub = pub;
+                have = 1;
+            }
+        if (rc < 0)
+            return rc;
+        /* The queue may have overflowed: the control region knows the true newest. */
+        uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
+        if (latest && r->epoch && (!have || latest - 1 > best)) {
+            best = latest - 1;
+            best_pub = 0;
+            have = 1;
+        }
+        if (have && best >= floor) {
+            rc = read_frame(r, best, f);
+            if (rc == 0) {
+                f->publish_ns = best_pub;
+                took(r, f);
+                return 0;
+            }
+            note_drop(r, rc);
+            floor = best + 1;   /* never spin on a slot being rewritten (spec §15.21 rule 5) */
+        }
+        have = 0;
+        rc = receive(r, deadline, &floor, &seq, &pub, &epoch);
+        if (rc < 0)
+            return rc;
+        if (rc == 1) {
+            best = seq, best_pub = pub;
+            have = 1;
+        } else if (fshm_now_ns() >= deadline) {
+            return timeout_result(r);
+        }
+    }
+}
+
+int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
+{
+    uint64_t deadline = deadline_for(timeout_ns);
+    r->corrupt_seen = 0;
+    fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
+    STORE_RLX(&e->flags, 1u);
+    int rc = check_environment(r, 0);
+    if (rc == FSHM_E_CORRUPT)
+        return rc;
+    for (;;) {
+        uint64_t seq, pub, epoch;
+        rc = receive(r, 0, NULL, &seq, &pub, &epoch);
+        if (rc == 0)
+            rc = receive(r, deadline, NULL, &seq, &pub, &epoch);
+        if (rc < 0)
+            return rc;
+        if (rc == 0) {
+            if (fshm_now_ns() >= deadline)
+                return timeout_result(r);
+            continue;
+        }
+        if (seq < r->last_plus1)
+            continue;
+        rc = read_frame(r, seq, f);
+        if (rc == 0) {
+            f->publish_ns = pub;
+            took(r, f);
+            r->overruns += f->skipped;
+            return 0;
+        }
+        note_drop(r, rc);   /* overwritten before we got to it: shows up as skipped next time */
+    }
+}
+
+int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f)
+{
+    int rc = check_environment(r, 1);
+    if (rc && rc != -EAGAIN && rc != -ENOENT)
+        return rc;
+    for (int attempt = 0; attempt < 64; attempt++) {
+        uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
+        if (!latest || !r->epoch)
+            return fshm_set_error(-EAGAIN, "stream '%s' has no frame yet", r->paths.name);
+        rc = read_frame(r, latest - 1, f);
+        if (rc == 0) {
+            f->skipped = 0;
+            f->publish_ns = 0;
+            return 0;
+        }
+        if (rc == FSHM_E_CORRUPT) {
+            r->drops++;
+            return rc;
+        }
+        if (LOAD_ACQ(&r->ctl->latest_seq) == latest) {
+            /* Still the newest yet unreadable: the stream moved to another epoch. */
+            check_environment(r, 1);
+        }
+    }
+    return fshm_set_error(FSHM_E_OVERRUN, "stream '%s': the producer keeps overwriting the newest "
+                          "slot; use more slots", r->paths.name);
+}
+
+int fshm_frame_valid(fshm_reader *r, const fshm_frame *f)
+{
+    if (f->epoch != r->epoch || !r->ring)
+        return 0;
+    atomic_thread_fence(memory_order_acquire);   /* order the caller's reads before the re-check */
+    uint64_t *w = slot_commit_word(r->ring->base, f->slot);
+    return LOAD_RLX(w) == ((f->seq << 1) | 1);
+}
+
+int fshm_frame_copy(fshm_reader *r, const fshm_frame *f, void *dst, size_t capacity)
+{
+    if (capacity < f->nbytes)
+        return fshm_set_error(-EINVAL, "destination holds %zu bytes, frame has %zu", capacity,
+                              f->nbytes);
+    memcpy(dst, f->data, f->nbytes);
+    if (!fshm_frame_valid(r, f))
+        return fshm_set_error(FSHM_E_OVERRUN, "frame %llu was overwritten during the copy",
+                              (unsigned long long)f->seq);
+    return 0;
+}
+
+int fshm_reader_producer_state(fshm_reader *r, int64_t *pid)
+{
+    check_environment(r, 1);
+    return fshm_ctl_producer_state(r->ctl, pid);
+}
+
+uint8_t fshm_reader_mode(fshm_reader *r)
+{
+    uint8_t m = LOAD_ACQ(&r->ctl->mode);
+    return m == FSHM_MODE_ALARMED ? m : FSHM_MODE_STANDBY;
+}
+void fshm_reader_set_mode(fshm_reader *r, uint8_t mode) { STORE_REL(&r->ctl->mode, mode); }
+uint64_t fshm_reader_epoch(const fshm_reader *r) { return r->epoch; }
+uint32_t fshm_reader_stream_id(const fshm_reader *r) { return r->paths.stream_id; }
+uint64_t fshm_reader_overruns(const fshm_reader *r) { return r->overruns; }
+uint64_t fshm_reader_drops(const fshm_reader *r) { return r->drops; }
+const char *fshm_reader_queue_name(const fshm_reader *r) { return r->queue; }
+
+void fshm_reader_close(fshm_reader *r)
+{
+    if (!r)
+        return;
+    if (r->ctl) {
+        fshm_ctl_unregister(r->ctl, r->entry, r->queue);
+        /* Last one out of a stream nobody produces into (never, or closed cleanly)
+         * removes it; a dead producer's stream is left for `frameshm gc` to show. */
+        int st = fshm_ctl_producer_state(r->ctl, NULL);
+        if ((st == FSHM_PRODUCER_NONE || st == FSHM_PRODUCER_CLOSED) &&
+            fshm_ctl_live_consumers(r->ctl) == 0 && flock(r->ch.fd, LOCK_EX | LOCK_NB) == 0 &&
+            fshm_ctl_same_file(&r->ch, r->paths.ctl)) {
+            fshm_remove_tree(r->paths.stream_dir);
+        }
+    }
+    if (r->q != (mqd_t)-1) {
+        mq_close(r->q);
+        mq_unlink(r->queue);
+    }
+    unmap_all(r);
+    fshm_ctl_close(&r->ch);
+    free(r);
+}

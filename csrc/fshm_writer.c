@@ -1,0 +1,397 @@
+/* The producer side of a stream: region creation, loan/commit (spec §8.3) and
+ * descriptor fan-out. The producer never blocks on a consumer. */
+#include <dirent.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fshm_internal.h"
+
+#define PRUNE_INTERVAL_NS 500000000ull
+
+typedef struct writer_pool {
+    fshm_map *map;
+    uint32_t stride;
+    uint16_t id;
+} writer_pool;
+
+typedef struct writer_consumer {
+    mqd_t q;
+    int open;
+    uint64_t pid;
+    char queue[32];
+} writer_consumer;
+
+struct fshm_writer {
+    fshm_paths paths;
+    fshm_ctl_handle ch;
+    fshm_ctl *ctl;
+    uint64_t epoch;
+    char epoch_dir[FSHM_PATH_MAX];
+    fshm_map *ring;
+    uint32_t nslots;
+    uint32_t npools;
+    writer_pool pools[FSHM_MAX_POOLS];
+    uint64_t next_seq;
+    int loan_active;
+    fshm_loan loan;
+    uint32_t known_gen;
+    uint64_t next_prune_ns;
+    uint64_t start_ns;
+    writer_consumer cons[FSHM_MAX_CONSUMERS];
+};
+
+static void remove_stale_epochs(const char *stream_dir)
+{
+    DIR *d = opendir(stream_dir);
+    if (!d)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        const char *n = de->d_name;
+        if (!*n || strspn(n, "0123456789") != strlen(n))
+            continue;
+        char path[FSHM_PATH_MAX + 32];
+        snprintf(path, sizeof path, "%s/%s", stream_dir, n);
+        fshm_remove_tree(path);
+    }
+    closedir(d);
+}
+
+static int create_region(const char *path, size_t size, unsigned mode, fshm_map **out)
+{
+    int fd, rc = fshm_create_file(path, size, mode, &fd);
+    if (rc)
+        return rc;
+    rc = fshm_map_create(fd, size, 1, 1, out);
+    close(fd);   /* the mapping keeps the file; the fd is not needed */
+    return rc;
+}
+
+static void release_regions(fshm_writer *w)
+{
+    for (unsigned i = 0; i < w->npools; i++)
+        if (w->pools[i].map) {
+            fshm_map_unref(w->pools[i].map);
+            w->pools[i].map = NULL;
+        }
+    if (w->ring)
+        fshm_map_unref(w->ring);
+    w->ring = NULL;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
+{
+    *out = NULL;
+    uint32_t n = cfg->nslots;
+    if (n == 0 || (n & (n - 1)) != 0 || n > (1u << 24))
+        return fshm_set_error(-EINVAL, "nslots must be a power of two between 1 and 2^24, not %u", n);
+    if (cfg->npools < 1 || cfg->npools > FSHM_MAX_POOLS)
+        return fshm_set_error(-EINVAL, "a stream has 1 to %d payload pools, not %u", FSHM_MAX_POOLS,
+                              cfg->npools);
+    uint32_t strides[FSHM_MAX_POOLS];
+    for (unsigned i = 0; i < cfg->npools; i++) {
+        strides[i] = fshm_pool_stride_for(cfg->pool_bytes[i] ? cfg->pool_bytes[i] : 1);
+        if (!strides[i])
+            return fshm_set_error(-EINVAL, "pool of %u bytes is too large (2 GiB at most)",
+                                  cfg->pool_bytes[i]);
+    }
+    qsort(strides, cfg->npools, sizeof strides[0], cmp_u32);
+    unsigned npools = 0;
+    for (unsigned i = 0; i < cfg->npools; i++)
+        if (npools == 0 || strides[npools - 1] != strides[i])
+            strides[npools++] = strides[i];
+    unsigned mode = cfg->file_mode ? cfg->file_mode : 0600;
+
+    fshm_writer *w = calloc(1, sizeof *w);
+    if (!w)
+        return fshm_set_error(-ENOMEM, "out of memory");
+    w->ch.fd = -1;
+    int rc = fshm_resolve(&cfg->addr, 1, &w->paths);
+    if (rc)
+        goto fail;
+    if ((rc = fshm_ctl_open(&w->paths, 1, &w->ch)))
+        goto fail;
+    w->ctl = w->ch.ctl;
+    if (flock(w->ch.fd, LOCK_EX | LOCK_NB) != 0) {
+        rc = fshm_set_error(-EBUSY, "stream '%s' already has a live producer (pid %llu)",
+                            w->paths.name, (unsigned long long)w->ctl->producer_pid);
+        goto fail;
+    }
+    fshm_ctl_prune(w->ctl);
+    w->epoch = LOAD_ACQ(&w->ctl->epoch) + 1;
+    /* We hold the producer lock, so any epoch directory left here is a dead producer's. */
+    remove_stale_epochs(w->paths.stream_dir);
+    snprintf(w->epoch_dir, sizeof w->epoch_dir, "%s/%llu", w->paths.stream_dir,
+             (unsigned long long)w->epoch);
+    if ((rc = fshm_mkdir_private(w->epoch_dir, 0700)))
+        goto fail;
+
+    w->nslots = n;
+    w->npools = npools;
+    w->start_ns = fshm_now_ns();
+    uint64_t pid = (uint64_t)getpid();
+    char path[FSHM_PATH_MAX + 32];
+    snprintf(path, sizeof path, "%s/header.ring", w->epoch_dir);
+    if ((rc = create_region(path, FSHM_SUPERBLOCK_SIZE + (size_t)n * FSHM_SLOT_BYTES, mode, &w->ring)))
+        goto fail_dir;
+    fshm_superblock_write(w->ring->base, w->epoch, w->paths.stream_id, FSHM_REGION_HEADER_RING, 0, n,
+                          FSHM_SLOT_BYTES, FSHM_SLOT_BYTES, pid, w->start_ns);
+    fshm_announce a;
+    memset(&a, 0, sizeof a);
+    if ((rc = fshm_uri_format(a.header_uri, sizeof a.header_uri, path)))
+        goto fail_dir;
+    for (unsigned i = 0; i < npools; i++) {
+        writer_pool *pl = &w->pools[i];
+        pl->stride = strides[i];
+        pl->id = (uint16_t)(i + 1);
+        snprintf(path, sizeof path, "%s/%u.pool", w->epoch_dir, pl->id);
+        if ((rc = create_region(path, FSHM_SUPERBLOCK_SIZE + (size_t)n * pl->stride, mode, &pl->map)))
+            goto fail_dir;
+        fshm_superblock_write(pl->map->base, w->epoch, w->paths.stream_id, FSHM_REGION_PAYLOAD_POOL,
+                              pl->id, n, pl->stride, pl->stride, pid, w->start_ns);
+        a.pools[i].pool_id = pl->id;
+        a.pools[i].stride_bytes = pl->stride;
+        a.pools[i].nslots = n;
+        if ((rc = fshm_uri_format(a.pools[i].uri, sizeof a.pools[i].uri, path)))
+            goto fail_dir;
+    }
+
+    /* Announce, then liveness, then the epoch: readers key everything off the epoch. */
+    fshm_ctl *c = w->ctl;
+    uint64_t s = LOAD_RLX(&c->announce_seq);
+    STORE_RLX(&c->announce_seq, s + 1);
+    atomic_thread_fence(memory_order_release);
+    c->announce_epoch = w->epoch;
+    c->header_nslots = n;
+    c->npools = npools;
+    memcpy(c->header_uri, a.header_uri, sizeof c->header_uri);
+    memcpy(c->pools, a.pools, sizeof c->pools);
+    STORE_REL(&c->announce_seq, s + 2);
+    STORE_RLX(&c->producer_pid, pid);
+    STORE_RLX(&c->producer_start, fshm_self_start_time());
+    STORE_RLX(&c->start_ns, w->start_ns);
+    STORE_RLX(&c->activity_ns, w->start_ns);
+    STORE_REL(&c->state, (uint8_t)CTL_STATE_LIVE);
+    STORE_REL(&c->epoch, w->epoch);
+    /* Sequence numbers continue across restarts so consumers see them grow. */
+    w->next_seq = LOAD_ACQ(&c->latest_seq);
+    w->known_gen = LOAD_ACQ(&c->consumers_gen) - 1;   /* force a scan on first commit */
+    w->next_prune_ns = w->start_ns + PRUNE_INTERVAL_NS;
+    *out = w;
+    return 0;
+
+fail_dir:
+    release_regions(w);
+    fshm_remove_tree(w->epoch_dir);
+fail:
+    fshm_ctl_close(&w->ch);   /* also drops the flock */
+    free(w);
+    return rc;
+}
+
+static void refresh_consumers(fshm_writer *w)
+{
+    uint32_t gen = LOAD_ACQ(&w->ctl->consumers_gen);
+    if (gen == w->known_gen)
+        return;
+    w->known_gen = gen;
+    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
+        fshm_ctl_consumer *e = ctl_consumer(w->ctl, i);
+        writer_consumer *lc = &w->cons[i];
+        int active = LOAD_ACQ(&e->state) == CONS_ACTIVE;
+        char q[32];
+        memcpy(q, e->queue, sizeof q);
+        q[31] = 0;
+        uint64_t pid = LOAD_RLX(&e->pid);
+        if (lc->open && (!active || lc->pid != pid || strcmp(lc->queue, q) != 0)) {
+            mq_close(lc->q);
+            lc->open = 0;
+        }
+        if (active && !lc->open && strncmp(q, "/fshm-", 6) == 0 && !strchr(q + 1, '/')) {
+            if (fshm_queue_open_send(q, &lc->q) == 0) {
+                lc->open = 1;
+                lc->pid = pid;
+                memcpy(lc->queue, q, sizeof q);
+            }
+        }
+    }
+}
+
+static void housekeeping(fshm_writer *w, uint64_t now)
+{
+    w->next_prune_ns = now + PRUNE_INTERVAL_NS;
+    if (fshm_ctl_prune(w->ctl))
+        refresh_consumers(w);
+    st64((uint8_t *)w->ring->base + SB_ACTIVITY_NS, now);
+    for (unsigned i = 0; i < w->npools; i++)
+        st64((uint8_t *)w->pools[i].map->base + SB_ACTIVITY_NS, now);
+}
+
+int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out)
+{
+    unsigned p = 0;
+    while (p < w->npools && w->pools[p].stride < nbytes)
+        p++;
+    if (p == w->npools) {
+        ADD_RLX(&w->ctl->drops_nopool, 1);
+        return fshm_set_error(FSHM_E_NOPOOL,
+                              "frame of %zu bytes is larger than the largest payload pool (%u bytes): "
+                              "dropped",
+                              nbytes, w->pools[w->npools - 1].stride);
+    }
+    uint64_t seq = w->next_seq;
+    uint32_t idx = (uint32_t)(seq & (w->nslots - 1));
+    /* A re-loan abandons the previous one: its slot stays in progress (never readable)
+     * and its seq is spent, keeping seqs monotonic. */
+    if (w->loan_active)
+        seq = ++w->next_seq, idx = (uint32_t)(seq & (w->nslots - 1));
+    uint64_t *commit = slot_commit_word(w->ring->base, idx);
+    STORE_RLX(commit, seq << 1);
+    /* Orders the in-progress mark before every payload/header store that follows. */
+    atomic_thread_fence(memory_order_release);
+    writer_pool *pl = &w->pools[p];
+    out->data = (uint8_t *)pl->map->base + FSHM_SUPERBLOCK_SIZE + (size_t)idx * pl->stride;
+    out->seq = seq;
+    out->capacity = pl->stride;
+    out->pool_id = pl->id;
+    out->pool_index = (uint16_t)p;
+    out->slot = idx;
+    w->loan = *out;
+    w->loan_active = 1;
+    return 0;
+}
+
+int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint64_t timestamp_ns)
+{
+    if (!w->loan_active)
+        return fshm_set_error(-EINVAL, "commit without a loan");
+    if (nbytes > w->loan.capacity)
+        return fshm_set_error(-EINVAL, "committing %zu bytes into a %u-byte slot", nbytes,
+                              w->loan.capacity);
+    fshm_tensor full;
+    int rc = fshm_tensor_check(t, nbytes, 1, &full);
+    if (rc)
+        return rc;
+    uint64_t now = fshm_now_ns();
+    uint64_t seq = w->loan.seq;
+    uint8_t *slot = (uint8_t *)w->ring->base + FSHM_SUPERBLOCK_SIZE + (size_t)w->loan.slot * FSHM_SLOT_BYTES;
+    fshm_slot_header_write(slot, (uint32_t)nbytes, w->loan.slot, w->loan.pool_id,
+                           timestamp_ns ? timestamp_ns : now, &full);
+    STORE_REL((uint64_t *)slot, (seq << 1) | 1);
+    w->loan_active = 0;
+    w->next_seq = seq + 1;
+    fshm_ctl *c = w->ctl;
+    STORE_REL(&c->latest_seq, seq + 1);
+    STORE_RLX(&c->activity_ns, now);
+    STORE_RLX(&c->frames, LOAD_RLX(&c->frames) + 1);
+
+    if (now >= w->next_prune_ns)
+        housekeeping(w, now);
+    refresh_consumers(w);
+    uint8_t msg[FSHM_DESC_BYTES];
+    fshm_desc_encode(msg, w->paths.stream_id, w->epoch, seq, now);
+    uint64_t sent = 0, dropped = 0;
+    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
+        writer_consumer *lc = &w->cons[i];
+        if (!lc->open)
+            continue;
+        fshm_ctl_consumer *e = ctl_consumer(c, i);
+        if (mq_send(lc->q, (const char *)msg, sizeof msg, 0) == 0) {
+            STORE_RLX(&e->delivered, LOAD_RLX(&e->delivered) + 1);
+            sent++;
+        } else if (errno == EAGAIN) {
+            /* Full queue: a slow or stopped consumer. Count it, never wait. */
+            STORE_RLX(&e->queue_full, LOAD_RLX(&e->queue_full) + 1);
+            dropped++;
+        } else {
+            mq_close(lc->q);
+            lc->open = 0;
+        }
+    }
+    if (sent)
+        STORE_RLX(&c->desc_sent, LOAD_RLX(&c->desc_sent) + sent);
+    if (dropped)
+        STORE_RLX(&c->desc_dropped, LOAD_RLX(&c->desc_dropped) + dropped);
+    return 0;
+}
+
+int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fshm_tensor *t,
+                        uint64_t timestamp_ns)
+{
+    fshm_loan l;
+    int rc = fshm_tensor_check(t, nbytes, 0, NULL);
+    if (rc)
+        return rc;
+    if ((rc = fshm_writer_loan(w, nbytes, &l)))
+        return rc;
+    memcpy(l.data, src, nbytes);
+    return fshm_writer_commit(w, t, nbytes, timestamp_ns);
+}
+
+void fshm_writer_heartbeat(fshm_writer *w)
+{
+    uint64_t now = fshm_now_ns();
+    STORE_RLX(&w->ctl->activity_ns, now);
+    if (now >= w->next_prune_ns)
+        housekeeping(w, now);
+}
+
+void fshm_writer_set_mode(fshm_writer *w, uint8_t mode) { STORE_REL(&w->ctl->mode, mode); }
+uint8_t fshm_writer_mode(const fshm_writer *w)
+{
+    uint8_t m = LOAD_ACQ(&w->ctl->mode);
+    return m == FSHM_MODE_ALARMED ? m : FSHM_MODE_STANDBY;
+}
+uint64_t fshm_writer_epoch(const fshm_writer *w) { return w->epoch; }
+uint32_t fshm_writer_stream_id(const fshm_writer *w) { return w->paths.stream_id; }
+uint32_t fshm_writer_nslots(const fshm_writer *w) { return w->nslots; }
+uint32_t fshm_writer_npools(const fshm_writer *w) { return w->npools; }
+uint64_t fshm_writer_next_seq(const fshm_writer *w) { return w->next_seq; }
+
+void *fshm_writer_pool_base(const fshm_writer *w, unsigned i, size_t *len, uint32_t *stride,
+                            uint16_t *pool_id)
+{
+    if (i >= w->npools)
+        return NULL;
+    if (len)
+        *len = w->pools[i].map->size;
+    if (stride)
+        *stride = w->pools[i].stride;
+    if (pool_id)
+        *pool_id = w->pools[i].id;
+    return w->pools[i].map->base;
+}
+
+void fshm_writer_close(fshm_writer *w, int unlink_files)
+{
+    if (!w)
+        return;
+    fshm_ctl *c = w->ctl;
+    STORE_REL(&c->state, (uint8_t)CTL_STATE_CLOSED);
+    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++)
+        if (w->cons[i].open)
+            mq_close(w->cons[i].q);
+    release_regions(w);
+    if (unlink_files) {
+        fshm_ctl_prune(c);
+        fshm_remove_tree(w->epoch_dir);
+        /* Live consumers keep the control region: it holds their registration and is
+         * where they will see the next producer. The last one out removes it. */
+        if (fshm_ctl_live_consumers(c) == 0 && fshm_ctl_same_file(&w->ch, w->paths.ctl)) {
+            unlink(w->paths.ctl);
+            rmdir(w->paths.stream_dir);
+        }
+    }
+    fshm_ctl_close(&w->ch);
+    free(w);
+}
