@@ -83,6 +83,7 @@ int fshm_validate_name(const char *name, const char *what);
 /* ---- writer (producer) ---- */
 
 typedef struct fshm_writer fshm_writer;
+typedef struct fshm_map fshm_map;
 
 typedef struct fshm_writer_config {
     fshm_stream_addr addr;
@@ -119,6 +120,8 @@ uint32_t fshm_writer_npools(const fshm_writer *w);
 void *fshm_writer_pool_base(const fshm_writer *w, unsigned i, size_t *len, uint32_t *stride,
                             uint16_t *pool_id);
 uint64_t fshm_writer_next_seq(const fshm_writer *w);
+/* Mapping of payload pool i (borrowed; fshm_map_ref to keep it past close). */
+fshm_map *fshm_writer_pool_map(const fshm_writer *w, unsigned i);
 /* Refreshes the activity timestamp without publishing (idle producers call this). */
 void fshm_writer_heartbeat(fshm_writer *w);
 /* unlink_files: remove the stream's regions (and the control region when no live
@@ -127,7 +130,6 @@ void fshm_writer_close(fshm_writer *w, int unlink_files);
 
 /* ---- mappings: refcounted so frames/views can outlive a reader ---- */
 
-typedef struct fshm_map fshm_map;
 void fshm_map_ref(fshm_map *m);
 void fshm_map_unref(fshm_map *m);
 void *fshm_map_base(const fshm_map *m);

@@ -135,7 +135,7 @@ int fshm_ctl_validate(const fshm_ctl *c, size_t map_size, const fshm_paths *p)
     if (memchr(c->name, 0, sizeof c->name) == NULL)
         return fshm_set_error(FSHM_E_CORRUPT, "control region %s: stream name not terminated",
                               p->ctl);
-    if (strcmp(c->name, p->name) != 0)
+    if (!p->any_name && strcmp(c->name, p->name) != 0)
         return fshm_set_error(FSHM_E_COLLISION,
                               "stream id %u already belongs to stream '%.63s', not '%s': pass another "
                               "stream_id",

@@ -173,6 +173,7 @@ typedef struct fshm_paths {
     char ctl[FSHM_PATH_MAX];
     char name[FSHM_NAME_MAX + 1];
     uint32_t stream_id;
+    int any_name;   /* addressed by id only: accept whatever name the stream has */
 } fshm_paths;
 int fshm_resolve(const fshm_stream_addr *addr, int create_dirs, fshm_paths *out);
 int fshm_mkdir_private(const char *path, unsigned mode);

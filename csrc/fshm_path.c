@@ -112,6 +112,7 @@ int fshm_resolve(const fshm_stream_addr *addr, int create_dirs, fshm_paths *p)
         if (!addr->stream_id)
             return fshm_set_error(-EINVAL, "a stream needs a name or a non-zero stream_id");
         p->stream_id = addr->stream_id;
+        p->any_name = 1;
         snprintf(p->name, sizeof p->name, "stream-%u", addr->stream_id);
     }
     if (create_dirs && mkdir(base, 0700) != 0 && errno != EEXIST)

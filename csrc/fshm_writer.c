@@ -372,6 +372,11 @@ void *fshm_writer_pool_base(const fshm_writer *w, unsigned i, size_t *len, uint3
     return w->pools[i].map->base;
 }
 
+fshm_map *fshm_writer_pool_map(const fshm_writer *w, unsigned i)
+{
+    return i < w->npools ? w->pools[i].map : NULL;
+}
+
 void fshm_writer_close(fshm_writer *w, int unlink_files)
 {
     if (!w)

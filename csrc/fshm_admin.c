@@ -1,0 +1,95 @@
+/* Inspection (`frameshm ls`) and cleanup (`frameshm gc`) of streams. */
+#include <fcntl.h>
+#include <stdio.h>
+#include <sys/file.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "fshm_internal.h"
+
+int fshm_stream_info_get(const fshm_stream_addr *addr, fshm_stream_info *out)
+{
+    memset(out, 0, sizeof *out);
+    fshm_paths p;
+    int rc = fshm_resolve(addr, 0, &p);
+    if (rc)
+        return rc;
+    fshm_ctl_handle h;
+    if ((rc = fshm_ctl_open(&p, 0, &h)))
+        return rc;
+    fshm_ctl *c = h.ctl;
+    snprintf(out->name, sizeof out->name, "%s", c->name);
+    out->stream_id = c->stream_id;
+    out->epoch = LOAD_ACQ(&c->epoch);
+    out->producer_state = fshm_ctl_producer_state(c, &out->producer_pid);
+    out->latest_seq = LOAD_ACQ(&c->latest_seq);
+    out->frames = LOAD_RLX(&c->frames);
+    out->drops_nopool = LOAD_RLX(&c->drops_nopool);
+    out->desc_sent = LOAD_RLX(&c->desc_sent);
+    out->desc_dropped = LOAD_RLX(&c->desc_dropped);
+    out->pruned = LOAD_RLX(&c->pruned);
+    out->activity_ns = LOAD_RLX(&c->activity_ns);
+    out->mode = LOAD_ACQ(&c->mode);
+    fshm_announce a;
+    if (out->epoch && fshm_ctl_read_announce(c, &a) == 0) {
+        out->nslots = a.header_nslots;
+        out->npools = a.npools;
+        for (uint32_t i = 0; i < a.npools; i++)
+            out->pool_stride[i] = a.pools[i].stride_bytes;
+    }
+    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
+        fshm_ctl_consumer *e = ctl_consumer(c, i);
+        if (LOAD_ACQ(&e->state) != CONS_ACTIVE)
+            continue;
+        fshm_consumer_info *ci = &out->consumers[out->nconsumers++];
+        memcpy(ci->name, e->name, sizeof ci->name - 1);
+        memcpy(ci->queue, e->queue, sizeof ci->queue - 1);
+        ci->pid = (int64_t)LOAD_RLX(&e->pid);
+        ci->alive = fshm_pid_alive(ci->pid, LOAD_RLX(&e->pid_start));
+        ci->process_all = LOAD_RLX(&e->flags) & 1;
+        ci->last_seq = LOAD_RLX(&e->last_seq);
+        ci->delivered = LOAD_RLX(&e->delivered);
+        ci->queue_full = LOAD_RLX(&e->queue_full);
+    }
+    fshm_ctl_close(&h);
+    return 0;
+}
+
+int fshm_stream_gc(const fshm_stream_addr *addr)
+{
+    fshm_paths p;
+    int rc = fshm_resolve(addr, 0, &p);
+    if (rc)
+        return rc;
+    int fd = open(p.ctl, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0) {
+        struct stat st;
+        if (errno == ENOENT && lstat(p.stream_dir, &st) == 0 && S_ISDIR(st.st_mode)) {
+            fshm_remove_tree(p.stream_dir);   /* leftovers without a control region */
+            return 1;
+        }
+        return errno == ENOENT ? 0 : fshm_set_error(-errno, "%s: %s", p.ctl, strerror(errno));
+    }
+    /* The producer holds this lock for its whole life: if we get it, none is running. */
+    int locked = flock(fd, LOCK_EX | LOCK_NB) == 0;
+    fshm_ctl_handle h;
+    rc = fshm_ctl_open(&p, 0, &h);
+    if (rc == FSHM_E_CORRUPT && locked) {
+        fshm_remove_tree(p.stream_dir);
+        close(fd);
+        return 1;
+    }
+    if (rc) {
+        close(fd);
+        return rc;
+    }
+    fshm_ctl_prune(h.ctl);
+    int removed = 0;
+    if (locked && fshm_ctl_live_consumers(h.ctl) == 0) {
+        fshm_remove_tree(p.stream_dir);
+        removed = 1;
+    }
+    fshm_ctl_close(&h);
+    close(fd);
+    return removed;
+}

@@ -1,0 +1,33 @@
+/* Shared declarations of the frameshm._core binding (one C file per Python type). */
+#ifndef FSHM_BINDING_H
+#define FSHM_BINDING_H
+
+#define PY_SSIZE_T_CLEAN
+#include <Python.h>
+
+#include "../frameshm.h"
+
+extern PyTypeObject FshmMappingType;
+extern PyTypeObject FshmWriterType;
+extern PyTypeObject FshmReaderType;
+
+typedef struct {
+    PyObject_HEAD
+    fshm_map *map;
+    Py_ssize_t exports;
+} FshmMapping;
+
+/* Wraps a mapping (takes a new fshm reference). */
+PyObject *fshm_mapping_new(fshm_map *m);
+
+/* Raises the Python exception matching a negative frameshm code; returns NULL. */
+PyObject *fshm_raise(int code);
+PyObject *fshm_raise_closed(const char *what);
+/* Parses an optional timeout in seconds (None = forever) into nanoseconds. */
+int fshm_parse_timeout(PyObject *obj, int64_t *out);
+/* Parses a stream address from common keyword values. */
+int fshm_parse_addr(PyObject *name, unsigned long stream_id, PyObject *base_dir, PyObject *ns,
+                    fshm_stream_addr *addr);
+int fshm_binding_init_errors(void);
+
+#endif

@@ -1,0 +1,331 @@
+/* frameshm._core.Reader: the consumer side of a stream. Waits release the GIL. */
+#include "binding.h"
+
+#define MAP_CACHE 8
+
+typedef struct {
+    PyObject_HEAD
+    fshm_reader *r;
+    int busy;
+    fshm_map *cache_key[MAP_CACHE];
+    PyObject *cache_obj[MAP_CACHE];
+    unsigned cache_next;
+} FshmReader;
+
+#define CHECK_OPEN(self)                                                                         \
+    if (!(self)->r)                                                                              \
+        return fshm_raise_closed("Reader");
+
+static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"name", "stream_id", "consumer", "base_dir", "namespace", NULL};
+    PyObject *name = Py_None, *consumer = Py_None, *base = Py_None, *ns = Py_None;
+    unsigned long sid = 0;
+    if (self->r) {
+        PyErr_SetString(PyExc_RuntimeError, "Reader already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOO", kwlist, &name, &sid, &consumer, &base, &ns))
+        return -1;
+    fshm_reader_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    if (fshm_parse_addr(name, sid, base, ns, &cfg.addr))
+        return -1;
+    if (consumer != Py_None) {
+        if (!PyUnicode_Check(consumer)) {
+            PyErr_SetString(PyExc_TypeError, "consumer must be a str");
+            return -1;
+        }
+        cfg.consumer = PyUnicode_AsUTF8(consumer);
+        if (!cfg.consumer)
+            return -1;
+    }
+    fshm_reader *r = NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_reader_open(&cfg, &r);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        fshm_raise(rc);
+        return -1;
+    }
+    self->r = r;
+    return 0;
+}
+
+static void clear_cache(FshmReader *self)
+{
+    for (unsigned i = 0; i < MAP_CACHE; i++) {
+        self->cache_key[i] = NULL;
+        Py_CLEAR(self->cache_obj[i]);
+    }
+}
+
+static void reader_dealloc(FshmReader *self)
+{
+    if (self->r)
+        fshm_reader_close(self->r);
+    clear_cache(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* The Mapping object for a frame's pool: one Python object per mapping, so views
+ * of the same pool share it. */
+static PyObject *mapping_for(FshmReader *self, fshm_map *m)
+{
+    for (unsigned i = 0; i < MAP_CACHE; i++)
+        if (self->cache_key[i] == m) {
+            Py_INCREF(self->cache_obj[i]);
+            return self->cache_obj[i];
+        }
+    PyObject *obj = fshm_mapping_new(m);
+    if (!obj)
+        return NULL;
+    unsigned slot = self->cache_next++ % MAP_CACHE;
+    Py_XDECREF(self->cache_obj[slot]);
+    self->cache_key[slot] = m;
+    self->cache_obj[slot] = obj;
+    Py_INCREF(obj);
+    return obj;
+}
+
+static PyObject *frame_tuple(FshmReader *self, const fshm_frame *f)
+{
+    PyObject *map = mapping_for(self, f->map);
+    if (!map)
+        return NULL;
+    int n = f->tensor.ndims;
+    PyObject *shape = PyTuple_New(n), *strides = PyTuple_New(n);
+    if (!shape || !strides) {
+        Py_XDECREF(shape);
+        Py_XDECREF(strides);
+        Py_DECREF(map);
+        return NULL;
+    }
+    for (int i = 0; i < n; i++) {
+        PyTuple_SET_ITEM(shape, i, PyLong_FromLong(f->tensor.dims[i]));
+        PyTuple_SET_ITEM(strides, i, PyLong_FromLong(f->tensor.strides[i]));
+    }
+    size_t off = (size_t)((const uint8_t *)f->data - (const uint8_t *)fshm_map_base(f->map));
+    /* (mapping, offset, nbytes, seq, timestamp_ns, publish_ns, epoch, skipped, dtype,
+     *  shape, strides, slot) */
+    return Py_BuildValue("(NnnKKKKKiNNI)", map, (Py_ssize_t)off, (Py_ssize_t)f->nbytes,
+                         (unsigned long long)f->seq, (unsigned long long)f->timestamp_ns,
+                         (unsigned long long)f->publish_ns, (unsigned long long)f->epoch,
+                         (unsigned long long)f->skipped, (int)f->tensor.dtype, shape, strides,
+                         (unsigned)f->slot);
+}
+
+static PyObject *do_wait(FshmReader *self, PyObject *args, PyObject *kw, int latest)
+{
+    static char *kwlist[] = {"timeout", NULL};
+    PyObject *tobj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &tobj))
+        return NULL;
+    CHECK_OPEN(self);
+    int64_t timeout;
+    if (fshm_parse_timeout(tobj, &timeout))
+        return NULL;
+    if (self->busy)
+        return PyErr_Format(PyExc_RuntimeError, "Reader used from two threads at once");
+    uint64_t deadline = timeout < 0 ? 0 : fshm_now_ns() + (uint64_t)timeout;
+    fshm_frame f;
+    int rc;
+    self->busy = 1;
+    for (;;) {
+        Py_BEGIN_ALLOW_THREADS
+        rc = latest ? fshm_reader_wait_latest(self->r, timeout, &f)
+                    : fshm_reader_wait_next(self->r, timeout, &f);
+        Py_END_ALLOW_THREADS
+        if (rc != -EINTR)
+            break;
+        /* A signal: let Python run its handler (Ctrl-C raises KeyboardInterrupt). */
+        if (PyErr_CheckSignals() < 0) {
+            self->busy = 0;
+            return NULL;
+        }
+        if (timeout >= 0) {
+            uint64_t now = fshm_now_ns();
+            timeout = now >= deadline ? 0 : (int64_t)(deadline - now);
+        }
+    }
+    self->busy = 0;
+    if (rc)
+        return fshm_raise(rc);
+    return frame_tuple(self, &f);
+}
+
+static PyObject *reader_wait_latest(FshmReader *self, PyObject *args, PyObject *kw)
+{
+    return do_wait(self, args, kw, 1);
+}
+
+static PyObject *reader_wait_next(FshmReader *self, PyObject *args, PyObject *kw)
+{
+    return do_wait(self, args, kw, 0);
+}
+
+static PyObject *reader_peek_latest(FshmReader *self, PyObject *unused)
+{
+    CHECK_OPEN(self);
+    fshm_frame f;
+    int rc = fshm_reader_peek_latest(self->r, &f);
+    if (rc == -EAGAIN)
+        Py_RETURN_NONE;
+    if (rc)
+        return fshm_raise(rc);
+    return frame_tuple(self, &f);
+}
+
+/* Newest frame copied into a fresh bytearray, retried until the copy is untorn. */
+static PyObject *reader_read_copy(FshmReader *self, PyObject *unused)
+{
+    CHECK_OPEN(self);
+    if (self->busy)
+        return PyErr_Format(PyExc_RuntimeError, "Reader used from two threads at once");
+    for (int attempt = 0; attempt < 100; attempt++) {
+        fshm_frame f;
+        int rc = fshm_reader_peek_latest(self->r, &f);
+        if (rc == -EAGAIN)
+            Py_RETURN_NONE;
+        if (rc)
+            return fshm_raise(rc);
+        PyObject *ba = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)f.nbytes);
+        if (!ba)
+            return NULL;
+        fshm_map_ref(f.map);   /* a remap inside peek must not unmap f.data under us */
+        self->busy = 1;
+        Py_BEGIN_ALLOW_THREADS
+        rc = fshm_frame_copy(self->r, &f, PyByteArray_AS_STRING(ba), f.nbytes);
+        Py_END_ALLOW_THREADS
+        self->busy = 0;
+        if (rc == 0) {
+            PyObject *meta = frame_tuple(self, &f);
+            fshm_map_unref(f.map);
+            if (!meta) {
+                Py_DECREF(ba);
+                return NULL;
+            }
+            return Py_BuildValue("(NN)", ba, meta);
+        }
+        fshm_map_unref(f.map);
+        Py_DECREF(ba);
+        if (rc != FSHM_E_OVERRUN)
+            return fshm_raise(rc);
+    }
+    return PyErr_Format(PyExc_RuntimeError, "unreachable");
+}
+
+static PyObject *reader_valid(FshmReader *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_OPEN(self);
+    if (nargs != 3) {
+        PyErr_SetString(PyExc_TypeError, "valid(epoch, slot, seq)");
+        return NULL;
+    }
+    fshm_frame f;
+    memset(&f, 0, sizeof f);
+    f.epoch = PyLong_AsUnsignedLongLong(args[0]);
+    f.slot = (uint32_t)PyLong_AsUnsignedLong(args[1]);
+    f.seq = PyLong_AsUnsignedLongLong(args[2]);
+    if (PyErr_Occurred())
+        return NULL;
+    return PyBool_FromLong(fshm_frame_valid(self->r, &f));
+}
+
+static PyObject *reader_producer(FshmReader *self, PyObject *unused)
+{
+    CHECK_OPEN(self);
+    int64_t pid = 0;
+    int st = fshm_reader_producer_state(self->r, &pid);
+    static const char *names[] = {"none", "alive", "dead", "closed"};
+    return Py_BuildValue("(sL)", names[st & 3], (long long)pid);
+}
+
+static PyObject *reader_close(FshmReader *self, PyObject *unused)
+{
+    if (self->busy)
+        return PyErr_Format(PyExc_RuntimeError, "close() while another thread waits on this Reader");
+    if (self->r) {
+        fshm_reader *r = self->r;
+        self->r = NULL;
+        fshm_reader_close(r);   /* frames' Mapping objects keep their regions mapped */
+    }
+    clear_cache(self);
+    Py_RETURN_NONE;
+}
+
+static PyObject *reader_get_mode(FshmReader *self, void *c)
+{
+    CHECK_OPEN(self);
+    return PyLong_FromLong(fshm_reader_mode(self->r));
+}
+
+static int reader_set_mode(FshmReader *self, PyObject *v, void *c)
+{
+    if (!self->r) {
+        fshm_raise_closed("Reader");
+        return -1;
+    }
+    long m = v ? PyLong_AsLong(v) : -1;
+    if (m == -1 && PyErr_Occurred())
+        return -1;
+    if (m < 0 || m > 255) {
+        PyErr_SetString(PyExc_ValueError, "mode is a byte (0..255)");
+        return -1;
+    }
+    fshm_reader_set_mode(self->r, (uint8_t)m);
+    return 0;
+}
+
+#define RGET(fn, conv, expr)                                                                     \
+    static PyObject *fn(FshmReader *self, void *c)                                               \
+    {                                                                                            \
+        CHECK_OPEN(self);                                                                        \
+        return conv(expr);                                                                       \
+    }
+RGET(reader_epoch, PyLong_FromUnsignedLongLong, fshm_reader_epoch(self->r))
+RGET(reader_stream_id, PyLong_FromUnsignedLong, fshm_reader_stream_id(self->r))
+RGET(reader_overruns, PyLong_FromUnsignedLongLong, fshm_reader_overruns(self->r))
+RGET(reader_drops, PyLong_FromUnsignedLongLong, fshm_reader_drops(self->r))
+RGET(reader_queue, PyUnicode_FromString, fshm_reader_queue_name(self->r))
+
+static PyObject *reader_closed(FshmReader *self, void *c) { return PyBool_FromLong(self->r == NULL); }
+
+static PyMethodDef reader_methods[] = {
+    {"wait_latest", (PyCFunction)(void (*)(void))reader_wait_latest, METH_VARARGS | METH_KEYWORDS,
+     "wait_latest(timeout=None) -> frame tuple"},
+    {"wait_next", (PyCFunction)(void (*)(void))reader_wait_next, METH_VARARGS | METH_KEYWORDS,
+     "wait_next(timeout=None) -> frame tuple"},
+    {"peek_latest", (PyCFunction)reader_peek_latest, METH_NOARGS, "newest frame tuple or None"},
+    {"read_copy", (PyCFunction)reader_read_copy, METH_NOARGS,
+     "(bytearray, frame tuple) of the newest frame, untorn; None if no frame"},
+    {"valid", (PyCFunction)(void (*)(void))reader_valid, METH_FASTCALL, "valid(epoch, slot, seq)"},
+    {"producer", (PyCFunction)reader_producer, METH_NOARGS, "(state, pid)"},
+    {"close", (PyCFunction)reader_close, METH_NOARGS, "close()"},
+    {NULL},
+};
+
+static PyGetSetDef reader_getset[] = {
+    {"mode", (getter)reader_get_mode, (setter)reader_set_mode, "controller mode byte", NULL},
+    {"epoch", (getter)reader_epoch, NULL, NULL, NULL},
+    {"stream_id", (getter)reader_stream_id, NULL, NULL, NULL},
+    {"overruns", (getter)reader_overruns, NULL, NULL, NULL},
+    {"drops", (getter)reader_drops, NULL, NULL, NULL},
+    {"queue_name", (getter)reader_queue, NULL, NULL, NULL},
+    {"closed", (getter)reader_closed, NULL, NULL, NULL},
+    {NULL},
+};
+
+PyTypeObject FshmReaderType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "frameshm._core.Reader",
+    .tp_basicsize = sizeof(FshmReader),
+    .tp_dealloc = (destructor)reader_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Low-level stream consumer; use frameshm.Reader.",
+    .tp_methods = reader_methods,
+    .tp_getset = reader_getset,
+    .tp_init = (initproc)reader_init,
+    .tp_new = PyType_GenericNew,
+};

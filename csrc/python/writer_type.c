@@ -1,0 +1,365 @@
+/* frameshm._core.Writer: the producer side of a stream. */
+#include "binding.h"
+
+typedef struct {
+    PyObject_HEAD
+    fshm_writer *w;
+    PyObject *maps;          /* tuple of Mapping, one per pool */
+    fshm_tensor tensor;      /* layout used by commit()/publish() */
+    size_t loan_bytes;
+    int loaned;
+    int busy;
+} FshmWriter;
+
+#define CHECK_OPEN(self)                                                                         \
+    if (!(self)->w)                                                                              \
+        return fshm_raise_closed("Writer");
+
+static int parse_int_tuple(PyObject *seq, int32_t *out, int maxn, const char *what)
+{
+    PyObject *fast = PySequence_Fast(seq, "shape and strides must be sequences of ints");
+    if (!fast)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
+    if (n > maxn) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "%s has %zd dimensions; at most %d are supported", what, n,
+                     maxn);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        long long v = PyLong_AsLongLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == -1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        if (v < 0 || v > INT32_MAX) {
+            Py_DECREF(fast);
+            PyErr_Format(PyExc_ValueError, "%s[%zd] = %lld is outside 0..2^31-1", what, i, v);
+            return -1;
+        }
+        out[i] = (int32_t)v;
+    }
+    Py_DECREF(fast);
+    return (int)n;
+}
+
+static int writer_init(FshmWriter *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"name", "stream_id", "nslots", "pools", "base_dir", "namespace",
+                             "file_mode", NULL};
+    PyObject *name = Py_None, *pools = NULL, *base = Py_None, *ns = Py_None;
+    unsigned long sid = 0, nslots = 4;
+    unsigned int mode = 0600;
+    if (self->w) {
+        PyErr_SetString(PyExc_RuntimeError, "Writer already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kkOOOI", kwlist, &name, &sid, &nslots, &pools,
+                                     &base, &ns, &mode))
+        return -1;
+    fshm_writer_config cfg;
+    memset(&cfg, 0, sizeof cfg);
+    if (fshm_parse_addr(name, sid, base, ns, &cfg.addr))
+        return -1;
+    if (nslots > UINT32_MAX) {
+        PyErr_SetString(PyExc_ValueError, "nslots too large");
+        return -1;
+    }
+    cfg.nslots = (uint32_t)nslots;
+    cfg.file_mode = mode;
+    if (!pools) {
+        PyErr_SetString(PyExc_TypeError, "pools (a sequence of slot sizes in bytes) is required");
+        return -1;
+    }
+    PyObject *fast = PySequence_Fast(pools, "pools must be a sequence of byte sizes");
+    if (!fast)
+        return -1;
+    Py_ssize_t np = PySequence_Fast_GET_SIZE(fast);
+    if (np < 1 || np > FSHM_MAX_POOLS) {
+        Py_DECREF(fast);
+        PyErr_Format(PyExc_ValueError, "a stream has 1 to %d pools, not %zd", FSHM_MAX_POOLS, np);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < np; i++) {
+        unsigned long long v = PyLong_AsUnsignedLongLong(PySequence_Fast_GET_ITEM(fast, i));
+        if (v == (unsigned long long)-1 && PyErr_Occurred()) {
+            Py_DECREF(fast);
+            return -1;
+        }
+        if (v == 0 || v > 0x80000000ull) {
+            Py_DECREF(fast);
+            PyErr_Format(PyExc_ValueError, "pool size %llu is outside 1 byte .. 2 GiB", v);
+            return -1;
+        }
+        cfg.pool_bytes[i] = (uint32_t)v;
+    }
+    Py_DECREF(fast);
+    cfg.npools = (uint32_t)np;
+    fshm_writer *w = NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_writer_open(&cfg, &w);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        fshm_raise(rc);
+        return -1;
+    }
+    unsigned n = fshm_writer_npools(w);
+    PyObject *maps = PyTuple_New(n);
+    if (!maps) {
+        fshm_writer_close(w, 1);
+        return -1;
+    }
+    for (unsigned i = 0; i < n; i++) {
+        PyObject *m = fshm_mapping_new(fshm_writer_pool_map(w, i));
+        if (!m) {
+            Py_DECREF(maps);
+            fshm_writer_close(w, 1);
+            return -1;
+        }
+        PyTuple_SET_ITEM(maps, i, m);
+    }
+    self->w = w;
+    self->maps = maps;
+    memset(&self->tensor, 0, sizeof self->tensor);
+    self->tensor.dtype = FSHM_DTYPE_UINT8;
+    self->tensor.ndims = 1;
+    return 0;
+}
+
+static void writer_dealloc(FshmWriter *self)
+{
+    if (self->w)
+        fshm_writer_close(self->w, 1);
+    Py_XDECREF(self->maps);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *writer_set_tensor(FshmWriter *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"dtype", "shape", "strides", "major_order", NULL};
+    int dtype, order = FSHM_ORDER_ROW;
+    PyObject *shape, *strides = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|Oi", kwlist, &dtype, &shape, &strides, &order))
+        return NULL;
+    fshm_tensor t;
+    memset(&t, 0, sizeof t);
+    if (!fshm_dtype_size(dtype))
+        return PyErr_Format(PyExc_ValueError, "unsupported dtype code %d", dtype);
+    t.dtype = (int16_t)dtype;
+    t.major_order = (int16_t)order;
+    int n = parse_int_tuple(shape, t.dims, FSHM_MAX_DIMS, "shape");
+    if (n < 0)
+        return NULL;
+    if (n == 0)
+        return PyErr_Format(PyExc_ValueError, "0-dimensional tensors are not supported; reshape to (1,)");
+    t.ndims = (uint8_t)n;
+    if (strides != Py_None) {
+        int m = parse_int_tuple(strides, t.strides, FSHM_MAX_DIMS, "strides");
+        if (m < 0)
+            return NULL;
+        if (m != n)
+            return PyErr_Format(PyExc_ValueError, "strides has %d entries, shape has %d", m, n);
+    }
+    self->tensor = t;
+    Py_RETURN_NONE;
+}
+
+static PyObject *writer_loan(FshmWriter *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    Py_ssize_t nbytes = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
+    if (nbytes < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_ValueError, "nbytes must be >= 0");
+        return NULL;
+    }
+    fshm_loan l;
+    int rc = fshm_writer_loan(self->w, (size_t)nbytes, &l);
+    if (rc)
+        return fshm_raise(rc);
+    self->loan_bytes = (size_t)nbytes;
+    self->loaned = 1;
+    size_t off = (size_t)((uint8_t *)l.data - (uint8_t *)fshm_map_base(fshm_writer_pool_map(self->w, l.pool_index)));
+    return Py_BuildValue("(InK)", (unsigned)l.pool_index, (Py_ssize_t)off, (unsigned long long)l.seq);
+}
+
+static PyObject *writer_commit(FshmWriter *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    CHECK_OPEN(self);
+    unsigned long long ts = 0;
+    if (nargs > 1) {
+        PyErr_SetString(PyExc_TypeError, "commit(timestamp_ns=0)");
+        return NULL;
+    }
+    if (nargs == 1 && args[0] != Py_None) {
+        ts = PyLong_AsUnsignedLongLong(args[0]);
+        if (ts == (unsigned long long)-1 && PyErr_Occurred())
+            return NULL;
+    }
+    if (!self->loaned)
+        return PyErr_Format(PyExc_RuntimeError, "commit() without a loan(): nothing to commit");
+    int rc = fshm_writer_commit(self->w, &self->tensor, self->loan_bytes, ts);
+    if (rc)
+        return fshm_raise(rc);
+    self->loaned = 0;
+    return PyLong_FromUnsignedLongLong(fshm_writer_next_seq(self->w) - 1);
+}
+
+static PyObject *writer_publish(FshmWriter *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"data", "timestamp_ns", NULL};
+    PyObject *data;
+    unsigned long long ts = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|K", kwlist, &data, &ts))
+        return NULL;
+    CHECK_OPEN(self);
+    if (self->busy)
+        return PyErr_Format(PyExc_RuntimeError, "Writer used from two threads at once");
+    Py_buffer buf;
+    if (PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    int rc;
+    self->busy = 1;
+    self->loaned = 0;
+    if (buf.len >= 65536) {
+        /* Big copies run without the GIL so other threads (a camera, a UI) keep going. */
+        Py_BEGIN_ALLOW_THREADS
+        rc = fshm_writer_publish(self->w, buf.buf, (size_t)buf.len, &self->tensor, ts);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = fshm_writer_publish(self->w, buf.buf, (size_t)buf.len, &self->tensor, ts);
+    }
+    self->busy = 0;
+    PyBuffer_Release(&buf);
+    if (rc)
+        return fshm_raise(rc);
+    return PyLong_FromUnsignedLongLong(fshm_writer_next_seq(self->w) - 1);
+}
+
+static PyObject *writer_heartbeat(FshmWriter *self, PyObject *unused)
+{
+    CHECK_OPEN(self);
+    fshm_writer_heartbeat(self->w);
+    Py_RETURN_NONE;
+}
+
+static PyObject *writer_close(FshmWriter *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"unlink", NULL};
+    int unlink_files = 1;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &unlink_files))
+        return NULL;
+    if (self->busy)
+        return PyErr_Format(PyExc_RuntimeError, "close() while another thread publishes");
+    if (self->w) {
+        fshm_writer *w = self->w;
+        self->w = NULL;
+        Py_BEGIN_ALLOW_THREADS
+        fshm_writer_close(w, unlink_files);
+        Py_END_ALLOW_THREADS
+    }
+    Py_RETURN_NONE;
+}
+
+static PyObject *writer_pool_info(FshmWriter *self, PyObject *unused)
+{
+    CHECK_OPEN(self);
+    unsigned n = fshm_writer_npools(self->w);
+    PyObject *res = PyList_New(n);
+    for (unsigned i = 0; res && i < n; i++) {
+        uint32_t stride;
+        uint16_t id;
+        fshm_writer_pool_base(self->w, i, NULL, &stride, &id);
+        PyObject *t = Py_BuildValue("(Ik)", (unsigned)id, (unsigned long)stride);
+        if (!t) {
+            Py_CLEAR(res);
+            break;
+        }
+        PyList_SET_ITEM(res, i, t);
+    }
+    return res;
+}
+
+static PyObject *writer_get_mode(FshmWriter *self, void *c)
+{
+    CHECK_OPEN(self);
+    return PyLong_FromLong(fshm_writer_mode(self->w));
+}
+
+static int writer_set_mode(FshmWriter *self, PyObject *v, void *c)
+{
+    if (!self->w) {
+        fshm_raise_closed("Writer");
+        return -1;
+    }
+    long m = v ? PyLong_AsLong(v) : -1;
+    if (m == -1 && PyErr_Occurred())
+        return -1;
+    if (m < 0 || m > 255) {
+        PyErr_SetString(PyExc_ValueError, "mode is a byte (0..255)");
+        return -1;
+    }
+    fshm_writer_set_mode(self->w, (uint8_t)m);
+    return 0;
+}
+
+#define WGET(fn, conv, expr)                                                                     \
+    static PyObject *fn(FshmWriter *self, void *c)                                               \
+    {                                                                                            \
+        CHECK_OPEN(self);                                                                        \
+        return conv(expr);                                                                       \
+    }
+WGET(writer_epoch, PyLong_FromUnsignedLongLong, fshm_writer_epoch(self->w))
+WGET(writer_stream_id, PyLong_FromUnsignedLong, fshm_writer_stream_id(self->w))
+WGET(writer_nslots, PyLong_FromUnsignedLong, fshm_writer_nslots(self->w))
+WGET(writer_next_seq, PyLong_FromUnsignedLongLong, fshm_writer_next_seq(self->w))
+
+static PyObject *writer_maps(FshmWriter *self, void *c)
+{
+    CHECK_OPEN(self);
+    Py_INCREF(self->maps);
+    return self->maps;
+}
+
+static PyObject *writer_closed(FshmWriter *self, void *c) { return PyBool_FromLong(self->w == NULL); }
+
+static PyMethodDef writer_methods[] = {
+    {"set_tensor", (PyCFunction)(void (*)(void))writer_set_tensor, METH_VARARGS | METH_KEYWORDS,
+     "set_tensor(dtype, shape, strides=None, major_order=1): layout for commit/publish"},
+    {"loan", (PyCFunction)writer_loan, METH_O, "loan(nbytes) -> (pool_index, offset, seq)"},
+    {"commit", (PyCFunction)(void (*)(void))writer_commit, METH_FASTCALL,
+     "commit(timestamp_ns=0) -> seq"},
+    {"publish", (PyCFunction)(void (*)(void))writer_publish, METH_VARARGS | METH_KEYWORDS,
+     "publish(data, timestamp_ns=0) -> seq: one copy of a C-contiguous buffer"},
+    {"heartbeat", (PyCFunction)writer_heartbeat, METH_NOARGS, "refresh liveness while idle"},
+    {"close", (PyCFunction)(void (*)(void))writer_close, METH_VARARGS | METH_KEYWORDS,
+     "close(unlink=True)"},
+    {"pool_info", (PyCFunction)writer_pool_info, METH_NOARGS, "[(pool_id, stride_bytes), ...]"},
+    {NULL},
+};
+
+static PyGetSetDef writer_getset[] = {
+    {"mode", (getter)writer_get_mode, (setter)writer_set_mode, "controller mode byte", NULL},
+    {"epoch", (getter)writer_epoch, NULL, NULL, NULL},
+    {"stream_id", (getter)writer_stream_id, NULL, NULL, NULL},
+    {"nslots", (getter)writer_nslots, NULL, NULL, NULL},
+    {"next_seq", (getter)writer_next_seq, NULL, NULL, NULL},
+    {"mappings", (getter)writer_maps, NULL, "tuple of pool Mappings", NULL},
+    {"closed", (getter)writer_closed, NULL, NULL, NULL},
+    {NULL},
+};
+
+PyTypeObject FshmWriterType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "frameshm._core.Writer",
+    .tp_basicsize = sizeof(FshmWriter),
+    .tp_dealloc = (destructor)writer_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Low-level stream producer; use frameshm.Writer.",
+    .tp_methods = writer_methods,
+    .tp_getset = writer_getset,
+    .tp_init = (initproc)writer_init,
+    .tp_new = PyType_GenericNew,
+};

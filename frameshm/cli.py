@@ -1,0 +1,94 @@
+"""The `frameshm` command line."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+
+from . import __version__
+from .admin import gc, list_streams
+
+
+def _fmt_bytes(n: int) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1024
+    return str(n)
+
+
+def cmd_ls(args) -> int:
+    streams = list_streams(args.base_dir, args.namespace, sample_s=args.sample)
+    if args.json:
+        print(json.dumps(streams, indent=2))
+        return 0
+    if not streams:
+        print("no streams")
+        return 0
+    now = time.monotonic_ns()
+    for s in streams:
+        if "error" in s:
+            print(f"{s['stream_id']:>10}  ?  CORRUPT: {s['error']}")
+            continue
+        latest = s["latest_seq_plus1"]
+        idle = (now - s["activity_ns"]) / 1e9 if s["activity_ns"] else float("nan")
+        fps = f"{s['fps']:.1f}" if "fps" in s else "-"
+        pools = ",".join(_fmt_bytes(p) for p in s["pool_strides"]) or "-"
+        print(
+            f"{s['name']} (id {s['stream_id']}): producer {s['producer']}"
+            f"{' pid ' + str(s['producer_pid']) if s['producer_pid'] else ''}, epoch {s['epoch']}, "
+            f"fps {fps}, frames {s['frames']}, seq {latest - 1 if latest else '-'}, "
+            f"idle {idle:.1f}s, slots {s['nslots']} x pools {pools}, mode {s['mode']}, "
+            f"drops: no-pool {s['drops_nopool']}, queue-full {s['descriptors_dropped']}"
+        )
+        for c in s["consumers"]:
+            taken = c["last_seq_plus1"]
+            lag = latest - taken if taken else None
+            print(
+                f"    consumer {c['name']} pid {c['pid']} {'alive' if c['alive'] else 'DEAD'} "
+                f"{'process-all' if c['process_all'] else 'latest'}: lag {lag if lag is not None else '-'}, "
+                f"delivered {c['delivered']}, queue-full drops {c['queue_full']}"
+            )
+    return 0
+
+
+def cmd_gc(args) -> int:
+    removed = gc(args.base_dir, args.namespace)
+    print(f"removed {len(removed)} stream(s)" + (": " + ", ".join(map(str, removed)) if removed else ""))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="frameshm", description="shared-memory frame streams")
+    p.add_argument("--version", action="version", version=f"frameshm {__version__}")
+    p.add_argument("--base-dir", default=None, help="base directory (default $FRAMESHM_DIR or /dev/shm)")
+    p.add_argument("--namespace", default=None, help="namespace (default $FRAMESHM_NAMESPACE or 'default')")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    ls = sub.add_parser("ls", help="list streams: producer, epoch, fps, consumers, lag, drops")
+    ls.add_argument("--json", action="store_true")
+    ls.add_argument("--sample", type=float, default=0.5, help="seconds to sample fps over (0: skip)")
+    ls.set_defaults(func=cmd_ls)
+    g = sub.add_parser("gc", help="remove streams and queues whose producer is dead")
+    g.set_defaults(func=cmd_gc)
+    return p
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except KeyboardInterrupt:
+        return 130
+    except Exception as exc:  # noqa: BLE001 - the CLI reports, never tracebacks
+        from .errors import FrameshmError
+
+        if isinstance(exc, FrameshmError):
+            print(f"frameshm: {exc}", file=sys.stderr)
+            return 1
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,424 @@
+"""Writer, Reader and Frame: the numpy face of the C core."""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Iterator, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from . import _core
+from .errors import InvalidArgument, Overrun, Timeout
+
+# numpy dtype <-> wire spec Dtype enum.
+_DTYPE_CODES = {
+    np.dtype(np.uint8): 1,
+    np.dtype(np.int8): 2,
+    np.dtype(np.uint16): 3,
+    np.dtype(np.int16): 4,
+    np.dtype(np.uint32): 5,
+    np.dtype(np.int32): 6,
+    np.dtype(np.uint64): 7,
+    np.dtype(np.int64): 8,
+    np.dtype(np.float32): 9,
+    np.dtype(np.float64): 10,
+    np.dtype(np.bool_): 11,
+}
+_CODE_DTYPES = {code: dt for dt, code in _DTYPE_CODES.items()}
+_CODE_DTYPES[13] = np.dtype(np.uint8)  # BYTES
+
+MODE_STANDBY = _core.MODE_STANDBY
+MODE_ALARMED = _core.MODE_ALARMED
+
+DTypeLike = Union[str, type, np.dtype]
+
+
+def _dtype(dtype: DTypeLike) -> Tuple[np.dtype, int]:
+    try:
+        dt = np.dtype(dtype)
+    except TypeError as exc:
+        raise InvalidArgument(f"not a dtype: {dtype!r}") from exc
+    code = _DTYPE_CODES.get(dt.newbyteorder("=")) if dt.byteorder in "=|<" else None
+    if code is None:
+        names = ", ".join(sorted(str(d) for d in _DTYPE_CODES))
+        raise InvalidArgument(f"dtype {dt} is not supported by the wire format; use one of {names}")
+    return dt.newbyteorder("="), code
+
+
+def _shape(shape) -> Tuple[int, ...]:
+    if isinstance(shape, (int, np.integer)):
+        shape = (int(shape),)
+    try:
+        out = tuple(int(s) for s in shape)
+    except TypeError as exc:
+        raise InvalidArgument(f"shape must be a tuple of ints, not {shape!r}") from exc
+    if not 1 <= len(out) <= _core.MAX_DIMS:
+        raise InvalidArgument(f"shape {out} must have 1 to {_core.MAX_DIMS} dimensions")
+    if any(s < 0 or s > 2**31 - 1 for s in out):
+        raise InvalidArgument(f"shape {out} has a dimension outside 0..2^31-1")
+    return out
+
+
+def _timeout(timeout: Optional[float]) -> Optional[float]:
+    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0 or math.isnan(timeout)):
+        raise InvalidArgument(f"timeout must be None or seconds >= 0, not {timeout!r}")
+    return timeout
+
+
+class Writer:
+    """Producer of a stream: creates (or re-attaches to) the stream and publishes frames.
+
+    ``Writer("cam0", shape=(1080, 1920, 3), dtype="uint8", nslots=4)`` creates a stream of
+    fixed-shape frames. Without ``shape``, pass ``max_bytes`` (or ``pools``) and publish
+    arrays of any shape and supported dtype that fit.
+    """
+
+    def __init__(
+        self,
+        name: Optional[str] = None,
+        shape: Optional[Sequence[int]] = None,
+        dtype: DTypeLike = "uint8",
+        nslots: int = 4,
+        *,
+        stream_id: int = 0,
+        max_bytes: Optional[int] = None,
+        pools: Optional[Sequence[int]] = None,
+        base_dir: Optional[str] = None,
+        namespace: Optional[str] = None,
+        file_mode: int = 0o600,
+        unlink_on_close: bool = True,
+    ):
+        self._dtype, self._code = _dtype(dtype)
+        if shape is not None:
+            self._shape = _shape(shape)
+            self._nbytes = int(np.prod(self._shape, dtype=np.int64)) * self._dtype.itemsize
+        elif max_bytes is None and not pools:
+            raise InvalidArgument("Writer needs a frame shape, or max_bytes/pools for variable tensors")
+        else:
+            self._shape = None
+            self._nbytes = None
+        sizes = list(pools or [])
+        if max_bytes is not None:
+            sizes.append(int(max_bytes))
+        if self._nbytes is not None and not any(s >= self._nbytes for s in sizes):
+            sizes.append(max(self._nbytes, 1))
+        if not isinstance(nslots, int) or nslots < 1 or nslots & (nslots - 1):
+            raise InvalidArgument(f"nslots must be a power of two >= 1, not {nslots!r}")
+        self._w = _core.Writer(
+            name,
+            stream_id=stream_id,
+            nslots=nslots,
+            pools=sizes,
+            base_dir=base_dir,
+            namespace=namespace,
+            file_mode=file_mode,
+        )
+        self.name = name if name is not None else f"stream-{self._w.stream_id}"
+        self._maps = self._w.mappings
+        self._views = {}
+        self._loaned = None  # shape/dtype of the outstanding loan
+        self._unlink = unlink_on_close
+        if self._shape is not None:
+            self._w.set_tensor(self._code, self._shape)
+        self._tensor_is_default = self._shape is not None
+
+    # -- publishing -----------------------------------------------------------------
+
+    def _set_layout(self, shape, dt, code):
+        if self._shape is not None:
+            if shape != self._shape or dt != self._dtype:
+                raise InvalidArgument(
+                    f"stream '{self.name}' carries {self._shape} {self._dtype} frames, "
+                    f"got {shape} {dt}; create the Writer without shape= for variable tensors"
+                )
+            if not self._tensor_is_default:
+                self._w.set_tensor(self._code, self._shape)
+                self._tensor_is_default = True
+            return
+        self._w.set_tensor(code, shape)
+        self._tensor_is_default = False
+
+    def loan(self, shape: Optional[Sequence[int]] = None, dtype: Optional[DTypeLike] = None) -> np.ndarray:
+        """A writable numpy view into the next slot (zero copy). Fill it, then commit()."""
+        if shape is None and dtype is None and self._shape is not None:
+            if not self._tensor_is_default:
+                self._w.set_tensor(self._code, self._shape)
+                self._tensor_is_default = True
+            pool, off, _seq = self._w.loan(self._nbytes)
+            key = (pool, off)
+            view = self._views.get(key)
+            if view is None:
+                view = np.ndarray(self._shape, self._dtype, buffer=self._maps[pool], offset=off)
+                self._views[key] = view
+            self._loaned = True
+            return view
+        if shape is None:
+            raise InvalidArgument("loan() on a variable-tensor stream needs a shape")
+        shp = _shape(shape)
+        dt, code = _dtype(dtype if dtype is not None else self._dtype)
+        self._set_layout(shp, dt, code)
+        nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
+        pool, off, _seq = self._w.loan(nbytes)
+        self._loaned = True
+        return np.ndarray(shp, dt, buffer=self._maps[pool], offset=off)
+
+    def commit(self, timestamp_ns: Optional[int] = None) -> int:
+        """Commits the loaned slot and sends its descriptor to every consumer. Returns its seq."""
+        seq = self._w.commit(timestamp_ns)
+        self._loaned = None
+        return seq
+
+    def publish(self, frame, timestamp_ns: Optional[int] = None) -> int:
+        """Copies ``frame`` into the next slot and commits it (one copy). Returns its seq."""
+        arr = np.asarray(frame)
+        dt = arr.dtype
+        if dt.byteorder == ">":
+            raise InvalidArgument("big-endian arrays are not supported; use arr.astype(arr.dtype.newbyteorder('<'))")
+        if self._shape is not None and arr.dtype == self._dtype and arr.shape == self._shape:
+            if not self._tensor_is_default:
+                self._w.set_tensor(self._code, self._shape)
+                self._tensor_is_default = True
+        else:
+            if arr.ndim == 0:
+                arr = arr.reshape(1)
+            dt, code = _dtype(arr.dtype)
+            self._set_layout(_shape(arr.shape), dt, code)
+        if not arr.flags.c_contiguous:
+            arr = np.ascontiguousarray(arr)
+        return self._w.publish(arr, timestamp_ns or 0)
+
+    # -- state ------------------------------------------------------------------------
+
+    @property
+    def mode(self) -> int:
+        """Controller mode byte of the stream (MODE_STANDBY / MODE_ALARMED)."""
+        return self._w.mode
+
+    @mode.setter
+    def mode(self, value: int) -> None:
+        self._w.mode = value
+
+    @property
+    def epoch(self) -> int:
+        return self._w.epoch
+
+    @property
+    def stream_id(self) -> int:
+        return self._w.stream_id
+
+    @property
+    def nslots(self) -> int:
+        return self._w.nslots
+
+    @property
+    def shape(self):
+        return self._shape
+
+    @property
+    def dtype(self) -> np.dtype:
+        return self._dtype
+
+    @property
+    def pools(self):
+        """[(pool_id, stride_bytes), ...] smallest first."""
+        return self._w.pool_info()
+
+    @property
+    def closed(self) -> bool:
+        return self._w.closed
+
+    def heartbeat(self) -> None:
+        """Refreshes the liveness timestamp; call it while idle for long stretches."""
+        self._w.heartbeat()
+
+    def close(self, unlink: Optional[bool] = None) -> None:
+        """Closes the stream. Loaned views stay valid memory until dropped."""
+        self._views.clear()
+        self._w.close(unlink=self._unlink if unlink is None else unlink)
+
+    def __enter__(self) -> "Writer":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        state = "closed" if self.closed else f"epoch={self.epoch}"
+        return f"<frameshm.Writer {self.name!r} shape={self._shape} dtype={self._dtype} {state}>"
+
+
+class Frame:
+    """One frame read from a stream: metadata plus a zero-copy, read-only numpy view.
+
+    The view aliases shared memory that the producer will overwrite after ``nslots``
+    newer frames; :meth:`valid` tells whether it still holds this frame. Use
+    :meth:`copy` (or ``Reader.read_latest(copy=True)``) for data guaranteed untorn.
+    """
+
+    __slots__ = (
+        "_reader", "_map", "_offset", "nbytes", "seq", "timestamp_ns", "publish_ns",
+        "epoch", "skipped", "dtype", "shape", "strides", "slot", "_array",
+    )
+
+    def __init__(self, reader: "Reader", t: tuple):
+        (self._map, self._offset, self.nbytes, self.seq, self.timestamp_ns, self.publish_ns,
+         self.epoch, self.skipped, code, self.shape, self.strides, self.slot) = t
+        self._reader = reader
+        self.dtype = _CODE_DTYPES[code]
+        self._array = None
+
+    @property
+    def array(self) -> np.ndarray:
+        """Read-only numpy view of the frame in shared memory (no copy)."""
+        a = self._array
+        if a is None:
+            a = np.ndarray(self.shape, self.dtype, buffer=self._map, offset=self._offset, strides=self.strides)
+            self._array = a
+        return a
+
+    def valid(self) -> bool:
+        """True if the slot still holds this frame (seqlock re-check after using the view)."""
+        r = self._reader._r
+        if r.closed:
+            return False
+        return r.valid(self.epoch, self.slot, self.seq)
+
+    def copy(self) -> np.ndarray:
+        """A private copy, checked untorn; raises Overrun if the slot was overwritten."""
+        out = np.array(self.array, copy=True)
+        if not self.valid():
+            raise Overrun(f"frame {self.seq} was overwritten while being copied")
+        return out
+
+    @property
+    def latency_ns(self) -> int:
+        """Now minus the frame's capture timestamp (CLOCK_MONOTONIC)."""
+        return time.monotonic_ns() - self.timestamp_ns
+
+    def __array__(self, dtype=None, copy=None):
+        a = self.array
+        if dtype is not None and np.dtype(dtype) != a.dtype:
+            return a.astype(dtype)
+        if copy:
+            return a.copy()
+        return a
+
+    def __dlpack__(self, **kwargs):
+        return self.array.__dlpack__(**kwargs)
+
+    def __dlpack_device__(self):
+        return self.array.__dlpack_device__()
+
+    def __repr__(self) -> str:
+        return f"<frameshm.Frame seq={self.seq} shape={self.shape} dtype={self.dtype} skipped={self.skipped}>"
+
+
+class Reader:
+    """Consumer of a stream. May be created before or after the stream's Writer.
+
+    Each Reader registers its own descriptor queue with the producer (fan-out).
+    """
+
+    def __init__(
+        self,
+        name: Optional[str] = None,
+        consumer: Optional[str] = None,
+        *,
+        stream_id: int = 0,
+        base_dir: Optional[str] = None,
+        namespace: Optional[str] = None,
+    ):
+        self._r = _core.Reader(name, stream_id=stream_id, consumer=consumer, base_dir=base_dir, namespace=namespace)
+        self.name = name if name is not None else f"stream-{self._r.stream_id}"
+        self.consumer = consumer
+
+    def wait_latest(self, timeout: Optional[float] = None) -> Frame:
+        """Blocks for a frame newer than the last one returned, drains the queue and
+        returns the newest. ``frame.skipped`` counts frames passed over."""
+        return Frame(self, self._r.wait_latest(_timeout(timeout)))
+
+    def wait_next(self, timeout: Optional[float] = None) -> Frame:
+        """Process-all: the next frame in order. ``frame.skipped`` counts frames lost
+        (the producer lapped this consumer or its queue was full)."""
+        return Frame(self, self._r.wait_next(_timeout(timeout)))
+
+    def read_latest(self, copy: bool = True):
+        """The newest frame without waiting, or None if there is none yet.
+
+        With ``copy=True`` (default) a private ndarray guaranteed untorn; with
+        ``copy=False`` a :class:`Frame` view (check ``valid()`` after use)."""
+        if not copy:
+            t = self._r.peek_latest()
+            return None if t is None else Frame(self, t)
+        res = self._r.read_copy()
+        if res is None:
+            return None
+        buf, t = res
+        code, shape, strides = t[8], t[9], t[10]
+        dt = _CODE_DTYPES[code]
+        return np.ndarray(shape, dt, buffer=buf, strides=strides)
+
+    def frames(self, latest: bool = True, timeout: Optional[float] = None) -> Iterator[Frame]:
+        """Iterates frames (drain-to-latest by default) until the timeout expires."""
+        wait = self.wait_latest if latest else self.wait_next
+        while True:
+            try:
+                yield wait(timeout)
+            except Timeout:
+                return
+
+    def __iter__(self) -> Iterator[Frame]:
+        return self.frames()
+
+    @property
+    def producer(self) -> Tuple[str, int]:
+        """("none" | "alive" | "dead" | "closed", pid)."""
+        return self._r.producer()
+
+    @property
+    def producer_alive(self) -> bool:
+        return self._r.producer()[0] == "alive"
+
+    @property
+    def mode(self) -> int:
+        return self._r.mode
+
+    @mode.setter
+    def mode(self, value: int) -> None:
+        self._r.mode = value
+
+    @property
+    def epoch(self) -> int:
+        return self._r.epoch
+
+    @property
+    def stream_id(self) -> int:
+        return self._r.stream_id
+
+    @property
+    def overruns(self) -> int:
+        """Frames lost by wait_next() so far."""
+        return self._r.overruns
+
+    @property
+    def drops(self) -> int:
+        """Frames dropped because their header failed validation."""
+        return self._r.drops
+
+    @property
+    def closed(self) -> bool:
+        return self._r.closed
+
+    def close(self) -> None:
+        """Unregisters and removes this reader's queue. Frames' views stay usable memory."""
+        self._r.close()
+
+    def __enter__(self) -> "Reader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def __repr__(self) -> str:
+        return f"<frameshm.Reader {self.name!r} consumer={self.consumer!r}{' closed' if self.closed else ''}>"
