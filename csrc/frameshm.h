@@ -143,6 +143,8 @@ typedef struct fshm_reader fshm_reader;
 typedef struct fshm_reader_config {
     fshm_stream_addr addr;
     const char *consumer;   /* label shown by `frameshm ls`; NULL = "pid-<pid>" */
+    int spin;               /* 1: predictive spin just before a steady stream's next frame
+                             * is due (lower latency, a few % of a core); 0: always sleep */
 } fshm_reader_config;
 
 typedef struct fshm_frame {

@@ -291,8 +291,8 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     w->loan_active = 0;
     w->next_seq = seq + 1;
     fshm_ctl *c = w->ctl;
+    STORE_RLX(&c->activity_ns, now);   /* before latest_seq: readers pair the two */
     STORE_REL(&c->latest_seq, seq + 1);
-    STORE_RLX(&c->activity_ns, now);
     STORE_RLX(&c->frames, LOAD_RLX(&c->frames) + 1);
 
     if (now >= w->next_prune_ns)

@@ -318,6 +318,9 @@ class Reader:
     """Consumer of a stream. May be created before or after the stream's Writer.
 
     Each Reader registers its own descriptor queue with the producer (fan-out).
+    With ``spin=True`` (default) a reader of a steady stream polls for a short window
+    just before the next frame is due instead of sleeping through a wake-up: lower
+    latency for a few percent of a core. ``spin=False`` always sleeps.
     """
 
     def __init__(
@@ -328,8 +331,11 @@ class Reader:
         stream_id: int = 0,
         base_dir: Optional[str] = None,
         namespace: Optional[str] = None,
+        spin: bool = True,
     ):
-        self._r = _core.Reader(name, stream_id=stream_id, consumer=consumer, base_dir=base_dir, namespace=namespace)
+        self._r = _core.Reader(
+            name, stream_id=stream_id, consumer=consumer, base_dir=base_dir, namespace=namespace, spin=spin
+        )
         self.name = name if name is not None else f"stream-{self._r.stream_id}"
         self.consumer = consumer
 

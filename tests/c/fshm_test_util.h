@@ -1,0 +1,75 @@
+/* Shared helpers of the C core's cmocka tests (tests/c). */
+#ifndef FSHM_TEST_UTIL_H
+#define FSHM_TEST_UTIL_H
+
+#ifndef _GNU_SOURCE
+#define _GNU_SOURCE
+#endif
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <sys/types.h>
+
+#include <cmocka.h>
+
+#include "frameshm.h"
+#include "fshm_internal.h"
+
+/* Canonical path of the private base directory every test runs in (FRAMESHM_DIR). */
+extern char tu_base[];
+
+/* cmocka group setup/teardown: a fresh mkdtemp directory under /tmp exported as
+ * FRAMESHM_DIR (FRAMESHM_NAMESPACE unset), removed again afterwards. */
+int tu_group_setup(void **state);
+int tu_group_teardown(void **state);
+
+/* Recursively removes a directory tree (no-op when it does not exist). */
+void tu_rmtree(const char *dir);
+/* Number of regular files below dir (0 when dir does not exist). */
+int tu_count_files(const char *dir);
+int tu_path_exists(const char *path);
+
+/* <base>/tensorpool-<user>, computed independently of the library. */
+void tu_user_dir(char *out, size_t cap);
+/* <base>/tensorpool-<user>/default/<stream_id> */
+void tu_stream_dir(uint32_t stream_id, char *out, size_t cap);
+/* <base>/tensorpool-<user>/default/<stream_id>/<epoch>/<file> */
+void tu_region_path(uint32_t stream_id, uint64_t epoch, const char *file, char *out, size_t cap);
+
+/* Whole-file read (malloc'ed, caller frees); asserts on failure. */
+uint8_t *tu_read_file(const char *path, size_t *len);
+/* pwrite of len bytes at off into an existing file; asserts on failure. */
+void tu_patch_file(const char *path, off_t off, const void *data, size_t len);
+
+/* Little-endian loads from a byte buffer. */
+uint16_t tu_le16(const uint8_t *p);
+uint32_t tu_le32(const uint8_t *p);
+uint64_t tu_le64(const uint8_t *p);
+
+/* Writers/readers on the test base dir. pool_bytes == 0 means a 4 KiB pool. */
+fshm_writer *tu_writer(const char *name, uint32_t nslots, uint32_t pool_bytes);
+fshm_reader *tu_reader(const char *name);
+fshm_tensor tu_u8_tensor(uint32_t n);
+
+/* Fills buf with a pattern unique to seq and checks it. */
+void tu_fill(void *buf, size_t n, uint64_t seq);
+int tu_check(const void *buf, size_t n, uint64_t seq);
+/* Publishes an n-byte uint8 frame filled by tu_fill(seq = writer's next seq). */
+int tu_publish(fshm_writer *w, size_t n);
+
+/* Child-process helpers: children never return into cmocka. */
+pid_t tu_fork(void);   /* flushes stdio first */
+void tu_signal_ready(int fd, const void *msg, size_t len);
+/* Reads exactly len bytes from fd with a timeout; 0 on success. */
+int tu_wait_ready(int fd, void *msg, size_t len, int timeout_ms);
+/* SIGKILLs and reaps a child. */
+void tu_kill_child(pid_t pid);
+/* Waits for a child to exit and returns its exit status (or 128+signal). */
+int tu_wait_child(pid_t pid, int timeout_ms);
+
+void tu_sleep_ms(int ms);
+uint64_t tu_now_ns(void);
+
+#endif
