@@ -60,6 +60,12 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_demo(args) -> int:
+    from .demo import main as demo_main
+
+    return demo_main(seconds=args.seconds, fps=args.fps, width=args.width, height=args.height, name=args.name)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="frameshm", description="shared-memory frame streams")
     p.add_argument("--version", action="version", version=f"frameshm {__version__}")
@@ -72,6 +78,13 @@ def build_parser() -> argparse.ArgumentParser:
     ls.set_defaults(func=cmd_ls)
     g = sub.add_parser("gc", help="remove streams and queues whose producer is dead")
     g.set_defaults(func=cmd_gc)
+    d = sub.add_parser("demo", help="a live test-pattern stream with two consumer processes")
+    d.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")
+    d.add_argument("--fps", type=float, default=30.0)
+    d.add_argument("--width", type=int, default=640)
+    d.add_argument("--height", type=int, default=480)
+    d.add_argument("--name", default="demo")
+    d.set_defaults(func=cmd_demo)
     return p
 
 

@@ -5,6 +5,7 @@
 #include <fcntl.h>
 #include <ftw.h>
 #include <limits.h>
+#include <mqueue.h>
 #include <poll.h>
 #include <pwd.h>
 #include <signal.h>
@@ -37,20 +38,22 @@ void tu_rmtree(const char *dir)
         nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
 }
 
-static int files_seen;
+static int files_seen, files_verbose;
 static int count_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
 {
     (void)ftw;
     if (flag == FTW_F && S_ISREG(sb->st_mode)) {
         files_seen++;
-        fprintf(stderr, "    (file left behind: %s)\n", path);
+        if (files_verbose)
+            fprintf(stderr, "    (file: %s)\n", path);
     }
     return 0;
 }
 
-int tu_count_files(const char *dir)
+int tu_count_files_v(const char *dir, int verbose)
 {
     files_seen = 0;
+    files_verbose = verbose;
     if (tu_path_exists(dir))
         nftw(dir, count_entry, 16, FTW_PHYS);
     return files_seen;
@@ -62,10 +65,36 @@ int tu_path_exists(const char *path)
     return lstat(path, &st) == 0;
 }
 
+#define TU_MAX_TRACKED 1024
+static char tracked[TU_MAX_TRACKED][32];
+static int ntracked;
+
+void tu_track_name(const char *queue)
+{
+    if (queue && queue[0] == '/' && ntracked < TU_MAX_TRACKED)
+        snprintf(tracked[ntracked++], 32, "%s", queue);
+}
+
+void tu_track(fshm_reader *r)
+{
+    if (r)
+        tu_track_name(fshm_reader_queue_name(r));
+}
+
+static void unlink_tracked_queues(void)
+{
+    for (int i = 0; i < ntracked; i++)
+        mq_unlink(tracked[i]);   /* ENOENT for every reader that was closed */
+    ntracked = 0;
+}
+
 static void cleanup_at_exit(void)
 {
     /* Only the process that created the directory removes it (children _exit). */
-    if (getpid() == tu_owner_pid && tu_mkdtemp_path[0])
+    if (getpid() != tu_owner_pid)
+        return;
+    unlink_tracked_queues();
+    if (tu_mkdtemp_path[0])
         tu_rmtree(tu_mkdtemp_path);
 }
 
@@ -95,6 +124,7 @@ int tu_group_setup(void **state)
 int tu_group_teardown(void **state)
 {
     (void)state;
+    unlink_tracked_queues();
     tu_rmtree(tu_mkdtemp_path);
     tu_mkdtemp_path[0] = 0;
     unsetenv("FRAMESHM_DIR");
@@ -199,6 +229,7 @@ fshm_reader *tu_reader(const char *name)
     int rc = fshm_reader_open(&cfg, &r);
     if (rc)
         fail_msg("fshm_reader_open(%s): %d %s", name, rc, fshm_last_error());
+    tu_track(r);
     return r;
 }
 

@@ -27,8 +27,10 @@ int tu_group_teardown(void **state);
 
 /* Recursively removes a directory tree (no-op when it does not exist). */
 void tu_rmtree(const char *dir);
-/* Number of regular files below dir (0 when dir does not exist). */
-int tu_count_files(const char *dir);
+/* Number of regular files below dir (0 when dir does not exist); with verbose, each
+ * one is printed. */
+int tu_count_files_v(const char *dir, int verbose);
+#define tu_count_files(dir) tu_count_files_v((dir), 1)
 int tu_path_exists(const char *path);
 
 /* <base>/tensorpool-<user>, computed independently of the library. */
@@ -52,6 +54,10 @@ uint64_t tu_le64(const uint8_t *p);
 fshm_writer *tu_writer(const char *name, uint32_t nslots, uint32_t pool_bytes);
 fshm_reader *tu_reader(const char *name);
 fshm_tensor tu_u8_tensor(uint32_t n);
+/* Remembers a reader's message queue so that group teardown can mq_unlink it even when
+ * a failed assertion skipped fshm_reader_close (tu_reader does this itself). */
+void tu_track(fshm_reader *r);
+void tu_track_name(const char *queue);
 
 /* Fills buf with a pattern unique to seq and checks it. */
 void tu_fill(void *buf, size_t n, uint64_t seq);

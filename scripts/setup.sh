@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# Installs what frameshm needs on a fresh Debian machine (apt + pip), then the package.
+# Idempotent: only missing apt packages are installed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(gcc make pkg-config libcmocka-dev)
+missing=()
+for p in "${APT_PACKAGES[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if ((${#missing[@]})); then
+  SUDO=""; [ "$(id -u)" = 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
+fi
+
+PY=${PYTHON:-python3}
+extras="${1:-}"
+$PY -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" 2>&1 | grep -v "Running pip as the 'root' user" || true
+$PY -c "import frameshm._core" # fail loudly if the extension did not build
