@@ -105,6 +105,10 @@ typedef struct fshm_loan {
 int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out);
 /* Claims the next slot for nbytes of payload (marks it in progress). */
 int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out);
+/* Tags the next committed frame as derived from frame `ref_seq` of another stream
+ * (e.g. detections from a camera frame). Carried in the TensorHeader padding, which the
+ * wire spec leaves to implementations; see docs/wire-format.md. */
+void fshm_writer_set_ref(fshm_writer *w, uint64_t ref_seq);
 /* Commits the outstanding loan: header, seqlock commit, descriptors to consumers. */
 int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint64_t timestamp_ns);
 /* Loan + one memcpy + commit. */
@@ -159,6 +163,8 @@ typedef struct fshm_frame {
     fshm_map *map;           /* pool mapping holding data: borrowed, fshm_map_ref to keep */
     uint32_t slot;
     uint16_t pool_id;
+    int has_ref;             /* frame carries ref_seq (fshm_writer_set_ref) */
+    uint64_t ref_seq;
 } fshm_frame;
 
 enum fshm_producer_state {

@@ -247,6 +247,9 @@ static int read_frame(fshm_reader *r, uint64_t seq, fshm_frame *f)
     f->map = pl->map;
     f->slot = idx;
     f->pool_id = pl->id;
+    uint64_t ref = ld64(copy + SH_HEADER + 8 + TH_PAD);
+    f->has_ref = ref != 0;
+    f->ref_seq = ref ? ref - 1 : 0;
     return 0;
 }
 

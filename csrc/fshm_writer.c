@@ -38,6 +38,7 @@ struct fshm_writer {
     uint64_t next_seq;
     int loan_active;
     fshm_loan loan;
+    uint64_t ref_plus1;      /* applied to the next commit, then cleared */
     uint32_t known_gen;
     uint64_t next_prune_ns;
     uint64_t start_ns;
@@ -287,6 +288,8 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     uint8_t *slot = (uint8_t *)w->ring->base + FSHM_SUPERBLOCK_SIZE + (size_t)w->loan.slot * FSHM_SLOT_BYTES;
     fshm_slot_header_write(slot, (uint32_t)nbytes, w->loan.slot, w->loan.pool_id,
                            timestamp_ns ? timestamp_ns : now, &full);
+    st64(slot + SH_HEADER + 8 + TH_PAD, w->ref_plus1);
+    w->ref_plus1 = 0;
     STORE_REL((uint64_t *)slot, (seq << 1) | 1);
     w->loan_active = 0;
     w->next_seq = seq + 1;
@@ -337,6 +340,8 @@ int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fs
     memcpy(l.data, src, nbytes);
     return fshm_writer_commit(w, t, nbytes, timestamp_ns);
 }
+
+void fshm_writer_set_ref(fshm_writer *w, uint64_t ref_seq) { w->ref_plus1 = ref_seq + 1; }
 
 void fshm_writer_heartbeat(fshm_writer *w)
 {

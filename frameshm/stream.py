@@ -163,13 +163,17 @@ class Writer:
         self._loaned = True
         return np.ndarray(shp, dt, buffer=self._maps[pool], offset=off)
 
-    def commit(self, timestamp_ns: Optional[int] = None) -> int:
-        """Commits the loaned slot and sends its descriptor to every consumer. Returns its seq."""
-        seq = self._w.commit(timestamp_ns)
+    def commit(self, timestamp_ns: Optional[int] = None, ref_seq: Optional[int] = None) -> int:
+        """Commits the loaned slot and sends its descriptor to every consumer. Returns its seq.
+
+        ``timestamp_ns``: capture time (CLOCK_MONOTONIC, as ``time.monotonic_ns()``);
+        default: now. ``ref_seq``: seq of the frame (of another stream) this one was
+        derived from, readable as ``Frame.ref_seq``."""
+        seq = self._w.commit(timestamp_ns, ref_seq)
         self._loaned = None
         return seq
 
-    def publish(self, frame, timestamp_ns: Optional[int] = None) -> int:
+    def publish(self, frame, timestamp_ns: Optional[int] = None, ref_seq: Optional[int] = None) -> int:
         """Copies ``frame`` into the next slot and commits it (one copy). Returns its seq."""
         arr = np.asarray(frame)
         dt = arr.dtype
@@ -186,7 +190,7 @@ class Writer:
             self._set_layout(_shape(arr.shape), dt, code)
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
-        return self._w.publish(arr, timestamp_ns or 0)
+        return self._w.publish(arr, timestamp_ns or 0, ref_seq)
 
     # -- state ------------------------------------------------------------------------
 
@@ -258,12 +262,12 @@ class Frame:
 
     __slots__ = (
         "_reader", "_map", "_offset", "nbytes", "seq", "timestamp_ns", "publish_ns",
-        "epoch", "skipped", "dtype", "shape", "strides", "slot", "_array",
+        "epoch", "skipped", "dtype", "shape", "strides", "slot", "ref_seq", "_array",
     )
 
     def __init__(self, reader: "Reader", t: tuple):
         (self._map, self._offset, self.nbytes, self.seq, self.timestamp_ns, self.publish_ns,
-         self.epoch, self.skipped, code, self.shape, self.strides, self.slot) = t
+         self.epoch, self.skipped, code, self.shape, self.strides, self.slot, self.ref_seq) = t
         self._reader = reader
         self.dtype = _CODE_DTYPES[code]
         self._array = None

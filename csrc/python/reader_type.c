@@ -110,13 +110,20 @@ static PyObject *frame_tuple(FshmReader *self, const fshm_frame *f)
         PyTuple_SET_ITEM(strides, i, PyLong_FromLong(f->tensor.strides[i]));
     }
     size_t off = (size_t)((const uint8_t *)f->data - (const uint8_t *)fshm_map_base(f->map));
+    PyObject *ref = f->has_ref ? PyLong_FromUnsignedLongLong(f->ref_seq) : Py_NewRef(Py_None);
+    if (!ref) {
+        Py_DECREF(map);
+        Py_DECREF(shape);
+        Py_DECREF(strides);
+        return NULL;
+    }
     /* (mapping, offset, nbytes, seq, timestamp_ns, publish_ns, epoch, skipped, dtype,
-     *  shape, strides, slot) */
-    return Py_BuildValue("(NnnKKKKKiNNI)", map, (Py_ssize_t)off, (Py_ssize_t)f->nbytes,
+     *  shape, strides, slot, ref_seq) */
+    return Py_BuildValue("(NnnKKKKKiNNIN)", map, (Py_ssize_t)off, (Py_ssize_t)f->nbytes,
                          (unsigned long long)f->seq, (unsigned long long)f->timestamp_ns,
                          (unsigned long long)f->publish_ns, (unsigned long long)f->epoch,
                          (unsigned long long)f->skipped, (int)f->tensor.dtype, shape, strides,
-                         (unsigned)f->slot);
+                         (unsigned)f->slot, ref);
 }
 
 static PyObject *do_wait(FshmReader *self, PyObject *args, PyObject *kw, int latest)

@@ -185,19 +185,29 @@ static PyObject *writer_loan(FshmWriter *self, PyObject *arg)
     return Py_BuildValue("(InK)", (unsigned)l.pool_index, (Py_ssize_t)off, (unsigned long long)l.seq);
 }
 
+static int opt_u64(PyObject *o, unsigned long long *out)
+{
+    if (!o || o == Py_None)
+        return 0;
+    *out = PyLong_AsUnsignedLongLong(o);
+    return *out == (unsigned long long)-1 && PyErr_Occurred() ? -1 : 1;
+}
+
 static PyObject *writer_commit(FshmWriter *self, PyObject *const *args, Py_ssize_t nargs)
 {
     CHECK_OPEN(self);
-    unsigned long long ts = 0;
-    if (nargs > 1) {
-        PyErr_SetString(PyExc_TypeError, "commit(timestamp_ns=0)");
+    unsigned long long ts = 0, ref = 0;
+    if (nargs > 2) {
+        PyErr_SetString(PyExc_TypeError, "commit(timestamp_ns=None, ref_seq=None)");
         return NULL;
     }
-    if (nargs == 1 && args[0] != Py_None) {
-        ts = PyLong_AsUnsignedLongLong(args[0]);
-        if (ts == (unsigned long long)-1 && PyErr_Occurred())
-            return NULL;
-    }
+    if (nargs >= 1 && opt_u64(args[0], &ts) < 0)
+        return NULL;
+    int has_ref = nargs >= 2 ? opt_u64(args[1], &ref) : 0;
+    if (has_ref < 0)
+        return NULL;
+    if (has_ref)
+        fshm_writer_set_ref(self->w, ref);
     if (!self->loaned)
         return PyErr_Format(PyExc_RuntimeError, "commit() without a loan(): nothing to commit");
     int rc = fshm_writer_commit(self->w, &self->tensor, self->loan_bytes, ts);
@@ -209,18 +219,23 @@ static PyObject *writer_commit(FshmWriter *self, PyObject *const *args, Py_ssize
 
 static PyObject *writer_publish(FshmWriter *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"data", "timestamp_ns", NULL};
-    PyObject *data;
-    unsigned long long ts = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|K", kwlist, &data, &ts))
+    static char *kwlist[] = {"data", "timestamp_ns", "ref_seq", NULL};
+    PyObject *data, *refobj = Py_None;
+    unsigned long long ts = 0, ref = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|KO", kwlist, &data, &ts, &refobj))
         return NULL;
     CHECK_OPEN(self);
+    int has_ref = opt_u64(refobj, &ref);
+    if (has_ref < 0)
+        return NULL;
     if (self->busy)
         return PyErr_Format(PyExc_RuntimeError, "Writer used from two threads at once");
     Py_buffer buf;
     if (PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
     int rc;
+    if (has_ref)
+        fshm_writer_set_ref(self->w, ref);
     self->busy = 1;
     self->loaned = 0;
     if (buf.len >= 65536) {
@@ -330,9 +345,9 @@ static PyMethodDef writer_methods[] = {
      "set_tensor(dtype, shape, strides=None, major_order=1): layout for commit/publish"},
     {"loan", (PyCFunction)writer_loan, METH_O, "loan(nbytes) -> (pool_index, offset, seq)"},
     {"commit", (PyCFunction)(void (*)(void))writer_commit, METH_FASTCALL,
-     "commit(timestamp_ns=0) -> seq"},
+     "commit(timestamp_ns=None, ref_seq=None) -> seq"},
     {"publish", (PyCFunction)(void (*)(void))writer_publish, METH_VARARGS | METH_KEYWORDS,
-     "publish(data, timestamp_ns=0) -> seq: one copy of a C-contiguous buffer"},
+     "publish(data, timestamp_ns=0, ref_seq=None) -> seq: one copy of a C-contiguous buffer"},
     {"heartbeat", (PyCFunction)writer_heartbeat, METH_NOARGS, "refresh liveness while idle"},
     {"close", (PyCFunction)(void (*)(void))writer_close, METH_VARARGS | METH_KEYWORDS,
      "close(unlink=True)"},
