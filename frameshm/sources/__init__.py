@@ -1,0 +1,92 @@
+"""Frame sources for the capture producer, addressed by URI.
+
+    test:?width=640&height=480          built-in deterministic test pattern
+    v4l2:/dev/video0?width=640&...      V4L2 camera through libv4l2      (capture issue)
+    gige:<id>?pixel_format=Mono8&...    GigE Vision camera through Aravis (GigE issue)
+
+A source writes each frame straight into a stream slot the capture producer loaned, so
+there is no intermediate copy. Sources register their scheme with :func:`register`.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, Dict, Optional, Tuple
+from urllib.parse import parse_qsl, urlsplit
+
+import numpy as np
+
+from ..errors import InvalidArgument
+
+
+class Source(abc.ABC):
+    """One camera-like producer of fixed-shape frames."""
+
+    #: frame shape and dtype, known after open()
+    shape: Tuple[int, ...]
+    dtype: np.dtype
+
+    @abc.abstractmethod
+    def open(self) -> None:
+        """Opens the device and starts streaming (the producer starts at once)."""
+
+    @abc.abstractmethod
+    def read_into(self, out: np.ndarray, timeout: float) -> int:
+        """Blocks for the next frame, writes it into ``out`` (shape/dtype as above) and
+        returns its capture timestamp (CLOCK_MONOTONIC ns). Raises ``frameshm.Timeout``
+        if no frame came in ``timeout`` seconds; raises ``SourceGone`` when the device
+        disappeared (the producer then reconnects)."""
+
+    def set_rate(self, fps: float) -> bool:
+        """Asks the device for ``fps``. Returns True if the device now paces frames itself,
+        False if the caller must pace (drop/sleep)."""
+        return False
+
+    def flush(self, max_age_ns: int) -> int:
+        """Discards buffered frames older than ``max_age_ns``; returns how many."""
+        return 0
+
+    def close(self) -> None:
+        """Stops streaming and releases the device."""
+
+    def __enter__(self) -> "Source":
+        self.open()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+class SourceGone(Exception):
+    """The device went away mid-stream (unplugged, camera rebooted)."""
+
+
+_REGISTRY: Dict[str, Callable[[str, Dict[str, str]], Source]] = {}
+
+
+def register(scheme: str, factory: Callable[[str, Dict[str, str]], Source]) -> None:
+    """Makes ``scheme:`` URIs open with ``factory(path, params)``."""
+    _REGISTRY[scheme] = factory
+
+
+def parse_uri(uri: str) -> Tuple[str, str, Dict[str, str]]:
+    """``"v4l2:/dev/video0?width=640"`` → ``("v4l2", "/dev/video0", {"width": "640"})``."""
+    if ":" not in uri:
+        raise InvalidArgument(f"source URI {uri!r} has no scheme (e.g. 'test:' or 'v4l2:/dev/video0')")
+    parts = urlsplit(uri)
+    params = dict(parse_qsl(parts.query, keep_blank_values=True, strict_parsing=False))
+    return parts.scheme, parts.netloc + parts.path, params
+
+
+def open_source(uri: Optional[str]) -> Source:
+    """Creates (not yet opened) the source for ``uri``; None means the test pattern."""
+    if not uri:
+        uri = "test:"
+    scheme, path, params = parse_uri(uri)
+    if not _REGISTRY:
+        from . import test_pattern  # noqa: F401 - registers "test"
+    factory = _REGISTRY.get(scheme)
+    if factory is None:
+        known = ", ".join(sorted(_REGISTRY)) or "none"
+        raise InvalidArgument(f"unknown source scheme {scheme!r} in {uri!r}; known: {known}")
+    return factory(path, params)
