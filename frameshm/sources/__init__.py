@@ -62,6 +62,8 @@ class SourceGone(Exception):
 
 
 _REGISTRY: Dict[str, Callable[[str, Dict[str, str]], Source]] = {}
+# Built-in schemes and the module that registers each, imported on first use.
+_BUILTIN = {"test": "test_pattern", "v4l2": "v4l2", "gige": "gige"}
 
 
 def register(scheme: str, factory: Callable[[str, Dict[str, str]], Source]) -> None:
@@ -83,8 +85,10 @@ def open_source(uri: Optional[str]) -> Source:
     if not uri:
         uri = "test:"
     scheme, path, params = parse_uri(uri)
-    if not _REGISTRY:
-        from . import test_pattern  # noqa: F401 - registers "test"
+    if scheme not in _REGISTRY and scheme in _BUILTIN:
+        import importlib
+
+        importlib.import_module(f"{__name__}.{_BUILTIN[scheme]}")
     factory = _REGISTRY.get(scheme)
     if factory is None:
         known = ", ".join(sorted(_REGISTRY)) or "none"
