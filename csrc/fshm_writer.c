@@ -120,13 +120,27 @@ int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
     int rc = fshm_resolve(&cfg->addr, 1, &w->paths);
     if (rc)
         goto fail;
-    if ((rc = fshm_ctl_open(&w->paths, 1, &w->ch)))
-        goto fail;
-    w->ctl = w->ch.ctl;
-    if (flock(w->ch.fd, LOCK_EX | LOCK_NB) != 0) {
-        rc = fshm_set_error(-EBUSY, "stream '%s' already has a live producer (pid %llu)",
-                            w->paths.name, (unsigned long long)w->ctl->producer_pid);
-        goto fail;
+    for (int attempt = 0;; attempt++) {
+        if ((rc = fshm_ctl_open(&w->paths, 1, &w->ch)))
+            goto fail;
+        w->ctl = w->ch.ctl;
+        if (flock(w->ch.fd, LOCK_EX | LOCK_NB) != 0) {
+            rc = fshm_set_error(-EBUSY, "stream '%s' already has a live producer (pid %llu)",
+                                w->paths.name, (unsigned long long)w->ctl->producer_pid);
+            goto fail;
+        }
+        /* The last reader of an idle stream may have removed it between our open and
+         * our lock: then start over on a fresh control region. */
+        if (fshm_ctl_same_file(&w->ch, w->paths.ctl))
+            break;
+        fshm_ctl_close(&w->ch);
+        if (attempt == 4) {
+            rc = fshm_set_error(-EAGAIN, "stream '%s' keeps being removed while opening",
+                                w->paths.name);
+            goto fail;
+        }
+        if ((rc = fshm_mkdir_private(w->paths.stream_dir, 0700)))
+            goto fail;
     }
     fshm_ctl_prune(w->ctl);
     w->epoch = LOAD_ACQ(&w->ctl->epoch) + 1;
