@@ -40,6 +40,7 @@ struct fshm_reader {
     int spin;                /* predictive spinning enabled */
     uint64_t last_arrival_ns;  /* producer commit time of the last frame taken */
     uint64_t interval_ns;    /* EWMA of the time between frames this reader saw */
+    uint32_t attach_gen;     /* bumped when a new control region is attached */
 };
 
 static void unmap_all(fshm_reader *r)
@@ -146,13 +147,26 @@ static int check_environment(fshm_reader *r, int force)
     int ours = LOAD_ACQ(&e->state) == CONS_ACTIVE && LOAD_RLX(&e->pid) == (uint64_t)getpid() &&
                strncmp(e->queue, r->queue, sizeof e->queue) == 0;
     if (!fshm_ctl_same_file(&r->ch, r->paths.ctl)) {
+        fshm_ctl_handle nh;
+        int rc = fshm_ctl_open(&r->paths, 1, &nh);
+        if (rc)
+            return rc;   /* keep the old mapping: r->ctl stays valid */
+        fshm_ctl_prune(nh.ctl);
+        int idx = fshm_ctl_register(nh.ctl, r->consumer, r->queue);
+        if (idx < 0) {
+            fshm_ctl_close(&nh);
+            return idx;
+        }
         if (ours)
             fshm_ctl_unregister(r->ctl, r->entry, r->queue);
         fshm_ctl_close(&r->ch);
         unmap_all(r);
-        int rc = attach_ctl(r);
-        if (rc)
-            return rc;
+        r->ch = nh;
+        r->ctl = nh.ctl;
+        r->entry = idx;
+        r->last_plus1 = 0;   /* a new control region: seqs start over */
+        r->last_arrival_ns = r->interval_ns = 0;
+        r->attach_gen++;
     } else if (!ours) {
         int rc = fshm_ctl_register(r->ctl, r->consumer, r->queue);
         if (rc < 0)
@@ -286,6 +300,7 @@ static int receive(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than
                    uint64_t *pub, uint64_t *epoch)
 {
     uint8_t msg[64];
+    uint32_t gen = r->attach_gen;
     for (;;) {
         ssize_t n;
         if (deadline == 0) {
@@ -312,6 +327,8 @@ static int receive(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than
                 int rc = check_environment(r, 0);
                 if (rc == FSHM_E_CORRUPT)
                     return rc;
+                if (r->attach_gen != gen)
+                    return 0;
                 if (newer_than && r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > *newer_than)
                     return 0;
                 continue;
@@ -450,10 +467,13 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
             return rc;
         if (rc == 1 && !got_desc)
             continue;   /* committed: the top of the loop picks it up */
+        uint32_t gen = r->attach_gen;
         if (!got_desc)
             rc = receive(r, deadline, &floor, &seq, &pub, &epoch);
         if (rc < 0)
             return rc;
+        if (r->attach_gen != gen)
+            floor = r->last_plus1;
         if (rc == 1) {
             best = seq, best_pub = pub;
             have = 1;
@@ -472,6 +492,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
     int rc = check_environment(r, 0);
     if (rc == FSHM_E_CORRUPT)
         return rc;
+    uint64_t next_try = r->last_plus1;
     for (;;) {
         uint64_t seq, pub, epoch;
         rc = receive(r, 0, NULL, &seq, &pub, &epoch);
@@ -488,8 +509,28 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
                 while ((rc = receive(r, 0, NULL, &seq, &pub, &epoch)) == 0 && fshm_now_ns() < until)
                     cpu_relax();
             }
-            if (rc == 0)
-                rc = receive(r, deadline, NULL, &seq, &pub, &epoch);
+            if (rc == 0) {
+                /* Queue empty: descriptors may have been dropped (queue full). The ring
+                 * still holds up to nslots frames after the last one returned. */
+                uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
+                if (next_try < r->last_plus1)
+                    next_try = r->last_plus1;
+                if (r->epoch && latest > next_try) {
+                    uint64_t s = latest - next_try > r->nslots ? latest - r->nslots : next_try;
+                    for (; s < latest; s++) {
+                        int rr = read_frame(r, s, f);
+                        if (rr == 0) {
+                            f->publish_ns = 0;
+                            took(r, f);
+                            r->overruns += f->skipped;
+                            return 0;
+                        }
+                        note_drop(r, rr);
+                    }
+                    next_try = latest;
+                }
+                rc = receive(r, deadline, &next_try, &seq, &pub, &epoch);
+            }
         }
         if (rc < 0)
             return rc;
@@ -513,7 +554,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
 
 int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f)
 {
-    int rc = check_environment(r, 1);
+    int rc = check_environment(r, 0);
     if (rc && rc != -EAGAIN && rc != -ENOENT)
         return rc;
     for (int attempt = 0; attempt < 64; attempt++) {
@@ -531,8 +572,12 @@ int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f)
             return rc;
         }
         if (LOAD_ACQ(&r->ctl->latest_seq) == latest) {
-            /* Still the newest yet unreadable: the stream moved to another epoch. */
-            check_environment(r, 1);
+            /* Still the newest yet unreadable: the stream may have moved to another
+             * epoch or been replaced. Look once; then it is a slot being rewritten. */
+            if (attempt == 0)
+                check_environment(r, 1);
+            else
+                break;
         }
     }
     return fshm_set_error(FSHM_E_OVERRUN, "stream '%s': the producer keeps overwriting the newest "

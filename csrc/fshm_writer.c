@@ -2,6 +2,7 @@
  * descriptor fan-out. The producer never blocks on a consumer. */
 #include <dirent.h>
 #include <fcntl.h>
+#include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/file.h>
@@ -43,7 +44,48 @@ struct fshm_writer {
     uint64_t next_prune_ns;
     uint64_t start_ns;
     writer_consumer cons[FSHM_MAX_CONSUMERS];
+    fshm_writer *next_live;  /* registry of open writers, for fork handling */
+    int lock_fd;             /* holds the producer flock; never mmapped (see below) */
 };
+
+/* The producer lock is a flock on an open file description, which a fork()ed child
+ * shares (Python's multiprocessing forks by default). Were the child to keep it, a
+ * crashed producer's restart would see "busy" for as long as the child lives. So the
+ * lock lives on a descriptor of its own — never mmapped, since a mapping inherited by
+ * the child would pin the description too — and children close it right after fork. */
+static pthread_mutex_t live_mu = PTHREAD_MUTEX_INITIALIZER;
+static fshm_writer *live_writers;
+static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
+
+static void atfork_prepare(void) { pthread_mutex_lock(&live_mu); }
+static void atfork_parent(void) { pthread_mutex_unlock(&live_mu); }
+static void atfork_child(void)
+{
+    for (fshm_writer *w = live_writers; w; w = w->next_live)
+        if (w->lock_fd >= 0) {
+            close(w->lock_fd);
+            w->lock_fd = -1;
+        }
+    pthread_mutex_unlock(&live_mu);
+}
+static void atfork_init(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+
+static void track_writer(fshm_writer *w, int add)
+{
+    pthread_once(&atfork_once, atfork_init);
+    pthread_mutex_lock(&live_mu);
+    if (add) {
+        w->next_live = live_writers;
+        live_writers = w;
+    } else {
+        for (fshm_writer **pp = &live_writers; *pp; pp = &(*pp)->next_live)
+            if (*pp == w) {
+                *pp = w->next_live;
+                break;
+            }
+    }
+    pthread_mutex_unlock(&live_mu);
+}
 
 static void remove_stale_epochs(const char *stream_dir)
 {
@@ -117,6 +159,7 @@ int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
     if (!w)
         return fshm_set_error(-ENOMEM, "out of memory");
     w->ch.fd = -1;
+    w->lock_fd = -1;
     int rc = fshm_resolve(&cfg->addr, 1, &w->paths);
     if (rc)
         goto fail;
@@ -124,16 +167,25 @@ int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
         if ((rc = fshm_ctl_open(&w->paths, 1, &w->ch)))
             goto fail;
         w->ctl = w->ch.ctl;
-        if (flock(w->ch.fd, LOCK_EX | LOCK_NB) != 0) {
+        w->lock_fd = open(w->paths.ctl, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        if (w->lock_fd < 0) {
+            rc = fshm_set_error(-errno, "cannot open %s: %s", w->paths.ctl, strerror(errno));
+            goto fail;
+        }
+        if (flock(w->lock_fd, LOCK_EX | LOCK_NB) != 0) {
             rc = fshm_set_error(-EBUSY, "stream '%s' already has a live producer (pid %llu)",
                                 w->paths.name, (unsigned long long)w->ctl->producer_pid);
             goto fail;
         }
         /* The last reader of an idle stream may have removed it between our open and
          * our lock: then start over on a fresh control region. */
-        if (fshm_ctl_same_file(&w->ch, w->paths.ctl))
+        struct stat lst;
+        if (fstat(w->lock_fd, &lst) == 0 && (uint64_t)lst.st_dev == w->ch.dev &&
+            (uint64_t)lst.st_ino == w->ch.ino && fshm_ctl_same_file(&w->ch, w->paths.ctl))
             break;
         fshm_ctl_close(&w->ch);
+        close(w->lock_fd);
+        w->lock_fd = -1;
         if (attempt == 4) {
             rc = fshm_set_error(-EAGAIN, "stream '%s' keeps being removed while opening",
                                 w->paths.name);
@@ -202,14 +254,24 @@ int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
     w->next_seq = LOAD_ACQ(&c->latest_seq);
     w->known_gen = LOAD_ACQ(&c->consumers_gen) - 1;   /* force a scan on first commit */
     w->next_prune_ns = w->start_ns + PRUNE_INTERVAL_NS;
+    track_writer(w, 1);
     *out = w;
     return 0;
 
 fail_dir:
     release_regions(w);
     fshm_remove_tree(w->epoch_dir);
+    /* Lose nothing, leave nothing: a control region nobody ever produced into and
+     * nobody waits on goes too. */
+    if (LOAD_ACQ(&w->ctl->state) == CTL_STATE_NEVER && fshm_ctl_live_consumers(w->ctl) == 0 &&
+        fshm_ctl_same_file(&w->ch, w->paths.ctl)) {
+        unlink(w->paths.ctl);
+        rmdir(w->paths.stream_dir);
+    }
 fail:
-    fshm_ctl_close(&w->ch);   /* also drops the flock */
+    fshm_ctl_close(&w->ch);
+    if (w->lock_fd >= 0)
+        close(w->lock_fd);   /* drops the producer lock */
     free(w);
     return rc;
 }
@@ -400,6 +462,7 @@ void fshm_writer_close(fshm_writer *w, int unlink_files)
 {
     if (!w)
         return;
+    track_writer(w, 0);
     fshm_ctl *c = w->ctl;
     STORE_REL(&c->state, (uint8_t)CTL_STATE_CLOSED);
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++)
@@ -417,5 +480,7 @@ void fshm_writer_close(fshm_writer *w, int unlink_files)
         }
     }
     fshm_ctl_close(&w->ch);
+    if (w->lock_fd >= 0)
+        close(w->lock_fd);
     free(w);
 }

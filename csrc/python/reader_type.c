@@ -1,6 +1,8 @@
 /* frameshm._core.Reader: the consumer side of a stream. Waits release the GIL. */
 #include "binding.h"
 
+#include <unistd.h>
+
 #define MAP_CACHE 8
 
 typedef struct {
@@ -198,6 +200,12 @@ static PyObject *reader_read_copy(FshmReader *self, PyObject *unused)
         int rc = fshm_reader_peek_latest(self->r, &f);
         if (rc == -EAGAIN)
             Py_RETURN_NONE;
+        if (rc == FSHM_E_OVERRUN && attempt < 99) {
+            Py_BEGIN_ALLOW_THREADS
+            usleep(20u << (attempt < 6 ? attempt : 6));
+            Py_END_ALLOW_THREADS
+            continue;
+        }
         if (rc)
             return fshm_raise(rc);
         PyObject *ba = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)f.nbytes);
@@ -222,6 +230,11 @@ static PyObject *reader_read_copy(FshmReader *self, PyObject *unused)
         Py_DECREF(ba);
         if (rc != FSHM_E_OVERRUN)
             return fshm_raise(rc);
+        /* Overwritten mid-copy (few slots, fast producer): back off a little so the
+         * producer finishes its write, then take the newer frame. */
+        Py_BEGIN_ALLOW_THREADS
+        usleep(20u << (attempt < 6 ? attempt : 6));
+        Py_END_ALLOW_THREADS
     }
     return PyErr_Format(PyExc_RuntimeError, "unreachable");
 }

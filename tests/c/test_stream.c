@@ -10,17 +10,20 @@
 #include <fcntl.h>
 #include <limits.h>
 #include <mqueue.h>
+#include <pthread.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/mount.h>
+#include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* Declared in frameshm.h; referenced weakly so the suite still builds (and reports the
- * gap as a failing test) while no translation unit of the core defines them. */
+/* Declared in frameshm.h; referenced weakly so that the suite still builds against a
+ * core without them (test_stream_info_api / test_stream_gc_api then fail, the rest
+ * falls back on reading the control region directly). */
 #pragma weak fshm_stream_info_get
 #pragma weak fshm_stream_gc
 
@@ -410,6 +413,77 @@ static void test_reader_in_child_process(void **state)
     char dir[PATH_MAX];
     stream_dir_of(name, dir, sizeof dir);
     assert_false(tu_path_exists(dir));
+}
+
+/* ---- predictive spin (fshm_reader_config.spin) ---- */
+
+typedef struct paced_writer {
+    fshm_writer *w;
+    int frames;
+    int period_ms;
+    int rc;
+} paced_writer;
+
+static void *paced_main(void *arg)
+{
+    paced_writer *p = arg;
+    for (int i = 0; i < p->frames && !p->rc; i++) {
+        p->rc = tu_publish(p->w, 256);
+        tu_sleep_ms(p->period_ms);
+    }
+    return NULL;
+}
+
+/* A steady stream (one frame every 3 ms, above the 2 ms spin threshold) read by a
+ * spinning reader: process-all sees every frame in order, latest-mode sees increasing
+ * seqs whose skips add up. */
+static void test_spin_reader_steady_stream(void **state)
+{
+    (void)state;
+    const char *name = "st-spin";
+    fshm_writer *w = tu_writer(name, 8, 4096);
+    fshm_reader_config rc;
+    memset(&rc, 0, sizeof rc);
+    rc.addr.name = name;
+    rc.spin = 1;
+    fshm_reader *r;
+    assert_int_equal(fshm_reader_open(&rc, &r), 0);
+    tu_track(r);
+    for (int mode = 0; mode < 2; mode++) {
+        paced_writer pw = {.w = w, .frames = 60, .period_ms = 3, .rc = 0};
+        uint64_t first = fshm_writer_next_seq(w), last_seq = first + 59;
+        pthread_t t;
+        assert_int_equal(pthread_create(&t, NULL, paced_main, &pw), 0);
+        uint64_t expect = first, got = 0, skipped = 0;
+        fshm_frame f = frame_zero();
+        for (;;) {
+            int rc2 = mode == 0 ? fshm_reader_wait_next(r, 2 * SEC, &f)
+                                : fshm_reader_wait_latest(r, 2 * SEC, &f);
+            if (rc2 != 0) {
+                pthread_join(t, NULL);
+                fail_msg("%s: rc %d (%s) after %llu frames", mode ? "wait_latest" : "wait_next",
+                         rc2, fshm_last_error(), (unsigned long long)got);
+            }
+            expect_frame(&f, f.seq, 1, 256);
+            /* In order; any gap is reported as skipped (a reader descheduled for longer
+             * than the descriptor queue lasts may lose frames even in process-all mode). */
+            assert_true(f.seq >= expect);
+            assert_int_equal(f.skipped, f.seq - expect);
+            skipped += f.skipped;
+            expect = f.seq + 1;
+            got++;
+            if (f.seq == last_seq)
+                break;
+        }
+        pthread_join(t, NULL);
+        assert_int_equal(pw.rc, 0);
+        assert_int_equal(got + skipped, 60);
+        if (mode == 0 && skipped)
+            print_message("    (wait_next lost %llu of 60 frames: host too loaded?)\n",
+                          (unsigned long long)skipped);
+    }
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
 }
 
 /* ---- timeouts and dead producers ---- */
@@ -1082,6 +1156,293 @@ static void test_close_cleanup(void **state)
     assert_false(tu_path_exists(dir));
 }
 
+/* ---- streams replaced or removed under a live reader ---- */
+
+/* The stream is removed (e.g. by an external clean-up) and created anew by another
+ * producer: seqs restart at 0 in the new control region. A reader that follows it
+ * must deliver the new stream's frames, not wait until the new seqs pass the old ones. */
+static void test_stream_recreated_under_reader(void **state)
+{
+    (void)state;
+    const char *name = "st-recreate";
+    char dir[PATH_MAX];
+    stream_dir_of(name, dir, sizeof dir);
+    fshm_writer *w = tu_writer(name, 4, 4096);
+    fshm_reader *r = tu_reader(name);
+    fshm_frame f = frame_zero();
+    for (int i = 0; i < 6; i++)
+        assert_int_equal(tu_publish(w, 64), 0);
+    assert_int_equal(fshm_reader_wait_latest(r, 2 * SEC, &f), 0);
+    expect_frame(&f, 5, 1, 64);
+    fshm_writer_close(w, 1);
+    tu_rmtree(dir);   /* the whole stream goes away */
+
+    w = tu_writer(name, 4, 4096);   /* a new stream under the same name */
+    assert_int_equal(fshm_writer_epoch(w), 1);
+    for (int i = 0; i < 3; i++)
+        assert_int_equal(tu_publish(w, 100), 0);   /* seqs 0..2 */
+    int rc = fshm_reader_wait_latest(r, 1 * SEC, &f);
+    if (rc != 0)
+        fail_msg("reader did not deliver the re-created stream's newest frame (seq 2): rc %d "
+                 "(%s)", rc, fshm_last_error());
+    expect_frame(&f, 2, 1, 100);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* The stream directory disappears under a live reader and is not re-created: the
+ * reader may report an error but must not crash. Run in a child so that a crash is
+ * reported instead of taking the test binary down. */
+static void test_stream_dir_removed_under_reader(void **state)
+{
+    (void)state;
+    const char *name = "st-rmdir";
+    char dir[PATH_MAX];
+    stream_dir_of(name, dir, sizeof dir);
+    int p[2];
+    assert_int_equal(pipe(p), 0);
+    pid_t pid = tu_fork();
+    if (pid == 0) {
+        close(p[0]);
+        fshm_writer_config wc;
+        memset(&wc, 0, sizeof wc);
+        wc.addr.name = name;
+        wc.nslots = 2;
+        wc.npools = 1;
+        wc.pool_bytes[0] = 64;
+        fshm_writer *w;
+        if (fshm_writer_open(&wc, &w))
+            _exit(10);
+        fshm_reader_config rc;
+        memset(&rc, 0, sizeof rc);
+        rc.addr.name = name;
+        fshm_reader *r;
+        if (fshm_reader_open(&rc, &r))
+            _exit(11);
+        char q[32] = {0};
+        snprintf(q, sizeof q, "%s", fshm_reader_queue_name(r));
+        tu_signal_ready(p[1], q, sizeof q);
+        uint8_t buf[64] = {0};
+        fshm_tensor t = tu_u8_tensor(64);
+        fshm_frame f;
+        if (fshm_writer_publish(w, buf, 64, &t, 0) || fshm_reader_wait_latest(r, SEC, &f))
+            _exit(12);
+        tu_rmtree(dir);
+        /* Each of these may fail; none may crash. */
+        (void)fshm_reader_peek_latest(r, &f);
+        (void)fshm_reader_wait_latest(r, 150 * MS, &f);
+        (void)fshm_reader_wait_next(r, 150 * MS, &f);
+        (void)fshm_reader_producer_state(r, NULL);
+        (void)fshm_reader_mode(r);
+        fshm_writer_publish(w, buf, 64, &t, 0);
+        fshm_reader_close(r);
+        fshm_writer_close(w, 1);
+        _exit(0);
+    }
+    close(p[1]);
+    char q[32] = {0};
+    int ready = tu_wait_ready(p[0], q, sizeof q, 5000);
+    close(p[0]);
+    q[31] = 0;
+    tu_track_name(q);
+    int st = tu_wait_child(pid, 10000);
+    tu_rmtree(dir);
+    assert_int_equal(ready, 0);
+    if (st >= 128)
+        fail_msg("the reader crashed with signal %d after its stream directory was removed",
+                 st - 128);
+    assert_int_equal(st, 0);
+}
+
+/* ---- producer exclusivity vs. fork ---- */
+
+/* A producer that fork()ed a helper (no exec, e.g. multiprocessing's fork start method)
+ * and then died: the stream's producer is dead, so a new producer must be able to take
+ * the stream over even while the helper lives on. */
+static void test_dead_producer_forked_helper(void **state)
+{
+    (void)state;
+    const char *name = "st-fork-helper";
+    pid_t test_pid = getpid();
+    int p[2];
+    assert_int_equal(pipe(p), 0);
+    /* The helper outlives its parent: adopt it so that it can be reaped here. */
+    prctl(PR_SET_CHILD_SUBREAPER, 1);
+    pid_t prod = tu_fork();
+    if (prod == 0) {
+        close(p[0]);
+        fshm_writer_config wc;
+        memset(&wc, 0, sizeof wc);
+        wc.addr.name = name;
+        wc.nslots = 2;
+        wc.npools = 1;
+        wc.pool_bytes[0] = 64;
+        fshm_writer *w;
+        if (fshm_writer_open(&wc, &w))
+            _exit(10);
+        pid_t helper = fork();
+        if (helper == 0) {
+            /* Does nothing with the stream; lives while the test binary does (60 s max). */
+            alarm(60);
+            while (kill(test_pid, 0) == 0)
+                tu_sleep_ms(20);
+            _exit(0);
+        }
+        int32_t h = (int32_t)helper;
+        tu_signal_ready(p[1], &h, sizeof h);
+        for (;;)
+            pause();
+    }
+    close(p[1]);
+    int32_t helper = 0;
+    int ready = tu_wait_ready(p[0], &helper, sizeof helper, 5000);
+    close(p[0]);
+    tu_kill_child(prod);
+    assert_int_equal(ready, 0);
+    assert_true(helper > 0);
+    fshm_reader *r = tu_reader(name);
+    assert_int_equal(fshm_reader_producer_state(r, NULL), FSHM_PRODUCER_DEAD);
+    fshm_writer_config wc;
+    memset(&wc, 0, sizeof wc);
+    wc.addr.name = name;
+    wc.nslots = 2;
+    wc.npools = 1;
+    wc.pool_bytes[0] = 64;
+    fshm_writer *w = NULL;
+    int rc = fshm_writer_open(&wc, &w);
+    char msg[600];
+    snprintf(msg, sizeof msg, "%s", rc ? fshm_last_error() : "");
+    kill(helper, SIGKILL);
+    waitpid(helper, NULL, 0);
+    prctl(PR_SET_CHILD_SUBREAPER, 0);
+    if (rc == -EBUSY) {
+        /* Once the helper is gone the stream can be taken over. */
+        for (int i = 0; i < 200 && rc == -EBUSY; i++) {
+            tu_sleep_ms(5);
+            rc = fshm_writer_open(&wc, &w);
+        }
+        if (w)
+            fshm_writer_close(w, 1);
+        fshm_reader_close(r);
+        fail_msg("producer pid %d is dead, yet fshm_writer_open returned -EBUSY (\"%s\") "
+                 "while a fork()ed child of it was alive: the child inherited the producer "
+                 "lock (once that child was killed, the open returned %d)",
+                 (int)prod, msg, rc);
+    }
+    assert_int_equal(rc, 0);
+    assert_int_equal(fshm_writer_epoch(w), 2);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* ---- addressing ---- */
+
+/* A stream created with a name and an explicit id, opened by its id alone
+ * (fshm_stream_addr.name == NULL: "NULL when addressed by stream_id only"). */
+static void test_address_by_stream_id_only(void **state)
+{
+    (void)state;
+    fshm_writer_config wc;
+    memset(&wc, 0, sizeof wc);
+    wc.addr.name = "st-by-id";
+    wc.addr.stream_id = 4242;
+    wc.nslots = 2;
+    wc.npools = 1;
+    wc.pool_bytes[0] = 64;
+    fshm_writer *w;
+    assert_int_equal(fshm_writer_open(&wc, &w), 0);
+    assert_int_equal(fshm_writer_stream_id(w), 4242);
+    assert_int_equal(tu_publish(w, 16), 0);
+    /* Same name, same id: fine. Another name on the same id: a collision. */
+    fshm_reader_config rc;
+    memset(&rc, 0, sizeof rc);
+    rc.addr = wc.addr;
+    fshm_reader *r;
+    assert_int_equal(fshm_reader_open(&rc, &r), 0);
+    tu_track(r);
+    fshm_reader_close(r);
+    rc.addr.name = "st-other";
+    assert_int_equal(fshm_reader_open(&rc, &r), FSHM_E_COLLISION);
+    /* By id alone. */
+    rc.addr.name = NULL;
+    int got = fshm_reader_open(&rc, &r);
+    if (got != 0) {
+        fshm_writer_close(w, 1);
+        fail_msg("opening stream id 4242 (created as 'st-by-id') by its id alone: %d (%s)",
+                 got, fshm_last_error());
+    }
+    tu_track(r);
+    fshm_frame f;
+    assert_int_equal(fshm_reader_wait_latest(r, 2 * SEC, &f), 0);
+    expect_frame(&f, 0, 1, 16);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* Two names whose ids collide: the second one is refused, not mixed in. */
+static void test_stream_id_hash_collision(void **state)
+{
+    (void)state;
+    /* Find two names with the same id (birthday bound: ~2^16 random names). */
+    enum { N = 400000 };
+    uint64_t *xs = malloc(sizeof(uint64_t) * N);
+    uint32_t *ids = malloc(sizeof(uint32_t) * N);
+    uint32_t cap = 1u << 20, *slots = calloc(cap, sizeof *slots);
+    assert_true(xs && ids && slots);
+    uint64_t x = 0x9E3779B97F4A7C15ull;
+    int64_t a = -1, b = -1;
+    char name[32];
+    for (uint32_t i = 0; i < N && a < 0; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        xs[i] = x;
+        snprintf(name, sizeof name, "n%016llx", (unsigned long long)x);
+        uint32_t id = ids[i] = fshm_stream_id_for_name(name);
+        for (uint32_t h = (id * 2654435761u) >> 12;; h = (h + 1) & (cap - 1)) {
+            if (!slots[h]) {
+                slots[h] = i + 1;
+                break;
+            }
+            if (ids[slots[h] - 1] == id) {
+                a = slots[h] - 1;
+                b = i;
+                break;
+            }
+        }
+    }
+    char n1[32], n2[32];
+    if (a >= 0) {
+        snprintf(n1, sizeof n1, "n%016llx", (unsigned long long)xs[a]);
+        snprintf(n2, sizeof n2, "n%016llx", (unsigned long long)xs[b]);
+    }
+    free(slots);
+    free(ids);
+    free(xs);
+    if (a < 0)
+        skip();
+    assert_int_equal(fshm_stream_id_for_name(n1), fshm_stream_id_for_name(n2));
+    fshm_writer *w = tu_writer(n1, 1, 64);
+    fshm_reader_config rc;
+    memset(&rc, 0, sizeof rc);
+    rc.addr.name = n2;
+    fshm_reader *r = (fshm_reader *)&rc;
+    assert_int_equal(fshm_reader_open(&rc, &r), FSHM_E_COLLISION);
+    assert_null(r);
+    fshm_writer_config wc;
+    memset(&wc, 0, sizeof wc);
+    wc.addr.name = n2;
+    wc.nslots = 1;
+    wc.npools = 1;
+    wc.pool_bytes[0] = 64;
+    fshm_writer *w2 = (fshm_writer *)&wc;
+    assert_int_equal(fshm_writer_open(&wc, &w2), FSHM_E_COLLISION);
+    assert_null(w2);
+    /* With an explicit id the second stream lives elsewhere. */
+    wc.addr.stream_id = 77;
+    assert_int_equal(fshm_writer_open(&wc, &w2), 0);
+    fshm_writer_close(w2, 1);
+    fshm_writer_close(w, 1);
+}
+
 /* ---- inspection API ---- */
 
 static void test_stream_info_api(void **state)
@@ -1235,6 +1596,7 @@ int main(void)
         cmocka_unit_test(test_wait_next_overrun_small),
         cmocka_unit_test(test_wait_next_overrun_lapped),
         cmocka_unit_test(test_reader_in_child_process),
+        cmocka_unit_test(test_spin_reader_steady_stream),
         cmocka_unit_test(test_timeout_producer_alive),
         cmocka_unit_test(test_timeout_producer_dead),
         cmocka_unit_test(test_second_writer_busy),
@@ -1249,6 +1611,11 @@ int main(void)
         cmocka_unit_test(test_frame_copy_and_map_ref),
         cmocka_unit_test(test_mode_byte),
         cmocka_unit_test(test_close_cleanup),
+        cmocka_unit_test(test_stream_recreated_under_reader),
+        cmocka_unit_test(test_stream_dir_removed_under_reader),
+        cmocka_unit_test(test_dead_producer_forked_helper),
+        cmocka_unit_test(test_address_by_stream_id_only),
+        cmocka_unit_test(test_stream_id_hash_collision),
         cmocka_unit_test(test_stream_info_api),
         cmocka_unit_test(test_stream_gc_api),
         cmocka_unit_test_teardown(test_full_base_dir, teardown_tmpfs),

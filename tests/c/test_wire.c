@@ -50,6 +50,7 @@ typedef struct want_slot {
     uint8_t ndims;
     int32_t dims[8];
     int32_t strides[8];
+    uint64_t ref_plus1;   /* frameshm extension at TensorHeader offset 75; 0 = none */
 } want_slot;
 
 static void expect_slot(const uint8_t *ring, uint32_t nslots, const want_slot *w)
@@ -81,7 +82,8 @@ static void expect_slot(const uint8_t *ring, uint32_t nslots, const want_slot *w
         assert_int_equal((int32_t)tu_le32(t + 11 + 4 * i), i < w->ndims ? w->dims[i] : 0);
         assert_int_equal((int32_t)tu_le32(t + 43 + 4 * i), i < w->ndims ? w->strides[i] : 0);
     }
-    expect_zero(t + 75, 184 - 75, "TensorHeader pad");
+    assert_int_equal(tu_le64(t + 75), w->ref_plus1);         /* ref_seq_plus1 */
+    expect_zero(t + 83, 184 - 83, "TensorHeader pad");
 }
 
 static fshm_tensor tensor2(int16_t dtype, int16_t order, int32_t d0, int32_t d1, int32_t s0,
@@ -279,6 +281,61 @@ static void test_loan_commit_in_place(void **state)
     assert_int_equal(tu_le64(ring + 64 + 1 * 256), 1u << 1);   /* abandoned loan of seq 1 */
     assert_int_equal(tu_le32(ring + 64 + 8), 10);
     free(ring);
+    fshm_writer_close(w, 1);
+}
+
+/* fshm_writer_set_ref: seq + 1 of the source frame in the TensorHeader padding, for the
+ * next commit only. */
+static void test_ref_seq_extension(void **state)
+{
+    (void)state;
+    fshm_writer *w = tu_writer("wire-ref", 4, 256);
+    uint32_t sid = fshm_writer_stream_id(w);
+    fshm_writer_set_ref(w, 41);
+    assert_int_equal(tu_publish(w, 8), 0);       /* seq 0: ref 41 */
+    assert_int_equal(tu_publish(w, 8), 0);       /* seq 1: none (cleared) */
+    fshm_writer_set_ref(w, 0);
+    assert_int_equal(tu_publish(w, 8), 0);       /* seq 2: ref 0 */
+    fshm_writer_set_ref(w, 7);
+    fshm_loan l;
+    assert_int_equal(fshm_writer_loan(w, 8, &l), 0);
+    fshm_tensor t = tu_u8_tensor(8);
+    tu_fill(l.data, 8, l.seq);
+    assert_int_equal(fshm_writer_commit(w, &t, 8, 5), 0);   /* seq 3: ref 7 via loan/commit */
+
+    char path[PATH_MAX + 64];
+    size_t len;
+    tu_region_path(sid, 1, "header.ring", path, sizeof path);
+    uint8_t *ring = tu_read_file(path, &len);
+    static const uint64_t want_ref[4] = {42, 0, 1, 8};
+    for (uint64_t seq = 0; seq < 4; seq++) {
+        want_slot ws = {.seq = seq, .values_len = 8, .pool_id = 1,
+                        .timestamp = tu_le64(ring + 64 + seq * 256 + 22),
+                        .dtype = FSHM_DTYPE_UINT8, .major = 1, .ndims = 1,
+                        .dims = {8}, .strides = {1}, .ref_plus1 = want_ref[seq]};
+        expect_slot(ring, 4, &ws);
+    }
+    assert_int_equal(tu_le64(ring + 64 + 3 * 256 + 22), 5);
+    free(ring);
+
+    /* The reader reports it; the slot decoder (spec fields only) is unaffected. */
+    fshm_reader *r = tu_reader("wire-ref");
+    fshm_frame f;
+    assert_int_equal(fshm_reader_peek_latest(r, &f), 0);
+    assert_int_equal(f.seq, 3);
+    assert_int_equal(f.has_ref, 1);
+    assert_int_equal(f.ref_seq, 7);
+    assert_int_equal(tu_publish(w, 8), 0);
+    assert_int_equal(fshm_reader_peek_latest(r, &f), 0);
+    assert_int_equal(f.seq, 4);
+    assert_int_equal(f.has_ref, 0);
+    fshm_writer_set_ref(w, 0);
+    assert_int_equal(tu_publish(w, 8), 0);
+    assert_int_equal(fshm_reader_wait_latest(r, 1000000000ll, &f), 0);
+    assert_int_equal(f.seq, 5);
+    assert_int_equal(f.has_ref, 1);
+    assert_int_equal(f.ref_seq, 0);
+    fshm_reader_close(r);
     fshm_writer_close(w, 1);
 }
 
@@ -794,6 +851,7 @@ int main(void)
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_layout_header_ring_and_pools),
         cmocka_unit_test(test_loan_commit_in_place),
+        cmocka_unit_test(test_ref_seq_extension),
         cmocka_unit_test(test_pool_choice),
         cmocka_unit_test(test_stride_helpers),
         cmocka_unit_test(test_writer_config_validation),
