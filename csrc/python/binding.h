@@ -29,5 +29,7 @@ int fshm_parse_timeout(PyObject *obj, int64_t *out);
 int fshm_parse_addr(PyObject *name, unsigned long stream_id, PyObject *base_dir, PyObject *ns,
                     fshm_stream_addr *addr);
 int fshm_binding_init_errors(void);
+/* Parses a controller mode value (a byte); -1 with an exception set if invalid. */
+int fshm_parse_mode(PyObject *v, uint8_t *out);
 
 #endif

@@ -87,6 +87,19 @@ int fshm_parse_timeout(PyObject *obj, int64_t *out)
     return 0;
 }
 
+int fshm_parse_mode(PyObject *v, uint8_t *out)
+{
+    long m = v ? PyLong_AsLong(v) : -1;
+    if (m == -1 && PyErr_Occurred())
+        return -1;
+    if (m < 0 || m > 255) {
+        PyErr_SetString(PyExc_ValueError, "mode is a byte (0..255)");
+        return -1;
+    }
+    *out = (uint8_t)m;
+    return 0;
+}
+
 static const char *opt_str(PyObject *o, const char *what)
 {
     if (!o || o == Py_None)
@@ -126,15 +139,21 @@ static PyObject *consumer_dict(const fshm_consumer_info *c)
                          (unsigned long long)c->queue_full);
 }
 
-static PyObject *mod_stream_info(PyObject *self, PyObject *args, PyObject *kw)
+/* (name=None, *, stream_id=0, base_dir=None, namespace=None) -> address */
+static int parse_addr_args(PyObject *args, PyObject *kw, fshm_stream_addr *a)
 {
     static char *kwlist[] = {"name", "stream_id", "base_dir", "namespace", NULL};
     PyObject *name = Py_None, *base = Py_None, *ns = Py_None;
     unsigned long sid = 0;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOO", kwlist, &name, &sid, &base, &ns))
-        return NULL;
+        return -1;
+    return fshm_parse_addr(name, sid, base, ns, a);
+}
+
+static PyObject *mod_stream_info(PyObject *self, PyObject *args, PyObject *kw)
+{
     fshm_stream_addr a;
-    if (fshm_parse_addr(name, sid, base, ns, &a))
+    if (parse_addr_args(args, kw, &a))
         return NULL;
     fshm_stream_info *info = PyMem_Malloc(sizeof *info);
     if (!info)
@@ -186,13 +205,8 @@ static PyObject *mod_stream_info(PyObject *self, PyObject *args, PyObject *kw)
 
 static PyObject *mod_stream_gc(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"name", "stream_id", "base_dir", "namespace", NULL};
-    PyObject *name = Py_None, *base = Py_None, *ns = Py_None;
-    unsigned long sid = 0;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOO", kwlist, &name, &sid, &base, &ns))
-        return NULL;
     fshm_stream_addr a;
-    if (fshm_parse_addr(name, sid, base, ns, &a))
+    if (parse_addr_args(args, kw, &a))
         return NULL;
     int rc = fshm_stream_gc(&a);
     if (rc < 0)

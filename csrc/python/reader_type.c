@@ -290,14 +290,10 @@ static int reader_set_mode(FshmReader *self, PyObject *v, void *c)
         fshm_raise_closed("Reader");
         return -1;
     }
-    long m = v ? PyLong_AsLong(v) : -1;
-    if (m == -1 && PyErr_Occurred())
+    uint8_t m;
+    if (fshm_parse_mode(v, &m))
         return -1;
-    if (m < 0 || m > 255) {
-        PyErr_SetString(PyExc_ValueError, "mode is a byte (0..255)");
-        return -1;
-    }
-    fshm_reader_set_mode(self->r, (uint8_t)m);
+    fshm_reader_set_mode(self->r, m);
     return 0;
 }
 
