@@ -149,6 +149,8 @@ typedef struct fshm_reader_config {
     const char *consumer;   /* label shown by `frameshm ls`; NULL = "pid-<pid>" */
     int spin;               /* 1: predictive spin just before a steady stream's next frame
                              * is due (lower latency, a few % of a core); 0: always sleep */
+    int passive;            /* 1: no queue and no registration — for peeking at the newest
+                             * frame and the mode byte without being a consumer */
 } fshm_reader_config;
 
 typedef struct fshm_frame {

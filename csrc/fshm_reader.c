@@ -25,7 +25,8 @@ struct fshm_reader {
     char consumer[FSHM_CONSUMER_NAME_MAX + 1];
     char queue[32];
     mqd_t q;
-    int entry;
+    int entry;               /* consumer-table index, -1 for a passive reader */
+    int passive;             /* no queue, no registration: peek and mode only */
     uint64_t epoch;          /* mapped epoch, 0 = unmapped */
     fshm_map *ring;
     uint32_t nslots;
@@ -125,6 +126,8 @@ static int attach_ctl(fshm_reader *r)
         return rc;
     r->ctl = r->ch.ctl;
     fshm_ctl_prune(r->ctl);
+    if (r->passive)
+        return 0;
     rc = fshm_ctl_register(r->ctl, r->consumer, r->queue);
     if (rc < 0) {
         fshm_ctl_close(&r->ch);
@@ -143,21 +146,24 @@ static int check_environment(fshm_reader *r, int force)
     if (!force && now < r->next_check_ns)
         return sync_epoch(r);
     r->next_check_ns = now + ENV_CHECK_NS;
-    fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
-    int ours = LOAD_ACQ(&e->state) == CONS_ACTIVE && LOAD_RLX(&e->pid) == (uint64_t)getpid() &&
+    int ours = 1;
+    if (!r->passive) {
+        fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
+        ours = LOAD_ACQ(&e->state) == CONS_ACTIVE && LOAD_RLX(&e->pid) == (uint64_t)getpid() &&
                strncmp(e->queue, r->queue, sizeof e->queue) == 0;
+    }
     if (!fshm_ctl_same_file(&r->ch, r->paths.ctl)) {
         fshm_ctl_handle nh;
         int rc = fshm_ctl_open(&r->paths, 1, &nh);
         if (rc)
             return rc;   /* keep the old mapping: r->ctl stays valid */
         fshm_ctl_prune(nh.ctl);
-        int idx = fshm_ctl_register(nh.ctl, r->consumer, r->queue);
-        if (idx < 0) {
+        int idx = r->passive ? -1 : fshm_ctl_register(nh.ctl, r->consumer, r->queue);
+        if (idx < 0 && !r->passive) {
             fshm_ctl_close(&nh);
             return idx;
         }
-        if (ours)
+        if (ours && !r->passive)
             fshm_ctl_unregister(r->ctl, r->entry, r->queue);
         fshm_ctl_close(&r->ch);
         unmap_all(r);
@@ -200,7 +206,8 @@ int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out)
     }
     if ((rc = fshm_resolve(&cfg->addr, 1, &r->paths)))
         goto fail;
-    if ((rc = fshm_queue_create(r->queue, &r->q)))
+    r->passive = cfg->passive;
+    if (!r->passive && (rc = fshm_queue_create(r->queue, &r->q)))
         goto fail;
     if ((rc = attach_ctl(r)))
         goto fail;
@@ -289,8 +296,8 @@ static void took(fshm_reader *r, fshm_frame *f)
     r->last_arrival_ns = commit_ns;
     f->skipped = r->last_plus1 ? f->seq - r->last_plus1 : 0;
     r->last_plus1 = f->seq + 1;
-    fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
-    STORE_RLX(&e->last_seq, f->seq + 1);
+    if (r->entry >= 0)
+        STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->last_seq, f->seq + 1);
 }
 
 /* One descriptor from the queue: 1 got one, 0 none before the deadline (deadline 0:
@@ -425,8 +432,16 @@ static uint64_t deadline_for(int64_t timeout_ns)
     return fshm_now_ns() + (uint64_t)timeout_ns + 1;
 }
 
+static int passive_error(fshm_reader *r)
+{
+    return fshm_set_error(-EINVAL, "reader of '%s' was opened without a queue (passive): it can "
+                          "peek and read the newest frame but not wait", r->paths.name);
+}
+
 int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
 {
+    if (r->passive)
+        return passive_error(r);
     uint64_t deadline = deadline_for(timeout_ns);
     uint64_t floor = r->last_plus1;   /* seqs below this were taken or dropped */
     uint64_t best = 0, best_pub = 0, seq, pub, epoch;
@@ -485,10 +500,11 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
 
 int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
 {
+    if (r->passive)
+        return passive_error(r);
     uint64_t deadline = deadline_for(timeout_ns);
     r->corrupt_seen = 0;
-    fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
-    STORE_RLX(&e->flags, 1u);
+    STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->flags, 1u);
     int rc = check_environment(r, 0);
     if (rc == FSHM_E_CORRUPT)
         return rc;
@@ -611,12 +627,19 @@ int fshm_reader_producer_state(fshm_reader *r, int64_t *pid)
     return fshm_ctl_producer_state(r->ctl, pid);
 }
 
+/* The mode byte is read and written through whichever control region is current, so
+ * a controller keeps steering a stream that was removed and created anew. */
 uint8_t fshm_reader_mode(fshm_reader *r)
 {
+    check_environment(r, 0);
     uint8_t m = LOAD_ACQ(&r->ctl->mode);
     return m == FSHM_MODE_ALARMED ? m : FSHM_MODE_STANDBY;
 }
-void fshm_reader_set_mode(fshm_reader *r, uint8_t mode) { STORE_REL(&r->ctl->mode, mode); }
+void fshm_reader_set_mode(fshm_reader *r, uint8_t mode)
+{
+    check_environment(r, 0);
+    STORE_REL(&r->ctl->mode, mode);
+}
 uint64_t fshm_reader_epoch(const fshm_reader *r) { return r->epoch; }
 uint32_t fshm_reader_stream_id(const fshm_reader *r) { return r->paths.stream_id; }
 uint64_t fshm_reader_overruns(const fshm_reader *r) { return r->overruns; }

@@ -22,6 +22,7 @@ from .errors import (
 from . import _core
 from .stream import MODE_ALARMED, MODE_STANDBY, Frame, Reader, Writer
 from .admin import gc, list_streams, stream_info
+from .camera import Camera
 
 __version__ = "0.1.0"
 
@@ -29,6 +30,7 @@ __all__ = [
     "Writer",
     "Reader",
     "Frame",
+    "Camera",
     "MODE_STANDBY",
     "MODE_ALARMED",
     "stream_info",

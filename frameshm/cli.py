@@ -85,6 +85,9 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--height", type=int, default=480)
     d.add_argument("--name", default="demo")
     d.set_defaults(func=cmd_demo)
+    from .roles import add_role_parsers  # capture, inference, controller
+
+    add_role_parsers(sub)
     return p
 
 

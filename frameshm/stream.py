@@ -325,6 +325,9 @@ class Reader:
     With ``spin=True`` (default) a reader of a steady stream polls for a short window
     just before the next frame is due instead of sleeping through a wake-up: lower
     latency for a few percent of a core. ``spin=False`` always sleeps.
+    ``subscribe=False`` opens a passive handle: no queue and no consumer entry (so it
+    costs the producer nothing and uses no system queue); it can ``read_latest()`` and
+    get/set ``mode`` but not wait.
     """
 
     def __init__(
@@ -336,9 +339,16 @@ class Reader:
         base_dir: Optional[str] = None,
         namespace: Optional[str] = None,
         spin: bool = True,
+        subscribe: bool = True,
     ):
         self._r = _core.Reader(
-            name, stream_id=stream_id, consumer=consumer, base_dir=base_dir, namespace=namespace, spin=spin
+            name,
+            stream_id=stream_id,
+            consumer=consumer,
+            base_dir=base_dir,
+            namespace=namespace,
+            spin=spin,
+            subscribe=subscribe,
         )
         self.name = name if name is not None else f"stream-{self._r.stream_id}"
         self.consumer = consumer

@@ -10,6 +10,7 @@
 extern PyTypeObject FshmMappingType;
 extern PyTypeObject FshmWriterType;
 extern PyTypeObject FshmReaderType;
+extern PyTypeObject FshmCameraType;
 
 typedef struct {
     PyObject_HEAD
@@ -29,6 +30,8 @@ int fshm_parse_timeout(PyObject *obj, int64_t *out);
 int fshm_parse_addr(PyObject *name, unsigned long stream_id, PyObject *base_dir, PyObject *ns,
                     fshm_stream_addr *addr);
 int fshm_binding_init_errors(void);
+/* Readies Camera and CameraBuffer (camera_type.c) and adds them to the module. */
+int fshm_camera_types_ready(PyObject *module);
 /* Parses a controller mode value (a byte); -1 with an exception set if invalid. */
 int fshm_parse_mode(PyObject *v, uint8_t *out);
 

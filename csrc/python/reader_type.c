@@ -20,22 +20,24 @@ typedef struct {
 
 static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"name", "stream_id", "consumer", "base_dir", "namespace", "spin", NULL};
+    static char *kwlist[] = {"name", "stream_id", "consumer", "base_dir", "namespace", "spin",
+                             "subscribe", NULL};
     PyObject *name = Py_None, *consumer = Py_None, *base = Py_None, *ns = Py_None;
     unsigned long sid = 0;
-    int spin = 1;
+    int spin = 1, subscribe = 1;
     if (self->r) {
         PyErr_SetString(PyExc_RuntimeError, "Reader already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOp", kwlist, &name, &sid, &consumer, &base, &ns,
-                                     &spin))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOpp", kwlist, &name, &sid, &consumer, &base, &ns,
+                                     &spin, &subscribe))
         return -1;
     fshm_reader_config cfg;
     memset(&cfg, 0, sizeof cfg);
     if (fshm_parse_addr(name, sid, base, ns, &cfg.addr))
         return -1;
     cfg.spin = spin;
+    cfg.passive = !subscribe;
     if (consumer != Py_None) {
         if (!PyUnicode_Check(consumer)) {
             PyErr_SetString(PyExc_TypeError, "consumer must be a str");

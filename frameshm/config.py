@@ -1,0 +1,320 @@
+"""Pipeline configuration: one TOML file shared by the capture, inference and controller
+roles (docs/pipeline.md documents every key; docs/examples/pipeline.toml is a full example).
+
+    cfg = frameshm.config.load("pipeline.toml")        # or PipelineConfig() for defaults
+    cfg.set("capture.standby_fps", 5)                  # a command-line override, validated
+    cfg.capture.standby_fps, cfg.streams.frames, cfg.metrics_stream("capture")
+
+Unknown tables and keys, wrong types and out-of-range values raise :class:`ConfigError`
+naming the file, the table and the key.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import math
+import os
+import re
+from dataclasses import dataclass, field, fields
+from typing import Any, Callable, Dict, List, Optional, Tuple
+
+from .errors import InvalidArgument
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python < 3.11: the same parser is on PyPI as tomli
+    try:
+        import tomli as tomllib  # type: ignore[no-redef]
+    except ModuleNotFoundError:
+        tomllib = None  # type: ignore[assignment]
+
+_NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
+STREAM_NAME_MAX = 63
+CONSUMER_NAME_MAX = 31
+ROLES = ("capture", "inference", "controller")
+# Longest suffix appended to the frames stream's name for a role's metrics stream.
+_METRICS_SUFFIX_MAX = max(len("." + r) for r in ROLES)
+
+
+class ConfigError(InvalidArgument):
+    """The pipeline configuration is invalid (the message says where and why)."""
+
+
+# ---- value checkers: each returns the normalised value or raises ValueError(reason) ----
+
+
+def _number(lo: float = -math.inf, hi: float = math.inf, lo_open: bool = False) -> Callable[[Any], float]:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise ValueError(f"expected a number, got {v!r}")
+        if v < lo or v > hi or (lo_open and v == lo):
+            bound = f"> {lo:g}" if lo_open else f">= {lo:g}"
+            raise ValueError(f"expected a number {bound}" + (f" and <= {hi:g}" if hi != math.inf else "") + f", got {v!r}")
+        return float(v)
+
+    return check
+
+
+def _integer(lo: int, hi: int, pow2: bool = False) -> Callable[[Any], int]:
+    def check(v):
+        if isinstance(v, bool) or not isinstance(v, int):
+            raise ValueError(f"expected an integer, got {v!r}")
+        if not lo <= v <= hi:
+            raise ValueError(f"expected an integer in {lo}..{hi}, got {v}")
+        if pow2 and v & (v - 1):
+            raise ValueError(f"expected a power of two, got {v}")
+        return v
+
+    return check
+
+
+def _boolean(v):
+    if not isinstance(v, bool):
+        raise ValueError(f"expected true or false, got {v!r}")
+    return v
+
+
+def _name(maxlen: int, allow_empty: bool = False) -> Callable[[Any], str]:
+    def check(v):
+        if not isinstance(v, str):
+            raise ValueError(f"expected a string, got {v!r}")
+        if allow_empty and v == "":
+            return v
+        if not (1 <= len(v) <= maxlen and _NAME_RE.match(v)):
+            raise ValueError(
+                f"{v!r} is not a valid name: 1-{maxlen} characters of A-Z a-z 0-9 _ . -, not starting with . or -"
+            )
+        return v
+
+    return check
+
+
+def _source(v):
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"expected a source URI such as 'test:' or 'v4l2:/dev/video0', got {v!r}")
+    from .sources import parse_uri
+
+    parse_uri(v)  # InvalidArgument names what is wrong
+    return v
+
+
+def _detector(v):
+    if not isinstance(v, str) or not v:
+        raise ValueError(f"expected 'motion', 'hog' or 'package.module:callable', got {v!r}")
+    from .detectors import BUILTIN, _MODULE_RE
+
+    if v in BUILTIN:
+        return v
+    mod, sep, attr = v.partition(":")
+    if not sep or not _MODULE_RE.match(mod) or not _MODULE_RE.match(attr):
+        raise ValueError(f"expected {', '.join(sorted(BUILTIN))} or 'package.module:callable', got {v!r}")
+    return v
+
+
+def _table(v):
+    if not isinstance(v, dict):
+        raise ValueError(f"expected a table of keyword arguments, got {v!r}")
+    return dict(v)
+
+
+def _class_ids(v):
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list of class ids (numbers), got {v!r}")
+    out = []
+    for x in v:
+        if isinstance(x, bool) or not isinstance(x, (int, float)) or not math.isfinite(x):
+            raise ValueError(f"expected a list of class ids (numbers), got element {x!r}")
+        out.append(float(x))
+    return out
+
+
+def _opt(check: Callable[[Any], Any], default: Any, doc: str):
+    meta = {"check": check, "doc": doc}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+# ---- sections --------------------------------------------------------------------------
+
+
+@dataclass
+class StreamsConfig:
+    frames: str = _opt(_name(STREAM_NAME_MAX - _METRICS_SUFFIX_MAX), "cam0", "camera frames stream")
+    detections: str = _opt(_name(STREAM_NAME_MAX, allow_empty=True), "",
+                           "detections stream (default: '<frames>.detections')")
+
+
+@dataclass
+class CaptureConfig:
+    source: str = _opt(_source, "test:", "source URI (test:, v4l2:, gige:)")
+    standby_fps: float = _opt(_number(0, 1000, lo_open=True), 3.0, "frame rate in mode Standby")
+    alarmed_fps: float = _opt(_number(0, 1000, lo_open=True), 30.0, "frame rate in mode Alarmed")
+    flush_max_age_ms: float = _opt(_number(0, 10_000), 50.0,
+                                   "on Standby -> Alarmed, discard buffered frames older than this")
+    nslots: int = _opt(_integer(1, 1024, pow2=True), 8, "slots of the frames stream")
+    read_timeout_s: float = _opt(_number(0, 3600, lo_open=True), 2.0, "a source read longer than this is a stall")
+    reconnect_interval_s: float = _opt(_number(0, 3600, lo_open=True), 1.0, "pause between reconnection attempts")
+    metrics: bool = _opt(_boolean, True, "publish the '<frames>.capture' metrics stream")
+
+
+@dataclass
+class InferenceConfig:
+    detector: str = _opt(_detector, "motion", "'motion', 'hog' or 'package.module:callable'")
+    detector_params: Dict[str, Any] = _opt(_table, {}, "keyword arguments for the detector")
+    consumer: str = _opt(_name(CONSUMER_NAME_MAX), "inference", "consumer label on the frames stream")
+    max_detections: int = _opt(_integer(1, 100_000), 256, "rows kept per frame (highest scores)")
+    nslots: int = _opt(_integer(1, 1024, pow2=True), 8, "slots of the detections stream")
+    copy_input: bool = _opt(_boolean, True,
+                            "copy each frame before inference (false: zero-copy, torn frames discarded)")
+    metrics: bool = _opt(_boolean, True, "publish the '<frames>.inference' metrics stream")
+
+
+@dataclass
+class ControllerConfig:
+    validation_frames: int = _opt(_integer(1, 100_000), 3,
+                                  "consecutive frames with a person that confirm Validation -> Tracking")
+    tracking_exit_frames: int = _opt(_integer(1, 100_000), 10,
+                                     "consecutive frames without a person that end Tracking")
+    min_score: float = _opt(_number(), 0.0, "detections scoring below this are ignored")
+    classes: List[float] = _opt(_class_ids, [], "class ids that count as a person (empty: any)")
+    consumer: str = _opt(_name(CONSUMER_NAME_MAX), "controller", "consumer label on both streams")
+    stall_warning_s: float = _opt(_number(0, 3600, lo_open=True), 5.0,
+                                  "warn when no detections arrived for this long")
+    metrics: bool = _opt(_boolean, True, "publish the '<frames>.controller' metrics stream")
+
+
+SECTIONS: Dict[str, type] = {
+    "streams": StreamsConfig,
+    "capture": CaptureConfig,
+    "inference": InferenceConfig,
+    "controller": ControllerConfig,
+}
+
+
+@dataclass
+class PipelineConfig:
+    streams: StreamsConfig = field(default_factory=StreamsConfig)
+    capture: CaptureConfig = field(default_factory=CaptureConfig)
+    inference: InferenceConfig = field(default_factory=InferenceConfig)
+    controller: ControllerConfig = field(default_factory=ControllerConfig)
+    path: Optional[str] = None  # the file it came from, for messages
+
+    @property
+    def frames_stream(self) -> str:
+        return self.streams.frames
+
+    @property
+    def detections_stream(self) -> str:
+        return self.streams.detections or f"{self.streams.frames}.detections"
+
+    def metrics_stream(self, role: str) -> Optional[str]:
+        """Name of a role's metrics stream, None if that role's metrics are off."""
+        if role not in ROLES:
+            raise ValueError(f"unknown role {role!r}")
+        return f"{self.streams.frames}.{role}" if getattr(self, role).metrics else None
+
+    def set(self, dotted: str, value: Any) -> None:
+        """Sets ``"section.key"`` to ``value`` with the same checks as the file."""
+        section, _, key = dotted.partition(".")
+        table = getattr(self, section, None) if section in SECTIONS else None
+        before = getattr(table, key, None) if table is not None else None
+        _set_value(self, section, key, value, self._where())
+        try:
+            self._check_cross(self._where())
+        except ConfigError:
+            setattr(table, key, before)  # leave the configuration as it was
+            raise
+
+    def _where(self) -> str:
+        return self.path or "configuration"
+
+    def _check_cross(self, where: str) -> None:
+        dets = self.detections_stream
+        if len(dets) > STREAM_NAME_MAX:
+            raise ConfigError(f"{where}: [streams] detections: default name {dets!r} is too long; set it explicitly")
+        if dets == self.streams.frames:
+            raise ConfigError(f"{where}: [streams] detections must differ from frames ({dets!r})")
+        metrics = {f"{self.streams.frames}.{r}" for r in ROLES}
+        if dets in metrics:
+            raise ConfigError(f"{where}: [streams] detections {dets!r} collides with a metrics stream name")
+
+
+def _set_value(cfg: PipelineConfig, section: str, key: str, value: Any, where: str) -> None:
+    cls = SECTIONS.get(section)
+    if cls is None:
+        raise ConfigError(f"{where}: unknown table [{section}]{_suggest(section, SECTIONS)}; known: {', '.join(SECTIONS)}")
+    specs = {f.name: f for f in fields(cls)}
+    f = specs.get(key)
+    if f is None:
+        raise ConfigError(
+            f"{where}: unknown key {key!r} in [{section}]{_suggest(key, specs)}; known: {', '.join(specs)}"
+        )
+    try:
+        norm = f.metadata["check"](value)
+    except (ValueError, InvalidArgument) as exc:
+        raise ConfigError(f"{where}: [{section}] {key}: {exc}") from None
+    setattr(getattr(cfg, section), key, norm)
+
+
+def _suggest(word: str, known) -> str:
+    close = difflib.get_close_matches(word, list(known), n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def from_dict(data: Dict[str, Any], where: str = "configuration") -> PipelineConfig:
+    """A validated configuration from parsed TOML (tables of keys)."""
+    cfg = PipelineConfig(path=where)
+    if not isinstance(data, dict):
+        raise ConfigError(f"{where}: expected tables, got {type(data).__name__}")
+    for section, table in data.items():
+        if section not in SECTIONS and not isinstance(table, dict):
+            homes = [name for name, cls in SECTIONS.items() if section in {f.name for f in fields(cls)}]
+            hint = f" (it belongs in [{homes[0]}])" if len(homes) == 1 else ""
+            raise ConfigError(f"{where}: key {section!r} outside any table{hint}; tables: {', '.join(SECTIONS)}")
+        if section not in SECTIONS:
+            raise ConfigError(
+                f"{where}: unknown table [{section}]{_suggest(section, SECTIONS)}; known: {', '.join(SECTIONS)}"
+            )
+        if not isinstance(table, dict):
+            raise ConfigError(f"{where}: {section} must be a table ([{section}]), got {table!r}")
+        for key, value in table.items():
+            _set_value(cfg, section, key, value, where)
+    cfg._check_cross(where)
+    return cfg
+
+
+def _toml():
+    if tomllib is None:
+        raise ConfigError("reading TOML needs Python 3.11+ (tomllib) or the tomli package: pip install tomli")
+    return tomllib
+
+
+def load(path: str) -> PipelineConfig:
+    """Reads and validates a pipeline TOML file."""
+    toml = _toml()
+    try:
+        with open(path, "rb") as f:
+            data = toml.load(f)
+    except FileNotFoundError:
+        raise ConfigError(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise ConfigError(f"config path is a directory: {path}") from None
+    except toml.TOMLDecodeError as exc:
+        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
+    return from_dict(data, where=path)
+
+
+def load_or_default(path: Optional[str]) -> PipelineConfig:
+    return load(os.fspath(path)) if path else PipelineConfig()
+
+
+def describe() -> List[Tuple[str, str, Any, str]]:
+    """(section, key, default, doc) for every key: the reference table in docs/pipeline.md."""
+    out = []
+    for section, cls in SECTIONS.items():
+        inst = cls()
+        for f in fields(cls):
+            out.append((section, f.name, getattr(inst, f.name), f.metadata["doc"]))
+    return out

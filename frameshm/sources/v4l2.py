@@ -1,0 +1,135 @@
+"""V4L2 cameras as a capture source (``v4l2:`` URIs).
+
+    v4l2:/dev/video0?width=640&height=480&fps=30&format=RGB24&buffers=4
+
+``read_into(out)`` is the one-copy path: the dequeued driver buffer is converted (libv4l2's
+libv4lconvert, or frameshm's GRAY8 extraction) or copied once, straight into ``out`` (the
+slot the capture producer loaned), and requeued at once. ``set_rate`` always paces: with
+the device's rate control when it has one, else by dropping frames by driver timestamp
+(PipeWire's V4L2 emulation accepts VIDIOC_S_PARM but ignores it). ``flush`` discards frames
+older than the given age by driver timestamp.
+
+A device that disappears mid-stream (ENODEV) raises :class:`~frameshm.sources.SourceGone`
+from ``read_into``/``set_rate``/``flush``; the producer then calls ``close()`` and
+``open()`` again until it works: ``open()`` raises OSError subclasses
+(:class:`~frameshm.camera.DeviceNotFound` while the node is absent,
+:class:`~frameshm.camera.DeviceBusy`, :class:`~frameshm.camera.DevicePermissionError`) that
+the producer retries, and ValueError subclasses (bad format/size) that it does not. The rate
+asked last is applied again on every open.
+
+Parameters: ``width``/``height`` (exact; default the device's), ``fps`` (default: the
+device's), ``format`` (fourcc or RGB24/BGR24/GRAY8; default the device's), ``buffers``
+(driver buffers, default 4). Compressed formats (MJPEG) need ``format=RGB24`` or similar:
+a stream slot holds fixed-shape frames.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import numpy as np
+
+from ..camera import Camera, DeviceGone
+from ..errors import InvalidArgument
+from . import Source, SourceGone, register
+
+_KNOWN = ("width", "height", "fps", "format", "buffers")
+
+
+def _int(params: Dict[str, str], key: str) -> Optional[int]:
+    raw = params.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        raise InvalidArgument(f"v4l2 source: {key}={raw!r} is not an integer") from None
+    if v <= 0:
+        raise InvalidArgument(f"v4l2 source: {key}={raw!r} must be positive")
+    return v
+
+
+class V4L2Source(Source):
+    """A V4L2 camera (see the module docstring)."""
+
+    def __init__(self, path: str, params: Dict[str, str]):
+        unknown = sorted(set(params) - set(_KNOWN))
+        if unknown:
+            raise InvalidArgument(f"v4l2 source: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(_KNOWN)}")
+        self.path = path or "/dev/video0"
+        self.width = _int(params, "width")
+        self.height = _int(params, "height")
+        if (self.width is None) != (self.height is None):
+            raise InvalidArgument("v4l2 source: give both width and height, or neither")
+        fps = params.get("fps")
+        try:
+            self.fps = float(fps) if fps not in (None, "") else None
+        except ValueError:
+            raise InvalidArgument(f"v4l2 source: fps={fps!r} is not a number") from None
+        if self.fps is not None and not self.fps > 0:
+            raise InvalidArgument(f"v4l2 source: fps={fps!r} must be positive")
+        self.format = params.get("format") or None
+        self.buffers = _int(params, "buffers") or 4
+        self._rate: Optional[float] = None   # asked with set_rate(); re-applied on reopen
+        self.cam: Optional[Camera] = None
+
+    def open(self) -> None:
+        if self.cam is not None:
+            return
+        cam = Camera(self.path, self.width, self.height, self.fps, self.format, buffers=self.buffers)
+        try:
+            if cam.compressed:
+                raise InvalidArgument(
+                    f"v4l2 source: {self.path} delivers {cam.format} (compressed, variable size); "
+                    "ask for format=RGB24, BGR24 or GRAY8"
+                )
+            if self._rate is not None:
+                cam.set_rate(self._rate)
+        except DeviceGone as exc:
+            cam.close()
+            raise SourceGone(str(exc)) from exc
+        except BaseException:
+            cam.close()
+            raise
+        self.cam = cam
+        self.shape = cam.shape
+        self.dtype = cam.dtype
+
+    def _camera(self) -> Camera:
+        if self.cam is None:
+            raise InvalidArgument("v4l2 source is not open")
+        return self.cam
+
+    def read_into(self, out: np.ndarray, timeout: float) -> int:
+        try:
+            return self._camera().read_into(out, timeout)
+        except DeviceGone as exc:
+            raise SourceGone(str(exc)) from exc
+
+    def set_rate(self, fps: float) -> bool:
+        """Always True: the device paces itself, or frameshm drops frames by driver
+        timestamp (Camera.rate_limit tells which)."""
+        self._rate = fps
+        if self.cam is not None:
+            try:
+                self.cam.set_rate(fps)
+            except DeviceGone as exc:
+                raise SourceGone(str(exc)) from exc
+        return True
+
+    def flush(self, max_age_ns: int) -> int:
+        try:
+            return self._camera().flush(max_age_ns / 1e9)
+        except DeviceGone as exc:
+            raise SourceGone(str(exc)) from exc
+
+    def close(self) -> None:
+        cam, self.cam = self.cam, None
+        if cam is not None:
+            cam.close()
+
+    def __repr__(self) -> str:
+        return f"<V4L2Source {self.path} {self.cam!r}>"
+
+
+register("v4l2", V4L2Source)
