@@ -19,6 +19,33 @@ def _fmt_bytes(n: int) -> str:
     return str(n)
 
 
+# Keys of a role's metrics document worth a place in `ls` (the rest: `<role> --status`).
+_METRIC_KEYS = ("state", "mode", "fps", "target_fps", "processed", "skipped", "infer_ms", "latency_ms",
+                "transitions", "lost", "reconnects")
+
+
+def _role_metrics(info: dict, args) -> str:
+    """A role's metrics streams are named <frames>.<role>: show their newest document."""
+    name = info.get("name", "")
+    role = name.rsplit(".", 1)[-1] if "." in name else ""
+    if role not in ("capture", "inference", "controller") or info.get("producer") != "alive":
+        return ""
+    try:
+        from .roles import read_metrics
+
+        doc = read_metrics(name, base_dir=args.base_dir, namespace=args.namespace) or {}
+    except Exception:  # noqa: BLE001 - a listing never fails on one stream's metrics
+        return ""
+    parts = []
+    for k in _METRIC_KEYS:
+        if k in doc:
+            v = doc[k]
+            if isinstance(v, dict):  # {"last", "mean", "max"} timings
+                v = "mean {mean} max {max}".format(**v) if {"mean", "max"} <= v.keys() else v
+            parts.append(f"{k} {v}")
+    return ", ".join(parts)
+
+
 def cmd_ls(args) -> int:
     streams = list_streams(args.base_dir, args.namespace, sample_s=args.sample)
     if args.json:
@@ -28,7 +55,7 @@ def cmd_ls(args) -> int:
         print("no streams")
         return 0
     now = time.monotonic_ns()
-    for s in streams:
+    for s in sorted(streams, key=lambda s: s.get("name", "")):
         if "error" in s:
             print(f"{s['stream_id']:>10}  ?  CORRUPT: {s['error']}")
             continue
@@ -43,6 +70,9 @@ def cmd_ls(args) -> int:
             f"idle {idle:.1f}s, slots {s['nslots']} x pools {pools}, mode {s['mode']}, "
             f"drops: no-pool {s['drops_nopool']}, queue-full {s['descriptors_dropped']}"
         )
+        metrics = _role_metrics(s, args)
+        if metrics:
+            print(f"    metrics: {metrics}")
         for c in s["consumers"]:
             taken = c["last_seq_plus1"]
             lag = latest - taken if taken else None
