@@ -34,6 +34,8 @@ extern "C" {
 #define FSHM_E_CLOSED (-1007)         /* object already closed */
 
 const char *fshm_last_error(void);
+/* The system errno behind the last error of this thread (0 if none). */
+int fshm_last_errno(void);
 const char *fshm_strerror(int code);
 
 /* Element types: values of the wire spec's Dtype enum. */

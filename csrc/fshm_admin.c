@@ -61,7 +61,7 @@ int fshm_stream_gc(const fshm_stream_addr *addr)
     int rc = fshm_resolve(addr, 0, &p);
     if (rc)
         return rc;
-    int fd = open(p.ctl, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+    int fd = open(p.ctl, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0) {
         struct stat st;
         if (errno == ENOENT && lstat(p.stream_dir, &st) == 0 && S_ISDIR(st.st_mode)) {

@@ -81,7 +81,7 @@ int fshm_ctl_open(const fshm_paths *p, int create, fshm_ctl_handle *h)
     memset(h, 0, sizeof *h);
     h->fd = -1;
     for (int attempt = 0; attempt < 8; attempt++) {
-        int fd = open(p->ctl, O_RDWR | O_NOFOLLOW | O_CLOEXEC);
+        int fd = open(p->ctl, O_RDWR | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
         if (fd >= 0) {
             int rc = map_ctl_fd(fd, p, h);
             if (rc)

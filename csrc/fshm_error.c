@@ -5,15 +5,24 @@
 #include "fshm_internal.h"
 
 static _Thread_local char last_error[512];
+static _Thread_local int last_errno;
 
 int fshm_set_error(int code, const char *fmt, ...)
 {
+    /* Formatting into a scratch buffer lets a message wrap the previous one
+     * (fshm_set_error(..., "context: %s", fshm_last_error())). */
+    char buf[sizeof last_error];
     va_list ap;
     va_start(ap, fmt);
-    vsnprintf(last_error, sizeof last_error, fmt, ap);
+    vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
+    memcpy(last_error, buf, sizeof buf);
+    last_errno = code < 0 && code > -1000 ? -code : 0;
     return code;
 }
+
+void fshm_note_errno(int e) { last_errno = e; }
+int fshm_last_errno(void) { return last_errno; }
 
 const char *fshm_last_error(void)
 {

@@ -21,6 +21,8 @@
 
 /* ---- errors ---- */
 int fshm_set_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
+/* Records the system errno behind a frameshm-specific code (e.g. FSHM_E_LIMIT). */
+void fshm_note_errno(int e);
 
 /* ---- wire constants (SHM Tensor Pool Wire Spec v1.2) ---- */
 #define FSHM_MAGIC 0x544F504C53484D31ULL   /* "TPOLSHM1" read as a little-endian u64 */

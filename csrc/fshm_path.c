@@ -229,7 +229,9 @@ int fshm_uri_open(const char *uri, const char *base, int writable, int *fd_out, 
     if (strncmp(canon, base, blen) != 0 || canon[blen] != '/')
         return fshm_set_error(FSHM_E_CORRUPT, "region %s is outside the base directory %s", canon,
                               base);
-    int fd = open(canon, (writable ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_CLOEXEC);
+    /* O_NONBLOCK: a FIFO planted in place of a region must not hang us before the
+     * regular-file check below rejects it. */
+    int fd = open(canon, (writable ? O_RDWR : O_RDONLY) | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
     if (fd < 0)
         return fshm_set_error(-errno, "cannot open region %s: %s", canon, strerror(errno));
     struct stat fst, pst;

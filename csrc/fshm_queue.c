@@ -29,7 +29,7 @@ int fshm_queue_limit(void)
     return m < 1 ? 1 : (int)m;
 }
 
-static int queue_error(int e, const char *name)
+static int queue_error_msg(int e, const char *name)
 {
     switch (e) {
     case ENOSPC:
@@ -40,7 +40,9 @@ static int queue_error(int e, const char *name)
                               name, read_proc_long("/proc/sys/fs/mqueue/queues_max", 256));
     case EMFILE:
     case ENFILE:
-        return fshm_set_error(FSHM_E_LIMIT, "cannot open message queue %s: too many open queues/files",
+        return fshm_set_error(FSHM_E_LIMIT,
+                              "cannot open message queue %s: too many open queues or files, or "
+                              "RLIMIT_MSGQUEUE (bytes of queues per user) exhausted",
                               name);
     case ENOMEM:
         return fshm_set_error(FSHM_E_LIMIT,
@@ -50,6 +52,13 @@ static int queue_error(int e, const char *name)
     default:
         return fshm_set_error(-e, "message queue %s: %s", name, strerror(e));
     }
+}
+
+static int queue_error(int e, const char *name)
+{
+    int rc = queue_error_msg(e, name);
+    fshm_note_errno(e);
+    return rc;
 }
 
 int fshm_queue_create(char name[32], mqd_t *out)

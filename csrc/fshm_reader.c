@@ -33,6 +33,7 @@ struct fshm_reader {
     uint32_t npools;
     reader_pool pools[FSHM_MAX_POOLS];
     uint64_t last_plus1;     /* newest seq returned + 1 */
+    uint64_t start_seq;      /* latest_seq when we registered: frames from here are ours */
     uint64_t overruns;
     uint64_t drops;
     uint64_t next_check_ns;
@@ -126,6 +127,7 @@ static int attach_ctl(fshm_reader *r)
         return rc;
     r->ctl = r->ch.ctl;
     fshm_ctl_prune(r->ctl);
+    r->start_seq = LOAD_ACQ(&r->ctl->latest_seq);
     if (r->passive)
         return 0;
     rc = fshm_ctl_register(r->ctl, r->consumer, r->queue);
@@ -171,6 +173,7 @@ static int check_environment(fshm_reader *r, int force)
         r->ctl = nh.ctl;
         r->entry = idx;
         r->last_plus1 = 0;   /* a new control region: seqs start over */
+        r->start_seq = LOAD_ACQ(&nh.ctl->latest_seq);
         r->last_arrival_ns = r->interval_ns = 0;
         r->attach_gen++;
     } else if (!ours) {
@@ -221,6 +224,8 @@ int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out)
     *out = r;
     return 0;
 fail:
+    if (!r->ctl && r->paths.stream_dir[0])
+        rmdir(r->paths.stream_dir);   /* only if we left it empty */
     fshm_reader_close(r);
     return rc;
 }
@@ -294,7 +299,10 @@ static void took(fshm_reader *r, fshm_frame *f)
             r->interval_ns = r->interval_ns ? r->interval_ns - r->interval_ns / 8 + d / 8 : d;
     }
     r->last_arrival_ns = commit_ns;
-    f->skipped = r->last_plus1 ? f->seq - r->last_plus1 : 0;
+    /* Before the first frame, count from registration: frames committed since then
+     * that we never got were lost to us too. */
+    uint64_t from = r->last_plus1 ? r->last_plus1 : r->start_seq;
+    f->skipped = f->seq > from ? f->seq - from : 0;
     r->last_plus1 = f->seq + 1;
     if (r->entry >= 0)
         STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->last_seq, f->seq + 1);
@@ -508,7 +516,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
     int rc = check_environment(r, 0);
     if (rc == FSHM_E_CORRUPT)
         return rc;
-    uint64_t next_try = r->last_plus1;
+    uint64_t next_try = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
     for (;;) {
         uint64_t seq, pub, epoch;
         rc = receive(r, 0, NULL, &seq, &pub, &epoch);
@@ -531,6 +539,8 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
                 uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
                 if (next_try < r->last_plus1)
                     next_try = r->last_plus1;
+                if (next_try < r->start_seq)
+                    next_try = r->start_seq;   /* a late joiner gets no history */
                 if (r->epoch && latest > next_try) {
                     uint64_t s = latest - next_try > r->nslots ? latest - r->nslots : next_try;
                     for (; s < latest; s++) {
@@ -637,7 +647,7 @@ uint8_t fshm_reader_mode(fshm_reader *r)
 }
 void fshm_reader_set_mode(fshm_reader *r, uint8_t mode)
 {
-    check_environment(r, 0);
+    check_environment(r, 1);   /* a write must never land in a replaced control region */
     STORE_REL(&r->ctl->mode, mode);
 }
 uint64_t fshm_reader_epoch(const fshm_reader *r) { return r->epoch; }
@@ -652,6 +662,7 @@ void fshm_reader_close(fshm_reader *r)
         return;
     if (r->ctl) {
         fshm_ctl_unregister(r->ctl, r->entry, r->queue);
+        fshm_ctl_prune(r->ctl);   /* nobody else may be left to unlink dead consumers' queues */
         /* Last one out of a stream nobody produces into (never, or closed cleanly)
          * removes it; a dead producer's stream is left for `frameshm gc` to show. */
         int st = fshm_ctl_producer_state(r->ctl, NULL);

@@ -98,6 +98,7 @@ typedef struct cam_buf {
     struct v4l2_buffer vb;      /* as last dequeued */
     uint64_t ts_ns;             /* capture time of the frame it holds */
     int driver_ts;
+    int rate_ok;                /* passed the rate limit (fshm_v4l2_wait kept it) */
 } cam_buf;
 
 struct fshm_v4l2_cam {
@@ -180,6 +181,21 @@ static int ioctl_error(fshm_v4l2_cam *c, int rc, const char *what)
                               "it (fuser -v %s shows which)",
                               c->path, what, c->path);
     return fshm_set_error(rc, "%s on %s failed: %s", what, c->path, strerror(-rc));
+}
+
+/* DQBUF failing with EINVAL on a queue we started means the stream was torn down under
+ * us (PipeWire's emulation does this when the camera node goes away; it never says
+ * ENODEV): as good as gone, so that callers reconnect. */
+static int dqbuf_error(fshm_v4l2_cam *c, int rc)
+{
+    if (rc == -EINVAL && c->started) {
+        c->gone = 1;
+        return fshm_set_error(-ENODEV,
+                              "camera %s stopped streaming by itself (VIDIOC_DQBUF: EINVAL): the device "
+                              "or its PipeWire node went away; close it and open it again once it is back",
+                              c->path);
+    }
+    return ioctl_error(c, rc, "VIDIOC_DQBUF");
 }
 
 static int gone_error(fshm_v4l2_cam *c)
@@ -1130,6 +1146,7 @@ static int dq_locked(fshm_v4l2_cam *c, struct v4l2_buffer *b)
     cam_buf *cb = &c->bufs[b->index];
     cb->vb = *b;
     cb->state = BUF_IDLE;
+    cb->rate_ok = 0;
     uint64_t now = fshm_now_ns();
     uint64_t ts = tv_ns(&b->timestamp);
     /* Driver capture time when it is CLOCK_MONOTONIC and plausible; else dequeue time. */
@@ -1193,7 +1210,7 @@ static int next_frame(fshm_v4l2_cam *c, int64_t timeout_ns, uint32_t *index)
             int drop = 0;
             if (bad) {
                 c->stats.errors++;
-            } else if (c->min_interval_ns) {
+            } else if (c->min_interval_ns && !cb->rate_ok) {
                 /* Keep a frame when it is at most a quarter interval early, then advance
                  * the due time in phase; more than one interval late restarts the phase. */
                 uint64_t slack = c->min_interval_ns / 4, ts = cb->ts_ns;
@@ -1207,6 +1224,7 @@ static int next_frame(fshm_v4l2_cam *c, int64_t timeout_ns, uint32_t *index)
                 }
             }
             if (!bad && !drop) {
+                cb->rate_ok = 1;
                 *index = (uint32_t)idx;
                 return 0;
             }
@@ -1218,7 +1236,7 @@ static int next_frame(fshm_v4l2_cam *c, int64_t timeout_ns, uint32_t *index)
             continue;
         }
         if (rc != -EAGAIN)
-            return ioctl_error(c, rc, "VIDIOC_DQBUF");
+            return dqbuf_error(c, rc);
         if (queued == 0)
             return fshm_set_error(FSHM_E_V4L2_NOBUFS,
                                   "all %u buffers of %s are held by the application: release frames "
@@ -1251,7 +1269,7 @@ static int next_frame(fshm_v4l2_cam *c, int64_t timeout_ns, uint32_t *index)
             if (rc == -EAGAIN)
                 return fshm_set_error(-EIO, "poll reported an error on %s (revents 0x%x) with no frame", c->path,
                                       pfd.revents);
-            return ioctl_error(c, rc, "VIDIOC_DQBUF");
+            return dqbuf_error(c, rc);
         }
     }
 }
@@ -1381,10 +1399,10 @@ int fshm_v4l2_dequeue(fshm_v4l2_cam *c, int64_t timeout_ns, fshm_v4l2_buf *out)
             long n = convert_into(c, idx, cb->conv, c->fmt.frame_bytes);
             if (n < 0) {
                 c->stats.errors++;
-                if (++c->bad_in_a_row >= MAX_BAD_IN_A_ROW)
-                    return requeue_idle(c, idx), (int)n;
                 if ((rc = requeue_idle(c, idx)))
                     return rc;
+                if (++c->bad_in_a_row >= MAX_BAD_IN_A_ROW)
+                    return (int)n;
                 continue;
             }
             fill_info(c, idx, cb->conv, (size_t)n, c->fmt.bytesperline, out);
@@ -1529,6 +1547,7 @@ int fshm_v4l2_flush(fshm_v4l2_cam *c, uint64_t max_age_ns)
         c->ready_count--;
         keep[nkeep++] = i;
     }
+    int dq_err = 0;
     for (;;) {
         struct v4l2_buffer b;
         rc = dq_locked(c, &b);
@@ -1537,12 +1556,13 @@ int fshm_v4l2_flush(fshm_v4l2_cam *c, uint64_t max_age_ns)
         keep[nkeep++] = b.index;
         c->bufs[b.index].state = BUF_READY;
     }
-    if (rc == -EAGAIN)
-        rc = 0;
+    if (rc != -EAGAIN)
+        dq_err = rc;
+    rc = 0;
     c->ready_head = 0;
     for (unsigned k = 0; k < nkeep; k++) {
         cam_buf *cb = &c->bufs[keep[k]];
-        if (cb->ts_ns + max_age_ns < now && !rc) {
+        if (cb->ts_ns + max_age_ns < now && !rc && !dq_err) {
             int q = queue_locked(c, keep[k]);
             if (q) {
                 rc = q;
@@ -1557,8 +1577,10 @@ int fshm_v4l2_flush(fshm_v4l2_cam *c, uint64_t max_age_ns)
     }
     c->stats.flushed += (uint64_t)discarded;
     pthread_mutex_unlock(&c->lock);
+    if (dq_err)
+        return dqbuf_error(c, dq_err);
     if (rc)
-        return ioctl_error(c, rc, rc == -ENODEV ? "VIDIOC_DQBUF" : "flushing buffers");
+        return ioctl_error(c, rc, "VIDIOC_QBUF");
     return discarded;
 }
 

@@ -12,8 +12,9 @@
  * default backend fails with FSHM_E_V4L2_NOLIB.
  *
  * Errors: negative errno values (-ENOENT no such device, -EACCES permission denied,
- * -EBUSY device busy, -ENODEV device gone, -ETIMEDOUT no frame in time, -ENOTTY not a
- * V4L2 device) or the codes below; fshm_last_error() has the message.
+ * -EBUSY device busy, -ENODEV device gone - also when a started queue stops by itself,
+ * which is how PipeWire's emulation reports a vanished node - -ETIMEDOUT no frame in
+ * time, -ENOTTY not a V4L2 device) or the codes below; fshm_last_error() has the message.
  *
  * Not thread-safe per camera, except fshm_v4l2_requeue(), which may run on another thread
  * while one thread waits in a dequeue/capture call.

@@ -167,7 +167,7 @@ int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
         if ((rc = fshm_ctl_open(&w->paths, 1, &w->ch)))
             goto fail;
         w->ctl = w->ch.ctl;
-        w->lock_fd = open(w->paths.ctl, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+        w->lock_fd = open(w->paths.ctl, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
         if (w->lock_fd < 0) {
             rc = fshm_set_error(-errno, "cannot open %s: %s", w->paths.ctl, strerror(errno));
             goto fail;
@@ -321,6 +321,7 @@ int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out)
         p++;
     if (p == w->npools) {
         ADD_RLX(&w->ctl->drops_nopool, 1);
+        w->ref_plus1 = 0;   /* the tag belonged to the dropped frame */
         return fshm_set_error(FSHM_E_NOPOOL,
                               "frame of %zu bytes is larger than the largest payload pool (%u bytes): "
                               "dropped",
@@ -350,15 +351,19 @@ int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out)
 
 int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint64_t timestamp_ns)
 {
-    if (!w->loan_active)
-        return fshm_set_error(-EINVAL, "commit without a loan");
-    if (nbytes > w->loan.capacity)
-        return fshm_set_error(-EINVAL, "committing %zu bytes into a %u-byte slot", nbytes,
-                              w->loan.capacity);
     fshm_tensor full;
-    int rc = fshm_tensor_check(t, nbytes, 1, &full);
-    if (rc)
+    int rc = 0;
+    if (!w->loan_active)
+        rc = fshm_set_error(-EINVAL, "commit without a loan");
+    else if (nbytes > w->loan.capacity)
+        rc = fshm_set_error(-EINVAL, "committing %zu bytes into a %u-byte slot", nbytes,
+                            w->loan.capacity);
+    else
+        rc = fshm_tensor_check(t, nbytes, 1, &full);
+    if (rc) {
+        w->ref_plus1 = 0;
         return rc;
+    }
     uint64_t now = fshm_now_ns();
     uint64_t seq = w->loan.seq;
     uint8_t *slot = (uint8_t *)w->ring->base + FSHM_SUPERBLOCK_SIZE + (size_t)w->loan.slot * FSHM_SLOT_BYTES;
@@ -409,8 +414,10 @@ int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fs
 {
     fshm_loan l;
     int rc = fshm_tensor_check(t, nbytes, 0, NULL);
-    if (rc)
+    if (rc) {
+        w->ref_plus1 = 0;
         return rc;
+    }
     if ((rc = fshm_writer_loan(w, nbytes, &l)))
         return rc;
     memcpy(l.data, src, nbytes);

@@ -299,31 +299,30 @@ class Camera:
                     self._view_strides = (bpl, item)
 
     def formats(self) -> List[Dict]:
-        """What the device can deliver: one dict per format with ``format`` (fourcc),
-        ``description``, ``native`` (False: converted from ``source``), ``compressed``,
-        ``sizes`` (``(w, h)`` tuples, or a dict of ranges) and, per size, ``fps`` (rates
-        the device lists; empty when it cannot say)."""
+        """What the device can deliver, one dict per format: ``format`` (fourcc),
+        ``description``, ``native`` (False: converted from ``source``), ``compressed`` and
+        ``sizes``: ``{"width", "height", "fps"}`` dicts (``fps``: the rates the device lists,
+        empty when it cannot say), or one ``{"min_width", "max_width", "step_width",
+        "min_height", ...}`` range."""
         out = []
         for code, flags, src, desc in self._cam.formats():
-            sizes = self._cam.sizes(code)
-            entry = {
+            sizes = []
+            for s in self._cam.sizes(code):
+                if len(s) == 2:
+                    ivals = self._cam.intervals(code, s[0], s[1])
+                    sizes.append({"width": s[0], "height": s[1],
+                                  "fps": [round(den / num, 3) for num, den, *_ in ivals if num]})
+                else:
+                    sizes.append(dict(zip(("min_width", "max_width", "step_width", "min_height",
+                                           "max_height", "step_height"), s)))
+            out.append({
                 "format": fourcc_str(code),
                 "description": desc,
                 "native": not flags & 2,
                 "compressed": bool(flags & 1),
                 "source": fourcc_str(src) if src else None,
-                "sizes": [],
-                "fps": {},
-            }
-            for s in sizes:
-                if len(s) == 2:
-                    entry["sizes"].append(tuple(s))
-                    ivals = self._cam.intervals(code, s[0], s[1])
-                    entry["fps"][tuple(s)] = [round(den / num, 3) for num, den, *_ in ivals if num]
-                else:
-                    entry["sizes"].append(dict(zip(("min_width", "max_width", "step_width", "min_height",
-                                                    "max_height", "step_height"), s)))
-            out.append(entry)
+                "sizes": sizes,
+            })
         return out
 
     # -- frames ----------------------------------------------------------------------------

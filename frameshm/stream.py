@@ -51,7 +51,7 @@ def _shape(shape) -> Tuple[int, ...]:
         shape = (int(shape),)
     try:
         out = tuple(int(s) for s in shape)
-    except TypeError as exc:
+    except (TypeError, ValueError) as exc:
         raise InvalidArgument(f"shape must be a tuple of ints, not {shape!r}") from exc
     if not 1 <= len(out) <= _core.MAX_DIMS:
         raise InvalidArgument(f"shape {out} must have 1 to {_core.MAX_DIMS} dimensions")
@@ -239,6 +239,7 @@ class Writer:
     def close(self, unlink: Optional[bool] = None) -> None:
         """Closes the stream. Loaned views stay valid memory until dropped."""
         self._views.clear()
+        self._maps = ()
         self._w.close(unlink=self._unlink if unlink is None else unlink)
 
     def __enter__(self) -> "Writer":

@@ -10,6 +10,8 @@
 extern PyTypeObject FshmMappingType;
 extern PyTypeObject FshmWriterType;
 extern PyTypeObject FshmReaderType;
+/* frameshm.errors.InvalidArgument (a ValueError) */
+extern PyObject *fshm_exc_invalid;
 extern PyTypeObject FshmCameraType;
 
 typedef struct {
@@ -24,6 +26,7 @@ PyObject *fshm_mapping_new(fshm_map *m);
 /* Raises the Python exception matching a negative frameshm code; returns NULL. */
 PyObject *fshm_raise(int code);
 PyObject *fshm_raise_closed(const char *what);
+PyObject *fshm_raise_invalid(const char *msg);
 /* Parses an optional timeout in seconds (None = forever) into nanoseconds. */
 int fshm_parse_timeout(PyObject *obj, int64_t *out);
 /* Parses a stream address from common keyword values. */

@@ -11,6 +11,7 @@
 
 #include <linux/videodev2.h>
 
+#include "../fshm_internal.h"   /* fshm_set_error */
 #include "../fshm_v4l2.h"
 
 typedef struct {
@@ -270,8 +271,11 @@ static PyObject *camera_stats(FshmCamera *self, PyObject *unused)
                          "held", fshm_v4l2_held(self->cam));
 }
 
-/* Runs a blocking camera call without the GIL, retrying after signal handlers ran. */
+/* Runs a blocking camera call without the GIL, in slices of at most SLICE_NS: between
+ * slices (and after EINTR) Python signal handlers run, so that Ctrl-C works even when the
+ * signal was delivered to another thread and did not interrupt this one's poll(). */
 typedef int (*blocking_fn)(FshmCamera *self, int64_t timeout, void *arg);
+#define SLICE_NS 200000000ll
 
 static int run_blocking(FshmCamera *self, PyObject *tobj, blocking_fn fn, void *arg)
 {
@@ -286,21 +290,30 @@ static int run_blocking(FshmCamera *self, PyObject *tobj, blocking_fn fn, void *
     int rc;
     self->busy = 1;
     for (;;) {
+        int64_t left = timeout;
+        if (timeout >= 0) {
+            uint64_t now = fshm_now_ns();
+            left = now >= deadline ? 0 : (int64_t)(deadline - now);
+        }
+        int64_t slice = left < 0 || left > SLICE_NS ? SLICE_NS : left;
         Py_BEGIN_ALLOW_THREADS
-        rc = fn(self, timeout, arg);
+        rc = fn(self, slice, arg);
         Py_END_ALLOW_THREADS
+        if (rc == -ETIMEDOUT && slice < left)
+            rc = -EINTR;   /* only a slice ran out */
+        else if (rc == -ETIMEDOUT && left < 0)
+            rc = -EINTR;   /* no timeout: wait on */
         if (rc != -EINTR)
             break;
         if (PyErr_CheckSignals() < 0) {
             self->busy = 0;
             return INT_MIN;
         }
-        if (timeout >= 0) {
-            uint64_t now = fshm_now_ns();
-            timeout = now >= deadline ? 0 : (int64_t)(deadline - now);
-        }
     }
     self->busy = 0;
+    if (rc == -ETIMEDOUT)
+        fshm_set_error(-ETIMEDOUT, "no frame from %s within %.3f s", PyBytes_AS_STRING(self->path),
+                       (double)timeout / 1e9);
     return rc;
 }
 

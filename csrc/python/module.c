@@ -1,6 +1,8 @@
 /* frameshm._core module: exception mapping and module-level functions. */
 #include "binding.h"
 
+PyObject *fshm_exc_invalid;
+
 static PyObject *exc_base, *exc_invalid, *exc_notfound, *exc_busy, *exc_corrupt, *exc_toolarge,
     *exc_limit, *exc_timeout, *exc_dead, *exc_overrun, *exc_closed;
 
@@ -25,6 +27,7 @@ int fshm_binding_init_errors(void)
         }
     }
     Py_DECREF(mod);
+    fshm_exc_invalid = exc_invalid;
     return 0;
 }
 
@@ -50,8 +53,9 @@ PyObject *fshm_raise(int code)
     default: exc = exc_base; break;
     }
     if (PyType_IsSubtype((PyTypeObject *)exc, (PyTypeObject *)PyExc_OSError)) {
-        int e = code > -4096 && code < 0 ? -code : (code == FSHM_E_LIMIT ? ENOSPC : 0);
-        if (code == -ETIMEDOUT || code == FSHM_E_PRODUCER_DEAD)
+        /* frameshm's own codes (<= -1000) carry the system errno behind them separately */
+        int e = code <= -1000 ? fshm_last_errno() : -code;
+        if (code == FSHM_E_PRODUCER_DEAD)
             e = ETIMEDOUT;
         PyObject *v = Py_BuildValue("(is)", e, msg);
         if (v) {
@@ -61,6 +65,12 @@ PyObject *fshm_raise(int code)
     } else {
         PyErr_SetString(exc, msg);
     }
+    return NULL;
+}
+
+PyObject *fshm_raise_invalid(const char *msg)
+{
+    PyErr_SetString(exc_invalid, msg);
     return NULL;
 }
 
@@ -80,7 +90,7 @@ int fshm_parse_timeout(PyObject *obj, int64_t *out)
     if (t == -1.0 && PyErr_Occurred())
         return -1;
     if (t < 0 || t != t) {
-        PyErr_SetString(PyExc_ValueError, "timeout must be None or a non-negative number of seconds");
+        PyErr_SetString(exc_invalid, "timeout must be None or a non-negative number of seconds");
         return -1;
     }
     *out = t > 9.2e9 ? -1 : (int64_t)(t * 1e9);
@@ -93,7 +103,7 @@ int fshm_parse_mode(PyObject *v, uint8_t *out)
     if (m == -1 && PyErr_Occurred())
         return -1;
     if (m < 0 || m > 255) {
-        PyErr_SetString(PyExc_ValueError, "mode is a byte (0..255)");
+        PyErr_SetString(exc_invalid, "mode is a byte (0..255)");
         return -1;
     }
     *out = (uint8_t)m;
@@ -120,7 +130,7 @@ int fshm_parse_addr(PyObject *name, unsigned long stream_id, PyObject *base_dir,
     if (PyErr_Occurred())
         return -1;
     if (stream_id > UINT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "stream_id must fit in 32 bits");
+        PyErr_SetString(exc_invalid, "stream_id must fit in 32 bits");
         return -1;
     }
     addr->stream_id = (uint32_t)stream_id;

@@ -23,7 +23,7 @@ static int parse_int_tuple(PyObject *seq, int32_t *out, int maxn, const char *wh
     Py_ssize_t n = PySequence_Fast_GET_SIZE(fast);
     if (n > maxn) {
         Py_DECREF(fast);
-        PyErr_Format(PyExc_ValueError, "%s has %zd dimensions; at most %d are supported", what, n,
+        PyErr_Format(fshm_exc_invalid, "%s has %zd dimensions; at most %d are supported", what, n,
                      maxn);
         return -1;
     }
@@ -35,7 +35,7 @@ static int parse_int_tuple(PyObject *seq, int32_t *out, int maxn, const char *wh
         }
         if (v < 0 || v > INT32_MAX) {
             Py_DECREF(fast);
-            PyErr_Format(PyExc_ValueError, "%s[%zd] = %lld is outside 0..2^31-1", what, i, v);
+            PyErr_Format(fshm_exc_invalid, "%s[%zd] = %lld is outside 0..2^31-1", what, i, v);
             return -1;
         }
         out[i] = (int32_t)v;
@@ -63,7 +63,7 @@ static int writer_init(FshmWriter *self, PyObject *args, PyObject *kw)
     if (fshm_parse_addr(name, sid, base, ns, &cfg.addr))
         return -1;
     if (nslots > UINT32_MAX) {
-        PyErr_SetString(PyExc_ValueError, "nslots too large");
+        PyErr_SetString(fshm_exc_invalid, "nslots too large");
         return -1;
     }
     cfg.nslots = (uint32_t)nslots;
@@ -78,7 +78,7 @@ static int writer_init(FshmWriter *self, PyObject *args, PyObject *kw)
     Py_ssize_t np = PySequence_Fast_GET_SIZE(fast);
     if (np < 1 || np > FSHM_MAX_POOLS) {
         Py_DECREF(fast);
-        PyErr_Format(PyExc_ValueError, "a stream has 1 to %d pools, not %zd", FSHM_MAX_POOLS, np);
+        PyErr_Format(fshm_exc_invalid, "a stream has 1 to %d pools, not %zd", FSHM_MAX_POOLS, np);
         return -1;
     }
     for (Py_ssize_t i = 0; i < np; i++) {
@@ -89,7 +89,7 @@ static int writer_init(FshmWriter *self, PyObject *args, PyObject *kw)
         }
         if (v == 0 || v > 0x80000000ull) {
             Py_DECREF(fast);
-            PyErr_Format(PyExc_ValueError, "pool size %llu is outside 1 byte .. 2 GiB", v);
+            PyErr_Format(fshm_exc_invalid, "pool size %llu is outside 1 byte .. 2 GiB", v);
             return -1;
         }
         cfg.pool_bytes[i] = (uint32_t)v;
@@ -146,21 +146,21 @@ static PyObject *writer_set_tensor(FshmWriter *self, PyObject *args, PyObject *k
     fshm_tensor t;
     memset(&t, 0, sizeof t);
     if (!fshm_dtype_size(dtype))
-        return PyErr_Format(PyExc_ValueError, "unsupported dtype code %d", dtype);
+        return PyErr_Format(fshm_exc_invalid, "unsupported dtype code %d", dtype);
     t.dtype = (int16_t)dtype;
     t.major_order = (int16_t)order;
     int n = parse_int_tuple(shape, t.dims, FSHM_MAX_DIMS, "shape");
     if (n < 0)
         return NULL;
     if (n == 0)
-        return PyErr_Format(PyExc_ValueError, "0-dimensional tensors are not supported; reshape to (1,)");
+        return PyErr_Format(fshm_exc_invalid, "0-dimensional tensors are not supported; reshape to (1,)");
     t.ndims = (uint8_t)n;
     if (strides != Py_None) {
         int m = parse_int_tuple(strides, t.strides, FSHM_MAX_DIMS, "strides");
         if (m < 0)
             return NULL;
         if (m != n)
-            return PyErr_Format(PyExc_ValueError, "strides has %d entries, shape has %d", m, n);
+            return PyErr_Format(fshm_exc_invalid, "strides has %d entries, shape has %d", m, n);
     }
     self->tensor = t;
     Py_RETURN_NONE;
@@ -172,7 +172,7 @@ static PyObject *writer_loan(FshmWriter *self, PyObject *arg)
     Py_ssize_t nbytes = PyNumber_AsSsize_t(arg, PyExc_OverflowError);
     if (nbytes < 0) {
         if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_ValueError, "nbytes must be >= 0");
+            PyErr_SetString(fshm_exc_invalid, "nbytes must be >= 0");
         return NULL;
     }
     fshm_loan l;
@@ -206,10 +206,10 @@ static PyObject *writer_commit(FshmWriter *self, PyObject *const *args, Py_ssize
     int has_ref = nargs >= 2 ? opt_u64(args[1], &ref) : 0;
     if (has_ref < 0)
         return NULL;
+    if (!self->loaned)
+        return fshm_raise_invalid("commit() without a loan(): nothing to commit");
     if (has_ref)
         fshm_writer_set_ref(self->w, ref);
-    if (!self->loaned)
-        return PyErr_Format(PyExc_RuntimeError, "commit() without a loan(): nothing to commit");
     int rc = fshm_writer_commit(self->w, &self->tensor, self->loan_bytes, ts);
     if (rc)
         return fshm_raise(rc);
@@ -275,6 +275,7 @@ static PyObject *writer_close(FshmWriter *self, PyObject *args, PyObject *kw)
         fshm_writer_close(w, unlink_files);
         Py_END_ALLOW_THREADS
     }
+    Py_CLEAR(self->maps);   /* views handed out keep their own references */
     Py_RETURN_NONE;
 }
 

@@ -1,0 +1,85 @@
+"""Shared fixtures of the frameshm Python suite.
+
+* Every test gets a private, empty ``FRAMESHM_DIR`` (under ``tmp_path``) and must leave no
+  stream directory behind in it; a test that leaves streams on purpose (a SIGKILLed
+  producer, ...) says so with ``@pytest.mark.leaves_streams`` and the fixture then
+  cleans up with ``frameshm.gc``.
+* ``spawn(code)`` runs a snippet in a real ``python -c`` subprocess sharing that
+  directory; readiness comes as stdout lines (``child.expect("READY")``); every child is
+  SIGKILLed and reaped at teardown, and any descriptor queue it announced is unlinked.
+* Every test has a timeout (pytest-timeout when installed) and every wait in the suite
+  has its own deadline, so nothing can hang.
+"""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import sys
+
+import pytest
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import frameshm  # noqa: E402
+from fshm_helpers import Child, child_env, stream_dirs, tree  # noqa: E402
+
+DEFAULT_TIMEOUT = 90  # seconds per test; every test is far quicker
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "leaves_streams: the test may leave stream directories behind")
+    if not config.pluginmanager.hasplugin("timeout"):
+        config.addinivalue_line("markers", "timeout(seconds): per-test timeout (needs pytest-timeout)")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        if item.get_closest_marker("timeout") is None:
+            item.add_marker(pytest.mark.timeout(DEFAULT_TIMEOUT))
+
+
+@pytest.fixture(autouse=True)
+def shm_base(tmp_path, monkeypatch, request):
+    """A fresh FRAMESHM_DIR per test; asserts at teardown that no stream is left."""
+    base = tmp_path / "shm"
+    base.mkdir()
+    monkeypatch.setenv("FRAMESHM_DIR", str(base))
+    monkeypatch.delenv("FRAMESHM_NAMESPACE", raising=False)
+    yield base
+    gc.collect()  # frames/views the test dropped release their mappings
+    left = stream_dirs(base)
+    allowed = request.node.get_closest_marker("leaves_streams") is not None
+    try:
+        if not allowed:
+            assert not left, f"test left streams behind: { {str(p): tree(p) for p in left} }"
+    finally:
+        if left:
+            # Unlinks dead consumers' queues and removes abandoned streams.
+            for ns in {p.parent for p in left}:
+                try:
+                    frameshm.gc(str(base), ns.name)
+                except Exception:
+                    pass
+
+
+@pytest.fixture
+def spawn(shm_base):
+    """spawn(code, label=...) -> Child: a snippet in a real subprocess (see fshm_helpers)."""
+    children = []
+
+    def _spawn(code: str, label: str = "child", env_extra=None) -> Child:
+        child = Child(code, env=child_env(env_extra), label=label)
+        children.append(child)
+        return child
+
+    yield _spawn
+    for child in children:
+        child.cleanup()
+
+
+@pytest.fixture
+def name(request):
+    """A stream name unique to the test (readable in `frameshm ls` output)."""
+    return "t-" + re.sub(r"[^A-Za-z0-9_.-]", "_", request.node.name)[:60]

@@ -1,0 +1,273 @@
+"""Lifetimes: views outliving their Reader/Writer, unmapping, and leaks of fds, mappings,
+files and message queues."""
+
+import gc
+import os
+
+import numpy as np
+import pytest
+
+import frameshm
+from fshm_helpers import (epoch_dir, fd_count, maps_lines, mapped_paths_under, queue_exists, stream_dir,
+                          tree, unlink_queue)
+
+
+def _pattern(shape=(32, 32), seed=0):
+    return ((np.arange(np.prod(shape)) * 7 + seed) % 251).astype(np.uint8).reshape(shape)
+
+
+def test_views_survive_reader_close(name):
+    data = _pattern()
+    with frameshm.Writer(name, shape=data.shape, nslots=4) as w:
+        r = frameshm.Reader(name)
+        w.publish(data)
+        f = r.wait_latest(timeout=5)
+        a = f.array
+        peek = r.read_latest(copy=False)
+        dl = np.from_dlpack(f)
+        mv = memoryview(a)
+        r.close()
+        # Everything handed out before close still reads the right bytes.
+        np.testing.assert_array_equal(a, data)
+        np.testing.assert_array_equal(peek.array, data)
+        np.testing.assert_array_equal(dl, data)
+        assert mv.tobytes() == data.tobytes()
+        np.testing.assert_array_equal(f.array, data)
+        assert f.valid() is False  # unknowable after close: reported as not valid, no exception
+        del r
+        gc.collect()
+        np.testing.assert_array_equal(a, data)
+        assert int(a.sum()) == int(data.sum())
+        mv.release()
+        del f, a, peek, dl
+
+
+def test_views_survive_writer_close(name):
+    data = _pattern(seed=3)
+    r = frameshm.Reader(name)
+    try:
+        w = frameshm.Writer(name, shape=data.shape, nslots=2)
+        loaned = w.loan()
+        loaned[:] = data
+        w.commit()
+        f = r.wait_latest(timeout=5)
+        spare = w.loan()  # an outstanding loan at close time
+        spare[:] = 1
+        w.close()  # unlinks the epoch's files: the mappings stay
+        assert not epoch_dir(name, 1).exists()
+        np.testing.assert_array_equal(f.array, data)
+        np.testing.assert_array_equal(loaned, data)
+        loaned[0, 0] = 99  # still writable memory, no crash
+        assert f.array[0, 0] == 99
+        spare[:] = 2
+        assert int(spare.sum()) == 2 * spare.size
+        del w
+        gc.collect()
+        np.testing.assert_array_equal(f.array[1:], data[1:])
+        del loaned, spare, f
+    finally:
+        r.close()
+
+
+def test_memory_unmapped_when_last_view_goes(name, shm_base):
+    data = _pattern()
+    w = frameshm.Writer(name, shape=data.shape)
+    r = frameshm.Reader(name)
+    pool = os.path.realpath(epoch_dir(name, w.epoch) / "1.pool")
+    ring = os.path.realpath(epoch_dir(name, w.epoch) / "header.ring")
+    w.publish(data)
+    f = r.wait_latest(timeout=5)
+    views = [f.array, f.array[3:9], np.from_dlpack(f), r.read_latest(copy=False)]
+    assert any(pool in line for line in maps_lines())
+    w.close()
+    r.close()
+    del w, r
+    gc.collect()
+    # The views hold the pool mapped (the file itself is gone already)...
+    held = [line for line in maps_lines() if pool in line]
+    assert held and all(line.endswith("(deleted)") for line in held)
+    assert not any(ring in line for line in maps_lines()), "nothing holds the header ring"
+    np.testing.assert_array_equal(views[1], data[3:9])
+    # ...and the last one to go unmaps it.
+    del f, views
+    gc.collect()
+    assert mapped_paths_under(shm_base) == []
+
+
+def test_closed_writer_object_does_not_pin_memory(name, shm_base):
+    w = frameshm.Writer(name, shape=(1024,))
+    r = frameshm.Reader(name)
+    w.publish(np.zeros(1024, np.uint8))
+    f = r.wait_latest(timeout=5)
+    w.close()
+    r.close()
+    del f
+    gc.collect()
+    # w and r are closed but still referenced (an attribute of some object, say).
+    assert mapped_paths_under(shm_base) == []
+
+
+def test_frames_from_many_epochs_stay_valid_memory(name):
+    """Each producer restart remaps the Reader; frames handed out earlier keep theirs."""
+    kept = []
+    with frameshm.Reader(name) as r:
+        for epoch in range(1, 13):  # more epochs than the Reader's mapping cache holds
+            with frameshm.Writer(name, shape=(64,), dtype="uint32") as w:
+                assert w.epoch == epoch
+                w.publish(np.full(64, epoch, np.uint32))
+                f = r.wait_latest(timeout=5)
+                assert f.epoch == epoch
+                kept.append(f)
+        for epoch, f in enumerate(kept, start=1):
+            assert f.array.shape == (64,)
+            assert int(f.array.min()) == int(f.array.max()) == epoch
+            # Older epochs are gone; the newest (its producer closed) still holds its frame.
+            assert f.valid() is (epoch == 12)
+        assert [f.seq for f in kept] == list(range(12))
+    del kept, f
+
+
+def test_dropping_objects_closes_them(name):
+    w = frameshm.Writer(name, shape=(1,))
+    r = frameshm.Reader(name)
+    q = frameshm.stream_info(name)["consumers"][0]["queue"]
+    assert queue_exists(q)
+    del r
+    gc.collect()
+    assert not queue_exists(q), "a garbage-collected Reader unlinks its queue"
+    assert frameshm.stream_info(name)["consumers"] == []
+    del w
+    gc.collect()
+    assert not stream_dir(name).exists(), "a garbage-collected Writer removes its stream"
+
+
+def test_queue_probe_agrees_with_the_library(name):
+    """The leak checks' probe: posix_ipc when installed, else mq_open through ctypes."""
+    from fshm_helpers import posix_ipc, queue_exists_ctypes
+
+    r = frameshm.Reader(name)
+    q = frameshm.stream_info(name)["consumers"][0]["queue"]
+    assert queue_exists(q) and queue_exists_ctypes(q)
+    r.close()
+    assert not queue_exists(q) and not queue_exists_ctypes(q)
+    if posix_ipc is None:
+        pytest.skip("posix_ipc not installed: only the ctypes probe was checked")
+
+
+def _cycle(name, i, queues):
+    if i % 2:
+        r = frameshm.Reader(name, consumer="leak")
+        w = frameshm.Writer(name, shape=(16,), nslots=2)
+    else:
+        w = frameshm.Writer(name, shape=(16,), nslots=2)
+        r = frameshm.Reader(name, consumer="leak")
+    w.publish(np.full(16, i % 256, np.uint8))
+    f = r.wait_latest(timeout=5)
+    assert int(f.array[0]) == i % 256
+    c = r.read_latest()
+    assert int(c[0]) == i % 256
+    queues.append(frameshm.stream_info(name)["consumers"][0]["queue"])
+    del f
+    if i % 3 == 0:
+        r.close()
+        w.close()
+    else:
+        w.close()
+        r.close()
+
+
+def test_open_close_300_times_leaks_nothing(name, shm_base):
+    queues = []
+    for i in range(10):  # warm up caches, allocator arenas, lazy imports
+        _cycle(name, i, queues)
+    gc.collect()
+    fds0, maps0, files0 = fd_count(), maps_lines(), tree(shm_base)
+    for i in range(300):
+        _cycle(name, i, queues)
+    gc.collect()
+    assert fd_count() == fds0, "file descriptors leaked"
+    assert mapped_paths_under(shm_base) == [], "stream regions still mapped"
+    maps1 = maps_lines()
+    assert len(maps1) == len(maps0), (
+        f"mappings went from {len(maps0)} to {len(maps1)}: "
+        f"new {sorted(set(maps1) - set(maps0))[:10]} gone {sorted(set(maps0) - set(maps1))[:10]}")
+    assert tree(shm_base) == files0, "files left in the base directory"
+    assert not stream_dir(name).exists()
+    assert len(set(queues)) == len(queues) == 310
+    leaked = [q for q in queues if queue_exists(q)]
+    for q in leaked:
+        unlink_queue(q)
+    assert leaked == [], f"{len(leaked)} message queues leaked"
+
+
+def test_failed_opens_leak_nothing(name, shm_base):
+    def attempt():
+        with pytest.raises(frameshm.StreamBusy):
+            frameshm.Writer(name, shape=(2,))
+        with pytest.raises(frameshm.InvalidArgument):
+            frameshm.Writer("other", shape=(2,), stream_id=w.stream_id)  # id collision
+        with pytest.raises(frameshm.InvalidArgument):
+            frameshm.Reader("other", stream_id=w.stream_id)
+        with pytest.raises(frameshm.InvalidArgument):
+            frameshm.Reader(name, consumer="bad/name")
+
+    with frameshm.Writer(name, shape=(2,)) as w:
+        for _ in range(5):
+            attempt()
+        gc.collect()
+        fds0, maps0, files0 = fd_count(), len(maps_lines()), tree(shm_base)
+        for _ in range(100):
+            attempt()
+        gc.collect()
+        assert fd_count() == fds0
+        assert len(maps_lines()) == maps0
+        assert tree(shm_base) == files0
+        assert frameshm.stream_info(name)["consumers"] == []
+
+
+# ---- system limits ---------------------------------------------------------------------------
+
+# RLIMIT_MSGQUEUE = 0 in a child: its first mq_open fails, nothing system-wide is touched.
+_NO_QUEUES = r"""
+import resource, errno as errno_mod
+resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, resource.getrlimit(resource.RLIMIT_MSGQUEUE)[1]))
+out = {}
+try:
+    frameshm.Reader(%(name)r)
+    out["exc"] = None
+except frameshm.FrameshmError as e:
+    out.update(exc=type(e).__name__, msg=str(e), oserror=isinstance(e, OSError),
+               errno=getattr(e, "errno", None), known=getattr(e, "errno", None) in errno_mod.errorcode)
+out["left"] = sorted(os.listdir(frameshm._core.namespace_dir())) if os.path.isdir(frameshm._core.namespace_dir()) else []
+say("RESULT", json.dumps(out))
+"""
+
+
+def _no_queue_reader(name):
+    from fshm_helpers import describe_rc, result_lines, run_snippet
+    import json
+
+    rc, out, err = run_snippet(_NO_QUEUES % dict(name=name), timeout=30)
+    assert rc == 0, f"{describe_rc(rc)}: {err[-2000:]}"
+    return json.loads(result_lines(out)[0])
+
+
+@pytest.mark.leaves_streams  # see test_failed_reader_leaves_no_directory
+def test_queue_limit_raises_resource_limit(name):
+    res = _no_queue_reader(name)
+    assert res["exc"] == "ResourceLimit" and res["oserror"], res
+    assert "queue" in res["msg"]
+
+
+@pytest.mark.leaves_streams
+def test_resource_limit_carries_a_real_errno(name):
+    res = _no_queue_reader(name)
+    assert res["exc"] == "ResourceLimit"
+    assert res["known"], f"errno {res['errno']} is not an errno"
+
+
+@pytest.mark.leaves_streams
+def test_failed_reader_leaves_no_directory(name):
+    res = _no_queue_reader(name)
+    assert res["exc"] == "ResourceLimit"
+    assert res["left"] == [], f"left behind: {res['left']}"

@@ -1,0 +1,333 @@
+"""The real V4L2 path - open/ioctl/mmap/poll through libv4l2, conversions through
+libv4lconvert - against PipeWire's V4L2 emulation (tests/harness: a private PipeWire +
+WirePlumber and a fresh fake camera node per capture process, reached as /dev/video0
+through the pw-v4l2 LD_PRELOAD library).
+
+Every frame is checked byte for byte against the fake camera's pattern for the counter
+it carries (tests/harness/pattern.py): raw YUYV, libv4l2-converted RGB24/BGR24, GRAY8, both
+delivery paths (zero-copy views and one copy into a stream slot), and the capture producer
+reading a v4l2: source. Each capture runs in its own child process (PipeWire 0.3.65's
+emulation serves one capture session per camera node and process), so the test process
+itself is never preloaded.
+
+Skipped, with the reason, only when the harness's apt packages (scripts/setup.sh) or
+libv4l-dev at build time are missing."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+import time
+
+import numpy as np
+import pytest
+
+import frameshm
+from frameshm import camera as fcam
+
+HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "harness")
+sys.path.insert(0, HARNESS)
+import harness  # noqa: E402
+from pattern import check_frame, decode  # noqa: E402
+
+from fshm_helpers import child_env, run_snippet, wait_until  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def pw():
+    missing = harness.missing_requirements()
+    if missing:
+        pytest.skip("PipeWire V4L2 harness unavailable, missing: " + ", ".join(missing)
+                    + " (bash scripts/setup.sh installs " + " ".join(harness.APT_PACKAGES) + ")")
+    if not fcam.HAVE_LIBV4L2:
+        pytest.skip("frameshm was built without libv4l2 (apt-get install libv4l-dev, then pip install -e .)")
+    with harness.PipeWireHarness() as h:
+        yield h
+
+
+@pytest.fixture
+def camera(pw):
+    """camera(formats) -> a fresh fake camera node, removed at teardown."""
+    cams = []
+
+    def start(formats):
+        cam = pw.camera(formats)
+        cams.append(cam)
+        return cam
+
+    yield start
+    for cam in cams:
+        cam.stop()
+
+
+PRELUDE = f"""
+sys.path.insert(0, {os.path.abspath(HARNESS)!r})
+from pattern import check_frame, decode
+from frameshm import camera as fcam
+def now_us():
+    return time.monotonic_ns() // 1000
+def age_us(ts_us):
+    # capture time (us mod 2^32) -> microseconds before now
+    return (now_us() - ts_us) % (1 << 32)
+"""
+
+
+def run_capture(cam, code: str, timeout: float = 60):
+    """Runs `code` in a child under the preload against `cam`; returns its RESULT json."""
+    rc, out, err = run_snippet(PRELUDE + code, timeout=timeout, env=cam.env(child_env()))
+    if rc != 0:
+        raise AssertionError(f"capture child failed (rc={rc}):\n{err[-4000:]}\ncamera log:\n{cam.log()}")
+    lines = [line[len("RESULT "):] for line in out.splitlines() if line.startswith("RESULT ")]
+    assert lines, f"no RESULT line; stdout={out[-2000:]!r} stderr={err[-2000:]}"
+    return json.loads(lines[-1])
+
+
+def test_raw_yuyv_zero_copy_one_copy_and_into_a_stream(camera):
+    cam = camera(["YUYV:640x480@30", "YUYV:320x240@30", "RGB3:640x480@30"])
+    res = run_capture(cam, """
+cam = frameshm.Camera("/dev/video0", 640, 480, 30, "YUYV", buffers=4)
+res = {"info": cam.info, "formats": cam.formats(), "shape": cam.shape, "bpl": cam.bytesperline,
+       "fps": cam.fps, "buffers": cam.buffers}
+zc = []
+for f in cam.frames(timeout=5):
+    n, ts_us = check_frame(f.array, "YUYV", "YUYV")      # zero-copy view of the driver buffer
+    zc.append([n, f.sequence, f.timestamp_ns, f.driver_timestamp, age_us(ts_us) - (time.monotonic_ns() - f.timestamp_ns) // 1000])
+    if len(zc) == 10:
+        break
+out = np.empty(cam.shape, cam.dtype)
+rd = []
+for _ in range(5):
+    ts = cam.read_into(out, 5)                               # one copy
+    rd.append(check_frame(out, "YUYV", "YUYV")[0])
+w = frameshm.Writer("pw-yuyv", shape=cam.shape, dtype=cam.dtype)
+r = frameshm.Reader("pw-yuyv")
+st = []
+for _ in range(5):
+    seq = cam.capture_to(w, 5)                               # straight into a slot
+    f = r.wait_next(5)
+    st.append([seq, f.seq, check_frame(f.array, "YUYV", "YUYV")[0]])
+res.update(zc=zc, rd=rd, st=st, held=cam.stats["held"])
+r.close(); w.close(); cam.close()
+say("RESULT", json.dumps(res, default=str))
+""")
+    assert res["info"]["driver"] == "PipeWire" and res["info"]["backend"] == "libv4l2"
+    fmts = {f["format"]: f for f in res["formats"]}
+    assert fmts["YUYV"]["native"] and [(s["width"], s["height"]) for s in fmts["YUYV"]["sizes"]] == [(640, 480), (320, 240)]
+    assert fmts["YUYV"]["sizes"][0]["fps"] == [], "the emulation has no VIDIOC_ENUM_FRAMEINTERVALS"
+    assert fmts["RGB3"]["native"] and not fmts["GREY"]["native"] and fmts["GREY"]["source"] == "YUYV"
+    assert tuple(res["shape"]) == (480, 640, 2) and res["bpl"] == 1280 and res["fps"] == 30.0
+    assert res["buffers"] == 4
+    counters = [z[0] for z in res["zc"]] + res["rd"] + [s[2] for s in res["st"]]
+    assert len(set(counters)) == len(counters), f"a frame was delivered twice: {counters}"
+    assert max(res["rd"]) > max(z[0] for z in res["zc"]) and max(s[2] for s in res["st"]) > max(res["rd"])
+    seqs = [z[1] for z in res["zc"]]
+    assert seqs == sorted(seqs)
+    stamps = [z[2] for z in res["zc"]]
+    assert all(z[3] for z in res["zc"]), "the driver's CLOCK_MONOTONIC timestamps are used"
+    assert stamps == sorted(stamps)
+    # the driver timestamp is not before the fake camera captured the frame (1 ms slack
+    # for the barcode's microsecond rounding), nor seconds later
+    assert all(-1000 <= z[4] < 5_000_000 for z in res["zc"]), [z[4] for z in res["zc"]]
+    assert [s[0] for s in res["st"]] == [s[1] for s in res["st"]] == list(range(5))
+
+
+def test_rgb24_converted_by_libv4l2_both_paths(camera):
+    cam = camera(["YUYV:640x480@30"])
+    res = run_capture(cam, """
+cam = frameshm.Camera("/dev/video0", 640, 480, format="RGB24")
+res = {"format": cam.format, "native": cam.native_format, "converted": cam.converted, "shape": cam.shape}
+zc = []
+for f in cam.frames(timeout=5):
+    zc.append(check_frame(f.array, "RGB3", "YUYV", tolerance=1)[0])
+    if len(zc) == 8:
+        break
+w = frameshm.Writer("pw-rgb", shape=cam.shape, dtype=cam.dtype)
+r = frameshm.Reader("pw-rgb")
+st = []
+for _ in range(8):
+    cam.capture_to(w, 5)
+    st.append(check_frame(r.wait_next(5).array, "RGB3", "YUYV", tolerance=1)[0])
+res.update(zc=zc, st=st)
+r.close(); w.close(); cam.close()
+say("RESULT", json.dumps(res))
+""")
+    assert (res["format"], res["native"], res["converted"], tuple(res["shape"])) == ("RGB3", "YUYV", True, (480, 640, 3))
+    assert len(set(res["zc"] + res["st"])) == 16
+
+
+@pytest.mark.parametrize("fmt,check", [("BGR24", "BGR3"), ("GRAY8", "GREY")])
+def test_bgr24_and_gray8_from_yuyv(camera, fmt, check):
+    cam = camera(["YUYV:320x240@30"])
+    res = run_capture(cam, f"""
+cam = frameshm.Camera("/dev/video0", format={fmt!r})
+out = np.empty(cam.shape, cam.dtype)
+got = []
+for _ in range(6):
+    cam.read_into(out, 5)
+    got.append(check_frame(out, {check!r}, "YUYV", tolerance=1)[0])
+say("RESULT", json.dumps({{"shape": cam.shape, "got": got}}))
+cam.close()
+""")
+    assert tuple(res["shape"]) == ((240, 320, 3) if fmt == "BGR24" else (240, 320))
+    assert len(set(res["got"])) == 6
+
+
+def test_native_rgb24_with_the_emulations_wrong_bytesperline(camera):
+    """PipeWire's emulation reports 4 bytes per pixel for RGB3 while its buffers hold 3:
+    frameshm must take the buffers' word for it (or every view would be garbage)."""
+    cam = camera(["RGB3:640x480@30"])
+    res = run_capture(cam, """
+cam = frameshm.Camera("/dev/video0", format="RGB24")
+got = []
+for f in cam.frames(timeout=5):
+    got.append(check_frame(f.array, "RGB3", "RGB3")[0])
+    strides = f.array.strides
+    if len(got) == 5:
+        break
+say("RESULT", json.dumps({"converted": cam.converted, "bpl": cam.bytesperline, "strides": strides, "got": got}))
+cam.close()
+""")
+    assert res["converted"] is False and res["bpl"] == 1920 and tuple(res["strides"]) == (1920, 3, 1)
+    assert len(set(res["got"])) == 5
+
+
+def test_busy_size_and_rate_on_the_real_path(camera):
+    cam = camera(["YUYV:640x480@30", "YUYV:320x240@30"])
+    res = run_capture(cam, """
+res = {}
+try:
+    frameshm.Camera("/dev/video0", 800, 600)
+except fcam.UnsupportedFormat as exc:
+    res["size"] = str(exc)
+cam = frameshm.Camera("/dev/video0", 320, 240, format="YUYV")
+try:
+    frameshm.Camera("/dev/video0", 320, 240)
+except fcam.DeviceBusy as exc:
+    res["busy"] = [exc.errno, str(exc)]
+check_frame(cam.read(timeout=5).array, "YUYV", "YUYV")   # the owner carries on
+# The emulation accepts VIDIOC_S_PARM but keeps 30 fps: frameshm limits the rate itself.
+res["paced"] = cam.set_rate(10)
+res["limit"] = cam.rate_limit
+t0 = time.monotonic()
+n = 0
+while time.monotonic() - t0 < 2.0:
+    with cam.read(timeout=5) as f:
+        check_frame(f.array, "YUYV", "YUYV")
+    n += 1
+res["n"] = n
+res["dropped"] = cam.stats["rate_dropped"]
+cam.close()
+say("RESULT", json.dumps(res))
+""")
+    assert "640x480, 320x240" in res["size"]
+    assert res["busy"][0] == 16 and "busy" in res["busy"][1]
+    assert res["paced"] is False and res["limit"] == 10.0
+    assert 5 <= res["n"] <= 24, res  # ~20 of the camera's ~60 frames in 2 s
+    assert res["dropped"] >= 2 * res["n"] - 4, res
+
+
+def test_camera_node_removed_midstream_then_a_new_one(camera, tmp_path):
+    """PipeWire's emulation never says ENODEV: when the camera node goes away, VIDIOC_DQBUF
+    fails with EINVAL on the running queue, which frameshm reports as DeviceGone too. After
+    reopening, the capture goes on from the next camera node."""
+    from fshm_helpers import Child
+
+    first = camera(["YUYV:320x240@30"])
+    nxt = tmp_path / "next-serial"
+    code = PRELUDE + f"NEXT = {str(nxt)!r}\n" + """
+cam = frameshm.Camera("/dev/video0", format="YUYV")
+out = np.empty(cam.shape, cam.dtype)
+cam.read_into(out, 5)
+say("STREAMING", check_frame(out, "YUYV", "YUYV")[0])
+try:
+    while True:
+        cam.read_into(out, 5.0)
+except fcam.DeviceGone as exc:
+    gone = str(exc)
+cam.close()
+say("GONE")
+while not os.path.exists(NEXT):   # the next node's serial (stdin is the prelude's)
+    time.sleep(0.01)
+os.environ["PIPEWIRE_V4L2_TARGET"] = open(NEXT).read().strip()
+cam = frameshm.Camera("/dev/video0", format="YUYV")
+got = []
+for _ in range(5):
+    cam.read_into(out, 5)
+    got.append(check_frame(out, "YUYV", "YUYV")[0])
+cam.close()
+say("RESULT", json.dumps({"gone": gone, "got": got}))
+"""
+    child = Child(code, env=first.env(child_env()), label="capture")
+    try:
+        child.expect("STREAMING", timeout=30)
+        first.stop()
+        child.expect("GONE", timeout=30)
+        second = camera(["YUYV:320x240@30"])
+        tmp = tmp_path / "tmp"
+        tmp.write_text(second.serial)
+        tmp.rename(nxt)
+        res = json.loads(child.expect("RESULT", timeout=30))
+        assert child.wait(30) == 0, child.stderr
+    finally:
+        child.cleanup()
+    assert "stopped streaming by itself" in res["gone"]
+    assert len(set(res["got"])) == 5
+
+
+def test_capture_producer_on_a_v4l2_source_reconnects_to_a_new_node(camera, spawn):
+    """frameshm capture with a v4l2: source (read_into = one conversion into the loaned
+    slot): every frame in the stream is the camera's, converted to RGB24. The camera node
+    then goes away (like an unplug: without PIPEWIRE_V4L2_TARGET, /dev/video0 is absent
+    until a node exists) and a new one appears: the producer reconnects, the stream stays."""
+    from frameshm.roles import read_metrics
+
+    first = camera(["YUYV:320x240@30"])
+    env = first.env(child_env(), target=False)
+    extra = {k: env[k] for k in ("LD_PRELOAD", "XDG_RUNTIME_DIR", "PIPEWIRE_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS")}
+    name = "v4l2-pw"
+    cap = spawn("from frameshm.cli import main\nsys.exit(main(%r))\n" % [
+        "capture", "--frames", name, "--source", "v4l2:/dev/video0?format=RGB24&width=320&height=240",
+        "--standby-fps", "30", "--set", "capture.reconnect_interval_s=0.2"], label="capture", env_extra=extra)
+    r = wait_until(lambda: _reader(name), 20, what="the frames stream")
+    got = []
+
+    def collect(n):
+        def enough():
+            try:
+                f = r.wait_next(timeout=0.5)
+            except frameshm.Timeout:
+                assert cap.proc.poll() is None, cap.stderr
+                return False
+            got.append((f.timestamp_ns, f.array.copy()))
+            return len(got) >= n
+        wait_until(enough, 30, interval=0, what=f"{n} frames from the producer")
+
+    try:
+        collect(10)
+        first.stop()
+        wait_until(lambda: "source gone" in cap.stderr, 20, what="the producer to see the camera go")
+        camera(["YUYV:320x240@30"])
+        collect(25)
+        m = read_metrics(name + ".capture")
+        epoch = frameshm.stream_info(name)["epoch"]
+        cap.send_signal(signal.SIGTERM)
+        assert cap.wait(20) == 0, cap.stderr
+    finally:
+        r.close()
+    assert m["reconnects"] >= 1 and epoch == 1, (m, epoch)
+    counters = [check_frame(a, "RGB3", "YUYV", tolerance=1)[0] for _, a in got]
+    # two cameras, each counting from its start: increasing within each, a restart between
+    restarts = sum(1 for a, b in zip(counters, counters[1:]) if b < a - 5)
+    assert restarts == 1, counters
+    assert len(set(counters[:10])) == 10 and len(set(counters[10:])) == len(counters) - 10
+    stamps = [ts for ts, _ in got]
+    assert stamps == sorted(stamps)
+
+
+def _reader(name):
+    try:
+        return frameshm.Reader(name, consumer="probe", spin=False)
+    except frameshm.StreamNotFound:
+        return None
