@@ -13,7 +13,9 @@ from setuptools import Extension, setup
 
 # feature macro -> pkg-config module. Capture, GigE, JPEG and virtual-camera features
 # add their entry here as they land (libv4l2, aravis-0.8, libturbojpeg, libpipewire-0.3).
-OPTIONAL = {}
+# libv4l2's conversions are libv4lconvert's: frameshm calls it directly so that converted
+# frames are written straight into the destination, hence both modules.
+OPTIONAL = {"FSHM_HAVE_LIBV4L2": "libv4l2 libv4lconvert"}
 
 
 def pkg_config(module):
@@ -31,7 +33,7 @@ def pkg_config(module):
 sources = sorted(glob.glob("csrc/*.c")) + sorted(glob.glob("csrc/python/*.c"))
 define_macros = [("_GNU_SOURCE", "1")]
 extra_compile_args = ["-std=c11", "-O2", "-Wall", "-Wno-format-truncation", "-Wno-missing-field-initializers"]
-extra_link_args = ["-lrt", "-pthread"]
+extra_link_args = ["-lrt", "-ldl", "-pthread"]  # -ldl: the V4L2 test-backend hook (dlopen)
 features = {}
 for macro, module in OPTIONAL.items():
     found = pkg_config(module)

@@ -7,6 +7,7 @@
 #include <stdlib.h>
 #include <sys/file.h>
 #include <sys/stat.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fshm_internal.h"
@@ -172,7 +173,15 @@ int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
             rc = fshm_set_error(-errno, "cannot open %s: %s", w->paths.ctl, strerror(errno));
             goto fail;
         }
-        if (flock(w->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        int locked = flock(w->lock_fd, LOCK_EX | LOCK_NB) == 0;
+        /* A dead producer's freshly fork()ed child holds the lock until its atfork
+         * handler has run (see above): give it a moment rather than report "busy". */
+        for (int i = 0; !locked && i < 50 && fshm_ctl_producer_state(w->ctl, NULL) != FSHM_PRODUCER_ALIVE; i++) {
+            struct timespec ts = {0, 10 * 1000 * 1000};
+            nanosleep(&ts, NULL);
+            locked = flock(w->lock_fd, LOCK_EX | LOCK_NB) == 0;
+        }
+        if (!locked) {
             rc = fshm_set_error(-EBUSY, "stream '%s' already has a live producer (pid %llu)",
                                 w->paths.name, (unsigned long long)w->ctl->producer_pid);
             goto fail;

@@ -5,6 +5,10 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 
 APT_PACKAGES=(gcc make pkg-config libcmocka-dev)
+# V4L2 capture: libv4l2/libv4lconvert to build against (without them the Camera is built
+# out); PipeWire's V4L2 emulation for the tests and benchmark (tests/harness: there is no
+# kernel V4L2 in CI); v4l-utils (v4l2-ctl) to look at a device by hand.
+APT_PACKAGES+=(libv4l-dev pipewire pipewire-bin wireplumber pipewire-v4l2 libpipewire-0.3-dev v4l-utils)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

@@ -19,9 +19,7 @@ import json
 import os
 import signal
 import sys
-import time
 
-import numpy as np
 import pytest
 
 import frameshm
@@ -30,7 +28,7 @@ from frameshm import camera as fcam
 HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "harness")
 sys.path.insert(0, HARNESS)
 import harness  # noqa: E402
-from pattern import check_frame, decode  # noqa: E402
+from pattern import check_frame  # noqa: E402
 
 from fshm_helpers import child_env, run_snippet, wait_until  # noqa: E402
 
@@ -287,9 +285,9 @@ def test_capture_producer_on_a_v4l2_source_reconnects_to_a_new_node(camera, spaw
     env = first.env(child_env(), target=False)
     extra = {k: env[k] for k in ("LD_PRELOAD", "XDG_RUNTIME_DIR", "PIPEWIRE_RUNTIME_DIR", "DBUS_SESSION_BUS_ADDRESS")}
     name = "v4l2-pw"
-    cap = spawn("from frameshm.cli import main\nsys.exit(main(%r))\n" % [
+    cap = spawn("from frameshm.cli import main\nsys.exit(main(%r))\n" % ([
         "capture", "--frames", name, "--source", "v4l2:/dev/video0?format=RGB24&width=320&height=240",
-        "--standby-fps", "30", "--set", "capture.reconnect_interval_s=0.2"], label="capture", env_extra=extra)
+        "--standby-fps", "30", "--set", "capture.reconnect_interval_s=0.2"],), label="capture", env_extra=extra)
     r = wait_until(lambda: _reader(name), 20, what="the frames stream")
     got = []
 

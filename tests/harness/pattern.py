@@ -1,0 +1,129 @@
+"""What the harness's fake camera (fakecam_pw.c) puts in its frames, computed independently,
+and libv4lconvert's YUYV -> RGB24 arithmetic, so that a captured frame - raw or converted -
+can be checked byte for byte against the camera's frame counter.
+
+    n, ts_us = decode(frame, "RGB3")               # counter and capture time from the barcodes
+    check_frame(frame, "RGB3", native="YUYV")      # raises AssertionError on any mismatch
+"""
+
+from __future__ import annotations
+
+from typing import Tuple
+
+import numpy as np
+
+BARCODE_X0 = 8          # first pixel of bit 0
+BARCODE_PX = 8          # pixels per bit
+COUNTER_ROWS = (8, 16)  # rows 8..15: frame counter
+TIME_ROWS = (16, 24)    # rows 16..23: capture time, CLOCK_MONOTONIC microseconds mod 2^32
+
+_BPP = {"YUYV": 2, "UYVY": 2, "RGB3": 3, "BGR3": 3, "GREY": 1}
+
+
+def _geometry(fmt: str, w: int, h: int) -> Tuple[int, int]:
+    """(row stride, rows) of the camera's buffer, as fakecam_pw.c lays it out."""
+    if fmt in _BPP:
+        return w * _BPP[fmt], h
+    return w, h * 3 // 2   # NV12 / I420: luma rows then chroma rows of w bytes
+
+
+def expected_raw(fmt: str, w: int, h: int, n: int, ts_us: int) -> np.ndarray:
+    """The camera's buffer for frame n captured at ts_us: (rows, stride) uint8."""
+    stride, rows = _geometry(fmt, w, h)
+    x = np.arange(stride, dtype=np.int64)
+    y = np.arange(rows, dtype=np.int64)
+    raw = ((x[None, :] + y[:, None] + 4 * n) & 0xFF).astype(np.uint8)
+    for (y0, y1), value in ((COUNTER_ROWS, n & 0xFFFFFFFF), (TIME_ROWS, ts_us & 0xFFFFFFFF)):
+        for px in range(BARCODE_X0, BARCODE_X0 + 32 * BARCODE_PX):
+            luma = 235 if (value >> ((px - BARCODE_X0) // BARCODE_PX)) & 1 else 16
+            if fmt == "YUYV":
+                raw[y0:y1, 2 * px] = luma
+                raw[y0:y1, 2 * px + 1] = 128
+            elif fmt == "UYVY":
+                raw[y0:y1, 2 * px + 1] = luma
+                raw[y0:y1, 2 * px] = 128
+            elif fmt in ("RGB3", "BGR3"):
+                raw[y0:y1, 3 * px:3 * px + 3] = luma
+            else:
+                raw[y0:y1, px] = luma
+    raw.reshape(-1)[:4] = np.frombuffer((n & 0xFFFFFFFF).to_bytes(4, "little"), np.uint8)
+    return raw
+
+
+def yuyv_to_rgb24(raw: np.ndarray, w: int, h: int) -> np.ndarray:
+    """libv4lconvert's v4lconvert_yuyv_to_rgb24 (integer arithmetic, clipped)."""
+    px = raw.reshape(h, w // 2, 4).astype(np.int32)
+    y0, u, y1, v = px[..., 0], px[..., 1] - 128, px[..., 2], px[..., 3] - 128
+    u1 = ((u << 7) + u) >> 6
+    rg = ((u << 1) + u + (v << 2) + (v << 1)) >> 3
+    v1 = ((v << 1) + v) >> 1
+    out = np.empty((h, w // 2, 2, 3), np.int32)
+    for k, yy in enumerate((y0, y1)):
+        out[:, :, k, 0] = yy + v1
+        out[:, :, k, 1] = yy - rg
+        out[:, :, k, 2] = yy + u1
+    return np.clip(out, 0, 255).astype(np.uint8).reshape(h, w, 3)
+
+
+def _luma_bits(luma_row: np.ndarray) -> int:
+    value = 0
+    for bit in range(32):
+        sample = luma_row[BARCODE_X0 + bit * BARCODE_PX + BARCODE_PX // 2]
+        if sample > 128:
+            value |= 1 << bit
+    return value
+
+
+def luma(frame: np.ndarray, fmt: str) -> np.ndarray:
+    """A luma image (h, w) of a delivered frame."""
+    a = np.asarray(frame)
+    if fmt in ("YUYV",):
+        return a[..., 0] if a.ndim == 3 else a.reshape(a.shape[0], -1, 2)[..., 0]
+    if fmt == "UYVY":
+        return a[..., 1]
+    if fmt in ("RGB3", "BGR3"):
+        return a.astype(np.uint16).sum(axis=2) // 3
+    return a  # GREY (and the luma rows of 4:2:0)
+
+
+def decode(frame: np.ndarray, fmt: str) -> Tuple[int, int]:
+    """(frame counter, capture time in us mod 2^32) from the barcodes."""
+    y = luma(frame, fmt)
+    return (_luma_bits(y[(COUNTER_ROWS[0] + COUNTER_ROWS[1]) // 2]),
+            _luma_bits(y[(TIME_ROWS[0] + TIME_ROWS[1]) // 2]))
+
+
+def expected(fmt: str, native: str, w: int, h: int, n: int, ts_us: int) -> np.ndarray:
+    """The frame as delivered in `fmt` from a camera sending `native`."""
+    raw = expected_raw(native, w, h, n, ts_us)
+    if fmt == native:
+        ch = _BPP.get(fmt, 1)
+        return raw.reshape(h, w, ch) if ch > 1 else raw[:h]
+    if native == "YUYV" and fmt in ("RGB3", "BGR3"):
+        rgb = yuyv_to_rgb24(raw, w, h)
+        return rgb if fmt == "RGB3" else rgb[..., ::-1]
+    if fmt == "GREY" and native in ("YUYV", "UYVY"):
+        return raw.reshape(h, w, 2)[..., 0 if native == "YUYV" else 1]
+    raise NotImplementedError(f"{native} -> {fmt}")
+
+
+def check_frame(frame, fmt: str, native: str, tolerance: int = 0) -> Tuple[int, int]:
+    """Checks a delivered frame against the camera's pattern; returns (counter, ts_us)."""
+    a = np.asarray(frame)
+    n, ts_us = decode(a, fmt)
+    h, w = a.shape[0], a.shape[1]
+    want = expected(fmt, native, w, h, n, ts_us)
+    if a.shape != want.shape:
+        raise AssertionError(f"frame shape {a.shape}, expected {want.shape}")
+    diff = np.abs(a.astype(np.int16) - want.astype(np.int16))
+    bad = int((diff > tolerance).sum())
+    if bad:
+        yx = np.argwhere(diff > tolerance)[0]
+        raise AssertionError(
+            f"frame {n} ({fmt} from {native}): {bad} bytes differ from the camera's pattern, "
+            f"first at {tuple(int(v) for v in yx)}: {a[tuple(yx)]} != {want[tuple(yx)]}")
+    if native in ("YUYV", "UYVY", "GREY", "RGB3", "BGR3") and fmt == native:
+        raw_n = int.from_bytes(a.reshape(-1)[:4].tobytes(), "little")
+        if raw_n != n:
+            raise AssertionError(f"raw counter {raw_n} != barcode counter {n}")
+    return n, ts_us
