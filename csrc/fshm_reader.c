@@ -1,6 +1,7 @@
 /* The consumer side of a stream: registration, descriptor queue, epoch remapping and
  * the seqlock read (spec §8.3 consumer steps, §15.21 validation rules). */
 #include <fcntl.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/file.h>
@@ -290,19 +291,20 @@ static void note_drop(fshm_reader *r, int rc)
 
 static void took(fshm_reader *r, fshm_frame *f)
 {
+    /* Before the first frame, count from registration: frames committed since then
+     * that we never got were lost to us too. */
+    uint64_t from = r->last_plus1 ? r->last_plus1 : r->start_seq;
+    f->skipped = f->seq > from ? f->seq - from : 0;
     /* The producer's commit clock is steadier than our own arrival times (which carry
-     * our scheduling noise), so the spin window is predicted from it. */
+     * our scheduling noise), so the spin window is predicted from it; only consecutive
+     * frames measure the producer's period. */
     uint64_t commit_ns = LOAD_RLX(&r->ctl->activity_ns);
-    if (r->last_arrival_ns && f->skipped == 0 && commit_ns > r->last_arrival_ns) {
+    if (r->last_arrival_ns && r->last_plus1 && f->skipped == 0 && commit_ns > r->last_arrival_ns) {
         uint64_t d = commit_ns - r->last_arrival_ns;
         if (d < 1000000000ull)
             r->interval_ns = r->interval_ns ? r->interval_ns - r->interval_ns / 8 + d / 8 : d;
     }
     r->last_arrival_ns = commit_ns;
-    /* Before the first frame, count from registration: frames committed since then
-     * that we never got were lost to us too. */
-    uint64_t from = r->last_plus1 ? r->last_plus1 : r->start_seq;
-    f->skipped = f->seq > from ? f->seq - from : 0;
     r->last_plus1 = f->seq + 1;
     if (r->entry >= 0)
         STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->last_seq, f->seq + 1);
@@ -428,8 +430,13 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
         if (LOAD_ACQ(&r->ctl->latest_seq) > floor)
             return 1;
         cpu_relax();
-        if ((i & 63) == 0 && fshm_now_ns() >= end)
-            return 0;
+        if ((i & 63) == 0) {
+            if (fshm_now_ns() >= end)
+                return 0;
+            /* The producer may share our CPU: let it run, or the frame we wait for
+             * cannot be published until the window closes. */
+            sched_yield();
+        }
     }
 }
 

@@ -1,0 +1,178 @@
+"""Helpers shared by the frameshm benchmarks: machine info, statistics, tables, temp dirs."""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+BENCH_DIR = os.path.dirname(os.path.abspath(__file__))
+RESULTS_DIR = os.path.join(BENCH_DIR, "results")
+
+
+def machine_info() -> dict:
+    """What the numbers were measured on."""
+    info = {
+        "nproc": os.cpu_count(),
+        "kernel": platform.release(),
+        "machine": platform.machine(),
+        "python": platform.python_version(),
+        "numpy": np.__version__,
+    }
+    try:
+        with open("/proc/loadavg") as f:
+            info["loadavg_at_start"] = " ".join(f.read().split()[:3])
+    except OSError:
+        pass
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    info["cpu"] = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    try:
+        import frameshm
+
+        info["frameshm"] = frameshm.__version__
+        import hashlib
+
+        so = frameshm._core.__file__
+        with open(so, "rb") as f:
+            info["frameshm_core_sha1"] = hashlib.sha1(f.read()).hexdigest()[:12]
+    except Exception:  # pragma: no cover - reported, not fatal
+        pass
+    try:
+        import zmq
+
+        info["pyzmq"] = zmq.__version__
+        info["libzmq"] = zmq.zmq_version()
+    except Exception:
+        info["pyzmq"] = None
+    try:
+        rev = subprocess.run(["git", "-C", BENCH_DIR, "rev-parse", "--short", "HEAD"],
+                             capture_output=True, text=True, timeout=5)
+        # "+dirty": tracked library sources (csrc/, frameshm/) differ from the commit.
+        dirty = subprocess.run(["git", "-C", os.path.dirname(BENCH_DIR), "status", "--porcelain",
+                                "--untracked-files=no", "--", "csrc", "frameshm"],
+                               capture_output=True, text=True, timeout=5)
+        if rev.returncode == 0:
+            info["git"] = rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")
+    except Exception:
+        pass
+    return info
+
+
+def stats_ns(samples: Sequence[int]) -> dict:
+    """Latency statistics in microseconds from nanosecond samples."""
+    a = np.asarray(samples, dtype=np.float64)
+    if a.size == 0:
+        return {"n": 0}
+    us = a / 1e3
+    return {
+        "n": int(a.size),
+        "median_us": float(np.median(us)),
+        "p90_us": float(np.percentile(us, 90)),
+        "p99_us": float(np.percentile(us, 99)),
+        "min_us": float(us.min()),
+        "max_us": float(us.max()),
+        "mean_us": float(us.mean()),
+    }
+
+
+def fmt(v, digits: int = 1) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        if abs(v) >= 1000:
+            return f"{v:,.0f}"
+        return f"{v:.{digits}f}"
+    return str(v)
+
+
+def markdown_table(headers: Sequence[str], rows: Iterable[Sequence]) -> str:
+    rows = [[fmt(c) for c in r] for r in rows]
+    out = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    out += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(out)
+
+
+def private_shm_dir(tag: str) -> str:
+    """A fresh tmpfs directory for FRAMESHM_DIR (real shared memory, private to this run)."""
+    base = "/dev/shm" if os.path.isdir("/dev/shm") else None
+    if base is None:
+        raise SystemExit("/dev/shm is missing: the benchmarks need a tmpfs for shared memory")
+    path = os.path.join(base, f"bench-{tag}-{os.getpid()}")
+    shutil.rmtree(path, ignore_errors=True)
+    os.makedirs(path, mode=0o700)
+    if not is_tmpfs(path):
+        shutil.rmtree(path, ignore_errors=True)
+        raise SystemExit(f"{base} is not a tmpfs: the benchmarks need real shared memory")
+    return path
+
+
+def cleanup_shm_dir(path: str) -> None:
+    """Unlinks leftover consumer queues (via frameshm gc) and removes the directory."""
+    if not path or not os.path.isdir(path):
+        return
+    try:
+        import frameshm
+
+        frameshm.gc(base_dir=path)
+    except Exception:
+        pass
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def write_results(kind: str, payload: dict, out: Optional[str] = None) -> str:
+    os.makedirs(RESULTS_DIR, exist_ok=True)
+    if out is None:
+        stamp = _dt.datetime.now().strftime("%Y%m%d-%H%M%S")
+        out = os.path.join(RESULTS_DIR, f"{kind}-{stamp}.json")
+    with open(out, "w") as f:
+        json.dump(payload, f, indent=2, sort_keys=False)
+        f.write("\n")
+    return out
+
+
+def header_line(info: dict) -> str:
+    parts = [f"nproc={info.get('nproc')}", f"kernel={info.get('kernel')}",
+             f"python={info.get('python')}", f"numpy={info.get('numpy')}"]
+    if info.get("pyzmq"):
+        parts.append(f"pyzmq={info['pyzmq']} (libzmq {info.get('libzmq')})")
+    if info.get("git"):
+        parts.append(f"git={info['git']}")
+    if info.get("loadavg_at_start"):
+        parts.append(f"loadavg={info['loadavg_at_start']}")
+    return ", ".join(parts)
+
+
+def is_tmpfs(path: str) -> bool:
+    """True if `path` lives on a tmpfs mount (longest mount-point prefix in /proc/mounts)."""
+    path = os.path.realpath(path)
+    best, fstype = "", ""
+    try:
+        with open("/proc/mounts") as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) < 3:
+                    continue
+                mnt = parts[1].replace("\\040", " ")
+                if (path == mnt or path.startswith(mnt.rstrip("/") + "/")) and len(mnt) >= len(best):
+                    best, fstype = mnt, parts[2]
+    except OSError:
+        return False
+    return fstype == "tmpfs"
+
+
+if __name__ == "__main__":  # pragma: no cover
+    print(json.dumps(machine_info(), indent=2))
+    sys.exit(0)
