@@ -118,6 +118,11 @@ def build_parser() -> argparse.ArgumentParser:
     from .roles import add_role_parsers  # capture, inference, controller
 
     add_role_parsers(sub)
+    from .roles.gateway import add_parser as add_gateway_parser
+    from .roles.run import add_parser as add_run_parser
+
+    add_gateway_parser(sub)
+    add_run_parser(sub)
     return p
 
 

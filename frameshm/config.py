@@ -32,7 +32,7 @@ except ModuleNotFoundError:  # Python < 3.11: the same parser is on PyPI as toml
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 STREAM_NAME_MAX = 63
 CONSUMER_NAME_MAX = 31
-ROLES = ("capture", "inference", "controller")
+ROLES = ("capture", "inference", "controller", "gateway")
 # Longest suffix appended to the frames stream's name for a role's metrics stream.
 _METRICS_SUFFIX_MAX = max(len("." + r) for r in ROLES)
 
@@ -129,6 +129,29 @@ def _class_ids(v):
     return out
 
 
+def _host(v):
+    if not isinstance(v, str) or not v or len(v) > 253 or not re.match(r"^[A-Za-z0-9_.:%-]+$", v):
+        raise ValueError(f"expected a host name or IP address such as '127.0.0.1' or '0.0.0.0', got {v!r}")
+    return v
+
+
+def _token(v):
+    if not isinstance(v, str):
+        raise ValueError(f"expected a string, got {v!r}")
+    if v and (len(v) < 8 or len(v) > 256 or not re.match(r"^[A-Za-z0-9_.~-]+$", v)):
+        raise ValueError("expected '' (no token) or 8-256 characters of A-Z a-z 0-9 _ . ~ -")
+    return v
+
+
+def _origins(v):
+    if not isinstance(v, list):
+        raise ValueError(f"expected a list of origins such as ['http://myhost:8080'], got {v!r}")
+    for o in v:
+        if not isinstance(o, str) or not re.match(r"^https?://[^/\s]+$", o):
+            raise ValueError(f"expected origins of the form 'http://host:port' (no path), got {o!r}")
+    return list(v)
+
+
 def _opt(check: Callable[[Any], Any], default: Any, doc: str):
     meta = {"check": check, "doc": doc}
     if isinstance(default, (list, dict)):
@@ -185,11 +208,28 @@ class ControllerConfig:
     metrics: bool = _opt(_boolean, True, "publish the '<frames>.controller' metrics stream")
 
 
+@dataclass
+class GatewayConfig:
+    host: str = _opt(_host, "127.0.0.1", "address to listen on ('0.0.0.0': every interface)")
+    port: int = _opt(_integer(0, 65535), 8080, "TCP port of the page and the WebSocket (0: any free port)")
+    token: str = _opt(_token, "", "access token required in ?token= ('' = none; strongly advised off loopback)")
+    allowed_origins: List[str] = _opt(_origins, [],
+                                      "extra WebSocket Origins accepted besides the page's own")
+    quality: int = _opt(_integer(1, 100), 80, "JPEG quality")
+    max_width: int = _opt(_integer(0, 16384), 0,
+                          "downscale frames wider than this by an integer factor (0: full size)")
+    max_fps: float = _opt(_number(0, 1000), 0.0, "encode and send at most this rate (0: every frame)")
+    client_queue: int = _opt(_integer(1, 64), 2, "frames queued per client; a slow client drops the oldest")
+    consumer: str = _opt(_name(CONSUMER_NAME_MAX), "gateway", "consumer label on the frames stream")
+    metrics: bool = _opt(_boolean, True, "publish the '<frames>.gateway' metrics stream")
+
+
 SECTIONS: Dict[str, type] = {
     "streams": StreamsConfig,
     "capture": CaptureConfig,
     "inference": InferenceConfig,
     "controller": ControllerConfig,
+    "gateway": GatewayConfig,
 }
 
 
@@ -199,6 +239,7 @@ class PipelineConfig:
     capture: CaptureConfig = field(default_factory=CaptureConfig)
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
+    gateway: GatewayConfig = field(default_factory=GatewayConfig)
     path: Optional[str] = None  # the file it came from, for messages
 
     @property
