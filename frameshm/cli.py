@@ -9,6 +9,7 @@ import time
 
 from . import __version__
 from .admin import gc, list_streams
+from .config import ROLES
 
 
 def _fmt_bytes(n: int) -> str:
@@ -21,14 +22,14 @@ def _fmt_bytes(n: int) -> str:
 
 # Keys of a role's metrics document worth a place in `ls` (the rest: `<role> --status`).
 _METRIC_KEYS = ("state", "mode", "fps", "target_fps", "processed", "skipped", "infer_ms", "latency_ms",
-                "transitions", "lost", "reconnects")
+                "encode_ms", "clients", "transitions", "lost", "reconnects")
 
 
 def _role_metrics(info: dict, args) -> str:
     """A role's metrics streams are named <frames>.<role>: show their newest document."""
     name = info.get("name", "")
     role = name.rsplit(".", 1)[-1] if "." in name else ""
-    if role not in ("capture", "inference", "controller") or info.get("producer") != "alive":
+    if role not in ROLES or info.get("producer") != "alive":
         return ""
     try:
         from .roles import read_metrics

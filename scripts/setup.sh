@@ -9,6 +9,8 @@ APT_PACKAGES=(gcc make pkg-config libcmocka-dev)
 # out); PipeWire's V4L2 emulation for the tests and benchmark (tests/harness: there is no
 # kernel V4L2 in CI); v4l-utils (v4l2-ctl) to look at a device by hand.
 APT_PACKAGES+=(libv4l-dev pipewire pipewire-bin wireplumber pipewire-v4l2 libpipewire-0.3-dev v4l-utils)
+# Headless Chromium: the gateway page's browser test (driven by Playwright, no browser download).
+APT_PACKAGES+=(chromium)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

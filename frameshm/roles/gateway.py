@@ -1,0 +1,567 @@
+"""Gateway: the frames stream as JPEG over WebSocket, and a live page to watch it.
+
+    frames stream ──wait_next──▶ [frame thread] JPEG (libjpeg-turbo via simplejpeg)
+                                      │ call_soon_threadsafe
+                                      ▼
+                  [asyncio loop] broadcast ──▶ per-client deque(maxlen=client_queue) ──▶ sender task ──▶ ws
+
+* Process-all: the frame thread takes every frame of the frames stream in order
+  (``Reader.wait_next``), encodes it once and hands the bytes to the event loop, which
+  appends them to every client's small bounded queue. A client that reads slowly (or not
+  at all) only blocks its own sender task: its queue drops the oldest frame (counted as
+  the client's ``dropped``), the gateway and the other clients are not slowed down, and
+  memory stays bounded (``client_queue`` frames plus the socket buffers per client).
+  Frames with no client connected are taken but not encoded.
+* Each binary WebSocket message is ``u32 little-endian header length | JSON header |
+  JPEG``; the header carries the frame's seq, capture time (CLOCK_MONOTONIC and the wall
+  clock equivalent, for the page's latency), size, the frames stream's mode byte and the
+  newest detections (passive handle on the detections stream, boxes in camera pixels).
+  Text messages are JSON status documents (the roles' metrics) about twice a second.
+* HTTP on the same port serves the page (``frameshm/web``: ``/``, ``/app.js``,
+  ``/style.css``); ``/ws`` is the WebSocket. Binds 127.0.0.1 by default. With ``token``
+  set, ``/`` and ``/ws`` need ``?token=...``. The WebSocket's Origin, when present (every
+  browser sends one), must be the page's own origin or one of ``allowed_origins``; on a
+  loopback bind the Host header must name the loopback too (no DNS rebinding).
+
+Metrics (``<frames>.gateway``): frames taken, lost, encoded, encode time, latency
+(capture → queued to the clients), clients with their sent/dropped counts, queued bytes,
+resident memory.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import ipaddress
+import json
+import logging
+import os
+import socket
+import threading
+import time
+from collections import deque
+from http import HTTPStatus
+from importlib import resources
+from typing import Dict, Optional
+from urllib.parse import parse_qs, urlsplit
+
+import numpy as np
+
+from ..config import PipelineConfig
+from ..errors import InvalidArgument, Overrun, ProducerDead, StreamNotFound, Timeout
+from ..stream import MODE_ALARMED, Reader
+from . import Metrics, read_metrics
+
+log = logging.getLogger("frameshm.gateway")
+
+WAIT_S = 0.25
+STATUS_INTERVAL_S = 0.5
+MAX_BOXES = 64
+DETECTIONS_MAX_AGE_NS = 1_000_000_000
+WS_PATH = "/ws"
+SEND_BUFFER_BYTES = 256 * 1024  # kernel send buffer per client (no autotuning to megabytes)
+_LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
+_STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
+           "/index.html": ("index.html", "text/html; charset=utf-8"),
+           "/app.js": ("app.js", "text/javascript; charset=utf-8"),
+           "/style.css": ("style.css", "text/css; charset=utf-8")}
+_TOKEN_PATHS = {"/", "/index.html", WS_PATH}
+
+
+def _need(module: str):
+    try:
+        return __import__(module)
+    except ImportError:
+        raise InvalidArgument(f"the gateway needs the {module!r} package: pip install {module} "
+                              f"(or pip install -e . in the frameshm checkout)") from None
+
+
+def _is_loopback(host: str) -> bool:
+    if host in _LOOPBACK_NAMES:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
+def _rss_mb() -> float:
+    try:
+        with open("/proc/self/statm") as f:
+            return round(int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20, 1)
+    except (OSError, ValueError, IndexError):
+        return 0.0
+
+
+def downscale(arr: np.ndarray, k: int) -> np.ndarray:
+    """Block average by an integer factor ``k`` (H, W, C) -> (H//k, W//k, C), uint8."""
+    if k <= 1:
+        return arr
+    h, w, c = arr.shape[0] // k * k, arr.shape[1] // k * k, arr.shape[2]
+    acc = np.uint16 if k <= 16 else np.uint32
+    blocks = arr[:h, :w].reshape(h // k, k, w // k, k, c)
+    out = blocks.sum(axis=(1, 3), dtype=acc)
+    out += (k * k) // 2
+    out //= k * k
+    return out.astype(np.uint8)
+
+
+def colorspace_of(shape) -> str:
+    """simplejpeg colourspace for a frame shape; InvalidArgument when it cannot be a picture."""
+    if len(shape) == 2 or (len(shape) == 3 and shape[2] == 1):
+        return "GRAY"
+    if len(shape) == 3 and shape[2] == 3:
+        return "RGB"
+    if len(shape) == 3 and shape[2] == 4:
+        return "RGBX"
+    raise InvalidArgument(f"frames of shape {tuple(shape)} are not an image: expected (H, W), (H, W, 1), "
+                          f"(H, W, 3) RGB or (H, W, 4) RGBX uint8")
+
+
+class _Stat:
+    __slots__ = ("n", "total", "peak", "last")
+
+    def __init__(self):
+        self.n, self.total, self.peak, self.last = 0, 0.0, 0.0, 0.0
+
+    def add(self, v: float) -> None:
+        self.n += 1
+        self.total += v
+        self.last = v
+        self.peak = max(self.peak, v)
+
+    def snapshot(self) -> dict:
+        out = {"last": round(self.last, 3), "mean": round(self.total / self.n, 3) if self.n else 0.0,
+               "max": round(self.peak, 3)}
+        self.n, self.total, self.peak = 0, 0.0, 0.0
+        return out
+
+
+class _Client:
+    """One WebSocket client: a bounded queue of frames plus the newest status text."""
+
+    __slots__ = ("ws", "queue", "event", "status", "sent", "dropped", "peer", "since")
+
+    def __init__(self, ws, maxlen: int):
+        self.ws = ws
+        self.queue: deque = deque(maxlen=maxlen)
+        self.event = asyncio.Event()
+        self.status: Optional[str] = None
+        self.sent = 0
+        self.dropped = 0
+        self.peer = "%s:%s" % tuple(ws.remote_address[:2]) if ws.remote_address else "?"
+        self.since = time.monotonic()
+
+    def push(self, msg: bytes) -> None:
+        if len(self.queue) == self.queue.maxlen:
+            self.dropped += 1  # the deque drops the oldest
+        self.queue.append(msg)
+        self.event.set()
+
+    def push_status(self, text: str) -> None:
+        self.status = text
+        self.event.set()
+
+    def queued_bytes(self) -> int:
+        return sum(len(m) for m in self.queue) + (len(self.status) if self.status else 0)
+
+
+class Gateway:
+    def __init__(self, cfg: PipelineConfig, stop: threading.Event, *, token: Optional[str] = None,
+                 base_dir: Optional[str] = None, namespace: Optional[str] = None):
+        self.cfg = cfg
+        self.c = cfg.gateway
+        self.stop = stop
+        self.token = self.c.token if token is None else token
+        self._addr = dict(base_dir=base_dir, namespace=namespace)
+        self._jpeg = _need("simplejpeg")
+        _need("websockets")
+        self._static = {}
+        web = resources.files("frameshm") / "web"
+        for path, (fname, ctype) in _STATIC.items():
+            try:
+                self._static[path] = ((web / fname).read_bytes(), ctype)
+            except OSError as exc:
+                raise InvalidArgument(f"the gateway's page is missing from the installation ({exc}); "
+                                      f"reinstall frameshm") from None
+        self.clients: Dict[int, _Client] = {}
+        self.url = ""
+        self.port = 0
+        self._loop: Optional[asyncio.AbstractEventLoop] = None
+        # counters
+        self.frames = 0          # taken from the stream (process-all)
+        self.lost = 0            # lost by the reader (overruns)
+        self.encoded = 0
+        self.torn = 0            # overwritten while encoding
+        self.rate_skipped = 0    # over max_fps
+        self.idle = 0            # taken while no client was connected (not encoded)
+        self.sent = 0            # frame messages sent, over all clients
+        self.client_drops = 0    # of clients that left
+        self.connections = 0
+        self.rejected = 0
+        self.bad_frames = 0
+        self.encode_ms = _Stat()
+        self.latency_ms = _Stat()
+        self._window = (time.monotonic_ns(), 0, 0)
+        self._warned_shape = False
+        self._reader: Optional[Reader] = None
+        self.failed = False
+
+    # -- the frame thread ------------------------------------------------------------------
+
+    def _frame_loop(self, reader: Reader) -> None:
+        c = self.c
+        det: Optional[Reader] = None
+        period = int(1e9 / c.max_fps) if c.max_fps > 0 else 0
+        next_due = 0
+        producer_gone = False
+        try:
+            det = Reader(self.cfg.detections_stream, subscribe=False, **self._addr)
+            while not self.stop.is_set():
+                try:
+                    f = reader.wait_next(WAIT_S)
+                except Timeout as exc:
+                    if isinstance(exc, ProducerDead) and not producer_gone:
+                        log.warning("%s", exc)
+                        producer_gone = True
+                    continue
+                producer_gone = False
+                self.frames += 1
+                self.lost += f.skipped
+                if not self.clients:
+                    self.idle += 1
+                    continue
+                if period:
+                    if f.timestamp_ns < next_due - period // 10:
+                        self.rate_skipped += 1
+                        continue
+                    next_due = next_due + period if f.timestamp_ns - next_due < period else f.timestamp_ns + period
+                msg = self._encode(f, det)
+                if msg is not None:
+                    self._loop.call_soon_threadsafe(self._broadcast, msg)
+        except BaseException:
+            log.exception("frame thread failed")
+            self.failed = True
+            self.stop.set()
+            raise
+        finally:
+            if det is not None:
+                det.close()
+
+    def _encode(self, f, det: Reader) -> Optional[bytes]:
+        c = self.c
+        arr = f.array
+        try:
+            if arr.dtype != np.uint8:
+                raise InvalidArgument(f"frames of dtype {arr.dtype} are not an image: expected uint8")
+            cs = colorspace_of(arr.shape)
+        except InvalidArgument as exc:
+            self.bad_frames += 1
+            if not self._warned_shape:
+                self._warned_shape = True
+                log.error("%s; frames are not sent", exc)
+            return None
+        img = arr if arr.ndim == 3 else arr[:, :, None]
+        k = -(-img.shape[1] // c.max_width) if c.max_width and img.shape[1] > c.max_width else 1
+        t0 = time.perf_counter_ns()
+        img = downscale(img, k)
+        jpeg = self._jpeg.encode_jpeg(img, quality=c.quality, colorspace=cs,
+                                      colorsubsampling="Gray" if cs == "GRAY" else "420")
+        t1 = time.perf_counter_ns()
+        if not f.valid():
+            self.torn += 1  # the producer lapped the slot while we read it
+            return None
+        boxes, det_seq = [], None
+        d = det.read_latest(copy=False)
+        if d is not None and abs(d.timestamp_ns - f.timestamp_ns) <= DETECTIONS_MAX_AGE_NS:
+            try:
+                rows = d.copy()
+            except Overrun:
+                rows = None
+            if rows is not None and rows.ndim == 2 and rows.shape[1] == 6:
+                det_seq = d.ref_seq
+                boxes = [[round(float(v), 1) for v in r[:4]] + [round(float(r[4]), 3), int(r[5])]
+                         for r in rows[:MAX_BOXES]]
+        now = time.monotonic_ns()
+        header = {
+            "seq": f.seq, "ts_ns": f.timestamp_ns,
+            "capture_wall_ms": (time.time_ns() - (now - f.timestamp_ns)) / 1e6,
+            "width": int(arr.shape[1]), "height": int(arr.shape[0]),
+            "jpeg_width": int(img.shape[1]), "jpeg_height": int(img.shape[0]),
+            "mode": "Alarmed" if self._reader.mode == MODE_ALARMED else "Standby",
+            "boxes": boxes, "det_seq": det_seq, "encode_ms": round((t1 - t0) / 1e6, 3),
+        }
+        hb = json.dumps(header, separators=(",", ":")).encode()
+        self.encoded += 1
+        self.encode_ms.add((t1 - t0) / 1e6)
+        self.latency_ms.add((now - f.timestamp_ns) / 1e6)
+        return len(hb).to_bytes(4, "little") + hb + jpeg
+
+    # -- the event loop --------------------------------------------------------------------
+
+    def _broadcast(self, msg: bytes) -> None:
+        for cl in self.clients.values():
+            cl.push(msg)
+
+    async def _sender(self, cl: _Client) -> None:
+        ws = cl.ws
+        while True:
+            await cl.event.wait()
+            cl.event.clear()
+            if cl.status is not None:
+                text, cl.status = cl.status, None
+                await ws.send(text)
+            while cl.queue:
+                await ws.send(cl.queue.popleft())
+                cl.sent += 1
+                self.sent += 1
+
+    async def _handler(self, ws) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        sock = ws.transport.get_extra_info("socket") if ws.transport is not None else None
+        if sock is not None:
+            try:  # bounded kernel buffering too: a stalled client holds at most this much
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, SEND_BUFFER_BYTES)
+            except OSError:
+                pass
+        cl = _Client(ws, self.c.client_queue)
+        self.clients[id(cl)] = cl
+        self.connections += 1
+        log.info("client %s connected (%d now)", cl.peer, len(self.clients))
+        sender = asyncio.get_running_loop().create_task(self._sender(cl))
+        try:
+            receiver = asyncio.ensure_future(self._drain_incoming(ws))
+            await asyncio.wait({sender, receiver}, return_when=asyncio.FIRST_COMPLETED)
+            receiver.cancel()
+            if sender.done() and not sender.cancelled():
+                exc = sender.exception()
+                if exc is not None and not isinstance(exc, ConnectionClosed):
+                    log.warning("client %s: %r", cl.peer, exc)
+        finally:
+            sender.cancel()
+            self.clients.pop(id(cl), None)
+            self.client_drops += cl.dropped
+            log.info("client %s disconnected after %.1fs: %d frames sent, %d dropped (%d left)",
+                     cl.peer, time.monotonic() - cl.since, cl.sent, cl.dropped, len(self.clients))
+
+    @staticmethod
+    async def _drain_incoming(ws) -> None:
+        from websockets.exceptions import ConnectionClosed
+
+        try:
+            async for _ in ws:  # clients have nothing to say; keeps pings/close flowing
+                pass
+        except ConnectionClosed:
+            pass
+
+    def _response(self, status: HTTPStatus, body: bytes, ctype: str = "text/plain; charset=utf-8", extra=()):
+        from websockets.datastructures import Headers
+        from websockets.http11 import Response
+
+        headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))),
+                           ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
+                           ("Connection", "close"), *extra])
+        return Response(status.value, status.phrase, headers, body)
+
+    def _reject(self, status: HTTPStatus, why: str, request):
+        self.rejected += 1
+        log.warning("rejected %s: %s", urlsplit(request.path).path, why)
+        return self._response(status, (why + "\n").encode())
+
+    def _process_request(self, connection, request):
+        parts = urlsplit(request.path)
+        path = parts.path
+        host = request.headers.get("Host", "")
+        hostname = urlsplit("//" + host).hostname or ""
+        if _is_loopback(self.c.host) and not _is_loopback(hostname):
+            return self._reject(HTTPStatus.FORBIDDEN, f"Host {host!r} is not this loopback-only gateway", request)
+        if path in _TOKEN_PATHS and self.token:
+            given = parse_qs(parts.query).get("token", [""])[0]
+            if not hmac.compare_digest(given.encode(), self.token.encode()):
+                return self._reject(HTTPStatus.UNAUTHORIZED, "missing or wrong ?token=", request)
+        if path == WS_PATH:
+            origin = request.headers.get("Origin")
+            if origin is not None and origin not in {f"http://{host}", *self.c.allowed_origins}:
+                return self._reject(HTTPStatus.FORBIDDEN, f"WebSocket Origin {origin!r} not allowed", request)
+            return None  # go on with the WebSocket handshake
+        static = self._static.get(path)
+        if static is None:
+            return self._reject(HTTPStatus.NOT_FOUND, f"no such page: {path}", request)
+        body, ctype = static
+        csp = ("default-src 'self'; img-src 'self' blob: data:; "
+               f"connect-src 'self' ws://{host}; frame-ancestors 'none'")
+        return self._response(HTTPStatus.OK, body, ctype, [("Content-Security-Policy", csp)])
+
+    async def _status_loop(self, metrics: Optional[Metrics]) -> None:
+        loop = asyncio.get_running_loop()
+        while not self.stop.is_set():
+            now = time.monotonic_ns()
+            doc = self._snapshot(now)
+            if metrics is not None:
+                metrics.publish(doc, now)
+            if self.clients:
+                roles = await loop.run_in_executor(None, self._role_metrics)
+                text = json.dumps({"type": "status", "gateway": doc, **roles}, separators=(",", ":"))
+                for cl in self.clients.values():
+                    cl.push_status(text)
+            try:
+                await asyncio.wait_for(loop.run_in_executor(None, self.stop.wait, STATUS_INTERVAL_S),
+                                       STATUS_INTERVAL_S + 1)
+            except asyncio.TimeoutError:
+                pass
+
+    def _role_metrics(self) -> dict:
+        out = {}
+        for role in ("capture", "inference", "controller"):
+            name = self.cfg.metrics_stream(role)
+            if name is None:
+                continue
+            try:
+                out[role] = read_metrics(name, **self._addr)
+            except StreamNotFound:
+                out[role] = None
+            except Exception as exc:  # noqa: BLE001 - status is best effort
+                log.debug("metrics of %s: %s", role, exc)
+                out[role] = None
+        return out
+
+    def _snapshot(self, now: int) -> dict:
+        t0, e0, f0 = self._window
+        dt = max(1, now - t0) / 1e9
+        self._window = (now, self.encoded, self.frames)
+        clients = list(self.clients.values())
+        return {
+            "role": "gateway", "frames_stream": self.cfg.frames_stream, "url": self.url, "now_ns": now,
+            "frames": self.frames, "lost": self.lost, "encoded": self.encoded, "torn": self.torn,
+            "idle": self.idle, "rate_skipped": self.rate_skipped, "bad_frames": self.bad_frames,
+            "fps": round((self.encoded - e0) / dt, 2), "in_fps": round((self.frames - f0) / dt, 2),
+            "encode_ms": self.encode_ms.snapshot(), "latency_ms": self.latency_ms.snapshot(),
+            "clients": len(clients), "connections": self.connections, "rejected": self.rejected,
+            "sent": self.sent, "dropped": self.client_drops + sum(cl.dropped for cl in clients),
+            "client_sent": [cl.sent for cl in clients][:32], "client_dropped": [cl.dropped for cl in clients][:32],
+            "queued_bytes": sum(cl.queued_bytes() for cl in clients), "rss_mb": _rss_mb(),
+            "quality": self.c.quality,
+        }
+
+    async def _main(self) -> int:
+        from websockets.asyncio.server import serve
+
+        c = self.c
+        self._loop = asyncio.get_running_loop()
+        ws_log = logging.getLogger("frameshm.gateway.ws")  # one line per HTTP request is too chatty
+        if not ws_log.isEnabledFor(logging.DEBUG):
+            ws_log.setLevel(logging.WARNING)
+        metrics = reader = None
+        thread = None
+        try:
+            metrics = Metrics(self.cfg.metrics_stream("gateway"), **self._addr)
+            reader = self._reader = Reader(self.cfg.frames_stream, consumer=c.consumer, spin=False, **self._addr)
+            try:
+                server = await serve(self._handler, c.host, c.port, process_request=self._process_request,
+                                     compression=None, max_size=4096, max_queue=4, ping_interval=10,
+                                     ping_timeout=20, close_timeout=2, open_timeout=10,
+                                     logger=logging.getLogger("frameshm.gateway.ws"))
+            except OSError as exc:
+                raise InvalidArgument(f"cannot listen on {c.host}:{c.port}: {exc.strerror or exc}") from None
+            self.port = server.sockets[0].getsockname()[1]
+            shown = c.host if c.host not in ("0.0.0.0", "::", "") else "127.0.0.1"
+            if ":" in shown:
+                shown = f"[{shown}]"
+            self.url = f"http://{shown}:{self.port}/" + (f"?token={self.token}" if self.token else "")
+            if not _is_loopback(c.host) and not self.token:
+                log.warning("listening on %s without an access token: anyone who can reach this port sees "
+                            "the camera (set [gateway] token or --token)", c.host)
+            log.info("serving %s (page and %s) for %r, JPEG quality %d%s%s", self.url.split("?")[0], WS_PATH,
+                     self.cfg.frames_stream, c.quality,
+                     f", max width {c.max_width}" if c.max_width else "",
+                     f", max {c.max_fps:g} fps" if c.max_fps else "")
+            thread = threading.Thread(target=self._frame_loop, args=(reader,), name="gateway-frames",
+                                      daemon=True)
+            thread.start()
+            async with server:
+                await self._status_loop(metrics)
+                server.close()  # closes every connection with 1001 (going away)
+                await asyncio.wait_for(server.wait_closed(), 10)
+        finally:
+            self.stop.set()
+            if thread is not None:
+                await self._loop.run_in_executor(None, thread.join, 5)
+            for obj in (reader, metrics):
+                if obj is not None:
+                    obj.close()
+            log.info("stopped: %d frames taken, %d encoded, %d lost, %d torn, %d sent to %d connection(s), "
+                     "%d dropped for slow clients", self.frames, self.encoded, self.lost, self.torn, self.sent,
+                     self.connections, self.client_drops)
+        return 1 if self.failed else 0
+
+    def run(self) -> int:
+        return asyncio.run(self._main())
+
+
+def run(cfg: PipelineConfig, stop: threading.Event, base_dir: Optional[str] = None,
+        namespace: Optional[str] = None, token: Optional[str] = None) -> int:
+    return Gateway(cfg, stop, token=token, base_dir=base_dir, namespace=namespace).run()
+
+
+# ---- command line: `frameshm gateway` ------------------------------------------------------
+
+TOKEN_ENV = "FRAMESHM_GATEWAY_TOKEN"
+
+
+def add_parser(sub) -> None:
+    from . import _parse_kv
+
+    p = sub.add_parser("gateway", help="frames stream -> JPEG over WebSocket, with a live page (127.0.0.1:8080)")
+    p.add_argument("--config", "-c", help="pipeline TOML file (docs/pipeline.md)")
+    p.add_argument("--frames", help="frames stream name (overrides [streams] frames)")
+    p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 opens it up)")
+    p.add_argument("--port", type=int, help="TCP port (default 8080; 0: any free port)")
+    p.add_argument("--token", help=f"access token for ?token= (or ${TOKEN_ENV}; [gateway] token)")
+    p.add_argument("--quality", type=int, help="JPEG quality 1-100")
+    p.add_argument("--max-width", type=int, help="downscale wider frames by an integer factor")
+    p.add_argument("--max-fps", type=float, help="send at most this rate (0: every frame)")
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--status", action="store_true", help="print the running gateway's metrics as JSON and exit")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", type=_parse_kv,
+                   help="override any config key (value in TOML syntax), e.g. --set gateway.client_queue=4")
+    p.set_defaults(func=_cli)
+
+
+def config_from_args(args) -> PipelineConfig:
+    from ..config import load_or_default
+
+    cfg = load_or_default(args.config)
+    saved, cfg.path = cfg.path, "command line"
+    try:
+        token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
+        for key, value in (("streams.frames", args.frames), ("gateway.host", args.host),
+                           ("gateway.port", args.port), ("gateway.token", token),
+                           ("gateway.quality", args.quality), ("gateway.max_width", args.max_width),
+                           ("gateway.max_fps", args.max_fps)):
+            if value is not None:
+                cfg.set(key, value)
+        for key, value in args.set:
+            cfg.set(key, value)
+    finally:
+        cfg.path = saved
+    return cfg
+
+
+def _cli(args) -> int:
+    import sys
+
+    from . import setup_logging, stop_on_signals
+
+    cfg = config_from_args(args)
+    if args.status:
+        name = cfg.metrics_stream("gateway")
+        if name is None:
+            print("frameshm: gateway metrics are disabled in the configuration", file=sys.stderr)
+            return 1
+        print(json.dumps(read_metrics(name, args.base_dir, args.namespace), indent=2))
+        return 0
+    setup_logging(args.log_level)
+    stop = threading.Event()
+    with stop_on_signals(stop):
+        return run(cfg, stop, base_dir=args.base_dir, namespace=args.namespace)
