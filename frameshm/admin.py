@@ -17,7 +17,10 @@ def stream_info(name: Optional[str] = None, *, stream_id: int = 0, base_dir: Opt
 
 
 def _stream_ids(base_dir: Optional[str], namespace: Optional[str]) -> List[int]:
-    ns_dir = _core.namespace_dir(base_dir, namespace)
+    try:
+        ns_dir = _core.namespace_dir(base_dir, namespace)
+    except StreamNotFound:  # no base directory yet: no streams either
+        return []
     try:
         entries = os.listdir(ns_dir)
     except FileNotFoundError:
