@@ -17,25 +17,16 @@
 #include <time.h>
 #include <unistd.h>
 
+#include "fshm_internal.h"
+
 char tu_base[PATH_MAX];
 static char tu_mkdtemp_path[PATH_MAX];
 static pid_t tu_owner_pid;
 
-static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
-{
-    (void)sb;
-    (void)ftw;
-    if (flag == FTW_DP || flag == FTW_D)
-        rmdir(path);
-    else
-        unlink(path);
-    return 0;
-}
-
 void tu_rmtree(const char *dir)
 {
     if (dir && *dir && tu_path_exists(dir))
-        nftw(dir, rm_entry, 16, FTW_DEPTH | FTW_PHYS);
+        fshm_remove_tree(dir);   /* the core's own, compiled into every test binary */
 }
 
 static int files_seen, files_verbose;
