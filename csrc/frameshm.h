@@ -153,6 +153,8 @@ typedef struct fshm_reader_config {
                              * is due (lower latency, a few % of a core); 0: always sleep */
     int passive;            /* 1: no queue and no registration — for peeking at the newest
                              * frame and the mode byte without being a consumer */
+    uint32_t max_rate_hz;   /* >0: the producer sends this consumer at most this many
+                             * descriptors per second (others still get every frame) */
 } fshm_reader_config;
 
 typedef struct fshm_frame {
@@ -211,6 +213,7 @@ typedef struct fshm_consumer_info {
     uint64_t last_seq;       /* newest seq the consumer took, +1 (0 = none yet) */
     uint64_t delivered;
     uint64_t queue_full;
+    uint32_t max_rate_hz;
 } fshm_consumer_info;
 
 typedef struct fshm_stream_info {

@@ -50,6 +50,7 @@ int fshm_stream_info_get(const fshm_stream_addr *addr, fshm_stream_info *out)
         ci->last_seq = LOAD_RLX(&e->last_seq);
         ci->delivered = LOAD_RLX(&e->delivered);
         ci->queue_full = LOAD_RLX(&e->queue_full);
+        ci->max_rate_hz = LOAD_RLX(&e->max_rate_hz);
     }
     fshm_ctl_close(&h);
     return 0;

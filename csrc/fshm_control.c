@@ -191,7 +191,7 @@ int fshm_ctl_live_consumers(fshm_ctl *c)
     return n;
 }
 
-int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue)
+int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue, uint32_t max_rate_hz)
 {
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
         fshm_ctl_consumer *e = ctl_consumer(c, i);
@@ -203,7 +203,7 @@ int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue)
         e->pid_start = fshm_self_start_time();
         e->attach_ns = fshm_now_ns();
         e->delivered = e->queue_full = e->last_seq = 0;
-        e->max_rate_hz = 0;
+        e->max_rate_hz = max_rate_hz;
         memset(e->name, 0, sizeof e->name);
         snprintf(e->name, sizeof e->name, "%s", consumer);
         memset(e->queue, 0, sizeof e->queue);

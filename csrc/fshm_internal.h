@@ -232,7 +232,7 @@ int fshm_ctl_same_file(const fshm_ctl_handle *h, const char *path);
 /* Unlinks the queues of consumers whose process died; returns how many were pruned. */
 int fshm_ctl_prune(fshm_ctl *c);
 int fshm_ctl_live_consumers(fshm_ctl *c);
-int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue);
+int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue, uint32_t max_rate_hz);
 void fshm_ctl_unregister(fshm_ctl *c, int idx, const char *queue);
 int fshm_ctl_producer_state(const fshm_ctl *c, int64_t *pid);
 typedef struct fshm_announce {

@@ -28,6 +28,7 @@ struct fshm_reader {
     mqd_t q;
     int entry;               /* consumer-table index, -1 for a passive reader */
     int passive;             /* no queue, no registration: peek and mode only */
+    uint32_t max_rate_hz;    /* producer throttles our descriptors; 0 = every frame */
     uint64_t epoch;          /* mapped epoch, 0 = unmapped */
     fshm_map *ring;
     uint32_t nslots;
@@ -131,7 +132,7 @@ static int attach_ctl(fshm_reader *r)
     r->start_seq = LOAD_ACQ(&r->ctl->latest_seq);
     if (r->passive)
         return 0;
-    rc = fshm_ctl_register(r->ctl, r->consumer, r->queue);
+    rc = fshm_ctl_register(r->ctl, r->consumer, r->queue, r->max_rate_hz);
     if (rc < 0) {
         fshm_ctl_close(&r->ch);
         r->ctl = NULL;
@@ -161,7 +162,7 @@ static int check_environment(fshm_reader *r, int force)
         if (rc)
             return rc;   /* keep the old mapping: r->ctl stays valid */
         fshm_ctl_prune(nh.ctl);
-        int idx = r->passive ? -1 : fshm_ctl_register(nh.ctl, r->consumer, r->queue);
+        int idx = r->passive ? -1 : fshm_ctl_register(nh.ctl, r->consumer, r->queue, r->max_rate_hz);
         if (idx < 0 && !r->passive) {
             fshm_ctl_close(&nh);
             return idx;
@@ -178,7 +179,7 @@ static int check_environment(fshm_reader *r, int force)
         r->last_arrival_ns = r->interval_ns = 0;
         r->attach_gen++;
     } else if (!ours) {
-        int rc = fshm_ctl_register(r->ctl, r->consumer, r->queue);
+        int rc = fshm_ctl_register(r->ctl, r->consumer, r->queue, r->max_rate_hz);
         if (rc < 0)
             return rc;
         r->entry = rc;
@@ -211,6 +212,7 @@ int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out)
     if ((rc = fshm_resolve(&cfg->addr, 1, &r->paths)))
         goto fail;
     r->passive = cfg->passive;
+    r->max_rate_hz = cfg->max_rate_hz;
     if (!r->passive && (rc = fshm_queue_create(r->queue, &r->q)))
         goto fail;
     if ((rc = attach_ctl(r)))
@@ -410,6 +412,8 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
 {
     *got_desc = 0;
     uint64_t iv = r->interval_ns;
+    if (r->max_rate_hz)
+        return 0;   /* spinning on latest_seq would see every frame, not our share */
     if (!r->spin || !r->epoch || iv < SPIN_MIN_INTERVAL_NS || !r->last_arrival_ns)
         return 0;
     uint64_t lead = iv / 16 < SPIN_LEAD_MAX_NS ? iv / 16 : SPIN_LEAD_MAX_NS;
@@ -473,9 +477,11 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
             }
         if (rc < 0)
             return rc;
-        /* The queue may have overflowed: the control region knows the true newest. */
+        /* The queue may have overflowed: the control region knows the true newest. A
+         * rate-limited reader waits for its (throttled) descriptor first, else it would
+         * take every frame from here. */
         uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
-        if (latest && r->epoch && (!have || latest - 1 > best)) {
+        if (latest && r->epoch && (have || !r->max_rate_hz) && (!have || latest - 1 > best)) {
             best = latest - 1;
             best_pub = 0;
             have = 1;
@@ -499,7 +505,7 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
             continue;   /* committed: the top of the loop picks it up */
         uint32_t gen = r->attach_gen;
         if (!got_desc)
-            rc = receive(r, deadline, &floor, &seq, &pub, &epoch);
+            rc = receive(r, deadline, r->max_rate_hz ? NULL : &floor, &seq, &pub, &epoch);
         if (rc < 0)
             return rc;
         if (r->attach_gen != gen)
@@ -548,7 +554,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
                     next_try = r->last_plus1;
                 if (next_try < r->start_seq)
                     next_try = r->start_seq;   /* a late joiner gets no history */
-                if (r->epoch && latest > next_try) {
+                if (r->epoch && latest > next_try && !r->max_rate_hz) {
                     uint64_t s = latest - next_try > r->nslots ? latest - r->nslots : next_try;
                     for (; s < latest; s++) {
                         int rr = read_frame(r, s, f);

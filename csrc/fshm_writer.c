@@ -24,6 +24,8 @@ typedef struct writer_consumer {
     mqd_t q;
     int open;
     uint64_t pid;
+    uint64_t min_interval_ns;  /* from the consumer's max_rate_hz; 0 = every frame */
+    uint64_t next_send_ns;
     char queue[32];
 } writer_consumer;
 
@@ -305,8 +307,11 @@ static void refresh_consumers(fshm_writer *w)
         }
         if (active && !lc->open && strncmp(q, "/fshm-", 6) == 0 && !strchr(q + 1, '/')) {
             if (fshm_queue_open_send(q, &lc->q) == 0) {
+                uint32_t hz = LOAD_RLX(&e->max_rate_hz);
                 lc->open = 1;
                 lc->pid = pid;
+                lc->min_interval_ns = hz ? 1000000000ull / hz : 0;
+                lc->next_send_ns = 0;
                 memcpy(lc->queue, q, sizeof q);
             }
         }
@@ -399,6 +404,13 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
         if (!lc->open)
             continue;
         fshm_ctl_consumer *e = ctl_consumer(c, i);
+        if (lc->min_interval_ns) {
+            if (now < lc->next_send_ns)
+                continue;   /* rate-limited consumer (spec's max_rate_hz): not its turn */
+            /* 10% slack so a request that divides the frame rate is met exactly rather
+             * than beating against the frame period. */
+            lc->next_send_ns = now + lc->min_interval_ns - lc->min_interval_ns / 10;
+        }
         if (mq_send(lc->q, (const char *)msg, sizeof msg, 0) == 0) {
             STORE_RLX(&e->delivered, LOAD_RLX(&e->delivered) + 1);
             sent++;

@@ -79,7 +79,9 @@ def cmd_ls(args) -> int:
             lag = latest - taken if taken else None
             print(
                 f"    consumer {c['name']} pid {c['pid']} {'alive' if c['alive'] else 'DEAD'} "
-                f"{'process-all' if c['process_all'] else 'latest'}: lag {lag if lag is not None else '-'}, "
+                f"{'process-all' if c['process_all'] else 'latest'}"
+                f"{' max ' + str(c['max_rate_hz']) + ' Hz' if c.get('max_rate_hz') else ''}: "
+                f"lag {lag if lag is not None else '-'}, "
                 f"delivered {c['delivered']}, queue-full drops {c['queue_full']}"
             )
     return 0

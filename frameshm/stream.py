@@ -329,6 +329,8 @@ class Reader:
     ``subscribe=False`` opens a passive handle: no queue and no consumer entry (so it
     costs the producer nothing and uses no system queue); it can ``read_latest()`` and
     get/set ``mode`` but not wait.
+    ``max_rate_hz`` asks the producer for at most that many frames per second for this
+    consumer (e.g. a GUI preview); other consumers of the stream still get every frame.
     """
 
     def __init__(
@@ -341,6 +343,7 @@ class Reader:
         namespace: Optional[str] = None,
         spin: bool = True,
         subscribe: bool = True,
+        max_rate_hz: int = 0,
     ):
         self._r = _core.Reader(
             name,
@@ -350,6 +353,7 @@ class Reader:
             namespace=namespace,
             spin=spin,
             subscribe=subscribe,
+            max_rate_hz=max_rate_hz,
         )
         self.name = name if name is not None else f"stream-{self._r.stream_id}"
         self.consumer = consumer

@@ -141,12 +141,13 @@ int fshm_parse_addr(PyObject *name, unsigned long stream_id, PyObject *base_dir,
 
 static PyObject *consumer_dict(const fshm_consumer_info *c)
 {
-    return Py_BuildValue("{s:s,s:s,s:L,s:O,s:O,s:K,s:K,s:K}", "name", c->name, "queue", c->queue,
+    return Py_BuildValue("{s:s,s:s,s:L,s:O,s:O,s:K,s:K,s:K,s:k}", "name", c->name, "queue", c->queue,
                          "pid", (long long)c->pid, "alive", c->alive ? Py_True : Py_False,
                          "process_all", c->process_all ? Py_True : Py_False, "last_seq_plus1",
                          (unsigned long long)c->last_seq, "delivered",
                          (unsigned long long)c->delivered, "queue_full",
-                         (unsigned long long)c->queue_full);
+                         (unsigned long long)c->queue_full, "max_rate_hz",
+                         (unsigned long)c->max_rate_hz);
 }
 
 /* (name=None, *, stream_id=0, base_dir=None, namespace=None) -> address */

@@ -21,16 +21,16 @@ typedef struct {
 static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"name", "stream_id", "consumer", "base_dir", "namespace", "spin",
-                             "subscribe", NULL};
+                             "subscribe", "max_rate_hz", NULL};
     PyObject *name = Py_None, *consumer = Py_None, *base = Py_None, *ns = Py_None;
-    unsigned long sid = 0;
+    unsigned long sid = 0, rate = 0;
     int spin = 1, subscribe = 1;
     if (self->r) {
         PyErr_SetString(PyExc_RuntimeError, "Reader already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOpp", kwlist, &name, &sid, &consumer, &base, &ns,
-                                     &spin, &subscribe))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppk", kwlist, &name, &sid, &consumer, &base,
+                                     &ns, &spin, &subscribe, &rate))
         return -1;
     fshm_reader_config cfg;
     memset(&cfg, 0, sizeof cfg);
@@ -38,6 +38,11 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
         return -1;
     cfg.spin = spin;
     cfg.passive = !subscribe;
+    if (rate > 1000000) {
+        PyErr_SetString(fshm_exc_invalid, "max_rate_hz must be between 0 (unlimited) and 1000000");
+        return -1;
+    }
+    cfg.max_rate_hz = (uint32_t)rate;
     if (consumer != Py_None) {
         if (!PyUnicode_Check(consumer)) {
             PyErr_SetString(PyExc_TypeError, "consumer must be a str");

@@ -149,10 +149,12 @@ def test_writer_signature():
 def test_reader_signature():
     sig = inspect.signature(frameshm.Reader.__init__)
     params = list(sig.parameters.values())[1:]
-    assert [p.name for p in params] == ["name", "consumer", "stream_id", "base_dir", "namespace", "spin", "subscribe"]
+    assert [p.name for p in params] == ["name", "consumer", "stream_id", "base_dir", "namespace", "spin", "subscribe",
+                                        "max_rate_hz"]
     assert sig.parameters["spin"].default is True
     assert sig.parameters["subscribe"].default is True
-    for kw in ("stream_id", "base_dir", "namespace", "spin", "subscribe"):
+    assert sig.parameters["max_rate_hz"].default == 0
+    for kw in ("stream_id", "base_dir", "namespace", "spin", "subscribe", "max_rate_hz"):
         assert sig.parameters[kw].kind is inspect.Parameter.KEYWORD_ONLY
 
 
