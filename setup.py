@@ -15,7 +15,7 @@ from setuptools import Extension, setup
 # add their entry here as they land (libv4l2, aravis-0.8, libturbojpeg, libpipewire-0.3).
 # libv4l2's conversions are libv4lconvert's: frameshm calls it directly so that converted
 # frames are written straight into the destination, hence both modules.
-OPTIONAL = {"FSHM_HAVE_LIBV4L2": "libv4l2 libv4lconvert"}
+OPTIONAL = {"FSHM_HAVE_LIBV4L2": "libv4l2 libv4lconvert", "FSHM_HAVE_ARAVIS": "aravis-0.8"}
 
 
 def pkg_config(module):

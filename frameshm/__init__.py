@@ -23,6 +23,7 @@ from . import _core
 from .stream import MODE_ALARMED, MODE_STANDBY, Frame, Reader, Writer
 from .admin import gc, list_streams, stream_info
 from .camera import Camera
+from .gige import GigECamera
 
 __version__ = "0.1.0"
 
@@ -31,6 +32,7 @@ __all__ = [
     "Reader",
     "Frame",
     "Camera",
+    "GigECamera",
     "MODE_STANDBY",
     "MODE_ALARMED",
     "stream_info",

@@ -11,6 +11,10 @@ APT_PACKAGES=(gcc make pkg-config libcmocka-dev)
 APT_PACKAGES+=(libv4l-dev pipewire pipewire-bin wireplumber pipewire-v4l2 libpipewire-0.3-dev v4l-utils)
 # Headless Chromium: the gateway page's browser test (driven by Playwright, no browser download).
 APT_PACKAGES+=(chromium)
+# GigE Vision capture: Aravis to build against (without it the GigE camera is built out;
+# aravis-0.8.pc requires libusb-1.0 but libaravis-dev does not pull it in), and its tools
+# (arv-fake-gv-camera-0.8 for the tests and benchmark, arv-tool-0.8, arv-camera-test-0.8).
+APT_PACKAGES+=(aravis-tools aravis-tools-cli libaravis-dev libusb-1.0-0-dev)
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")

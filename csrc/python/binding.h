@@ -35,6 +35,8 @@ int fshm_parse_addr(PyObject *name, unsigned long stream_id, PyObject *base_dir,
 int fshm_binding_init_errors(void);
 /* Readies Camera and CameraBuffer (camera_type.c) and adds them to the module. */
 int fshm_camera_types_ready(PyObject *module);
+/* Readies GigECamera (gige_type.c) and adds it (and HAVE_ARAVIS) to the module. */
+int fshm_gige_types_ready(PyObject *module);
 /* Parses a controller mode value (a byte); -1 with an exception set if invalid. */
 int fshm_parse_mode(PyObject *v, uint8_t *out);
 

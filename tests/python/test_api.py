@@ -17,6 +17,7 @@ EXPECTED_ALL = [
     "Frame",
     "FrameTooLarge",
     "FrameshmError",
+    "GigECamera",
     "InvalidArgument",
     "MODE_ALARMED",
     "MODE_STANDBY",

@@ -1,0 +1,160 @@
+/*
+ * frameshm GigE Vision capture through Aravis (libaravis-0.8): open a camera by id, set
+ * pixel format, region, frame rate and packet size, stream into a pool of Aravis buffers
+ * and deliver each frame with one copy straight into a destination (a frameshm stream
+ * slot), counting lost frames (frame-id gaps, incomplete buffers, stream underruns).
+ *
+ * Camera ids:
+ *   "192.168.1.20"  an IPv4 address: opened directly (GVCP to that address only; the local
+ *                   interface is the one the kernel routes to it) - no discovery broadcast
+ *   "Fake_1"        Aravis' in-process fake camera (serial "1"; "Fake_<serial>" in general):
+ *                   no network at all, the unit-test camera
+ *   anything else   an Aravis device id / camera name ("<vendor>-<serial>", "<serial>"...),
+ *                   found by Aravis' discovery, which broadcasts on every interface
+ *
+ * Built without Aravis (no FSHM_HAVE_ARAVIS), every call that needs a camera fails with
+ * FSHM_E_GIGE_NOLIB and a message saying how to get it.
+ *
+ * Errors: negative errno values (-ENOENT no such camera / no answer, -EBUSY another
+ * application controls the camera, -ENODEV the camera went away or we lost control of it
+ * (heartbeat lost, camera rebooted), -ETIMEDOUT no frame in time, -EINVAL bad argument) or
+ * the codes below; fshm_last_error() has the message.
+ *
+ * Disconnects: Aravis' "control-lost" signal (its heartbeat thread) marks the camera gone;
+ * besides, a read that times out after the camera has been silent for
+ * FSHM_GIGE_PROBE_AFTER_NS reads the camera's control-channel privilege register: no
+ * answer, or an answer saying we are no longer its controller (the camera restarted), is
+ * -ENODEV too. Once gone, only close() is useful; open the camera again when it is back.
+ *
+ * Not thread-safe per camera.
+ */
+#ifndef FSHM_GIGE_H
+#define FSHM_GIGE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#include "frameshm.h"
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#define FSHM_E_GIGE_NOLIB (-1201)        /* built without Aravis */
+#define FSHM_E_GIGE_UNSUPPORTED (-1202)  /* pixel format / region / rate not accepted */
+#define FSHM_E_GIGE_ARAVIS (-1203)       /* any other Aravis error (message has its text) */
+
+#define FSHM_GIGE_MAX_BUFFERS 64
+#define FSHM_GIGE_DEFAULT_BUFFERS 8
+#define FSHM_GIGE_PROBE_AFTER_NS 1000000000ull
+
+/* 1 if this build has Aravis. */
+int fshm_gige_have_aravis(void);
+
+typedef struct fshm_gige_cam fshm_gige_cam;
+
+typedef struct fshm_gige_info {
+    char id[128];            /* the id it was opened with */
+    char device_id[128];     /* Aravis' device id */
+    char vendor[64];
+    char model[64];
+    char serial[64];
+    char protocol[16];       /* "GigEVision", "Fake", "USB3Vision" */
+    char address[64];        /* GigE: the camera's IP address, else "" */
+} fshm_gige_info;
+
+/* Opens (and takes control of) the camera; see the id forms above. */
+int fshm_gige_open(const char *id, fshm_gige_cam **out);
+void fshm_gige_get_info(const fshm_gige_cam *c, fshm_gige_info *out);
+
+typedef struct fshm_gige_request {
+    const char *pixel_format; /* GenICam name: "Mono8", "Mono16", "RGB8", "BayerRG8"...; NULL
+                               * or "" = the camera's current one */
+    uint32_t x, y;            /* region offset (used when width/height are given) */
+    uint32_t width, height;   /* 0 = the camera's current size; otherwise exact or an error */
+    double fps;               /* 0 = leave the camera's rate (triggers are cleared anyway) */
+    uint32_t packet_size;     /* GigE: bytes per stream packet; 0 = negotiate (auto) */
+    uint32_t nbuffers;        /* Aravis buffers in the pool; 0 = FSHM_GIGE_DEFAULT_BUFFERS */
+} fshm_gige_request;
+
+typedef struct fshm_gige_format {
+    char pixel_format[32];    /* GenICam name */
+    uint32_t pixel_format_code; /* PFNC code (ArvPixelFormat) */
+    uint32_t bits_per_pixel;
+    uint32_t x, y, width, height;
+    double fps;               /* rate the camera reports (0: unknown) */
+    uint32_t frame_rate_available; /* 1: the camera paces frames itself (AcquisitionFrameRate) */
+    uint32_t packet_size;     /* GigE stream packet size in force (0: not GigE) */
+    uint32_t payload;         /* bytes the camera sends per frame */
+    uint32_t frame_bytes;     /* bytes of a delivered frame (packed, = width*height*bpp) */
+    uint32_t nbuffers;
+    fshm_tensor tensor;       /* (h, w) uint8/uint16 or (h, w, 3) uint8 */
+} fshm_gige_format;
+
+/* Clears triggers, sets pixel format, region, rate and packet size (always all of them:
+ * GigE cameras keep settings between sessions), allocates the buffer pool, creates the
+ * stream and starts acquisition. */
+int fshm_gige_start(fshm_gige_cam *c, const fshm_gige_request *req);
+void fshm_gige_get_format(const fshm_gige_cam *c, fshm_gige_format *out);
+
+/* Asks the camera for fps frames per second (0: back to the rate asked at start). Returns
+ * 1 when the camera paces frames itself, 0 when it has no rate control (the caller paces). */
+int fshm_gige_set_rate(fshm_gige_cam *c, double fps);
+
+typedef struct fshm_gige_frame {
+    uint64_t frame_id;        /* the camera's block id (GigE: 16-bit, wraps 65535 -> 1) */
+    uint64_t timestamp_ns;    /* arrival of the frame's first packet, CLOCK_MONOTONIC */
+    uint64_t camera_timestamp;/* the camera's own timestamp (its ticks/ns) */
+    size_t bytes;             /* bytes written */
+    uint32_t lost_before;     /* frames lost between the previous delivered one and this */
+} fshm_gige_frame;
+
+/* One copy: waits up to timeout_ns (<0: forever) for the next complete frame, copies it
+ * into dst (fshm_gige_format.frame_bytes bytes) and gives the Aravis buffer back at once.
+ * Incomplete buffers are counted and skipped. -ETIMEDOUT, -ENODEV (gone). */
+int fshm_gige_read_into(fshm_gige_cam *c, int64_t timeout_ns, void *dst, size_t capacity,
+                        fshm_gige_frame *info);
+
+/* Waits for the next complete frame without delivering it (it stays first in line), and
+ * returns its size: callers that loan a slot only once a frame is there. */
+int fshm_gige_wait(fshm_gige_cam *c, int64_t timeout_ns);
+
+/* Capture straight into a stream: wait for a frame, loan a slot of w, copy once, give the
+ * buffer back, commit with the arrival timestamp. t NULL = the format's tensor. */
+int fshm_gige_capture(fshm_gige_cam *c, fshm_writer *w, int64_t timeout_ns, const fshm_tensor *t,
+                      uint64_t *seq_out, fshm_gige_frame *info);
+
+/* Discards frames already received more than max_age_ns ago; newer ones stay queued.
+ * Returns how many were discarded. */
+int fshm_gige_flush(fshm_gige_cam *c, uint64_t max_age_ns);
+
+/* Checks the camera is still there and ours (one register read). 0 or -ENODEV. */
+int fshm_gige_probe(fshm_gige_cam *c);
+
+typedef struct fshm_gige_stats {
+    uint64_t delivered;       /* frames handed out */
+    uint64_t lost;            /* frames never delivered: incomplete + max(id_gaps, underruns)
+                               * (a frame with no free buffer is an id gap too, except
+                               * with Aravis' in-process fake, which only numbers frames
+                               * it fills) */
+    uint64_t id_gaps;         /* frames missing between consecutive frame ids */
+    uint64_t incomplete;      /* buffers Aravis returned with a status other than success */
+    uint64_t underruns;       /* frames Aravis had no free buffer for */
+    uint64_t flushed;         /* discarded by fshm_gige_flush */
+    uint64_t timeouts;        /* reads that timed out */
+    uint64_t resent_packets;  /* GigE: packets recovered by resend requests (Aravis) */
+    uint64_t missing_packets; /* GigE: packets never received (Aravis) */
+} fshm_gige_stats;
+void fshm_gige_get_stats(const fshm_gige_cam *c, fshm_gige_stats *out);
+
+/* Stops acquisition and drops the stream (settings stay). */
+int fshm_gige_stop(fshm_gige_cam *c);
+/* 1 once the camera is known to be gone (control lost / no answer). */
+int fshm_gige_gone(const fshm_gige_cam *c);
+/* Stops, releases the camera (leaves control) and frees. */
+void fshm_gige_close(fshm_gige_cam *c);
+
+#ifdef __cplusplus
+}
+#endif
+#endif

@@ -1,0 +1,401 @@
+/* frameshm._core.GigECamera: a GigE Vision camera through Aravis (csrc/fshm_gige.h).
+ *
+ * One-copy delivery only: read_into(out) copies the next complete frame from the Aravis
+ * buffer pool straight into `out` (a loaned stream slot) and gives the buffer back at
+ * once, so no Aravis memory is ever exported to Python. Waits release the GIL and run in
+ * slices so that Ctrl-C is handled (a liveness probe of a silent camera may hold a slice
+ * for a few seconds: Aravis' GVCP retries). */
+#include "binding.h"
+
+#include "../fshm_gige.h"
+#include "../fshm_internal.h"   /* fshm_set_error */
+
+typedef struct {
+    PyObject_HEAD
+    fshm_gige_cam *cam;
+    int started;
+    int busy;                /* a thread is in a blocking call (GIL released) */
+    unsigned long long timeouts;  /* reads that timed out (whole Python-level timeouts) */
+    PyObject *id;
+} FshmGigECamera;
+
+/* ---- errors: classes live in frameshm.camera (shared with V4L2) and frameshm.gige ---- */
+
+static PyObject *gige_raise(int code)
+{
+    const char *mod_name = "frameshm.camera", *name = NULL;
+    int oserr = 0;
+    switch (code) {
+    case -ENOENT: name = "DeviceNotFound"; oserr = ENOENT; break;
+    case -EACCES: case -EPERM: name = "DevicePermissionError"; oserr = EACCES; break;
+    case -EBUSY: name = "DeviceBusy"; oserr = EBUSY; break;
+    case -ENODEV: case -ENXIO: name = "DeviceGone"; oserr = ENODEV; break;
+    case FSHM_E_GIGE_UNSUPPORTED: name = "UnsupportedFormat"; break;
+    case FSHM_E_GIGE_NOLIB: mod_name = "frameshm.gige"; name = "GigEUnavailable"; break;
+    case FSHM_E_GIGE_ARAVIS: mod_name = "frameshm.gige"; name = "AravisError"; break;
+    case -EIO: mod_name = "frameshm.gige"; name = "AravisError"; break;
+    default: return fshm_raise(code);
+    }
+    PyObject *mod = PyImport_ImportModule(mod_name);
+    PyObject *cls = mod ? PyObject_GetAttrString(mod, name) : NULL;
+    Py_XDECREF(mod);
+    if (!cls) {
+        PyErr_Clear();
+        return fshm_raise(code);
+    }
+    const char *msg = fshm_last_error();
+    PyObject *args = oserr ? Py_BuildValue("(is)", oserr, msg) : Py_BuildValue("(s)", msg);
+    if (args) {
+        PyErr_SetObject(cls, args);
+        Py_DECREF(args);
+    }
+    Py_DECREF(cls);
+    return NULL;
+}
+
+#define CHECK_CAM(self)                                                                          \
+    if (!(self)->cam)                                                                            \
+        return fshm_raise_closed("GigECamera");
+
+#define CHECK_IDLE(self)                                                                         \
+    if ((self)->busy)                                                                            \
+        return PyErr_Format(PyExc_RuntimeError, "GigECamera used from two threads at once");
+
+#define CHECK_STARTED(self)                                                                      \
+    CHECK_CAM(self);                                                                             \
+    if (!(self)->started)                                                                        \
+        return PyErr_Format(PyExc_RuntimeError, "GigECamera is not started");
+
+static int gige_init(FshmGigECamera *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"id", NULL};
+    const char *id;
+    if (self->cam) {
+        PyErr_SetString(PyExc_RuntimeError, "GigECamera already initialised");
+        return -1;
+    }
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "s", kwlist, &id))
+        return -1;
+    fshm_gige_cam *cam = NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_gige_open(id, &cam);
+    Py_END_ALLOW_THREADS
+    if (rc) {
+        gige_raise(rc);
+        return -1;
+    }
+    self->cam = cam;
+    self->id = PyUnicode_FromString(id);
+    return self->id ? 0 : -1;
+}
+
+static void gige_final_close(FshmGigECamera *self, int allow_threads)
+{
+    fshm_gige_cam *c = self->cam;
+    if (!c)
+        return;
+    self->cam = NULL;
+    self->started = 0;
+    if (allow_threads) {
+        Py_BEGIN_ALLOW_THREADS
+        fshm_gige_close(c);
+        Py_END_ALLOW_THREADS
+    } else {
+        fshm_gige_close(c);
+    }
+}
+
+static void gige_dealloc(FshmGigECamera *self)
+{
+    gige_final_close(self, 1);
+    Py_XDECREF(self->id);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *gige_start(FshmGigECamera *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"pixel_format", "width", "height", "x", "y", "fps", "packet_size", "buffers", NULL};
+    const char *pf = NULL;
+    unsigned int w = 0, h = 0, x = 0, y = 0, pkt = 0, nbuf = 0;
+    double fps = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|zIIIIdII", kwlist, &pf, &w, &h, &x, &y, &fps, &pkt, &nbuf))
+        return NULL;
+    CHECK_CAM(self);
+    CHECK_IDLE(self);
+    fshm_gige_request rq = {pf, x, y, w, h, fps, pkt, nbuf};
+    int rc;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_gige_start(self->cam, &rq);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (rc)
+        return gige_raise(rc);
+    self->started = 1;
+    Py_RETURN_NONE;
+}
+
+static PyObject *gige_info(FshmGigECamera *self, PyObject *unused)
+{
+    CHECK_CAM(self);
+    fshm_gige_info i;
+    fshm_gige_get_info(self->cam, &i);
+    return Py_BuildValue("{s:s,s:s,s:s,s:s,s:s,s:s,s:s}", "id", i.id, "device_id", i.device_id, "vendor", i.vendor,
+                         "model", i.model, "serial", i.serial, "protocol", i.protocol, "address", i.address);
+}
+
+static PyObject *gige_format(FshmGigECamera *self, PyObject *unused)
+{
+    CHECK_STARTED(self);
+    fshm_gige_format f;
+    fshm_gige_get_format(self->cam, &f);
+    PyObject *shape = PyTuple_New(f.tensor.ndims);
+    if (!shape)
+        return NULL;
+    for (int i = 0; i < f.tensor.ndims; i++)
+        PyTuple_SET_ITEM(shape, i, PyLong_FromLong(f.tensor.dims[i]));
+    return Py_BuildValue("{s:s,s:k,s:k,s:k,s:k,s:k,s:k,s:d,s:O,s:k,s:k,s:k,s:k,s:i,s:N}", "pixel_format",
+                         f.pixel_format, "pixel_format_code", (unsigned long)f.pixel_format_code, "bits_per_pixel",
+                         (unsigned long)f.bits_per_pixel, "x", (unsigned long)f.x, "y", (unsigned long)f.y, "width",
+                         (unsigned long)f.width, "height", (unsigned long)f.height, "fps", f.fps,
+                         "frame_rate_available", f.frame_rate_available ? Py_True : Py_False, "packet_size",
+                         (unsigned long)f.packet_size, "payload", (unsigned long)f.payload, "frame_bytes",
+                         (unsigned long)f.frame_bytes, "buffers", (unsigned long)f.nbuffers, "dtype",
+                         (int)f.tensor.dtype, "shape", shape);
+}
+
+static PyObject *gige_stats(FshmGigECamera *self, PyObject *unused)
+{
+    CHECK_CAM(self);
+    fshm_gige_stats s;
+    fshm_gige_get_stats(self->cam, &s);
+    return Py_BuildValue("{s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:K}", "delivered", (unsigned long long)s.delivered,
+                         "lost", (unsigned long long)s.lost, "id_gaps", (unsigned long long)s.id_gaps, "incomplete",
+                         (unsigned long long)s.incomplete, "underruns", (unsigned long long)s.underruns, "flushed",
+                         (unsigned long long)s.flushed, "timeouts", self->timeouts, "resent_packets",
+                         (unsigned long long)s.resent_packets, "missing_packets",
+                         (unsigned long long)s.missing_packets);
+}
+
+/* Blocking call without the GIL, in slices (Python signal handlers run in between). */
+typedef int (*blocking_fn)(FshmGigECamera *self, int64_t timeout, void *arg);
+#define SLICE_NS 200000000ll
+
+static int run_blocking(FshmGigECamera *self, PyObject *tobj, blocking_fn fn, void *arg)
+{
+    int64_t timeout;
+    if (fshm_parse_timeout(tobj, &timeout))
+        return INT_MIN;
+    if (self->busy) {
+        PyErr_SetString(PyExc_RuntimeError, "GigECamera used from two threads at once");
+        return INT_MIN;
+    }
+    uint64_t deadline = timeout < 0 ? 0 : fshm_now_ns() + (uint64_t)timeout;
+    int rc;
+    self->busy = 1;
+    for (;;) {
+        int64_t left = timeout;
+        if (timeout >= 0) {
+            uint64_t now = fshm_now_ns();
+            left = now >= deadline ? 0 : (int64_t)(deadline - now);
+        }
+        int64_t slice = left < 0 || left > SLICE_NS ? SLICE_NS : left;
+        Py_BEGIN_ALLOW_THREADS
+        rc = fn(self, slice, arg);
+        Py_END_ALLOW_THREADS
+        if (rc == -ETIMEDOUT && (left < 0 || fshm_now_ns() < deadline))
+            rc = -EINTR;   /* only a slice ran out */
+        if (rc != -EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            self->busy = 0;
+            return INT_MIN;
+        }
+    }
+    self->busy = 0;
+    if (rc == -ETIMEDOUT) {
+        self->timeouts++;
+        fshm_set_error(-ETIMEDOUT, "no frame from GigE camera %s within %.3f s", PyUnicode_AsUTF8(self->id),
+                       (double)timeout / 1e9);
+    }
+    return rc;
+}
+
+typedef struct {
+    void *dst;
+    size_t cap;
+    fshm_gige_frame info;
+} read_args;
+
+static int do_read_into(FshmGigECamera *self, int64_t t, void *arg)
+{
+    read_args *a = arg;
+    return fshm_gige_read_into(self->cam, t, a->dst, a->cap, &a->info);
+}
+
+static PyObject *gige_read_into(FshmGigECamera *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"out", "timeout", NULL};
+    PyObject *out, *tobj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O", kwlist, &out, &tobj))
+        return NULL;
+    CHECK_STARTED(self);
+    Py_buffer view;
+    if (PyObject_GetBuffer(out, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
+        return NULL;
+    read_args a = {view.buf, (size_t)view.len, {0}};
+    int rc = run_blocking(self, tobj, do_read_into, &a);
+    PyBuffer_Release(&view);
+    if (rc)
+        return rc == INT_MIN ? NULL : gige_raise(rc);
+    /* (timestamp_ns, frame_id, nbytes, lost_before, camera_timestamp) */
+    return Py_BuildValue("(KKnkK)", (unsigned long long)a.info.timestamp_ns, (unsigned long long)a.info.frame_id,
+                         (Py_ssize_t)a.info.bytes, (unsigned long)a.info.lost_before,
+                         (unsigned long long)a.info.camera_timestamp);
+}
+
+static int do_wait(FshmGigECamera *self, int64_t t, void *arg)
+{
+    (void)arg;
+    return fshm_gige_wait(self->cam, t);
+}
+
+static PyObject *gige_wait(FshmGigECamera *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"timeout", NULL};
+    PyObject *tobj = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &tobj))
+        return NULL;
+    CHECK_STARTED(self);
+    int rc = run_blocking(self, tobj, do_wait, NULL);
+    if (rc == INT_MIN)
+        return NULL;
+    if (rc < 0)
+        return gige_raise(rc);
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *gige_flush(FshmGigECamera *self, PyObject *arg)
+{
+    CHECK_STARTED(self);
+    CHECK_IDLE(self);
+    unsigned long long age = PyLong_AsUnsignedLongLong(arg);
+    if (PyErr_Occurred())
+        return NULL;
+    int rc = fshm_gige_flush(self->cam, age);
+    if (rc < 0)
+        return gige_raise(rc);
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *gige_set_rate(FshmGigECamera *self, PyObject *arg)
+{
+    double fps = PyFloat_AsDouble(arg);
+    if (fps == -1.0 && PyErr_Occurred())
+        return NULL;
+    CHECK_STARTED(self);
+    CHECK_IDLE(self);
+    int rc;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_gige_set_rate(self->cam, fps);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (rc < 0)
+        return gige_raise(rc);
+    return PyBool_FromLong(rc);
+}
+
+static PyObject *gige_probe(FshmGigECamera *self, PyObject *unused)
+{
+    CHECK_CAM(self);
+    CHECK_IDLE(self);
+    int rc;
+    self->busy = 1;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_gige_probe(self->cam);
+    Py_END_ALLOW_THREADS
+    self->busy = 0;
+    if (rc)
+        return gige_raise(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *gige_stop(FshmGigECamera *self, PyObject *unused)
+{
+    CHECK_CAM(self);
+    CHECK_IDLE(self);
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_gige_stop(self->cam);
+    Py_END_ALLOW_THREADS
+    self->started = 0;
+    if (rc)
+        return gige_raise(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *gige_close(FshmGigECamera *self, PyObject *unused)
+{
+    if (self->busy)
+        return PyErr_Format(PyExc_RuntimeError, "close() while another thread waits on this GigECamera");
+    gige_final_close(self, 1);
+    Py_RETURN_NONE;
+}
+
+static PyObject *gige_get_closed(FshmGigECamera *self, void *c) { return PyBool_FromLong(!self->cam); }
+static PyObject *gige_get_gone(FshmGigECamera *self, void *c) { return PyBool_FromLong(self->cam && fshm_gige_gone(self->cam)); }
+static PyObject *gige_get_started(FshmGigECamera *self, void *c) { return PyBool_FromLong(self->cam && self->started); }
+static PyObject *gige_get_id(FshmGigECamera *self, void *c) { return Py_NewRef(self->id ? self->id : Py_None); }
+
+static PyMethodDef gige_methods[] = {
+    {"start", (PyCFunction)(void (*)(void))gige_start, METH_VARARGS | METH_KEYWORDS,
+     "start(pixel_format=None, width=0, height=0, x=0, y=0, fps=0.0, packet_size=0, buffers=0)"},
+    {"info", (PyCFunction)gige_info, METH_NOARGS, "id/vendor/model/serial/protocol/address dict"},
+    {"format", (PyCFunction)gige_format, METH_NOARGS, "negotiated format dict"},
+    {"stats", (PyCFunction)gige_stats, METH_NOARGS, "counters dict (delivered, lost, ...)"},
+    {"read_into", (PyCFunction)(void (*)(void))gige_read_into, METH_VARARGS | METH_KEYWORDS,
+     "read_into(out, timeout=None) -> (timestamp_ns, frame_id, nbytes, lost_before, camera_timestamp)"},
+    {"wait", (PyCFunction)(void (*)(void))gige_wait, METH_VARARGS | METH_KEYWORDS,
+     "wait(timeout=None) -> bytes of the next frame, left first in line"},
+    {"flush", (PyCFunction)gige_flush, METH_O, "flush(max_age_ns) -> frames discarded"},
+    {"set_rate", (PyCFunction)gige_set_rate, METH_O, "set_rate(fps) -> the camera paces itself"},
+    {"probe", (PyCFunction)gige_probe, METH_NOARGS, "probe(): DeviceGone unless the camera answers and is ours"},
+    {"stop", (PyCFunction)gige_stop, METH_NOARGS, "stop(): stops acquisition"},
+    {"close", (PyCFunction)gige_close, METH_NOARGS, "close()"},
+    {NULL},
+};
+
+static PyGetSetDef gige_getset[] = {
+    {"closed", (getter)gige_get_closed, NULL, NULL, NULL},
+    {"gone", (getter)gige_get_gone, NULL, "control of the camera was lost", NULL},
+    {"started", (getter)gige_get_started, NULL, NULL, NULL},
+    {"id", (getter)gige_get_id, NULL, NULL, NULL},
+    {NULL},
+};
+
+PyTypeObject FshmGigECameraType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "frameshm._core.GigECamera",
+    .tp_basicsize = sizeof(FshmGigECamera),
+    .tp_dealloc = (destructor)gige_dealloc,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,
+    .tp_doc = "Low-level GigE Vision camera (Aravis); use frameshm.GigECamera.",
+    .tp_methods = gige_methods,
+    .tp_getset = gige_getset,
+    .tp_init = (initproc)gige_init,
+    .tp_new = PyType_GenericNew,
+};
+
+int fshm_gige_types_ready(PyObject *module)
+{
+    if (PyType_Ready(&FshmGigECameraType) < 0)
+        return -1;
+    Py_INCREF(&FshmGigECameraType);
+    if (PyModule_AddObject(module, "GigECamera", (PyObject *)&FshmGigECameraType)) {
+        Py_DECREF(&FshmGigECameraType);
+        return -1;
+    }
+    return PyModule_AddIntConstant(module, "HAVE_ARAVIS", fshm_gige_have_aravis());
+}

@@ -1,0 +1,176 @@
+"""GigE Vision cameras as a capture source (``gige:`` URIs), through Aravis.
+
+    gige:192.168.1.20?pixel_format=Mono8&width=640&height=480&fps=30&packet_size=9000
+    gige:Fake_1?width=640&height=480        Aravis' in-process fake camera (tests)
+
+``read_into(out)`` copies each complete frame once from Aravis' buffer pool straight into
+``out`` (the slot the capture producer loaned) and gives the buffer back at once.
+``set_rate`` sets the camera's AcquisitionFrameRate (True: the camera paces itself);
+``flush`` discards frames that waited in the pool longer than the given age. Lost frames
+(frame-id gaps, incomplete buffers) are counted: :meth:`GigESource.stats`.
+
+A camera that disappears or restarts mid-stream (no answer, or it no longer lists us as its
+controller) raises :class:`~frameshm.sources.SourceGone` from ``read_into``/``set_rate``/
+``flush``; the producer then calls ``close()`` and ``open()`` again until it works:
+``open()`` raises OSError subclasses (:class:`~frameshm.camera.DeviceNotFound` while the
+camera does not answer, :class:`~frameshm.camera.DeviceBusy` while another application
+controls it) or SourceGone, which the producer retries, and ValueError subclasses (bad
+format/region/rate) that it does not. Every setting, and the rate asked last, is applied
+again on every open (GigE cameras keep settings between sessions).
+
+Parameters: ``pixel_format`` (Mono8, Mono16, RGB8, Bayer*8...; default the camera's),
+``width``/``height`` (exact; default the camera's current region), ``x``/``y`` (region
+offset), ``fps`` (default: the camera's), ``packet_size`` (bytes; default negotiated),
+``buffers`` (Aravis buffer pool, default 8).
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Dict, Optional
+
+import numpy as np
+
+from ..camera import DeviceGone
+from ..errors import InvalidArgument
+from ..gige import AravisError, GigECamera
+from . import Source, SourceGone, register
+
+log = logging.getLogger("frameshm.gige")
+
+_KNOWN = ("pixel_format", "width", "height", "x", "y", "fps", "packet_size", "buffers")
+
+
+def _int(params: Dict[str, str], key: str, minimum: int = 1) -> Optional[int]:
+    raw = params.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        raise InvalidArgument(f"gige source: {key}={raw!r} is not an integer") from None
+    if v < minimum:
+        raise InvalidArgument(f"gige source: {key}={raw!r} must be >= {minimum}")
+    return v
+
+
+class GigESource(Source):
+    """A GigE Vision camera (see the module docstring)."""
+
+    def __init__(self, path: str, params: Dict[str, str]):
+        unknown = sorted(set(params) - set(_KNOWN))
+        if unknown:
+            raise InvalidArgument(f"gige source: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(_KNOWN)}")
+        if not path:
+            raise InvalidArgument("gige source: a camera id is required (gige:<IP address>, gige:<name> or gige:Fake_1)")
+        self.id = path
+        self.pixel_format = params.get("pixel_format") or None
+        self.width = _int(params, "width")
+        self.height = _int(params, "height")
+        if (self.width is None) != (self.height is None):
+            raise InvalidArgument("gige source: give both width and height, or neither")
+        self.x = _int(params, "x", 0) or 0
+        self.y = _int(params, "y", 0) or 0
+        fps = params.get("fps")
+        try:
+            self.fps = float(fps) if fps not in (None, "") else None
+        except ValueError:
+            raise InvalidArgument(f"gige source: fps={fps!r} is not a number") from None
+        if self.fps is not None and not self.fps > 0:
+            raise InvalidArgument(f"gige source: fps={fps!r} must be positive")
+        self.packet_size = _int(params, "packet_size")
+        self.buffers = _int(params, "buffers") or 8
+        self._rate: Optional[float] = None   # asked with set_rate(); re-applied on reopen
+        self.cam: Optional[GigECamera] = None
+        self._totals: Dict[str, int] = {}    # counters of cameras already closed
+
+    def open(self) -> None:
+        if self.cam is not None:
+            return
+        log.info("opening GigE camera %s", self.id)
+        try:
+            cam = GigECamera(self.id, self.pixel_format, self.width, self.height, self.fps, x=self.x, y=self.y,
+                             packet_size=self.packet_size, buffers=self.buffers, start=False)
+        except (DeviceGone, AravisError) as exc:
+            raise SourceGone(str(exc)) from exc
+        try:
+            info = cam.info()
+            log.info("GigE camera %s: %s %s serial %s (%s%s)", self.id, info["vendor"], info["model"], info["serial"],
+                     info["protocol"], f" at {info['address']}" if info["address"] else "")
+            cam.start()
+            if self._rate is not None:
+                cam.set_rate(self._rate)
+            f = cam.format
+            log.info("GigE camera %s streaming: %s %dx%d+%d+%d, %g fps%s, %s%d buffers of %d bytes", self.id,
+                     f["pixel_format"], f["width"], f["height"], f["x"], f["y"], f["fps"],
+                     "" if f["frame_rate_available"] else " (no rate control)",
+                     f"packet size {f['packet_size']}, " if f["packet_size"] else "", f["buffers"], f["payload"])
+        except (DeviceGone, AravisError) as exc:
+            cam.close()
+            raise SourceGone(str(exc)) from exc
+        except BaseException:
+            cam.close()
+            raise
+        self.cam = cam
+        self.shape = cam.shape
+        self.dtype = cam.dtype
+
+    def _camera(self) -> GigECamera:
+        if self.cam is None:
+            raise InvalidArgument("gige source is not open")
+        return self.cam
+
+    def _gone(self, exc: Exception) -> SourceGone:
+        log.warning("GigE camera %s gone: %s", self.id, exc)
+        return SourceGone(str(exc))
+
+    def read_into(self, out: np.ndarray, timeout: float) -> int:
+        try:
+            return self._camera().read_into(out, timeout)
+        except DeviceGone as exc:
+            raise self._gone(exc) from exc
+
+    def set_rate(self, fps: float) -> bool:
+        """True when the camera paces itself (AcquisitionFrameRate), else False."""
+        self._rate = fps
+        if self.cam is None:
+            return False
+        try:
+            paced = self.cam.set_rate(fps)
+        except DeviceGone as exc:
+            raise self._gone(exc) from exc
+        log.info("GigE camera %s: rate %g fps asked, %g in force%s", self.id, fps, self.cam.fps,
+                 "" if paced else " (no rate control: the producer paces)")
+        return paced
+
+    def flush(self, max_age_ns: int) -> int:
+        try:
+            return self._camera().flush(max_age_ns / 1e9)
+        except DeviceGone as exc:
+            raise self._gone(exc) from exc
+
+    def stats(self) -> Dict[str, int]:
+        """The camera's counters (``delivered``, ``lost``, ``id_gaps``, ``incomplete``, ...),
+        summed over every connection of this source."""
+        out = dict(self._totals)
+        if self.cam is not None and not self.cam.closed:
+            for k, v in self.cam.stats().items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+    def close(self) -> None:
+        cam, self.cam = self.cam, None
+        if cam is not None:
+            if not cam.closed:
+                for k, v in cam.stats().items():
+                    self._totals[k] = self._totals.get(k, 0) + v
+            s = self._totals
+            log.info("closing GigE camera %s%s: %d frames delivered, %d lost so far", self.id,
+                     " (gone)" if cam.gone else "", s.get("delivered", 0), s.get("lost", 0))
+            cam.close()
+
+    def __repr__(self) -> str:
+        return f"<GigESource {self.id} {self.cam!r}>"
+
+
+register("gige", GigESource)
