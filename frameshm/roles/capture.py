@@ -200,13 +200,21 @@ class Capture:
         if now - t0 >= 1_000_000_000 or force:
             self.fps = (self.frames - n0) * 1e9 / max(1, now - t0)
             self._window = (now, self.frames)
-        m.publish({
+        doc = {
             "role": "capture", "stream": self.cfg.frames_stream, "source": self.c.source,
             "mode": MODE_NAMES[self.mode], "target_fps": self.target_fps, "fps": round(self.fps, 2),
             "source_paced": self.device_paced, "frames": self.frames, "paced_drops": self.paced_drops,
             "flushed": self.flushed, "timeouts": self.timeouts, "reconnects": self.reconnects,
             "transitions": self.transitions,
-        }, now)
+        }
+        # Device-side counters (e.g. a GigE camera's lost frames) travel with the metrics
+        # so `frameshm ls` shows them.
+        stats = self.source.stats() if self.source is not None else {}
+        if stats:
+            doc["source_stats"] = stats
+            if "lost" in stats:
+                doc["lost"] = stats["lost"]
+        m.publish(doc, now)
 
 
 def run(cfg: PipelineConfig, stop: threading.Event, base_dir: Optional[str] = None,

@@ -46,6 +46,10 @@ class Source(abc.ABC):
         """Discards buffered frames older than ``max_age_ns``; returns how many."""
         return 0
 
+    def stats(self) -> Dict[str, int]:
+        """Device-side counters (``lost``, ...) published with the capture metrics."""
+        return {}
+
     def close(self) -> None:
         """Stops streaming and releases the device."""
 

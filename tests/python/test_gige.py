@@ -336,6 +336,8 @@ def test_gv_capture_process_recovers_after_camera_restart(gv_camera, spawn):
         assert r.epoch == epoch  # same stream: consumers only saw a gap
     m = read_metrics("gige-cam.capture")
     assert m["reconnects"] >= 1 and m["source"] == uri
+    # the camera's own counters ride along with the capture metrics (shown by `frameshm ls`)
+    assert m["source_stats"]["delivered"] > 0 and m["lost"] == m["source_stats"]["lost"]
     cap.send_signal(signal.SIGINT)
     assert cap.wait(20) == 0  # a clean stop: the stream is closed and removed
 
