@@ -27,5 +27,6 @@ fi
 
 PY=${PYTHON:-python3}
 extras="${1:-}"
-$PY -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" 2>&1 | grep -v "Running pip as the 'root' user" || true
+# pipefail: a failed install fails the script; only grep's "nothing left" status is ignored.
+$PY -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" 2>&1 | { grep -v "Running pip as the 'root' user" || true; }
 $PY -c "import frameshm._core" # fail loudly if the extension did not build
