@@ -75,6 +75,42 @@ def register(scheme: str, factory: Callable[[str, Dict[str, str]], Source]) -> N
     _REGISTRY[scheme] = factory
 
 
+def check_params(scheme: str, params: Dict[str, str], known: Tuple[str, ...]) -> None:
+    """Refuses URI parameters a source does not know, naming the ones it does."""
+    unknown = sorted(set(params) - set(known))
+    if unknown:
+        raise InvalidArgument(f"{scheme} source: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(known)}")
+
+
+def int_param(scheme: str, params: Dict[str, str], key: str, minimum: int = 1) -> Optional[int]:
+    """An integer URI parameter >= minimum, None when absent or empty."""
+    raw = params.get(key)
+    if raw is None or raw == "":
+        return None
+    try:
+        v = int(raw)
+    except ValueError:
+        raise InvalidArgument(f"{scheme} source: {key}={raw!r} is not an integer") from None
+    if v < minimum:
+        raise InvalidArgument(f"{scheme} source: {key}={raw!r} must be " +
+                              ("positive" if minimum == 1 else f">= {minimum}"))
+    return v
+
+
+def fps_param(scheme: str, params: Dict[str, str]) -> Optional[float]:
+    """The ``fps`` URI parameter: a positive number, None when absent or empty."""
+    raw = params.get("fps")
+    if raw in (None, ""):
+        return None
+    try:
+        fps = float(raw)
+    except ValueError:
+        raise InvalidArgument(f"{scheme} source: fps={raw!r} is not a number") from None
+    if not fps > 0:
+        raise InvalidArgument(f"{scheme} source: fps={raw!r} must be positive")
+    return fps
+
+
 def parse_uri(uri: str) -> Tuple[str, str, Dict[str, str]]:
     """``"v4l2:/dev/video0?width=640"`` → ``("v4l2", "/dev/video0", {"width": "640"})``."""
     if ":" not in uri:

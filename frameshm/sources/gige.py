@@ -34,52 +34,31 @@ import numpy as np
 from ..camera import DeviceGone
 from ..errors import InvalidArgument
 from ..gige import AravisError, GigECamera
-from . import Source, SourceGone, register
+from . import Source, SourceGone, check_params, fps_param, int_param, register
 
 log = logging.getLogger("frameshm.gige")
 
 _KNOWN = ("pixel_format", "width", "height", "x", "y", "fps", "packet_size", "buffers")
 
 
-def _int(params: Dict[str, str], key: str, minimum: int = 1) -> Optional[int]:
-    raw = params.get(key)
-    if raw is None or raw == "":
-        return None
-    try:
-        v = int(raw)
-    except ValueError:
-        raise InvalidArgument(f"gige source: {key}={raw!r} is not an integer") from None
-    if v < minimum:
-        raise InvalidArgument(f"gige source: {key}={raw!r} must be >= {minimum}")
-    return v
-
-
 class GigESource(Source):
     """A GigE Vision camera (see the module docstring)."""
 
     def __init__(self, path: str, params: Dict[str, str]):
-        unknown = sorted(set(params) - set(_KNOWN))
-        if unknown:
-            raise InvalidArgument(f"gige source: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(_KNOWN)}")
+        check_params("gige", params, _KNOWN)
         if not path:
             raise InvalidArgument("gige source: a camera id is required (gige:<IP address>, gige:<name> or gige:Fake_1)")
         self.id = path
         self.pixel_format = params.get("pixel_format") or None
-        self.width = _int(params, "width")
-        self.height = _int(params, "height")
+        self.width = int_param("gige", params, "width")
+        self.height = int_param("gige", params, "height")
         if (self.width is None) != (self.height is None):
             raise InvalidArgument("gige source: give both width and height, or neither")
-        self.x = _int(params, "x", 0) or 0
-        self.y = _int(params, "y", 0) or 0
-        fps = params.get("fps")
-        try:
-            self.fps = float(fps) if fps not in (None, "") else None
-        except ValueError:
-            raise InvalidArgument(f"gige source: fps={fps!r} is not a number") from None
-        if self.fps is not None and not self.fps > 0:
-            raise InvalidArgument(f"gige source: fps={fps!r} must be positive")
-        self.packet_size = _int(params, "packet_size")
-        self.buffers = _int(params, "buffers") or 8
+        self.x = int_param("gige", params, "x", 0) or 0
+        self.y = int_param("gige", params, "y", 0) or 0
+        self.fps = fps_param("gige", params)
+        self.packet_size = int_param("gige", params, "packet_size")
+        self.buffers = int_param("gige", params, "buffers") or 8
         self._rate: Optional[float] = None   # asked with set_rate(); re-applied on reopen
         self.cam: Optional[GigECamera] = None
         self._totals: Dict[str, int] = {}    # counters of cameras already closed

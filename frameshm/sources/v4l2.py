@@ -31,45 +31,24 @@ import numpy as np
 
 from ..camera import Camera, DeviceGone
 from ..errors import InvalidArgument
-from . import Source, SourceGone, register
+from . import Source, SourceGone, check_params, fps_param, int_param, register
 
 _KNOWN = ("width", "height", "fps", "format", "buffers")
-
-
-def _int(params: Dict[str, str], key: str) -> Optional[int]:
-    raw = params.get(key)
-    if raw is None or raw == "":
-        return None
-    try:
-        v = int(raw)
-    except ValueError:
-        raise InvalidArgument(f"v4l2 source: {key}={raw!r} is not an integer") from None
-    if v <= 0:
-        raise InvalidArgument(f"v4l2 source: {key}={raw!r} must be positive")
-    return v
 
 
 class V4L2Source(Source):
     """A V4L2 camera (see the module docstring)."""
 
     def __init__(self, path: str, params: Dict[str, str]):
-        unknown = sorted(set(params) - set(_KNOWN))
-        if unknown:
-            raise InvalidArgument(f"v4l2 source: unknown parameter(s) {', '.join(unknown)}; known: {', '.join(_KNOWN)}")
+        check_params("v4l2", params, _KNOWN)
         self.path = path or "/dev/video0"
-        self.width = _int(params, "width")
-        self.height = _int(params, "height")
+        self.width = int_param("v4l2", params, "width")
+        self.height = int_param("v4l2", params, "height")
         if (self.width is None) != (self.height is None):
             raise InvalidArgument("v4l2 source: give both width and height, or neither")
-        fps = params.get("fps")
-        try:
-            self.fps = float(fps) if fps not in (None, "") else None
-        except ValueError:
-            raise InvalidArgument(f"v4l2 source: fps={fps!r} is not a number") from None
-        if self.fps is not None and not self.fps > 0:
-            raise InvalidArgument(f"v4l2 source: fps={fps!r} must be positive")
+        self.fps = fps_param("v4l2", params)
         self.format = params.get("format") or None
-        self.buffers = _int(params, "buffers") or 4
+        self.buffers = int_param("v4l2", params, "buffers") or 4
         self._rate: Optional[float] = None   # asked with set_rate(); re-applied on reopen
         self.cam: Optional[Camera] = None
 
