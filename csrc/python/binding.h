@@ -37,6 +37,15 @@ int fshm_binding_init_errors(void);
 int fshm_camera_types_ready(PyObject *module);
 /* Readies GigECamera (gige_type.c) and adds it (and HAVE_ARAVIS) to the module. */
 int fshm_gige_types_ready(PyObject *module);
+/* Runs fn(obj, slice_ns, arg) without the GIL in slices of at most FSHM_SLICE_NS, so that
+ * Python signal handlers (Ctrl-C) run between slices even when the signal went to another
+ * thread; -EINTR from fn also just runs them and goes on. *busy guards against use from two
+ * threads. Returns fn's last code (-ETIMEDOUT once the whole timeout passed), or INT_MIN
+ * with a Python exception set. *timeout_out: the parsed timeout (ns, <0 = none). */
+#define FSHM_SLICE_NS 200000000ll
+typedef int (*fshm_sliced_fn)(void *obj, int64_t slice_ns, void *arg);
+int fshm_run_sliced(void *obj, int *busy, const char *what, PyObject *tobj, fshm_sliced_fn fn,
+                    void *arg, int64_t *timeout_out);
 /* Parses a controller mode value (a byte); -1 with an exception set if invalid. */
 int fshm_parse_mode(PyObject *v, uint8_t *out);
 

@@ -271,54 +271,20 @@ static PyObject *camera_stats(FshmCamera *self, PyObject *unused)
                          "held", fshm_v4l2_held(self->cam));
 }
 
-/* Runs a blocking camera call without the GIL, in slices of at most SLICE_NS: between
- * slices (and after EINTR) Python signal handlers run, so that Ctrl-C works even when the
- * signal was delivered to another thread and did not interrupt this one's poll(). */
-typedef int (*blocking_fn)(FshmCamera *self, int64_t timeout, void *arg);
-#define SLICE_NS 200000000ll
-
-static int run_blocking(FshmCamera *self, PyObject *tobj, blocking_fn fn, void *arg)
+/* A blocking camera call without the GIL, Ctrl-C-able (fshm_run_sliced). */
+static int run_blocking(FshmCamera *self, PyObject *tobj, fshm_sliced_fn fn, void *arg)
 {
     int64_t timeout;
-    if (fshm_parse_timeout(tobj, &timeout))
-        return INT_MIN;
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "Camera used from two threads at once");
-        return INT_MIN;
-    }
-    uint64_t deadline = timeout < 0 ? 0 : fshm_now_ns() + (uint64_t)timeout;
-    int rc;
-    self->busy = 1;
-    for (;;) {
-        int64_t left = timeout;
-        if (timeout >= 0) {
-            uint64_t now = fshm_now_ns();
-            left = now >= deadline ? 0 : (int64_t)(deadline - now);
-        }
-        int64_t slice = left < 0 || left > SLICE_NS ? SLICE_NS : left;
-        Py_BEGIN_ALLOW_THREADS
-        rc = fn(self, slice, arg);
-        Py_END_ALLOW_THREADS
-        if (rc == -ETIMEDOUT && slice < left)
-            rc = -EINTR;   /* only a slice ran out */
-        else if (rc == -ETIMEDOUT && left < 0)
-            rc = -EINTR;   /* no timeout: wait on */
-        if (rc != -EINTR)
-            break;
-        if (PyErr_CheckSignals() < 0) {
-            self->busy = 0;
-            return INT_MIN;
-        }
-    }
-    self->busy = 0;
+    int rc = fshm_run_sliced(self, &self->busy, "Camera", tobj, fn, arg, &timeout);
     if (rc == -ETIMEDOUT)
         fshm_set_error(-ETIMEDOUT, "no frame from %s within %.3f s", PyBytes_AS_STRING(self->path),
                        (double)timeout / 1e9);
     return rc;
 }
 
-static int do_dequeue(FshmCamera *self, int64_t t, void *arg)
+static int do_dequeue(void *obj, int64_t t, void *arg)
 {
+    FshmCamera *self = obj;
     return fshm_v4l2_dequeue(self->cam, t, arg);
 }
 
@@ -357,8 +323,9 @@ typedef struct {
     fshm_v4l2_buf info;
 } read_args;
 
-static int do_read_into(FshmCamera *self, int64_t t, void *arg)
+static int do_read_into(void *obj, int64_t t, void *arg)
 {
+    FshmCamera *self = obj;
     read_args *a = arg;
     return fshm_v4l2_read_into(self->cam, t, a->dst, a->cap, &a->info);
 }
@@ -383,8 +350,9 @@ static PyObject *camera_read_into(FshmCamera *self, PyObject *args, PyObject *kw
                          (Py_ssize_t)a.info.bytesused, a.info.driver_timestamp ? Py_True : Py_False);
 }
 
-static int do_wait(FshmCamera *self, int64_t t, void *arg)
+static int do_wait(void *obj, int64_t t, void *arg)
 {
+    FshmCamera *self = obj;
     (void)arg;
     return fshm_v4l2_wait(self->cam, t);
 }

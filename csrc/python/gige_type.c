@@ -179,41 +179,10 @@ static PyObject *gige_stats(FshmGigECamera *self, PyObject *unused)
 }
 
 /* Blocking call without the GIL, in slices (Python signal handlers run in between). */
-typedef int (*blocking_fn)(FshmGigECamera *self, int64_t timeout, void *arg);
-#define SLICE_NS 200000000ll
-
-static int run_blocking(FshmGigECamera *self, PyObject *tobj, blocking_fn fn, void *arg)
+static int run_blocking(FshmGigECamera *self, PyObject *tobj, fshm_sliced_fn fn, void *arg)
 {
     int64_t timeout;
-    if (fshm_parse_timeout(tobj, &timeout))
-        return INT_MIN;
-    if (self->busy) {
-        PyErr_SetString(PyExc_RuntimeError, "GigECamera used from two threads at once");
-        return INT_MIN;
-    }
-    uint64_t deadline = timeout < 0 ? 0 : fshm_now_ns() + (uint64_t)timeout;
-    int rc;
-    self->busy = 1;
-    for (;;) {
-        int64_t left = timeout;
-        if (timeout >= 0) {
-            uint64_t now = fshm_now_ns();
-            left = now >= deadline ? 0 : (int64_t)(deadline - now);
-        }
-        int64_t slice = left < 0 || left > SLICE_NS ? SLICE_NS : left;
-        Py_BEGIN_ALLOW_THREADS
-        rc = fn(self, slice, arg);
-        Py_END_ALLOW_THREADS
-        if (rc == -ETIMEDOUT && (left < 0 || fshm_now_ns() < deadline))
-            rc = -EINTR;   /* only a slice ran out */
-        if (rc != -EINTR)
-            break;
-        if (PyErr_CheckSignals() < 0) {
-            self->busy = 0;
-            return INT_MIN;
-        }
-    }
-    self->busy = 0;
+    int rc = fshm_run_sliced(self, &self->busy, "GigECamera", tobj, fn, arg, &timeout);
     if (rc == -ETIMEDOUT) {
         self->timeouts++;
         fshm_set_error(-ETIMEDOUT, "no frame from GigE camera %s within %.3f s", PyUnicode_AsUTF8(self->id),
@@ -228,8 +197,9 @@ typedef struct {
     fshm_gige_frame info;
 } read_args;
 
-static int do_read_into(FshmGigECamera *self, int64_t t, void *arg)
+static int do_read_into(void *obj, int64_t t, void *arg)
 {
+    FshmGigECamera *self = obj;
     read_args *a = arg;
     return fshm_gige_read_into(self->cam, t, a->dst, a->cap, &a->info);
 }
@@ -255,8 +225,9 @@ static PyObject *gige_read_into(FshmGigECamera *self, PyObject *args, PyObject *
                          (unsigned long long)a.info.camera_timestamp);
 }
 
-static int do_wait(FshmGigECamera *self, int64_t t, void *arg)
+static int do_wait(void *obj, int64_t t, void *arg)
 {
+    FshmGigECamera *self = obj;
     (void)arg;
     return fshm_gige_wait(self->cam, t);
 }

@@ -1,6 +1,8 @@
 /* frameshm._core module: exception mapping and module-level functions. */
 #include "binding.h"
 
+#include <limits.h>
+
 PyObject *fshm_exc_invalid;
 
 static PyObject *exc_base, *exc_invalid, *exc_notfound, *exc_busy, *exc_corrupt, *exc_toolarge,
@@ -108,6 +110,43 @@ int fshm_parse_mode(PyObject *v, uint8_t *out)
     }
     *out = (uint8_t)m;
     return 0;
+}
+
+int fshm_run_sliced(void *obj, int *busy, const char *what, PyObject *tobj, fshm_sliced_fn fn,
+                    void *arg, int64_t *timeout_out)
+{
+    int64_t timeout;
+    if (fshm_parse_timeout(tobj, &timeout))
+        return INT_MIN;
+    *timeout_out = timeout;
+    if (*busy) {
+        PyErr_Format(PyExc_RuntimeError, "%s used from two threads at once", what);
+        return INT_MIN;
+    }
+    uint64_t deadline = timeout < 0 ? 0 : fshm_now_ns() + (uint64_t)timeout;
+    int rc;
+    *busy = 1;
+    for (;;) {
+        int64_t left = timeout;
+        if (timeout >= 0) {
+            uint64_t now = fshm_now_ns();
+            left = now >= deadline ? 0 : (int64_t)(deadline - now);
+        }
+        int64_t slice = left < 0 || left > FSHM_SLICE_NS ? FSHM_SLICE_NS : left;
+        Py_BEGIN_ALLOW_THREADS
+        rc = fn(obj, slice, arg);
+        Py_END_ALLOW_THREADS
+        if (rc == -ETIMEDOUT && (left < 0 || fshm_now_ns() < deadline))
+            rc = -EINTR;   /* only a slice ran out */
+        if (rc != -EINTR)
+            break;
+        if (PyErr_CheckSignals() < 0) {
+            *busy = 0;
+            return INT_MIN;
+        }
+    }
+    *busy = 0;
+    return rc;
 }
 
 static const char *opt_str(PyObject *o, const char *what)
