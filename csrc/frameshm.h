@@ -202,6 +202,56 @@ uint64_t fshm_reader_drops(const fshm_reader *r);   /* frames dropped by validat
 const char *fshm_reader_queue_name(const fshm_reader *r);
 void fshm_reader_close(fshm_reader *r);
 
+/* ---- driver model (SHM Driver Model Spec v1.0; docs/driver-protocol.md) ---- */
+
+#define FSHM_E_LEASE (-1008)          /* the lease was revoked/expired or the driver went away */
+#define FSHM_E_REJECTED (-1009)       /* the driver refused the attach (code != OK) */
+#define FSHM_URI_CAP 512
+
+enum fshm_role { FSHM_ROLE_PRODUCER = 1, FSHM_ROLE_CONSUMER = 2 };
+enum fshm_publish_mode { FSHM_REQUIRE_EXISTING = 1, FSHM_EXISTING_OR_CREATE = 2 };
+enum fshm_response_code {
+    FSHM_RESP_OK = 0, FSHM_RESP_UNSUPPORTED = 1, FSHM_RESP_INVALID_PARAMS = 2,
+    FSHM_RESP_REJECTED = 3, FSHM_RESP_INTERNAL_ERROR = 4,
+};
+enum fshm_revoke_reason { FSHM_REVOKE_DETACHED = 1, FSHM_REVOKE_EXPIRED = 2, FSHM_REVOKE_REVOKED = 3 };
+
+/* A stream's pool profile as the driver's policy gives it. */
+typedef struct fshm_profile {
+    uint32_t header_nslots;                 /* power of two */
+    uint32_t npools;                        /* 1..FSHM_MAX_POOLS */
+    uint16_t pool_id[FSHM_MAX_POOLS];       /* nonzero, distinct */
+    uint32_t stride_bytes[FSHM_MAX_POOLS];  /* power-of-two multiple of 64 */
+    unsigned file_mode;                     /* 0 = 0600 */
+    int64_t gid;                            /* -1 = leave the group alone */
+} fshm_profile;
+
+/* What a successful attach grants (ShmAttachResponse fields), also what provisioning
+ * an epoch produces on the driver side. */
+typedef struct fshm_grant_pool {
+    uint16_t pool_id;
+    uint32_t nslots;
+    uint32_t stride_bytes;
+    char uri[FSHM_URI_CAP];
+} fshm_grant_pool;
+
+typedef struct fshm_grant {
+    uint64_t lease_id;
+    uint64_t lease_expiry_ns;     /* CLOCK_MONOTONIC */
+    uint32_t stream_id;
+    uint64_t epoch;
+    uint32_t layout_version;
+    uint32_t header_nslots;
+    uint16_t header_slot_bytes;
+    uint8_t max_dims;
+    char header_uri[FSHM_URI_CAP];
+    uint32_t npools;
+    fshm_grant_pool pools[FSHM_MAX_POOLS];
+} fshm_grant;
+
+/* Bytes of shared memory one stream of this profile occupies (all regions). */
+uint64_t fshm_profile_footprint(const fshm_profile *p);
+
 /* ---- inspection and cleanup (CLI) ---- */
 
 typedef struct fshm_consumer_info {

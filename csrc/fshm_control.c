@@ -247,6 +247,21 @@ int fshm_ctl_producer_state(const fshm_ctl *c, int64_t *pid)
                                                           : FSHM_PRODUCER_DEAD;
 }
 
+/* The announce block is written under its own seqlock so a reader never maps a mix of
+ * two epochs' URIs. The caller then publishes the epoch word (release). */
+void fshm_ctl_write_announce(fshm_ctl *c, const fshm_announce *a)
+{
+    uint64_t s = LOAD_RLX(&c->announce_seq);
+    STORE_RLX(&c->announce_seq, s + 1);
+    atomic_thread_fence(memory_order_release);
+    c->announce_epoch = a->epoch;
+    c->header_nslots = a->header_nslots;
+    c->npools = a->npools;
+    memcpy(c->header_uri, a->header_uri, sizeof c->header_uri);
+    memcpy(c->pools, a->pools, sizeof c->pools);
+    STORE_REL(&c->announce_seq, s + 2);
+}
+
 int fshm_ctl_read_announce(const fshm_ctl *c, fshm_announce *a)
 {
     for (int attempt = 0; attempt < 1000; attempt++) {

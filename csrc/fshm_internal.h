@@ -243,6 +243,7 @@ typedef struct fshm_announce {
     fshm_ctl_pool pools[FSHM_MAX_POOLS];
 } fshm_announce;
 int fshm_ctl_read_announce(const fshm_ctl *c, fshm_announce *a);
+void fshm_ctl_write_announce(fshm_ctl *c, const fshm_announce *a);
 
 /* ---- message queues (fshm_queue.c) ---- */
 int fshm_queue_create(char name[32], mqd_t *out);

@@ -246,15 +246,10 @@ int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
 
     /* Announce, then liveness, then the epoch: readers key everything off the epoch. */
     fshm_ctl *c = w->ctl;
-    uint64_t s = LOAD_RLX(&c->announce_seq);
-    STORE_RLX(&c->announce_seq, s + 1);
-    atomic_thread_fence(memory_order_release);
-    c->announce_epoch = w->epoch;
-    c->header_nslots = n;
-    c->npools = npools;
-    memcpy(c->header_uri, a.header_uri, sizeof c->header_uri);
-    memcpy(c->pools, a.pools, sizeof c->pools);
-    STORE_REL(&c->announce_seq, s + 2);
+    a.epoch = w->epoch;
+    a.header_nslots = n;
+    a.npools = npools;
+    fshm_ctl_write_announce(c, &a);
     STORE_RLX(&c->producer_pid, pid);
     STORE_RLX(&c->producer_start, fshm_self_start_time());
     STORE_RLX(&c->start_ns, w->start_ns);
