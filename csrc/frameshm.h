@@ -93,6 +93,11 @@ typedef struct fshm_writer_config {
     uint32_t npools;                       /* 1..FSHM_MAX_POOLS */
     uint32_t pool_bytes[FSHM_MAX_POOLS];   /* rounded up to a power-of-two multiple of 64 */
     unsigned file_mode;                    /* 0 = 0600 */
+    /* Driver model: attach through the driver at this socket instead of creating the
+     * regions (nslots/pools/file_mode then come from the driver's profile). */
+    const char *driver;
+    uint32_t client_id;                    /* 0 = generated */
+    int publish_mode;                      /* 0 = EXISTING_OR_CREATE */
 } fshm_writer_config;
 
 typedef struct fshm_loan {
@@ -126,6 +131,10 @@ uint32_t fshm_writer_npools(const fshm_writer *w);
 void *fshm_writer_pool_base(const fshm_writer *w, unsigned i, size_t *len, uint32_t *stride,
                             uint16_t *pool_id);
 uint64_t fshm_writer_next_seq(const fshm_writer *w);
+/* Driver model: changes whenever the writer re-attached and its pools moved (pool
+ * mappings/bases fetched earlier are stale then). */
+uint32_t fshm_writer_attach_gen(const fshm_writer *w);
+uint64_t fshm_writer_lease_id(const fshm_writer *w);   /* 0 without a driver */
 /* Mapping of payload pool i (borrowed; fshm_map_ref to keep it past close). */
 fshm_map *fshm_writer_pool_map(const fshm_writer *w, unsigned i);
 /* Refreshes the activity timestamp without publishing (idle producers call this). */
@@ -155,6 +164,10 @@ typedef struct fshm_reader_config {
                              * frame and the mode byte without being a consumer */
     uint32_t max_rate_hz;   /* >0: the producer sends this consumer at most this many
                              * descriptors per second (others still get every frame) */
+    const char *driver;     /* driver model: attach through the driver at this socket */
+    uint32_t client_id;     /* 0 = generated */
+    int publish_mode;       /* 0 = EXISTING_OR_CREATE */
+    int lease_events;       /* 1: report a lost lease as FSHM_E_LEASE instead of reattaching */
 } fshm_reader_config;
 
 typedef struct fshm_frame {
@@ -206,6 +219,7 @@ void fshm_reader_close(fshm_reader *r);
 
 #define FSHM_E_LEASE (-1008)          /* the lease was revoked/expired or the driver went away */
 #define FSHM_E_REJECTED (-1009)       /* the driver refused the attach (code != OK) */
+#define FSHM_E_NODRIVER (-1010)       /* no driver listens on the control socket */
 #define FSHM_URI_CAP 512
 
 enum fshm_role { FSHM_ROLE_PRODUCER = 1, FSHM_ROLE_CONSUMER = 2 };
@@ -293,6 +307,39 @@ int fshm_namespace_dir(const char *base_dir, const char *ns, char *out, size_t c
 /* Removes the stream if its producer is dead/closed and no live consumer remains.
  * Always unlinks dead consumers' queues. Returns 1 if removed, 0 if kept. */
 int fshm_stream_gc(const fshm_stream_addr *addr);
+
+/* ---- driver-model client: a lease on one stream (docs/driver-protocol.md) ---- */
+
+typedef struct fshm_lease fshm_lease;
+
+typedef struct fshm_lease_config {
+    const char *socket_path;          /* the driver's control socket */
+    uint32_t stream_id;
+    int role;                         /* FSHM_ROLE_* */
+    int publish_mode;                 /* FSHM_* publish mode; 0 = EXISTING_OR_CREATE */
+    uint32_t client_id;               /* 0 = a fresh id unique to this lease */
+    uint32_t expected_layout_version; /* 0 = whatever the driver uses */
+    int64_t timeout_ns;               /* for the driver's answer; <= 0 = 5 s */
+} fshm_lease_config;
+
+enum fshm_lease_state {
+    FSHM_LEASE_ACTIVE = 0,
+    FSHM_LEASE_REVOKED = 1,      /* detached, expired or revoked by the driver (reason set) */
+    FSHM_LEASE_DRIVER_GONE = 2,  /* driver shut down or the connection broke */
+};
+
+/* Attaches (ShmAttachRequest) and starts the keepalive thread. On a refusal the message
+ * carries the driver's code and errorMessage. */
+int fshm_lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_grant *grant);
+int fshm_lease_state(const fshm_lease *l, int *reason);
+const char *fshm_lease_message(const fshm_lease *l);   /* why it ended ("" while active) */
+uint64_t fshm_lease_id(const fshm_lease *l);
+uint32_t fshm_lease_client_id(const fshm_lease *l);
+uint64_t fshm_lease_announced_epoch(const fshm_lease *l);
+uint32_t fshm_lease_producer_revokes(const fshm_lease *l);
+uint32_t fshm_lease_new_client_id(void);
+/* detach: send ShmDetachRequest (best effort) before closing the connection. */
+void fshm_lease_close(fshm_lease *l, int detach);
 
 uint64_t fshm_now_ns(void);   /* CLOCK_MONOTONIC */
 

@@ -40,6 +40,9 @@ const char *fshm_strerror(int code)
     case FSHM_E_COLLISION: return "stream id collision";
     case FSHM_E_OVERRUN: return "overrun by the producer";
     case FSHM_E_CLOSED: return "closed";
+    case FSHM_E_LEASE: return "lease lost";
+    case FSHM_E_REJECTED: return "refused by the driver";
+    case FSHM_E_NODRIVER: return "no driver";
     default: return code < 0 && code > -4096 ? strerror(-code) : "unknown error";
     }
 }

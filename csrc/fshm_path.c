@@ -138,6 +138,73 @@ int fshm_resolve(const fshm_stream_addr *addr, int create_dirs, fshm_paths *p)
     return 0;
 }
 
+/* Driver model: the driver chose the paths; we only accept them if the header ring sits
+ * exactly at <base>/tensorpool-<user>/<ns>/<stream_id>/<epoch>/header.ring (canonical,
+ * inside our configured base) and every pool is in that same epoch directory. */
+int fshm_paths_from_grant(const char *base_dir, const fshm_grant *g, fshm_paths *p)
+{
+    memset(p, 0, sizeof *p);
+    const char *base = base_dir && *base_dir ? base_dir : getenv("FRAMESHM_DIR");
+    if (!base || !*base)
+        base = "/dev/shm";
+    char canon[PATH_MAX];
+    if (!realpath(base, canon))
+        return fshm_set_error(-errno, "base directory %s: %s", base, strerror(errno));
+    static const char prefix[] = "shm:file?path=";
+    if (strncmp(g->header_uri, prefix, sizeof prefix - 1) != 0)
+        return fshm_set_error(FSHM_E_CORRUPT, "driver gave an unsupported header URI '%.80s'",
+                              g->header_uri);
+    char path[FSHM_PATH_MAX];
+    snprintf(path, sizeof path, "%s", g->header_uri + sizeof prefix - 1);
+    char *bar = strchr(path, '|');
+    if (bar)
+        *bar = 0;
+    char real[PATH_MAX];
+    if (!realpath(path, real))
+        return fshm_set_error(-errno, "driver's header region %s: %s", path, strerror(errno));
+    if (strcmp(real, path) != 0)
+        return fshm_set_error(FSHM_E_CORRUPT, "driver's header region path %s is not canonical (%s)",
+                              path, real);
+    size_t blen = strlen(canon);
+    if (strncmp(path, canon, blen) != 0 || path[blen] != '/')
+        return fshm_set_error(FSHM_E_CORRUPT, "driver's header region %s is outside the base "
+                              "directory %s", path, canon);
+    /* Split the rest: tensorpool-<user>/<ns>/<stream_id>/<epoch>/header.ring */
+    char rest[FSHM_PATH_MAX];
+    snprintf(rest, sizeof rest, "%s", path + blen + 1);
+    char *parts[6];
+    int n = 0;
+    for (char *tok = strtok(rest, "/"); tok && n < 6; tok = strtok(NULL, "/"))
+        parts[n++] = tok;
+    char want_id[16], want_epoch[24];
+    snprintf(want_id, sizeof want_id, "%u", g->stream_id);
+    snprintf(want_epoch, sizeof want_epoch, "%llu", (unsigned long long)g->epoch);
+    if (n != 5 || strncmp(parts[0], "tensorpool-", 11) != 0 || strcmp(parts[2], want_id) != 0 ||
+        strcmp(parts[3], want_epoch) != 0 || strcmp(parts[4], "header.ring") != 0 ||
+        fshm_validate_name(parts[1], "namespace") != 0)
+        return fshm_set_error(FSHM_E_CORRUPT, "driver's header region %s is not "
+                              "<base>/tensorpool-<user>/<ns>/%u/%llu/header.ring", path, g->stream_id,
+                              (unsigned long long)g->epoch);
+    snprintf(p->base, sizeof p->base, "%s", canon);
+    snprintf(p->ns_dir, sizeof p->ns_dir, "%s/%s/%s", canon, parts[0], parts[1]);
+    snprintf(p->stream_dir, sizeof p->stream_dir, "%s/%u", p->ns_dir, g->stream_id);
+    snprintf(p->ctl, sizeof p->ctl, "%s/frameshm.ctl", p->stream_dir);
+    snprintf(p->name, sizeof p->name, "stream-%u", g->stream_id);
+    p->stream_id = g->stream_id;
+    p->any_name = 1;
+    char epoch_dir[FSHM_PATH_MAX + 32];
+    snprintf(epoch_dir, sizeof epoch_dir, "%s/%s/", p->stream_dir, want_epoch);
+    for (unsigned i = 0; i < g->npools; i++) {
+        const char *u = g->pools[i].uri;
+        if (strncmp(u, prefix, sizeof prefix - 1) != 0 ||
+            strncmp(u + sizeof prefix - 1, epoch_dir, strlen(epoch_dir)) != 0 ||
+            strchr(u + sizeof prefix - 1 + strlen(epoch_dir), '/'))
+            return fshm_set_error(FSHM_E_CORRUPT, "driver's pool URI '%.120s' is not in %s", u,
+                                  epoch_dir);
+    }
+    return 0;
+}
+
 int fshm_namespace_dir(const char *base_dir, const char *ns, char *out, size_t cap)
 {
     fshm_stream_addr a = {.name = "x", .base_dir = base_dir, .ns = ns};

@@ -45,7 +45,18 @@ struct fshm_reader {
     uint64_t last_arrival_ns;  /* producer commit time of the last frame taken */
     uint64_t interval_ns;    /* EWMA of the time between frames this reader saw */
     uint32_t attach_gen;     /* bumped when a new control region is attached */
+    /* driver model */
+    int driver_mode;
+    int lease_events;        /* report a lost lease instead of silently re-attaching */
+    fshm_lease *lease;       /* NULL while the driver is unreachable */
+    fshm_lease_config lease_cfg;
+    char driver_path[108];
+    char base_dir[FSHM_PATH_MAX];
+    uint64_t next_lease_try_ns;
+    int lease_reported;      /* lease_events: the loss was reported once already */
 };
+
+#define LEASE_RETRY_NS 200000000ull
 
 static void unmap_all(fshm_reader *r)
 {
@@ -124,7 +135,8 @@ fail:
 
 static int attach_ctl(fshm_reader *r)
 {
-    int rc = fshm_ctl_open(&r->paths, 1, &r->ch);
+    /* Under a driver only the driver creates files (spec §2.3). */
+    int rc = fshm_ctl_open(&r->paths, !r->driver_mode, &r->ch);
     if (rc)
         return rc;
     r->ctl = r->ch.ctl;
@@ -142,10 +154,65 @@ static int attach_ctl(fshm_reader *r)
     return 0;
 }
 
+/* Driver model: attach a consumer lease and learn where the driver keeps the stream. */
+static int lease_attach(fshm_reader *r)
+{
+    fshm_grant g;
+    int rc = fshm_lease_attach(&r->lease_cfg, &r->lease, &g);
+    if (rc)
+        return rc;
+    fshm_paths p;
+    if ((rc = fshm_paths_from_grant(r->base_dir, &g, &p))) {
+        fshm_lease_close(r->lease, 1);
+        r->lease = NULL;
+        return rc;
+    }
+    /* If the driver now keeps the stream elsewhere (restarted with another layout),
+     * the forced environment check moves us to the new control region. */
+    r->paths = p;
+    r->lease_reported = 0;
+    r->next_check_ns = 0;
+    return 0;
+}
+
+/* Spec §4.7/§4.9: once our lease ends we stop using every region it covered (fail
+ * closed) and attach again. Returns 0 with r->lease set, FSHM_E_LEASE to report, or
+ * -EAGAIN while the driver cannot be reached. */
+static int lease_check(fshm_reader *r)
+{
+    if (r->lease && fshm_lease_state(r->lease, NULL) == FSHM_LEASE_ACTIVE)
+        return 0;
+    if (r->lease) {
+        char why[200];
+        snprintf(why, sizeof why, "%s", fshm_lease_message(r->lease));
+        fshm_lease_close(r->lease, 0);
+        r->lease = NULL;
+        unmap_all(r);
+        r->last_arrival_ns = r->interval_ns = 0;
+        r->next_lease_try_ns = 0;
+        if (r->lease_events && !r->lease_reported) {
+            r->lease_reported = 1;
+            return fshm_set_error(FSHM_E_LEASE, "stream %u: %s", r->lease_cfg.stream_id, why);
+        }
+    }
+    uint64_t now = fshm_now_ns();
+    if (now < r->next_lease_try_ns)
+        return -EAGAIN;
+    r->next_lease_try_ns = now + LEASE_RETRY_NS;
+    return lease_attach(r) ? -EAGAIN : 0;
+}
+
 /* Notices a replaced control region (the stream was removed and created anew) or
  * a lost registration, and follows the producer's epoch. */
 static int check_environment(fshm_reader *r, int force)
 {
+    if (r->driver_mode) {
+        int rc = lease_check(r);
+        if (rc == -EAGAIN)
+            return 0;   /* nothing mapped: waits time out, nothing stale is read */
+        if (rc)
+            return rc;
+    }
     uint64_t now = fshm_now_ns();
     if (!force && now < r->next_check_ns)
         return sync_epoch(r);
@@ -158,7 +225,7 @@ static int check_environment(fshm_reader *r, int force)
     }
     if (!fshm_ctl_same_file(&r->ch, r->paths.ctl)) {
         fshm_ctl_handle nh;
-        int rc = fshm_ctl_open(&r->paths, 1, &nh);
+        int rc = fshm_ctl_open(&r->paths, !r->driver_mode, &nh);
         if (rc)
             return rc;   /* keep the old mapping: r->ctl stays valid */
         fshm_ctl_prune(nh.ctl);
@@ -209,10 +276,24 @@ int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out)
     } else {
         snprintf(r->consumer, sizeof r->consumer, "pid-%d", (int)getpid());
     }
-    if ((rc = fshm_resolve(&cfg->addr, 1, &r->paths)))
-        goto fail;
     r->passive = cfg->passive;
     r->max_rate_hz = cfg->max_rate_hz;
+    if (cfg->driver && *cfg->driver) {
+        r->driver_mode = 1;
+        r->lease_events = cfg->lease_events;
+        snprintf(r->driver_path, sizeof r->driver_path, "%s", cfg->driver);
+        snprintf(r->base_dir, sizeof r->base_dir, "%s", cfg->addr.base_dir ? cfg->addr.base_dir : "");
+        r->lease_cfg.socket_path = r->driver_path;
+        r->lease_cfg.stream_id = cfg->addr.stream_id ? cfg->addr.stream_id
+                                 : cfg->addr.name ? fshm_stream_id_for_name(cfg->addr.name) : 0;
+        r->lease_cfg.role = FSHM_ROLE_CONSUMER;
+        r->lease_cfg.publish_mode = cfg->publish_mode;
+        r->lease_cfg.client_id = cfg->client_id ? cfg->client_id : fshm_lease_new_client_id();
+        if ((rc = lease_attach(r)))
+            goto fail;
+    } else if ((rc = fshm_resolve(&cfg->addr, 1, &r->paths))) {
+        goto fail;
+    }
     if (!r->passive && (rc = fshm_queue_create(r->queue, &r->q)))
         goto fail;
     if ((rc = attach_ctl(r)))
@@ -227,7 +308,7 @@ int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out)
     *out = r;
     return 0;
 fail:
-    if (!r->ctl && r->paths.stream_dir[0])
+    if (!r->ctl && r->paths.stream_dir[0] && !r->driver_mode)
         rmdir(r->paths.stream_dir);   /* only if we left it empty */
     fshm_reader_close(r);
     return rc;
@@ -344,7 +425,7 @@ static int receive(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than
                 if (deadline == 0)
                     return 0;
                 int rc = check_environment(r, 0);
-                if (rc == FSHM_E_CORRUPT)
+                if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
                     return rc;
                 if (r->attach_gen != gen)
                     return 0;
@@ -375,6 +456,10 @@ static int timeout_result(fshm_reader *r)
 {
     int64_t pid;
     int st = fshm_ctl_producer_state(r->ctl, &pid);
+    if (r->driver_mode && !r->lease)
+        return fshm_set_error(-ETIMEDOUT, "stream %u: no lease: the driver at %s is unreachable or "
+                              "refuses us (retrying every %u ms)", r->lease_cfg.stream_id,
+                              r->driver_path, (unsigned)(LEASE_RETRY_NS / 1000000));
     if (r->corrupt_seen)
         return fshm_set_error(FSHM_E_CORRUPT, "stream '%s': frames dropped as corrupt: %s",
                               r->paths.name, r->corrupt_msg);
@@ -466,7 +551,7 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
     uint64_t best = 0, best_pub = 0, seq, pub, epoch;
     int have = 0, rc;
     r->corrupt_seen = 0;
-    if ((rc = check_environment(r, 0)) == FSHM_E_CORRUPT)
+    if ((rc = check_environment(r, 0)) == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
         return rc;
     for (;;) {
         /* Drain: keep only the newest descriptor. */
@@ -527,7 +612,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
     r->corrupt_seen = 0;
     STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->flags, 1u);
     int rc = check_environment(r, 0);
-    if (rc == FSHM_E_CORRUPT)
+    if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
         return rc;
     uint64_t next_try = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
     for (;;) {
@@ -679,7 +764,7 @@ void fshm_reader_close(fshm_reader *r)
         /* Last one out of a stream nobody produces into (never, or closed cleanly)
          * removes it; a dead producer's stream is left for `frameshm gc` to show. */
         int st = fshm_ctl_producer_state(r->ctl, NULL);
-        if ((st == FSHM_PRODUCER_NONE || st == FSHM_PRODUCER_CLOSED) &&
+        if (!r->driver_mode && (st == FSHM_PRODUCER_NONE || st == FSHM_PRODUCER_CLOSED) &&
             fshm_ctl_live_consumers(r->ctl) == 0 && flock(r->ch.fd, LOCK_EX | LOCK_NB) == 0 &&
             fshm_ctl_same_file(&r->ch, r->paths.ctl)) {
             fshm_remove_tree(r->paths.stream_dir);
@@ -691,5 +776,6 @@ void fshm_reader_close(fshm_reader *r)
     }
     unmap_all(r);
     fshm_ctl_close(&r->ch);
+    fshm_lease_close(r->lease, 1);
     free(r);
 }

@@ -49,6 +49,13 @@ struct fshm_writer {
     writer_consumer cons[FSHM_MAX_CONSUMERS];
     fshm_writer *next_live;  /* registry of open writers, for fork handling */
     int lock_fd;             /* holds the producer flock; never mmapped (see below) */
+    /* driver model */
+    fshm_lease *lease;       /* NULL: we own the regions ourselves */
+    fshm_lease_config lease_cfg;
+    char driver_path[108];
+    char base_dir[FSHM_PATH_MAX];
+    uint32_t attach_gen;     /* bumped whenever the regions were re-mapped (reattach) */
+    int driver_mode;
 };
 
 /* The producer lock is a flock on an open file description, which a fork()ed child
@@ -135,9 +142,171 @@ static int cmp_u32(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
+static int map_granted(const char *base, const char *uri, fshm_map **out)
+{
+    int fd;
+    size_t size;
+    int rc = fshm_uri_open(uri, base, 1, &fd, &size);
+    if (rc)
+        return rc;
+    rc = fshm_map_create(fd, size, 1, 1, out);
+    close(fd);
+    return rc;
+}
+
+static void drop_driver_attachment(fshm_writer *w)
+{
+    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++)
+        if (w->cons[i].open) {
+            mq_close(w->cons[i].q);
+            w->cons[i].open = 0;
+        }
+    release_regions(w);
+    fshm_ctl_close(&w->ch);
+    w->ctl = NULL;
+    if (w->lock_fd >= 0)
+        close(w->lock_fd);
+    w->lock_fd = -1;
+}
+
+/* Driver model (spec §2.2): the driver created and initialised every file of the epoch
+ * it granted us; we only map them, check them, and take over the producer fields. */
+static int attach_via_driver(fshm_writer *w)
+{
+    fshm_grant g;
+    int rc = fshm_lease_attach(&w->lease_cfg, &w->lease, &g);
+    if (rc)
+        return rc;
+    if ((rc = fshm_paths_from_grant(w->base_dir, &g, &w->paths)))
+        goto fail;
+    if ((rc = fshm_ctl_open(&w->paths, 0, &w->ch)))
+        goto fail;
+    w->ctl = w->ch.ctl;
+    if (LOAD_ACQ(&w->ctl->epoch) != g.epoch) {
+        rc = fshm_set_error(-EAGAIN, "stream %u moved past epoch %llu while attaching",
+                            g.stream_id, (unsigned long long)g.epoch);
+        goto fail;
+    }
+    /* The driver already enforces one producer; the lock keeps a non-driver producer
+     * from writing into a driver's stream at the same time. */
+    w->lock_fd = open(w->paths.ctl, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (w->lock_fd < 0 || flock(w->lock_fd, LOCK_EX | LOCK_NB) != 0) {
+        rc = fshm_set_error(-EBUSY, "stream %u is locked by another producer (pid %llu)",
+                            g.stream_id, (unsigned long long)w->ctl->producer_pid);
+        goto fail;
+    }
+    if ((rc = map_granted(w->paths.base, g.header_uri, &w->ring)))
+        goto fail;
+    if ((rc = fshm_superblock_check(w->ring->base, w->ring->size, g.epoch, g.stream_id,
+                                    FSHM_REGION_HEADER_RING, 0, g.header_nslots, FSHM_SLOT_BYTES,
+                                    FSHM_SLOT_BYTES)))
+        goto fail;
+    /* Loans pick the smallest pool that fits: keep them sorted by stride. */
+    unsigned order[FSHM_MAX_POOLS];
+    for (unsigned i = 0; i < g.npools; i++) {
+        unsigned j = i;
+        while (j > 0 && g.pools[order[j - 1]].stride_bytes > g.pools[i].stride_bytes) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = i;
+    }
+    for (unsigned k = 0; k < g.npools; k++) {
+        const fshm_grant_pool *gp = &g.pools[order[k]];
+        writer_pool *pl = &w->pools[k];
+        w->npools = k + 1;
+        pl->stride = gp->stride_bytes;
+        pl->id = gp->pool_id;
+        if ((rc = map_granted(w->paths.base, gp->uri, &pl->map)))
+            goto fail;
+        if ((rc = fshm_superblock_check(pl->map->base, pl->map->size, g.epoch, g.stream_id,
+                                        FSHM_REGION_PAYLOAD_POOL, pl->id, g.header_nslots,
+                                        pl->stride, pl->stride)))
+            goto fail;
+    }
+    w->epoch = g.epoch;
+    w->nslots = g.header_nslots;
+    w->start_ns = fshm_now_ns();
+    w->epoch_dir[0] = 0;   /* not ours to remove */
+    fshm_ctl *c = w->ctl;
+    STORE_RLX(&c->producer_pid, (uint64_t)getpid());
+    STORE_RLX(&c->producer_start, fshm_self_start_time());
+    STORE_RLX(&c->start_ns, w->start_ns);
+    STORE_RLX(&c->activity_ns, w->start_ns);
+    STORE_REL(&c->state, (uint8_t)CTL_STATE_LIVE);
+    w->next_seq = LOAD_ACQ(&c->latest_seq);
+    w->known_gen = LOAD_ACQ(&c->consumers_gen) - 1;
+    w->next_prune_ns = w->start_ns + PRUNE_INTERVAL_NS;
+    w->loan_active = 0;
+    w->attach_gen++;
+    return 0;
+fail:
+    drop_driver_attachment(w);
+    fshm_lease_close(w->lease, 1);
+    w->lease = NULL;
+    return rc;
+}
+
+/* Called before each loan: a lease the driver ended (or a driver that went away) means
+ * the regions are no longer ours; attach again for a fresh epoch. */
+static int check_lease(fshm_writer *w)
+{
+    if (!w->lease) {   /* lost earlier and not yet regained (e.g. driver restarting) */
+        int rc = attach_via_driver(w);
+        if (rc)
+            return fshm_set_error(FSHM_E_LEASE, "stream %u has no lease: %s", w->lease_cfg.stream_id,
+                                  fshm_last_error());
+        return 0;
+    }
+    if (LOAD_RLX(&w->ctl->epoch) == w->epoch && fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE)
+        return 0;
+    char why[200];
+    snprintf(why, sizeof why, "%s", fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE
+                                        ? "the driver moved the stream to a new epoch"
+                                        : fshm_lease_message(w->lease));
+    drop_driver_attachment(w);
+    fshm_lease_close(w->lease, 0);
+    w->lease = NULL;
+    int rc = attach_via_driver(w);
+    if (rc)
+        return fshm_set_error(FSHM_E_LEASE, "stream %u: %s; re-attaching failed: %s",
+                              w->lease_cfg.stream_id, why, fshm_last_error());
+    return 0;
+}
+
+static int writer_open_driver(const fshm_writer_config *cfg, fshm_writer **out)
+{
+    fshm_writer *w = calloc(1, sizeof *w);
+    if (!w)
+        return fshm_set_error(-ENOMEM, "out of memory");
+    w->ch.fd = -1;
+    w->lock_fd = -1;
+    uint32_t id = cfg->addr.stream_id;
+    if (!id && cfg->addr.name)
+        id = fshm_stream_id_for_name(cfg->addr.name);
+    snprintf(w->driver_path, sizeof w->driver_path, "%s", cfg->driver);
+    snprintf(w->base_dir, sizeof w->base_dir, "%s", cfg->addr.base_dir ? cfg->addr.base_dir : "");
+    w->driver_mode = 1;
+    w->lease_cfg.socket_path = w->driver_path;
+    w->lease_cfg.stream_id = id;
+    w->lease_cfg.role = FSHM_ROLE_PRODUCER;
+    w->lease_cfg.publish_mode = cfg->publish_mode;
+    w->lease_cfg.client_id = cfg->client_id ? cfg->client_id : fshm_lease_new_client_id();
+    int rc = attach_via_driver(w);
+    if (rc) {
+        free(w);
+        return rc;
+    }
+    track_writer(w, 1);
+    *out = w;
+    return 0;
+}
+
 int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
 {
     *out = NULL;
+    if (cfg->driver && *cfg->driver)
+        return writer_open_driver(cfg, out);
     uint32_t n = cfg->nslots;
     if (n == 0 || (n & (n - 1)) != 0 || n > (1u << 24))
         return fshm_set_error(-EINVAL, "nslots must be a power of two between 1 and 2^24, not %u", n);
@@ -325,6 +494,11 @@ static void housekeeping(fshm_writer *w, uint64_t now)
 
 int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out)
 {
+    if (w->driver_mode && !w->loan_active) {
+        int rc = check_lease(w);
+        if (rc)
+            return rc;
+    }
     unsigned p = 0;
     while (p < w->npools && w->pools[p].stride < nbytes)
         p++;
@@ -444,15 +618,23 @@ void fshm_writer_set_ref(fshm_writer *w, uint64_t ref_seq) { w->ref_plus1 = ref_
 
 void fshm_writer_heartbeat(fshm_writer *w)
 {
+    if (!w->ctl)
+        return;
     uint64_t now = fshm_now_ns();
     STORE_RLX(&w->ctl->activity_ns, now);
     if (now >= w->next_prune_ns)
         housekeeping(w, now);
 }
 
-void fshm_writer_set_mode(fshm_writer *w, uint8_t mode) { STORE_REL(&w->ctl->mode, mode); }
+void fshm_writer_set_mode(fshm_writer *w, uint8_t mode)
+{
+    if (w->ctl)
+        STORE_REL(&w->ctl->mode, mode);
+}
 uint8_t fshm_writer_mode(const fshm_writer *w)
 {
+    if (!w->ctl)
+        return FSHM_MODE_STANDBY;
     uint8_t m = LOAD_ACQ(&w->ctl->mode);
     return m == FSHM_MODE_ALARMED ? m : FSHM_MODE_STANDBY;
 }
@@ -461,6 +643,8 @@ uint32_t fshm_writer_stream_id(const fshm_writer *w) { return w->paths.stream_id
 uint32_t fshm_writer_nslots(const fshm_writer *w) { return w->nslots; }
 uint32_t fshm_writer_npools(const fshm_writer *w) { return w->npools; }
 uint64_t fshm_writer_next_seq(const fshm_writer *w) { return w->next_seq; }
+uint32_t fshm_writer_attach_gen(const fshm_writer *w) { return w->attach_gen; }
+uint64_t fshm_writer_lease_id(const fshm_writer *w) { return w->lease ? fshm_lease_id(w->lease) : 0; }
 
 void *fshm_writer_pool_base(const fshm_writer *w, unsigned i, size_t *len, uint32_t *stride,
                             uint16_t *pool_id)
@@ -486,6 +670,16 @@ void fshm_writer_close(fshm_writer *w, int unlink_files)
     if (!w)
         return;
     track_writer(w, 0);
+    if (w->driver_mode) {
+        /* The driver owns the files: mark the stream closed, then detach so it moves the
+         * stream to a new epoch; never unlink anything. */
+        if (w->ctl)
+            STORE_REL(&w->ctl->state, (uint8_t)CTL_STATE_CLOSED);
+        drop_driver_attachment(w);
+        fshm_lease_close(w->lease, 1);
+        free(w);
+        return;
+    }
     fshm_ctl *c = w->ctl;
     STORE_REL(&c->state, (uint8_t)CTL_STATE_CLOSED);
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++)

@@ -8,9 +8,12 @@
 
 from .errors import (
     CorruptStream,
+    DriverRejected,
+    DriverUnavailable,
     FrameshmError,
     FrameTooLarge,
     InvalidArgument,
+    LeaseLost,
     Overrun,
     ProducerDead,
     ResourceLimit,
@@ -24,6 +27,7 @@ from .stream import MODE_ALARMED, MODE_STANDBY, Frame, Reader, Writer
 from .admin import gc, list_streams, stream_info
 from .camera import Camera
 from .gige import GigECamera
+from .processor import Processor
 
 __version__ = "0.1.0"
 
@@ -33,6 +37,7 @@ __all__ = [
     "Frame",
     "Camera",
     "GigECamera",
+    "Processor",
     "MODE_STANDBY",
     "MODE_ALARMED",
     "stream_info",
@@ -49,5 +54,8 @@ __all__ = [
     "ProducerDead",
     "Overrun",
     "StreamClosed",
+    "DriverUnavailable",
+    "DriverRejected",
+    "LeaseLost",
     "__version__",
 ]

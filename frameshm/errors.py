@@ -50,6 +50,22 @@ class StreamClosed(FrameshmError, ValueError):
     """Operation on a closed Reader or Writer."""
 
 
+class DriverUnavailable(FrameshmError, ConnectionError):
+    """No frameshm driver answers on the control socket (driver model)."""
+
+
+class DriverRejected(FrameshmError):
+    """The driver refused the attach; the message carries its response code and reason
+    (e.g. a second producer, REQUIRE_EXISTING on a missing stream, a profile that does not
+    fit in shared memory, a peer the policy does not allow)."""
+
+
+class LeaseLost(FrameshmError):
+    """The driver ended this client's lease (detached, expired, revoked, driver shut down
+    or gone). Writers re-attach by themselves and raise this only when that fails;
+    readers raise it only when opened with ``lease_events=True``."""
+
+
 __all__ = [
     "FrameshmError",
     "InvalidArgument",
@@ -62,4 +78,7 @@ __all__ = [
     "ProducerDead",
     "Overrun",
     "StreamClosed",
+    "DriverUnavailable",
+    "DriverRejected",
+    "LeaseLost",
 ]

@@ -72,6 +72,14 @@ class Writer:
     ``Writer("cam0", shape=(1080, 1920, 3), dtype="uint8", nslots=4)`` creates a stream of
     fixed-shape frames. Without ``shape``, pass ``max_bytes`` (or ``pools``) and publish
     arrays of any shape and supported dtype that fit.
+
+    With ``driver="/run/frameshm/driver.sock"`` (and a ``stream_id``) the stream's files
+    belong to a ``frameshm driver``: the writer attaches a producer lease, maps the regions
+    the driver created (its profile decides ``nslots`` and the pools; ``nslots``/``pools``/
+    ``max_bytes``/``file_mode`` are then ignored), keeps the lease alive from a background
+    thread and re-attaches by itself when the driver revokes it or restarts — raising
+    :class:`LeaseLost` only if that fails. ``publish_mode="require_existing"`` refuses a
+    stream the driver has not provisioned.
     """
 
     def __init__(
@@ -88,11 +96,17 @@ class Writer:
         namespace: Optional[str] = None,
         file_mode: int = 0o600,
         unlink_on_close: bool = True,
+        driver: Optional[str] = None,
+        publish_mode: Optional[str] = None,
+        client_id: int = 0,
     ):
         self._dtype, self._code = _dtype(dtype)
         if shape is not None:
             self._shape = _shape(shape)
             self._nbytes = int(np.prod(self._shape, dtype=np.int64)) * self._dtype.itemsize
+        elif max_bytes is None and not pools and driver is not None:
+            self._shape = None  # variable tensors in whatever pools the driver gives
+            self._nbytes = None
         elif max_bytes is None and not pools:
             raise InvalidArgument("Writer needs a frame shape, or max_bytes/pools for variable tensors")
         else:
@@ -103,6 +117,8 @@ class Writer:
             sizes.append(int(max_bytes))
         if self._nbytes is not None and not any(s >= self._nbytes for s in sizes):
             sizes.append(max(self._nbytes, 1))
+        if not sizes:  # driver mode: the driver's profile decides
+            sizes = [1]
         if not isinstance(nslots, int) or nslots < 1 or nslots & (nslots - 1):
             raise InvalidArgument(f"nslots must be a power of two >= 1, not {nslots!r}")
         self._w = _core.Writer(
@@ -113,9 +129,22 @@ class Writer:
             base_dir=base_dir,
             namespace=namespace,
             file_mode=file_mode,
+            driver=driver,
+            publish_mode=publish_mode,
+            client_id=client_id,
         )
+        self.driver = driver
         self.name = name if name is not None else f"stream-{self._w.stream_id}"
+        if driver is not None and self._nbytes is not None:
+            largest = max(stride for _pid, stride in self._w.pool_info())
+            if self._nbytes > largest:
+                self._w.close()
+                raise InvalidArgument(
+                    f"frames of {self._nbytes} bytes do not fit stream {self._w.stream_id}: the "
+                    f"driver's profile has no pool larger than {largest} bytes"
+                )
         self._maps = self._w.mappings
+        self._gen = None
         self._views = {}
         self._loaned = None  # shape/dtype of the outstanding loan
         self._unlink = unlink_on_close
@@ -145,7 +174,10 @@ class Writer:
             if not self._tensor_is_default:
                 self._w.set_tensor(self._code, self._shape)
                 self._tensor_is_default = True
-            pool, off, _seq = self._w.loan(self._nbytes)
+            pool, off, _seq, gen = self._w.loan(self._nbytes)
+            if gen != self._gen:  # re-attached through the driver: the pools moved
+                self._maps, self._gen = self._w.mappings, gen
+                self._views.clear()
             key = (pool, off)
             view = self._views.get(key)
             if view is None:
@@ -159,7 +191,10 @@ class Writer:
         dt, code = _dtype(dtype if dtype is not None else self._dtype)
         self._set_layout(shp, dt, code)
         nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
-        pool, off, _seq = self._w.loan(nbytes)
+        pool, off, _seq, gen = self._w.loan(nbytes)
+        if gen != self._gen:
+            self._maps, self._gen = self._w.mappings, gen
+            self._views.clear()
         self._loaned = True
         return np.ndarray(shp, dt, buffer=self._maps[pool], offset=off)
 
@@ -210,6 +245,11 @@ class Writer:
     @property
     def stream_id(self) -> int:
         return self._w.stream_id
+
+    @property
+    def lease_id(self) -> int:
+        """The driver's lease id (changes when the writer re-attached); 0 without a driver."""
+        return self._w.lease_id
 
     @property
     def nslots(self) -> int:
@@ -331,6 +371,10 @@ class Reader:
     get/set ``mode`` but not wait.
     ``max_rate_hz`` asks the producer for at most that many frames per second for this
     consumer (e.g. a GUI preview); other consumers of the stream still get every frame.
+    ``driver=<socket>`` attaches through a ``frameshm driver`` (consumer lease, kept alive
+    in the background): when the lease ends or the driver restarts the reader stops using
+    the old regions and re-attaches by itself; with ``lease_events=True`` it raises
+    :class:`LeaseLost` once instead, then re-attaches on the next call.
     """
 
     def __init__(
@@ -344,6 +388,10 @@ class Reader:
         spin: bool = True,
         subscribe: bool = True,
         max_rate_hz: int = 0,
+        driver: Optional[str] = None,
+        publish_mode: Optional[str] = None,
+        client_id: int = 0,
+        lease_events: bool = False,
     ):
         self._r = _core.Reader(
             name,
@@ -354,7 +402,12 @@ class Reader:
             spin=spin,
             subscribe=subscribe,
             max_rate_hz=max_rate_hz,
+            driver=driver,
+            publish_mode=publish_mode,
+            client_id=client_id,
+            lease_events=lease_events,
         )
+        self.driver = driver
         self.name = name if name is not None else f"stream-{self._r.stream_id}"
         self.consumer = consumer
 

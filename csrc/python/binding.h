@@ -33,6 +33,10 @@ int fshm_parse_timeout(PyObject *obj, int64_t *out);
 int fshm_parse_addr(PyObject *name, unsigned long stream_id, PyObject *base_dir, PyObject *ns,
                     fshm_stream_addr *addr);
 int fshm_binding_init_errors(void);
+/* Driver-model keyword values: driver socket path (None = no driver), publish_mode
+ * ('existing_or_create' / 'require_existing' / None), client_id (0 = generated). */
+int fshm_parse_driver(PyObject *driver, PyObject *mode, unsigned long client_id,
+                      const char **path_out, int *mode_out, uint32_t *client_out);
 /* Readies Camera and CameraBuffer (camera_type.c) and adds them to the module. */
 int fshm_camera_types_ready(PyObject *module);
 /* Readies GigECamera (gige_type.c) and adds it (and HAVE_ARAVIS) to the module. */

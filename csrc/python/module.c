@@ -6,7 +6,8 @@
 PyObject *fshm_exc_invalid;
 
 static PyObject *exc_base, *exc_invalid, *exc_notfound, *exc_busy, *exc_corrupt, *exc_toolarge,
-    *exc_limit, *exc_timeout, *exc_dead, *exc_overrun, *exc_closed;
+    *exc_limit, *exc_timeout, *exc_dead, *exc_overrun, *exc_closed, *exc_nodriver, *exc_rejected,
+    *exc_lease;
 
 int fshm_binding_init_errors(void)
 {
@@ -20,6 +21,8 @@ int fshm_binding_init_errors(void)
         {&exc_limit, "ResourceLimit"},  {&exc_timeout, "Timeout"},
         {&exc_dead, "ProducerDead"},    {&exc_overrun, "Overrun"},
         {&exc_closed, "StreamClosed"},
+        {&exc_nodriver, "DriverUnavailable"}, {&exc_rejected, "DriverRejected"},
+        {&exc_lease, "LeaseLost"},
     };
     for (size_t i = 0; i < sizeof names / sizeof names[0]; i++) {
         *names[i].slot = PyObject_GetAttrString(mod, names[i].name);
@@ -49,6 +52,9 @@ PyObject *fshm_raise(int code)
     case FSHM_E_PRODUCER_DEAD: exc = exc_dead; break;
     case FSHM_E_OVERRUN: exc = exc_overrun; break;
     case FSHM_E_CLOSED: exc = exc_closed; break;
+    case FSHM_E_NODRIVER: exc = exc_nodriver; break;
+    case FSHM_E_REJECTED: exc = exc_rejected; break;
+    case FSHM_E_LEASE: exc = exc_lease; break;
     case -EACCES: case -EPERM:
         PyErr_SetString(PyExc_PermissionError, msg);
         return NULL;
@@ -68,6 +74,50 @@ PyObject *fshm_raise(int code)
         PyErr_SetString(exc, msg);
     }
     return NULL;
+}
+
+int fshm_parse_driver(PyObject *driver, PyObject *mode, unsigned long client_id,
+                      const char **path_out, int *mode_out, uint32_t *client_out)
+{
+    *path_out = NULL;
+    *mode_out = 0;
+    *client_out = 0;
+    if (driver && driver != Py_None) {
+        if (!PyUnicode_Check(driver)) {
+            PyErr_SetString(PyExc_TypeError, "driver must be the path of the driver's socket (str)");
+            return -1;
+        }
+        *path_out = PyUnicode_AsUTF8(driver);
+        if (!*path_out)
+            return -1;
+        if (!**path_out) {
+            PyErr_SetString(exc_invalid, "driver socket path is empty");
+            return -1;
+        }
+    }
+    if (mode && mode != Py_None) {
+        const char *m = PyUnicode_Check(mode) ? PyUnicode_AsUTF8(mode) : NULL;
+        if (m && strcmp(m, "require_existing") == 0)
+            *mode_out = FSHM_REQUIRE_EXISTING;
+        else if (m && strcmp(m, "existing_or_create") == 0)
+            *mode_out = FSHM_EXISTING_OR_CREATE;
+        else {
+            if (!PyErr_Occurred())
+                PyErr_SetString(exc_invalid, "publish_mode must be 'existing_or_create' or "
+                                             "'require_existing'");
+            return -1;
+        }
+        if (!*path_out) {
+            PyErr_SetString(exc_invalid, "publish_mode only applies with driver=");
+            return -1;
+        }
+    }
+    if (client_id > UINT32_MAX) {
+        PyErr_SetString(exc_invalid, "client_id must fit in 32 bits");
+        return -1;
+    }
+    *client_out = (uint32_t)client_id;
+    return 0;
 }
 
 PyObject *fshm_raise_invalid(const char *msg)

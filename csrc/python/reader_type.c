@@ -21,19 +21,25 @@ typedef struct {
 static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"name", "stream_id", "consumer", "base_dir", "namespace", "spin",
-                             "subscribe", "max_rate_hz", NULL};
+                             "subscribe", "max_rate_hz", "driver", "publish_mode", "client_id",
+                             "lease_events", NULL};
     PyObject *name = Py_None, *consumer = Py_None, *base = Py_None, *ns = Py_None;
-    unsigned long sid = 0, rate = 0;
-    int spin = 1, subscribe = 1;
+    PyObject *driver = Py_None, *pmode = Py_None;
+    unsigned long sid = 0, rate = 0, client = 0;
+    int spin = 1, subscribe = 1, lease_events = 0;
     if (self->r) {
         PyErr_SetString(PyExc_RuntimeError, "Reader already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppk", kwlist, &name, &sid, &consumer, &base,
-                                     &ns, &spin, &subscribe, &rate))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppkOOkp", kwlist, &name, &sid, &consumer, &base,
+                                     &ns, &spin, &subscribe, &rate, &driver, &pmode, &client,
+                                     &lease_events))
         return -1;
     fshm_reader_config cfg;
     memset(&cfg, 0, sizeof cfg);
+    if (fshm_parse_driver(driver, pmode, client, &cfg.driver, &cfg.publish_mode, &cfg.client_id))
+        return -1;
+    cfg.lease_events = lease_events;
     if (fshm_parse_addr(name, sid, base, ns, &cfg.addr))
         return -1;
     cfg.spin = spin;

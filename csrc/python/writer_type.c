@@ -9,6 +9,7 @@ typedef struct {
     size_t loan_bytes;
     int loaned;
     int busy;
+    uint32_t gen;            /* fshm_writer_attach_gen when maps was built */
 } FshmWriter;
 
 #define CHECK_OPEN(self)                                                                         \
@@ -44,22 +45,57 @@ static int parse_int_tuple(PyObject *seq, int32_t *out, int maxn, const char *wh
     return (int)n;
 }
 
+static PyObject *build_maps(fshm_writer *w)
+{
+    unsigned n = fshm_writer_npools(w);
+    PyObject *maps = PyTuple_New(n);
+    if (!maps)
+        return NULL;
+    for (unsigned i = 0; i < n; i++) {
+        PyObject *m = fshm_mapping_new(fshm_writer_pool_map(w, i));
+        if (!m) {
+            Py_DECREF(maps);
+            return NULL;
+        }
+        PyTuple_SET_ITEM(maps, i, m);
+    }
+    return maps;
+}
+
+/* Driver model: a re-attach moved the pools; views handed out earlier keep the old
+ * mappings alive through their own references. */
+static int refresh_maps(FshmWriter *self)
+{
+    uint32_t g = fshm_writer_attach_gen(self->w);
+    if (g == self->gen)
+        return 0;
+    PyObject *maps = build_maps(self->w);
+    if (!maps)
+        return -1;
+    Py_XSETREF(self->maps, maps);
+    self->gen = g;
+    return 0;
+}
+
 static int writer_init(FshmWriter *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"name", "stream_id", "nslots", "pools", "base_dir", "namespace",
-                             "file_mode", NULL};
+                             "file_mode", "driver", "publish_mode", "client_id", NULL};
     PyObject *name = Py_None, *pools = NULL, *base = Py_None, *ns = Py_None;
-    unsigned long sid = 0, nslots = 4;
+    PyObject *driver = Py_None, *pmode = Py_None;
+    unsigned long sid = 0, nslots = 4, client = 0;
     unsigned int mode = 0600;
     if (self->w) {
         PyErr_SetString(PyExc_RuntimeError, "Writer already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kkOOOI", kwlist, &name, &sid, &nslots, &pools,
-                                     &base, &ns, &mode))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kkOOOIOOk", kwlist, &name, &sid, &nslots, &pools,
+                                     &base, &ns, &mode, &driver, &pmode, &client))
         return -1;
     fshm_writer_config cfg;
     memset(&cfg, 0, sizeof cfg);
+    if (fshm_parse_driver(driver, pmode, client, &cfg.driver, &cfg.publish_mode, &cfg.client_id))
+        return -1;
     if (fshm_parse_addr(name, sid, base, ns, &cfg.addr))
         return -1;
     if (nslots > UINT32_MAX) {
@@ -105,23 +141,14 @@ static int writer_init(FshmWriter *self, PyObject *args, PyObject *kw)
         fshm_raise(rc);
         return -1;
     }
-    unsigned n = fshm_writer_npools(w);
-    PyObject *maps = PyTuple_New(n);
+    PyObject *maps = build_maps(w);
     if (!maps) {
         fshm_writer_close(w, 1);
         return -1;
     }
-    for (unsigned i = 0; i < n; i++) {
-        PyObject *m = fshm_mapping_new(fshm_writer_pool_map(w, i));
-        if (!m) {
-            Py_DECREF(maps);
-            fshm_writer_close(w, 1);
-            return -1;
-        }
-        PyTuple_SET_ITEM(maps, i, m);
-    }
     self->w = w;
     self->maps = maps;
+    self->gen = fshm_writer_attach_gen(w);
     memset(&self->tensor, 0, sizeof self->tensor);
     self->tensor.dtype = FSHM_DTYPE_UINT8;
     self->tensor.ndims = 1;
@@ -181,8 +208,11 @@ static PyObject *writer_loan(FshmWriter *self, PyObject *arg)
         return fshm_raise(rc);
     self->loan_bytes = (size_t)nbytes;
     self->loaned = 1;
+    if (refresh_maps(self))
+        return NULL;
     size_t off = (size_t)((uint8_t *)l.data - (uint8_t *)fshm_map_base(fshm_writer_pool_map(self->w, l.pool_index)));
-    return Py_BuildValue("(InK)", (unsigned)l.pool_index, (Py_ssize_t)off, (unsigned long long)l.seq);
+    return Py_BuildValue("(InKI)", (unsigned)l.pool_index, (Py_ssize_t)off, (unsigned long long)l.seq,
+                         (unsigned)self->gen);
 }
 
 static int opt_u64(PyObject *o, unsigned long long *out)
@@ -327,10 +357,13 @@ WGET(writer_epoch, PyLong_FromUnsignedLongLong, fshm_writer_epoch(self->w))
 WGET(writer_stream_id, PyLong_FromUnsignedLong, fshm_writer_stream_id(self->w))
 WGET(writer_nslots, PyLong_FromUnsignedLong, fshm_writer_nslots(self->w))
 WGET(writer_next_seq, PyLong_FromUnsignedLongLong, fshm_writer_next_seq(self->w))
+WGET(writer_lease_id, PyLong_FromUnsignedLongLong, fshm_writer_lease_id(self->w))
 
 static PyObject *writer_maps(FshmWriter *self, void *c)
 {
     CHECK_OPEN(self);
+    if (refresh_maps(self))
+        return NULL;
     Py_INCREF(self->maps);
     return self->maps;
 }
@@ -358,6 +391,7 @@ static PyGetSetDef writer_getset[] = {
     {"stream_id", (getter)writer_stream_id, NULL, NULL, NULL},
     {"nslots", (getter)writer_nslots, NULL, NULL, NULL},
     {"next_seq", (getter)writer_next_seq, NULL, NULL, NULL},
+    {"lease_id", (getter)writer_lease_id, NULL, "driver lease id (0 without a driver)", NULL},
     {"mappings", (getter)writer_maps, NULL, "tuple of pool Mappings", NULL},
     {"closed", (getter)writer_closed, NULL, NULL, NULL},
     {NULL},

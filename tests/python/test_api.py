@@ -14,14 +14,18 @@ from frameshm import errors
 EXPECTED_ALL = [
     "Camera",
     "CorruptStream",
+    "DriverRejected",
+    "DriverUnavailable",
     "Frame",
     "FrameTooLarge",
     "FrameshmError",
     "GigECamera",
     "InvalidArgument",
+    "LeaseLost",
     "MODE_ALARMED",
     "MODE_STANDBY",
     "Overrun",
+    "Processor",
     "ProducerDead",
     "Reader",
     "ResourceLimit",
@@ -38,7 +42,7 @@ EXPECTED_ALL = [
 
 WRITER_PUBLIC = {
     "methods": ["close", "commit", "heartbeat", "loan", "publish"],
-    "properties": ["closed", "dtype", "epoch", "mode", "nslots", "pools", "shape", "stream_id"],
+    "properties": ["closed", "dtype", "epoch", "lease_id", "mode", "nslots", "pools", "shape", "stream_id"],
 }
 READER_PUBLIC = {
     "methods": ["close", "frames", "read_latest", "wait_latest", "wait_next"],
@@ -64,6 +68,9 @@ EXCEPTIONS = {
     "ProducerDead": (frameshm.Timeout, TimeoutError),
     "Overrun": (frameshm.FrameshmError, None),
     "StreamClosed": (frameshm.FrameshmError, ValueError),
+    "DriverUnavailable": (frameshm.FrameshmError, ConnectionError),
+    "DriverRejected": (frameshm.FrameshmError, None),
+    "LeaseLost": (frameshm.FrameshmError, None),
 }
 
 
@@ -134,12 +141,13 @@ def test_writer_signature():
     params = list(sig.parameters.values())[1:]
     assert [p.name for p in params] == [
         "name", "shape", "dtype", "nslots", "stream_id", "max_bytes", "pools", "base_dir",
-        "namespace", "file_mode", "unlink_on_close",
+        "namespace", "file_mode", "unlink_on_close", "driver", "publish_mode", "client_id",
     ]
     kinds = {p.name: p.kind for p in params}
     for positional in ("name", "shape", "dtype", "nslots"):
         assert kinds[positional] is inspect.Parameter.POSITIONAL_OR_KEYWORD
-    for kw in ("stream_id", "max_bytes", "pools", "base_dir", "namespace", "file_mode", "unlink_on_close"):
+    for kw in ("stream_id", "max_bytes", "pools", "base_dir", "namespace", "file_mode", "unlink_on_close",
+               "driver", "publish_mode", "client_id"):
         assert kinds[kw] is inspect.Parameter.KEYWORD_ONLY
     assert sig.parameters["dtype"].default == "uint8"
     assert sig.parameters["nslots"].default == 4
@@ -151,11 +159,14 @@ def test_reader_signature():
     sig = inspect.signature(frameshm.Reader.__init__)
     params = list(sig.parameters.values())[1:]
     assert [p.name for p in params] == ["name", "consumer", "stream_id", "base_dir", "namespace", "spin", "subscribe",
-                                        "max_rate_hz"]
+                                        "max_rate_hz", "driver", "publish_mode", "client_id", "lease_events"]
     assert sig.parameters["spin"].default is True
     assert sig.parameters["subscribe"].default is True
     assert sig.parameters["max_rate_hz"].default == 0
-    for kw in ("stream_id", "base_dir", "namespace", "spin", "subscribe", "max_rate_hz"):
+    assert sig.parameters["driver"].default is None
+    assert sig.parameters["lease_events"].default is False
+    for kw in ("stream_id", "base_dir", "namespace", "spin", "subscribe", "max_rate_hz", "driver",
+               "publish_mode", "client_id", "lease_events"):
         assert sig.parameters[kw].kind is inspect.Parameter.KEYWORD_ONLY
 
 
@@ -177,6 +188,15 @@ def test_publish_and_commit_signatures():
     assert list(inspect.signature(frameshm.Writer.commit).parameters) == ["self", "timestamp_ns", "ref_seq"]
     assert list(inspect.signature(frameshm.Writer.loan).parameters) == ["self", "shape", "dtype"]
     assert list(inspect.signature(frameshm.Writer.close).parameters) == ["self", "unlink"]
+
+
+def test_processor_surface():
+    methods, props, slots = _public(frameshm.Processor)
+    assert methods == ["close", "commit", "next", "run", "skip", "stats"]
+    assert props == ["reader", "writer"]
+    sig = inspect.signature(frameshm.Processor.__init__)
+    assert list(sig.parameters)[1:] == ["source", "output", "out_shape", "out_dtype", "latest", "consumer",
+                                        "driver", "base_dir", "namespace", "writer_kwargs"]
 
 
 def test_admin_signatures():
@@ -220,6 +240,9 @@ def test_exception_builtin_bases_exactly():
         "ProducerDead": ["OSError", "TimeoutError"],
         "Overrun": [],
         "StreamClosed": ["ValueError"],
+        "DriverUnavailable": ["ConnectionError", "OSError"],
+        "DriverRejected": [],
+        "LeaseLost": [],
     }
 
 
