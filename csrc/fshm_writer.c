@@ -187,11 +187,12 @@ static int attach_via_driver(fshm_writer *w)
                             g.stream_id, (unsigned long long)g.epoch);
         goto fail;
     }
-    /* The driver already enforces one producer; the lock keeps a non-driver producer
-     * from writing into a driver's stream at the same time. */
+    /* The driver enforces one producer per lease. A shared lock (not exclusive: a
+     * stopped producer whose lease expired may still hold one) keeps a non-driver
+     * producer, which locks exclusively, out of a driver's stream. */
     w->lock_fd = open(w->paths.ctl, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-    if (w->lock_fd < 0 || flock(w->lock_fd, LOCK_EX | LOCK_NB) != 0) {
-        rc = fshm_set_error(-EBUSY, "stream %u is locked by another producer (pid %llu)",
+    if (w->lock_fd < 0 || flock(w->lock_fd, LOCK_SH | LOCK_NB) != 0) {
+        rc = fshm_set_error(-EBUSY, "stream %u has a producer that bypasses the driver (pid %llu)",
                             g.stream_id, (unsigned long long)w->ctl->producer_pid);
         goto fail;
     }
@@ -549,6 +550,15 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     }
     uint64_t now = fshm_now_ns();
     uint64_t seq = w->loan.seq;
+    if (w->driver_mode && LOAD_ACQ(&w->ctl->epoch) != w->epoch) {
+        /* Our lease ended while the frame was being written (e.g. we were stopped past
+         * expiry): the stream belongs to another epoch now, whose counters we must not
+         * touch. The frame is dropped like any frame nobody reads; the next loan
+         * re-attaches (and reports if it cannot). */
+        w->loan_active = 0;
+        w->ref_plus1 = 0;
+        return 0;
+    }
     uint8_t *slot = (uint8_t *)w->ring->base + FSHM_SUPERBLOCK_SIZE + (size_t)w->loan.slot * FSHM_SLOT_BYTES;
     fshm_slot_header_write(slot, (uint32_t)nbytes, w->loan.slot, w->loan.pool_id,
                            timestamp_ns ? timestamp_ns : now, &full);
