@@ -138,9 +138,10 @@ class Writer:
         if driver is not None and self._nbytes is not None:
             largest = max(stride for _pid, stride in self._w.pool_info())
             if self._nbytes > largest:
+                sid = self._w.stream_id
                 self._w.close()
                 raise InvalidArgument(
-                    f"frames of {self._nbytes} bytes do not fit stream {self._w.stream_id}: the "
+                    f"frames of {self._nbytes} bytes do not fit stream {sid}: the "
                     f"driver's profile has no pool larger than {largest} bytes"
                 )
         self._maps = self._w.mappings
