@@ -266,6 +266,25 @@ typedef struct fshm_grant {
 /* Bytes of shared memory one stream of this profile occupies (all regions). */
 uint64_t fshm_profile_footprint(const fshm_profile *p);
 
+/* ---- driver side: provisioning a stream's regions (docs/driver-protocol.md) ---- */
+
+/* Moves the stream to a new epoch: validates the profile, checks the base directory has
+ * room for it (-ENOSPC with a clear message, nothing created), creates the control region
+ * if needed (mode/group from the profile), then <stream_dir>/<epoch>/header.ring and
+ * <pool_id>.pool with their superblocks, announces them, resets the producer fields
+ * (sequence numbers carry on) and publishes the epoch; older epoch directories go.
+ * New epoch = max(current + 1, min_epoch, newest epoch directory + 1). On failure nothing
+ * this call created is left. `out` gets what an attach grants (lease fields 0). */
+int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *p, uint64_t min_epoch,
+                         fshm_grant *out);
+/* Removes the stream directory entirely: 1 if removed, 0 if there was none. */
+int fshm_provision_remove(const fshm_stream_addr *addr);
+/* Current epoch of an existing stream; -ENOENT (epoch 0) if it has no control region. */
+int fshm_provision_current(const fshm_stream_addr *addr, uint64_t *epoch);
+/* Bytes new regions can take in dir: its free space and, on tmpfs (pages are RAM), no more
+ * than MemAvailable + SwapFree. fs_free: the file system's own free space. */
+int fshm_shm_room(const char *dir, uint64_t *room, uint64_t *fs_free);
+
 /* ---- inspection and cleanup (CLI) ---- */
 
 typedef struct fshm_consumer_info {

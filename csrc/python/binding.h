@@ -37,6 +37,8 @@ int fshm_binding_init_errors(void);
  * ('existing_or_create' / 'require_existing' / None), client_id (0 = generated). */
 int fshm_parse_driver(PyObject *driver, PyObject *mode, unsigned long client_id,
                       const char **path_out, int *mode_out, uint32_t *client_out);
+/* Adds the driver's module functions (driver_funcs.c): driver_provision, ... */
+int fshm_add_driver_funcs(PyObject *module);
 /* Readies Camera and CameraBuffer (camera_type.c) and adds them to the module. */
 int fshm_camera_types_ready(PyObject *module);
 /* Readies GigECamera (gige_type.c) and adds it (and HAVE_ARAVIS) to the module. */

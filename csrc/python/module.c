@@ -383,7 +383,7 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddIntConstant(m, "MAX_CONSUMERS", FSHM_MAX_CONSUMERS) ||
         PyModule_AddIntConstant(m, "MODE_STANDBY", FSHM_MODE_STANDBY) ||
         PyModule_AddIntConstant(m, "MODE_ALARMED", FSHM_MODE_ALARMED) ||
-        fshm_camera_types_ready(m) || fshm_gige_types_ready(m)) {
+        fshm_camera_types_ready(m) || fshm_gige_types_ready(m) || fshm_add_driver_funcs(m)) {
         Py_DECREF(m);
         return NULL;
     }

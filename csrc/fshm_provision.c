@@ -1,0 +1,485 @@
+/* Driver-side provisioning (SHM Driver Model Spec v1.0 §3, §6, §10): under the driver
+ * model only the driver creates, initialises, truncates and unlinks region files. One
+ * fshm_provision_epoch() call moves a stream to a new epoch: it creates the epoch's header
+ * ring and payload pools, writes their superblocks, announces them in the control region
+ * and publishes the epoch word; clients then only map what it granted.
+ *
+ * Everything here is checked before anything is created, and a failure part-way removes
+ * what this call created, so a refused attach never leaves half a stream behind. */
+#include <dirent.h>
+#include <fcntl.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <sys/stat.h>
+#include <sys/vfs.h>
+#include <unistd.h>
+
+#include "fshm_internal.h"
+
+#define MAX_NSLOTS (1u << 24)
+
+static uint64_t region_bytes(uint32_t nslots, uint32_t slot_bytes)
+{
+    return FSHM_SUPERBLOCK_SIZE + (uint64_t)nslots * slot_bytes;
+}
+
+uint64_t fshm_profile_footprint(const fshm_profile *p)
+{
+    if (!p)
+        return 0;
+    uint64_t total = region_bytes(p->header_nslots, FSHM_SLOT_BYTES);
+    for (uint32_t i = 0; i < p->npools && i < FSHM_MAX_POOLS; i++)
+        total += region_bytes(p->header_nslots, p->stride_bytes[i]);
+    return total + FSHM_CTL_BYTES;
+}
+
+/* "5.0 GiB": one decimal in the largest binary unit that keeps the value >= 1. */
+static void human_bytes(uint64_t n, char *out, size_t cap)
+{
+    static const char *units[] = {"bytes", "KiB", "MiB", "GiB", "TiB", "PiB", "EiB"};
+    if (n < 1024) {
+        snprintf(out, cap, "%llu bytes", (unsigned long long)n);
+        return;
+    }
+    double v = (double)n;
+    int u = 0;
+    while (v >= 1024.0 && u < 6) {
+        v /= 1024.0;
+        u++;
+    }
+    snprintf(out, cap, "%.1f %s", v, units[u]);
+}
+
+static int check_profile(const fshm_profile *p)
+{
+    if (!p)
+        return fshm_set_error(-EINVAL, "no profile given");
+    uint32_t n = p->header_nslots;
+    if (n == 0 || (n & (n - 1)) != 0 || n > MAX_NSLOTS)
+        return fshm_set_error(-EINVAL, "header_nslots must be a power of two between 1 and 2^24, "
+                              "not %u", n);
+    if (p->npools < 1 || p->npools > FSHM_MAX_POOLS)
+        return fshm_set_error(-EINVAL, "a profile has 1 to %d payload pools, not %u", FSHM_MAX_POOLS,
+                              p->npools);
+    for (uint32_t i = 0; i < p->npools; i++) {
+        if (p->pool_id[i] == 0)
+            return fshm_set_error(-EINVAL, "pool_id 0 is reserved (pool ids are 1..65535)");
+        for (uint32_t j = 0; j < i; j++)
+            if (p->pool_id[j] == p->pool_id[i])
+                return fshm_set_error(-EINVAL, "pool_id %u appears twice in the profile",
+                                      p->pool_id[i]);
+        if (!fshm_valid_stride(p->stride_bytes[i]))
+            return fshm_set_error(-EINVAL, "pool %u: stride_bytes %u is not a power-of-two multiple "
+                                  "of 64", p->pool_id[i], p->stride_bytes[i]);
+    }
+    if (p->file_mode & ~0777u)
+        return fshm_set_error(-EINVAL, "file_mode 0%o has bits outside 0777", p->file_mode);
+    return 0;
+}
+
+/* Directories get x where the files get r, so whoever may read the regions can reach
+ * them; setgid when a group is set (new files then inherit it too). */
+static unsigned dir_mode_for(unsigned file_mode, int64_t gid)
+{
+    unsigned m = 0700 | (file_mode & 0777);
+    m |= (m & 0444) >> 2;
+    if (gid >= 0)
+        m |= 02000;
+    return m;
+}
+
+static int is_dir(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0 && S_ISDIR(st.st_mode);
+}
+
+static int path_exists(const char *path)
+{
+    struct stat st;
+    return lstat(path, &st) == 0;
+}
+
+/* exact: set the mode; otherwise only add the bits (directories shared by streams). */
+static int apply_dir_policy(const char *dir, unsigned dmode, int64_t gid, int exact)
+{
+    struct stat st;
+    if (lstat(dir, &st) != 0)
+        return fshm_set_error(-errno, "cannot stat %s: %s", dir, strerror(errno));
+    if (gid >= 0 && (int64_t)st.st_gid != gid && chown(dir, (uid_t)-1, (gid_t)gid) != 0)
+        return fshm_set_error(-errno, "cannot give %s to group %lld: %s", dir, (long long)gid,
+                              strerror(errno));
+    unsigned want = exact ? dmode : ((st.st_mode & 07777) | dmode);
+    if ((st.st_mode & 07777) != want && chmod(dir, want) != 0)
+        return fshm_set_error(-errno, "cannot chmod %s to 0%o: %s", dir, want, strerror(errno));
+    return 0;
+}
+
+static int apply_file_policy(int fd, const char *path, unsigned mode, int64_t gid)
+{
+    if (gid >= 0 && fchown(fd, (uid_t)-1, (gid_t)gid) != 0)
+        return fshm_set_error(-errno, "cannot give %s to group %lld: %s", path, (long long)gid,
+                              strerror(errno));
+    if (fchmod(fd, mode) != 0)
+        return fshm_set_error(-errno, "cannot chmod %s to 0%o: %s", path, mode, strerror(errno));
+    return 0;
+}
+
+static int numeric_name(const char *n, uint64_t *v)
+{
+    if (!*n || strspn(n, "0123456789") != strlen(n) || strlen(n) > 19)
+        return 0;
+    *v = strtoull(n, NULL, 10);
+    return 1;
+}
+
+static uint64_t tree_bytes(const char *dir)
+{
+    uint64_t total = 0;
+    DIR *d = opendir(dir);
+    if (!d)
+        return 0;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        char path[FSHM_PATH_MAX + 300];
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        struct stat st;
+        if (de->d_name[0] != '.' && lstat(path, &st) == 0 && S_ISREG(st.st_mode))
+            total += (uint64_t)st.st_blocks * 512u;
+    }
+    closedir(d);
+    return total;
+}
+
+/* Highest epoch directory in stream_dir and the bytes their files hold. */
+static void scan_epochs(const char *stream_dir, uint64_t *max_epoch, uint64_t *bytes)
+{
+    *max_epoch = 0;
+    *bytes = 0;
+    DIR *d = opendir(stream_dir);
+    if (!d)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        uint64_t e;
+        if (!numeric_name(de->d_name, &e))
+            continue;
+        char path[FSHM_PATH_MAX + 32];
+        snprintf(path, sizeof path, "%s/%s", stream_dir, de->d_name);
+        if (!is_dir(path))
+            continue;
+        if (e > *max_epoch)
+            *max_epoch = e;
+        *bytes += tree_bytes(path);
+    }
+    closedir(d);
+}
+
+/* Removes every epoch directory of the stream but `keep` (0: all). */
+static void remove_epochs_except(const char *stream_dir, uint64_t keep)
+{
+    DIR *d = opendir(stream_dir);
+    if (!d)
+        return;
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        uint64_t e;
+        if (!numeric_name(de->d_name, &e) || (keep && e == keep))
+            continue;
+        char path[FSHM_PATH_MAX + 32];
+        snprintf(path, sizeof path, "%s/%s", stream_dir, de->d_name);
+        fshm_remove_tree(path);
+    }
+    closedir(d);
+}
+
+#ifndef TMPFS_MAGIC
+#define TMPFS_MAGIC 0x01021994
+#endif
+
+/* A /proc/meminfo value in bytes (0 if absent). */
+static uint64_t meminfo_bytes(const char *key)
+{
+    FILE *f = fopen("/proc/meminfo", "re");
+    if (!f)
+        return 0;
+    char line[256];
+    size_t klen = strlen(key);
+    uint64_t v = 0;
+    while (fgets(line, sizeof line, f))
+        if (strncmp(line, key, klen) == 0 && line[klen] == ':') {
+            v = strtoull(line + klen + 1, NULL, 10) * 1024u;
+            break;
+        }
+    fclose(f);
+    return v;
+}
+
+int fshm_shm_room(const char *dir, uint64_t *room, uint64_t *fs_free)
+{
+    uint64_t fr = 0;
+    int rc = fshm_statvfs_free(dir, &fr);
+    if (rc)
+        return fshm_set_error(rc, "cannot read the free space of %s: %s", dir, strerror(-rc));
+    uint64_t r = fr;
+    struct statfs sfs;
+    /* tmpfs pages are memory: a size limit above what RAM (and swap) can back would turn
+     * "fits" into the OOM killer. Count no more than the memory available. */
+    if (statfs(dir, &sfs) == 0 && (uint64_t)sfs.f_type == (uint64_t)TMPFS_MAGIC) {
+        uint64_t mem = meminfo_bytes("MemAvailable") + meminfo_bytes("SwapFree");
+        if (mem && mem < r)
+            r = mem;
+    }
+    const char *limit = getenv("FRAMESHM_DRIVER_FREE_BYTES");   /* test hook: pretend less room */
+    if (limit && *limit) {
+        uint64_t l = strtoull(limit, NULL, 10);
+        if (l < r)
+            r = l;
+    }
+    if (room)
+        *room = r;
+    if (fs_free)
+        *fs_free = fr;
+    return 0;
+}
+
+/* The base directory as fshm_resolve picks it, created if missing (then with the
+ * directory mode of the profile, so that whoever may read the files can reach them). */
+static int ensure_base(const fshm_stream_addr *addr, unsigned dmode)
+{
+    const char *base = addr->base_dir;
+    if (!base || !*base)
+        base = getenv("FRAMESHM_DIR");
+    if (!base || !*base)
+        base = "/dev/shm";
+    if (base[0] != '/')
+        return fshm_set_error(-EINVAL, "base directory '%s' must be an absolute path", base);
+    if (mkdir(base, 0700) == 0) {
+        if (chmod(base, dmode & 0777) != 0)
+            return fshm_set_error(-errno, "cannot chmod %s: %s", base, strerror(errno));
+    } else if (errno != EEXIST) {
+        return fshm_set_error(-errno, "cannot create base directory %s: %s", base, strerror(errno));
+    }
+    return 0;
+}
+
+/* Creates one region file of the epoch (full size reserved) and writes its superblock. */
+static int create_region(const char *path, uint64_t size, unsigned mode, int64_t gid,
+                         const uint8_t sb[FSHM_SUPERBLOCK_SIZE])
+{
+    if (size > (uint64_t)SIZE_MAX || size > (uint64_t)INT64_MAX)
+        return fshm_set_error(-EFBIG, "region %s would be %llu bytes: too large", path,
+                              (unsigned long long)size);
+    int fd, rc = fshm_create_file(path, (size_t)size, mode, &fd);
+    if (rc)
+        return rc;
+    if ((rc = apply_file_policy(fd, path, mode, gid)) == 0) {
+        ssize_t w = pwrite(fd, sb, FSHM_SUPERBLOCK_SIZE, 0);
+        if (w != (ssize_t)FSHM_SUPERBLOCK_SIZE)
+            rc = fshm_set_error(w < 0 ? -errno : -EIO, "cannot write the superblock of %s: %s",
+                                path, w < 0 ? strerror(errno) : "short write");
+    }
+    close(fd);
+    if (rc)
+        unlink(path);
+    return rc;
+}
+
+int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *p, uint64_t min_epoch,
+                         fshm_grant *out)
+{
+    memset(out, 0, sizeof *out);
+    int rc = check_profile(p);
+    if (rc)
+        return rc;
+    unsigned mode = p->file_mode ? p->file_mode : 0600;
+    unsigned dmode = dir_mode_for(mode, p->gid);
+    if ((rc = ensure_base(addr, dmode)))
+        return rc;
+    fshm_paths paths;
+    if ((rc = fshm_resolve(addr, 0, &paths)))
+        return rc;
+    char user_dir[FSHM_PATH_MAX];
+    snprintf(user_dir, sizeof user_dir, "%s", paths.ns_dir);
+    char *slash = strrchr(user_dir, '/');
+    if (slash)
+        *slash = 0;
+    int had_user = is_dir(user_dir), had_ns = is_dir(paths.ns_dir);
+    int had_stream = is_dir(paths.stream_dir), had_ctl = path_exists(paths.ctl);
+
+    /* Room check first: nothing is created for a profile that cannot fit. The epoch this
+     * one replaces is about to go, so its bytes count as available. */
+    uint64_t max_epoch = 0, old_bytes = 0;
+    if (had_stream)
+        scan_epochs(paths.stream_dir, &max_epoch, &old_bytes);
+    uint64_t footprint = fshm_profile_footprint(p);
+    uint64_t need = footprint - (had_ctl ? FSHM_CTL_BYTES : 0);
+    uint64_t free_bytes = 0, fs_free = 0;
+    if ((rc = fshm_shm_room(paths.base, &free_bytes, &fs_free)))
+        return rc;
+    if (need > free_bytes + old_bytes) {
+        char fp[32], fr[32], ob[32], extra[200] = "", ff[32];
+        human_bytes(footprint, fp, sizeof fp);
+        human_bytes(free_bytes, fr, sizeof fr);
+        human_bytes(old_bytes, ob, sizeof ob);
+        human_bytes(fs_free, ff, sizeof ff);
+        if (old_bytes)
+            snprintf(extra, sizeof extra, " (plus %s held by the epoch being replaced)", ob);
+        else if (free_bytes < fs_free && !getenv("FRAMESHM_DRIVER_FREE_BYTES"))
+            snprintf(extra, sizeof extra, " (memory available to back tmpfs; the file system "
+                     "itself has %s free)", ff);
+        return fshm_set_error(-ENOSPC, "stream %u needs %s (profile footprint, %llu bytes) but %s "
+                              "has %s free%s", paths.stream_id, fp, (unsigned long long)footprint,
+                              paths.base, fr, extra);
+    }
+
+    fshm_ctl_handle h;
+    memset(&h, 0, sizeof h);
+    h.fd = -1;
+    int created_ctl = 0;
+    char edir[FSHM_PATH_MAX + 32] = "";
+    if ((rc = fshm_resolve(addr, 1, &paths)))
+        goto undo_dirs;
+    if ((rc = apply_dir_policy(user_dir, dmode & 0777, p->gid, 0)) ||
+        (rc = apply_dir_policy(paths.ns_dir, dmode & 0777, p->gid, 0)) ||
+        (rc = apply_dir_policy(paths.stream_dir, dmode, p->gid, 1)))
+        goto undo_dirs;
+    if ((rc = fshm_ctl_open(&paths, 1, &h)))
+        goto undo_dirs;
+    created_ctl = !had_ctl;
+    if ((rc = apply_file_policy(h.fd, paths.ctl, mode, p->gid)))
+        goto undo_ctl;
+    fshm_ctl *c = h.ctl;
+    fshm_ctl_prune(c);
+
+    uint64_t epoch = LOAD_ACQ(&c->epoch) + 1;
+    if (epoch < min_epoch)
+        epoch = min_epoch;
+    if (epoch <= max_epoch)
+        epoch = max_epoch + 1;   /* never reuse a directory left behind */
+    if (epoch == 0 || epoch == UINT64_MAX) {
+        rc = fshm_set_error(-EOVERFLOW, "stream %u: epoch counter exhausted", paths.stream_id);
+        goto undo_ctl;
+    }
+    if (need > free_bytes)   /* it only fits once the old epoch is gone */
+        remove_epochs_except(paths.stream_dir, 0);
+    snprintf(edir, sizeof edir, "%s/%llu", paths.stream_dir, (unsigned long long)epoch);
+    if (mkdir(edir, 0700) != 0) {
+        rc = fshm_set_error(-errno, "cannot create %s: %s", edir, strerror(errno));
+        edir[0] = 0;
+        goto undo_ctl;
+    }
+    if ((rc = apply_dir_policy(edir, dmode, p->gid, 1)))
+        goto undo_epoch;
+
+    uint32_t n = p->header_nslots;
+    uint64_t now = fshm_now_ns();
+    uint64_t pid = (uint64_t)getpid();
+    uint8_t sb[FSHM_SUPERBLOCK_SIZE];
+    char path[FSHM_PATH_MAX + 64];
+    fshm_announce a;
+    memset(&a, 0, sizeof a);
+    snprintf(path, sizeof path, "%s/header.ring", edir);
+    fshm_superblock_write(sb, epoch, paths.stream_id, FSHM_REGION_HEADER_RING, 0, n, FSHM_SLOT_BYTES,
+                          FSHM_SLOT_BYTES, pid, now);
+    if ((rc = create_region(path, region_bytes(n, FSHM_SLOT_BYTES), mode, p->gid, sb)) ||
+        (rc = fshm_uri_format(a.header_uri, sizeof a.header_uri, path)))
+        goto undo_epoch;
+    for (uint32_t i = 0; i < p->npools; i++) {
+        uint16_t id = p->pool_id[i];
+        uint32_t stride = p->stride_bytes[i];
+        snprintf(path, sizeof path, "%s/%u.pool", edir, id);
+        fshm_superblock_write(sb, epoch, paths.stream_id, FSHM_REGION_PAYLOAD_POOL, id, n, stride,
+                              stride, pid, now);
+        if ((rc = create_region(path, region_bytes(n, stride), mode, p->gid, sb)) ||
+            (rc = fshm_uri_format(a.pools[i].uri, sizeof a.pools[i].uri, path)))
+            goto undo_epoch;
+        a.pools[i].pool_id = id;
+        a.pools[i].stride_bytes = stride;
+        a.pools[i].nslots = n;
+    }
+
+    /* Announce, producer fields, then the epoch (release): readers key off the epoch. The
+     * new epoch has no producer until one attaches; sequence numbers carry on. */
+    a.epoch = epoch;
+    a.header_nslots = n;
+    a.npools = p->npools;
+    fshm_ctl_write_announce(c, &a);
+    STORE_RLX(&c->producer_pid, 0);
+    STORE_RLX(&c->producer_start, 0);
+    STORE_REL(&c->state, (uint8_t)CTL_STATE_NEVER);
+    STORE_REL(&c->epoch, epoch);
+    remove_epochs_except(paths.stream_dir, epoch);
+
+    out->stream_id = paths.stream_id;
+    out->epoch = epoch;
+    out->layout_version = FSHM_LAYOUT_VERSION;
+    out->header_nslots = n;
+    out->header_slot_bytes = FSHM_SLOT_BYTES;
+    out->max_dims = FSHM_MAX_DIMS;
+    snprintf(out->header_uri, sizeof out->header_uri, "%s", a.header_uri);
+    out->npools = p->npools;
+    for (uint32_t i = 0; i < p->npools; i++) {
+        out->pools[i].pool_id = a.pools[i].pool_id;
+        out->pools[i].nslots = n;
+        out->pools[i].stride_bytes = a.pools[i].stride_bytes;
+        snprintf(out->pools[i].uri, sizeof out->pools[i].uri, "%s", a.pools[i].uri);
+    }
+    fshm_ctl_close(&h);
+    return 0;
+
+undo_epoch:
+    fshm_remove_tree(edir);
+undo_ctl:
+    if (created_ctl && fshm_ctl_same_file(&h, paths.ctl))
+        unlink(paths.ctl);
+    fshm_ctl_close(&h);
+undo_dirs:
+    if (!had_stream)
+        rmdir(paths.stream_dir);
+    if (!had_ns)
+        rmdir(paths.ns_dir);
+    if (!had_user)
+        rmdir(user_dir);
+    return rc;
+}
+
+int fshm_provision_remove(const fshm_stream_addr *addr)
+{
+    fshm_paths p;
+    int rc = fshm_resolve(addr, 0, &p);
+    if (rc == -ENOENT)
+        return 0;   /* no base directory: nothing to remove */
+    if (rc)
+        return rc;
+    struct stat st;
+    if (lstat(p.stream_dir, &st) != 0)
+        return errno == ENOENT ? 0 : fshm_set_error(-errno, "%s: %s", p.stream_dir, strerror(errno));
+    if (!S_ISDIR(st.st_mode))
+        return fshm_set_error(-ENOTDIR, "%s is not a directory", p.stream_dir);
+    /* Dead consumers' descriptor queues go with the stream; live ones are theirs. */
+    fshm_ctl_handle h;
+    if (fshm_ctl_open(&p, 0, &h) == 0) {
+        fshm_ctl_prune(h.ctl);
+        fshm_ctl_close(&h);
+    }
+    rc = fshm_remove_tree(p.stream_dir);
+    if (rc && path_exists(p.stream_dir))
+        return fshm_set_error(rc, "cannot remove %s: %s", p.stream_dir, strerror(-rc));
+    return 1;
+}
+
+int fshm_provision_current(const fshm_stream_addr *addr, uint64_t *epoch)
+{
+    *epoch = 0;
+    fshm_paths p;
+    int rc = fshm_resolve(addr, 0, &p);
+    if (rc)
+        return rc;
+    fshm_ctl_handle h;
+    if ((rc = fshm_ctl_open(&p, 0, &h)))
+        return rc;
+    *epoch = LOAD_ACQ(&h.ctl->epoch);
+    fshm_ctl_close(&h);
+    return 0;
+}

@@ -1,0 +1,231 @@
+/* Module functions for the driver (frameshm.driver): provisioning a stream's regions,
+ * removing them, reading the current epoch, and the footprint arithmetic. The driver's
+ * event loop is Python; everything that touches shared memory is the C core. */
+#include "binding.h"
+
+/* (stream_id, *, name, base_dir, namespace) shared by the three address-taking functions. */
+static int build_addr(unsigned long stream_id, PyObject *name, PyObject *base, PyObject *ns,
+                      fshm_stream_addr *a)
+{
+    if (fshm_parse_addr(name, stream_id, base, ns, a))
+        return -1;
+    if (!a->stream_id && !a->name) {
+        fshm_raise_invalid("a stream needs a non-zero stream_id or a name");
+        return -1;
+    }
+    return 0;
+}
+
+static int parse_pools(PyObject *pools, fshm_profile *p)
+{
+    PyObject *seq = PySequence_Fast(pools, "pools must be a sequence of (pool_id, stride_bytes)");
+    if (!seq)
+        return -1;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n < 1 || n > FSHM_MAX_POOLS) {
+        Py_DECREF(seq);
+        PyErr_Format(fshm_exc_invalid, "a profile has 1 to %d payload pools, not %zd", FSHM_MAX_POOLS,
+                     n);
+        return -1;
+    }
+    for (Py_ssize_t i = 0; i < n; i++) {
+        PyObject *item = PySequence_Fast_GET_ITEM(seq, i);
+        unsigned long id, stride;
+        if (!PyArg_ParseTuple(item, "kk;each pool is a (pool_id, stride_bytes) pair", &id, &stride)) {
+            Py_DECREF(seq);
+            return -1;
+        }
+        if (id > UINT16_MAX || stride > UINT32_MAX) {
+            Py_DECREF(seq);
+            PyErr_Format(fshm_exc_invalid, "pool (%lu, %lu): pool_id must fit in 16 bits and "
+                         "stride_bytes in 32", id, stride);
+            return -1;
+        }
+        p->pool_id[i] = (uint16_t)id;
+        p->stride_bytes[i] = (uint32_t)stride;
+    }
+    p->npools = (uint32_t)n;
+    Py_DECREF(seq);
+    return 0;
+}
+
+static PyObject *grant_dict(const fshm_grant *g)
+{
+    PyObject *pools = PyList_New(0);
+    if (!pools)
+        return NULL;
+    for (uint32_t i = 0; i < g->npools; i++) {
+        PyObject *d = Py_BuildValue("{s:I,s:k,s:k,s:s}", "pool_id", (unsigned)g->pools[i].pool_id,
+                                    "nslots", (unsigned long)g->pools[i].nslots, "stride_bytes",
+                                    (unsigned long)g->pools[i].stride_bytes, "uri", g->pools[i].uri);
+        if (!d || PyList_Append(pools, d)) {
+            Py_XDECREF(d);
+            Py_DECREF(pools);
+            return NULL;
+        }
+        Py_DECREF(d);
+    }
+    PyObject *res = Py_BuildValue("{s:K,s:k,s:k,s:k,s:I,s:I,s:s,s:O}", "epoch",
+                                  (unsigned long long)g->epoch, "stream_id",
+                                  (unsigned long)g->stream_id, "layout_version",
+                                  (unsigned long)g->layout_version, "header_nslots",
+                                  (unsigned long)g->header_nslots, "header_slot_bytes",
+                                  (unsigned)g->header_slot_bytes, "max_dims", (unsigned)g->max_dims,
+                                  "header_uri", g->header_uri, "pools", pools);
+    Py_DECREF(pools);
+    return res;
+}
+
+static PyObject *mod_driver_provision(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"stream_id", "name", "base_dir", "namespace", "header_nslots", "pools",
+                             "file_mode", "gid", "min_epoch", NULL};
+    unsigned long sid = 0, nslots = 0, mode = 0600;
+    long long gid = -1;
+    unsigned long long min_epoch = 0;
+    PyObject *name = Py_None, *base = Py_None, *ns = Py_None, *pools = NULL;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|$OOOkOkLK", kwlist, &sid, &name, &base, &ns,
+                                     &nslots, &pools, &mode, &gid, &min_epoch))
+        return NULL;
+    if (!pools) {
+        PyErr_SetString(PyExc_TypeError, "driver_provision() needs pools=[(pool_id, stride_bytes), ...]");
+        return NULL;
+    }
+    fshm_stream_addr a;
+    if (build_addr(sid, name, base, ns, &a))
+        return NULL;
+    fshm_profile p;
+    memset(&p, 0, sizeof p);
+    if (nslots > UINT32_MAX)
+        return fshm_raise_invalid("header_nslots must fit in 32 bits");
+    p.header_nslots = (uint32_t)nslots;
+    if (parse_pools(pools, &p))
+        return NULL;
+    if (mode > 0777)
+        return fshm_raise_invalid("file_mode must be within 0o777");
+    p.file_mode = (unsigned)mode;
+    p.gid = gid < 0 ? -1 : gid;
+    fshm_grant g;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_provision_epoch(&a, &p, (uint64_t)min_epoch, &g);
+    Py_END_ALLOW_THREADS
+    if (rc)
+        return fshm_raise(rc);
+    return grant_dict(&g);
+}
+
+static PyObject *mod_driver_remove(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"stream_id", "name", "base_dir", "namespace", NULL};
+    unsigned long sid = 0;
+    PyObject *name = Py_None, *base = Py_None, *ns = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|$OOO", kwlist, &sid, &name, &base, &ns))
+        return NULL;
+    fshm_stream_addr a;
+    if (build_addr(sid, name, base, ns, &a))
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_provision_remove(&a);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return fshm_raise(rc);
+    return PyBool_FromLong(rc);
+}
+
+static PyObject *mod_driver_current_epoch(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"stream_id", "name", "base_dir", "namespace", NULL};
+    unsigned long sid = 0;
+    PyObject *name = Py_None, *base = Py_None, *ns = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|$OOO", kwlist, &sid, &name, &base, &ns))
+        return NULL;
+    fshm_stream_addr a;
+    if (build_addr(sid, name, base, ns, &a))
+        return NULL;
+    uint64_t epoch = 0;
+    int rc = fshm_provision_current(&a, &epoch);
+    if (rc == -ENOENT)
+        return PyLong_FromLong(0);
+    if (rc)
+        return fshm_raise(rc);
+    return PyLong_FromUnsignedLongLong(epoch);
+}
+
+static PyObject *mod_profile_footprint(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"header_nslots", "strides", NULL};
+    unsigned long nslots;
+    PyObject *strides;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "kO", kwlist, &nslots, &strides))
+        return NULL;
+    if (nslots > UINT32_MAX)
+        return fshm_raise_invalid("header_nslots must fit in 32 bits");
+    PyObject *seq = PySequence_Fast(strides, "strides must be a sequence of ints");
+    if (!seq)
+        return NULL;
+    Py_ssize_t n = PySequence_Fast_GET_SIZE(seq);
+    if (n > FSHM_MAX_POOLS) {
+        Py_DECREF(seq);
+        PyErr_Format(fshm_exc_invalid, "at most %d payload pools", FSHM_MAX_POOLS);
+        return NULL;
+    }
+    fshm_profile p;
+    memset(&p, 0, sizeof p);
+    p.header_nslots = (uint32_t)nslots;
+    for (Py_ssize_t i = 0; i < n; i++) {
+        unsigned long s = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));
+        if (s == (unsigned long)-1 && PyErr_Occurred()) {
+            Py_DECREF(seq);
+            return NULL;
+        }
+        if (s > UINT32_MAX) {
+            Py_DECREF(seq);
+            return fshm_raise_invalid("stride_bytes must fit in 32 bits");
+        }
+        p.stride_bytes[i] = (uint32_t)s;
+    }
+    Py_DECREF(seq);
+    p.npools = (uint32_t)n;
+    return PyLong_FromUnsignedLongLong(fshm_profile_footprint(&p));
+}
+
+static PyObject *mod_shm_room(PyObject *self, PyObject *arg)
+{
+    PyObject *bytes;
+    if (!PyUnicode_FSConverter(arg, &bytes))
+        return NULL;
+    uint64_t room = 0, fs_free = 0;
+    int rc = fshm_shm_room(PyBytes_AS_STRING(bytes), &room, &fs_free);
+    Py_DECREF(bytes);
+    if (rc)
+        return fshm_raise(rc);
+    return Py_BuildValue("(KK)", (unsigned long long)room, (unsigned long long)fs_free);
+}
+
+static PyMethodDef driver_methods[] = {
+    {"shm_room", mod_shm_room, METH_O,
+     "shm_room(dir) -> (room, fs_free): bytes new regions can take in dir (on tmpfs capped by "
+     "the memory available) and the file system's own free space"},
+    {"driver_provision", (PyCFunction)(void (*)(void))mod_driver_provision,
+     METH_VARARGS | METH_KEYWORDS,
+     "driver_provision(stream_id, *, name=None, base_dir=None, namespace=None, header_nslots, "
+     "pools, file_mode=0o600, gid=-1, min_epoch=0) -> dict: moves the stream to a new epoch "
+     "(driver side; creates and initialises every region file)"},
+    {"driver_remove", (PyCFunction)(void (*)(void))mod_driver_remove, METH_VARARGS | METH_KEYWORDS,
+     "driver_remove(stream_id, *, name=None, base_dir=None, namespace=None) -> bool removed"},
+    {"driver_current_epoch", (PyCFunction)(void (*)(void))mod_driver_current_epoch,
+     METH_VARARGS | METH_KEYWORDS,
+     "driver_current_epoch(stream_id, *, name=None, base_dir=None, namespace=None) -> int "
+     "(0 if the stream has no control region)"},
+    {"profile_footprint", (PyCFunction)(void (*)(void))mod_profile_footprint,
+     METH_VARARGS | METH_KEYWORDS,
+     "profile_footprint(header_nslots, strides) -> int: bytes of every region of one stream"},
+    {NULL, NULL, 0, NULL},
+};
+
+int fshm_add_driver_funcs(PyObject *m)
+{
+    return PyModule_AddFunctions(m, driver_methods);
+}

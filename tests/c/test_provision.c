@@ -1,0 +1,420 @@
+/* Driver-side provisioning (csrc/fshm_provision.c): footprint arithmetic of the seed
+ * profiles, what one epoch creates (files, modes, superblocks, announce, epoch word),
+ * epoch bumps, refusing what does not fit with nothing created, cleanup after a failure
+ * part-way, removal and the current-epoch query. */
+#include "fshm_test_util.h"
+
+#include <errno.h>
+#include <fcntl.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/resource.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#define KIB 1024ull
+#define MIB (1024ull * 1024ull)
+
+static fshm_profile profile2(uint32_t nslots, uint32_t s1, uint32_t s2)
+{
+    fshm_profile p;
+    memset(&p, 0, sizeof p);
+    p.header_nslots = nslots;
+    p.npools = 2;
+    p.pool_id[0] = 1;
+    p.pool_id[1] = 2;
+    p.stride_bytes[0] = s1;
+    p.stride_bytes[1] = s2;
+    p.file_mode = 0600;
+    p.gid = -1;
+    return p;
+}
+
+static fshm_stream_addr addr_id(uint32_t id)
+{
+    fshm_stream_addr a;
+    memset(&a, 0, sizeof a);
+    a.stream_id = id;
+    return a;
+}
+
+static void map_ctl(uint32_t stream_id, fshm_ctl_handle *h)
+{
+    fshm_stream_addr a = addr_id(stream_id);
+    fshm_paths p;
+    assert_int_equal(fshm_resolve(&a, 0, &p), 0);
+    assert_int_equal(fshm_ctl_open(&p, 0, h), 0);
+}
+
+static mode_t mode_of(const char *path)
+{
+    struct stat st;
+    assert_int_equal(lstat(path, &st), 0);
+    return st.st_mode;
+}
+
+static void uri_of(const char *path, char *out, size_t cap)
+{
+    snprintf(out, cap, "shm:file?path=%s", path);
+}
+
+/* ---- footprint ---- */
+
+static void test_footprint_seed_profiles(void **state)
+{
+    (void)state;
+    /* docs/examples/driver_camera_example.toml: raw = 1024 slots, 1 MiB + 4 MiB pools;
+     * processed = 512 slots, 512 KiB + 2 MiB pools. */
+    fshm_profile raw = profile2(1024, 1 * MIB, 4 * MIB);
+    uint64_t want_raw = 64 + 1024ull * 256 + 2 * 64 + 1024ull * (1 * MIB + 4 * MIB) + 12288;
+    assert_int_equal(fshm_profile_footprint(&raw), want_raw);
+    assert_int_equal(want_raw, 5368983744ull);
+    assert_true(want_raw > 5ull * 1024 * MIB);   /* "5 GiB per camera" */
+    fshm_profile processed = profile2(512, 512 * KIB, 2 * MIB);
+    uint64_t want_proc = 64 + 512ull * 256 + 2 * 64 + 512ull * (512 * KIB + 2 * MIB) + 12288;
+    assert_int_equal(fshm_profile_footprint(&processed), want_proc);
+    assert_int_equal(want_proc, 1342320832ull);
+    /* Three cameras and three processors: more than a 24 GiB machine's /dev/shm (half of RAM). */
+    assert_true(3 * want_raw + 3 * want_proc > 12ull * 1024 * MIB);
+    /* One pool, one slot: the smallest stream. */
+    fshm_profile tiny;
+    memset(&tiny, 0, sizeof tiny);
+    tiny.header_nslots = 1;
+    tiny.npools = 1;
+    tiny.pool_id[0] = 1;
+    tiny.stride_bytes[0] = 64;
+    assert_int_equal(fshm_profile_footprint(&tiny), 64 + 256 + 64 + 64 + FSHM_CTL_BYTES);
+    assert_int_equal(fshm_profile_footprint(NULL), 0);
+}
+
+/* ---- one epoch ---- */
+
+static void test_provision_creates_epoch(void **state)
+{
+    (void)state;
+    fshm_profile p = profile2(16, 4096, 65536);
+    p.file_mode = 0640;
+    fshm_stream_addr a = addr_id(1001);
+    fshm_grant g;
+    int rc = fshm_provision_epoch(&a, &p, 0, &g);
+    if (rc)
+        fail_msg("provision: %s", fshm_last_error());
+    assert_int_equal(g.epoch, 1);
+    assert_int_equal(g.stream_id, 1001);
+    assert_int_equal(g.layout_version, FSHM_LAYOUT_VERSION);
+    assert_int_equal(g.header_nslots, 16);
+    assert_int_equal(g.header_slot_bytes, 256);
+    assert_int_equal(g.max_dims, FSHM_MAX_DIMS);
+    assert_int_equal(g.lease_id, 0);
+    assert_int_equal(g.npools, 2);
+
+    char path[1024], want[1100], dir[1024];
+    tu_region_path(1001, 1, "header.ring", path, sizeof path);
+    uri_of(path, want, sizeof want);
+    assert_string_equal(g.header_uri, want);
+    size_t len;
+    uint8_t *ring = tu_read_file(path, &len);
+    assert_int_equal(len, 64 + 16 * 256);
+    assert_int_equal(fshm_superblock_check(ring, len, 1, 1001, FSHM_REGION_HEADER_RING, 0, 16, 256, 256), 0);
+    assert_int_equal(tu_le64(ring + SB_PID), (uint64_t)getpid());
+    for (size_t i = 64; i < len; i++)
+        assert_int_equal(ring[i], 0);   /* no slot committed */
+    free(ring);
+    assert_int_equal(mode_of(path) & 07777, 0640);
+    for (unsigned i = 0; i < 2; i++) {
+        char file[32];
+        snprintf(file, sizeof file, "%u.pool", i + 1);
+        tu_region_path(1001, 1, file, path, sizeof path);
+        uri_of(path, want, sizeof want);
+        assert_string_equal(g.pools[i].uri, want);
+        assert_int_equal(g.pools[i].pool_id, i + 1);
+        assert_int_equal(g.pools[i].nslots, 16);
+        assert_int_equal(g.pools[i].stride_bytes, p.stride_bytes[i]);
+        uint8_t *pool = tu_read_file(path, &len);
+        assert_int_equal(len, 64 + 16ull * p.stride_bytes[i]);
+        assert_int_equal(fshm_superblock_check(pool, len, 1, 1001, FSHM_REGION_PAYLOAD_POOL, i + 1, 16,
+                                               p.stride_bytes[i], p.stride_bytes[i]), 0);
+        free(pool);
+        assert_int_equal(mode_of(path) & 07777, 0640);
+    }
+    /* Directories get x where files get r. */
+    tu_stream_dir(1001, dir, sizeof dir);
+    assert_int_equal(mode_of(dir) & 07777, 0750);
+    snprintf(path, sizeof path, "%s/1", dir);
+    assert_int_equal(mode_of(path) & 07777, 0750);
+    snprintf(path, sizeof path, "%s/frameshm.ctl", dir);
+    assert_int_equal(mode_of(path) & 07777, 0640);
+
+    /* The control region announces exactly the granted files, epoch published last. */
+    fshm_ctl_handle h;
+    map_ctl(1001, &h);
+    assert_int_equal(LOAD_ACQ(&h.ctl->epoch), 1);
+    assert_int_equal(LOAD_ACQ(&h.ctl->state), CTL_STATE_NEVER);
+    assert_int_equal(h.ctl->producer_pid, 0);
+    fshm_announce an;
+    assert_int_equal(fshm_ctl_read_announce(h.ctl, &an), 0);
+    assert_int_equal(an.epoch, 1);
+    assert_int_equal(an.header_nslots, 16);
+    assert_int_equal(an.npools, 2);
+    assert_string_equal(an.header_uri, g.header_uri);
+    assert_string_equal(an.pools[1].uri, g.pools[1].uri);
+    assert_string_equal(h.ctl->name, "stream-1001");
+    /* A producer ran on it: sequence numbers must carry on into the next epoch. */
+    STORE_REL(&h.ctl->latest_seq, 42);
+    STORE_REL(&h.ctl->state, (uint8_t)CTL_STATE_LIVE);
+    STORE_RLX(&h.ctl->producer_pid, 12345);
+    fshm_ctl_close(&h);
+
+    uint64_t cur = 0;
+    assert_int_equal(fshm_provision_current(&a, &cur), 0);
+    assert_int_equal(cur, 1);
+
+    /* The next epoch replaces the old directory. */
+    rc = fshm_provision_epoch(&a, &p, 0, &g);
+    if (rc)
+        fail_msg("provision 2: %s", fshm_last_error());
+    assert_int_equal(g.epoch, 2);
+    snprintf(path, sizeof path, "%s/1", dir);
+    assert_false(tu_path_exists(path));
+    tu_region_path(1001, 2, "header.ring", path, sizeof path);
+    assert_true(tu_path_exists(path));
+    map_ctl(1001, &h);
+    assert_int_equal(LOAD_ACQ(&h.ctl->epoch), 2);
+    assert_int_equal(LOAD_ACQ(&h.ctl->latest_seq), 42);
+    assert_int_equal(LOAD_ACQ(&h.ctl->state), CTL_STATE_NEVER);
+    assert_int_equal(h.ctl->producer_pid, 0);
+    fshm_ctl_close(&h);
+
+    /* min_epoch wins when larger (a restarted driver never reissues an epoch). */
+    rc = fshm_provision_epoch(&a, &p, 10, &g);
+    assert_int_equal(rc, 0);
+    assert_int_equal(g.epoch, 10);
+    assert_int_equal(fshm_provision_current(&a, &cur), 0);
+    assert_int_equal(cur, 10);
+
+    assert_int_equal(fshm_provision_remove(&a), 1);
+    assert_false(tu_path_exists(dir));
+    assert_int_equal(fshm_provision_remove(&a), 0);
+    assert_int_equal(fshm_provision_current(&a, &cur), -ENOENT);
+    assert_int_equal(cur, 0);
+}
+
+/* A stale epoch directory above the control region's epoch is never reused. */
+static void test_epoch_skips_leftover_directories(void **state)
+{
+    (void)state;
+    fshm_profile p = profile2(4, 64, 128);
+    fshm_stream_addr a = addr_id(1002);
+    fshm_grant g;
+    assert_int_equal(fshm_provision_epoch(&a, &p, 0, &g), 0);
+    assert_int_equal(g.epoch, 1);
+    char dir[1024], path[1100];
+    tu_stream_dir(1002, dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/7", dir);
+    assert_int_equal(mkdir(path, 0700), 0);
+    assert_int_equal(fshm_provision_epoch(&a, &p, 0, &g), 0);
+    assert_int_equal(g.epoch, 8);
+    assert_false(tu_path_exists(path));
+    assert_int_equal(fshm_provision_remove(&a), 1);
+}
+
+static void test_named_stream_and_group(void **state)
+{
+    (void)state;
+    fshm_profile p = profile2(8, 256, 1024);
+    p.file_mode = 0660;
+    p.gid = 4242;   /* root may give files to any group; others only to their own */
+    if (geteuid() != 0)
+        p.gid = getegid();
+    fshm_stream_addr a;
+    memset(&a, 0, sizeof a);
+    a.name = "cam1";
+    fshm_grant g;
+    int rc = fshm_provision_epoch(&a, &p, 0, &g);
+    if (rc)
+        fail_msg("provision: %s", fshm_last_error());
+    assert_int_equal(g.stream_id, fshm_stream_id_for_name("cam1"));
+    char dir[1024], path[1100];
+    tu_stream_dir(g.stream_id, dir, sizeof dir);
+    struct stat st;
+    assert_int_equal(lstat(dir, &st), 0);
+    assert_int_equal(st.st_gid, (gid_t)p.gid);
+    assert_int_equal(st.st_mode & 07777, 02770);
+    snprintf(path, sizeof path, "%s/frameshm.ctl", dir);
+    assert_int_equal(lstat(path, &st), 0);
+    assert_int_equal(st.st_gid, (gid_t)p.gid);
+    assert_int_equal(st.st_mode & 07777, 0660);
+    tu_region_path(g.stream_id, g.epoch, "2.pool", path, sizeof path);
+    assert_int_equal(lstat(path, &st), 0);
+    assert_int_equal(st.st_gid, (gid_t)p.gid);
+    fshm_ctl_handle h;
+    fshm_paths pp;
+    assert_int_equal(fshm_resolve(&a, 0, &pp), 0);
+    assert_int_equal(fshm_ctl_open(&pp, 0, &h), 0);
+    assert_string_equal(h.ctl->name, "cam1");
+    fshm_ctl_close(&h);
+    assert_int_equal(fshm_provision_remove(&a), 1);
+}
+
+/* ---- refusals: nothing is created ---- */
+
+static void test_invalid_profiles_create_nothing(void **state)
+{
+    (void)state;
+    fshm_stream_addr a = addr_id(1003);
+    fshm_grant g;
+    char dir[1024];
+    tu_stream_dir(1003, dir, sizeof dir);
+    fshm_profile bad[8];
+    for (int i = 0; i < 8; i++)
+        bad[i] = profile2(16, 4096, 8192);
+    bad[0].header_nslots = 12;                 /* not a power of two */
+    bad[1].header_nslots = 1u << 25;           /* above 2^24 */
+    bad[2].npools = 0;
+    bad[3].npools = FSHM_MAX_POOLS + 1;
+    bad[4].pool_id[1] = 1;                     /* duplicate */
+    bad[5].pool_id[0] = 0;                     /* reserved */
+    bad[6].stride_bytes[0] = 100;              /* not a power-of-two multiple of 64 */
+    bad[7].file_mode = 04755;
+    for (int i = 0; i < 8; i++) {
+        int rc = fshm_provision_epoch(&a, &bad[i], 0, &g);
+        if (rc != -EINVAL)
+            fail_msg("profile %d: rc %d (%s)", i, rc, fshm_last_error());
+        assert_false(tu_path_exists(dir));
+    }
+}
+
+static void test_does_not_fit_creates_nothing(void **state)
+{
+    (void)state;
+    char user[1024], dir[1024];
+    tu_user_dir(user, sizeof user);
+    tu_rmtree(user);
+    fshm_stream_addr a = addr_id(1001);
+    fshm_grant g;
+    /* The largest valid profile: 2^24 slots of 2 GiB. No file system holds 32 PiB. */
+    fshm_profile huge = profile2(1u << 24, 0x80000000u, 0x80000000u);
+    int rc = fshm_provision_epoch(&a, &huge, 0, &g);
+    assert_int_equal(rc, -ENOSPC);
+    assert_non_null(strstr(fshm_last_error(), "stream 1001 needs"));
+    assert_non_null(strstr(fshm_last_error(), "profile footprint"));
+    assert_non_null(strstr(fshm_last_error(), tu_base));
+    assert_false(tu_path_exists(user));   /* not even the directories */
+
+    /* The seed raw profile against 3.1 GiB of room (the test hook caps free space). */
+    setenv("FRAMESHM_DRIVER_FREE_BYTES", "3328599654", 1);
+    fshm_profile raw = profile2(1024, 1 * MIB, 4 * MIB);
+    rc = fshm_provision_epoch(&a, &raw, 0, &g);
+    unsetenv("FRAMESHM_DRIVER_FREE_BYTES");
+    assert_int_equal(rc, -ENOSPC);
+    char want[1200];
+    snprintf(want, sizeof want, "stream 1001 needs 5.0 GiB (profile footprint, 5368983744 bytes) but %s "
+             "has 3.1 GiB free", tu_base);
+    assert_string_equal(fshm_last_error(), want);
+    assert_false(tu_path_exists(user));
+
+    /* An existing stream's next epoch: refused, the current one is untouched. */
+    fshm_profile small = profile2(4, 64, 128);
+    assert_int_equal(fshm_provision_epoch(&a, &small, 0, &g), 0);
+    rc = fshm_provision_epoch(&a, &huge, 0, &g);
+    assert_int_equal(rc, -ENOSPC);
+    assert_non_null(strstr(fshm_last_error(), "held by the epoch being replaced"));
+    uint64_t cur;
+    assert_int_equal(fshm_provision_current(&a, &cur), 0);
+    assert_int_equal(cur, 1);
+    char path[1100];
+    tu_region_path(1001, 1, "header.ring", path, sizeof path);
+    assert_true(tu_path_exists(path));
+    tu_stream_dir(1001, dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/2", dir);
+    assert_false(tu_path_exists(path));
+    assert_int_equal(fshm_provision_remove(&a), 1);
+}
+
+/* A failure after some files exist (here: the file-size limit stops the big pool's
+ * reservation) removes everything this call created. */
+static void test_failure_partway_leaves_nothing(void **state)
+{
+    (void)state;
+    char user[1024];
+    tu_user_dir(user, sizeof user);
+    tu_rmtree(user);
+    struct rlimit old, lim;
+    assert_int_equal(getrlimit(RLIMIT_FSIZE, &old), 0);
+    lim = old;
+    lim.rlim_cur = 1 * MIB;
+    void (*prev)(int) = signal(SIGXFSZ, SIG_IGN);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    fshm_profile p = profile2(16, 4096, 1 * MIB);   /* pool 2: 16 MiB > the limit */
+    fshm_stream_addr a = addr_id(1004);
+    fshm_grant g;
+    int rc = fshm_provision_epoch(&a, &p, 0, &g);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+    signal(SIGXFSZ, prev);
+    assert_true(rc < 0);
+    assert_false(tu_path_exists(user));
+
+    /* With a stream already there, only the new epoch goes; the old one stays current. */
+    fshm_profile ok = profile2(4, 64, 128);
+    assert_int_equal(fshm_provision_epoch(&a, &ok, 0, &g), 0);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &lim), 0);
+    signal(SIGXFSZ, SIG_IGN);
+    rc = fshm_provision_epoch(&a, &p, 0, &g);
+    assert_int_equal(setrlimit(RLIMIT_FSIZE, &old), 0);
+    signal(SIGXFSZ, prev);
+    assert_true(rc < 0);
+    char dir[1024], path[1100];
+    tu_stream_dir(1004, dir, sizeof dir);
+    snprintf(path, sizeof path, "%s/2", dir);
+    assert_false(tu_path_exists(path));
+    tu_region_path(1004, 1, "header.ring", path, sizeof path);
+    assert_true(tu_path_exists(path));
+    uint64_t cur;
+    assert_int_equal(fshm_provision_current(&a, &cur), 0);
+    assert_int_equal(cur, 1);
+    assert_int_equal(fshm_provision_remove(&a), 1);
+}
+
+/* A reader of the non-driver API can follow a provisioned stream's announce (same control
+ * region format): the files the driver made map and validate. */
+static void test_reader_maps_provisioned_epoch(void **state)
+{
+    (void)state;
+    fshm_profile p = profile2(8, 4096, 16384);
+    fshm_stream_addr a = addr_id(1005);
+    fshm_grant g;
+    assert_int_equal(fshm_provision_epoch(&a, &p, 0, &g), 0);
+    fshm_paths paths;
+    assert_int_equal(fshm_resolve(&a, 0, &paths), 0);
+    for (unsigned i = 0; i < 2; i++) {
+        int fd;
+        size_t size;
+        assert_int_equal(fshm_uri_open(g.pools[i].uri, paths.base, 1, &fd, &size), 0);
+        assert_int_equal(size, 64 + 8ull * p.stride_bytes[i]);
+        void *m = mmap(NULL, size, PROT_READ, MAP_SHARED, fd, 0);
+        assert_true(m != MAP_FAILED);
+        assert_int_equal(fshm_superblock_check(m, size, g.epoch, 1005, FSHM_REGION_PAYLOAD_POOL,
+                                               g.pools[i].pool_id, 8, p.stride_bytes[i],
+                                               p.stride_bytes[i]), 0);
+        munmap(m, size);
+        close(fd);
+    }
+    assert_int_equal(fshm_provision_remove(&a), 1);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_footprint_seed_profiles),
+        cmocka_unit_test(test_provision_creates_epoch),
+        cmocka_unit_test(test_epoch_skips_leftover_directories),
+        cmocka_unit_test(test_named_stream_and_group),
+        cmocka_unit_test(test_invalid_profiles_create_nothing),
+        cmocka_unit_test(test_does_not_fit_creates_nothing),
+        cmocka_unit_test(test_failure_partway_leaves_nothing),
+        cmocka_unit_test(test_reader_maps_provisioned_epoch),
+    };
+    return cmocka_run_group_tests(tests, tu_group_setup, tu_group_teardown);
+}
