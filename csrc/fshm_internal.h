@@ -82,6 +82,8 @@ static inline uint64_t *slot_commit_word(uint8_t *ring, uint32_t idx)
 #define FSHM_URI_MAX 496
 
 enum { CTL_STATE_NEVER = 0, CTL_STATE_LIVE = 1, CTL_STATE_CLOSED = 2 };
+/* The stream's files belong to a frameshm driver: producers must attach through it. */
+enum { CTL_FLAG_DRIVER = 1 };
 enum { CONS_FREE = 0, CONS_CLAIMING = 1, CONS_ACTIVE = 2, CONS_PRUNING = 3 };
 
 typedef struct fshm_ctl_pool {
@@ -105,7 +107,7 @@ typedef struct fshm_ctl {
     uint64_t start_ns;          /* 56 */
     uint8_t mode;               /* 64: controller mode byte (atomic) */
     uint8_t state;              /* 65: CTL_STATE_* (atomic) */
-    uint16_t reserved0;         /* 66 */
+    uint16_t flags;             /* 66: CTL_FLAG_* (atomic) */
     uint32_t consumers_gen;     /* 68: bumped on every consumer table change (atomic) */
     uint64_t frames;            /* 72 */
     uint64_t drops_nopool;      /* 80 */

@@ -408,6 +408,7 @@ int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *p, ui
     STORE_RLX(&c->producer_pid, 0);
     STORE_RLX(&c->producer_start, 0);
     STORE_REL(&c->state, (uint8_t)CTL_STATE_NEVER);
+    STORE_REL(&c->flags, (uint16_t)(LOAD_RLX(&c->flags) | CTL_FLAG_DRIVER));
     STORE_REL(&c->epoch, epoch);
     remove_epochs_except(paths.stream_dir, epoch);
 

@@ -764,7 +764,8 @@ void fshm_reader_close(fshm_reader *r)
         /* Last one out of a stream nobody produces into (never, or closed cleanly)
          * removes it; a dead producer's stream is left for `frameshm gc` to show. */
         int st = fshm_ctl_producer_state(r->ctl, NULL);
-        if (!r->driver_mode && (st == FSHM_PRODUCER_NONE || st == FSHM_PRODUCER_CLOSED) &&
+        if (!r->driver_mode && !(LOAD_ACQ(&r->ctl->flags) & CTL_FLAG_DRIVER) &&
+            (st == FSHM_PRODUCER_NONE || st == FSHM_PRODUCER_CLOSED) &&
             fshm_ctl_live_consumers(r->ctl) == 0 && flock(r->ch.fd, LOCK_EX | LOCK_NB) == 0 &&
             fshm_ctl_same_file(&r->ch, r->paths.ctl)) {
             fshm_remove_tree(r->paths.stream_dir);

@@ -375,6 +375,12 @@ int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
         if ((rc = fshm_mkdir_private(w->paths.stream_dir, 0700)))
             goto fail;
     }
+    if (LOAD_ACQ(&w->ctl->flags) & CTL_FLAG_DRIVER) {
+        /* Spec §2.2: only the driver creates or removes this stream's files. */
+        rc = fshm_set_error(-EBUSY, "stream '%s' is managed by a frameshm driver: open it with "
+                            "driver=<its socket>", w->paths.name);
+        goto fail;
+    }
     fshm_ctl_prune(w->ctl);
     w->epoch = LOAD_ACQ(&w->ctl->epoch) + 1;
     /* We hold the producer lock, so any epoch directory left here is a dead producer's. */

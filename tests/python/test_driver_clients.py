@@ -367,3 +367,15 @@ def test_seed_example_runs_and_every_processed_frame_is_traced(tmp_path, shm_bas
     assert [c["pool_stride"] for c in summary["cameras"]] == [4 << 20] * 3
     assert [p["pool_stride"] for p in summary["processors"]] == [2 << 20] * 3
     assert all(p["processed"] >= 5 for p in summary["processors"])
+
+
+def test_a_producer_without_the_driver_cannot_take_a_driver_stream(driver, shm_base):
+    with frameshm.Reader(stream_id=1002, driver=driver.sock) as r:
+        with pytest.raises(frameshm.StreamBusy, match="managed by a frameshm driver"):
+            frameshm.Writer(stream_id=1002, shape=(8,))
+        # a plain reader may look, and leaving does not remove the driver's files
+        plain = frameshm.Reader(stream_id=1002)
+        plain.close()
+        with frameshm.Writer(stream_id=1002, driver=driver.sock, shape=(8,)) as w:
+            w.publish(np.arange(8, dtype=np.uint8))
+            assert list(r.wait_latest(timeout=2).array) == list(range(8))
