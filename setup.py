@@ -15,7 +15,8 @@ from setuptools import Extension, setup
 # add their entry here as they land (libv4l2, aravis-0.8, libturbojpeg, libpipewire-0.3).
 # libv4l2's conversions are libv4lconvert's: frameshm calls it directly so that converted
 # frames are written straight into the destination, hence both modules.
-OPTIONAL = {"FSHM_HAVE_LIBV4L2": "libv4l2 libv4lconvert", "FSHM_HAVE_ARAVIS": "aravis-0.8"}
+OPTIONAL = {"FSHM_HAVE_LIBV4L2": "libv4l2 libv4lconvert", "FSHM_HAVE_ARAVIS": "aravis-0.8",
+            "FSHM_HAVE_PIPEWIRE": "libpipewire-0.3"}
 
 
 def pkg_config(module):

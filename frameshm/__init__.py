@@ -27,6 +27,7 @@ from .stream import MODE_ALARMED, MODE_STANDBY, Frame, Reader, Writer
 from .admin import gc, list_streams, stream_info
 from .camera import Camera
 from .gige import GigECamera
+from .virtualcam import VirtualCamera
 from .processor import Processor
 
 __version__ = "0.1.0"
@@ -37,6 +38,7 @@ __all__ = [
     "Frame",
     "Camera",
     "GigECamera",
+    "VirtualCamera",
     "Processor",
     "MODE_STANDBY",
     "MODE_ALARMED",

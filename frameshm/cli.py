@@ -126,6 +126,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_gateway_parser(sub)
     add_run_parser(sub)
+    from .virtualcam import add_parser as add_virtualcam_parser
+
+    add_virtualcam_parser(sub)
     from .driver import add_arguments as add_driver_arguments, run_from_args as run_driver
 
     dr = sub.add_parser("driver", help="the SHM driver: owns region files, grants leases (docs/driver-protocol.md)")

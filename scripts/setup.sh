@@ -9,6 +9,9 @@ APT_PACKAGES=(gcc make pkg-config libcmocka-dev)
 # out); PipeWire's V4L2 emulation for the tests and benchmark (tests/harness: there is no
 # kernel V4L2 in CI); v4l-utils (v4l2-ctl) to look at a device by hand.
 APT_PACKAGES+=(libv4l-dev pipewire pipewire-bin wireplumber pipewire-v4l2 libpipewire-0.3-dev v4l-utils)
+# Virtual camera (frameshm virtualcam, built with libpipewire-0.3-dev above): GStreamer's
+# pipewiresrc is one of the third-party clients its tests read it with (v4l2-ctl the other).
+APT_PACKAGES+=(gstreamer1.0-tools gstreamer1.0-pipewire gstreamer1.0-plugins-base)
 # Headless Chromium: the gateway page's browser test (driven by Playwright, no browser download).
 APT_PACKAGES+=(chromium)
 # GigE Vision capture: Aravis to build against (without it the GigE camera is built out;

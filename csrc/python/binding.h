@@ -43,6 +43,9 @@ int fshm_add_driver_funcs(PyObject *module);
 int fshm_camera_types_ready(PyObject *module);
 /* Readies GigECamera (gige_type.c) and adds it (and HAVE_ARAVIS) to the module. */
 int fshm_gige_types_ready(PyObject *module);
+/* Readies VirtualCamera (virtualcam_type.c) and adds it, virtualcam_layout and
+ * HAVE_PIPEWIRE to the module. */
+int fshm_virtualcam_types_ready(PyObject *module);
 /* Runs fn(obj, slice_ns, arg) without the GIL in slices of at most FSHM_SLICE_NS, so that
  * Python signal handlers (Ctrl-C) run between slices even when the signal went to another
  * thread; -EINTR from fn also just runs them and goes on. *busy guards against use from two

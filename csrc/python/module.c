@@ -387,5 +387,9 @@ PyMODINIT_FUNC PyInit__core(void)
         Py_DECREF(m);
         return NULL;
     }
+    if (fshm_virtualcam_types_ready(m)) {
+        Py_DECREF(m);
+        return NULL;
+    }
     return m;
 }

@@ -33,6 +33,7 @@ EXPECTED_ALL = [
     "StreamClosed",
     "StreamNotFound",
     "Timeout",
+    "VirtualCamera",
     "Writer",
     "__version__",
     "gc",
