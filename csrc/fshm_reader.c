@@ -547,12 +547,13 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
     if (r->passive)
         return passive_error(r);
     uint64_t deadline = deadline_for(timeout_ns);
-    uint64_t floor = r->last_plus1;   /* seqs below this were taken or dropped */
     uint64_t best = 0, best_pub = 0, seq, pub, epoch;
     int have = 0, rc;
     r->corrupt_seen = 0;
     if ((rc = check_environment(r, 0)) == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
         return rc;
+    /* After the check: moving to a replaced control region restarts the seqs. */
+    uint64_t floor = r->last_plus1;   /* seqs below this were taken or dropped */
     for (;;) {
         /* Drain: keep only the newest descriptor. */
         while ((rc = receive(r, 0, NULL, &seq, &pub, &epoch)) == 1)

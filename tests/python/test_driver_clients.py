@@ -379,3 +379,20 @@ def test_a_producer_without_the_driver_cannot_take_a_driver_stream(driver, shm_b
         with frameshm.Writer(stream_id=1002, driver=driver.sock, shape=(8,)) as w:
             w.publish(np.arange(8, dtype=np.uint8))
             assert list(r.wait_latest(timeout=2).array) == list(range(8))
+
+
+def test_driver_graceful_restart_removes_files_and_clients_come_back(driver, shm_base):
+    with frameshm.Writer(stream_id=1001, driver=driver.sock, shape=(16,)) as w, \
+         frameshm.Reader(stream_id=1001, driver=driver.sock) as r:
+        w.publish(np.full(16, 1, np.uint8))
+        assert r.wait_latest(timeout=2).array[0] == 1
+        assert driver.stop() == 0  # ShmDriverShutdown, streams removed (cleanup_on_exit)
+        assert not list(shm_base.rglob("header.ring"))
+        with pytest.raises(frameshm.LeaseLost):
+            w.publish(np.full(16, 2, np.uint8))
+        driver.start()
+        # a fresh control region (epoch numbering starts over in a new file): both clients
+        # move to it by themselves
+        w.publish(np.full(16, 3, np.uint8))
+        assert r.wait_latest(timeout=5).array[0] == 3
+        assert r.epoch == w.epoch
