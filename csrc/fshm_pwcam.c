@@ -219,6 +219,7 @@ typedef struct link_rec {
 struct fshm_pwcam {
     /* configuration (owned copies) */
     char *stream_name, *base_dir, *ns, *node_name, *description, *format, *consumer, *remote;
+    char *driver;
     fshm_stream_addr addr;
     uint32_t want_w, want_h, fps_num, fps_den, nbuffers;
     int64_t learn_timeout_ns;
@@ -555,7 +556,7 @@ static int stopping(fshm_pwcam *c)
 
 static int open_reader(fshm_pwcam *c)
 {
-    fshm_reader_config rc = {.addr = c->addr, .consumer = c->consumer};
+    fshm_reader_config rc = {.addr = c->addr, .consumer = c->consumer, .driver = c->driver};
     return fshm_reader_open(&rc, &c->reader);
 }
 
@@ -931,7 +932,7 @@ static void free_cam(fshm_pwcam *c)
         free(l);
     }
     free(c->stream_name), free(c->base_dir), free(c->ns), free(c->node_name);
-    free(c->description), free(c->format), free(c->consumer), free(c->remote);
+    free(c->description), free(c->format), free(c->consumer), free(c->remote), free(c->driver);
     pthread_mutex_destroy(&c->mu);
     pthread_cond_destroy(&c->cv);
     free(c);
@@ -941,8 +942,14 @@ int fshm_pwcam_open(const fshm_pwcam_config *cfg, fshm_pwcam **out)
 {
     *out = NULL;
     const char *name = cfg->addr.name;
+    char id_name[32];
+    if ((!name || !*name) && cfg->addr.stream_id) {
+        /* Driver streams go by id; the id's label names the node. */
+        snprintf(id_name, sizeof id_name, "stream-%u", cfg->addr.stream_id);
+        name = id_name;
+    }
     if (!name || !*name)
-        return fshm_set_error(-EINVAL, "the virtual camera needs the name of a stream");
+        return fshm_set_error(-EINVAL, "the virtual camera needs the name or id of a stream");
     int rc = fshm_validate_name(name, "stream");
     if (rc)
         return rc;
@@ -962,7 +969,7 @@ int fshm_pwcam_open(const fshm_pwcam_config *cfg, fshm_pwcam **out)
     int fully_given = cfg->format && *cfg->format && cfg->width && cfg->fps_num;
     if (fully_given && (rc = fshm_pwcam_layout_for(NULL, cfg->format, cfg->width, cfg->height, &probe)))
         return rc;
-    if (!fully_given) {
+    if (!fully_given && !(cfg->driver && *cfg->driver)) {
         /* The format comes from the stream's frames: a stream that does not exist is a
          * mistake (a typo, or the producer is not started), said now rather than after
          * the learning timeout. */
@@ -998,12 +1005,13 @@ int fshm_pwcam_open(const fshm_pwcam_config *cfg, fshm_pwcam **out)
     c->format = dup_or_null(cfg->format && *cfg->format ? cfg->format : NULL, &oom);
     c->consumer = dup_or_null(cfg->consumer ? cfg->consumer : "virtualcam", &oom);
     c->remote = dup_or_null(cfg->remote && *cfg->remote ? cfg->remote : NULL, &oom);
+    c->driver = dup_or_null(cfg->driver && *cfg->driver ? cfg->driver : NULL, &oom);
     if (oom) {
         free_cam(c);
         return fshm_set_error(-ENOMEM, "out of memory");
     }
     c->addr = cfg->addr;
-    c->addr.name = c->stream_name;
+    c->addr.name = cfg->addr.name && *cfg->addr.name ? c->stream_name : NULL;
     c->addr.base_dir = c->base_dir;
     c->addr.ns = c->ns;
     c->want_w = cfg->width, c->want_h = cfg->height;

@@ -72,6 +72,8 @@ typedef struct fshm_pwcam_config {
     uint32_t buffers;            /* PipeWire buffers to ask for; 0 = 8 */
     const char *consumer;        /* consumer label in `frameshm ls`; NULL = "virtualcam" */
     const char *remote;          /* PipeWire remote; NULL = default ($PIPEWIRE_REMOTE) */
+    const char *driver;          /* driver model: read the stream through this driver's socket
+                                  * (addr.stream_id or addr.name); NULL = no driver */
 } fshm_pwcam_config;
 
 enum fshm_pwcam_event_kind {

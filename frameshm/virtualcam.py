@@ -26,7 +26,7 @@ from __future__ import annotations
 import logging
 import time
 from fractions import Fraction
-from typing import Callable, Dict, Iterator, NamedTuple, Optional
+from typing import Callable, Dict, Iterator, NamedTuple, Optional, Union
 
 from . import _core
 from .errors import FrameshmError, InvalidArgument, Timeout
@@ -96,21 +96,27 @@ class VirtualCamera:
     the node to come up; ``buffers``: PipeWire buffers shared by the clients (default 8);
     ``remote``: PipeWire remote name (default ``$PIPEWIRE_REMOTE`` / ``pipewire-0``).
     ``wait=False`` returns at once; :meth:`wait_ready` then waits for the node.
+    ``driver=<socket>`` reads a driver-managed stream (``stream`` then usually a stream id)
+    through a consumer lease, like ``Reader(driver=...)``; the format must then be learned
+    from frames or given in full.
     """
 
-    def __init__(self, stream: str, *, node_name: Optional[str] = None, description: Optional[str] = None,
+    def __init__(self, stream: Union[str, int], *, node_name: Optional[str] = None, description: Optional[str] = None,
                  format: Optional[str] = None, width: Optional[int] = None, height: Optional[int] = None,
                  fps: Optional[float] = None, timeout: Optional[float] = 10.0, buffers: int = 0,
                  consumer: Optional[str] = None, remote: Optional[str] = None, base_dir: Optional[str] = None,
-                 namespace: Optional[str] = None, wait: bool = True):
+                 namespace: Optional[str] = None, wait: bool = True, driver: Optional[str] = None):
         if (width is None) != (height is None):
             raise InvalidArgument("give width and height together")
         if width is not None and not (isinstance(width, int) and isinstance(height, int) and width > 0 and height > 0):
             raise InvalidArgument(f"width and height must be positive ints, not {width!r}x{height!r}")
         num, den = _fps_fraction(fps)
         self._pending = []
+        if isinstance(stream, bool) or not isinstance(stream, (str, int)):
+            raise InvalidArgument(f"stream must be a name (str) or stream id (int), not {stream!r}")
+        by_id = isinstance(stream, int)
         self._core = _core.VirtualCamera(
-            stream, node_name=node_name, description=description, format=format,
+            None if by_id else stream, stream_id=stream if by_id else 0, driver=driver, node_name=node_name, description=description, format=format,
             width=int(width or 0), height=int(height or 0), fps_num=num, fps_den=den,
             learn_timeout=timeout, buffers=int(buffers), consumer=consumer, remote=remote,
             base_dir=base_dir, namespace=namespace)
@@ -230,7 +236,8 @@ class VirtualCamera:
 
 def add_parser(sub) -> None:
     p = sub.add_parser("virtualcam", help="publish a stream as a PipeWire camera (V4L2 apps: through pw-v4l2)")
-    p.add_argument("--stream", required=True, help="the frameshm stream to serve")
+    p.add_argument("--stream", required=True, help="the frameshm stream to serve (with --driver: its stream id)")
+    p.add_argument("--driver", help="the frameshm driver's socket, for a driver-managed stream (docs/driver.md)")
     p.add_argument("--node-name", help="PipeWire node.name (default frameshm-<stream>)")
     p.add_argument("--description", help="node.description shown by applications (default 'frameshm <stream>')")
     p.add_argument("--fps", type=float, help="frame rate to announce (default: the producer's, measured)")
@@ -255,7 +262,8 @@ def _cli(args) -> int:
     setup_logging(args.log_level)
     stop = threading.Event()
     with stop_on_signals(stop):
-        vc = VirtualCamera(args.stream, node_name=args.node_name, description=args.description,
+        stream = int(args.stream) if args.driver and args.stream.isdigit() else args.stream
+        vc = VirtualCamera(stream, driver=args.driver, node_name=args.node_name, description=args.description,
                            format=args.format, width=args.width, height=args.height, fps=args.fps,
                            timeout=args.timeout, buffers=args.buffers, remote=args.remote,
                            base_dir=args.base_dir, namespace=args.namespace, wait=False)

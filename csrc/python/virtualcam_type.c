@@ -38,20 +38,24 @@ static int vcam_init(FshmVirtualCamera *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"stream", "node_name", "description", "format", "width", "height",
                              "fps_num", "fps_den", "learn_timeout", "buffers", "consumer", "remote",
-                             "base_dir", "namespace", NULL};
-    PyObject *stream, *base = Py_None, *ns = Py_None, *tobj = Py_None;
+                             "base_dir", "namespace", "stream_id", "driver", NULL};
+    PyObject *stream, *base = Py_None, *ns = Py_None, *tobj = Py_None, *driver = Py_None;
     const char *node_name = NULL, *desc = NULL, *format = NULL, *consumer = NULL, *remote = NULL;
+    unsigned long sid = 0;
     unsigned int w = 0, h = 0, num = 0, den = 0, nbuf = 0;
     if (self->cam) {
         PyErr_SetString(PyExc_RuntimeError, "VirtualCamera already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$zzzIIIIOIzzOO", kwlist, &stream, &node_name, &desc,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$zzzIIIIOIzzOOkO", kwlist, &stream, &node_name, &desc,
                                      &format, &w, &h, &num, &den, &tobj, &nbuf, &consumer, &remote,
-                                     &base, &ns))
+                                     &base, &ns, &sid, &driver))
         return -1;
     fshm_pwcam_config cfg = {0};
-    if (fshm_parse_addr(stream, 0, base, ns, &cfg.addr) || fshm_parse_timeout(tobj, &cfg.learn_timeout_ns))
+    int pmode;
+    uint32_t client;
+    if (fshm_parse_addr(stream, sid, base, ns, &cfg.addr) || fshm_parse_timeout(tobj, &cfg.learn_timeout_ns) ||
+        fshm_parse_driver(driver, Py_None, 0, &cfg.driver, &pmode, &client))
         return -1;
     cfg.node_name = node_name;
     cfg.description = desc;

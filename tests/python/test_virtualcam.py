@@ -463,3 +463,33 @@ def test_exported():
     assert frameshm.VirtualCamera is virtualcam.VirtualCamera
     assert issubclass(virtualcam.PipeWireError, frameshm.FrameshmError)
     assert issubclass(virtualcam.UnsupportedStream, frameshm.InvalidArgument)
+
+
+def test_driver_managed_stream(pw, pw_env, tmp_path, shm_base):
+    """A stream whose files a `frameshm driver` owns, served through a consumer lease."""
+    from test_driver_clients import Driver
+
+    drv = Driver(tmp_path, shm_base).start()
+    try:
+        src = TestPatternSource("", {"width": str(W), "height": str(H), "channels": "3", "fps": str(FPS)})
+        src.open()
+        stop = threading.Event()
+        with frameshm.Writer(stream_id=1001, driver=drv.sock, shape=src.shape, dtype="uint8") as w:
+            def run():
+                buf = np.empty(src.shape, np.uint8)
+                while not stop.is_set():
+                    w.publish(buf, timestamp_ns=src.read_into(buf, 1.0))
+
+            t = threading.Thread(target=run, daemon=True)
+            t.start()
+            try:
+                with virtualcam.VirtualCamera(1001, driver=drv.sock, fps=FPS) as vc:
+                    assert vc.info()["node_name"] == "frameshm-stream-1001"
+                    stamps = check_stamps(gst(pw, vc.serial, tmp_path, 10, "RGB").frames("pipewiresrc"),
+                                          "pipewiresrc (driver stream)")
+                    assert len(stamps) == 10
+            finally:
+                stop.set()
+                t.join(5)
+    finally:
+        assert drv.stop() == 0, drv.text()
