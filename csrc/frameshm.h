@@ -313,6 +313,7 @@ typedef struct fshm_stream_info {
     uint64_t pruned;
     uint64_t activity_ns;
     uint8_t mode;
+    int driver_managed;      /* the stream's files belong to a frameshm driver */
     uint32_t nslots;
     uint32_t npools;
     uint32_t pool_stride[FSHM_MAX_POOLS];

@@ -30,6 +30,7 @@ int fshm_stream_info_get(const fshm_stream_addr *addr, fshm_stream_info *out)
     out->pruned = LOAD_RLX(&c->pruned);
     out->activity_ns = LOAD_RLX(&c->activity_ns);
     out->mode = LOAD_ACQ(&c->mode);
+    out->driver_managed = (LOAD_ACQ(&c->flags) & CTL_FLAG_DRIVER) != 0;
     fshm_announce a;
     if (out->epoch && fshm_ctl_read_announce(c, &a) == 0) {
         out->nslots = a.header_nslots;
@@ -54,6 +55,23 @@ int fshm_stream_info_get(const fshm_stream_addr *addr, fshm_stream_info *out)
     }
     fshm_ctl_close(&h);
     return 0;
+}
+
+/* A driver's stream belongs to the driver while it runs (it recreates what is missing
+ * and removes its streams itself); its pid is in the superblocks it writes. */
+static int driver_alive(const fshm_ctl *c, const fshm_paths *p)
+{
+    if (!(LOAD_ACQ(&c->flags) & CTL_FLAG_DRIVER))
+        return 0;
+    fshm_announce a;
+    int fd;
+    size_t size;
+    uint8_t sb[FSHM_SUPERBLOCK_SIZE];
+    if (fshm_ctl_read_announce(c, &a) != 0 || fshm_uri_open(a.header_uri, p->base, 0, &fd, &size) != 0)
+        return 0;
+    ssize_t n = pread(fd, sb, sizeof sb, 0);
+    close(fd);
+    return n == (ssize_t)sizeof sb && fshm_pid_alive((int64_t)ld64(sb + SB_PID), 0);
 }
 
 int fshm_stream_gc(const fshm_stream_addr *addr)
@@ -86,7 +104,7 @@ int fshm_stream_gc(const fshm_stream_addr *addr)
     }
     fshm_ctl_prune(h.ctl);
     int removed = 0;
-    if (locked && fshm_ctl_live_consumers(h.ctl) == 0) {
+    if (locked && fshm_ctl_live_consumers(h.ctl) == 0 && !driver_alive(h.ctl, &p)) {
         fshm_remove_tree(p.stream_dir);
         removed = 1;
     }

@@ -65,7 +65,8 @@ def cmd_ls(args) -> int:
         fps = f"{s['fps']:.1f}" if "fps" in s else "-"
         pools = ",".join(_fmt_bytes(p) for p in s["pool_strides"]) or "-"
         print(
-            f"{s['name']} (id {s['stream_id']}): producer {s['producer']}"
+            f"{s['name']} (id {s['stream_id']}){' [driver]' if s.get('driver_managed') else ''}: "
+            f"producer {s['producer']}"
             f"{' pid ' + str(s['producer_pid']) if s['producer_pid'] else ''}, epoch {s['epoch']}, "
             f"fps {fps}, frames {s['frames']}, seq {latest - 1 if latest else '-'}, "
             f"idle {idle:.1f}s, slots {s['nslots']} x pools {pools}, mode {s['mode']}, "

@@ -286,7 +286,7 @@ static PyObject *mod_stream_info(PyObject *self, PyObject *args, PyObject *kw)
     PyObject *res = NULL;
     if (cons && pools)
         res = Py_BuildValue(
-            "{s:s,s:k,s:K,s:s,s:L,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:k,s:O,s:O}", "name", info->name,
+            "{s:s,s:k,s:K,s:s,s:L,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:O,s:k,s:O,s:O}", "name", info->name,
             "stream_id", (unsigned long)info->stream_id, "epoch", (unsigned long long)info->epoch,
             "producer", states[info->producer_state & 3], "producer_pid",
             (long long)info->producer_pid, "latest_seq_plus1", (unsigned long long)info->latest_seq,
@@ -295,7 +295,8 @@ static PyObject *mod_stream_info(PyObject *self, PyObject *args, PyObject *kw)
             (unsigned long long)info->desc_sent, "descriptors_dropped",
             (unsigned long long)info->desc_dropped, "consumers_pruned",
             (unsigned long long)info->pruned, "activity_ns", (unsigned long long)info->activity_ns,
-            "mode", (int)info->mode, "nslots", (unsigned long)info->nslots, "pool_strides", pools,
+            "mode", (int)info->mode, "driver_managed", info->driver_managed ? Py_True : Py_False,
+            "nslots", (unsigned long)info->nslots, "pool_strides", pools,
             "consumers", cons);
     Py_XDECREF(cons);
     Py_XDECREF(pools);

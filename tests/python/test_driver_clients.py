@@ -396,3 +396,23 @@ def test_driver_graceful_restart_removes_files_and_clients_come_back(driver, shm
         w.publish(np.full(16, 3, np.uint8))
         assert r.wait_latest(timeout=5).array[0] == 3
         assert r.epoch == w.epoch
+
+
+def test_ls_marks_driver_streams_and_gc_leaves_them_to_a_live_driver(driver, shm_base):
+    with frameshm.Writer(stream_id=1001, driver=driver.sock, shape=(8,)) as w:
+        w.publish(np.zeros(8, np.uint8))
+        info = frameshm.stream_info(stream_id=1001)
+        assert info["driver_managed"] is True
+    # no producer, no consumer: a plain stream would be garbage now, the driver's is not
+    assert frameshm.gc() == []
+    assert frameshm.stream_info(stream_id=1001)["driver_managed"] is True
+    res = subprocess.run([sys.executable, "-m", "frameshm", "ls", "--sample", "0"], capture_output=True, text=True)
+    assert "(id 1001) [driver]" in res.stdout, res.stdout
+    with frameshm.Writer("plain", shape=(8,)):
+        assert frameshm.stream_info("plain")["driver_managed"] is False
+    # once the driver is gone for good, gc may clean up what it left
+    driver.proc.kill()
+    driver.proc.wait()
+    assert frameshm.gc() == [1001]
+    assert not list(shm_base.rglob("frameshm.ctl"))
+    driver.start()  # for the fixture's clean stop
