@@ -185,6 +185,8 @@ int fshm_create_file(const char *path, size_t size, unsigned mode, int *fd_out);
 int fshm_uri_format(char *out, size_t cap, const char *path);
 /* Parses a region URI, checks containment under base and opens it no-follow. */
 int fshm_uri_open(const char *uri, const char *base, int writable, int *fd_out, size_t *size_out);
+/* fshm_uri_open + a mapping of the whole file (writable ones pre-faulted). */
+int fshm_uri_map(const char *uri, const char *base, int writable, fshm_map **out);
 int fshm_remove_tree(const char *dir);
 int fshm_paths_from_grant(const char *base_dir, const fshm_grant *g, fshm_paths *p);
 int fshm_statvfs_free(const char *dir, uint64_t *free_bytes);

@@ -323,6 +323,19 @@ int fshm_uri_open(const char *uri, const char *base, int writable, int *fd_out, 
     return 0;
 }
 
+int fshm_uri_map(const char *uri, const char *base, int writable, fshm_map **out)
+{
+    int fd;
+    size_t size;
+    int rc = fshm_uri_open(uri, base, writable, &fd, &size);
+    if (rc)
+        return rc;
+    /* A producer touches every page soon anyway: fault them in now, not mid-frame. */
+    rc = fshm_map_create(fd, size, writable, writable, out);
+    close(fd);   /* the mapping keeps the file */
+    return rc;
+}
+
 static int rm_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
 {
     (void)sb;

@@ -69,17 +69,6 @@ static void unmap_all(fshm_reader *r)
     r->epoch = 0;
 }
 
-static int map_region(fshm_reader *r, const char *uri, fshm_map **out)
-{
-    int fd;
-    size_t size;
-    int rc = fshm_uri_open(uri, r->paths.base, 0, &fd, &size);
-    if (rc)
-        return rc;
-    rc = fshm_map_create(fd, size, 0, 0, out);
-    close(fd);
-    return rc;
-}
 
 /* Maps the regions of the control region's current epoch (spec §15.21 M0 → M1). */
 static int sync_epoch(fshm_reader *r)
@@ -98,14 +87,14 @@ static int sync_epoch(fshm_reader *r)
     reader_pool pools[FSHM_MAX_POOLS];
     memset(pools, 0, sizeof pools);
     unsigned np = 0;
-    if ((rc = map_region(r, a.header_uri, &ring)))
+    if ((rc = fshm_uri_map(a.header_uri, r->paths.base, 0, &ring)))
         goto fail;
     if ((rc = fshm_superblock_check(ring->base, ring->size, e, r->paths.stream_id,
                                     FSHM_REGION_HEADER_RING, 0, a.header_nslots, FSHM_SLOT_BYTES,
                                     FSHM_SLOT_BYTES)))
         goto fail;
     for (; np < a.npools; np++) {
-        if ((rc = map_region(r, a.pools[np].uri, &pools[np].map)))
+        if ((rc = fshm_uri_map(a.pools[np].uri, r->paths.base, 0, &pools[np].map)))
             goto fail;
         pools[np].stride = a.pools[np].stride_bytes;
         pools[np].id = a.pools[np].pool_id;

@@ -142,17 +142,6 @@ static int cmp_u32(const void *a, const void *b)
     return x < y ? -1 : x > y;
 }
 
-static int map_granted(const char *base, const char *uri, fshm_map **out)
-{
-    int fd;
-    size_t size;
-    int rc = fshm_uri_open(uri, base, 1, &fd, &size);
-    if (rc)
-        return rc;
-    rc = fshm_map_create(fd, size, 1, 1, out);
-    close(fd);
-    return rc;
-}
 
 static void drop_driver_attachment(fshm_writer *w)
 {
@@ -196,7 +185,7 @@ static int attach_via_driver(fshm_writer *w)
                             g.stream_id, (unsigned long long)w->ctl->producer_pid);
         goto fail;
     }
-    if ((rc = map_granted(w->paths.base, g.header_uri, &w->ring)))
+    if ((rc = fshm_uri_map(g.header_uri, w->paths.base, 1, &w->ring)))
         goto fail;
     if ((rc = fshm_superblock_check(w->ring->base, w->ring->size, g.epoch, g.stream_id,
                                     FSHM_REGION_HEADER_RING, 0, g.header_nslots, FSHM_SLOT_BYTES,
@@ -218,7 +207,7 @@ static int attach_via_driver(fshm_writer *w)
         w->npools = k + 1;
         pl->stride = gp->stride_bytes;
         pl->id = gp->pool_id;
-        if ((rc = map_granted(w->paths.base, gp->uri, &pl->map)))
+        if ((rc = fshm_uri_map(gp->uri, w->paths.base, 1, &pl->map)))
             goto fail;
         if ((rc = fshm_superblock_check(pl->map->base, pl->map->size, g.epoch, g.stream_id,
                                         FSHM_REGION_PAYLOAD_POOL, pl->id, g.header_nslots,
