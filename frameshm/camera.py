@@ -43,8 +43,8 @@ import numpy as np
 from numpy.lib.stride_tricks import as_strided
 
 from . import _core
+from ._camera_base import _CameraBase
 from .errors import FrameshmError, InvalidArgument
-from .stream import _CODE_DTYPES
 
 __all__ = [
     "Camera",
@@ -231,7 +231,7 @@ class CameraFrame:
                 f"{' released' if self.released else ''}>")
 
 
-class Camera:
+class Camera(_CameraBase):
     """A V4L2 capture device, streaming from construction (``start=False`` to only open
     it, e.g. to list formats; then :meth:`start`).
 
@@ -241,6 +241,8 @@ class Camera:
     (default: the device's current format); ``buffers``: driver buffers to ask for (the
     driver may grant another count, see :attr:`buffers`).
     """
+
+    _NAME = "Camera"
 
     def __init__(
         self,
@@ -263,25 +265,14 @@ class Camera:
             raise InvalidArgument("give both width and height, or neither")
         self._req["fps_num"], self._req["fps_den"] = _fps_fraction(fps)
         self.device = device
-        self._cam = _core.Camera(device)
-        self._fmt: Optional[dict] = None
         self._prev: Optional[CameraFrame] = None
-        if start:
-            try:
-                self.start()
-            except BaseException:
-                self._cam.close()
-                raise
+        super().__init__(_core.Camera(device), start)
 
     # -- set-up ---------------------------------------------------------------------------
 
     def start(self) -> None:
         """Negotiates format, size and rate, maps the buffers and starts streaming."""
-        self._cam.start(**self._req)
-        self._fmt = self._cam.format()
-        f = self._fmt
-        self._dtype = _CODE_DTYPES[f["dtype"]]
-        self._shape = tuple(f["shape"])
+        f = self._start()
         # Zero-copy views: the driver's rows (bytesperline) may be padded.
         self._view_shape: Optional[tuple] = self._shape
         self._view_strides: Optional[tuple] = None
@@ -368,33 +359,23 @@ class Camera:
         :class:`frameshm.Writer` of this camera's shape and dtype): waits for the frame,
         loans the slot, converts/copies once, commits with the capture timestamp. Returns
         the stream seq."""
-        nbytes = self._cam.wait(timeout)
-        if self._fmt["compressed"]:
-            view = writer.loan((nbytes,), np.uint8)
-        else:
-            view = writer.loan()
-        ts, _seq, _n, _drv = self._cam.read_into(view, 0)
-        return writer.commit(timestamp_ns=ts)
+        return self._capture_to(writer, timeout)
 
-    def wait(self, timeout: Optional[float] = None) -> int:
-        """Waits for the next frame without taking it; returns its size in bytes."""
-        return self._cam.wait(timeout)
+    def _loan(self, writer, nbytes: int):
+        if self._fmt["compressed"]:
+            return writer.loan((nbytes,), np.uint8)
+        return writer.loan()
 
     def flush(self, max_age: float = 0.0) -> int:
         """Discards frames captured more than ``max_age`` seconds ago that wait in the
         driver's queue (after a pause or a mode switch). Returns how many."""
-        if max_age < 0:
-            raise InvalidArgument(f"max_age must be >= 0 seconds, not {max_age!r}")
-        return self._cam.flush(int(max_age * 1e9))
+        return self._flush(max_age)
 
     def set_rate(self, fps: Optional[float]) -> bool:
         """Changes the frame rate (None/0: back to the rate asked at construction).
         Returns True when the device paces itself, False when frameshm drops frames to
         hold the rate (devices without rate control, PipeWire's emulation)."""
-        num, den = _fps_fraction(fps)
-        paced = self._cam.set_rate(num, den)
-        self._fmt = self._cam.format()
-        return paced
+        return self._set_rate(*_fps_fraction(fps))
 
     # -- state -----------------------------------------------------------------------------
 
@@ -478,10 +459,6 @@ class Camera:
         return self._cam.stats()
 
     @property
-    def closed(self) -> bool:
-        return self._cam.closed
-
-    @property
     def gone(self) -> bool:
         """The device reported it disappeared (ENODEV)."""
         return self._cam.gone
@@ -492,18 +469,14 @@ class Camera:
         if self._prev is not None:
             self._prev.release()
             self._prev = None
-        self._cam.close()
+        super().close()
 
     def __enter__(self) -> "Camera":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _repr_id(self) -> str:
+        return repr(self.device)
 
-    def __repr__(self) -> str:
-        if self._cam.closed:
-            return f"<frameshm.Camera {self.device!r} closed>"
-        if self._fmt is None:
-            return f"<frameshm.Camera {self.device!r} not started>"
+    def _repr_format(self) -> str:
         name = _NAMES.get(self.format, self.format)
-        return f"<frameshm.Camera {self.device!r} {name} {self.width}x{self.height} shape={self._shape}>"
+        return f"{name} {self.width}x{self.height} shape={self._shape}"

@@ -40,9 +40,9 @@ from typing import Dict, Optional
 import numpy as np
 
 from . import _core
+from ._camera_base import _CameraBase
 from .camera import CameraError
 from .errors import InvalidArgument
-from .stream import _CODE_DTYPES
 
 __all__ = ["GigECamera", "GigEUnavailable", "AravisError", "HAVE_ARAVIS"]
 
@@ -67,7 +67,7 @@ def _uint(v, what: str, lo: int = 0) -> int:
     return int(v)
 
 
-class GigECamera:
+class GigECamera(_CameraBase):
     """A GigE Vision camera, streaming from construction (``start=False`` to only open it).
 
     ``pixel_format``: GenICam name (default: the camera's current one); ``width``/``height``
@@ -75,6 +75,8 @@ class GigECamera:
     AcquisitionFrameRate (default: leave it); ``packet_size``: GigE stream packet size in
     bytes (default: negotiated); ``buffers``: Aravis buffers in the pool.
     """
+
+    _NAME = "GigECamera"
 
     def __init__(self, id: str, pixel_format: Optional[str] = None, width: Optional[int] = None,
                  height: Optional[int] = None, fps: Optional[float] = None, *, x: int = 0, y: int = 0,
@@ -90,21 +92,11 @@ class GigECamera:
         if (self._req["width"] == 0) != (self._req["height"] == 0):
             raise InvalidArgument("give both width and height, or neither")
         self.id = id
-        self._cam = _core.GigECamera(id)
-        self._fmt: Optional[dict] = None
-        if start:
-            try:
-                self.start()
-            except BaseException:
-                self._cam.close()
-                raise
+        super().__init__(_core.GigECamera(id), start)
 
     def start(self) -> None:
         """Applies every setting, allocates the buffer pool and starts acquisition."""
-        self._cam.start(**self._req)
-        self._fmt = self._cam.format()
-        self._dtype = _CODE_DTYPES[self._fmt["dtype"]]
-        self._shape = tuple(self._fmt["shape"])
+        self._start()
 
     # -- frames ----------------------------------------------------------------------------
 
@@ -131,28 +123,17 @@ class GigECamera:
         """Writes the next frame straight into a slot of ``writer`` (a
         :class:`frameshm.Writer` of this camera's shape and dtype): waits for the frame,
         loans the slot, copies once, commits with the arrival timestamp. Returns the seq."""
-        self._cam.wait(timeout)
-        view = writer.loan()
-        ts = self._cam.read_into(view, 0)[0]
-        return writer.commit(timestamp_ns=ts)
-
-    def wait(self, timeout: Optional[float] = None) -> int:
-        """Waits for the next frame without taking it; returns its size in bytes."""
-        return self._cam.wait(timeout)
+        return self._capture_to(writer, timeout)
 
     def flush(self, max_age: float = 0.0) -> int:
         """Discards frames received more than ``max_age`` seconds ago that wait in the
         buffer pool. Returns how many."""
-        if max_age < 0:
-            raise InvalidArgument(f"max_age must be >= 0 seconds, not {max_age!r}")
-        return self._cam.flush(int(max_age * 1e9))
+        return self._flush(max_age)
 
     def set_rate(self, fps: Optional[float]) -> bool:
         """Sets the camera's frame rate (None/0: back to the rate asked at start). Returns
         True when the camera paces itself, False when it has no rate control."""
-        paced = self._cam.set_rate(float(fps or 0.0))
-        self._fmt = self._cam.format()
-        return paced
+        return self._set_rate(float(fps or 0.0))
 
     def probe(self) -> None:
         """Raises DeviceGone unless the camera answers and we still control it."""
@@ -200,23 +181,12 @@ class GigECamera:
     def gone(self) -> bool:
         return self._cam.gone
 
-    @property
-    def closed(self) -> bool:
-        return self._cam.closed
-
-    def close(self) -> None:
-        self._cam.close()
-
     def __enter__(self) -> "GigECamera":
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def _repr_id(self) -> str:
+        return self.id
 
-    def __repr__(self) -> str:
-        if self.closed:
-            return f"<frameshm.GigECamera {self.id} closed>"
+    def _repr_format(self) -> str:
         f = self._fmt
-        if not f:
-            return f"<frameshm.GigECamera {self.id} not started>"
-        return f"<frameshm.GigECamera {self.id} {f['pixel_format']} {f['width']}x{f['height']} @ {f['fps']:g} fps>"
+        return f"{f['pixel_format']} {f['width']}x{f['height']} @ {f['fps']:g} fps"

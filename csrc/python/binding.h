@@ -58,4 +58,37 @@ int fshm_run_sliced(void *obj, int *busy, const char *what, PyObject *tobj, fshm
 /* Parses a controller mode value (a byte); -1 with an exception set if invalid. */
 int fshm_parse_mode(PyObject *v, uint8_t *out);
 
+/* ---- capture types (camera_type.c, gige_type.c), shared parts in capture_common.c ---- */
+/* What the shared parts need of a capture type. */
+typedef struct {
+    /* 0 if the camera can deliver frames, else -1 with the exception set (closed, not started) */
+    int (*ready)(void *obj);
+    /* the type's blocking call: fshm_run_sliced plus its own timeout message (same returns) */
+    int (*run)(void *obj, PyObject *tobj, fshm_sliced_fn fn, void *arg);
+    /* raises the type's exception for a negative code; returns NULL */
+    PyObject *(*raise)(int code);
+} fshm_capture_ops;
+/* The destination of read_into(), passed as `arg` to the type's sliced read function. */
+typedef struct {
+    void *dst;
+    size_t cap;
+    void *info;   /* the type's frame info (fshm_v4l2_buf, fshm_gige_frame) */
+} fshm_capture_dst;
+/* Raises class `name` of Python module `module` with fshm_last_error() as the message
+ * (and errno `oserr` first when non-zero: an OSError); fshm_raise(code) if the class cannot
+ * be had. Returns NULL. */
+PyObject *fshm_capture_raise(int code, const char *module, const char *name, int oserr);
+/* fshm_capture_ops.ready's answer: -1 with the exception set unless the camera is open
+ * (else StreamClosed, via fshm_raise_closed) and started (else RuntimeError "<what> is
+ * not started"). */
+int fshm_capture_ready(int open, int started, const char *what);
+/* read_into(out, timeout=None): parses the arguments, checks ops->ready, takes `out` as a
+ * writable C-contiguous buffer and runs read(obj, slice, fshm_capture_dst *) through
+ * ops->run; `info` receives the frame info. 0, or -1 with the exception set. */
+int fshm_capture_read_into(void *obj, PyObject *args, PyObject *kw, const fshm_capture_ops *ops,
+                           fshm_sliced_fn read, void *info);
+/* wait(timeout=None) -> bytes of the next frame, through ops->run(wait). */
+PyObject *fshm_capture_wait(void *obj, PyObject *args, PyObject *kw, const fshm_capture_ops *ops,
+                            fshm_sliced_fn wait);
+
 #endif

@@ -50,31 +50,23 @@ static PyObject *camera_raise(int code)
     case FSHM_E_V4L2_NOBUFS: name = "BuffersExhausted"; break;
     default: return fshm_raise(code);
     }
-    PyObject *mod = PyImport_ImportModule("frameshm.camera");
-    PyObject *cls = mod ? PyObject_GetAttrString(mod, name) : NULL;
-    Py_XDECREF(mod);
-    if (!cls) {
-        PyErr_Clear();
-        return fshm_raise(code);
-    }
-    const char *msg = fshm_last_error();
-    PyObject *args = oserr ? Py_BuildValue("(is)", oserr, msg) : Py_BuildValue("(s)", msg);
-    if (args) {
-        PyErr_SetObject(cls, args);
-        Py_DECREF(args);
-    }
-    Py_DECREF(cls);
-    return NULL;
+    return fshm_capture_raise(code, "frameshm.camera", name, oserr);
 }
 
 #define CHECK_CAM(self)                                                                          \
     if (!(self)->cam || (self)->closing)                                                         \
         return fshm_raise_closed("Camera");
 
+/* fshm_capture_ops.ready: open and started */
+static int camera_ready(void *obj)
+{
+    FshmCamera *self = obj;
+    return fshm_capture_ready(self->cam && !self->closing, self->started, "Camera");
+}
+
 #define CHECK_STARTED(self)                                                                      \
-    CHECK_CAM(self);                                                                             \
-    if (!(self)->started)                                                                        \
-        return PyErr_Format(PyExc_RuntimeError, "Camera is not started");
+    if (camera_ready(self) < 0)                                                                  \
+        return NULL;
 
 /* ---- Camera ---- */
 
@@ -272,8 +264,9 @@ static PyObject *camera_stats(FshmCamera *self, PyObject *unused)
 }
 
 /* A blocking camera call without the GIL, Ctrl-C-able (fshm_run_sliced). */
-static int run_blocking(FshmCamera *self, PyObject *tobj, fshm_sliced_fn fn, void *arg)
+static int run_blocking(void *obj, PyObject *tobj, fshm_sliced_fn fn, void *arg)
 {
+    FshmCamera *self = obj;
     int64_t timeout;
     int rc = fshm_run_sliced(self, &self->busy, "Camera", tobj, fn, arg, &timeout);
     if (rc == -ETIMEDOUT)
@@ -281,6 +274,8 @@ static int run_blocking(FshmCamera *self, PyObject *tobj, fshm_sliced_fn fn, voi
                        (double)timeout / 1e9);
     return rc;
 }
+
+static const fshm_capture_ops camera_ops = {camera_ready, run_blocking, camera_raise};
 
 static int do_dequeue(void *obj, int64_t t, void *arg)
 {
@@ -317,37 +312,21 @@ static PyObject *camera_dequeue(FshmCamera *self, PyObject *args, PyObject *kw)
     return (PyObject *)buf;
 }
 
-typedef struct {
-    void *dst;
-    size_t cap;
-    fshm_v4l2_buf info;
-} read_args;
-
 static int do_read_into(void *obj, int64_t t, void *arg)
 {
     FshmCamera *self = obj;
-    read_args *a = arg;
-    return fshm_v4l2_read_into(self->cam, t, a->dst, a->cap, &a->info);
+    fshm_capture_dst *a = arg;
+    return fshm_v4l2_read_into(self->cam, t, a->dst, a->cap, a->info);
 }
 
 static PyObject *camera_read_into(FshmCamera *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"out", "timeout", NULL};
-    PyObject *out, *tobj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O", kwlist, &out, &tobj))
+    fshm_v4l2_buf info = {0};
+    if (fshm_capture_read_into(self, args, kw, &camera_ops, do_read_into, &info) < 0)
         return NULL;
-    CHECK_STARTED(self);
-    Py_buffer view;
-    if (PyObject_GetBuffer(out, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
-        return NULL;
-    read_args a = {view.buf, (size_t)view.len, {0}};
-    int rc = run_blocking(self, tobj, do_read_into, &a);
-    PyBuffer_Release(&view);
-    if (rc)
-        return rc == INT_MIN ? NULL : camera_raise(rc);
     /* (timestamp_ns, sequence, bytes, driver_timestamp) */
-    return Py_BuildValue("(KknO)", (unsigned long long)a.info.timestamp_ns, (unsigned long)a.info.sequence,
-                         (Py_ssize_t)a.info.bytesused, a.info.driver_timestamp ? Py_True : Py_False);
+    return Py_BuildValue("(KknO)", (unsigned long long)info.timestamp_ns, (unsigned long)info.sequence,
+                         (Py_ssize_t)info.bytesused, info.driver_timestamp ? Py_True : Py_False);
 }
 
 static int do_wait(void *obj, int64_t t, void *arg)
@@ -359,17 +338,7 @@ static int do_wait(void *obj, int64_t t, void *arg)
 
 static PyObject *camera_wait(FshmCamera *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"timeout", NULL};
-    PyObject *tobj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &tobj))
-        return NULL;
-    CHECK_STARTED(self);
-    int rc = run_blocking(self, tobj, do_wait, NULL);
-    if (rc == INT_MIN)
-        return NULL;
-    if (rc < 0)
-        return camera_raise(rc);
-    return PyLong_FromLong(rc);
+    return fshm_capture_wait(self, args, kw, &camera_ops, do_wait);
 }
 
 static PyObject *camera_flush(FshmCamera *self, PyObject *arg)

@@ -36,21 +36,7 @@ static PyObject *gige_raise(int code)
     case -EIO: mod_name = "frameshm.gige"; name = "AravisError"; break;
     default: return fshm_raise(code);
     }
-    PyObject *mod = PyImport_ImportModule(mod_name);
-    PyObject *cls = mod ? PyObject_GetAttrString(mod, name) : NULL;
-    Py_XDECREF(mod);
-    if (!cls) {
-        PyErr_Clear();
-        return fshm_raise(code);
-    }
-    const char *msg = fshm_last_error();
-    PyObject *args = oserr ? Py_BuildValue("(is)", oserr, msg) : Py_BuildValue("(s)", msg);
-    if (args) {
-        PyErr_SetObject(cls, args);
-        Py_DECREF(args);
-    }
-    Py_DECREF(cls);
-    return NULL;
+    return fshm_capture_raise(code, mod_name, name, oserr);
 }
 
 #define CHECK_CAM(self)                                                                          \
@@ -61,10 +47,16 @@ static PyObject *gige_raise(int code)
     if ((self)->busy)                                                                            \
         return PyErr_Format(PyExc_RuntimeError, "GigECamera used from two threads at once");
 
+/* fshm_capture_ops.ready: open and started */
+static int gige_ready(void *obj)
+{
+    FshmGigECamera *self = obj;
+    return fshm_capture_ready(self->cam != NULL, self->started, "GigECamera");
+}
+
 #define CHECK_STARTED(self)                                                                      \
-    CHECK_CAM(self);                                                                             \
-    if (!(self)->started)                                                                        \
-        return PyErr_Format(PyExc_RuntimeError, "GigECamera is not started");
+    if (gige_ready(self) < 0)                                                                    \
+        return NULL;
 
 static int gige_init(FshmGigECamera *self, PyObject *args, PyObject *kw)
 {
@@ -179,8 +171,9 @@ static PyObject *gige_stats(FshmGigECamera *self, PyObject *unused)
 }
 
 /* Blocking call without the GIL, in slices (Python signal handlers run in between). */
-static int run_blocking(FshmGigECamera *self, PyObject *tobj, fshm_sliced_fn fn, void *arg)
+static int run_blocking(void *obj, PyObject *tobj, fshm_sliced_fn fn, void *arg)
 {
+    FshmGigECamera *self = obj;
     int64_t timeout;
     int rc = fshm_run_sliced(self, &self->busy, "GigECamera", tobj, fn, arg, &timeout);
     if (rc == -ETIMEDOUT) {
@@ -191,38 +184,24 @@ static int run_blocking(FshmGigECamera *self, PyObject *tobj, fshm_sliced_fn fn,
     return rc;
 }
 
-typedef struct {
-    void *dst;
-    size_t cap;
-    fshm_gige_frame info;
-} read_args;
+static const fshm_capture_ops gige_ops = {gige_ready, run_blocking, gige_raise};
 
 static int do_read_into(void *obj, int64_t t, void *arg)
 {
     FshmGigECamera *self = obj;
-    read_args *a = arg;
-    return fshm_gige_read_into(self->cam, t, a->dst, a->cap, &a->info);
+    fshm_capture_dst *a = arg;
+    return fshm_gige_read_into(self->cam, t, a->dst, a->cap, a->info);
 }
 
 static PyObject *gige_read_into(FshmGigECamera *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"out", "timeout", NULL};
-    PyObject *out, *tobj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "O|O", kwlist, &out, &tobj))
+    fshm_gige_frame info = {0};
+    if (fshm_capture_read_into(self, args, kw, &gige_ops, do_read_into, &info) < 0)
         return NULL;
-    CHECK_STARTED(self);
-    Py_buffer view;
-    if (PyObject_GetBuffer(out, &view, PyBUF_WRITABLE | PyBUF_C_CONTIGUOUS) < 0)
-        return NULL;
-    read_args a = {view.buf, (size_t)view.len, {0}};
-    int rc = run_blocking(self, tobj, do_read_into, &a);
-    PyBuffer_Release(&view);
-    if (rc)
-        return rc == INT_MIN ? NULL : gige_raise(rc);
     /* (timestamp_ns, frame_id, nbytes, lost_before, camera_timestamp) */
-    return Py_BuildValue("(KKnkK)", (unsigned long long)a.info.timestamp_ns, (unsigned long long)a.info.frame_id,
-                         (Py_ssize_t)a.info.bytes, (unsigned long)a.info.lost_before,
-                         (unsigned long long)a.info.camera_timestamp);
+    return Py_BuildValue("(KKnkK)", (unsigned long long)info.timestamp_ns, (unsigned long long)info.frame_id,
+                         (Py_ssize_t)info.bytes, (unsigned long)info.lost_before,
+                         (unsigned long long)info.camera_timestamp);
 }
 
 static int do_wait(void *obj, int64_t t, void *arg)
@@ -234,17 +213,7 @@ static int do_wait(void *obj, int64_t t, void *arg)
 
 static PyObject *gige_wait(FshmGigECamera *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"timeout", NULL};
-    PyObject *tobj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &tobj))
-        return NULL;
-    CHECK_STARTED(self);
-    int rc = run_blocking(self, tobj, do_wait, NULL);
-    if (rc == INT_MIN)
-        return NULL;
-    if (rc < 0)
-        return gige_raise(rc);
-    return PyLong_FromLong(rc);
+    return fshm_capture_wait(self, args, kw, &gige_ops, do_wait);
 }
 
 static PyObject *gige_flush(FshmGigECamera *self, PyObject *arg)

@@ -120,7 +120,7 @@ def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
             signal.signal(s, h)
 
 
-# ---- command line (the `frameshm capture|inference|controller` subcommands) -----------------
+# ---- command line (the `frameshm capture|inference|controller|gateway` subcommands) ---------
 
 
 def _parse_kv(text: str):
@@ -143,17 +143,29 @@ def _parse_kv(text: str):
     return key.strip(), value
 
 
+def add_config_arguments(p) -> None:
+    """The options every role starts with: ``--config``, ``--frames``."""
+    p.add_argument("--config", "-c", help="pipeline TOML file (docs/pipeline.md)")
+    p.add_argument("--frames", help="frames stream name (overrides [streams] frames)")
+
+
+def add_run_arguments(p, role: str, set_example: str = "capture.nslots=16") -> None:
+    """The options every role ends with (``--log-level``, ``--status``, ``--set``), and
+    the subcommand's function: :func:`config_from_args`, then the role's ``run``."""
+    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
+    p.add_argument("--status", action="store_true", help=f"print the running {role}'s metrics as JSON and exit")
+    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", type=_parse_kv,
+                   help=f"override any config key (value in TOML syntax), e.g. --set {set_example}")
+    p.set_defaults(func=_run_role, role=role)
+
+
 def add_role_parsers(sub) -> None:
-    """Adds the role subcommands to the `frameshm` argument parser."""
+    """Adds the capture, inference and controller subcommands to the `frameshm` argument
+    parser (the gateway's: :func:`frameshm.roles.gateway.add_parser`)."""
 
     def common(p, role):
-        p.add_argument("--config", "-c", help="pipeline TOML file (docs/pipeline.md)")
-        p.add_argument("--frames", help="frames stream name (overrides [streams] frames)")
-        p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-        p.add_argument("--status", action="store_true", help=f"print the running {role}'s metrics as JSON and exit")
-        p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", type=_parse_kv,
-                       help="override any config key (value in TOML syntax), e.g. --set capture.nslots=16")
-        p.set_defaults(func=_run_role, role=role)
+        add_config_arguments(p)
+        add_run_arguments(p, role)
 
     p = sub.add_parser("capture", help="camera/source -> frames stream, rate driven by the controller's mode")
     common(p, "capture")
@@ -176,6 +188,8 @@ def add_role_parsers(sub) -> None:
 
 
 def config_from_args(args) -> PipelineConfig:
+    """The pipeline configuration of a role subcommand: the TOML file (or the defaults),
+    then the role's own options, then ``--set`` (then, for inference, ``--param``)."""
     from ..config import load_or_default
 
     cfg = load_or_default(args.config)
@@ -186,6 +200,12 @@ def config_from_args(args) -> PipelineConfig:
                       ("capture.alarmed_fps", args.alarmed_fps)]
     elif args.role == "inference":
         overrides += [("streams.detections", args.detections), ("inference.detector", args.detector)]
+    elif args.role == "gateway":
+        from .gateway import token_from_args
+
+        overrides += [("gateway.host", args.host), ("gateway.port", args.port),
+                      ("gateway.token", token_from_args(args)), ("gateway.quality", args.quality),
+                      ("gateway.max_width", args.max_width), ("gateway.max_fps", args.max_fps)]
     else:
         overrides += [("streams.detections", args.detections),
                       ("controller.validation_frames", args.validation_frames),
@@ -221,6 +241,8 @@ def _run_role(args) -> int:
         from .capture import run
     elif args.role == "inference":
         from .inference import run
+    elif args.role == "gateway":
+        from .gateway import run
     else:
         from .controller import run
     stop = threading.Event()

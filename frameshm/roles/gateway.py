@@ -510,58 +510,21 @@ TOKEN_ENV = "FRAMESHM_GATEWAY_TOKEN"
 
 
 def add_parser(sub) -> None:
-    from . import _parse_kv
+    """Adds ``frameshm gateway``; it runs through :func:`frameshm.roles.config_from_args`
+    like the other roles."""
+    from . import add_config_arguments, add_run_arguments
 
     p = sub.add_parser("gateway", help="frames stream -> JPEG over WebSocket, with a live page (127.0.0.1:8080)")
-    p.add_argument("--config", "-c", help="pipeline TOML file (docs/pipeline.md)")
-    p.add_argument("--frames", help="frames stream name (overrides [streams] frames)")
+    add_config_arguments(p)
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 opens it up)")
     p.add_argument("--port", type=int, help="TCP port (default 8080; 0: any free port)")
     p.add_argument("--token", help=f"access token for ?token= (or ${TOKEN_ENV}; [gateway] token)")
     p.add_argument("--quality", type=int, help="JPEG quality 1-100")
     p.add_argument("--max-width", type=int, help="downscale wider frames by an integer factor")
     p.add_argument("--max-fps", type=float, help="send at most this rate (0: every frame)")
-    p.add_argument("--log-level", default="info", choices=["debug", "info", "warning", "error"])
-    p.add_argument("--status", action="store_true", help="print the running gateway's metrics as JSON and exit")
-    p.add_argument("--set", action="append", default=[], metavar="SECTION.KEY=VALUE", type=_parse_kv,
-                   help="override any config key (value in TOML syntax), e.g. --set gateway.client_queue=4")
-    p.set_defaults(func=_cli)
+    add_run_arguments(p, "gateway", set_example="gateway.client_queue=4")
 
 
-def config_from_args(args) -> PipelineConfig:
-    from ..config import load_or_default
-
-    cfg = load_or_default(args.config)
-    saved, cfg.path = cfg.path, "command line"
-    try:
-        token = args.token if args.token is not None else os.environ.get(TOKEN_ENV)
-        for key, value in (("streams.frames", args.frames), ("gateway.host", args.host),
-                           ("gateway.port", args.port), ("gateway.token", token),
-                           ("gateway.quality", args.quality), ("gateway.max_width", args.max_width),
-                           ("gateway.max_fps", args.max_fps)):
-            if value is not None:
-                cfg.set(key, value)
-        for key, value in args.set:
-            cfg.set(key, value)
-    finally:
-        cfg.path = saved
-    return cfg
-
-
-def _cli(args) -> int:
-    import sys
-
-    from . import setup_logging, stop_on_signals
-
-    cfg = config_from_args(args)
-    if args.status:
-        name = cfg.metrics_stream("gateway")
-        if name is None:
-            print("frameshm: gateway metrics are disabled in the configuration", file=sys.stderr)
-            return 1
-        print(json.dumps(read_metrics(name, args.base_dir, args.namespace), indent=2))
-        return 0
-    setup_logging(args.log_level)
-    stop = threading.Event()
-    with stop_on_signals(stop):
-        return run(cfg, stop, base_dir=args.base_dir, namespace=args.namespace)
+def token_from_args(args) -> Optional[str]:
+    """``--token``, else $FRAMESHM_GATEWAY_TOKEN, else None (the config's)."""
+    return args.token if args.token is not None else os.environ.get(TOKEN_ENV)

@@ -97,6 +97,15 @@ def int_param(scheme: str, params: Dict[str, str], key: str, minimum: int = 1) -
     return v
 
 
+def size_params(scheme: str, params: Dict[str, str]) -> Tuple[Optional[int], Optional[int]]:
+    """The ``width``/``height`` URI parameters: both positive integers, or both None."""
+    width = int_param(scheme, params, "width")
+    height = int_param(scheme, params, "height")
+    if (width is None) != (height is None):
+        raise InvalidArgument(f"{scheme} source: give both width and height, or neither")
+    return width, height
+
+
 def fps_param(scheme: str, params: Dict[str, str]) -> Optional[float]:
     """The ``fps`` URI parameter: a positive number, None when absent or empty."""
     raw = params.get("fps")

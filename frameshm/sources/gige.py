@@ -29,104 +29,72 @@ from __future__ import annotations
 import logging
 from typing import Dict, Optional
 
-import numpy as np
-
 from ..camera import DeviceGone
 from ..errors import InvalidArgument
 from ..gige import AravisError, GigECamera
-from . import Source, SourceGone, check_params, fps_param, int_param, register
+from . import SourceGone, check_params, fps_param, int_param, register, size_params
+from ._camera import CameraSource
 
 log = logging.getLogger("frameshm.gige")
 
 _KNOWN = ("pixel_format", "width", "height", "x", "y", "fps", "packet_size", "buffers")
 
 
-class GigESource(Source):
+class GigESource(CameraSource):
     """A GigE Vision camera (see the module docstring)."""
+
+    _SCHEME = "gige"
+    cam: Optional[GigECamera]
+    _GONE_AT_OPEN = (DeviceGone, AravisError)
 
     def __init__(self, path: str, params: Dict[str, str]):
         check_params("gige", params, _KNOWN)
         if not path:
             raise InvalidArgument("gige source: a camera id is required (gige:<IP address>, gige:<name> or gige:Fake_1)")
+        super().__init__()
         self.id = path
         self.pixel_format = params.get("pixel_format") or None
-        self.width = int_param("gige", params, "width")
-        self.height = int_param("gige", params, "height")
-        if (self.width is None) != (self.height is None):
-            raise InvalidArgument("gige source: give both width and height, or neither")
+        self.width, self.height = size_params("gige", params)
         self.x = int_param("gige", params, "x", 0) or 0
         self.y = int_param("gige", params, "y", 0) or 0
         self.fps = fps_param("gige", params)
         self.packet_size = int_param("gige", params, "packet_size")
         self.buffers = int_param("gige", params, "buffers") or 8
-        self._rate: Optional[float] = None   # asked with set_rate(); re-applied on reopen
-        self.cam: Optional[GigECamera] = None
         self._totals: Dict[str, int] = {}    # counters of cameras already closed
 
-    def open(self) -> None:
-        if self.cam is not None:
-            return
+    def _new_camera(self) -> GigECamera:
         log.info("opening GigE camera %s", self.id)
         try:
-            cam = GigECamera(self.id, self.pixel_format, self.width, self.height, self.fps, x=self.x, y=self.y,
-                             packet_size=self.packet_size, buffers=self.buffers, start=False)
-        except (DeviceGone, AravisError) as exc:
+            return GigECamera(self.id, self.pixel_format, self.width, self.height, self.fps, x=self.x, y=self.y,
+                              packet_size=self.packet_size, buffers=self.buffers, start=False)
+        except self._GONE_AT_OPEN as exc:
             raise SourceGone(str(exc)) from exc
-        try:
-            info = cam.info()
-            log.info("GigE camera %s: %s %s serial %s (%s%s)", self.id, info["vendor"], info["model"], info["serial"],
-                     info["protocol"], f" at {info['address']}" if info["address"] else "")
-            cam.start()
-            if self._rate is not None:
-                cam.set_rate(self._rate)
-            f = cam.format
-            log.info("GigE camera %s streaming: %s %dx%d+%d+%d, %g fps%s, %s%d buffers of %d bytes", self.id,
-                     f["pixel_format"], f["width"], f["height"], f["x"], f["y"], f["fps"],
-                     "" if f["frame_rate_available"] else " (no rate control)",
-                     f"packet size {f['packet_size']}, " if f["packet_size"] else "", f["buffers"], f["payload"])
-        except (DeviceGone, AravisError) as exc:
-            cam.close()
-            raise SourceGone(str(exc)) from exc
-        except BaseException:
-            cam.close()
-            raise
-        self.cam = cam
-        self.shape = cam.shape
-        self.dtype = cam.dtype
 
-    def _camera(self) -> GigECamera:
-        if self.cam is None:
-            raise InvalidArgument("gige source is not open")
-        return self.cam
+    def _setup(self, cam: GigECamera) -> None:
+        info = cam.info()
+        log.info("GigE camera %s: %s %s serial %s (%s%s)", self.id, info["vendor"], info["model"], info["serial"],
+                 info["protocol"], f" at {info['address']}" if info["address"] else "")
+        cam.start()
+
+    def _ready(self, cam: GigECamera) -> None:
+        f = cam.format
+        log.info("GigE camera %s streaming: %s %dx%d+%d+%d, %g fps%s, %s%d buffers of %d bytes", self.id,
+                 f["pixel_format"], f["width"], f["height"], f["x"], f["y"], f["fps"],
+                 "" if f["frame_rate_available"] else " (no rate control)",
+                 f"packet size {f['packet_size']}, " if f["packet_size"] else "", f["buffers"], f["payload"])
 
     def _gone(self, exc: Exception) -> SourceGone:
         log.warning("GigE camera %s gone: %s", self.id, exc)
-        return SourceGone(str(exc))
-
-    def read_into(self, out: np.ndarray, timeout: float) -> int:
-        try:
-            return self._camera().read_into(out, timeout)
-        except DeviceGone as exc:
-            raise self._gone(exc) from exc
+        return super()._gone(exc)
 
     def set_rate(self, fps: float) -> bool:
         """True when the camera paces itself (AcquisitionFrameRate), else False."""
-        self._rate = fps
-        if self.cam is None:
+        paced = self._set_camera_rate(fps)
+        if paced is None:
             return False
-        try:
-            paced = self.cam.set_rate(fps)
-        except DeviceGone as exc:
-            raise self._gone(exc) from exc
         log.info("GigE camera %s: rate %g fps asked, %g in force%s", self.id, fps, self.cam.fps,
                  "" if paced else " (no rate control: the producer paces)")
         return paced
-
-    def flush(self, max_age_ns: int) -> int:
-        try:
-            return self._camera().flush(max_age_ns / 1e9)
-        except DeviceGone as exc:
-            raise self._gone(exc) from exc
 
     def stats(self) -> Dict[str, int]:
         """The camera's counters (``delivered``, ``lost``, ``id_gaps``, ``incomplete``, ...),
@@ -137,16 +105,13 @@ class GigESource(Source):
                 out[k] = out.get(k, 0) + v
         return out
 
-    def close(self) -> None:
-        cam, self.cam = self.cam, None
-        if cam is not None:
-            if not cam.closed:
-                for k, v in cam.stats().items():
-                    self._totals[k] = self._totals.get(k, 0) + v
-            s = self._totals
-            log.info("closing GigE camera %s%s: %d frames delivered, %d lost so far", self.id,
-                     " (gone)" if cam.gone else "", s.get("delivered", 0), s.get("lost", 0))
-            cam.close()
+    def _closing(self, cam: GigECamera) -> None:
+        if not cam.closed:
+            for k, v in cam.stats().items():
+                self._totals[k] = self._totals.get(k, 0) + v
+        s = self._totals
+        log.info("closing GigE camera %s%s: %d frames delivered, %d lost so far", self.id,
+                 " (gone)" if cam.gone else "", s.get("delivered", 0), s.get("lost", 0))
 
     def __repr__(self) -> str:
         return f"<GigESource {self.id} {self.cam!r}>"

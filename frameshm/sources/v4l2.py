@@ -27,85 +27,44 @@ from __future__ import annotations
 
 from typing import Dict, Optional
 
-import numpy as np
-
-from ..camera import Camera, DeviceGone
+from ..camera import Camera
 from ..errors import InvalidArgument
-from . import Source, SourceGone, check_params, fps_param, int_param, register
+from . import check_params, fps_param, int_param, register, size_params
+from ._camera import CameraSource
 
 _KNOWN = ("width", "height", "fps", "format", "buffers")
 
 
-class V4L2Source(Source):
+class V4L2Source(CameraSource):
     """A V4L2 camera (see the module docstring)."""
+
+    _SCHEME = "v4l2"
+    cam: Optional[Camera]
 
     def __init__(self, path: str, params: Dict[str, str]):
         check_params("v4l2", params, _KNOWN)
+        super().__init__()
         self.path = path or "/dev/video0"
-        self.width = int_param("v4l2", params, "width")
-        self.height = int_param("v4l2", params, "height")
-        if (self.width is None) != (self.height is None):
-            raise InvalidArgument("v4l2 source: give both width and height, or neither")
+        self.width, self.height = size_params("v4l2", params)
         self.fps = fps_param("v4l2", params)
         self.format = params.get("format") or None
         self.buffers = int_param("v4l2", params, "buffers") or 4
-        self._rate: Optional[float] = None   # asked with set_rate(); re-applied on reopen
-        self.cam: Optional[Camera] = None
 
-    def open(self) -> None:
-        if self.cam is not None:
-            return
-        cam = Camera(self.path, self.width, self.height, self.fps, self.format, buffers=self.buffers)
-        try:
-            if cam.compressed:
-                raise InvalidArgument(
-                    f"v4l2 source: {self.path} delivers {cam.format} (compressed, variable size); "
-                    "ask for format=RGB24, BGR24 or GRAY8"
-                )
-            if self._rate is not None:
-                cam.set_rate(self._rate)
-        except DeviceGone as exc:
-            cam.close()
-            raise SourceGone(str(exc)) from exc
-        except BaseException:
-            cam.close()
-            raise
-        self.cam = cam
-        self.shape = cam.shape
-        self.dtype = cam.dtype
+    def _new_camera(self) -> Camera:
+        return Camera(self.path, self.width, self.height, self.fps, self.format, buffers=self.buffers)
 
-    def _camera(self) -> Camera:
-        if self.cam is None:
-            raise InvalidArgument("v4l2 source is not open")
-        return self.cam
-
-    def read_into(self, out: np.ndarray, timeout: float) -> int:
-        try:
-            return self._camera().read_into(out, timeout)
-        except DeviceGone as exc:
-            raise SourceGone(str(exc)) from exc
+    def _setup(self, cam: Camera) -> None:
+        if cam.compressed:
+            raise InvalidArgument(
+                f"v4l2 source: {self.path} delivers {cam.format} (compressed, variable size); "
+                "ask for format=RGB24, BGR24 or GRAY8"
+            )
 
     def set_rate(self, fps: float) -> bool:
         """Always True: the device paces itself, or frameshm drops frames by driver
         timestamp (Camera.rate_limit tells which)."""
-        self._rate = fps
-        if self.cam is not None:
-            try:
-                self.cam.set_rate(fps)
-            except DeviceGone as exc:
-                raise SourceGone(str(exc)) from exc
+        self._set_camera_rate(fps)
         return True
-
-    def flush(self, max_age_ns: int) -> int:
-        try:
-            return self._camera().flush(max_age_ns / 1e9)
-        except DeviceGone as exc:
-            raise SourceGone(str(exc)) from exc
-
-    def close(self) -> None:
-        cam, self.cam = self.cam, None
-        if cam is not None:
-            cam.close()
 
     def __repr__(self) -> str:
         return f"<V4L2Source {self.path} {self.cam!r}>"
