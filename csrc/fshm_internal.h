@@ -179,6 +179,8 @@ typedef struct fshm_paths {
     uint32_t stream_id;
     int any_name;   /* addressed by id only: accept whatever name the stream has */
 } fshm_paths;
+/* The base directory to use: configured, else $FRAMESHM_DIR, else /dev/shm (absolute). */
+int fshm_base_dir(const char *configured, const char **out);
 int fshm_resolve(const fshm_stream_addr *addr, int create_dirs, fshm_paths *out);
 int fshm_mkdir_private(const char *path, unsigned mode);
 int fshm_create_file(const char *path, size_t size, unsigned mode, int *fd_out);

@@ -85,22 +85,32 @@ static void user_name(char *out, size_t cap)
     snprintf(out, cap, "%u", (unsigned)uid);
 }
 
-int fshm_resolve(const fshm_stream_addr *addr, int create_dirs, fshm_paths *p)
+int fshm_base_dir(const char *configured, const char **out)
 {
-    memset(p, 0, sizeof *p);
-    const char *base = addr->base_dir;
+    const char *base = configured;
     if (!base || !*base)
         base = getenv("FRAMESHM_DIR");
     if (!base || !*base)
         base = "/dev/shm";
     if (base[0] != '/')
         return fshm_set_error(-EINVAL, "base directory '%s' must be an absolute path", base);
+    *out = base;
+    return 0;
+}
+
+int fshm_resolve(const fshm_stream_addr *addr, int create_dirs, fshm_paths *p)
+{
+    memset(p, 0, sizeof *p);
+    const char *base;
+    int rc = fshm_base_dir(addr->base_dir, &base);
+    if (rc)
+        return rc;
     const char *ns = addr->ns;
     if (!ns || !*ns)
         ns = getenv("FRAMESHM_NAMESPACE");
     if (!ns || !*ns)
         ns = "default";
-    int rc = fshm_validate_name(ns, "namespace");
+    rc = fshm_validate_name(ns, "namespace");
     if (rc)
         return rc;
     if (addr->name) {
@@ -144,9 +154,10 @@ int fshm_resolve(const fshm_stream_addr *addr, int create_dirs, fshm_paths *p)
 int fshm_paths_from_grant(const char *base_dir, const fshm_grant *g, fshm_paths *p)
 {
     memset(p, 0, sizeof *p);
-    const char *base = base_dir && *base_dir ? base_dir : getenv("FRAMESHM_DIR");
-    if (!base || !*base)
-        base = "/dev/shm";
+    const char *base;
+    int rc = fshm_base_dir(base_dir, &base);
+    if (rc)
+        return rc;
     char canon[PATH_MAX];
     if (!realpath(base, canon))
         return fshm_set_error(-errno, "base directory %s: %s", base, strerror(errno));

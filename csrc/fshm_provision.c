@@ -247,13 +247,10 @@ int fshm_shm_room(const char *dir, uint64_t *room, uint64_t *fs_free)
  * directory mode of the profile, so that whoever may read the files can reach them). */
 static int ensure_base(const fshm_stream_addr *addr, unsigned dmode)
 {
-    const char *base = addr->base_dir;
-    if (!base || !*base)
-        base = getenv("FRAMESHM_DIR");
-    if (!base || !*base)
-        base = "/dev/shm";
-    if (base[0] != '/')
-        return fshm_set_error(-EINVAL, "base directory '%s' must be an absolute path", base);
+    const char *base;
+    int rc = fshm_base_dir(addr->base_dir, &base);
+    if (rc)
+        return rc;
     if (mkdir(base, 0700) == 0) {
         if (chmod(base, dmode & 0777) != 0)
             return fshm_set_error(-errno, "cannot chmod %s: %s", base, strerror(errno));

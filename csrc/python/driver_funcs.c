@@ -16,6 +16,17 @@ static int build_addr(unsigned long stream_id, PyObject *name, PyObject *base, P
     return 0;
 }
 
+/* The (stream_id, *, name, base_dir, namespace) argument list itself. */
+static int parse_stream_args(PyObject *args, PyObject *kw, fshm_stream_addr *a)
+{
+    static char *kwlist[] = {"stream_id", "name", "base_dir", "namespace", NULL};
+    unsigned long sid = 0;
+    PyObject *name = Py_None, *base = Py_None, *ns = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|$OOO", kwlist, &sid, &name, &base, &ns))
+        return -1;
+    return build_addr(sid, name, base, ns, a);
+}
+
 static int parse_pools(PyObject *pools, fshm_profile *p)
 {
     PyObject *seq = PySequence_Fast(pools, "pools must be a sequence of (pool_id, stride_bytes)");
@@ -117,13 +128,8 @@ static PyObject *mod_driver_provision(PyObject *self, PyObject *args, PyObject *
 
 static PyObject *mod_driver_remove(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"stream_id", "name", "base_dir", "namespace", NULL};
-    unsigned long sid = 0;
-    PyObject *name = Py_None, *base = Py_None, *ns = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|$OOO", kwlist, &sid, &name, &base, &ns))
-        return NULL;
     fshm_stream_addr a;
-    if (build_addr(sid, name, base, ns, &a))
+    if (parse_stream_args(args, kw, &a))
         return NULL;
     int rc;
     Py_BEGIN_ALLOW_THREADS
@@ -136,13 +142,8 @@ static PyObject *mod_driver_remove(PyObject *self, PyObject *args, PyObject *kw)
 
 static PyObject *mod_driver_current_epoch(PyObject *self, PyObject *args, PyObject *kw)
 {
-    static char *kwlist[] = {"stream_id", "name", "base_dir", "namespace", NULL};
-    unsigned long sid = 0;
-    PyObject *name = Py_None, *base = Py_None, *ns = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|$OOO", kwlist, &sid, &name, &base, &ns))
-        return NULL;
     fshm_stream_addr a;
-    if (build_addr(sid, name, base, ns, &a))
+    if (parse_stream_args(args, kw, &a))
         return NULL;
     uint64_t epoch = 0;
     int rc = fshm_provision_current(&a, &epoch);
