@@ -8,6 +8,7 @@
 #include <fcntl.h>
 #include <poll.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/socket.h>
@@ -393,7 +394,14 @@ int fshm_lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_grant
         rc = fshm_set_error(-errno, "pipe: %s", strerror(errno));
         goto fail;
     }
-    if ((rc = pthread_create(&l->thread, NULL, lease_thread, l)) != 0) {
+    /* The keepalive thread takes no signals: they belong to the application's threads
+     * (Ctrl-C must reach the one waiting on a frame, not interrupt a keepalive). */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&l->thread, NULL, lease_thread, l);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc != 0) {
         rc = fshm_set_error(-rc, "cannot start the keepalive thread: %s", strerror(rc));
         goto fail;
     }

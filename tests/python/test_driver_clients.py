@@ -416,3 +416,26 @@ def test_ls_marks_driver_streams_and_gc_leaves_them_to_a_live_driver(driver, shm
     assert frameshm.gc() == [1001]
     assert not list(shm_base.rglob("frameshm.ctl"))
     driver.start()  # for the fixture's clean stop
+
+
+def test_ctrl_c_reaches_a_reader_waiting_through_the_driver(driver, spawn):
+    child = spawn(f"""
+r = frameshm.Reader(stream_id=1003, driver={driver.sock!r})
+announce_queue(r)
+say("READY")
+t0 = time.monotonic()
+try:
+    r.wait_latest(timeout=None)
+except KeyboardInterrupt:
+    say("INTERRUPTED", round(time.monotonic() - t0, 3))
+r.close()
+say("CLOSED")
+""", label="waiter")
+    child.expect("READY")
+    time.sleep(0.3)  # let keepalives run: the signal must still reach the waiting thread
+    t0 = time.monotonic()
+    child.send_signal(signal.SIGINT)
+    child.expect("INTERRUPTED", timeout=5)
+    child.expect("CLOSED", timeout=5)
+    assert time.monotonic() - t0 < 2.0
+    assert child.wait() == 0
