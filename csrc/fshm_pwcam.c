@@ -12,6 +12,7 @@
 
 #ifdef FSHM_HAVE_PIPEWIRE
 #include <pthread.h>
+#include <signal.h>
 #include <time.h>
 
 #include <pipewire/pipewire.h>
@@ -1019,7 +1020,14 @@ int fshm_pwcam_open(const fshm_pwcam_config *cfg, fshm_pwcam **out)
     c->nbuffers = cfg->buffers ? cfg->buffers : 8;
     c->learn_timeout_ns = cfg->learn_timeout_ns;
     c->node_id = SPA_ID_INVALID;
-    if ((rc = pthread_create(&c->worker, NULL, worker_main, c))) {
+    /* The worker (and PipeWire's loop thread it starts, which inherits this) takes no
+     * signals: Ctrl-C belongs to the application's threads. */
+    sigset_t all, old;
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    rc = pthread_create(&c->worker, NULL, worker_main, c);
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    if (rc) {
         free_cam(c);
         return fshm_set_error(-rc, "cannot start the virtual camera's thread: %s", strerror(rc));
     }
