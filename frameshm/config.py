@@ -90,6 +90,12 @@ def _name(maxlen: int, allow_empty: bool = False) -> Callable[[Any], str]:
     return check
 
 
+def _socket_path(v):
+    if not isinstance(v, str) or (v and not v.startswith("/")):
+        raise ValueError(f"expected the absolute path of a frameshm driver's socket (or ''), got {v!r}")
+    return v
+
+
 def _source(v):
     if not isinstance(v, str) or not v:
         raise ValueError(f"expected a source URI such as 'test:' or 'v4l2:/dev/video0', got {v!r}")
@@ -167,6 +173,8 @@ class StreamsConfig:
     frames: str = _opt(_name(STREAM_NAME_MAX - _METRICS_SUFFIX_MAX), "cam0", "camera frames stream")
     detections: str = _opt(_name(STREAM_NAME_MAX, allow_empty=True), "",
                            "detections stream (default: '<frames>.detections')")
+    driver: str = _opt(_socket_path, "", "a frameshm driver's socket: the frames and detections streams "
+                       "attach through it (docs/driver.md); metrics streams stay local")
 
 
 @dataclass
@@ -249,6 +257,11 @@ class PipelineConfig:
     @property
     def detections_stream(self) -> str:
         return self.streams.detections or f"{self.streams.frames}.detections"
+
+    @property
+    def driver(self) -> Optional[str]:
+        """The driver socket the frames and detections streams attach through, or None."""
+        return self.streams.driver or None
 
     def metrics_stream(self, role: str) -> Optional[str]:
         """Name of a role's metrics stream, None if that role's metrics are off."""

@@ -24,7 +24,7 @@ import time
 from typing import Optional
 
 from ..config import PipelineConfig
-from ..errors import InvalidArgument, Timeout
+from ..errors import InvalidArgument, LeaseLost, Timeout
 from ..sources import Source, SourceGone, open_source
 from ..stream import MODE_ALARMED, MODE_STANDBY, Writer
 from . import Metrics
@@ -53,6 +53,7 @@ class Capture:
         self.metrics: Optional[Metrics] = None
         # counters (the metrics document)
         self.frames = 0          # committed
+        self.lease_lost = 0      # loans refused: driver away or stream taken (driver model)
         self.paced_drops = 0     # read but dropped to hold the target rate
         self.flushed = 0         # stale frames discarded on Standby -> Alarmed
         self.timeouts = 0
@@ -123,7 +124,8 @@ class Capture:
             log.info("source frame format changed to %s %s: recreating the stream", shape, dtype)
             w.close()
             self.writer = None
-        self.writer = Writer(self.cfg.frames_stream, shape=shape, dtype=dtype, nslots=self.c.nslots, **self._addr)
+        self.writer = Writer(self.cfg.frames_stream, shape=shape, dtype=dtype, nslots=self.c.nslots,
+                             driver=self.cfg.driver, **self._addr)
         log.info("writing stream %r: %s %s, %d slots", self.cfg.frames_stream, shape, dtype, self.c.nslots)
 
     # -- the frame loop -----------------------------------------------------------------
@@ -159,7 +161,16 @@ class Capture:
             if m != self.mode:
                 self._apply_mode(m, first=False)
                 next_due = 0  # the next fresh frame goes out at once
-            view = w.loan()
+            try:
+                view = w.loan()
+            except LeaseLost as exc:
+                # Driver model: the driver is away (restarting) or refused us the stream.
+                # Keep the camera, retry; the writer re-attaches as soon as it can.
+                self.lease_lost += 1
+                if self.lease_lost == 1 or self.lease_lost % 100 == 0:
+                    log.warning("cannot publish (%d tries so far): %s", self.lease_lost, exc)
+                stop.wait(self.c.reconnect_interval_s)
+                continue
             try:
                 ts = src.read_into(view, timeout)
             except Timeout:

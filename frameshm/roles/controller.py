@@ -132,10 +132,11 @@ class Controller:
         last_frame = time.monotonic()
         try:
             metrics = Metrics(self.cfg.metrics_stream("controller"), **self._addr)
-            det = Reader(self.cfg.detections_stream, consumer=c.consumer, spin=False, **self._addr)
+            det = Reader(self.cfg.detections_stream, consumer=c.consumer, spin=False, driver=self.cfg.driver,
+                         **self._addr)
             # The mode byte lives in the frames stream's control region: a passive handle
             # reaches it without becoming a consumer of the frames.
-            ctl = Reader(self.cfg.frames_stream, subscribe=False, **self._addr)
+            ctl = Reader(self.cfg.frames_stream, subscribe=False, driver=self.cfg.driver, **self._addr)
             ctl.mode = self.sentry.mode
             log.info("%s; mode %s written to %r; validation_frames=%d tracking_exit_frames=%d",
                      self.sentry.state, "Standby", self.cfg.frames_stream, c.validation_frames,

@@ -216,7 +216,7 @@ class Gateway:
         next_due = 0
         producer_gone = False
         try:
-            det = Reader(self.cfg.detections_stream, subscribe=False, **self._addr)
+            det = Reader(self.cfg.detections_stream, subscribe=False, driver=self.cfg.driver, **self._addr)
             while not self.stop.is_set():
                 try:
                     f = reader.wait_next(WAIT_S)
@@ -456,7 +456,8 @@ class Gateway:
         thread = None
         try:
             metrics = Metrics(self.cfg.metrics_stream("gateway"), **self._addr)
-            reader = self._reader = Reader(self.cfg.frames_stream, consumer=c.consumer, spin=False, **self._addr)
+            reader = self._reader = Reader(self.cfg.frames_stream, consumer=c.consumer, spin=False,
+                                           driver=self.cfg.driver, **self._addr)
             try:
                 server = await serve(self._handler, c.host, c.port, process_request=self._process_request,
                                      compression=None, max_size=4096, max_queue=4, ping_interval=10,

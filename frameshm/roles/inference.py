@@ -22,7 +22,7 @@ import numpy as np
 
 from ..config import PipelineConfig
 from ..detectors import DetectorError, as_detections, load_detector
-from ..errors import ProducerDead, Timeout
+from ..errors import LeaseLost, ProducerDead, Timeout
 from ..stream import Reader, Writer
 from . import Metrics
 
@@ -67,6 +67,7 @@ class Inference:
         # Loading first: a bad module:callable fails before any stream is touched.
         self.detector = detector if detector is not None else load_detector(self.c.detector, self.c.detector_params)
         self.processed = 0
+        self.lease_lost = 0
         self.skipped = 0
         self.torn = 0
         self.errors = 0
@@ -97,8 +98,9 @@ class Inference:
         try:
             metrics = Metrics(self.cfg.metrics_stream("inference"), **self._addr)
             writer = Writer(self.cfg.detections_stream, dtype="float32", max_bytes=c.max_detections * 24,
-                            nslots=c.nslots, **self._addr)
-            reader = Reader(self.cfg.frames_stream, consumer=c.consumer, spin=False, **self._addr)
+                            nslots=c.nslots, driver=self.cfg.driver, **self._addr)
+            reader = Reader(self.cfg.frames_stream, consumer=c.consumer, spin=False, driver=self.cfg.driver,
+                            **self._addr)
             log.info("detector %s: %r; %r -> %r", c.detector, self.detector, self.cfg.frames_stream,
                      self.cfg.detections_stream)
             debug = log.isEnabledFor(logging.DEBUG)
@@ -143,7 +145,15 @@ class Inference:
                                     dets.shape[0], c.max_detections)
                     self.truncated += 1
                     dets = as_detections(dets, c.max_detections)
-                writer.publish(dets, timestamp_ns=f.timestamp_ns, ref_seq=f.seq)
+                try:
+                    writer.publish(dets, timestamp_ns=f.timestamp_ns, ref_seq=f.seq)
+                except LeaseLost as exc:
+                    # The driver is away or gave the stream to someone else: drop these
+                    # detections and try again with the next frame (the writer re-attaches).
+                    self.lease_lost += 1
+                    if self.lease_lost == 1 or self.lease_lost % 100 == 0:
+                        log.warning("detections not published (%d so far): %s", self.lease_lost, exc)
+                    continue
                 now = time.monotonic_ns()
                 self.processed += 1
                 self.infer_ms.add((t1 - t0) / 1e6)

@@ -439,3 +439,60 @@ say("CLOSED")
     child.expect("CLOSED", timeout=5)
     assert time.monotonic() - t0 < 2.0
     assert child.wait() == 0
+
+
+PIPELINE_DRIVER_CONFIG = """
+[driver]
+socket = "{sock}"
+base_dir = "{base}"
+keepalive_interval_ms = {ka}
+cleanup_on_exit = true
+
+[profiles.frames]
+header_nslots = 8
+pools = [{{pool_id = 1, stride_bytes = 262144}}]
+
+[profiles.detections]
+header_nslots = 8
+pools = [{{pool_id = 1, stride_bytes = 8192}}]
+
+[[streams]]
+name = "cam0"
+profile = "frames"
+
+[[streams]]
+name = "cam0.detections"
+profile = "detections"
+"""
+
+
+def test_frameshm_run_through_the_driver(tmp_path, shm_base):
+    """The whole pipeline (`frameshm run`) with its frames and detections streams owned by a
+    driver: `--set streams.driver=...`; the page still gets frames, and the driver's
+    streams carry them (read here through the driver too)."""
+    from test_gateway import free_port, recv_frames, split_message
+    from test_run import Run
+
+    d = Driver(tmp_path, shm_base, PIPELINE_DRIVER_CONFIG.format(sock=str(tmp_path / "driver.sock"),
+                                                                 base=shm_base, ka=KEEPALIVE_MS)).start()
+    port = free_port()
+    run = Run("--port", str(port), "--source", "test:?width=320&height=240", "--set", "capture.standby_fps=15",
+              "--set", f'streams.driver="{d.sock}"')
+    try:
+        run.url()
+        msgs = recv_frames(f"ws://127.0.0.1:{port}/ws", 5, timeout=30)
+        assert len({split_message(m)[0]["seq"] for m in msgs}) == 5
+        assert frameshm.stream_info("cam0")["driver_managed"] is True
+        with frameshm.Reader("cam0", driver=d.sock) as frames, \
+             frameshm.Reader("cam0.detections", driver=d.sock) as dets:
+            f = frames.wait_latest(timeout=10)
+            assert f.shape == (240, 320, 3)
+            g = dets.wait_latest(timeout=10)
+            assert g.ref_seq is not None and g.ref_seq <= frames.wait_latest(timeout=10).seq
+        run.proc.send_signal(signal.SIGINT)
+        assert run.proc.wait(30) == 0, "".join(run.err)[-3000:]
+    finally:
+        run.close()
+        rc = d.stop()
+    assert rc == 0, d.text()
+    assert "Traceback" not in "".join(run.err)
