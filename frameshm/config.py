@@ -298,12 +298,12 @@ class PipelineConfig:
 def _set_value(cfg: PipelineConfig, section: str, key: str, value: Any, where: str) -> None:
     cls = SECTIONS.get(section)
     if cls is None:
-        raise ConfigError(f"{where}: unknown table [{section}]{_suggest(section, SECTIONS)}; known: {', '.join(SECTIONS)}")
+        raise ConfigError(f"{where}: unknown table [{section}]{suggest(section, SECTIONS)}; known: {', '.join(SECTIONS)}")
     specs = {f.name: f for f in fields(cls)}
     f = specs.get(key)
     if f is None:
         raise ConfigError(
-            f"{where}: unknown key {key!r} in [{section}]{_suggest(key, specs)}; known: {', '.join(specs)}"
+            f"{where}: unknown key {key!r} in [{section}]{suggest(key, specs)}; known: {', '.join(specs)}"
         )
     try:
         norm = f.metadata["check"](value)
@@ -312,7 +312,8 @@ def _set_value(cfg: PipelineConfig, section: str, key: str, value: Any, where: s
     setattr(getattr(cfg, section), key, norm)
 
 
-def _suggest(word: str, known) -> str:
+def suggest(word: str, known) -> str:
+    """' (did you mean ...?)' for the closest known word, or ''."""
     close = difflib.get_close_matches(word, list(known), n=1)
     return f" (did you mean {close[0]!r}?)" if close else ""
 
@@ -329,7 +330,7 @@ def from_dict(data: Dict[str, Any], where: str = "configuration") -> PipelineCon
             raise ConfigError(f"{where}: key {section!r} outside any table{hint}; tables: {', '.join(SECTIONS)}")
         if section not in SECTIONS:
             raise ConfigError(
-                f"{where}: unknown table [{section}]{_suggest(section, SECTIONS)}; known: {', '.join(SECTIONS)}"
+                f"{where}: unknown table [{section}]{suggest(section, SECTIONS)}; known: {', '.join(SECTIONS)}"
             )
         if not isinstance(table, dict):
             raise ConfigError(f"{where}: {section} must be a table ([{section}]), got {table!r}")
@@ -339,25 +340,32 @@ def from_dict(data: Dict[str, Any], where: str = "configuration") -> PipelineCon
     return cfg
 
 
-def _toml():
+def _toml(error=None):
     if tomllib is None:
-        raise ConfigError("reading TOML needs Python 3.11+ (tomllib) or the tomli package: pip install tomli")
+        raise (error or ConfigError)("reading TOML needs Python 3.11+ (tomllib) or the tomli package: "
+                                     "pip install tomli")
     return tomllib
+
+
+def read_toml(path: str, error=None) -> Dict[str, Any]:
+    """Parses a TOML file; every failure is an ``error`` (ConfigError by default) naming
+    the file. Shared by the pipeline and driver configs."""
+    error = error or ConfigError
+    _toml(error)
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise error(f"config file not found: {path}") from None
+    except IsADirectoryError:
+        raise error(f"config path is a directory: {path}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise error(f"{path}: invalid TOML: {exc}") from None
 
 
 def load(path: str) -> PipelineConfig:
     """Reads and validates a pipeline TOML file."""
-    toml = _toml()
-    try:
-        with open(path, "rb") as f:
-            data = toml.load(f)
-    except FileNotFoundError:
-        raise ConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise ConfigError(f"config path is a directory: {path}") from None
-    except toml.TOMLDecodeError as exc:
-        raise ConfigError(f"{path}: invalid TOML: {exc}") from None
-    return from_dict(data, where=path)
+    return from_dict(read_toml(path), where=path)
 
 
 def load_or_default(path: Optional[str]) -> PipelineConfig:

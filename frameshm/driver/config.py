@@ -11,7 +11,6 @@ naming the file, the table and the key (with a did-you-mean suggestion).
 
 from __future__ import annotations
 
-import difflib
 import grp
 import os
 import pwd
@@ -19,16 +18,9 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Tuple
 
 from .. import _core
-from ..config import ConfigError
+from ..config import ConfigError, read_toml
+from ..config import suggest as _suggest
 from ..errors import FrameshmError
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python < 3.11
-    try:
-        import tomli as tomllib  # type: ignore[no-redef]
-    except ModuleNotFoundError:
-        tomllib = None  # type: ignore[assignment]
 
 MAX_NSLOTS = 1 << 24
 MAX_STRIDE = 1 << 31
@@ -38,11 +30,6 @@ SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes including the NUL
 
 class DriverConfigError(ConfigError):
     """The driver configuration is invalid (the message says where and why)."""
-
-
-def _suggest(word: str, known) -> str:
-    close = difflib.get_close_matches(word, list(known), n=1)
-    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def _check_keys(table: Dict[str, Any], known: Dict[str, Any], where: str) -> None:
@@ -383,18 +370,7 @@ def from_dict(data: Dict[str, Any], where: str = "configuration") -> DriverConfi
 
 
 def load(path: str) -> DriverConfig:
-    if tomllib is None:
-        raise DriverConfigError("reading TOML needs Python 3.11+ (tomllib) or the tomli package")
-    try:
-        with open(path, "rb") as f:
-            data = tomllib.load(f)
-    except FileNotFoundError:
-        raise DriverConfigError(f"config file not found: {path}") from None
-    except IsADirectoryError:
-        raise DriverConfigError(f"config path is a directory: {path}") from None
-    except tomllib.TOMLDecodeError as exc:
-        raise DriverConfigError(f"{path}: invalid TOML: {exc}") from None
-    return from_dict(data, where=os.fspath(path))
+    return from_dict(read_toml(path, DriverConfigError), where=os.fspath(path))
 
 
 def check_report(cfg: DriverConfig) -> str:
