@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import pathlib
+import re
 import signal
 import subprocess
 import sys
@@ -496,3 +497,40 @@ def test_frameshm_run_through_the_driver(tmp_path, shm_base):
         rc = d.stop()
     assert rc == 0, d.text()
     assert "Traceback" not in "".join(run.err)
+
+
+def test_a_consumer_stopped_past_its_lease_reattaches_when_it_wakes(driver, spawn):
+    child = spawn(f"""
+r = frameshm.Reader(stream_id=1001, driver={driver.sock!r}, consumer="sleepy")
+announce_queue(r)
+say("READY")
+while not stopped():
+    try:
+        f = r.wait_latest(timeout=0.2)
+    except frameshm.Timeout:
+        continue
+    say("FRAME", int(f.array[0]), f.epoch)
+r.close()
+""", label="consumer")
+    child.expect("READY")
+    with frameshm.Writer(stream_id=1001, driver=driver.sock, shape=(8,)) as w:
+        w.publish(np.full(8, 1, np.uint8))
+        assert child.expect("FRAME").split()[0] == "1"
+        child.send_signal(signal.SIGSTOP)
+        try:
+            wait_until(lambda: re.search(r"expiry: lease \d+ stream 1001 consumer", driver.text()), 5,
+                       what="the consumer's lease expiring")
+        finally:
+            child.send_signal(signal.SIGCONT)
+        # it re-attaches by itself (a new lease) and gets frames again from the same producer
+        deadline = time.monotonic() + 10
+        got = None
+        while time.monotonic() < deadline and got != "2":
+            w.publish(np.full(8, 2, np.uint8))
+            try:
+                got = child.expect("FRAME", timeout=0.5).split()[0]
+            except AssertionError:
+                continue
+        assert got == "2", child.stderr[-2000:]
+    # producer, consumer, and the consumer again with a new lease
+    assert len(re.findall(r"attach: lease \d+ stream 1001 consumer", driver.text())) == 2
