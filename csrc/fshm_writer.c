@@ -623,7 +623,8 @@ void fshm_writer_set_ref(fshm_writer *w, uint64_t ref_seq) { w->ref_plus1 = ref_
 
 void fshm_writer_heartbeat(fshm_writer *w)
 {
-    if (!w->ctl)
+    /* A driver-mode writer whose lease ended must not vouch for its successor. */
+    if (!w->ctl || (w->driver_mode && LOAD_ACQ(&w->ctl->epoch) != w->epoch))
         return;
     uint64_t now = fshm_now_ns();
     STORE_RLX(&w->ctl->activity_ns, now);
