@@ -156,13 +156,15 @@ class Capture:
         self._apply_mode(mode, first=True)
         next_due = 0
         stalled = False
+        view = None
         while not stop.is_set():
             m = MODE_ALARMED if w.mode == MODE_ALARMED else MODE_STANDBY
             if m != self.mode:
                 self._apply_mode(m, first=False)
                 next_due = 0  # the next fresh frame goes out at once
             try:
-                view = w.loan()
+                if view is None:  # a slot kept from a read cut short by a mode flip is reused
+                    view = w.loan()
             except LeaseLost as exc:
                 # Driver model: the driver is away (restarting) or refused us the stream.
                 # Keep the camera, retry; the writer re-attaches as soon as it can.
@@ -172,7 +174,9 @@ class Capture:
                 stop.wait(self.c.reconnect_interval_s)
                 continue
             try:
-                ts = src.read_into(view, timeout)
+                ts = self._read(view, timeout)
+                if ts is None:
+                    continue  # the mode flipped while we waited: apply it first
             except Timeout:
                 self.timeouts += 1
                 if not stalled:
@@ -191,6 +195,7 @@ class Capture:
                     continue
                 next_due = next_due + period if ts - next_due < period else ts + period
             seq = w.commit(ts)
+            view = None
             self.frames += 1
             if debug:
                 log.debug("frame seq %d ts %d", seq, ts)
@@ -201,7 +206,36 @@ class Capture:
                 # next due frame is read fresh rather than from a full driver queue.
                 nap = (next_due - period // 10 - now) / 1e9 - 0.02
                 if nap > 0:
-                    stop.wait(nap)
+                    self._nap(nap)
+
+    # A waiting capture looks at the mode byte this often, so a Standby -> Alarmed flip takes
+    # effect within it instead of after a whole standby period (up to 1/standby_fps).
+    MODE_POLL_S = 0.02
+
+    def _mode_flipped(self) -> bool:
+        return (MODE_ALARMED if self.writer.mode == MODE_ALARMED else MODE_STANDBY) != self.mode
+
+    def _read(self, view, timeout: float) -> Optional[int]:
+        """source.read_into in short slices: the frame's timestamp, or None when the mode
+        flipped first (the view stays loaned for the next read). Timeout after `timeout`."""
+        deadline = time.monotonic() + timeout
+        while True:
+            left = deadline - time.monotonic()
+            try:
+                return self.source.read_into(view, max(0.001, min(left, self.MODE_POLL_S)))
+            except Timeout:
+                if self._mode_flipped() or self.stop.is_set():
+                    return None
+                if time.monotonic() >= deadline:
+                    raise
+
+    def _nap(self, seconds: float) -> None:
+        end = time.monotonic() + seconds
+        while not self.stop.is_set() and not self._mode_flipped():
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            self.stop.wait(min(left, self.MODE_POLL_S))
 
     def _publish_metrics(self, now: int, force: bool = False) -> None:
         m = self.metrics

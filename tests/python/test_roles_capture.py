@@ -10,6 +10,7 @@ import threading
 import time
 
 import numpy as np
+import pytest
 
 import frameshm
 from fshm_helpers import wait_until
@@ -154,3 +155,33 @@ def test_bad_source_parameters_are_reported(shm_base):
                           capture_output=True, text=True, timeout=60)
     assert proc.returncode == 1
     assert "unknown parameter(s) widht" in proc.stderr and "Traceback" not in proc.stderr
+
+
+
+@pytest.mark.parametrize("ratecontrol", [1, 0])
+def test_an_alarm_takes_effect_at_once_not_after_the_standby_period(spawn, ratecontrol):
+    """Standby at 1 fps: a flip to Alarmed right after a frame went out must not wait for
+    the rest of that second (the capture was blocked in a read or napping)."""
+    name = f"flip-{ratecontrol}"
+    cap = start_role(spawn, "capture", "--frames", name, "--set", "capture.standby_fps=1",
+                     "--source", f"test:?width=160&height=120&fps=30&ratecontrol={ratecontrol}")
+    probe = Probe(name)
+    modectl = frameshm.Reader(name, consumer="modectl", spin=False)
+    try:
+        probe.start()
+        wait_until(lambda: len(probe.frames) >= 2, 20, what="two standby frames")
+        n = len(probe.frames)
+        wait_until(lambda: len(probe.frames) > n, 5, what="a fresh standby frame")
+        time.sleep(0.05)  # the capture is now inside its ~1 s wait for the next one
+        t_alarm = time.monotonic_ns()
+        modectl.mode = frameshm.MODE_ALARMED
+        wait_until(lambda: any(pub > t_alarm for _, _, pub, _ in probe.frames), 5, what="a frame after the alarm")
+        first = min(pub for _, _, pub, _ in probe.frames if pub > t_alarm)
+        reaction_ms = (first - t_alarm) / 1e6
+        cap.send_signal(signal.SIGINT)
+        assert cap.wait(20) == 0, cap.stderr
+    finally:
+        probe.stop()
+        modectl.close()
+    print(f"ratecontrol={ratecontrol}: first frame {reaction_ms:.0f} ms after the alarm")
+    assert reaction_ms < 300, reaction_ms
