@@ -135,6 +135,9 @@ uint64_t fshm_writer_next_seq(const fshm_writer *w);
  * mappings/bases fetched earlier are stale then). */
 uint32_t fshm_writer_attach_gen(const fshm_writer *w);
 uint64_t fshm_writer_lease_id(const fshm_writer *w);   /* 0 without a driver */
+/* 1 when the next loan needs no driver round trip (no driver, or the lease is fine); 0
+ * when it will re-attach first (bindings release their interpreter lock for that). */
+int fshm_writer_lease_ok(const fshm_writer *w);
 /* Mapping of payload pool i (borrowed; fshm_map_ref to keep it past close). */
 fshm_map *fshm_writer_pool_map(const fshm_writer *w, unsigned i);
 /* Refreshes the activity timestamp without publishing (idle producers call this). */

@@ -237,6 +237,12 @@ fail:
     return rc;
 }
 
+int fshm_writer_lease_ok(const fshm_writer *w)
+{
+    return !w->driver_mode || (w->lease && w->ctl && LOAD_RLX(&w->ctl->epoch) == w->epoch &&
+                               fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE);
+}
+
 /* Called before each loan: a lease the driver ended (or a driver that went away) means
  * the regions are no longer ours; attach again for a fresh epoch. */
 static int check_lease(fshm_writer *w)

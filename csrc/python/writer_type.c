@@ -202,8 +202,20 @@ static PyObject *writer_loan(FshmWriter *self, PyObject *arg)
             PyErr_SetString(fshm_exc_invalid, "nbytes must be >= 0");
         return NULL;
     }
+    if (self->busy)
+        return PyErr_Format(PyExc_RuntimeError, "Writer used from two threads at once");
     fshm_loan l;
-    int rc = fshm_writer_loan(self->w, (size_t)nbytes, &l);
+    int rc;
+    if (fshm_writer_lease_ok(self->w)) {
+        rc = fshm_writer_loan(self->w, (size_t)nbytes, &l);
+    } else {
+        /* Re-attaching talks to the driver (up to its answer timeout): other threads run. */
+        self->busy = 1;
+        Py_BEGIN_ALLOW_THREADS
+        rc = fshm_writer_loan(self->w, (size_t)nbytes, &l);
+        Py_END_ALLOW_THREADS
+        self->busy = 0;
+    }
     if (rc)
         return fshm_raise(rc);
     self->loan_bytes = (size_t)nbytes;
@@ -226,6 +238,8 @@ static int opt_u64(PyObject *o, unsigned long long *out)
 static PyObject *writer_commit(FshmWriter *self, PyObject *const *args, Py_ssize_t nargs)
 {
     CHECK_OPEN(self);
+    if (self->busy)
+        return PyErr_Format(PyExc_RuntimeError, "Writer used from two threads at once");
     unsigned long long ts = 0, ref = 0;
     if (nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "commit(timestamp_ns=None, ref_seq=None)");
@@ -268,8 +282,9 @@ static PyObject *writer_publish(FshmWriter *self, PyObject *args, PyObject *kw)
         fshm_writer_set_ref(self->w, ref);
     self->busy = 1;
     self->loaned = 0;
-    if (buf.len >= 65536) {
-        /* Big copies run without the GIL so other threads (a camera, a UI) keep going. */
+    if (buf.len >= 65536 || !fshm_writer_lease_ok(self->w)) {
+        /* Big copies, and loans that must re-attach through the driver first, run without
+         * the GIL so other threads (a camera, a UI) keep going. */
         Py_BEGIN_ALLOW_THREADS
         rc = fshm_writer_publish(self->w, buf.buf, (size_t)buf.len, &self->tensor, ts);
         Py_END_ALLOW_THREADS
