@@ -212,6 +212,9 @@ int fshm_reader_producer_state(fshm_reader *r, int64_t *pid);
 uint8_t fshm_reader_mode(fshm_reader *r);
 void fshm_reader_set_mode(fshm_reader *r, uint8_t mode);
 uint64_t fshm_reader_epoch(const fshm_reader *r);
+/* 1 unless the next call may first re-attach through the driver (bindings release their
+ * interpreter lock for that). */
+int fshm_reader_lease_ok(const fshm_reader *r);
 uint32_t fshm_reader_stream_id(const fshm_reader *r);
 uint64_t fshm_reader_overruns(const fshm_reader *r);
 uint64_t fshm_reader_drops(const fshm_reader *r);   /* frames dropped by validation */

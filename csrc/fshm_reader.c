@@ -738,6 +738,10 @@ void fshm_reader_set_mode(fshm_reader *r, uint8_t mode)
     check_environment(r, 1);   /* a write must never land in a replaced control region */
     STORE_REL(&r->ctl->mode, mode);
 }
+int fshm_reader_lease_ok(const fshm_reader *r)
+{
+    return !r->driver_mode || (r->lease && fshm_lease_state(r->lease, NULL) == FSHM_LEASE_ACTIVE);
+}
 uint64_t fshm_reader_epoch(const fshm_reader *r) { return r->epoch; }
 uint32_t fshm_reader_stream_id(const fshm_reader *r) { return r->paths.stream_id; }
 uint64_t fshm_reader_overruns(const fshm_reader *r) { return r->overruns; }

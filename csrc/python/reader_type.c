@@ -190,11 +190,27 @@ static PyObject *reader_wait_next(FshmReader *self, PyObject *args, PyObject *kw
     return do_wait(self, args, kw, 0);
 }
 
+/* Runs stmt, without the GIL when the reader may first have to re-attach through the
+ * driver (a round trip): the usual case stays a plain call. */
+#define LEASE_AWARE(self, stmt)                                                                  \
+    do {                                                                                         \
+        if ((self)->busy || fshm_reader_lease_ok((self)->r)) {                                   \
+            stmt;                                                                                \
+        } else {                                                                                 \
+            (self)->busy = 1;                                                                    \
+            Py_BEGIN_ALLOW_THREADS                                                               \
+            stmt;                                                                                \
+            Py_END_ALLOW_THREADS                                                                 \
+            (self)->busy = 0;                                                                    \
+        }                                                                                        \
+    } while (0)
+
 static PyObject *reader_peek_latest(FshmReader *self, PyObject *unused)
 {
     CHECK_OPEN(self);
     fshm_frame f;
-    int rc = fshm_reader_peek_latest(self->r, &f);
+    int rc;
+    LEASE_AWARE(self, rc = fshm_reader_peek_latest(self->r, &f));
     if (rc == -EAGAIN)
         Py_RETURN_NONE;
     if (rc)
@@ -210,7 +226,8 @@ static PyObject *reader_read_copy(FshmReader *self, PyObject *unused)
         return PyErr_Format(PyExc_RuntimeError, "Reader used from two threads at once");
     for (int attempt = 0; attempt < 100; attempt++) {
         fshm_frame f;
-        int rc = fshm_reader_peek_latest(self->r, &f);
+        int rc;
+        LEASE_AWARE(self, rc = fshm_reader_peek_latest(self->r, &f));
         if (rc == -EAGAIN)
             Py_RETURN_NONE;
         if (rc == FSHM_E_OVERRUN && attempt < 99) {
@@ -273,7 +290,8 @@ static PyObject *reader_producer(FshmReader *self, PyObject *unused)
 {
     CHECK_OPEN(self);
     int64_t pid = 0;
-    int st = fshm_reader_producer_state(self->r, &pid);
+    int st;
+    LEASE_AWARE(self, st = fshm_reader_producer_state(self->r, &pid));
     static const char *names[] = {"none", "alive", "dead", "closed"};
     return Py_BuildValue("(sL)", names[st & 3], (long long)pid);
 }
@@ -294,7 +312,9 @@ static PyObject *reader_close(FshmReader *self, PyObject *unused)
 static PyObject *reader_get_mode(FshmReader *self, void *c)
 {
     CHECK_OPEN(self);
-    return PyLong_FromLong(fshm_reader_mode(self->r));
+    uint8_t m;
+    LEASE_AWARE(self, m = fshm_reader_mode(self->r));
+    return PyLong_FromLong(m);
 }
 
 static int reader_set_mode(FshmReader *self, PyObject *v, void *c)
@@ -306,7 +326,7 @@ static int reader_set_mode(FshmReader *self, PyObject *v, void *c)
     uint8_t m;
     if (fshm_parse_mode(v, &m))
         return -1;
-    fshm_reader_set_mode(self->r, m);
+    LEASE_AWARE(self, fshm_reader_set_mode(self->r, m));
     return 0;
 }
 
