@@ -433,3 +433,18 @@ _QUEUE_RE = re.compile(r"^/fshm-[0-9a-f]+-[0-9a-f]{8}$")
 
 def is_queue_name(name: str) -> bool:
     return bool(_QUEUE_RE.match(name))
+
+
+def pipewire_harness_or_skip(harness, built_without: Optional[str] = None):
+    """A private PipeWire + WirePlumber (tests/harness) to use in a ``with``; skips the test
+    with the reason when the harness's packages are missing, or when ``built_without``
+    (why this frameshm build cannot use it) is given."""
+    import pytest
+
+    missing = harness.missing_requirements()
+    if missing:
+        pytest.skip("PipeWire harness unavailable, missing: " + ", ".join(missing)
+                    + " (bash scripts/setup.sh installs " + " ".join(harness.APT_PACKAGES) + ")")
+    if built_without:
+        pytest.skip(built_without)
+    return harness.PipeWireHarness()

@@ -30,18 +30,14 @@ sys.path.insert(0, HARNESS)
 import harness  # noqa: E402
 from pattern import check_frame  # noqa: E402
 
-from fshm_helpers import child_env, run_snippet, wait_until  # noqa: E402
+from fshm_helpers import child_env, pipewire_harness_or_skip, run_snippet, wait_until  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def pw():
-    missing = harness.missing_requirements()
-    if missing:
-        pytest.skip("PipeWire V4L2 harness unavailable, missing: " + ", ".join(missing)
-                    + " (bash scripts/setup.sh installs " + " ".join(harness.APT_PACKAGES) + ")")
-    if not fcam.HAVE_LIBV4L2:
-        pytest.skip("frameshm was built without libv4l2 (apt-get install libv4l-dev, then pip install -e .)")
-    with harness.PipeWireHarness() as h:
+    with pipewire_harness_or_skip(harness, None if fcam.HAVE_LIBV4L2 else
+                                  "frameshm was built without libv4l2 (apt-get install libv4l-dev, then "
+                                  "pip install -e .)") as h:
         yield h
 
 

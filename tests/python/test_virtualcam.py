@@ -36,7 +36,7 @@ HARNESS = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "harnes
 sys.path.insert(0, HARNESS)
 import harness  # noqa: E402
 
-from fshm_helpers import child_env, run_snippet, wait_until  # noqa: E402
+from fshm_helpers import child_env, pipewire_harness_or_skip, run_snippet, wait_until  # noqa: E402
 
 W, H, FPS = 320, 240, 30
 CLIENT_TIMEOUT = 30
@@ -47,13 +47,9 @@ CLIENT_TIMEOUT = 30
 
 @pytest.fixture(scope="module")
 def pw():
-    missing = harness.missing_requirements()
-    if missing:
-        pytest.skip("PipeWire harness unavailable, missing: " + ", ".join(missing)
-                    + " (bash scripts/setup.sh installs " + " ".join(harness.APT_PACKAGES) + ")")
-    if not virtualcam.HAVE_PIPEWIRE:
-        pytest.skip("frameshm was built without PipeWire (apt-get install libpipewire-0.3-dev, then pip install -e .)")
-    with harness.PipeWireHarness() as h:
+    with pipewire_harness_or_skip(harness, None if virtualcam.HAVE_PIPEWIRE else
+                                  "frameshm was built without PipeWire (apt-get install libpipewire-0.3-dev, "
+                                  "then pip install -e .)") as h:
         yield h
 
 
