@@ -47,6 +47,8 @@ extern "C" {
 #define FSHM_GIGE_MAX_BUFFERS 64
 #define FSHM_GIGE_DEFAULT_BUFFERS 8
 #define FSHM_GIGE_PROBE_AFTER_NS 1000000000ull
+/* Closing a camera that sent nothing for this long does not wait for it to answer. */
+#define FSHM_GIGE_SILENT_CLOSE_NS 300000000ull
 
 /* 1 if this build has Aravis. */
 int fshm_gige_have_aravis(void);

@@ -348,3 +348,29 @@ def _exists(name):
         return True
     except frameshm.StreamNotFound:
         return False
+
+
+def test_ctrl_c_is_prompt_while_the_camera_is_silent(gv_camera, spawn):
+    """A camera that stopped answering (paused, unplugged, not yet declared gone) must not
+    hold up Ctrl-C while its connection is released."""
+    uri = f"gige:{IP}?pixel_format=Mono8&width=320&height=240&fps=30&packet_size=1400"
+    cap = spawn(
+        "from frameshm.cli import main\n"
+        f"sys.exit(main(['capture', '--frames', 'silent-cam', '--source', {uri!r}, '--standby-fps', '30']))\n",
+        label="capture",
+    )
+    wait_until(lambda: _exists("silent-cam"), 20, what="the capture stream")
+    with frameshm.Reader("silent-cam", consumer="probe", spin=False) as r:
+        assert r.wait_latest(5).array.shape == (240, 320)
+    gv_camera.proc.send_signal(signal.SIGSTOP)
+    try:
+        time.sleep(0.5)
+        t0 = time.monotonic()
+        cap.send_signal(signal.SIGINT)
+        rc = cap.wait(20)
+        took = time.monotonic() - t0
+    finally:
+        gv_camera.proc.send_signal(signal.SIGCONT)
+    print(f"capture stopped {took:.2f} s after Ctrl-C with the camera silent")
+    assert rc == 0, cap.stderr[-2000:]
+    assert took < 1.5, (took, cap.stderr[-3000:])
