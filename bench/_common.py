@@ -60,9 +60,9 @@ def machine_info() -> dict:
     try:
         rev = subprocess.run(["git", "-C", BENCH_DIR, "rev-parse", "--short", "HEAD"],
                              capture_output=True, text=True, timeout=5)
-        # "+dirty": tracked library sources (csrc/, frameshm/) differ from the commit.
+        # "+dirty": tracked library sources (lib/, devices/, binding/, frameshm/) differ from the commit.
         dirty = subprocess.run(["git", "-C", os.path.dirname(BENCH_DIR), "status", "--porcelain",
-                                "--untracked-files=no", "--", "csrc", "frameshm"],
+                                "--untracked-files=no", "--", "lib", "devices", "binding", "frameshm"],
                                capture_output=True, text=True, timeout=5)
         if rev.returncode == 0:
             info["git"] = rev.stdout.strip() + ("+dirty" if dirty.stdout.strip() else "")

@@ -35,7 +35,7 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "frameshm.h"
+#include <frameshm/frameshm.h>
 
 #ifndef GIT_REV
 #define GIT_REV "unknown"
@@ -162,7 +162,7 @@ static int g_pin = 0;
 static void fshm_consumer(shared *sh, long total, int spin)
 {
     pin(g_pin ? 1 : -1);
-    fshm_reader_config rc = {0};
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
     rc.addr.name = g_stream;
     rc.addr.base_dir = g_base;
     rc.consumer = "wake-bench";
@@ -214,7 +214,7 @@ static int run_fshm(shared *sh, long total, int hz, int spin, result *res)
     pin(g_pin ? 0 : -1);
     while (!__atomic_load_n(&sh->ready, __ATOMIC_ACQUIRE))
         usleep(1000);
-    fshm_writer_config wc = {0};
+    fshm_writer_config wc = FSHM_WRITER_CONFIG_INIT;
     wc.addr.name = g_stream;
     wc.addr.base_dir = g_base;
     wc.nslots = 8;

@@ -6,6 +6,7 @@
     f = r.wait_latest(timeout=1.0); f.array  # zero-copy numpy view
 """
 
+from . import _core
 from .errors import (
     CorruptStream,
     DriverRejected,
@@ -13,8 +14,10 @@ from .errors import (
     FrameshmError,
     FrameTooLarge,
     InvalidArgument,
+    InvalidState,
     LeaseLost,
     Overrun,
+    PermissionDenied,
     ProducerDead,
     ResourceLimit,
     StreamBusy,
@@ -22,13 +25,13 @@ from .errors import (
     StreamNotFound,
     Timeout,
 )
-from . import _core
 from .stream import MODE_ALARMED, MODE_STANDBY, Frame, Reader, Writer
 from .admin import gc, list_streams, stream_info
 from .camera import Camera
 from .gige import GigECamera
 from .virtualcam import VirtualCamera
 from .processor import Processor
+from .clib import cmake_dir, get_include, get_library_dir, pkgconfig_dir
 
 __version__ = "0.1.0"
 
@@ -52,12 +55,18 @@ __all__ = [
     "CorruptStream",
     "FrameTooLarge",
     "ResourceLimit",
+    "PermissionDenied",
     "Timeout",
     "ProducerDead",
     "Overrun",
     "StreamClosed",
+    "InvalidState",
     "DriverUnavailable",
     "DriverRejected",
     "LeaseLost",
+    "get_include",
+    "get_library_dir",
+    "pkgconfig_dir",
+    "cmake_dir",
     "__version__",
 ]

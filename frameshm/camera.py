@@ -29,9 +29,10 @@ mid-stream, ENODEV), :class:`UnsupportedFormat`, :class:`NotACamera`,
 :class:`V4L2Unavailable` (built without libv4l2), :class:`BuffersExhausted`; a frame that
 does not come in time raises :class:`frameshm.Timeout`.
 
-Test-only hook: ``FRAMESHM_V4L2_BACKEND=<path>/libfshm_fakev4l2.so`` makes every camera
-opened afterwards in this process (and its children) use that library's I/O backend
-instead of libv4l2 (docs/v4l2.md; tests/c/fake_v4l2.h).
+Test builds only (``FRAMESHM_TEST_BUILD=1`` at build time; never in wheels):
+``FRAMESHM_V4L2_BACKEND=<path>/libfshm_fakev4l2.so`` makes every camera opened afterwards
+in this process (and its children) use that library's I/O backend instead of libv4l2
+(docs/v4l2.md; tests/c/fake_v4l2.h).
 """
 
 from __future__ import annotations
@@ -44,7 +45,18 @@ from numpy.lib.stride_tricks import as_strided
 
 from . import _core
 from ._camera_base import _CameraBase
-from .errors import FrameshmError, InvalidArgument
+from ._core import (  # noqa: F401  (the camera errors are created in C, frameshm._core)
+    BuffersExhausted,
+    CameraError,
+    DeviceBusy,
+    DeviceGone,
+    DeviceNotFound,
+    DevicePermissionError,
+    NotACamera,
+    UnsupportedFormat,
+    V4L2Unavailable,
+)
+from .errors import InvalidArgument
 
 __all__ = [
     "Camera",
@@ -65,44 +77,6 @@ __all__ = [
 
 #: True when frameshm was built with libv4l2 (else opening a camera raises V4L2Unavailable).
 HAVE_LIBV4L2 = bool(_core.HAVE_LIBV4L2)
-
-
-class CameraError(FrameshmError):
-    """Base class of the camera errors."""
-
-
-class DeviceNotFound(CameraError, FileNotFoundError):
-    """No device at that path (unplugged, or never there)."""
-
-
-class DevicePermissionError(CameraError, PermissionError):
-    """The device exists but this user may not open it (``video`` group, udev rules)."""
-
-
-class DeviceBusy(CameraError, OSError):
-    """Another process is capturing from the device (EBUSY)."""
-
-
-class DeviceGone(CameraError, OSError):
-    """The device disappeared (ENODEV): unplugged or its driver reset. Close the camera and
-    open it again once it is back."""
-
-
-class UnsupportedFormat(CameraError, InvalidArgument):
-    """The device cannot deliver that format, size or conversion (the message lists what
-    it offers)."""
-
-
-class NotACamera(CameraError, ValueError):
-    """The path is not a V4L2 video capture device."""
-
-
-class V4L2Unavailable(CameraError):
-    """frameshm was built without libv4l2 (apt-get install libv4l-dev, then reinstall)."""
-
-
-class BuffersExhausted(CameraError):
-    """Every driver buffer is held by frames not released (or by live views of them)."""
 
 
 _ALIASES = {

@@ -39,24 +39,25 @@ from typing import Dict, Optional
 
 import numpy as np
 
-from . import _core
 from ._camera_base import _CameraBase
-from .camera import CameraError
+from ._core import AravisError, GigEUnavailable  # noqa: F401  (created in C)
 from .errors import InvalidArgument
 
 __all__ = ["GigECamera", "GigEUnavailable", "AravisError", "HAVE_ARAVIS"]
 
-#: True when frameshm was built with Aravis (else opening a camera raises GigEUnavailable).
-HAVE_ARAVIS = bool(_core.HAVE_ARAVIS)
+def _ext():
+    """frameshm._gige, imported on first use: it loads Aravis and GLib, which a process
+    that only moves frames never needs."""
+    from . import _gige
+
+    return _gige
 
 
-class GigEUnavailable(CameraError):
-    """frameshm was built without Aravis (apt-get install libaravis-dev libusb-1.0-0-dev,
-    then reinstall)."""
-
-
-class AravisError(CameraError):
-    """An Aravis error with no better category (its message is Aravis')."""
+def __getattr__(name: str):
+    if name == "HAVE_ARAVIS":
+        #: True when frameshm was built with Aravis (else opening a camera raises GigEUnavailable).
+        return bool(_ext().HAVE_ARAVIS)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def _uint(v, what: str, lo: int = 0) -> int:
@@ -92,7 +93,7 @@ class GigECamera(_CameraBase):
         if (self._req["width"] == 0) != (self._req["height"] == 0):
             raise InvalidArgument("give both width and height, or neither")
         self.id = id
-        super().__init__(_core.GigECamera(id), start)
+        super().__init__(_ext().GigECamera(id), start)
 
     def start(self) -> None:
         """Applies every setting, allocates the buffer pool and starts acquisition."""

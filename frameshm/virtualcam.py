@@ -28,8 +28,8 @@ import time
 from fractions import Fraction
 from typing import Callable, Dict, Iterator, NamedTuple, Optional, Union
 
-from . import _core
-from .errors import FrameshmError, InvalidArgument, Timeout
+from ._core import PipeWireError, PipeWireUnavailable, UnsupportedStream  # noqa: F401  (created in C)
+from .errors import InvalidArgument, Timeout
 from .stream import _dtype
 
 __all__ = ["VirtualCamera", "Event", "PipeWireError", "PipeWireUnavailable", "UnsupportedStream",
@@ -37,22 +37,19 @@ __all__ = ["VirtualCamera", "Event", "PipeWireError", "PipeWireUnavailable", "Un
 
 log = logging.getLogger("frameshm.virtualcam")
 
-#: True when frameshm was built with libpipewire-0.3.
-HAVE_PIPEWIRE = bool(_core.HAVE_PIPEWIRE)
+def _ext():
+    """frameshm._virtualcam, imported on first use: it loads libpipewire, which a process
+    that only moves frames never needs."""
+    from . import _virtualcam
+
+    return _virtualcam
 
 
-class PipeWireUnavailable(FrameshmError):
-    """frameshm was built without PipeWire (apt-get install libpipewire-0.3-dev, then
-    reinstall frameshm)."""
-
-
-class PipeWireError(FrameshmError, ConnectionError):
-    """PipeWire failed: no daemon to connect to, the connection was lost, or the node
-    failed."""
-
-
-class UnsupportedStream(InvalidArgument):
-    """The stream's frames cannot be served as a video format (see the module doc)."""
+def __getattr__(name: str):
+    if name == "HAVE_PIPEWIRE":
+        #: True when frameshm was built with libpipewire-0.3.
+        return bool(_ext().HAVE_PIPEWIRE)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 class Event(NamedTuple):
@@ -71,7 +68,7 @@ def layout_for(shape, dtype="uint8", format: Optional[str] = None) -> Dict:
     """How frames of this shape and dtype would be served: format, width, height, stride,
     frame_bytes. Raises :class:`UnsupportedStream` if they cannot be."""
     _, code = _dtype(dtype)
-    return _core.virtualcam_layout(tuple(int(d) for d in shape), code, format)
+    return _ext().virtualcam_layout(tuple(int(d) for d in shape), code, format)
 
 
 def _fps_fraction(fps) -> tuple:
@@ -115,7 +112,7 @@ class VirtualCamera:
         if isinstance(stream, bool) or not isinstance(stream, (str, int)):
             raise InvalidArgument(f"stream must be a name (str) or stream id (int), not {stream!r}")
         by_id = isinstance(stream, int)
-        self._core = _core.VirtualCamera(
+        self._core = _ext().VirtualCamera(
             None if by_id else stream, stream_id=stream if by_id else 0, driver=driver, node_name=node_name, description=description, format=format,
             width=int(width or 0), height=int(height or 0), fps_num=num, fps_den=den,
             learn_timeout=timeout, buffers=int(buffers), consumer=consumer, remote=remote,

@@ -198,8 +198,7 @@ uint64_t tu_le64(const uint8_t *p) { return (uint64_t)tu_le32(p) | (uint64_t)tu_
 
 fshm_writer *tu_writer(const char *name, uint32_t nslots, uint32_t pool_bytes)
 {
-    fshm_writer_config cfg;
-    memset(&cfg, 0, sizeof cfg);
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     cfg.addr.name = name;
     cfg.nslots = nslots;
     cfg.npools = 1;
@@ -213,8 +212,7 @@ fshm_writer *tu_writer(const char *name, uint32_t nslots, uint32_t pool_bytes)
 
 fshm_reader *tu_reader(const char *name)
 {
-    fshm_reader_config cfg;
-    memset(&cfg, 0, sizeof cfg);
+    fshm_reader_config cfg = FSHM_READER_CONFIG_INIT;
     cfg.addr.name = name;
     fshm_reader *r = NULL;
     int rc = fshm_reader_open(&cfg, &r);

@@ -14,7 +14,7 @@
 
 #include <cmocka.h>
 
-#include "frameshm.h"
+#include <frameshm/frameshm.h>
 #include "fshm_internal.h"
 
 /* Canonical path of the private base directory every test runs in (FRAMESHM_DIR). */

@@ -1,4 +1,4 @@
-/* GigE Vision capture module (csrc/fshm_gige.c) against Aravis' in-process fake camera
+/* GigE Vision capture module (devices/fshm_gige.c) against Aravis' in-process fake camera
  * (Fake_1: no network): open/info, format negotiation and its errors, the known Mono8
  * pattern pixel(x, y) = (x + y + frame_id) % 255, consecutive frame ids, one-copy reads,
  * capture straight into a stream, wait/flush, rate control, lost-frame counting.

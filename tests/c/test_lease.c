@@ -1,4 +1,4 @@
-/* The driver-model client (csrc/fshm_lease.c) against a scripted fake driver on a real
+/* The driver-model client (lib/src/fshm_lease.c) against a scripted fake driver on a real
  * SOCK_SEQPACKET socket: correct grants decode, refusals carry the driver's message,
  * malformed or hostile answers are refused (never trusted), keepalives flow, and
  * revocation / shutdown / a vanished driver end the lease. */
@@ -202,7 +202,7 @@ static void stop_driver(fake_driver *d)
 
 static int attach(fake_driver *d, fshm_lease **l, fshm_grant *g)
 {
-    fshm_lease_config c = {.socket_path = d->path, .stream_id = 5, .role = FSHM_ROLE_CONSUMER,
+    fshm_lease_config c = {.struct_size = sizeof(fshm_lease_config), .socket_path = d->path, .stream_id = 5, .role = FSHM_ROLE_CONSUMER,
                            .timeout_ns = 500000000};
     return fshm_lease_attach(&c, l, g);
 }
@@ -310,7 +310,7 @@ static void test_no_driver(void **state)
     (void)state;
     char path[600];
     snprintf(path, sizeof path, "%s/nobody.sock", tu_base);
-    fshm_lease_config c = {.socket_path = path, .stream_id = 5, .role = FSHM_ROLE_PRODUCER};
+    fshm_lease_config c = {.struct_size = sizeof(fshm_lease_config), .socket_path = path, .stream_id = 5, .role = FSHM_ROLE_PRODUCER};
     fshm_lease *l;
     fshm_grant g;
     assert_int_equal(fshm_lease_attach(&c, &l, &g), FSHM_E_NODRIVER);

@@ -1,4 +1,4 @@
-/* Driver-side provisioning (csrc/fshm_provision.c): footprint arithmetic of the seed
+/* Driver-side provisioning (lib/src/fshm_provision.c): footprint arithmetic of the seed
  * profiles, what one epoch creates (files, modes, superblocks, announce, epoch word),
  * epoch bumps, refusing what does not fit with nothing created, cleanup after a failure
  * part-way, removal and the current-epoch query. */
@@ -19,8 +19,7 @@
 
 static fshm_profile profile2(uint32_t nslots, uint32_t s1, uint32_t s2)
 {
-    fshm_profile p;
-    memset(&p, 0, sizeof p);
+    fshm_profile p = FSHM_PROFILE_INIT;
     p.header_nslots = nslots;
     p.npools = 2;
     p.pool_id[0] = 1;
@@ -79,8 +78,7 @@ static void test_footprint_seed_profiles(void **state)
     /* Three cameras and three processors: more than a 24 GiB machine's /dev/shm (half of RAM). */
     assert_true(3 * want_raw + 3 * want_proc > 12ull * 1024 * MIB);
     /* One pool, one slot: the smallest stream. */
-    fshm_profile tiny;
-    memset(&tiny, 0, sizeof tiny);
+    fshm_profile tiny = FSHM_PROFILE_INIT;
     tiny.header_nslots = 1;
     tiny.npools = 1;
     tiny.pool_id[0] = 1;

@@ -21,11 +21,6 @@
 #include <sys/wait.h>
 #include <unistd.h>
 
-/* Declared in frameshm.h; referenced weakly so that the suite still builds against a
- * core without them (test_stream_info_api / test_stream_gc_api then fail, the rest
- * falls back on reading the control region directly). */
-#pragma weak fshm_stream_info_get
-#pragma weak fshm_stream_gc
 
 #define MS 1000000ll
 #define SEC 1000000000ll
@@ -72,13 +67,12 @@ static int with_ctl(const char *name, fshm_ctl_handle *h)
     return fshm_ctl_open(&p, 0, h);
 }
 
-/* Finds the consumer registered by pid: through fshm_stream_info_get when the core
- * provides it, else straight from the control region's consumer table. */
+/* Finds the consumer registered by pid through fshm_stream_info_get. */
 static int lookup_consumer(const char *name, int64_t pid, char queue[32], int *alive,
                            uint64_t *pruned)
 {
     int found = 0;
-    if (fshm_stream_info_get) {
+    {
         fshm_stream_info *info = calloc(1, sizeof *info);
         assert_non_null(info);
         fshm_stream_addr a;
@@ -97,21 +91,6 @@ static int lookup_consumer(const char *name, int64_t pid, char queue[32], int *a
         free(info);
         return found;
     }
-    fshm_ctl_handle h;
-    if (with_ctl(name, &h))
-        fail_msg("cannot open the control region of %s: %s", name, fshm_last_error());
-    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
-        fshm_ctl_consumer *e = ctl_consumer(h.ctl, i);
-        if (LOAD_ACQ(&e->state) == CONS_ACTIVE && (int64_t)e->pid == pid) {
-            memcpy(queue, e->queue, 32);
-            queue[31] = 0;
-            *alive = fshm_pid_alive((int64_t)e->pid, e->pid_start);
-            found = 1;
-        }
-    }
-    *pruned = LOAD_RLX(&h.ctl->pruned);
-    fshm_ctl_close(&h);
-    return found;
 }
 
 static int queue_exists(const char *q)
@@ -142,8 +121,7 @@ static void reclaim_stream(const char *name)
 static void __attribute__((noreturn))
 child_writer(const char *name, uint32_t nslots, int count, size_t n, int forever, int fd)
 {
-    fshm_writer_config cfg;
-    memset(&cfg, 0, sizeof cfg);
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     cfg.addr.name = name;
     cfg.nslots = nslots;
     cfg.npools = 1;
@@ -382,8 +360,7 @@ static void test_reader_in_child_process(void **state)
     pid_t pid = tu_fork();
     if (pid == 0) {
         close(p[0]);
-        fshm_reader_config rc;
-        memset(&rc, 0, sizeof rc);
+        fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
         rc.addr.name = name;
         rc.consumer = "child";
         fshm_reader *r;
@@ -442,8 +419,7 @@ static void test_spin_reader_steady_stream(void **state)
     (void)state;
     const char *name = "st-spin";
     fshm_writer *w = tu_writer(name, 8, 4096);
-    fshm_reader_config rc;
-    memset(&rc, 0, sizeof rc);
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
     rc.addr.name = name;
     rc.spin = 1;
     fshm_reader *r;
@@ -581,8 +557,7 @@ static void test_second_writer_busy(void **state)
     (void)state;
     const char *name = "st-busy";
     fshm_writer *w = tu_writer(name, 4, 4096);
-    fshm_writer_config cfg;
-    memset(&cfg, 0, sizeof cfg);
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     cfg.addr.name = name;
     cfg.nslots = 8;
     cfg.npools = 1;
@@ -697,8 +672,7 @@ static pid_t fork_abandoning_reader(const char *name, char queue[32])
     pid_t pid = tu_fork();
     if (pid == 0) {
         close(p[0]);
-        fshm_reader_config rc;
-        memset(&rc, 0, sizeof rc);
+        fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
         rc.addr.name = name;
         rc.consumer = "abandoned";
         fshm_reader *r;
@@ -803,8 +777,7 @@ static void test_consumer_table_full(void **state)
     fshm_reader *rs[FSHM_MAX_CONSUMERS];
     int n = 0;
     for (; n < FSHM_MAX_CONSUMERS; n++) {
-        fshm_reader_config rc;
-        memset(&rc, 0, sizeof rc);
+        fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
         rc.addr.name = name;
         int rc2 = fshm_reader_open(&rc, &rs[n]);
         if (rc2 == 0)
@@ -816,8 +789,7 @@ static void test_consumer_table_full(void **state)
         assert_int_equal(rc2, 0);
     }
     if (n == FSHM_MAX_CONSUMERS) {
-        fshm_reader_config rc;
-        memset(&rc, 0, sizeof rc);
+        fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
         rc.addr.name = name;
         fshm_reader *extra = (fshm_reader *)&rc;
         assert_int_equal(fshm_reader_open(&rc, &extra), FSHM_E_LIMIT);
@@ -840,8 +812,7 @@ static void test_consumer_table_full(void **state)
 
 static void expect_open_fails(const char *name, int want, const char *what)
 {
-    fshm_reader_config rc;
-    memset(&rc, 0, sizeof rc);
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
     rc.addr.name = name;
     fshm_reader *r = (fshm_reader *)&rc;
     int got = fshm_reader_open(&rc, &r);
@@ -1204,8 +1175,7 @@ static void test_stream_dir_removed_under_reader(void **state)
     pid_t pid = tu_fork();
     if (pid == 0) {
         close(p[0]);
-        fshm_writer_config wc;
-        memset(&wc, 0, sizeof wc);
+        fshm_writer_config wc = FSHM_WRITER_CONFIG_INIT;
         wc.addr.name = name;
         wc.nslots = 2;
         wc.npools = 1;
@@ -1213,8 +1183,7 @@ static void test_stream_dir_removed_under_reader(void **state)
         fshm_writer *w;
         if (fshm_writer_open(&wc, &w))
             _exit(10);
-        fshm_reader_config rc;
-        memset(&rc, 0, sizeof rc);
+        fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
         rc.addr.name = name;
         fshm_reader *r;
         if (fshm_reader_open(&rc, &r))
@@ -1271,8 +1240,7 @@ static void test_dead_producer_forked_helper(void **state)
     pid_t prod = tu_fork();
     if (prod == 0) {
         close(p[0]);
-        fshm_writer_config wc;
-        memset(&wc, 0, sizeof wc);
+        fshm_writer_config wc = FSHM_WRITER_CONFIG_INIT;
         wc.addr.name = name;
         wc.nslots = 2;
         wc.npools = 1;
@@ -1302,8 +1270,7 @@ static void test_dead_producer_forked_helper(void **state)
     assert_true(helper > 0);
     fshm_reader *r = tu_reader(name);
     assert_int_equal(fshm_reader_producer_state(r, NULL), FSHM_PRODUCER_DEAD);
-    fshm_writer_config wc;
-    memset(&wc, 0, sizeof wc);
+    fshm_writer_config wc = FSHM_WRITER_CONFIG_INIT;
     wc.addr.name = name;
     wc.nslots = 2;
     wc.npools = 1;
@@ -1342,8 +1309,7 @@ static void test_dead_producer_forked_helper(void **state)
 static void test_address_by_stream_id_only(void **state)
 {
     (void)state;
-    fshm_writer_config wc;
-    memset(&wc, 0, sizeof wc);
+    fshm_writer_config wc = FSHM_WRITER_CONFIG_INIT;
     wc.addr.name = "st-by-id";
     wc.addr.stream_id = 4242;
     wc.nslots = 2;
@@ -1354,8 +1320,7 @@ static void test_address_by_stream_id_only(void **state)
     assert_int_equal(fshm_writer_stream_id(w), 4242);
     assert_int_equal(tu_publish(w, 16), 0);
     /* Same name, same id: fine. Another name on the same id: a collision. */
-    fshm_reader_config rc;
-    memset(&rc, 0, sizeof rc);
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
     rc.addr = wc.addr;
     fshm_reader *r;
     assert_int_equal(fshm_reader_open(&rc, &r), 0);
@@ -1421,14 +1386,12 @@ static void test_stream_id_hash_collision(void **state)
         skip();
     assert_int_equal(fshm_stream_id_for_name(n1), fshm_stream_id_for_name(n2));
     fshm_writer *w = tu_writer(n1, 1, 64);
-    fshm_reader_config rc;
-    memset(&rc, 0, sizeof rc);
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
     rc.addr.name = n2;
     fshm_reader *r = (fshm_reader *)&rc;
     assert_int_equal(fshm_reader_open(&rc, &r), FSHM_E_COLLISION);
     assert_null(r);
-    fshm_writer_config wc;
-    memset(&wc, 0, sizeof wc);
+    fshm_writer_config wc = FSHM_WRITER_CONFIG_INIT;
     wc.addr.name = n2;
     wc.nslots = 1;
     wc.npools = 1;
@@ -1448,13 +1411,9 @@ static void test_stream_id_hash_collision(void **state)
 static void test_stream_info_api(void **state)
 {
     (void)state;
-    if (!fshm_stream_info_get)
-        fail_msg("fshm_stream_info_get() is declared in csrc/frameshm.h (and used by "
-                 "csrc/python/module.c) but no file in csrc/ defines it");
     const char *name = "st-info";
     fshm_writer *w = tu_writer(name, 4, 1000);
-    fshm_reader_config rc;
-    memset(&rc, 0, sizeof rc);
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
     rc.addr.name = name;
     rc.consumer = "viewer";
     fshm_reader *r;
@@ -1489,9 +1448,6 @@ static void test_stream_info_api(void **state)
 static void test_stream_gc_api(void **state)
 {
     (void)state;
-    if (!fshm_stream_gc)
-        fail_msg("fshm_stream_gc() is declared in csrc/frameshm.h (and used by "
-                 "csrc/python/module.c) but no file in csrc/ defines it");
     const char *name = "st-gc";
     fshm_stream_addr a;
     memset(&a, 0, sizeof a);
@@ -1549,8 +1505,7 @@ static void test_full_base_dir(void **state)
         skip();
     }
     tmpfs_mounted = 1;
-    fshm_writer_config cfg;
-    memset(&cfg, 0, sizeof cfg);
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     cfg.addr.name = "st-enospc";
     cfg.addr.base_dir = tmpfs_dir;
     cfg.nslots = 4;
@@ -1568,8 +1523,7 @@ static void test_full_base_dir(void **state)
     /* The space was given back: a stream that fits works, and leaves nothing either. */
     cfg.pool_bytes[0] = 4096;
     assert_int_equal(fshm_writer_open(&cfg, &w), 0);
-    fshm_reader_config rcfg;
-    memset(&rcfg, 0, sizeof rcfg);
+    fshm_reader_config rcfg = FSHM_READER_CONFIG_INIT;
     rcfg.addr = cfg.addr;
     fshm_reader *r;
     assert_int_equal(fshm_reader_open(&rcfg, &r), 0);

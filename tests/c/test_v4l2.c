@@ -1,4 +1,4 @@
-/* V4L2 capture module (csrc/fshm_v4l2.c) against the deterministic fake device of
+/* V4L2 capture module (devices/fshm_v4l2.c) against the deterministic fake device of
  * fake_v4l2.c: negotiation, zero-copy and one-copy delivery, capture into a stream,
  * padded rows, buffer grants, EBUSY, ENODEV mid-stream and reconnect, frame-rate control
  * (device and software), flush, errored buffers, conversions, the test-backend hook.

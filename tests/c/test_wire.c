@@ -121,8 +121,7 @@ static void test_layout_header_ring_and_pools(void **state)
     (void)state;
     const char *name = "wire-layout";
     uint64_t t0 = fshm_now_ns();
-    fshm_writer_config cfg;
-    memset(&cfg, 0, sizeof cfg);
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     cfg.addr.name = name;
     cfg.nslots = 4;
     cfg.npools = 2;
@@ -342,8 +341,7 @@ static void test_ref_seq_extension(void **state)
 static void test_pool_choice(void **state)
 {
     (void)state;
-    fshm_writer_config cfg;
-    memset(&cfg, 0, sizeof cfg);
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     cfg.addr.name = "wire-pools";
     cfg.nslots = 2;
     cfg.npools = 4;
@@ -437,11 +435,10 @@ static void test_stride_helpers(void **state)
 static void test_writer_config_validation(void **state)
 {
     (void)state;
-    fshm_writer_config cfg;
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     fshm_writer *w = (fshm_writer *)&cfg;   /* must be reset to NULL on failure */
     static const uint32_t bad_nslots[] = {0, 3, 6, (1u << 24) + 1, 1u << 25};
     for (size_t i = 0; i < sizeof bad_nslots / sizeof bad_nslots[0]; i++) {
-        memset(&cfg, 0, sizeof cfg);
         cfg.addr.name = "wire-cfg";
         cfg.nslots = bad_nslots[i];
         cfg.npools = 1;
@@ -449,7 +446,7 @@ static void test_writer_config_validation(void **state)
         assert_int_equal(fshm_writer_open(&cfg, &w), -EINVAL);
         assert_null(w);
     }
-    memset(&cfg, 0, sizeof cfg);
+    cfg = (fshm_writer_config)FSHM_WRITER_CONFIG_INIT;
     cfg.addr.name = "wire-cfg";
     cfg.nslots = 1;
     cfg.npools = 0;
@@ -782,8 +779,7 @@ static void test_name_validation(void **state)
     /* The public entry points refuse them before touching the file system. */
     const char *probes[] = {"../x", "a/b", "", n64};
     for (size_t i = 0; i < sizeof probes / sizeof probes[0]; i++) {
-        fshm_writer_config wc;
-        memset(&wc, 0, sizeof wc);
+        fshm_writer_config wc = FSHM_WRITER_CONFIG_INIT;
         wc.addr.name = probes[i];
         wc.nslots = 1;
         wc.npools = 1;
@@ -791,16 +787,14 @@ static void test_name_validation(void **state)
         fshm_writer *w = NULL;
         assert_int_equal(fshm_writer_open(&wc, &w), -EINVAL);
         assert_null(w);
-        fshm_reader_config rc;
-        memset(&rc, 0, sizeof rc);
+        fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
         rc.addr.name = probes[i];
         fshm_reader *r = NULL;
         assert_int_equal(fshm_reader_open(&rc, &r), -EINVAL);
         assert_null(r);
     }
     /* Namespaces too, and consumer labels (31 characters at most). */
-    fshm_reader_config rc;
-    memset(&rc, 0, sizeof rc);
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
     rc.addr.name = "wire-names";
     rc.addr.ns = "../evil";
     fshm_reader *r = NULL;
@@ -815,7 +809,7 @@ static void test_name_validation(void **state)
     assert_int_equal(fshm_reader_open(&rc, &r), -EINVAL);
     unsetenv("FRAMESHM_NAMESPACE");
     /* No stream-less address and no relative base directories. */
-    memset(&rc, 0, sizeof rc);
+    rc = (fshm_reader_config)FSHM_READER_CONFIG_INIT;
     assert_int_equal(fshm_reader_open(&rc, &r), -EINVAL);
     rc.addr.name = "wire-names";
     rc.addr.base_dir = "relative/dir";

@@ -24,7 +24,7 @@ import tempfile
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 SOURCES = [os.path.join(ROOT, "tests", "c", "fake_v4l2.c"), os.path.join(ROOT, "tests", "c", "fake_v4l2.h"),
-           os.path.join(ROOT, "csrc", "fshm_v4l2.h"), os.path.join(ROOT, "csrc", "frameshm.h")]
+           os.path.join(ROOT, "devices", "fshm_v4l2.h"), os.path.join(ROOT, "lib", "include", "frameshm", "frameshm.h")]
 
 
 def build() -> str:
@@ -41,7 +41,7 @@ def build() -> str:
         tmp = f"{out}.{os.getpid()}.tmp"
         cc = os.environ.get("CC") or shutil.which("cc") or "gcc"
         r = subprocess.run([cc, "-std=c11", "-D_GNU_SOURCE", "-O2", "-Wall", "-fPIC", "-shared",
-                            "-I", os.path.join(ROOT, "csrc"), SOURCES[0], "-o", tmp, "-pthread"],
+                            "-I", os.path.join(ROOT, "devices"), "-I", os.path.join(ROOT, "lib", "include"), SOURCES[0], "-o", tmp, "-pthread"],
                            capture_output=True, text=True)
         if r.returncode != 0:
             raise RuntimeError(f"building the fake V4L2 backend failed:\n{r.stderr}")

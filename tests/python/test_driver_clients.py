@@ -275,12 +275,12 @@ C_PRODUCER = r"""
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
-#include "frameshm.h"
+#include <time.h>
+#include <frameshm/frameshm.h>
 
 int main(int argc, char **argv)
 {
-    fshm_writer_config cfg;
-    memset(&cfg, 0, sizeof cfg);
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     cfg.addr.stream_id = 1001;
     cfg.driver = argv[1];
     fshm_writer *w;
@@ -314,9 +314,11 @@ def test_c_producer_through_the_driver(driver, tmp_path):
     src = tmp_path / "producer.c"
     src.write_text(C_PRODUCER)
     exe = tmp_path / "producer"
-    core = [str(p) for p in sorted((ROOT / "csrc").glob("*.c"))]
-    subprocess.run(["gcc", "-std=c11", "-D_GNU_SOURCE", "-O1", "-I", str(ROOT / "csrc"), str(src), *core,
-                    "-o", str(exe), "-lrt", "-pthread", "-ldl"], check=True, capture_output=True)
+    # A C client of the library shipped in the package, built the way its docs say.
+    env = dict(os.environ, PKG_CONFIG_PATH=frameshm.pkgconfig_dir())
+    flags = subprocess.run(["pkg-config", "--cflags", "--libs", "frameshm"], env=env, check=True,
+                           capture_output=True, text=True).stdout.split()
+    subprocess.run(["cc", str(src), "-o", str(exe), *flags], check=True, capture_output=True)
     with frameshm.Reader(stream_id=1001, driver=driver.sock) as r:
         p = subprocess.Popen([str(exe), driver.sock, "40"], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                              text=True)

@@ -105,8 +105,7 @@ static PyObject *mod_driver_provision(PyObject *self, PyObject *args, PyObject *
     fshm_stream_addr a;
     if (build_addr(sid, name, base, ns, &a))
         return NULL;
-    fshm_profile p;
-    memset(&p, 0, sizeof p);
+    fshm_profile p = FSHM_PROFILE_INIT;
     if (nslots > UINT32_MAX)
         return fshm_raise_invalid("header_nslots must fit in 32 bits");
     p.header_nslots = (uint32_t)nslots;
@@ -172,8 +171,7 @@ static PyObject *mod_profile_footprint(PyObject *self, PyObject *args, PyObject 
         PyErr_Format(fshm_exc_invalid, "at most %d payload pools", FSHM_MAX_POOLS);
         return NULL;
     }
-    fshm_profile p;
-    memset(&p, 0, sizeof p);
+    fshm_profile p = FSHM_PROFILE_INIT;
     p.header_nslots = (uint32_t)nslots;
     for (Py_ssize_t i = 0; i < n; i++) {
         unsigned long s = PyLong_AsUnsignedLong(PySequence_Fast_GET_ITEM(seq, i));

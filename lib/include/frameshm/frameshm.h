@@ -1,14 +1,15 @@
 /*
- * frameshm: shared-memory frame/tensor streams between processes on one host.
+ * libframeshm: shared-memory frame/tensor streams between processes on one host.
  *
- * Public C API. No Python dependency. Every function that can fail returns 0 (or
- * a non-negative value) on success and a negative errno-style code on failure;
- * fshm_last_error() then holds a human-readable message for the calling thread.
+ * The public C API (docs/c-api.md). No Python dependency. Every function that can fail
+ * returns 0 (or a non-negative value) on success and a negative errno-style code on
+ * failure; fshm_last_error() then holds a human-readable message for the calling thread.
  *
+ * Build against it with `cc prog.c $(pkg-config --cflags --libs frameshm)`.
  * Byte layout of everything in shared memory: docs/wire-format.md.
  */
-#ifndef FRAMESHM_H
-#define FRAMESHM_H
+#ifndef FRAMESHM_FRAMESHM_H
+#define FRAMESHM_FRAMESHM_H
 
 #include <stddef.h>
 #include <stdint.h>
@@ -17,6 +18,29 @@
 #ifdef __cplusplus
 extern "C" {
 #endif
+
+/* Only what is marked FSHM_API is exported from the shared library (it is built with
+ * -fvisibility=hidden); everything else is internal to libframeshm. */
+#if defined(FSHM_BUILDING_LIB) && defined(__GNUC__)
+#define FSHM_API __attribute__((visibility("default")))
+#else
+#define FSHM_API
+#endif
+
+/* Version of the headers. The library's own is fshm_version(); a program built against
+ * one minor version runs against any later minor version of the same major (SONAME
+ * libframeshm.so.<major>). */
+#define FSHM_VERSION_MAJOR 0
+#define FSHM_VERSION_MINOR 2
+#define FSHM_VERSION_PATCH 0
+#define FSHM_VERSION_STRING "0.2.0"
+#define FSHM_MAKE_VERSION(major, minor, patch) ((major) * 10000 + (minor) * 100 + (patch))
+#define FSHM_VERSION FSHM_MAKE_VERSION(FSHM_VERSION_MAJOR, FSHM_VERSION_MINOR, FSHM_VERSION_PATCH)
+
+/* The library's version (FSHM_MAKE_VERSION form); its parts through the pointers (any may
+ * be NULL). Compare with FSHM_VERSION to detect a header/library mismatch. */
+FSHM_API int fshm_version(int *major, int *minor, int *patch);
+FSHM_API const char *fshm_version_string(void);
 
 #define FSHM_MAX_DIMS 8
 #define FSHM_MAX_POOLS 4
@@ -33,10 +57,14 @@ extern "C" {
 #define FSHM_E_OVERRUN (-1006)        /* producer kept overwriting the slot during a copy */
 #define FSHM_E_CLOSED (-1007)         /* object already closed */
 
-const char *fshm_last_error(void);
+FSHM_API const char *fshm_last_error(void);
 /* The system errno behind the last error of this thread (0 if none). */
-int fshm_last_errno(void);
-const char *fshm_strerror(int code);
+FSHM_API int fshm_last_errno(void);
+FSHM_API const char *fshm_strerror(int code);
+/* Records `code` and a message as this thread's last error and returns `code`: for code
+ * layered on libframeshm (device sources, bindings) that reports through the same
+ * fshm_last_error(). The message may wrap the previous one ("ctx: %s", fshm_last_error()). */
+FSHM_API int fshm_set_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 
 /* Element types: values of the wire spec's Dtype enum. */
 enum fshm_dtype {
@@ -55,7 +83,7 @@ enum fshm_dtype {
     FSHM_DTYPE_BYTES = 13,
 };
 /* Size in bytes of one element, 0 for unknown types. */
-int fshm_dtype_size(int dtype);
+FSHM_API int fshm_dtype_size(int dtype);
 
 enum fshm_major_order { FSHM_ORDER_ROW = 1, FSHM_ORDER_COLUMN = 2 };
 
@@ -79,15 +107,25 @@ typedef struct fshm_stream_addr {
 } fshm_stream_addr;
 
 /* Stream id a name maps to (stable across processes and builds). */
-uint32_t fshm_stream_id_for_name(const char *name);
-int fshm_validate_name(const char *name, const char *what);
+FSHM_API uint32_t fshm_stream_id_for_name(const char *name);
+FSHM_API int fshm_validate_name(const char *name, const char *what);
 
 /* ---- writer (producer) ---- */
 
 typedef struct fshm_writer fshm_writer;
 typedef struct fshm_map fshm_map;
 
+/* Config structs carry their own size so that later versions can add fields at the end
+ * without breaking programs built against older headers: start from the _INIT macro (or
+ * set struct_size = sizeof the struct); fields past the caller's struct_size take their
+ * defaults. A zero struct_size is refused (-EINVAL). */
+#define FSHM_WRITER_CONFIG_INIT {.struct_size = sizeof(fshm_writer_config)}
+#define FSHM_READER_CONFIG_INIT {.struct_size = sizeof(fshm_reader_config)}
+#define FSHM_LEASE_CONFIG_INIT {.struct_size = sizeof(fshm_lease_config)}
+#define FSHM_PROFILE_INIT {.struct_size = sizeof(fshm_profile), .gid = -1}
+
 typedef struct fshm_writer_config {
+    uint32_t struct_size;                  /* sizeof(fshm_writer_config) */
     fshm_stream_addr addr;
     uint32_t nslots;                       /* power of two, >= 1 */
     uint32_t npools;                       /* 1..FSHM_MAX_POOLS */
@@ -109,56 +147,57 @@ typedef struct fshm_loan {
     uint32_t slot;
 } fshm_loan;
 
-int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out);
+FSHM_API int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out);
 /* Claims the next slot for nbytes of payload (marks it in progress). */
-int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out);
+FSHM_API int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out);
 /* Tags the next committed frame as derived from frame `ref_seq` of another stream
  * (e.g. detections from a camera frame). Carried in the TensorHeader padding, which the
  * wire spec leaves to implementations; see docs/wire-format.md. */
-void fshm_writer_set_ref(fshm_writer *w, uint64_t ref_seq);
+FSHM_API void fshm_writer_set_ref(fshm_writer *w, uint64_t ref_seq);
 /* Commits the outstanding loan: header, seqlock commit, descriptors to consumers. */
-int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint64_t timestamp_ns);
+FSHM_API int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint64_t timestamp_ns);
 /* Loan + one memcpy + commit. */
-int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fshm_tensor *t,
+FSHM_API int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fshm_tensor *t,
                         uint64_t timestamp_ns);
-void fshm_writer_set_mode(fshm_writer *w, uint8_t mode);
-uint8_t fshm_writer_mode(const fshm_writer *w);
-uint64_t fshm_writer_epoch(const fshm_writer *w);
-uint32_t fshm_writer_stream_id(const fshm_writer *w);
-uint32_t fshm_writer_nslots(const fshm_writer *w);
-uint32_t fshm_writer_npools(const fshm_writer *w);
+FSHM_API void fshm_writer_set_mode(fshm_writer *w, uint8_t mode);
+FSHM_API uint8_t fshm_writer_mode(const fshm_writer *w);
+FSHM_API uint64_t fshm_writer_epoch(const fshm_writer *w);
+FSHM_API uint32_t fshm_writer_stream_id(const fshm_writer *w);
+FSHM_API uint32_t fshm_writer_nslots(const fshm_writer *w);
+FSHM_API uint32_t fshm_writer_npools(const fshm_writer *w);
 /* Base address and length of payload pool i (the whole region incl. superblock). */
-void *fshm_writer_pool_base(const fshm_writer *w, unsigned i, size_t *len, uint32_t *stride,
+FSHM_API void *fshm_writer_pool_base(const fshm_writer *w, unsigned i, size_t *len, uint32_t *stride,
                             uint16_t *pool_id);
-uint64_t fshm_writer_next_seq(const fshm_writer *w);
+FSHM_API uint64_t fshm_writer_next_seq(const fshm_writer *w);
 /* Driver model: changes whenever the writer re-attached and its pools moved (pool
  * mappings/bases fetched earlier are stale then). */
-uint32_t fshm_writer_attach_gen(const fshm_writer *w);
-uint64_t fshm_writer_lease_id(const fshm_writer *w);   /* 0 without a driver */
+FSHM_API uint32_t fshm_writer_attach_gen(const fshm_writer *w);
+FSHM_API uint64_t fshm_writer_lease_id(const fshm_writer *w);   /* 0 without a driver */
 /* 1 when the next loan needs no driver round trip (no driver, or the lease is fine); 0
  * when it will re-attach first (bindings release their interpreter lock for that). */
-int fshm_writer_lease_ok(const fshm_writer *w);
+FSHM_API int fshm_writer_lease_ok(const fshm_writer *w);
 /* Mapping of payload pool i (borrowed; fshm_map_ref to keep it past close). */
-fshm_map *fshm_writer_pool_map(const fshm_writer *w, unsigned i);
+FSHM_API fshm_map *fshm_writer_pool_map(const fshm_writer *w, unsigned i);
 /* Refreshes the activity timestamp without publishing (idle producers call this). */
-void fshm_writer_heartbeat(fshm_writer *w);
+FSHM_API void fshm_writer_heartbeat(fshm_writer *w);
 /* unlink_files: remove the stream's regions (and the control region when no live
  * consumer is registered) so nothing is left in the base directory. */
-void fshm_writer_close(fshm_writer *w, int unlink_files);
+FSHM_API void fshm_writer_close(fshm_writer *w, int unlink_files);
 
 /* ---- mappings: refcounted so frames/views can outlive a reader ---- */
 
-void fshm_map_ref(fshm_map *m);
-void fshm_map_unref(fshm_map *m);
-void *fshm_map_base(const fshm_map *m);
-size_t fshm_map_size(const fshm_map *m);
-int fshm_map_writable(const fshm_map *m);
+FSHM_API void fshm_map_ref(fshm_map *m);
+FSHM_API void fshm_map_unref(fshm_map *m);
+FSHM_API void *fshm_map_base(const fshm_map *m);
+FSHM_API size_t fshm_map_size(const fshm_map *m);
+FSHM_API int fshm_map_writable(const fshm_map *m);
 
 /* ---- reader (consumer) ---- */
 
 typedef struct fshm_reader fshm_reader;
 
 typedef struct fshm_reader_config {
+    uint32_t struct_size;   /* sizeof(fshm_reader_config) */
     fshm_stream_addr addr;
     const char *consumer;   /* label shown by `frameshm ls`; NULL = "pid-<pid>" */
     int spin;               /* 1: predictive spin just before a steady stream's next frame
@@ -196,30 +235,30 @@ enum fshm_producer_state {
     FSHM_PRODUCER_CLOSED = 3, /* closed cleanly */
 };
 
-int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out);
+FSHM_API int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out);
 /* Blocks up to timeout_ns (<0: forever) for a frame newer than the last one returned,
  * drains the descriptor queue and returns the newest committed frame. */
-int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f);
+FSHM_API int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f);
 /* Process-all: the next frame in order; f->skipped counts frames lost (overruns). */
-int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f);
+FSHM_API int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f);
 /* Newest committed frame without waiting; -EAGAIN when none is newer than `after`+1. */
-int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f);
+FSHM_API int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f);
 /* 1 if the slot still holds frame f (seqlock re-check after using its data). */
-int fshm_frame_valid(fshm_reader *r, const fshm_frame *f);
+FSHM_API int fshm_frame_valid(fshm_reader *r, const fshm_frame *f);
 /* Copies f's payload to dst (capacity >= f->nbytes) and checks it was not torn. */
-int fshm_frame_copy(fshm_reader *r, const fshm_frame *f, void *dst, size_t capacity);
-int fshm_reader_producer_state(fshm_reader *r, int64_t *pid);
-uint8_t fshm_reader_mode(fshm_reader *r);
-void fshm_reader_set_mode(fshm_reader *r, uint8_t mode);
-uint64_t fshm_reader_epoch(const fshm_reader *r);
+FSHM_API int fshm_frame_copy(fshm_reader *r, const fshm_frame *f, void *dst, size_t capacity);
+FSHM_API int fshm_reader_producer_state(fshm_reader *r, int64_t *pid);
+FSHM_API uint8_t fshm_reader_mode(fshm_reader *r);
+FSHM_API void fshm_reader_set_mode(fshm_reader *r, uint8_t mode);
+FSHM_API uint64_t fshm_reader_epoch(const fshm_reader *r);
 /* 1 unless the next call may first re-attach through the driver (bindings release their
  * interpreter lock for that). */
-int fshm_reader_lease_ok(const fshm_reader *r);
-uint32_t fshm_reader_stream_id(const fshm_reader *r);
-uint64_t fshm_reader_overruns(const fshm_reader *r);
-uint64_t fshm_reader_drops(const fshm_reader *r);   /* frames dropped by validation */
-const char *fshm_reader_queue_name(const fshm_reader *r);
-void fshm_reader_close(fshm_reader *r);
+FSHM_API int fshm_reader_lease_ok(const fshm_reader *r);
+FSHM_API uint32_t fshm_reader_stream_id(const fshm_reader *r);
+FSHM_API uint64_t fshm_reader_overruns(const fshm_reader *r);
+FSHM_API uint64_t fshm_reader_drops(const fshm_reader *r);   /* frames dropped by validation */
+FSHM_API const char *fshm_reader_queue_name(const fshm_reader *r);
+FSHM_API void fshm_reader_close(fshm_reader *r);
 
 /* ---- driver model (SHM Driver Model Spec v1.0; docs/driver-protocol.md) ---- */
 
@@ -238,6 +277,7 @@ enum fshm_revoke_reason { FSHM_REVOKE_DETACHED = 1, FSHM_REVOKE_EXPIRED = 2, FSH
 
 /* A stream's pool profile as the driver's policy gives it. */
 typedef struct fshm_profile {
+    uint32_t struct_size;                   /* sizeof(fshm_profile) */
     uint32_t header_nslots;                 /* power of two */
     uint32_t npools;                        /* 1..FSHM_MAX_POOLS */
     uint16_t pool_id[FSHM_MAX_POOLS];       /* nonzero, distinct */
@@ -270,7 +310,7 @@ typedef struct fshm_grant {
 } fshm_grant;
 
 /* Bytes of shared memory one stream of this profile occupies (all regions). */
-uint64_t fshm_profile_footprint(const fshm_profile *p);
+FSHM_API uint64_t fshm_profile_footprint(const fshm_profile *p);
 
 /* ---- driver side: provisioning a stream's regions (docs/driver-protocol.md) ---- */
 
@@ -281,15 +321,15 @@ uint64_t fshm_profile_footprint(const fshm_profile *p);
  * (sequence numbers carry on) and publishes the epoch; older epoch directories go.
  * New epoch = max(current + 1, min_epoch, newest epoch directory + 1). On failure nothing
  * this call created is left. `out` gets what an attach grants (lease fields 0). */
-int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *p, uint64_t min_epoch,
+FSHM_API int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *p, uint64_t min_epoch,
                          fshm_grant *out);
 /* Removes the stream directory entirely: 1 if removed, 0 if there was none. */
-int fshm_provision_remove(const fshm_stream_addr *addr);
+FSHM_API int fshm_provision_remove(const fshm_stream_addr *addr);
 /* Current epoch of an existing stream; -ENOENT (epoch 0) if it has no control region. */
-int fshm_provision_current(const fshm_stream_addr *addr, uint64_t *epoch);
+FSHM_API int fshm_provision_current(const fshm_stream_addr *addr, uint64_t *epoch);
 /* Bytes new regions can take in dir: its free space and, on tmpfs (pages are RAM), no more
  * than MemAvailable + SwapFree. fs_free: the file system's own free space. */
-int fshm_shm_room(const char *dir, uint64_t *room, uint64_t *fs_free);
+FSHM_API int fshm_shm_room(const char *dir, uint64_t *room, uint64_t *fs_free);
 
 /* ---- inspection and cleanup (CLI) ---- */
 
@@ -327,18 +367,19 @@ typedef struct fshm_stream_info {
     fshm_consumer_info consumers[FSHM_MAX_CONSUMERS];
 } fshm_stream_info;
 
-int fshm_stream_info_get(const fshm_stream_addr *addr, fshm_stream_info *out);
+FSHM_API int fshm_stream_info_get(const fshm_stream_addr *addr, fshm_stream_info *out);
 /* Directory holding the streams of a namespace (for listing). */
-int fshm_namespace_dir(const char *base_dir, const char *ns, char *out, size_t cap);
+FSHM_API int fshm_namespace_dir(const char *base_dir, const char *ns, char *out, size_t cap);
 /* Removes the stream if its producer is dead/closed and no live consumer remains.
  * Always unlinks dead consumers' queues. Returns 1 if removed, 0 if kept. */
-int fshm_stream_gc(const fshm_stream_addr *addr);
+FSHM_API int fshm_stream_gc(const fshm_stream_addr *addr);
 
 /* ---- driver-model client: a lease on one stream (docs/driver-protocol.md) ---- */
 
 typedef struct fshm_lease fshm_lease;
 
 typedef struct fshm_lease_config {
+    uint32_t struct_size;             /* sizeof(fshm_lease_config) */
     const char *socket_path;          /* the driver's control socket */
     uint32_t stream_id;
     int role;                         /* FSHM_ROLE_* */
@@ -356,18 +397,18 @@ enum fshm_lease_state {
 
 /* Attaches (ShmAttachRequest) and starts the keepalive thread. On a refusal the message
  * carries the driver's code and errorMessage. */
-int fshm_lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_grant *grant);
-int fshm_lease_state(const fshm_lease *l, int *reason);
-const char *fshm_lease_message(const fshm_lease *l);   /* why it ended ("" while active) */
-uint64_t fshm_lease_id(const fshm_lease *l);
-uint32_t fshm_lease_client_id(const fshm_lease *l);
-uint64_t fshm_lease_announced_epoch(const fshm_lease *l);
-uint32_t fshm_lease_producer_revokes(const fshm_lease *l);
-uint32_t fshm_lease_new_client_id(void);
+FSHM_API int fshm_lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_grant *grant);
+FSHM_API int fshm_lease_state(const fshm_lease *l, int *reason);
+FSHM_API const char *fshm_lease_message(const fshm_lease *l);   /* why it ended ("" while active) */
+FSHM_API uint64_t fshm_lease_id(const fshm_lease *l);
+FSHM_API uint32_t fshm_lease_client_id(const fshm_lease *l);
+FSHM_API uint64_t fshm_lease_announced_epoch(const fshm_lease *l);
+FSHM_API uint32_t fshm_lease_producer_revokes(const fshm_lease *l);
+FSHM_API uint32_t fshm_lease_new_client_id(void);
 /* detach: send ShmDetachRequest (best effort) before closing the connection. */
-void fshm_lease_close(fshm_lease *l, int detach);
+FSHM_API void fshm_lease_close(fshm_lease *l, int detach);
 
-uint64_t fshm_now_ns(void);   /* CLOCK_MONOTONIC */
+FSHM_API uint64_t fshm_now_ns(void);   /* CLOCK_MONOTONIC */
 
 #ifdef __cplusplus
 }

@@ -305,7 +305,17 @@ static void handle_push(fshm_lease *l, const uint8_t *msg, size_t len);
 
 static void *lease_thread(void *arg);
 
-int fshm_lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_grant *grant)
+static int lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_grant *grant);
+
+int fshm_lease_attach(const fshm_lease_config *user_cfg, fshm_lease **out, fshm_grant *grant)
+{
+    fshm_lease_config cfg;
+    *out = NULL;
+    int rc = fshm_config_copy(&cfg, sizeof cfg, user_cfg, offsetof(fshm_lease_config, timeout_ns) + sizeof(int64_t), "fshm_lease_config");
+    return rc ? rc : lease_attach(&cfg, out, grant);
+}
+
+static int lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_grant *grant)
 {
     *out = NULL;
     if (cfg->role != FSHM_ROLE_PRODUCER && cfg->role != FSHM_ROLE_CONSUMER)

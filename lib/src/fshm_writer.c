@@ -283,6 +283,7 @@ static int writer_open_driver(const fshm_writer_config *cfg, fshm_writer **out)
     snprintf(w->driver_path, sizeof w->driver_path, "%s", cfg->driver);
     snprintf(w->base_dir, sizeof w->base_dir, "%s", cfg->addr.base_dir ? cfg->addr.base_dir : "");
     w->driver_mode = 1;
+    w->lease_cfg.struct_size = sizeof w->lease_cfg;
     w->lease_cfg.socket_path = w->driver_path;
     w->lease_cfg.stream_id = id;
     w->lease_cfg.role = FSHM_ROLE_PRODUCER;
@@ -298,7 +299,17 @@ static int writer_open_driver(const fshm_writer_config *cfg, fshm_writer **out)
     return 0;
 }
 
-int fshm_writer_open(const fshm_writer_config *cfg, fshm_writer **out)
+static int writer_open(const fshm_writer_config *cfg, fshm_writer **out);
+
+int fshm_writer_open(const fshm_writer_config *user_cfg, fshm_writer **out)
+{
+    fshm_writer_config cfg;
+    *out = NULL;
+    int rc = fshm_config_copy(&cfg, sizeof cfg, user_cfg, offsetof(fshm_writer_config, publish_mode) + sizeof(int), "fshm_writer_config");
+    return rc ? rc : writer_open(&cfg, out);
+}
+
+static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
 {
     *out = NULL;
     if (cfg->driver && *cfg->driver)

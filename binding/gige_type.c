@@ -1,4 +1,4 @@
-/* frameshm._core.GigECamera: a GigE Vision camera through Aravis (csrc/fshm_gige.h).
+/* frameshm._core.GigECamera: a GigE Vision camera through Aravis (devices/fshm_gige.h).
  *
  * One-copy delivery only: read_into(out) copies the next complete frame from the Aravis
  * buffer pool straight into `out` (a loaned stream slot) and gives the buffer back at
@@ -7,8 +7,7 @@
  * for a few seconds: Aravis' GVCP retries). */
 #include "binding.h"
 
-#include "../fshm_gige.h"
-#include "../fshm_internal.h"   /* fshm_set_error */
+#include "fshm_gige.h"
 
 typedef struct {
     PyObject_HEAD
@@ -19,11 +18,11 @@ typedef struct {
     PyObject *id;
 } FshmGigECamera;
 
-/* ---- errors: classes live in frameshm.camera (shared with V4L2) and frameshm.gige ---- */
+/* ---- errors: camera classes of frameshm._core (errors.c) ---- */
 
 static PyObject *gige_raise(int code)
 {
-    const char *mod_name = "frameshm.camera", *name = NULL;
+    const char *name = NULL;
     int oserr = 0;
     switch (code) {
     case -ENOENT: name = "DeviceNotFound"; oserr = ENOENT; break;
@@ -31,12 +30,12 @@ static PyObject *gige_raise(int code)
     case -EBUSY: name = "DeviceBusy"; oserr = EBUSY; break;
     case -ENODEV: case -ENXIO: name = "DeviceGone"; oserr = ENODEV; break;
     case FSHM_E_GIGE_UNSUPPORTED: name = "UnsupportedFormat"; break;
-    case FSHM_E_GIGE_NOLIB: mod_name = "frameshm.gige"; name = "GigEUnavailable"; break;
-    case FSHM_E_GIGE_ARAVIS: mod_name = "frameshm.gige"; name = "AravisError"; break;
-    case -EIO: mod_name = "frameshm.gige"; name = "AravisError"; break;
+    case FSHM_E_GIGE_NOLIB: name = "GigEUnavailable"; break;
+    case FSHM_E_GIGE_ARAVIS: name = "AravisError"; break;
+    case -EIO: name = "AravisError"; break;
     default: return fshm_raise(code);
     }
-    return fshm_capture_raise(code, mod_name, name, oserr);
+    return fshm_raise_named(name, oserr);
 }
 
 #define CHECK_CAM(self)                                                                          \
@@ -45,7 +44,7 @@ static PyObject *gige_raise(int code)
 
 #define CHECK_IDLE(self)                                                                         \
     if ((self)->busy)                                                                            \
-        return PyErr_Format(PyExc_RuntimeError, "GigECamera used from two threads at once");
+        return PyErr_Format(fshm_exc_state, "GigECamera used from two threads at once");
 
 /* fshm_capture_ops.ready: open and started */
 static int gige_ready(void *obj)
@@ -63,7 +62,7 @@ static int gige_init(FshmGigECamera *self, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"id", NULL};
     const char *id;
     if (self->cam) {
-        PyErr_SetString(PyExc_RuntimeError, "GigECamera already initialised");
+        PyErr_SetString(fshm_exc_state, "GigECamera already initialised");
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(args, kw, "s", kwlist, &id))
@@ -279,7 +278,7 @@ static PyObject *gige_stop(FshmGigECamera *self, PyObject *unused)
 static PyObject *gige_close(FshmGigECamera *self, PyObject *unused)
 {
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "close() while another thread waits on this GigECamera");
+        return PyErr_Format(fshm_exc_state, "close() while another thread waits on this GigECamera");
     gige_final_close(self, 1);
     Py_RETURN_NONE;
 }

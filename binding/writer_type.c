@@ -86,14 +86,13 @@ static int writer_init(FshmWriter *self, PyObject *args, PyObject *kw)
     unsigned long sid = 0, nslots = 4, client = 0;
     unsigned int mode = 0600;
     if (self->w) {
-        PyErr_SetString(PyExc_RuntimeError, "Writer already initialised");
+        PyErr_SetString(fshm_exc_state, "Writer already initialised");
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kkOOOIOOk", kwlist, &name, &sid, &nslots, &pools,
                                      &base, &ns, &mode, &driver, &pmode, &client))
         return -1;
-    fshm_writer_config cfg;
-    memset(&cfg, 0, sizeof cfg);
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     if (fshm_parse_driver(driver, pmode, client, &cfg.driver, &cfg.publish_mode, &cfg.client_id))
         return -1;
     if (fshm_parse_addr(name, sid, base, ns, &cfg.addr))
@@ -203,7 +202,7 @@ static PyObject *writer_loan(FshmWriter *self, PyObject *arg)
         return NULL;
     }
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "Writer used from two threads at once");
+        return PyErr_Format(fshm_exc_state, "Writer used from two threads at once");
     fshm_loan l;
     int rc;
     if (fshm_writer_lease_ok(self->w)) {
@@ -239,7 +238,7 @@ static PyObject *writer_commit(FshmWriter *self, PyObject *const *args, Py_ssize
 {
     CHECK_OPEN(self);
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "Writer used from two threads at once");
+        return PyErr_Format(fshm_exc_state, "Writer used from two threads at once");
     unsigned long long ts = 0, ref = 0;
     if (nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "commit(timestamp_ns=None, ref_seq=None)");
@@ -273,7 +272,7 @@ static PyObject *writer_publish(FshmWriter *self, PyObject *args, PyObject *kw)
     if (has_ref < 0)
         return NULL;
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "Writer used from two threads at once");
+        return PyErr_Format(fshm_exc_state, "Writer used from two threads at once");
     Py_buffer buf;
     if (PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
@@ -312,7 +311,7 @@ static PyObject *writer_close(FshmWriter *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &unlink_files))
         return NULL;
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "close() while another thread publishes");
+        return PyErr_Format(fshm_exc_state, "close() while another thread publishes");
     if (self->w) {
         fshm_writer *w = self->w;
         self->w = NULL;

@@ -28,15 +28,14 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
     unsigned long sid = 0, rate = 0, client = 0;
     int spin = 1, subscribe = 1, lease_events = 0;
     if (self->r) {
-        PyErr_SetString(PyExc_RuntimeError, "Reader already initialised");
+        PyErr_SetString(fshm_exc_state, "Reader already initialised");
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppkOOkp", kwlist, &name, &sid, &consumer, &base,
                                      &ns, &spin, &subscribe, &rate, &driver, &pmode, &client,
                                      &lease_events))
         return -1;
-    fshm_reader_config cfg;
-    memset(&cfg, 0, sizeof cfg);
+    fshm_reader_config cfg = FSHM_READER_CONFIG_INIT;
     if (fshm_parse_driver(driver, pmode, client, &cfg.driver, &cfg.publish_mode, &cfg.client_id))
         return -1;
     cfg.lease_events = lease_events;
@@ -152,7 +151,7 @@ static PyObject *do_wait(FshmReader *self, PyObject *args, PyObject *kw, int lat
     if (fshm_parse_timeout(tobj, &timeout))
         return NULL;
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "Reader used from two threads at once");
+        return PyErr_Format(fshm_exc_state, "Reader used from two threads at once");
     uint64_t deadline = timeout < 0 ? 0 : fshm_now_ns() + (uint64_t)timeout;
     fshm_frame f;
     int rc;
@@ -223,7 +222,7 @@ static PyObject *reader_read_copy(FshmReader *self, PyObject *unused)
 {
     CHECK_OPEN(self);
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "Reader used from two threads at once");
+        return PyErr_Format(fshm_exc_state, "Reader used from two threads at once");
     for (int attempt = 0; attempt < 100; attempt++) {
         fshm_frame f;
         int rc;
@@ -266,7 +265,10 @@ static PyObject *reader_read_copy(FshmReader *self, PyObject *unused)
         usleep(20u << (attempt < 6 ? attempt : 6));
         Py_END_ALLOW_THREADS
     }
-    return PyErr_Format(PyExc_RuntimeError, "unreachable");
+    /* Every one of the 100 copies was torn: the producer rewrites the slot faster than a copy. */
+    fshm_set_error(FSHM_E_OVERRUN, "read_latest(copy=True) starved: the producer overwrote the "
+                   "frame during each of 100 copies (use more slots or wait_latest)");
+    return fshm_raise(FSHM_E_OVERRUN);
 }
 
 static PyObject *reader_valid(FshmReader *self, PyObject *const *args, Py_ssize_t nargs)
@@ -299,7 +301,7 @@ static PyObject *reader_producer(FshmReader *self, PyObject *unused)
 static PyObject *reader_close(FshmReader *self, PyObject *unused)
 {
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "close() while another thread waits on this Reader");
+        return PyErr_Format(fshm_exc_state, "close() while another thread waits on this Reader");
     if (self->r) {
         fshm_reader *r = self->r;
         self->r = NULL;

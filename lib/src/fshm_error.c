@@ -21,6 +21,39 @@ int fshm_set_error(int code, const char *fmt, ...)
     return code;
 }
 
+int fshm_config_copy(void *out, size_t out_size, const void *in, size_t min_size, const char *what)
+{
+    memset(out, 0, out_size);
+    if (!in)
+        return fshm_set_error(-EINVAL, "no %s given", what);
+    uint32_t size;
+    memcpy(&size, in, sizeof size);   /* every config struct starts with its struct_size */
+    if (size == 0)
+        return fshm_set_error(-EINVAL, "%s.struct_size is 0: initialise the struct with its _INIT "
+                              "macro (or set struct_size = sizeof it)", what);
+    if (size < min_size)
+        return fshm_set_error(-EINVAL, "%s.struct_size %u is smaller than any version of the "
+                              "struct (%zu)", what, size, min_size);
+    /* A caller built against newer headers may pass a larger struct: its extra fields are
+     * unknown to this library and ignored. */
+    memcpy(out, in, size < out_size ? size : out_size);
+    memcpy(out, &(uint32_t){(uint32_t)out_size}, sizeof(uint32_t));
+    return 0;
+}
+
+int fshm_version(int *major, int *minor, int *patch)
+{
+    if (major)
+        *major = FSHM_VERSION_MAJOR;
+    if (minor)
+        *minor = FSHM_VERSION_MINOR;
+    if (patch)
+        *patch = FSHM_VERSION_PATCH;
+    return FSHM_VERSION;
+}
+
+const char *fshm_version_string(void) { return FSHM_VERSION_STRING; }
+
 void fshm_note_errno(int e) { last_errno = e; }
 int fshm_last_errno(void) { return last_errno; }
 

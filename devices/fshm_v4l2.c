@@ -7,14 +7,16 @@
  *   or requeued at once (one-copy paths, dropped frames).
  * The per-camera mutex guards buffer states and QBUF/DQBUF so that a frame released on
  * another thread can be requeued while this thread sleeps in poll(). */
-#include "fshm_internal.h"
+#include <frameshm/frameshm.h>
 #include "fshm_v4l2.h"
 
 #include <dlfcn.h>
+#include <errno.h>
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/ioctl.h>
 #include <sys/mman.h>
 #include <time.h>
@@ -290,9 +292,10 @@ int fshm_v4l2_resolve_backend(const fshm_v4l2_backend *requested, const fshm_v4l
         *out = requested;
         return 0;
     }
+#ifdef FSHM_TEST_HOOKS
     const char *lib = getenv("FRAMESHM_V4L2_BACKEND");
     if (lib && *lib) {
-        /* Test-only: never unloaded, dlopen returns the same handle on later calls. */
+        /* Test builds only (FRAMESHM_TEST_BUILD=1): never unloaded, dlopen returns the same handle on later calls. */
         void *h = dlopen(lib, RTLD_NOW | RTLD_LOCAL);
         if (!h)
             return fshm_set_error(-ENOENT, "FRAMESHM_V4L2_BACKEND=%s cannot be loaded: %s", lib, dlerror());
@@ -303,6 +306,7 @@ int fshm_v4l2_resolve_backend(const fshm_v4l2_backend *requested, const fshm_v4l
         *out = get();
         return *out ? 0 : fshm_set_error(-EINVAL, "FRAMESHM_V4L2_BACKEND=%s returned no backend", lib);
     }
+#endif
     *out = fshm_v4l2_libv4l2_backend();
     return *out ? 0 : fshm_set_error(FSHM_E_V4L2_NOLIB, NOLIB_MSG);
 }

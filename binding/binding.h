@@ -5,13 +5,13 @@
 #define PY_SSIZE_T_CLEAN
 #include <Python.h>
 
-#include "../frameshm.h"
+#include <frameshm/frameshm.h>
 
 extern PyTypeObject FshmMappingType;
 extern PyTypeObject FshmWriterType;
 extern PyTypeObject FshmReaderType;
-/* frameshm.errors.InvalidArgument (a ValueError) */
-extern PyObject *fshm_exc_invalid;
+/* InvalidArgument (a ValueError), InvalidState (a RuntimeError) */
+extern PyObject *fshm_exc_invalid, *fshm_exc_state;
 extern PyTypeObject FshmCameraType;
 
 typedef struct {
@@ -32,7 +32,14 @@ int fshm_parse_timeout(PyObject *obj, int64_t *out);
 /* Parses a stream address from common keyword values. */
 int fshm_parse_addr(PyObject *name, unsigned long stream_id, PyObject *base_dir, PyObject *ns,
                     fshm_stream_addr *addr);
-int fshm_binding_init_errors(void);
+/* _core only (errors.c): creates the exception classes and adds them to the module. */
+int fshm_errors_create(PyObject *module);
+/* Every extension: looks the classes up in `source` (frameshm._core's module object). */
+int fshm_binding_init_errors(PyObject *source);
+/* Imports frameshm._core (a C module: no cycle) and initialises the classes from it. */
+int fshm_binding_init_from_core(void);
+/* The class of that name (new reference), or NULL with an exception set. */
+PyObject *fshm_exc_class(const char *name);
 /* Driver-model keyword values: driver socket path (None = no driver), publish_mode
  * ('existing_or_create' / 'require_existing' / None), client_id (0 = generated). */
 int fshm_parse_driver(PyObject *driver, PyObject *mode, unsigned long client_id,
@@ -41,10 +48,10 @@ int fshm_parse_driver(PyObject *driver, PyObject *mode, unsigned long client_id,
 int fshm_add_driver_funcs(PyObject *module);
 /* Readies Camera and CameraBuffer (camera_type.c) and adds them to the module. */
 int fshm_camera_types_ready(PyObject *module);
-/* Readies GigECamera (gige_type.c) and adds it (and HAVE_ARAVIS) to the module. */
+/* Readies GigECamera (gige_type.c) and adds it (and HAVE_ARAVIS) to frameshm._gige. */
 int fshm_gige_types_ready(PyObject *module);
 /* Readies VirtualCamera (virtualcam_type.c) and adds it, virtualcam_layout and
- * HAVE_PIPEWIRE to the module. */
+ * HAVE_PIPEWIRE to frameshm._virtualcam. */
 int fshm_virtualcam_types_ready(PyObject *module);
 /* Runs fn(obj, slice_ns, arg) without the GIL in slices of at most FSHM_SLICE_NS, so that
  * Python signal handlers (Ctrl-C) run between slices even when the signal went to another
@@ -74,10 +81,9 @@ typedef struct {
     size_t cap;
     void *info;   /* the type's frame info (fshm_v4l2_buf, fshm_gige_frame) */
 } fshm_capture_dst;
-/* Raises class `name` of Python module `module` with fshm_last_error() as the message
- * (and errno `oserr` first when non-zero: an OSError); fshm_raise(code) if the class cannot
- * be had. Returns NULL. */
-PyObject *fshm_capture_raise(int code, const char *module, const char *name, int oserr);
+/* Raises frameshm's class `name` with fshm_last_error() as the message (and errno `oserr`
+ * first when non-zero: an OSError). Returns NULL. */
+PyObject *fshm_raise_named(const char *name, int oserr);
 /* fshm_capture_ops.ready's answer: -1 with the exception set unless the camera is open
  * (else StreamClosed, via fshm_raise_closed) and started (else RuntimeError "<what> is
  * not started"). */

@@ -28,7 +28,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
-#include "frameshm.h"
+#include <frameshm/frameshm.h>
 
 #ifdef __cplusplus
 extern "C" {

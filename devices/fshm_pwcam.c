@@ -2,16 +2,18 @@
  * (fshm_pwcam.h has the contract). */
 #include "fshm_pwcam.h"
 
+#include <errno.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <strings.h>
 
-#include "fshm_internal.h"
+#include <frameshm/frameshm.h>
 
 #ifdef FSHM_HAVE_PIPEWIRE
 #include <pthread.h>
+#include <stdatomic.h>
 #include <signal.h>
 #include <time.h>
 
@@ -557,7 +559,7 @@ static int stopping(fshm_pwcam *c)
 
 static int open_reader(fshm_pwcam *c)
 {
-    fshm_reader_config rc = {.addr = c->addr, .consumer = c->consumer, .driver = c->driver};
+    fshm_reader_config rc = {.struct_size = sizeof(fshm_reader_config), .addr = c->addr, .consumer = c->consumer, .driver = c->driver};
     return fshm_reader_open(&rc, &c->reader);
 }
 

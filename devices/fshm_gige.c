@@ -9,7 +9,7 @@
  * Lost frames: every buffer Aravis returns is accounted once, when it is popped: a status
  * other than success counts as incomplete, a jump in frame ids as id_gaps (frames the
  * camera sent that never made it into a buffer, e.g. Aravis underruns). */
-#include "fshm_internal.h"
+#include <frameshm/frameshm.h>
 #include "fshm_gige.h"
 
 #include <errno.h>

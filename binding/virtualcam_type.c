@@ -1,10 +1,9 @@
 /* frameshm._core.VirtualCamera: a frameshm stream served as a PipeWire camera node
- * (csrc/fshm_pwcam.h). The node runs on the core's own threads; Python only waits for
+ * (devices/fshm_pwcam.h). The node runs on the core's own threads; Python only waits for
  * its events (GIL released, in slices so that Ctrl-C gets through) and reads counters. */
 #include "binding.h"
 
-#include "../fshm_internal.h"   /* fshm_set_error */
-#include "../fshm_pwcam.h"
+#include "fshm_pwcam.h"
 
 typedef struct {
     PyObject_HEAD
@@ -12,7 +11,7 @@ typedef struct {
     int busy;   /* a thread waits for an event (GIL released) */
 } FshmVirtualCamera;
 
-/* Virtual-camera classes live in frameshm.virtualcam; the rest are frameshm's own. */
+/* Virtual-camera classes of frameshm._core (errors.c); the rest through fshm_raise. */
 static PyObject *vcam_raise(int code)
 {
     const char *name;
@@ -22,16 +21,7 @@ static PyObject *vcam_raise(int code)
     case FSHM_E_PW_UNSUPPORTED: name = "UnsupportedStream"; break;
     default: return fshm_raise(code);
     }
-    PyObject *mod = PyImport_ImportModule("frameshm.virtualcam");
-    PyObject *cls = mod ? PyObject_GetAttrString(mod, name) : NULL;
-    Py_XDECREF(mod);
-    if (!cls) {
-        PyErr_Clear();
-        return fshm_raise(code);
-    }
-    PyErr_SetString(cls, fshm_last_error());
-    Py_DECREF(cls);
-    return NULL;
+    return fshm_raise_named(name, 0);
 }
 
 static int vcam_init(FshmVirtualCamera *self, PyObject *args, PyObject *kw)
@@ -44,7 +34,7 @@ static int vcam_init(FshmVirtualCamera *self, PyObject *args, PyObject *kw)
     unsigned long sid = 0;
     unsigned int w = 0, h = 0, num = 0, den = 0, nbuf = 0;
     if (self->cam) {
-        PyErr_SetString(PyExc_RuntimeError, "VirtualCamera already initialised");
+        PyErr_SetString(fshm_exc_state, "VirtualCamera already initialised");
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O|$zzzIIIIOIzzOOkO", kwlist, &stream, &node_name, &desc,
@@ -179,7 +169,7 @@ static PyObject *vcam_info(FshmVirtualCamera *self, PyObject *unused)
 static PyObject *vcam_close(FshmVirtualCamera *self, PyObject *unused)
 {
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "close() while another thread waits on this VirtualCamera");
+        return PyErr_Format(fshm_exc_state, "close() while another thread waits on this VirtualCamera");
     vcam_final_close(self);
     Py_RETURN_NONE;
 }

@@ -23,9 +23,19 @@ static uint64_t region_bytes(uint32_t nslots, uint32_t slot_bytes)
     return FSHM_SUPERBLOCK_SIZE + (uint64_t)nslots * slot_bytes;
 }
 
-uint64_t fshm_profile_footprint(const fshm_profile *p)
+/* The caller's profile at the library's size (see fshm_config_copy). */
+static int profile_copy(fshm_profile *out, const fshm_profile *p)
 {
     if (!p)
+        return fshm_set_error(-EINVAL, "no profile given");
+    return fshm_config_copy(out, sizeof *out, p, offsetof(fshm_profile, gid) + sizeof(int64_t),
+                            "fshm_profile");
+}
+
+uint64_t fshm_profile_footprint(const fshm_profile *user_p)
+{
+    fshm_profile copy, *p = &copy;
+    if (profile_copy(&copy, user_p))
         return 0;
     uint64_t total = region_bytes(p->header_nslots, FSHM_SLOT_BYTES);
     for (uint32_t i = 0; i < p->npools && i < FSHM_MAX_POOLS; i++)
@@ -282,11 +292,15 @@ static int create_region(const char *path, uint64_t size, unsigned mode, int64_t
     return rc;
 }
 
-int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *p, uint64_t min_epoch,
+int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *user_p, uint64_t min_epoch,
                          fshm_grant *out)
 {
     memset(out, 0, sizeof *out);
-    int rc = check_profile(p);
+    fshm_profile copy, *p = &copy;
+    int rc = profile_copy(&copy, user_p);
+    if (rc)
+        return rc;
+    rc = check_profile(p);
     if (rc)
         return rc;
     unsigned mode = p->file_mode ? p->file_mode : 0600;

@@ -1,26 +1,7 @@
 /* What the capture types (camera_type.c: V4L2 Camera, gige_type.c: GigECamera) share:
- * their error classes looked up by name, and the argument handling of read_into() and
+ * the argument handling of read_into() and
  * wait() around each type's blocking call (see fshm_capture_ops in binding.h). */
 #include "binding.h"
-
-PyObject *fshm_capture_raise(int code, const char *module, const char *name, int oserr)
-{
-    PyObject *mod = PyImport_ImportModule(module);
-    PyObject *cls = mod ? PyObject_GetAttrString(mod, name) : NULL;
-    Py_XDECREF(mod);
-    if (!cls) {
-        PyErr_Clear();
-        return fshm_raise(code);
-    }
-    const char *msg = fshm_last_error();
-    PyObject *args = oserr ? Py_BuildValue("(is)", oserr, msg) : Py_BuildValue("(s)", msg);
-    if (args) {
-        PyErr_SetObject(cls, args);
-        Py_DECREF(args);
-    }
-    Py_DECREF(cls);
-    return NULL;
-}
 
 int fshm_capture_ready(int open, int started, const char *what)
 {
@@ -29,7 +10,7 @@ int fshm_capture_ready(int open, int started, const char *what)
         return -1;
     }
     if (!started) {
-        PyErr_Format(PyExc_RuntimeError, "%s is not started", what);
+        PyErr_Format(fshm_exc_state, "%s is not started", what);
         return -1;
     }
     return 0;

@@ -243,7 +243,17 @@ static int check_environment(fshm_reader *r, int force)
     return sync_epoch(r);
 }
 
-int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out)
+static int reader_open(const fshm_reader_config *cfg, fshm_reader **out);
+
+int fshm_reader_open(const fshm_reader_config *user_cfg, fshm_reader **out)
+{
+    fshm_reader_config cfg;
+    *out = NULL;
+    int rc = fshm_config_copy(&cfg, sizeof cfg, user_cfg, offsetof(fshm_reader_config, lease_events) + sizeof(int), "fshm_reader_config");
+    return rc ? rc : reader_open(&cfg, out);
+}
+
+static int reader_open(const fshm_reader_config *cfg, fshm_reader **out)
 {
     *out = NULL;
     fshm_reader *r = calloc(1, sizeof *r);
@@ -272,6 +282,7 @@ int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out)
         r->lease_events = cfg->lease_events;
         snprintf(r->driver_path, sizeof r->driver_path, "%s", cfg->driver);
         snprintf(r->base_dir, sizeof r->base_dir, "%s", cfg->addr.base_dir ? cfg->addr.base_dir : "");
+        r->lease_cfg.struct_size = sizeof r->lease_cfg;
         r->lease_cfg.socket_path = r->driver_path;
         r->lease_cfg.stream_id = cfg->addr.stream_id ? cfg->addr.stream_id
                                  : cfg->addr.name ? fshm_stream_id_for_name(cfg->addr.name) : 0;

@@ -1,4 +1,4 @@
-/* frameshm._core.Camera (a V4L2 camera, csrc/fshm_v4l2.h) and frameshm._core.CameraBuffer
+/* frameshm._core.Camera (a V4L2 camera, devices/fshm_v4l2.h) and frameshm._core.CameraBuffer
  * (one dequeued driver buffer exported through the buffer protocol).
  *
  * Zero-copy life cycle: a CameraBuffer holds a strong reference to its Camera. The driver
@@ -11,8 +11,7 @@
 
 #include <linux/videodev2.h>
 
-#include "../fshm_internal.h"   /* fshm_set_error */
-#include "../fshm_v4l2.h"
+#include "fshm_v4l2.h"
 
 typedef struct {
     PyObject_HEAD
@@ -33,7 +32,7 @@ typedef struct {
     int requeued;
 } FshmCameraBuffer;
 
-/* ---- errors: camera-specific classes live in frameshm.camera ---- */
+/* ---- errors: camera classes of frameshm._core (errors.c) ---- */
 
 static PyObject *camera_raise(int code)
 {
@@ -50,7 +49,7 @@ static PyObject *camera_raise(int code)
     case FSHM_E_V4L2_NOBUFS: name = "BuffersExhausted"; break;
     default: return fshm_raise(code);
     }
-    return fshm_capture_raise(code, "frameshm.camera", name, oserr);
+    return fshm_raise_named(name, oserr);
 }
 
 #define CHECK_CAM(self)                                                                          \
@@ -75,7 +74,7 @@ static int camera_init(FshmCamera *self, PyObject *args, PyObject *kw)
     static char *kwlist[] = {"path", NULL};
     PyObject *path;
     if (self->cam) {
-        PyErr_SetString(PyExc_RuntimeError, "Camera already initialised");
+        PyErr_SetString(fshm_exc_state, "Camera already initialised");
         return -1;
     }
     if (!PyArg_ParseTupleAndKeywords(args, kw, "O&", kwlist, PyUnicode_FSConverter, &path))
@@ -128,7 +127,7 @@ static PyObject *camera_start(FshmCamera *self, PyObject *args, PyObject *kw)
         return NULL;
     CHECK_CAM(self);
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "Camera used from two threads at once");
+        return PyErr_Format(fshm_exc_state, "Camera used from two threads at once");
     fshm_v4l2_request rq = {fourcc, w, h, num, den, nbuf};
     int rc;
     self->busy = 1;
@@ -348,7 +347,7 @@ static PyObject *camera_flush(FshmCamera *self, PyObject *arg)
     if (PyErr_Occurred())
         return NULL;
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "Camera used from two threads at once");
+        return PyErr_Format(fshm_exc_state, "Camera used from two threads at once");
     int rc = fshm_v4l2_flush(self->cam, age);
     if (rc < 0)
         return camera_raise(rc);
@@ -362,7 +361,7 @@ static PyObject *camera_set_rate(FshmCamera *self, PyObject *args)
         return NULL;
     CHECK_STARTED(self);
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "Camera used from two threads at once");
+        return PyErr_Format(fshm_exc_state, "Camera used from two threads at once");
     int rc;
     self->busy = 1;
     Py_BEGIN_ALLOW_THREADS
@@ -377,7 +376,7 @@ static PyObject *camera_set_rate(FshmCamera *self, PyObject *args)
 static PyObject *camera_close(FshmCamera *self, PyObject *unused)
 {
     if (self->busy)
-        return PyErr_Format(PyExc_RuntimeError, "close() while another thread waits on this Camera");
+        return PyErr_Format(fshm_exc_state, "close() while another thread waits on this Camera");
     if (!self->cam || self->closing)
         Py_RETURN_NONE;
     if (self->outstanding) {

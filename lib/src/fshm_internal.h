@@ -13,16 +13,20 @@
 #include <stdint.h>
 #include <string.h>
 
-#include "frameshm.h"
+#include "frameshm/frameshm.h"
 
 #if defined(__BYTE_ORDER__) && __BYTE_ORDER__ != __ORDER_LITTLE_ENDIAN__
 #error "frameshm's wire format is little-endian; big-endian hosts need byte swapping"
 #endif
 
 /* ---- errors ---- */
-int fshm_set_error(int code, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 /* Records the system errno behind a frameshm-specific code (e.g. FSHM_E_LIMIT). */
 void fshm_note_errno(int e);
+
+/* Copies a caller's config struct (which starts with its struct_size) into `out` of the
+ * library's own size: fields the caller's version does not have stay zero (their
+ * defaults). -EINVAL when struct_size is 0 or smaller than the first version's struct. */
+int fshm_config_copy(void *out, size_t out_size, const void *in, size_t min_size, const char *what);
 
 /* ---- wire constants (SHM Tensor Pool Wire Spec v1.2) ---- */
 #define FSHM_MAGIC 0x544F504C53484D31ULL   /* "TPOLSHM1" read as a little-endian u64 */

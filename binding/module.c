@@ -1,0 +1,173 @@
+/* frameshm._core: the transport's binding (Writer, Reader, Mapping, stream inspection,
+ * driver provisioning), the exception hierarchy (errors.c) and the V4L2 camera. */
+#include "binding.h"
+
+/* ---- module functions ---- */
+
+static PyObject *consumer_dict(const fshm_consumer_info *c)
+{
+    return Py_BuildValue("{s:s,s:s,s:L,s:O,s:O,s:K,s:K,s:K,s:k}", "name", c->name, "queue", c->queue,
+                         "pid", (long long)c->pid, "alive", c->alive ? Py_True : Py_False,
+                         "process_all", c->process_all ? Py_True : Py_False, "last_seq_plus1",
+                         (unsigned long long)c->last_seq, "delivered",
+                         (unsigned long long)c->delivered, "queue_full",
+                         (unsigned long long)c->queue_full, "max_rate_hz",
+                         (unsigned long)c->max_rate_hz);
+}
+
+/* (name=None, *, stream_id=0, base_dir=None, namespace=None) -> address */
+static int parse_addr_args(PyObject *args, PyObject *kw, fshm_stream_addr *a)
+{
+    static char *kwlist[] = {"name", "stream_id", "base_dir", "namespace", NULL};
+    PyObject *name = Py_None, *base = Py_None, *ns = Py_None;
+    unsigned long sid = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOO", kwlist, &name, &sid, &base, &ns))
+        return -1;
+    return fshm_parse_addr(name, sid, base, ns, a);
+}
+
+static PyObject *mod_stream_info(PyObject *self, PyObject *args, PyObject *kw)
+{
+    fshm_stream_addr a;
+    if (parse_addr_args(args, kw, &a))
+        return NULL;
+    fshm_stream_info *info = PyMem_Malloc(sizeof *info);
+    if (!info)
+        return PyErr_NoMemory();
+    int rc = fshm_stream_info_get(&a, info);
+    if (rc) {
+        PyMem_Free(info);
+        return fshm_raise(rc);
+    }
+    static const char *states[] = {"none", "alive", "dead", "closed"};
+    PyObject *cons = PyList_New(0), *pools = PyList_New(0);
+    for (uint32_t i = 0; cons && i < info->nconsumers; i++) {
+        PyObject *d = consumer_dict(&info->consumers[i]);
+        if (!d || PyList_Append(cons, d)) {
+            Py_XDECREF(d);
+            Py_CLEAR(cons);
+            break;
+        }
+        Py_DECREF(d);
+    }
+    for (uint32_t i = 0; pools && i < info->npools; i++) {
+        PyObject *v = PyLong_FromUnsignedLong(info->pool_stride[i]);
+        if (!v || PyList_Append(pools, v)) {
+            Py_XDECREF(v);
+            Py_CLEAR(pools);
+            break;
+        }
+        Py_DECREF(v);
+    }
+    PyObject *res = NULL;
+    if (cons && pools)
+        res = Py_BuildValue(
+            "{s:s,s:k,s:K,s:s,s:L,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:O,s:k,s:O,s:O}", "name", info->name,
+            "stream_id", (unsigned long)info->stream_id, "epoch", (unsigned long long)info->epoch,
+            "producer", states[info->producer_state & 3], "producer_pid",
+            (long long)info->producer_pid, "latest_seq_plus1", (unsigned long long)info->latest_seq,
+            "frames", (unsigned long long)info->frames, "drops_nopool",
+            (unsigned long long)info->drops_nopool, "descriptors_sent",
+            (unsigned long long)info->desc_sent, "descriptors_dropped",
+            (unsigned long long)info->desc_dropped, "consumers_pruned",
+            (unsigned long long)info->pruned, "activity_ns", (unsigned long long)info->activity_ns,
+            "mode", (int)info->mode, "driver_managed", info->driver_managed ? Py_True : Py_False,
+            "nslots", (unsigned long)info->nslots, "pool_strides", pools,
+            "consumers", cons);
+    Py_XDECREF(cons);
+    Py_XDECREF(pools);
+    PyMem_Free(info);
+    return res;
+}
+
+static PyObject *mod_stream_gc(PyObject *self, PyObject *args, PyObject *kw)
+{
+    fshm_stream_addr a;
+    if (parse_addr_args(args, kw, &a))
+        return NULL;
+    int rc = fshm_stream_gc(&a);
+    if (rc < 0)
+        return fshm_raise(rc);
+    return PyBool_FromLong(rc);
+}
+
+static PyObject *mod_namespace_dir(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"base_dir", "namespace", NULL};
+    PyObject *base = Py_None, *ns = Py_None;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|OO", kwlist, &base, &ns))
+        return NULL;
+    fshm_stream_addr a;
+    if (fshm_parse_addr(Py_None, 0, base, ns, &a))
+        return NULL;
+    char out[1024];
+    int rc = fshm_namespace_dir(a.base_dir, a.ns, out, sizeof out);
+    if (rc)
+        return fshm_raise(rc);
+    return PyUnicode_DecodeFSDefault(out);
+}
+
+static PyObject *mod_stream_id_for_name(PyObject *self, PyObject *arg)
+{
+    const char *n = PyUnicode_AsUTF8(arg);
+    if (!n)
+        return NULL;
+    int rc = fshm_validate_name(n, "stream");
+    if (rc)
+        return fshm_raise(rc);
+    return PyLong_FromUnsignedLong(fshm_stream_id_for_name(n));
+}
+
+static PyObject *mod_now_ns(PyObject *self, PyObject *unused)
+{
+    return PyLong_FromUnsignedLongLong(fshm_now_ns());
+}
+
+static PyMethodDef module_methods[] = {
+    {"stream_info", (PyCFunction)(void (*)(void))mod_stream_info, METH_VARARGS | METH_KEYWORDS,
+     "stream_info(name=None, *, stream_id=0, base_dir=None, namespace=None) -> dict"},
+    {"stream_gc", (PyCFunction)(void (*)(void))mod_stream_gc, METH_VARARGS | METH_KEYWORDS,
+     "stream_gc(name=None, *, stream_id=0, base_dir=None, namespace=None) -> bool removed"},
+    {"namespace_dir", (PyCFunction)(void (*)(void))mod_namespace_dir, METH_VARARGS | METH_KEYWORDS,
+     "namespace_dir(base_dir=None, namespace=None) -> str"},
+    {"stream_id_for_name", mod_stream_id_for_name, METH_O, "stream_id_for_name(name) -> int"},
+    {"now_ns", mod_now_ns, METH_NOARGS, "CLOCK_MONOTONIC in nanoseconds"},
+    {NULL, NULL, 0, NULL},
+};
+
+static struct PyModuleDef module_def = {
+    PyModuleDef_HEAD_INIT, "frameshm._core", "frameshm C core binding.", -1, module_methods,
+};
+
+PyMODINIT_FUNC PyInit__core(void)
+{
+    if (PyType_Ready(&FshmMappingType) < 0 || PyType_Ready(&FshmWriterType) < 0 ||
+        PyType_Ready(&FshmReaderType) < 0)
+        return NULL;
+    PyObject *m = PyModule_Create(&module_def);
+    if (!m)
+        return NULL;
+    if (fshm_errors_create(m) || fshm_binding_init_errors(m)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    Py_INCREF(&FshmMappingType);
+    Py_INCREF(&FshmWriterType);
+    Py_INCREF(&FshmReaderType);
+    if (PyModule_AddObject(m, "Mapping", (PyObject *)&FshmMappingType) ||
+        PyModule_AddObject(m, "Writer", (PyObject *)&FshmWriterType) ||
+        PyModule_AddObject(m, "Reader", (PyObject *)&FshmReaderType) ||
+        PyModule_AddIntConstant(m, "MAX_DIMS", FSHM_MAX_DIMS) ||
+        PyModule_AddIntConstant(m, "MAX_POOLS", FSHM_MAX_POOLS) ||
+        PyModule_AddIntConstant(m, "MAX_CONSUMERS", FSHM_MAX_CONSUMERS) ||
+        PyModule_AddIntConstant(m, "MODE_STANDBY", FSHM_MODE_STANDBY) ||
+        PyModule_AddIntConstant(m, "MODE_ALARMED", FSHM_MODE_ALARMED) ||
+        PyModule_AddIntConstant(m, "VERSION", fshm_version(NULL, NULL, NULL)) ||
+        PyModule_AddStringConstant(m, "VERSION_STRING", fshm_version_string()) ||
+        PyModule_AddIntConstant(m, "HEADER_VERSION", FSHM_VERSION) ||
+        fshm_camera_types_ready(m) || fshm_add_driver_funcs(m)) {
+        Py_DECREF(m);
+        return NULL;
+    }
+    return m;
+}
