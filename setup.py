@@ -81,6 +81,8 @@ def feature_summary(feats):
         else:
             lines.append(f"  [ ] {name:9} {f['what']}: BUILT OUT, pkg-config found no {f['pkg']}; "
                          f"to get it: apt-get install {f['apt']}, then reinstall frameshm")
+    if TEST_MACROS:
+        lines.append("  test hooks compiled in (FRAMESHM_TEST_BUILD=1): not a product build")
     return "\n".join(lines)
 
 
@@ -97,6 +99,14 @@ Libs: -L${{libdir}} -Wl,-rpath,${{libdir}} -lframeshm
 Libs.private: -lrt -pthread
 Cflags: -I${{includedir}}
 """
+
+def _newer(sources, target):
+    """True when target is missing or older than any of sources."""
+    if not os.path.exists(target):
+        return True
+    t = os.path.getmtime(target)
+    return any(os.path.getmtime(os.path.join(HERE, s)) > t for s in sources)
+
 
 def _write_if_changed(path, text):
     old = open(path, encoding="utf-8").read() if os.path.exists(path) else None
@@ -121,16 +131,16 @@ class BuildFrameshm(build_ext):
         key = repr(sorted((n, f["found"]) for n, f in feats.items())) + repr(sorted(MK.items())) + repr(TEST_MACROS)
         if not os.path.exists(stamp) or open(stamp, encoding="utf-8").read() != key:
             self.force = True
-        self._feats = feats
+        self._feats, self._summary = feats, summary
         super().run()
         _write_if_changed(stamp, key)
-        _write_if_changed(os.path.join(self._pkg_dir, "_build_features.txt"), summary + "\n")
 
 
     def build_extensions(self):
         # Runs once the compiler is set up: the library first, then its clients.
         self._pkg_dir = pkg_dir = os.path.dirname(self.get_ext_fullpath("frameshm._core"))
         self._build_library(pkg_dir)
+        _write_if_changed(os.path.join(pkg_dir, "_build_features.txt"), self._summary + "\n")
         for ext in self.extensions:
             self._configure(ext, self._feats, pkg_dir)
         super().build_extensions()
@@ -157,9 +167,7 @@ class BuildFrameshm(build_ext):
         target = os.path.join(libdir, SONAME)
         deps = sources + [os.path.join("lib/src", f) for f in os.listdir(os.path.join(HERE, "lib/src"))
                           if f.endswith(".h")] + MK["FSHM_PUBLIC_HEADERS"].split() + ["build.mk"]
-        from setuptools.dep_util import newer_group
-
-        if self.force or newer_group(deps, target):
+        if self.force or _newer(deps, target):
             cflags = (MK["FSHM_CSTD"].split() + MK["FSHM_WARN"].split() + MK["FSHM_OPT"].split()
                       + MK["FSHM_LIB_CFLAGS"].split())
             objects = self.compiler.compile(

@@ -33,7 +33,7 @@ from .virtualcam import VirtualCamera
 from .processor import Processor
 from .clib import cmake_dir, get_include, get_library_dir, pkgconfig_dir
 
-__version__ = "0.1.0"
+__version__ = "0.2.0"
 
 __all__ = [
     "Writer",

@@ -30,6 +30,10 @@ fi
 
 PY=${PYTHON:-python3}
 extras="${1:-}"
+# The test set-up builds the test-only hooks in (FRAMESHM_V4L2_BACKEND: the fake V4L2
+# device of tests/c); the main job's set-up, like wheels, never does.
+if [ "$extras" = test ]; then export FRAMESHM_TEST_BUILD=1; else unset FRAMESHM_TEST_BUILD; fi
 # pipefail: a failed install fails the script; only grep's "nothing left" status is ignored.
 $PY -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" 2>&1 | { grep -v "Running pip as the 'root' user" || true; }
-$PY -c "import frameshm._core" # fail loudly if the extension did not build
+$PY -c "import frameshm._core, frameshm._gige, frameshm._virtualcam" # fail loudly if an extension did not build
+cat "$($PY -c 'import frameshm, os; print(os.path.dirname(frameshm.__file__))')/_build_features.txt"

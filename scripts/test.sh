@@ -6,8 +6,8 @@ cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
 PY=${PYTHON:-python3}
 
-echo "== C core (cmocka) =="
-make -s -C tests/c check
+echo "== libframeshm and devices (cmocka) =="
+make -s check
 
 echo "== Python (pytest) =="
 set +e

@@ -21,10 +21,12 @@ EXPECTED_ALL = [
     "FrameshmError",
     "GigECamera",
     "InvalidArgument",
+    "InvalidState",
     "LeaseLost",
     "MODE_ALARMED",
     "MODE_STANDBY",
     "Overrun",
+    "PermissionDenied",
     "Processor",
     "ProducerDead",
     "Reader",
@@ -36,8 +38,12 @@ EXPECTED_ALL = [
     "VirtualCamera",
     "Writer",
     "__version__",
+    "cmake_dir",
     "gc",
+    "get_include",
+    "get_library_dir",
     "list_streams",
+    "pkgconfig_dir",
     "stream_info",
 ]
 
@@ -72,6 +78,8 @@ EXCEPTIONS = {
     "DriverUnavailable": (frameshm.FrameshmError, ConnectionError),
     "DriverRejected": (frameshm.FrameshmError, None),
     "LeaseLost": (frameshm.FrameshmError, None),
+    "PermissionDenied": (frameshm.FrameshmError, PermissionError),
+    "InvalidState": (frameshm.FrameshmError, RuntimeError),
 }
 
 
@@ -244,6 +252,8 @@ def test_exception_builtin_bases_exactly():
         "DriverUnavailable": ["ConnectionError", "OSError"],
         "DriverRejected": [],
         "LeaseLost": [],
+        "PermissionDenied": ["OSError", "PermissionError"],
+        "InvalidState": ["RuntimeError"],
     }
 
 
