@@ -29,6 +29,11 @@ VERSION := $(shell sed -n 's/^\#define FSHM_VERSION_STRING "\(.*\)"/\1/p' $(TOP)
 SONAME := libframeshm.so.$(FSHM_SOVERSION)
 REALNAME := libframeshm.so.$(VERSION)
 
+# In the .pc, directories under the prefix are written relative to it (${prefix}/lib), so
+# that pkg-config --define-prefix can relocate the installed tree.
+PC_LIBDIR := $(patsubst $(PREFIX)/%,$${prefix}/%,$(LIBDIR))
+PC_INCLUDEDIR := $(patsubst $(PREFIX)/%,$${prefix}/%,$(INCLUDEDIR))
+
 LIB_OBJ := $(patsubst lib/src/%.c,$(BUILD)/obj/%.o,$(FSHM_LIB_SOURCES))
 LIB_CFLAGS := $(FSHM_CSTD) $(FSHM_WARN) $(FSHM_OPT) $(FSHM_LIB_CFLAGS:-I%=-I$(TOP)/%) $(CFLAGS)
 
@@ -57,7 +62,7 @@ $(BUILD)/libframeshm.a: $(LIB_OBJ)
 
 $(BUILD)/frameshm.pc: $(TOP)/Makefile $(TOP)/lib/include/frameshm/frameshm.h FORCE
 	@printf '%s\n' \
-	  'prefix=$(PREFIX)' 'libdir=$(LIBDIR)' 'includedir=$(INCLUDEDIR)' '' \
+	  'prefix=$(PREFIX)' 'libdir=$(PC_LIBDIR)' 'includedir=$(PC_INCLUDEDIR)' '' \
 	  'Name: frameshm' \
 	  'Description: Shared-memory frame and tensor streams between processes (SHM Tensor Pool wire spec v1.2)' \
 	  'Version: $(VERSION)' \

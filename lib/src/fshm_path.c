@@ -185,7 +185,8 @@ int fshm_paths_from_grant(const char *base_dir, const fshm_grant *g, fshm_paths 
     snprintf(rest, sizeof rest, "%s", path + blen + 1);
     char *parts[6];
     int n = 0;
-    for (char *tok = strtok(rest, "/"); tok && n < 6; tok = strtok(NULL, "/"))
+    char *save = NULL;   /* strtok_r: attaches may run on several threads at once */
+    for (char *tok = strtok_r(rest, "/", &save); tok && n < 6; tok = strtok_r(NULL, "/", &save))
         parts[n++] = tok;
     char want_id[16], want_epoch[24];
     snprintf(want_id, sizeof want_id, "%u", g->stream_id);

@@ -46,14 +46,20 @@ uint64_t fshm_proc_start_time(int64_t pid)
 
 uint64_t fshm_self_start_time(void)
 {
-    static uint64_t cached;
-    static pid_t cached_pid;
-    pid_t me = getpid();
-    if (cached_pid != me) {   /* recompute after fork */
-        cached = fshm_proc_start_time(me);
-        cached_pid = me;
+    /* One word holds both the pid and its start time's validity so that threads opening
+     * handles at once never pair one pid with another's start time; a race only computes
+     * the value twice. Recomputed after fork (the pid changes). */
+    static uint64_t cached;       /* start time (atomic) */
+    static int64_t cached_pid;    /* pid it belongs to, published after `cached` (atomic) */
+    int64_t me = getpid();
+    if (__atomic_load_n(&cached_pid, __ATOMIC_ACQUIRE) == me)
+        return __atomic_load_n(&cached, __ATOMIC_RELAXED);
+    uint64_t st = fshm_proc_start_time(me);
+    if (st) {
+        __atomic_store_n(&cached, st, __ATOMIC_RELAXED);
+        __atomic_store_n(&cached_pid, me, __ATOMIC_RELEASE);
     }
-    return cached;
+    return st;
 }
 
 int fshm_pid_alive(int64_t pid, uint64_t start_time)

@@ -241,7 +241,8 @@ FSHM_API int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out);
 FSHM_API int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f);
 /* Process-all: the next frame in order; f->skipped counts frames lost (overruns). */
 FSHM_API int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f);
-/* Newest committed frame without waiting; -EAGAIN when none is newer than `after`+1. */
+/* Newest committed frame without waiting; -EAGAIN when none is newer than the last frame
+ * this reader returned. */
 FSHM_API int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f);
 /* 1 if the slot still holds frame f (seqlock re-check after using its data). */
 FSHM_API int fshm_frame_valid(fshm_reader *r, const fshm_frame *f);
