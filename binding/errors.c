@@ -4,8 +4,10 @@
  * category users catch (TimeoutError, FileNotFoundError, PermissionError, ...). */
 #include "binding.h"
 
-/* Parent names refer to classes earlier in the table or to builtins (NULL ends the list). */
+/* Parent names refer to classes earlier in the table (NULL ends the list). `module` is
+ * where the class is documented and exported: pickle looks the class up there by name. */
 typedef struct {
+    const char *module;
     const char *name;
     const char *parents[3];
     PyObject **builtin[2];   /* builtin bases, after the frameshm parents */
@@ -13,74 +15,75 @@ typedef struct {
 } exc_spec;
 
 static const exc_spec specs[] = {
-    {"FrameshmError", {NULL}, {NULL}, "Base class of every frameshm error."},
-    {"InvalidArgument", {"FrameshmError"}, {&PyExc_ValueError},
+    {"frameshm", "FrameshmError", {NULL}, {NULL}, "Base class of every frameshm error."},
+    {"frameshm", "InvalidArgument", {"FrameshmError"}, {&PyExc_ValueError},
      "A bad name, shape, dtype, size or option (nothing was created or changed)."},
-    {"StreamNotFound", {"FrameshmError"}, {&PyExc_FileNotFoundError},
+    {"frameshm", "StreamNotFound", {"FrameshmError"}, {&PyExc_FileNotFoundError},
      "No stream of that name/id exists in the base directory and namespace."},
-    {"StreamBusy", {"FrameshmError"}, {NULL},
+    {"frameshm", "StreamBusy", {"FrameshmError"}, {NULL},
      "The stream already has a live producer (one producer per stream)."},
-    {"CorruptStream", {"FrameshmError"}, {NULL},
+    {"frameshm", "CorruptStream", {"FrameshmError"}, {NULL},
      "Shared memory failed validation (bad magic, sizes, header fields, paths)."},
-    {"FrameTooLarge", {"FrameshmError"}, {&PyExc_ValueError},
+    {"frameshm", "FrameTooLarge", {"FrameshmError"}, {&PyExc_ValueError},
      "The frame is larger than every payload pool of the stream; it was dropped."},
-    {"ResourceLimit", {"FrameshmError"}, {&PyExc_OSError},
+    {"frameshm", "ResourceLimit", {"FrameshmError"}, {&PyExc_OSError},
      "A system limit was hit: /dev/shm full, message-queue limits, file limits."},
-    {"PermissionDenied", {"FrameshmError"}, {&PyExc_PermissionError},
+    {"frameshm", "PermissionDenied", {"FrameshmError"}, {&PyExc_PermissionError},
      "The operating system refused access (file modes, owner, driver policy)."},
-    {"Timeout", {"FrameshmError"}, {&PyExc_TimeoutError},
+    {"frameshm", "Timeout", {"FrameshmError"}, {&PyExc_TimeoutError},
      "No frame arrived in time. The message says whether the producer is alive."},
-    {"ProducerDead", {"Timeout"}, {NULL},
+    {"frameshm", "ProducerDead", {"Timeout"}, {NULL},
      "No frame arrived in time and the producer process is gone (crashed or killed)."},
-    {"Overrun", {"FrameshmError"}, {NULL},
+    {"frameshm", "Overrun", {"FrameshmError"}, {NULL},
      "The producer overwrote the frame while it was being copied, every time tried."},
-    {"StreamClosed", {"FrameshmError"}, {&PyExc_ValueError},
+    {"frameshm", "StreamClosed", {"FrameshmError"}, {&PyExc_ValueError},
      "Operation on a closed Reader, Writer or camera."},
-    {"InvalidState", {"FrameshmError"}, {&PyExc_RuntimeError},
+    {"frameshm", "InvalidState", {"FrameshmError"}, {&PyExc_RuntimeError},
      "The object cannot do that now: not started, or used from two threads at once."},
-    {"DriverUnavailable", {"FrameshmError"}, {&PyExc_ConnectionError},
+    {"frameshm", "DriverUnavailable", {"FrameshmError"}, {&PyExc_ConnectionError},
      "No frameshm driver answers on the control socket (driver model)."},
-    {"DriverRejected", {"FrameshmError"}, {NULL},
+    {"frameshm", "DriverRejected", {"FrameshmError"}, {NULL},
      "The driver refused the attach; the message carries its response code and reason\n"
      "(e.g. a second producer, REQUIRE_EXISTING on a missing stream, a profile that does not\n"
      "fit in shared memory, a peer the policy does not allow)."},
-    {"LeaseLost", {"FrameshmError"}, {NULL},
+    {"frameshm", "LeaseLost", {"FrameshmError"}, {NULL},
      "The driver ended this client's lease (detached, expired, revoked, driver shut down\n"
      "or gone). Writers re-attach by themselves and raise this only when that fails;\n"
      "readers raise it only when opened with ``lease_events=True``."},
     /* capture devices */
-    {"CameraError", {"FrameshmError"}, {NULL}, "Base class of the camera errors."},
-    {"DeviceNotFound", {"CameraError"}, {&PyExc_FileNotFoundError},
+    {"frameshm.camera", "CameraError", {"FrameshmError"}, {NULL},
+     "Base class of the camera errors."},
+    {"frameshm.camera", "DeviceNotFound", {"CameraError"}, {&PyExc_FileNotFoundError},
      "No device at that path (unplugged, or never there)."},
-    {"DevicePermissionError", {"CameraError"}, {&PyExc_PermissionError},
+    {"frameshm.camera", "DevicePermissionError", {"CameraError"}, {&PyExc_PermissionError},
      "The device exists but this user may not open it (``video`` group, udev rules)."},
-    {"DeviceBusy", {"CameraError"}, {&PyExc_OSError},
+    {"frameshm.camera", "DeviceBusy", {"CameraError"}, {&PyExc_OSError},
      "Another process is capturing from the device (EBUSY)."},
-    {"DeviceGone", {"CameraError"}, {&PyExc_OSError},
+    {"frameshm.camera", "DeviceGone", {"CameraError"}, {&PyExc_OSError},
      "The device disappeared (ENODEV): unplugged or its driver reset. Close the camera and\n"
      "open it again once it is back."},
-    {"UnsupportedFormat", {"CameraError", "InvalidArgument"}, {NULL},
+    {"frameshm.camera", "UnsupportedFormat", {"CameraError", "InvalidArgument"}, {NULL},
      "The device cannot deliver that format, size or conversion (the message lists what\n"
      "it offers)."},
-    {"NotACamera", {"CameraError"}, {&PyExc_ValueError},
+    {"frameshm.camera", "NotACamera", {"CameraError"}, {&PyExc_ValueError},
      "The path is not a V4L2 video capture device."},
-    {"V4L2Unavailable", {"CameraError"}, {NULL},
+    {"frameshm.camera", "V4L2Unavailable", {"CameraError"}, {NULL},
      "frameshm was built without libv4l2 (apt-get install libv4l-dev, then reinstall)."},
-    {"BuffersExhausted", {"CameraError"}, {NULL},
+    {"frameshm.camera", "BuffersExhausted", {"CameraError"}, {NULL},
      "Every driver buffer is held by frames not released (or by live views of them)."},
-    {"GigEUnavailable", {"CameraError"}, {NULL},
+    {"frameshm.gige", "GigEUnavailable", {"CameraError"}, {NULL},
      "frameshm was built without Aravis (apt-get install libaravis-dev libusb-1.0-0-dev,\n"
      "then reinstall)."},
-    {"AravisError", {"CameraError"}, {NULL},
+    {"frameshm.gige", "AravisError", {"CameraError"}, {NULL},
      "An Aravis error with no better category (its message is Aravis')."},
     /* virtual camera */
-    {"PipeWireUnavailable", {"FrameshmError"}, {NULL},
+    {"frameshm.virtualcam", "PipeWireUnavailable", {"FrameshmError"}, {NULL},
      "frameshm was built without PipeWire (apt-get install libpipewire-0.3-dev, then\n"
      "reinstall frameshm)."},
-    {"PipeWireError", {"FrameshmError"}, {&PyExc_ConnectionError},
+    {"frameshm.virtualcam", "PipeWireError", {"FrameshmError"}, {&PyExc_ConnectionError},
      "PipeWire failed: no daemon to connect to, the connection was lost, or the node\n"
      "failed."},
-    {"UnsupportedStream", {"InvalidArgument"}, {NULL},
+    {"frameshm.virtualcam", "UnsupportedStream", {"InvalidArgument"}, {NULL},
      "The stream's frames cannot be served as a video format (see frameshm.virtualcam)."},
 };
 #define NSPECS (sizeof specs / sizeof specs[0])
@@ -125,7 +128,7 @@ static PyObject *create(size_t i)
     if (!tuple)
         return NULL;
     char qual[96];
-    snprintf(qual, sizeof qual, "frameshm.%s", s->name);
+    snprintf(qual, sizeof qual, "%s.%s", s->module, s->name);
     /* PyErr_NewExceptionWithDoc takes a char * doc; it copies it. */
     PyObject *cls = PyErr_NewExceptionWithDoc(qual, (char *)s->doc, tuple, NULL);
     Py_DECREF(tuple);

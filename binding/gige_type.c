@@ -316,7 +316,7 @@ static PyGetSetDef gige_getset[] = {
 
 PyTypeObject FshmGigECameraType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "frameshm._core.GigECamera",
+    .tp_name = "frameshm._gige.GigECamera",
     .tp_basicsize = sizeof(FshmGigECamera),
     .tp_dealloc = (destructor)gige_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,

@@ -232,7 +232,7 @@ static PyGetSetDef vcam_getset[] = {
 
 PyTypeObject FshmVirtualCameraType = {
     PyVarObject_HEAD_INIT(NULL, 0)
-    .tp_name = "frameshm._core.VirtualCamera",
+    .tp_name = "frameshm._virtualcam.VirtualCamera",
     .tp_basicsize = sizeof(FshmVirtualCamera),
     .tp_dealloc = (destructor)vcam_dealloc,
     .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE,

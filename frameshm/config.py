@@ -266,7 +266,7 @@ class PipelineConfig:
     def metrics_stream(self, role: str) -> Optional[str]:
         """Name of a role's metrics stream, None if that role's metrics are off."""
         if role not in ROLES:
-            raise ValueError(f"unknown role {role!r}")
+            raise InvalidArgument(f"unknown role {role!r}")
         return f"{self.streams.frames}.{role}" if getattr(self, role).metrics else None
 
     def set(self, dotted: str, value: Any) -> None:

@@ -20,6 +20,8 @@ import struct
 from dataclasses import dataclass, field
 from typing import List, Optional, Tuple, Union
 
+from ..errors import FrameshmError, InvalidArgument
+
 MAX_MESSAGE = 4096
 DRIVER_SCHEMA_ID = 901
 DRIVER_SCHEMA_VERSION = 1
@@ -102,9 +104,10 @@ assert (ATTACH_REQUEST.size, ATTACH_RESPONSE.size, DETACH_REQUEST.size, DETACH_R
 assert (KEEPALIVE.size, SHUTDOWN.size, REVOKED.size, POOL_ANNOUNCE.size, POOL_ENTRY.size) == (25, 9, 26, 35, 10)
 
 
-class DecodeError(Exception):
-    """A message that cannot be accepted. `code` is what the driver answers with;
-    `correlation_id`/`template_id` are set when they could be read from the packet."""
+class DecodeError(FrameshmError, ValueError):
+    """A message that cannot be accepted (a ValueError, like other decoders'). `code` is
+    what the driver answers with; `correlation_id`/`template_id` are set when they could be
+    read from the packet."""
 
     def __init__(self, code: Code, message: str, correlation_id: Optional[int] = None, template_id: Optional[int] = None):
         super().__init__(message)
@@ -112,6 +115,10 @@ class DecodeError(Exception):
         self.message = message
         self.correlation_id = correlation_id
         self.template_id = template_id
+
+    def __reduce__(self):
+        # args holds only the message; rebuild from every field (pickling across processes)
+        return (type(self), (self.code, self.message, self.correlation_id, self.template_id))
 
 
 # ---- messages ----------------------------------------------------------------------
@@ -301,7 +308,7 @@ def encode(msg: Message) -> bytes:
     else:
         raise TypeError(f"not a driver message: {msg!r}")
     if len(out) > MAX_MESSAGE:
-        raise ValueError(f"{type(msg).__name__} would be {len(out)} bytes (at most {MAX_MESSAGE})")
+        raise InvalidArgument(f"{type(msg).__name__} would be {len(out)} bytes (at most {MAX_MESSAGE})")
     return out
 
 

@@ -81,8 +81,9 @@ def _uri_path(uri: str) -> str:
     return uri[len(URI_PREFIX):].split("|", 1)[0] if uri.startswith(URI_PREFIX) else ""
 
 
-class DriverError(Exception):
-    """The driver cannot start (socket taken, bad base directory, ...)."""
+class DriverError(FrameshmError, OSError):
+    """The driver cannot start (socket taken, bad base directory, ...): an OSError, as the
+    socket or directory the system refused is what went wrong."""
 
 
 @dataclass(eq=False)

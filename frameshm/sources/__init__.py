@@ -16,7 +16,7 @@ from urllib.parse import parse_qsl, urlsplit
 
 import numpy as np
 
-from ..errors import InvalidArgument
+from ..errors import FrameshmError, InvalidArgument
 
 
 class Source(abc.ABC):
@@ -61,8 +61,9 @@ class Source(abc.ABC):
         self.close()
 
 
-class SourceGone(Exception):
-    """The device went away mid-stream (unplugged, camera rebooted)."""
+class SourceGone(FrameshmError, OSError):
+    """The device went away mid-stream (unplugged, camera rebooted). An OSError like the
+    camera's DeviceGone behind it: the capture producer closes the source and reopens it."""
 
 
 _REGISTRY: Dict[str, Callable[[str, Dict[str, str]], Source]] = {}

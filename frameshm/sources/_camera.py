@@ -18,7 +18,7 @@ from typing import Any, Optional, Tuple
 import numpy as np
 
 from ..camera import DeviceGone
-from ..errors import InvalidArgument
+from ..errors import InvalidState
 from . import Source, SourceGone
 
 
@@ -76,7 +76,7 @@ class CameraSource(Source):
 
     def _camera(self) -> Any:
         if self.cam is None:
-            raise InvalidArgument(f"{self._SCHEME} source is not open")
+            raise InvalidState(f"{self._SCHEME} source is not open")
         return self.cam
 
     def read_into(self, out: np.ndarray, timeout: float) -> int:
