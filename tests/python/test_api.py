@@ -80,8 +80,6 @@ EXCEPTIONS = {
     "DriverUnavailable": (frameshm.FrameshmError, ConnectionError),
     "DriverRejected": (frameshm.FrameshmError, None),
     "LeaseLost": (frameshm.FrameshmError, None),
-    "PermissionDenied": (frameshm.FrameshmError, PermissionError),
-    "InvalidState": (frameshm.FrameshmError, RuntimeError),
 }
 
 
@@ -256,8 +254,6 @@ def test_exception_builtin_bases_exactly():
         "DriverUnavailable": ["ConnectionError", "OSError"],
         "DriverRejected": [],
         "LeaseLost": [],
-        "PermissionDenied": ["OSError", "PermissionError"],
-        "InvalidState": ["RuntimeError"],
     }
 
 
