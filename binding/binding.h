@@ -10,6 +10,7 @@
 extern PyTypeObject FshmMappingType;
 extern PyTypeObject FshmWriterType;
 extern PyTypeObject FshmReaderType;
+extern PyTypeObject FshmFrameType;
 /* InvalidArgument (a ValueError), InvalidState (a RuntimeError) */
 extern PyObject *fshm_exc_invalid, *fshm_exc_state;
 extern PyTypeObject FshmCameraType;
@@ -22,6 +23,30 @@ typedef struct {
 
 /* Wraps a mapping (takes a new fshm reference). */
 PyObject *fshm_mapping_new(fshm_map *m);
+
+/* ---- frames (frame_type.c) ---- */
+/* How a Reader makes its frames: the class (NULL = _core.Frame), the dtype table and the
+ * last frame's shape/strides tuples, which frames of the same layout share. Zeroed = no
+ * class or table set. */
+typedef struct {
+    PyTypeObject *type;
+    PyObject *dtypes;            /* tuple indexed by dtype code, or NULL: dtype = the code */
+    PyObject *shape, *strides;
+    uint8_t ndims;
+    int32_t layout_dims[FSHM_MAX_DIMS], layout_strides[FSHM_MAX_DIMS];   /* what they hold */
+} fshm_frame_maker;
+/* Sets the class (None = _core.Frame, else a subclass of it) and the dtype table (None, or
+ * a sequence indexed by dtype code). 0, or -1 with an exception set. */
+int fshm_frame_maker_set(fshm_frame_maker *fm, PyObject *type, PyObject *dtypes);
+void fshm_frame_maker_clear(fshm_frame_maker *fm);
+/* A new frame for f: its bytes are at `offset` in `buffer` (the Mapping of f->map, or a
+ * private copy); it keeps buffer and reader alive. */
+PyObject *fshm_frame_new(fshm_frame_maker *fm, PyObject *reader, PyObject *buffer,
+                         Py_ssize_t offset, const fshm_frame *f);
+/* Readies Frame and adds it and the DTYPE_* codes to the module. */
+int fshm_frame_type_ready(PyObject *module);
+/* reader_type.c: the handle of a _core.Reader, NULL once it is closed. */
+fshm_reader *fshm_reader_handle(PyObject *reader);
 
 /* Raises the Python exception matching a negative frameshm code; returns NULL. */
 PyObject *fshm_raise(int code);

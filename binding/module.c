@@ -1,4 +1,4 @@
-/* frameshm._core: the transport's binding (Writer, Reader, Mapping, stream inspection,
+/* frameshm._core: the transport's binding (Writer, Reader, Frame, Mapping, stream inspection,
  * driver provisioning), the exception hierarchy (errors.c) and the V4L2 camera. */
 #include "binding.h"
 
@@ -165,7 +165,7 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddIntConstant(m, "VERSION", fshm_version(NULL, NULL, NULL)) ||
         PyModule_AddStringConstant(m, "VERSION_STRING", fshm_version_string()) ||
         PyModule_AddIntConstant(m, "HEADER_VERSION", FSHM_VERSION) ||
-        fshm_camera_types_ready(m) || fshm_add_driver_funcs(m)) {
+        fshm_frame_type_ready(m) || fshm_camera_types_ready(m) || fshm_add_driver_funcs(m)) {
         Py_DECREF(m);
         return NULL;
     }

@@ -12,6 +12,7 @@ typedef struct {
     fshm_map *cache_key[MAP_CACHE];
     PyObject *cache_obj[MAP_CACHE];
     unsigned cache_next;
+    fshm_frame_maker frames;
 } FshmReader;
 
 #define CHECK_OPEN(self)                                                                         \
@@ -22,18 +23,20 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"name", "stream_id", "consumer", "base_dir", "namespace", "spin",
                              "subscribe", "max_rate_hz", "driver", "publish_mode", "client_id",
-                             "lease_events", NULL};
+                             "lease_events", "frame_type", "dtypes", NULL};
     PyObject *name = Py_None, *consumer = Py_None, *base = Py_None, *ns = Py_None;
-    PyObject *driver = Py_None, *pmode = Py_None;
+    PyObject *driver = Py_None, *pmode = Py_None, *frame_type = Py_None, *dtypes = Py_None;
     unsigned long sid = 0, rate = 0, client = 0;
     int spin = 1, subscribe = 1, lease_events = 0;
     if (self->r) {
         PyErr_SetString(fshm_exc_state, "Reader already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppkOOkp", kwlist, &name, &sid, &consumer, &base,
-                                     &ns, &spin, &subscribe, &rate, &driver, &pmode, &client,
-                                     &lease_events))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppkOOkpOO", kwlist, &name, &sid, &consumer,
+                                     &base, &ns, &spin, &subscribe, &rate, &driver, &pmode, &client,
+                                     &lease_events, &frame_type, &dtypes))
+        return -1;
+    if (fshm_frame_maker_set(&self->frames, frame_type, dtypes))
         return -1;
     fshm_reader_config cfg = FSHM_READER_CONFIG_INIT;
     if (fshm_parse_driver(driver, pmode, client, &cfg.driver, &cfg.publish_mode, &cfg.client_id))
@@ -83,7 +86,13 @@ static void reader_dealloc(FshmReader *self)
     if (self->r)
         fshm_reader_close(self->r);
     clear_cache(self);
+    fshm_frame_maker_clear(&self->frames);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+fshm_reader *fshm_reader_handle(PyObject *reader)
+{
+    return ((FshmReader *)reader)->r;
 }
 
 /* The Mapping object for a frame's pool: one Python object per mapping, so views
@@ -106,38 +115,16 @@ static PyObject *mapping_for(FshmReader *self, fshm_map *m)
     return obj;
 }
 
-static PyObject *frame_tuple(FshmReader *self, const fshm_frame *f)
+/* The frame object for f, a view into its pool's mapping. */
+static PyObject *frame_view(FshmReader *self, const fshm_frame *f)
 {
     PyObject *map = mapping_for(self, f->map);
     if (!map)
         return NULL;
-    int n = f->tensor.ndims;
-    PyObject *shape = PyTuple_New(n), *strides = PyTuple_New(n);
-    if (!shape || !strides) {
-        Py_XDECREF(shape);
-        Py_XDECREF(strides);
-        Py_DECREF(map);
-        return NULL;
-    }
-    for (int i = 0; i < n; i++) {
-        PyTuple_SET_ITEM(shape, i, PyLong_FromLong(f->tensor.dims[i]));
-        PyTuple_SET_ITEM(strides, i, PyLong_FromLong(f->tensor.strides[i]));
-    }
     size_t off = (size_t)((const uint8_t *)f->data - (const uint8_t *)fshm_map_base(f->map));
-    PyObject *ref = f->has_ref ? PyLong_FromUnsignedLongLong(f->ref_seq) : Py_NewRef(Py_None);
-    if (!ref) {
-        Py_DECREF(map);
-        Py_DECREF(shape);
-        Py_DECREF(strides);
-        return NULL;
-    }
-    /* (mapping, offset, nbytes, seq, timestamp_ns, publish_ns, epoch, skipped, dtype,
-     *  shape, strides, slot, ref_seq) */
-    return Py_BuildValue("(NnnKKKKKiNNIN)", map, (Py_ssize_t)off, (Py_ssize_t)f->nbytes,
-                         (unsigned long long)f->seq, (unsigned long long)f->timestamp_ns,
-                         (unsigned long long)f->publish_ns, (unsigned long long)f->epoch,
-                         (unsigned long long)f->skipped, (int)f->tensor.dtype, shape, strides,
-                         (unsigned)f->slot, ref);
+    PyObject *frame = fshm_frame_new(&self->frames, (PyObject *)self, map, (Py_ssize_t)off, f);
+    Py_DECREF(map);
+    return frame;
 }
 
 static PyObject *do_wait(FshmReader *self, PyObject *args, PyObject *kw, int latest)
@@ -176,7 +163,7 @@ static PyObject *do_wait(FshmReader *self, PyObject *args, PyObject *kw, int lat
     self->busy = 0;
     if (rc)
         return fshm_raise(rc);
-    return frame_tuple(self, &f);
+    return frame_view(self, &f);
 }
 
 static PyObject *reader_wait_latest(FshmReader *self, PyObject *args, PyObject *kw)
@@ -214,10 +201,11 @@ static PyObject *reader_peek_latest(FshmReader *self, PyObject *unused)
         Py_RETURN_NONE;
     if (rc)
         return fshm_raise(rc);
-    return frame_tuple(self, &f);
+    return frame_view(self, &f);
 }
 
-/* Newest frame copied into a fresh bytearray, retried until the copy is untorn. */
+/* Newest frame copied into a fresh bytearray (the returned frame's buffer), retried until
+ * the copy is untorn. */
 static PyObject *reader_read_copy(FshmReader *self, PyObject *unused)
 {
     CHECK_OPEN(self);
@@ -247,13 +235,10 @@ static PyObject *reader_read_copy(FshmReader *self, PyObject *unused)
         Py_END_ALLOW_THREADS
         self->busy = 0;
         if (rc == 0) {
-            PyObject *meta = frame_tuple(self, &f);
+            PyObject *frame = fshm_frame_new(&self->frames, (PyObject *)self, ba, 0, &f);
             fshm_map_unref(f.map);
-            if (!meta) {
-                Py_DECREF(ba);
-                return NULL;
-            }
-            return Py_BuildValue("(NN)", ba, meta);
+            Py_DECREF(ba);
+            return frame;
         }
         fshm_map_unref(f.map);
         Py_DECREF(ba);
@@ -348,12 +333,12 @@ static PyObject *reader_closed(FshmReader *self, void *c) { return PyBool_FromLo
 
 static PyMethodDef reader_methods[] = {
     {"wait_latest", (PyCFunction)(void (*)(void))reader_wait_latest, METH_VARARGS | METH_KEYWORDS,
-     "wait_latest(timeout=None) -> frame tuple"},
+     "wait_latest(timeout=None) -> Frame"},
     {"wait_next", (PyCFunction)(void (*)(void))reader_wait_next, METH_VARARGS | METH_KEYWORDS,
-     "wait_next(timeout=None) -> frame tuple"},
-    {"peek_latest", (PyCFunction)reader_peek_latest, METH_NOARGS, "newest frame tuple or None"},
+     "wait_next(timeout=None) -> Frame"},
+    {"peek_latest", (PyCFunction)reader_peek_latest, METH_NOARGS, "newest Frame (a view) or None"},
     {"read_copy", (PyCFunction)reader_read_copy, METH_NOARGS,
-     "(bytearray, frame tuple) of the newest frame, untorn; None if no frame"},
+     "newest Frame with its bytes copied (untorn) into a private bytearray; None if no frame"},
     {"valid", (PyCFunction)(void (*)(void))reader_valid, METH_FASTCALL, "valid(epoch, slot, seq)"},
     {"producer", (PyCFunction)reader_producer, METH_NOARGS, "(state, pid)"},
     {"close", (PyCFunction)reader_close, METH_NOARGS, "close()"},

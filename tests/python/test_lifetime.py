@@ -94,6 +94,42 @@ def test_memory_unmapped_when_last_view_goes(name, shm_base):
     assert mapped_paths_under(shm_base) == []
 
 
+def test_a_frame_alone_keeps_its_memory_mapped(name, shm_base):
+    """The C frame holds its pool's mapping: a view made after the Reader closed and went
+    away reads the frame, and keeps the memory once the frame is gone too."""
+    data = _pattern(seed=5)
+    w = frameshm.Writer(name, shape=data.shape)
+    r = frameshm.Reader(name)
+    pool = os.path.realpath(epoch_dir(name, w.epoch) / "1.pool")
+    w.publish(data)
+    f = r.wait_latest(timeout=5)
+    assert isinstance(f, frameshm._core.Frame)
+    r.close()
+    w.close()
+    del r, w
+    gc.collect()
+    assert any(pool in line for line in maps_lines()), "the frame alone holds the pool"
+    assert f.valid() is False
+    a = f.array  # made after everything else closed
+    del f
+    gc.collect()
+    assert any(pool in line for line in maps_lines()), "the view holds the pool"
+    np.testing.assert_array_equal(a, data)
+    del a
+    gc.collect()
+    assert mapped_paths_under(shm_base) == []
+
+
+def test_frame_in_a_reference_cycle_is_collected(name, shm_base):
+    with frameshm.Writer(name, shape=(8,)) as w, frameshm.Reader(name) as r:
+        w.publish(np.arange(8, dtype=np.uint8))
+        f = r.wait_latest(timeout=5)
+        f._array = [f]  # the array cache pointing back at its frame
+        del f
+    gc.collect()
+    assert mapped_paths_under(shm_base) == [], "the cycle kept the pool mapped"
+
+
 def test_closed_writer_object_does_not_pin_memory(name, shm_base):
     w = frameshm.Writer(name, shape=(1024,))
     r = frameshm.Reader(name)

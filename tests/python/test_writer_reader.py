@@ -559,6 +559,72 @@ def test_frame_metadata(name):
         del f, view
 
 
+def test_frames_are_the_binding_type(name):
+    """Readers hand out frameshm.Frame objects made in C (a subclass of _core.Frame), with
+    shape/strides tuples shared by frames of the same layout."""
+    with frameshm.Writer(name, max_bytes=256) as w, frameshm.Reader(name) as r:
+        w.publish(np.arange(6, dtype=np.int16).reshape(2, 3), ref_seq=5)
+        latest = r.wait_latest(timeout=5)
+        w.publish(np.arange(4, dtype=np.float32))
+        nxt = r.wait_next(timeout=5)
+        peek = r.read_latest(copy=False)
+        for f in (latest, nxt, peek):
+            assert type(f) is frameshm.Frame and isinstance(f, frameshm._core.Frame)
+        assert (latest.shape, latest.strides, latest.dtype, latest.ref_seq, latest.nbytes) == (
+            (2, 3), (6, 2), np.dtype(np.int16), 5, 12)
+        assert latest._dtype_code == frameshm._core.DTYPE_INT16
+        assert (nxt.shape, nxt.strides, nxt.dtype, nxt.ref_seq, nxt.seq) == ((4,), (4,), np.dtype(np.float32), None, 1)
+        assert (peek.seq, peek.slot, peek._pool_id, peek._offset) == (nxt.seq, nxt.slot, nxt._pool_id, nxt._offset)
+        assert peek.shape is nxt.shape and peek.strides is nxt.strides, "same layout: shared tuples"
+        # A new layout gets new tuples; frames already handed out keep theirs.
+        w.publish(np.ones((2, 3), np.int16))
+        again = r.wait_latest(timeout=5)
+        assert (again.shape, again.strides, nxt.shape, latest.shape) == ((2, 3), (6, 2), (4,), (2, 3))
+        np.testing.assert_array_equal(latest.array, np.arange(6).reshape(2, 3))
+        np.testing.assert_array_equal(nxt.array, np.arange(4))
+        assert repr(latest) == "<frameshm.Frame seq=0 shape=(2, 3) dtype=int16 skipped=0>"
+        for attr in ("seq", "epoch", "shape", "dtype", "ref_seq", "nbytes", "slot", "_buffer", "_offset"):
+            with pytest.raises(AttributeError):
+                setattr(latest, attr, 1)
+        with pytest.raises(AttributeError):
+            latest.extra = 1  # no per-frame __dict__
+        with pytest.raises(TypeError):
+            frameshm.Frame()  # only Readers make frames
+        del latest, nxt, peek, again
+
+
+def test_core_reader_frames(name):
+    """_core.Reader on its own: _core.Frame objects whose dtype is the wire code; read_copy()
+    gives a frame over a private bytearray; frame_type and dtypes are checked."""
+    with frameshm.Writer(name, shape=(3,), dtype="uint16") as w:
+        r = frameshm._core.Reader(name)
+        try:
+            w.publish(np.array([1, 2, 3], np.uint16))
+            f = r.wait_latest(1.0)
+            assert type(f) is frameshm._core.Frame
+            assert (f.dtype, f.shape, f.seq) == (frameshm._core.DTYPE_UINT16, (3,), 0)
+            assert f.valid() and isinstance(f._buffer, frameshm._core.Mapping)
+            assert bytes(memoryview(f._buffer)[f._offset:f._offset + f.nbytes]) == np.array([1, 2, 3], np.uint16).tobytes()
+            c = r.read_copy()
+            assert type(c) is frameshm._core.Frame and type(c._buffer) is bytearray
+            assert (c._offset, c.seq, bytes(c._buffer)) == (0, 0, np.array([1, 2, 3], np.uint16).tobytes())
+            assert repr(f) == "<frameshm._core.Frame seq=0 shape=(3,) dtype=3 skipped=0>"
+            with pytest.raises(TypeError):
+                frameshm._core.Frame()
+            del f, c
+        finally:
+            r.close()
+        with pytest.raises(TypeError):
+            frameshm._core.Reader(name, frame_type=tuple)
+        short = frameshm._core.Reader(name, dtypes=("zero", "one"))  # no entry for uint16
+        try:
+            w.publish(np.array([4, 5, 6], np.uint16))
+            with pytest.raises(frameshm.InvalidState, match="no entry for dtype code 3"):
+                short.wait_latest(1.0)
+        finally:
+            short.close()
+
+
 def test_ref_seq_of_a_failed_call_does_not_leak(name):
     with frameshm.Writer(name, max_bytes=64) as w, frameshm.Reader(name) as r:
         with pytest.raises(frameshm.FrameTooLarge):

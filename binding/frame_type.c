@@ -1,0 +1,264 @@
+/* frameshm._core.Frame: one frame handed out by a Reader — its metadata as read-only
+ * attributes, the buffer holding its bytes and what valid() needs to re-check its slot.
+ *
+ * frameshm.Frame subclasses it (the numpy view and copy()); a Reader creates instances of
+ * the class it was given directly, so no Python code runs per frame. Per frame the only
+ * allocation is the frame object itself: shape and strides tuples are shared with the
+ * previous frame of the same layout and the dtype comes from the Reader's table. */
+#include "binding.h"
+
+#include <structmember.h>
+
+typedef struct {
+    PyObject_HEAD
+    PyObject *buffer;    /* Mapping of the frame's pool (views keep the region mapped through
+                          * it), or the private bytearray of a read_copy() */
+    PyObject *reader;    /* the _core.Reader that read it: valid() re-checks the slot */
+    PyObject *shape, *strides;   /* tuples of ints, possibly shared with other frames */
+    PyObject *dtype;     /* the Reader's dtypes[code], or the code without a table */
+    PyObject *ref_seq;   /* int, or None when the producer set none */
+    PyObject *array;     /* frameshm.Frame.array's cache: frames are immutable, so one view */
+    Py_ssize_t offset;   /* of the frame's bytes in buffer */
+    Py_ssize_t nbytes;
+    unsigned long long seq, epoch, timestamp_ns, publish_ns, skipped;
+    unsigned int slot;
+    unsigned short pool_id;
+    int code;            /* enum fshm_dtype */
+} FshmFrame;
+
+/* ---- the Reader's frame factory ---- */
+
+int fshm_frame_maker_set(fshm_frame_maker *fm, PyObject *type, PyObject *dtypes)
+{
+    if (type != Py_None &&
+        (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &FshmFrameType))) {
+        PyErr_SetString(PyExc_TypeError, "frame_type must be frameshm._core.Frame or a subclass");
+        return -1;
+    }
+    PyObject *table = NULL;
+    if (dtypes != Py_None) {
+        table = PySequence_Tuple(dtypes);
+        if (!table)
+            return -1;
+    }
+    Py_XSETREF(fm->type, type == Py_None ? NULL : (PyTypeObject *)Py_NewRef(type));
+    Py_XSETREF(fm->dtypes, table);
+    return 0;
+}
+
+void fshm_frame_maker_clear(fshm_frame_maker *fm)
+{
+    Py_CLEAR(fm->type);
+    Py_CLEAR(fm->dtypes);
+    Py_CLEAR(fm->shape);
+    Py_CLEAR(fm->strides);
+    fm->ndims = 0;
+}
+
+/* The shape and strides tuples of tensor t: the previous frame's when the layout is the
+ * same (a stream's frames nearly always are), else new ones that later frames then share. */
+static int layout_tuples(fshm_frame_maker *fm, const fshm_tensor *t)
+{
+    int n = t->ndims;
+    if (fm->shape && fm->ndims == n &&
+        !memcmp(fm->layout_dims, t->dims, n * sizeof t->dims[0]) &&
+        !memcmp(fm->layout_strides, t->strides, n * sizeof t->strides[0]))
+        return 0;
+    PyObject *shape = PyTuple_New(n), *strides = PyTuple_New(n);
+    if (!shape || !strides)
+        goto fail;
+    for (int i = 0; i < n; i++) {
+        PyObject *d = PyLong_FromLong(t->dims[i]), *s = PyLong_FromLong(t->strides[i]);
+        if (!d || !s) {
+            Py_XDECREF(d);
+            Py_XDECREF(s);
+            goto fail;
+        }
+        PyTuple_SET_ITEM(shape, i, d);
+        PyTuple_SET_ITEM(strides, i, s);
+    }
+    Py_XSETREF(fm->shape, shape);
+    Py_XSETREF(fm->strides, strides);
+    fm->ndims = (uint8_t)n;
+    memcpy(fm->layout_dims, t->dims, n * sizeof t->dims[0]);
+    memcpy(fm->layout_strides, t->strides, n * sizeof t->strides[0]);
+    return 0;
+fail:
+    Py_XDECREF(shape);
+    Py_XDECREF(strides);
+    return -1;
+}
+
+PyObject *fshm_frame_new(fshm_frame_maker *fm, PyObject *reader, PyObject *buffer,
+                         Py_ssize_t offset, const fshm_frame *f)
+{
+    PyObject *dtype;
+    if (!fm->dtypes) {
+        dtype = PyLong_FromLong(f->tensor.dtype);
+    } else {
+        /* The library only hands out frames of known dtypes: a hole is the caller's table. */
+        Py_ssize_t code = f->tensor.dtype;
+        dtype = code >= 0 && code < PyTuple_GET_SIZE(fm->dtypes)
+                    ? PyTuple_GET_ITEM(fm->dtypes, code) : Py_None;
+        if (dtype == Py_None)
+            return PyErr_Format(fshm_exc_state, "the Reader's dtypes table has no entry for "
+                                "dtype code %zd", code);
+        Py_INCREF(dtype);
+    }
+    if (!dtype)
+        return NULL;
+    PyObject *ref = f->has_ref ? PyLong_FromUnsignedLongLong(f->ref_seq) : Py_NewRef(Py_None);
+    if (!ref || layout_tuples(fm, &f->tensor)) {
+        Py_DECREF(dtype);
+        Py_XDECREF(ref);
+        return NULL;
+    }
+    PyTypeObject *tp = fm->type ? fm->type : &FshmFrameType;
+    /* tp_alloc, not the type's call: a subclass adds behaviour, not per-frame state to set up */
+    FshmFrame *self = (FshmFrame *)tp->tp_alloc(tp, 0);
+    if (!self) {
+        Py_DECREF(dtype);
+        Py_DECREF(ref);
+        return NULL;
+    }
+    self->buffer = Py_NewRef(buffer);
+    self->reader = Py_NewRef(reader);
+    self->shape = Py_NewRef(fm->shape);
+    self->strides = Py_NewRef(fm->strides);
+    self->dtype = dtype;
+    self->ref_seq = ref;
+    self->offset = offset;
+    self->nbytes = (Py_ssize_t)f->nbytes;
+    self->seq = f->seq;
+    self->epoch = f->epoch;
+    self->timestamp_ns = f->timestamp_ns;
+    self->publish_ns = f->publish_ns;
+    self->skipped = f->skipped;
+    self->slot = f->slot;
+    self->pool_id = f->pool_id;
+    self->code = f->tensor.dtype;
+    return (PyObject *)self;
+}
+
+/* ---- the type ---- */
+
+/* Garbage-collected only because of the array cache: what a subclass stores there could
+ * refer back to the frame. */
+static int frame_traverse(FshmFrame *self, visitproc visit, void *arg)
+{
+    Py_VISIT(self->buffer);
+    Py_VISIT(self->reader);
+    Py_VISIT(self->shape);
+    Py_VISIT(self->strides);
+    Py_VISIT(self->dtype);
+    Py_VISIT(self->ref_seq);
+    Py_VISIT(self->array);
+    return 0;
+}
+
+static int frame_clear(FshmFrame *self)
+{
+    Py_CLEAR(self->array);
+    Py_CLEAR(self->buffer);
+    Py_CLEAR(self->reader);
+    Py_CLEAR(self->shape);
+    Py_CLEAR(self->strides);
+    Py_CLEAR(self->dtype);
+    Py_CLEAR(self->ref_seq);
+    return 0;
+}
+
+static void frame_dealloc(FshmFrame *self)
+{
+    PyObject_GC_UnTrack(self);
+    frame_clear(self);
+    Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+static PyObject *frame_valid(FshmFrame *self, PyObject *unused)
+{
+    fshm_reader *r = fshm_reader_handle(self->reader);
+    if (!r)   /* the Reader was closed: whether the slot still holds the frame is unknowable */
+        Py_RETURN_FALSE;
+    fshm_frame f;
+    memset(&f, 0, sizeof f);
+    f.epoch = self->epoch;
+    f.slot = self->slot;
+    f.seq = self->seq;
+    return PyBool_FromLong(fshm_frame_valid(r, &f));
+}
+
+static PyObject *frame_repr(FshmFrame *self)
+{
+    return PyUnicode_FromFormat("<%s seq=%llu shape=%R dtype=%R skipped=%llu>",
+                                Py_TYPE(self)->tp_name, self->seq, self->shape, self->dtype,
+                                self->skipped);
+}
+
+static PyMethodDef frame_methods[] = {
+    {"valid", (PyCFunction)frame_valid, METH_NOARGS,
+     "valid() -> bool: True if the slot still holds this frame (seqlock re-check after using "
+     "the view); False once the Reader is closed."},
+    {NULL},
+};
+
+#define RO(name, type, field, doc) {name, type, offsetof(FshmFrame, field), READONLY, doc}
+static PyMemberDef frame_members[] = {
+    RO("seq", T_ULONGLONG, seq, "sequence number within the epoch"),
+    RO("epoch", T_ULONGLONG, epoch, "producer epoch the frame belongs to"),
+    RO("timestamp_ns", T_ULONGLONG, timestamp_ns, "capture time (CLOCK_MONOTONIC)"),
+    RO("publish_ns", T_ULONGLONG, publish_ns, "publish time from the descriptor, 0 if unknown"),
+    RO("skipped", T_ULONGLONG, skipped, "frames passed over (wait_latest) or lost (wait_next)"),
+    RO("nbytes", T_PYSSIZET, nbytes, "payload bytes"),
+    RO("slot", T_UINT, slot, "ring slot that holds the frame"),
+    RO("shape", T_OBJECT, shape, "tuple of dimensions"),
+    RO("strides", T_OBJECT, strides, "tuple of byte strides"),
+    RO("dtype", T_OBJECT, dtype, "element type: the Reader's dtypes[code], else the code"),
+    RO("ref_seq", T_OBJECT, ref_seq, "seq of the frame this one was derived from, or None"),
+    /* Underscored: not part of frameshm.Frame's public surface, which subclasses this. */
+    RO("_buffer", T_OBJECT, buffer, "object exporting the frame's bytes (buffer protocol)"),
+    RO("_offset", T_PYSSIZET, offset, "offset of the frame's bytes in _buffer"),
+    RO("_pool_id", T_USHORT, pool_id, "payload pool the frame is in"),
+    RO("_dtype_code", T_INT, code, "wire dtype code (DTYPE_*)"),
+    {"_array", T_OBJECT, offsetof(FshmFrame, array), 0, "frameshm.Frame.array's cache"},
+    {NULL},
+};
+#undef RO
+
+PyTypeObject FshmFrameType = {
+    PyVarObject_HEAD_INIT(NULL, 0)
+    .tp_name = "frameshm._core.Frame",
+    .tp_basicsize = sizeof(FshmFrame),
+    .tp_dealloc = (destructor)frame_dealloc,
+    .tp_repr = (reprfunc)frame_repr,
+    .tp_flags = Py_TPFLAGS_DEFAULT | Py_TPFLAGS_BASETYPE | Py_TPFLAGS_HAVE_GC,
+    .tp_doc = "A frame read by a Reader (metadata, its buffer, valid()); use frameshm.Frame.\n"
+              "Only Readers create frames.",
+    .tp_traverse = (traverseproc)frame_traverse,
+    .tp_clear = (inquiry)frame_clear,
+    .tp_methods = frame_methods,
+    .tp_members = frame_members,
+};
+
+int fshm_frame_type_ready(PyObject *module)
+{
+    if (PyType_Ready(&FshmFrameType) < 0)
+        return -1;
+    Py_INCREF(&FshmFrameType);
+    if (PyModule_AddObject(module, "Frame", (PyObject *)&FshmFrameType)) {
+        Py_DECREF(&FshmFrameType);
+        return -1;
+    }
+    static const struct { const char *name; int code; } codes[] = {
+        {"DTYPE_UINT8", FSHM_DTYPE_UINT8},     {"DTYPE_INT8", FSHM_DTYPE_INT8},
+        {"DTYPE_UINT16", FSHM_DTYPE_UINT16},   {"DTYPE_INT16", FSHM_DTYPE_INT16},
+        {"DTYPE_UINT32", FSHM_DTYPE_UINT32},   {"DTYPE_INT32", FSHM_DTYPE_INT32},
+        {"DTYPE_UINT64", FSHM_DTYPE_UINT64},   {"DTYPE_INT64", FSHM_DTYPE_INT64},
+        {"DTYPE_FLOAT32", FSHM_DTYPE_FLOAT32}, {"DTYPE_FLOAT64", FSHM_DTYPE_FLOAT64},
+        {"DTYPE_BOOLEAN", FSHM_DTYPE_BOOLEAN}, {"DTYPE_BYTES", FSHM_DTYPE_BYTES},
+    };
+    for (size_t i = 0; i < sizeof codes / sizeof codes[0]; i++)
+        if (PyModule_AddIntConstant(module, codes[i].name, codes[i].code))
+            return -1;
+    return 0;
+}
