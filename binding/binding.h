@@ -7,6 +7,22 @@
 
 #include <frameshm/frameshm.h>
 
+/* Python 3.9 (the oldest supported) has no Py_NewRef/Py_XNewRef (3.10). */
+#if PY_VERSION_HEX < 0x030A0000
+static inline PyObject *fshm_py_newref(PyObject *o)
+{
+    Py_INCREF(o);
+    return o;
+}
+static inline PyObject *fshm_py_xnewref(PyObject *o)
+{
+    Py_XINCREF(o);
+    return o;
+}
+#define Py_NewRef(o) fshm_py_newref((PyObject *)(o))
+#define Py_XNewRef(o) fshm_py_xnewref((PyObject *)(o))
+#endif
+
 extern PyTypeObject FshmMappingType;
 extern PyTypeObject FshmWriterType;
 extern PyTypeObject FshmReaderType;
