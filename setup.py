@@ -216,6 +216,7 @@ class BuildFrameshm(build_ext):
 TEST_MACROS = [("FSHM_TEST_HOOKS", "1")] if os.environ.get("FRAMESHM_TEST_BUILD") == "1" else []
 
 setup(
+    version=LIB_VERSION,
     ext_modules=[
         Extension("frameshm._core", sources=["binding/module.c"], define_macros=list(TEST_MACROS)),
         Extension("frameshm._gige", sources=["binding/gige_module.c"]),

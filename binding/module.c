@@ -165,6 +165,7 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddIntConstant(m, "VERSION", fshm_version(NULL, NULL, NULL)) ||
         PyModule_AddStringConstant(m, "VERSION_STRING", fshm_version_string()) ||
         PyModule_AddIntConstant(m, "HEADER_VERSION", FSHM_VERSION) ||
+        PyModule_AddStringConstant(m, "HEADER_VERSION_STRING", FSHM_VERSION_STRING) ||
         fshm_frame_type_ready(m) || fshm_camera_types_ready(m) || fshm_add_driver_funcs(m)) {
         Py_DECREF(m);
         return NULL;

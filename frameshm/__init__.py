@@ -33,7 +33,8 @@ from .virtualcam import VirtualCamera
 from .processor import Processor
 from .clib import cmake_dir, get_include, get_library_dir, pkgconfig_dir
 
-__version__ = "0.2.0"
+# The version frameshm was built as: libframeshm's header version (one place for both).
+__version__ = _core.HEADER_VERSION_STRING
 
 __all__ = [
     "Writer",

@@ -100,9 +100,25 @@ def cmd_demo(args) -> int:
     return demo_main(seconds=args.seconds, fps=args.fps, width=args.width, height=args.height, name=args.name)
 
 
+def _version_text() -> str:
+    """`frameshm --version`: the package, the libframeshm it loaded, and the build's features."""
+    from . import _core
+    from .clib import build_features
+
+    feats = [line.strip() for line in build_features().splitlines()[1:] if line.strip()]
+    return "\n".join([f"frameshm {__version__} (libframeshm {_core.VERSION_STRING}, {_core.__file__})", *feats])
+
+
+class _VersionAction(argparse.Action):
+    def __call__(self, parser, namespace, values, option_string=None):
+        print(_version_text())   # as written: argparse's version action would re-wrap it
+        parser.exit()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="frameshm", description="shared-memory frame streams")
-    p.add_argument("--version", action="version", version=f"frameshm {__version__}")
+    p.add_argument("--version", action=_VersionAction, nargs=0,
+                   help="the package and libframeshm versions and the build's features")
     p.add_argument("--base-dir", default=None, help="base directory (default $FRAMESHM_DIR or /dev/shm)")
     p.add_argument("--namespace", default=None, help="namespace (default $FRAMESHM_NAMESPACE or 'default')")
     sub = p.add_subparsers(dest="cmd", required=True)

@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
-# Installs what is missing, then runs the main job: `frameshm run`, the whole pipeline
-# (test-pattern camera with a person walking in, HOG inference, controller, gateway) as
-# separate processes; the live page is printed: http://127.0.0.1:8080/ (Ctrl-C stops all).
-# Extra arguments go to `frameshm run` (e.g. --port 8081, --source v4l2:/dev/video0).
+# Installs what is missing (scripts/setup.sh pipeline), then runs the main job:
+# `frameshm run`, the whole pipeline (test-pattern camera with a person walking in, person
+# detector, controller, gateway) as separate processes; the live page is printed:
+# http://127.0.0.1:8080/ (Ctrl-C stops all). Extra arguments go to `frameshm run`
+# (e.g. --port 8081, --source v4l2:/dev/video0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh detect
-exec "${PYTHON:-python3}" -m frameshm run "$@"
+bash scripts/setup.sh pipeline
+. scripts/_python.sh
+exec "$FRAMESHM_PY" -m frameshm run "$@"

@@ -1,23 +1,39 @@
 #!/usr/bin/env bash
-# Installs what frameshm needs on a fresh Debian machine (apt + pip), then the package.
-# Idempotent: only missing apt packages are installed.
+# Installs what frameshm needs on a fresh Debian/Ubuntu machine, then frameshm itself into
+# the project's virtual environment (never into the system interpreter: PEP 668).
+#
+#   bash scripts/setup.sh pipeline   what the main job needs (scripts/run.sh)
+#   bash scripts/setup.sh test       that, and the test toolchain (scripts/test.sh)
+#
+# The environment is $FRAMESHM_VENV (default .venv here), made from Debian's python3 with
+# --system-site-packages so that Debian's numpy (python3-numpy) serves where its version is
+# supported (no numpy from PyPI then). PYTHON=/path/to/python installs into that interpreter
+# instead (an environment you manage). Idempotent: only missing apt packages are installed,
+# an existing environment is reused.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/_python.sh
+what="${1:-pipeline}"
+case "$what" in pipeline|test) ;; *) echo "usage: $0 pipeline|test" >&2; exit 2 ;; esac
 
-APT_PACKAGES=(gcc make pkg-config libcmocka-dev)
-# V4L2 capture: libv4l2/libv4lconvert to build against (without them the Camera is built
-# out); PipeWire's V4L2 emulation for the tests and benchmark (tests/harness: there is no
-# kernel V4L2 in CI); v4l-utils (v4l2-ctl) to look at a device by hand.
-APT_PACKAGES+=(libv4l-dev pipewire pipewire-bin wireplumber pipewire-v4l2 libpipewire-0.3-dev v4l-utils)
-# Virtual camera (frameshm virtualcam, built with libpipewire-0.3-dev above): GStreamer's
-# pipewiresrc is one of the third-party clients its tests read it with (v4l2-ctl the other).
-APT_PACKAGES+=(gstreamer1.0-tools gstreamer1.0-pipewire gstreamer1.0-plugins-base)
-# Headless Chromium: the gateway page's browser test (driven by Playwright, no browser download).
-APT_PACKAGES+=(chromium)
-# GigE Vision capture: Aravis to build against (without it the GigE camera is built out;
-# aravis-0.8.pc requires libusb-1.0 but libaravis-dev does not pull it in), and its tools
-# (arv-fake-gv-camera-0.8 for the tests and benchmark, arv-tool-0.8, arv-camera-test-0.8).
-APT_PACKAGES+=(aravis-tools aravis-tools-cli libaravis-dev libusb-1.0-0-dev)
+# Building frameshm: a C compiler, make and pkg-config; libv4l2 for V4L2 cameras (the main
+# extension; without it the Camera is built out and the build says so).
+APT_PACKAGES=(gcc make pkg-config libv4l-dev)
+# The project environment: Debian's python3 with venv, headers and numpy.
+[ -n "${PYTHON:-}" ] || APT_PACKAGES+=(python3 python3-venv python3-dev python3-numpy)
+if [ "$what" = test ]; then
+  # C tests (cmocka); cmake for the CMake-package test of the C library.
+  APT_PACKAGES+=(libcmocka-dev cmake)
+  # PipeWire's V4L2 emulation for the V4L2 tests (no kernel V4L2 in CI) and the virtual
+  # camera (libpipewire-0.3-dev to build it); v4l2-ctl and GStreamer's pipewiresrc read it.
+  APT_PACKAGES+=(pipewire pipewire-bin wireplumber pipewire-v4l2 libpipewire-0.3-dev v4l-utils)
+  APT_PACKAGES+=(gstreamer1.0-tools gstreamer1.0-pipewire gstreamer1.0-plugins-base)
+  # Headless Chromium: the gateway page's browser test (driven by Playwright, no download).
+  APT_PACKAGES+=(chromium)
+  # GigE Vision: Aravis to build against (aravis-0.8.pc requires libusb-1.0, which
+  # libaravis-dev does not pull in) and its fake camera and tools.
+  APT_PACKAGES+=(aravis-tools aravis-tools-cli libaravis-dev libusb-1.0-0-dev)
+fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do
   dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
@@ -28,12 +44,25 @@ if ((${#missing[@]})); then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${missing[@]}" >/dev/null
 fi
 
-PY=${PYTHON:-python3}
-extras="${1:-}"
+if [ -z "${PYTHON:-}" ] && [ ! -x "$FRAMESHM_PY" ]; then
+  base=/usr/bin/python3
+  [ -x "$base" ] || base="$(command -v python3)"
+  "$base" -m venv --system-site-packages "$FRAMESHM_VENV"
+  "$FRAMESHM_PY" -m pip install -q --disable-pip-version-check --upgrade pip
+fi
+
 # The test set-up builds the test-only hooks in (FRAMESHM_V4L2_BACKEND: the fake V4L2
 # device of tests/c); the main job's set-up, like wheels, never does.
-if [ "$extras" = test ]; then export FRAMESHM_TEST_BUILD=1; else unset FRAMESHM_TEST_BUILD; fi
-# pipefail: a failed install fails the script; only grep's "nothing left" status is ignored.
-$PY -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" 2>&1 | { grep -v "Running pip as the 'root' user" || true; }
-$PY -c "import frameshm._core, frameshm._gige, frameshm._virtualcam" # fail loudly if an extension did not build
-cat "$($PY -c 'import frameshm, os; print(os.path.dirname(frameshm.__file__))')/_build_features.txt"
+if [ "$what" = test ]; then export FRAMESHM_TEST_BUILD=1; else unset FRAMESHM_TEST_BUILD; fi
+pip_install() {
+  # pipefail: a failed install fails the script; only grep's "nothing left" status is ignored.
+  "$FRAMESHM_PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
+    | { grep -v "Running pip as the 'root' user" || true; }
+}
+pip_install -e ".[$what]"
+# The HOG detector needs OpenCV: any build the user has (opencv-python with its GUI, a
+# distribution's, a source build) serves; only when none is importable does this install
+# the headless wheel (installing it beside another OpenCV would replace that one's cv2).
+"$FRAMESHM_PY" -c "import cv2" 2>/dev/null || pip_install "opencv-python-headless>=4.5,<5"
+"$FRAMESHM_PY" -c "import frameshm._core, frameshm._gige, frameshm._virtualcam"   # fail loudly if an extension did not build
+"$FRAMESHM_PY" -m frameshm --version

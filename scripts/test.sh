@@ -1,21 +1,26 @@
 #!/usr/bin/env bash
-# Installs what is missing, then runs every test: the C core's cmocka suites and the
-# Python suite (which also executes the quickstart notebook).
+# Installs what is missing (scripts/setup.sh test), then runs every test: libframeshm's and
+# the device code's cmocka suites, the Python suite (which also executes the notebooks, the
+# C library's install paths and the gateway page in headless Chromium), then the core suite
+# under the oldest and newest supported Python and numpy (scripts/test-versions.sh).
+# Extra arguments go to pytest.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/setup.sh test
-PY=${PYTHON:-python3}
+. scripts/_python.sh
 
 echo "== libframeshm and devices (cmocka) =="
 make -s check
 
-echo "== Python (pytest) =="
+echo "== Python (pytest, $("$FRAMESHM_PY" -c 'import sys, numpy; print(f"Python {sys.version.split()[0]}, numpy {numpy.__version__}")')) =="
 set +e
-$PY -m pytest -q -p no:cacheprovider tests/python "$@"
+"$FRAMESHM_PY" -m pytest -q -p no:cacheprovider tests/python "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
   echo "pytest collected no tests: failing" >&2
   exit 1
 fi
-exit "$rc"
+[ "$rc" = 0 ] || exit "$rc"
+
+bash scripts/test-versions.sh

@@ -45,7 +45,7 @@ def _importable(module: str) -> bool:
 
 def default_sets() -> list:
     """Without --config: the test pattern, with a person walking in and the HOG person
-    detector when frameshm[detect] is installed (else plain pattern, motion detector)."""
+    detector when OpenCV and scikit-image are installed (frameshm[pipeline] + any OpenCV) (else plain pattern, motion detector)."""
     if _importable("skimage") and _importable("cv2"):
         return [("capture.source", TEST_SOURCE_PERSON), ("inference.detector", "hog"), ("controller.classes", [0])]
     return [("capture.source", TEST_SOURCE)]
