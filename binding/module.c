@@ -159,6 +159,9 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddObject(m, "Reader", (PyObject *)&FshmReaderType) ||
         PyModule_AddIntConstant(m, "MAX_DIMS", FSHM_MAX_DIMS) ||
         PyModule_AddIntConstant(m, "MAX_POOLS", FSHM_MAX_POOLS) ||
+        PyModule_AddIntConstant(m, "MAX_NSLOTS", FSHM_MAX_NSLOTS) ||
+        PyModule_AddIntConstant(m, "MIN_STRIDE", FSHM_MIN_STRIDE) ||
+        PyModule_AddIntConstant(m, "MAX_STRIDE", FSHM_MAX_STRIDE) ||
         PyModule_AddIntConstant(m, "MAX_CONSUMERS", FSHM_MAX_CONSUMERS) ||
         PyModule_AddIntConstant(m, "MODE_STANDBY", FSHM_MODE_STANDBY) ||
         PyModule_AddIntConstant(m, "MODE_ALARMED", FSHM_MODE_ALARMED) ||

@@ -4,6 +4,9 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 MAX_DIMS: int
 MAX_POOLS: int
+MAX_NSLOTS: int
+MIN_STRIDE: int
+MAX_STRIDE: int
 MAX_CONSUMERS: int
 MODE_STANDBY: int
 MODE_ALARMED: int

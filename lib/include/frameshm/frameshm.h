@@ -43,7 +43,13 @@ FSHM_API int fshm_version(int *major, int *minor, int *patch);
 FSHM_API const char *fshm_version_string(void);
 
 #define FSHM_MAX_DIMS 8
+/* A stream's layout (writer config and driver profile alike): a header ring of nslots
+ * slots, a power of two up to FSHM_MAX_NSLOTS; 1..FSHM_MAX_POOLS payload pools whose
+ * strides are powers of two from FSHM_MIN_STRIDE to FSHM_MAX_STRIDE bytes. */
+#define FSHM_MAX_NSLOTS (1u << 24)
 #define FSHM_MAX_POOLS 4
+#define FSHM_MIN_STRIDE 64u
+#define FSHM_MAX_STRIDE 0x80000000u
 #define FSHM_MAX_CONSUMERS 64
 #define FSHM_NAME_MAX 63          /* stream, namespace and consumer names */
 #define FSHM_CONSUMER_NAME_MAX 31
@@ -127,9 +133,9 @@ typedef struct fshm_map fshm_map;
 typedef struct fshm_writer_config {
     uint32_t struct_size;                  /* sizeof(fshm_writer_config) */
     fshm_stream_addr addr;
-    uint32_t nslots;                       /* power of two, >= 1 */
+    uint32_t nslots;                       /* power of two, 1..FSHM_MAX_NSLOTS */
     uint32_t npools;                       /* 1..FSHM_MAX_POOLS */
-    uint32_t pool_bytes[FSHM_MAX_POOLS];   /* rounded up to a power-of-two multiple of 64 */
+    uint32_t pool_bytes[FSHM_MAX_POOLS];   /* rounded up to a stride (FSHM_MIN_STRIDE * 2^k) */
     unsigned file_mode;                    /* 0 = 0600 */
     /* Driver model: attach through the driver at this socket instead of creating the
      * regions (nslots/pools/file_mode then come from the driver's profile). */
@@ -278,10 +284,10 @@ enum fshm_revoke_reason { FSHM_REVOKE_DETACHED = 1, FSHM_REVOKE_EXPIRED = 2, FSH
 /* A stream's pool profile as the driver's policy gives it. */
 typedef struct fshm_profile {
     uint32_t struct_size;                   /* sizeof(fshm_profile) */
-    uint32_t header_nslots;                 /* power of two */
+    uint32_t header_nslots;                 /* power of two, 1..FSHM_MAX_NSLOTS */
     uint32_t npools;                        /* 1..FSHM_MAX_POOLS */
     uint16_t pool_id[FSHM_MAX_POOLS];       /* nonzero, distinct */
-    uint32_t stride_bytes[FSHM_MAX_POOLS];  /* power-of-two multiple of 64 */
+    uint32_t stride_bytes[FSHM_MAX_POOLS];  /* power of two, FSHM_MIN_STRIDE..FSHM_MAX_STRIDE */
     unsigned file_mode;                     /* 0 = 0600 */
     int64_t gid;                            /* -1 = leave the group alone */
 } fshm_profile;
