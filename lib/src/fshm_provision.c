@@ -282,12 +282,6 @@ int fshm_shm_room(const char *dir, uint64_t *room, uint64_t *fs_free)
         if (mem && mem < r)
             r = mem;
     }
-    const char *limit = getenv("FRAMESHM_DRIVER_FREE_BYTES");   /* test hook: pretend less room */
-    if (limit && *limit) {
-        uint64_t l = strtoull(limit, NULL, 10);
-        if (l < r)
-            r = l;
-    }
     if (room)
         *room = r;
     if (fs_free)
@@ -466,7 +460,7 @@ int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *user_
         human_bytes(fs_free, ff, sizeof ff);
         if (old_bytes)
             snprintf(extra, sizeof extra, " (plus %s held by the epoch being replaced)", ob);
-        else if (free_bytes < fs_free && !getenv("FRAMESHM_DRIVER_FREE_BYTES"))
+        else if (free_bytes < fs_free)
             snprintf(extra, sizeof extra, " (memory available to back tmpfs; the file system "
                      "itself has %s free)", ff);
         return fshm_set_error(-ENOSPC, "stream %u needs %s (profile footprint, %llu bytes) but %s "

@@ -15,7 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -1478,33 +1477,19 @@ static void test_stream_gc_api(void **state)
 /* ---- a full base directory ---- */
 
 static char tmpfs_dir[PATH_MAX];
-static int tmpfs_mounted;
 
 static int teardown_tmpfs(void **state)
 {
     (void)state;
-    if (tmpfs_mounted) {
-        umount2(tmpfs_dir, MNT_DETACH);
-        tmpfs_mounted = 0;
-    }
-    if (tmpfs_dir[0]) {
-        rmdir(tmpfs_dir);
-        tmpfs_dir[0] = 0;
-    }
+    tu_tmpfs_unmount(tmpfs_dir);
     return 0;
 }
 
 static void test_full_base_dir(void **state)
 {
     (void)state;
-    snprintf(tmpfs_dir, sizeof tmpfs_dir, "/tmp/fshm-ctest-tmpfs-XXXXXX");
-    assert_non_null(mkdtemp(tmpfs_dir));
-    if (mount("tmpfs", tmpfs_dir, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0700") != 0) {
-        print_message("    SKIP: cannot mount a 1 MiB tmpfs on %s (%s); needs CAP_SYS_ADMIN\n",
-                      tmpfs_dir, strerror(errno));
+    if (tu_tmpfs_mount("1m", tmpfs_dir) != 0)
         skip();
-    }
-    tmpfs_mounted = 1;
     fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     cfg.addr.name = "st-enospc";
     cfg.addr.base_dir = tmpfs_dir;
