@@ -1,5 +1,5 @@
 /* The control region: frameshm's own per-stream file holding what the wire spec leaves
- * to implementations (announce, consumer table, liveness, mode, counters). */
+ * to implementations (announce, consumer table, liveness, control bytes, counters). */
 #include <fcntl.h>
 #include <sched.h>
 #include <stdio.h>

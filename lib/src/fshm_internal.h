@@ -79,7 +79,7 @@ static inline uint64_t *slot_commit_word(uint8_t *ring, uint32_t idx)
 
 /* ---- control region (frameshm's own; see docs/wire-format.md) ---- */
 #define FSHM_CTL_MAGIC 0x314C54434D485346ULL   /* ASCII "FSHMCTL1" read as a little-endian u64 */
-#define FSHM_CTL_VERSION 1u
+#define FSHM_CTL_VERSION 2u   /* 2: control bytes at 120 (version 1 had one mode byte at 64) */
 #define FSHM_CTL_HEADER_BYTES 4096u
 #define FSHM_CONSUMER_BYTES 128u
 #define FSHM_CTL_BYTES (FSHM_CTL_HEADER_BYTES + FSHM_MAX_CONSUMERS * FSHM_CONSUMER_BYTES)
@@ -109,7 +109,7 @@ typedef struct fshm_ctl {
     uint64_t producer_start;    /* 40: /proc/<pid>/stat starttime, guards pid reuse */
     uint64_t activity_ns;       /* 48: CLOCK_MONOTONIC of the last publish/heartbeat */
     uint64_t start_ns;          /* 56 */
-    uint8_t mode;               /* 64: controller mode byte (atomic) */
+    uint8_t reserved0;          /* 64 */
     uint8_t state;              /* 65: CTL_STATE_* (atomic) */
     uint16_t flags;             /* 66: CTL_FLAG_* (atomic) */
     uint32_t consumers_gen;     /* 68: bumped on every consumer table change (atomic) */
@@ -119,7 +119,7 @@ typedef struct fshm_ctl {
     uint64_t desc_dropped;      /* 96: queue full */
     uint64_t pruned;            /* 104: dead consumers removed */
     uint64_t announce_seq;      /* 112: seqlock over the announce block, odd while writing */
-    uint64_t reserved1;         /* 120 */
+    uint8_t control[FSHM_CONTROL_BYTES]; /* 120: the application's, never interpreted (atomic) */
     char name[64];              /* 128 */
     /* announce block */
     uint64_t announce_epoch;    /* 192 */
@@ -148,6 +148,7 @@ typedef struct fshm_ctl_consumer {
 _Static_assert(sizeof(fshm_ctl) == FSHM_CTL_HEADER_BYTES, "control header size");
 _Static_assert(sizeof(fshm_ctl_pool) == 512, "control pool entry size");
 _Static_assert(sizeof(fshm_ctl_consumer) == FSHM_CONSUMER_BYTES, "consumer entry size");
+_Static_assert(offsetof(fshm_ctl, control) == 120 && FSHM_CONTROL_BYTES == 8, "ctl control bytes");
 _Static_assert(offsetof(fshm_ctl, name) == 128, "ctl name offset");
 _Static_assert(offsetof(fshm_ctl, announce_epoch) == 192, "announce offset");
 _Static_assert(offsetof(fshm_ctl, pools) == 720, "pools offset");

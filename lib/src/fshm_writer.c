@@ -351,8 +351,8 @@ static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
     }
     if (LOAD_ACQ(&w->ctl->flags) & CTL_FLAG_DRIVER) {
         /* Spec §2.2: only the driver creates or removes this stream's files. */
-        rc = fshm_set_error(-EBUSY, "stream '%s' is managed by a frameshm driver: open it with "
-                            "driver=<its socket>", w->paths.name);
+        rc = fshm_set_error(-EBUSY, "stream '%s' is managed by a frameshm driver: attach through "
+                            "the driver's socket", w->paths.name);
         goto fail;
     }
     /* We hold the producer lock, so any epoch directory left here is a dead producer's:
@@ -573,17 +573,30 @@ void fshm_writer_heartbeat(fshm_writer *w)
         housekeeping(w, now);
 }
 
-void fshm_writer_set_mode(fshm_writer *w, uint8_t mode)
+static int control_byte(const fshm_writer *w, unsigned index, uint8_t **out)
 {
-    if (w->ctl)
-        STORE_REL(&w->ctl->mode, mode);
-}
-uint8_t fshm_writer_mode(const fshm_writer *w)
-{
+    if (index >= FSHM_CONTROL_BYTES)
+        return fshm_set_error(-EINVAL, "control byte %u does not exist (0..%d)", index,
+                              FSHM_CONTROL_BYTES - 1);
     if (!w->ctl)
-        return FSHM_MODE_STANDBY;
-    uint8_t m = LOAD_ACQ(&w->ctl->mode);
-    return m == FSHM_MODE_ALARMED ? m : FSHM_MODE_STANDBY;
+        return fshm_set_error(FSHM_E_LEASE, "stream %u: the writer holds no control region until "
+                              "it attaches through the driver again", w->lease_cfg.stream_id);
+    *out = &w->ctl->control[index];
+    return 0;
+}
+int fshm_writer_control(const fshm_writer *w, unsigned index)
+{
+    uint8_t *b = NULL;
+    int rc = control_byte(w, index, &b);
+    return rc ? rc : LOAD_ACQ(b);
+}
+int fshm_writer_set_control(fshm_writer *w, unsigned index, uint8_t value)
+{
+    uint8_t *b = NULL;
+    int rc = control_byte(w, index, &b);
+    if (!rc)
+        STORE_REL(b, value);
+    return rc;
 }
 uint64_t fshm_writer_epoch(const fshm_writer *w) { return w->epoch; }
 uint32_t fshm_writer_stream_id(const fshm_writer *w) { return w->paths.stream_id; }
