@@ -103,8 +103,9 @@ int fshm_virtualcam_types_ready(PyObject *module);
 typedef int (*fshm_sliced_fn)(void *obj, int64_t slice_ns, void *arg);
 int fshm_run_sliced(void *obj, int *busy, const char *what, PyObject *tobj, fshm_sliced_fn fn,
                     void *arg, int64_t *timeout_out);
-/* Parses a controller mode value (a byte); -1 with an exception set if invalid. */
-int fshm_parse_mode(PyObject *v, uint8_t *out);
+/* Parses a control byte index (the library checks it against FSHM_CONTROL_BYTES) and,
+ * when value is not NULL, a control byte value; -1 with an exception set if invalid. */
+int fshm_parse_control(PyObject *index, PyObject *value, unsigned *index_out, uint8_t *value_out);
 
 /* ---- capture types (camera_type.c, gige_type.c), shared parts in capture_common.c ---- */
 /* What the shared parts need of a capture type. */

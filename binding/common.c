@@ -154,16 +154,26 @@ int fshm_parse_timeout(PyObject *obj, int64_t *out)
     return 0;
 }
 
-int fshm_parse_mode(PyObject *v, uint8_t *out)
+int fshm_parse_control(PyObject *index, PyObject *value, unsigned *index_out, uint8_t *value_out)
 {
-    long m = v ? PyLong_AsLong(v) : -1;
-    if (m == -1 && PyErr_Occurred())
+    long i = PyLong_AsLong(index);
+    if (i == -1 && PyErr_Occurred())
         return -1;
-    if (m < 0 || m > 255) {
-        PyErr_SetString(exc_invalid, "mode is a byte (0..255)");
+    if (i < 0 || i > (long)UINT_MAX) {
+        PyErr_Format(exc_invalid, "control byte %ld does not exist (0..%d)", i, FSHM_CONTROL_BYTES - 1);
         return -1;
     }
-    *out = (uint8_t)m;
+    *index_out = (unsigned)i;
+    if (!value)
+        return 0;
+    long v = PyLong_AsLong(value);
+    if (v == -1 && PyErr_Occurred())
+        return -1;
+    if (v < 0 || v > 255) {
+        PyErr_Format(exc_invalid, "a control byte holds 0..255, not %ld", v);
+        return -1;
+    }
+    *value_out = (uint8_t)v;
     return 0;
 }
 

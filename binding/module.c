@@ -40,7 +40,15 @@ static PyObject *mod_stream_info(PyObject *self, PyObject *args, PyObject *kw)
         return fshm_raise(rc);
     }
     static const char *states[] = {"none", "alive", "dead", "closed"};
-    PyObject *cons = PyList_New(0), *pools = PyList_New(0);
+    PyObject *cons = PyList_New(0), *pools = PyList_New(0), *control = PyTuple_New(FSHM_CONTROL_BYTES);
+    for (unsigned i = 0; control && i < FSHM_CONTROL_BYTES; i++) {
+        PyObject *v = PyLong_FromLong(info->control[i]);
+        if (!v) {
+            Py_CLEAR(control);
+            break;
+        }
+        PyTuple_SET_ITEM(control, i, v);
+    }
     for (uint32_t i = 0; cons && i < info->nconsumers; i++) {
         PyObject *d = consumer_dict(&info->consumers[i]);
         if (!d || PyList_Append(cons, d)) {
@@ -60,9 +68,9 @@ static PyObject *mod_stream_info(PyObject *self, PyObject *args, PyObject *kw)
         Py_DECREF(v);
     }
     PyObject *res = NULL;
-    if (cons && pools)
+    if (cons && pools && control)
         res = Py_BuildValue(
-            "{s:s,s:k,s:K,s:s,s:L,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:i,s:O,s:k,s:O,s:O}", "name", info->name,
+            "{s:s,s:k,s:K,s:s,s:L,s:K,s:K,s:K,s:K,s:K,s:K,s:K,s:O,s:O,s:k,s:O,s:O}", "name", info->name,
             "stream_id", (unsigned long)info->stream_id, "epoch", (unsigned long long)info->epoch,
             "producer", states[info->producer_state & 3], "producer_pid",
             (long long)info->producer_pid, "latest_seq_plus1", (unsigned long long)info->latest_seq,
@@ -71,11 +79,12 @@ static PyObject *mod_stream_info(PyObject *self, PyObject *args, PyObject *kw)
             (unsigned long long)info->desc_sent, "descriptors_dropped",
             (unsigned long long)info->desc_dropped, "consumers_pruned",
             (unsigned long long)info->pruned, "activity_ns", (unsigned long long)info->activity_ns,
-            "mode", (int)info->mode, "driver_managed", info->driver_managed ? Py_True : Py_False,
+            "control", control, "driver_managed", info->driver_managed ? Py_True : Py_False,
             "nslots", (unsigned long)info->nslots, "pool_strides", pools,
             "consumers", cons);
     Py_XDECREF(cons);
     Py_XDECREF(pools);
+    Py_XDECREF(control);
     PyMem_Free(info);
     return res;
 }
@@ -159,9 +168,11 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddObject(m, "Reader", (PyObject *)&FshmReaderType) ||
         PyModule_AddIntConstant(m, "MAX_DIMS", FSHM_MAX_DIMS) ||
         PyModule_AddIntConstant(m, "MAX_POOLS", FSHM_MAX_POOLS) ||
+        PyModule_AddIntConstant(m, "MAX_NSLOTS", FSHM_MAX_NSLOTS) ||
+        PyModule_AddIntConstant(m, "MIN_STRIDE", FSHM_MIN_STRIDE) ||
+        PyModule_AddIntConstant(m, "MAX_STRIDE", FSHM_MAX_STRIDE) ||
         PyModule_AddIntConstant(m, "MAX_CONSUMERS", FSHM_MAX_CONSUMERS) ||
-        PyModule_AddIntConstant(m, "MODE_STANDBY", FSHM_MODE_STANDBY) ||
-        PyModule_AddIntConstant(m, "MODE_ALARMED", FSHM_MODE_ALARMED) ||
+        PyModule_AddIntConstant(m, "CONTROL_BYTES", FSHM_CONTROL_BYTES) ||
         PyModule_AddIntConstant(m, "VERSION", fshm_version(NULL, NULL, NULL)) ||
         PyModule_AddStringConstant(m, "VERSION_STRING", fshm_version_string()) ||
         PyModule_AddIntConstant(m, "HEADER_VERSION", FSHM_VERSION) ||

@@ -296,25 +296,33 @@ static PyObject *reader_close(FshmReader *self, PyObject *unused)
     Py_RETURN_NONE;
 }
 
-static PyObject *reader_get_mode(FshmReader *self, void *c)
+static PyObject *reader_control(FshmReader *self, PyObject *index)
 {
     CHECK_OPEN(self);
-    uint8_t m;
-    LEASE_AWARE(self, m = fshm_reader_mode(self->r));
-    return PyLong_FromLong(m);
+    unsigned i;
+    if (fshm_parse_control(index, NULL, &i, NULL))
+        return NULL;
+    int v;
+    LEASE_AWARE(self, v = fshm_reader_control(self->r, i));
+    return v < 0 ? fshm_raise(v) : PyLong_FromLong(v);
 }
 
-static int reader_set_mode(FshmReader *self, PyObject *v, void *c)
+static PyObject *reader_set_control(FshmReader *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!self->r) {
-        fshm_raise_closed("Reader");
-        return -1;
+    CHECK_OPEN(self);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_control(index, value)");
+        return NULL;
     }
-    uint8_t m;
-    if (fshm_parse_mode(v, &m))
-        return -1;
-    LEASE_AWARE(self, fshm_reader_set_mode(self->r, m));
-    return 0;
+    unsigned i;
+    uint8_t v;
+    if (fshm_parse_control(args[0], args[1], &i, &v))
+        return NULL;
+    int rc;
+    LEASE_AWARE(self, rc = fshm_reader_set_control(self->r, i, v));
+    if (rc)
+        return fshm_raise(rc);
+    Py_RETURN_NONE;
 }
 
 #define RGET(fn, conv, expr)                                                                     \
@@ -341,12 +349,14 @@ static PyMethodDef reader_methods[] = {
      "newest Frame with its bytes copied (untorn) into a private bytearray; None if no frame"},
     {"valid", (PyCFunction)(void (*)(void))reader_valid, METH_FASTCALL, "valid(epoch, slot, seq)"},
     {"producer", (PyCFunction)reader_producer, METH_NOARGS, "(state, pid)"},
+    {"control", (PyCFunction)reader_control, METH_O, "control(index) -> control byte (0..255)"},
+    {"set_control", (PyCFunction)(void (*)(void))reader_set_control, METH_FASTCALL,
+     "set_control(index, value): sets a control byte"},
     {"close", (PyCFunction)reader_close, METH_NOARGS, "close()"},
     {NULL},
 };
 
 static PyGetSetDef reader_getset[] = {
-    {"mode", (getter)reader_get_mode, (setter)reader_set_mode, "controller mode byte", NULL},
     {"epoch", (getter)reader_epoch, NULL, NULL, NULL},
     {"stream_id", (getter)reader_stream_id, NULL, NULL, NULL},
     {"overruns", (getter)reader_overruns, NULL, NULL, NULL},

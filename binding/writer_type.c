@@ -342,23 +342,31 @@ static PyObject *writer_pool_info(FshmWriter *self, PyObject *unused)
     return res;
 }
 
-static PyObject *writer_get_mode(FshmWriter *self, void *c)
+static PyObject *writer_control(FshmWriter *self, PyObject *index)
 {
     CHECK_OPEN(self);
-    return PyLong_FromLong(fshm_writer_mode(self->w));
+    unsigned i;
+    if (fshm_parse_control(index, NULL, &i, NULL))
+        return NULL;
+    int v = fshm_writer_control(self->w, i);
+    return v < 0 ? fshm_raise(v) : PyLong_FromLong(v);
 }
 
-static int writer_set_mode(FshmWriter *self, PyObject *v, void *c)
+static PyObject *writer_set_control(FshmWriter *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    if (!self->w) {
-        fshm_raise_closed("Writer");
-        return -1;
+    CHECK_OPEN(self);
+    if (nargs != 2) {
+        PyErr_SetString(PyExc_TypeError, "set_control(index, value)");
+        return NULL;
     }
-    uint8_t m;
-    if (fshm_parse_mode(v, &m))
-        return -1;
-    fshm_writer_set_mode(self->w, m);
-    return 0;
+    unsigned i;
+    uint8_t v;
+    if (fshm_parse_control(args[0], args[1], &i, &v))
+        return NULL;
+    int rc = fshm_writer_set_control(self->w, i, v);
+    if (rc)
+        return fshm_raise(rc);
+    Py_RETURN_NONE;
 }
 
 #define WGET(fn, conv, expr)                                                                     \
@@ -396,11 +404,13 @@ static PyMethodDef writer_methods[] = {
     {"close", (PyCFunction)(void (*)(void))writer_close, METH_VARARGS | METH_KEYWORDS,
      "close(unlink=True)"},
     {"pool_info", (PyCFunction)writer_pool_info, METH_NOARGS, "[(pool_id, stride_bytes), ...]"},
+    {"control", (PyCFunction)writer_control, METH_O, "control(index) -> control byte (0..255)"},
+    {"set_control", (PyCFunction)(void (*)(void))writer_set_control, METH_FASTCALL,
+     "set_control(index, value): sets a control byte"},
     {NULL},
 };
 
 static PyGetSetDef writer_getset[] = {
-    {"mode", (getter)writer_get_mode, (setter)writer_set_mode, "controller mode byte", NULL},
     {"epoch", (getter)writer_epoch, NULL, NULL, NULL},
     {"stream_id", (getter)writer_stream_id, NULL, NULL, NULL},
     {"nslots", (getter)writer_nslots, NULL, NULL, NULL},

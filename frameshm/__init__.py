@@ -25,7 +25,10 @@ from .errors import (
     StreamNotFound,
     Timeout,
 )
-from .stream import MODE_ALARMED, MODE_STANDBY, Frame, Reader, Writer
+from .stream import Frame, Reader, Writer
+# The pipeline's meaning of control byte 0 (frameshm.roles.mode), kept here for
+# compatibility: the transport itself gives the control bytes no meaning.
+from .roles.mode import MODE_ALARMED, MODE_STANDBY
 from .admin import gc, list_streams, stream_info
 from .camera import Camera
 from .gige import GigECamera

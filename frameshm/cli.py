@@ -69,7 +69,7 @@ def cmd_ls(args) -> int:
             f"producer {s['producer']}"
             f"{' pid ' + str(s['producer_pid']) if s['producer_pid'] else ''}, epoch {s['epoch']}, "
             f"fps {fps}, frames {s['frames']}, seq {latest - 1 if latest else '-'}, "
-            f"idle {idle:.1f}s, slots {s['nslots']} x pools {pools}, mode {s['mode']}, "
+            f"idle {idle:.1f}s, slots {s['nslots']} x pools {pools}, control {bytes(s['control']).hex(' ')}, "
             f"drops: no-pool {s['drops_nopool']}, queue-full {s['descriptors_dropped']}"
         )
         metrics = _role_metrics(s, args)

@@ -30,9 +30,6 @@ _CODE_DTYPES[_core.DTYPE_BYTES] = np.dtype(np.uint8)  # opaque bytes: read as ui
 # The Reader's table: a frame's dtype is _DTYPE_TABLE[its code], looked up in C.
 _DTYPE_TABLE = tuple(_CODE_DTYPES.get(code) for code in range(max(_CODE_DTYPES) + 1))
 
-MODE_STANDBY = _core.MODE_STANDBY
-MODE_ALARMED = _core.MODE_ALARMED
-
 DTypeLike = Union[str, type, np.dtype]
 
 
@@ -232,14 +229,26 @@ class Writer:
 
     # -- state ------------------------------------------------------------------------
 
+    def control(self, index: int) -> int:
+        """Control byte ``index`` (0..7) of the stream: a few bytes the transport carries
+        for the application without interpreting them, shared by the writer and every
+        reader of the stream (e.g. a controller steering this producer's frame rate).
+        Each starts at 0 and survives producer restarts."""
+        return self._w.control(index)
+
+    def set_control(self, index: int, value: int) -> None:
+        """Sets control byte ``index`` (0..7) to ``value`` (0..255)."""
+        self._w.set_control(index, value)
+
     @property
     def mode(self) -> int:
-        """Controller mode byte of the stream (MODE_STANDBY / MODE_ALARMED)."""
-        return self._w.mode
+        """Control byte 0 (kept for compatibility: the pipeline keeps its Standby /
+        Alarmed mode there, see :mod:`frameshm.roles.mode`)."""
+        return self._w.control(0)
 
     @mode.setter
     def mode(self, value: int) -> None:
-        self._w.mode = value
+        self._w.set_control(0, value)
 
     @property
     def epoch(self) -> int:
@@ -358,7 +367,7 @@ class Reader:
     latency for a few percent of a core. ``spin=False`` always sleeps.
     ``subscribe=False`` opens a passive handle: no queue and no consumer entry (so it
     costs the producer nothing and uses no system queue); it can ``read_latest()`` and
-    get/set ``mode`` but not wait.
+    get/set the control bytes but not wait.
     ``max_rate_hz`` asks the producer for at most that many frames per second for this
     consumer (e.g. a GUI preview); other consumers of the stream still get every frame.
     ``driver=<socket>`` attaches through a ``frameshm driver`` (consumer lease, kept alive
@@ -444,13 +453,24 @@ class Reader:
     def producer_alive(self) -> bool:
         return self._r.producer()[0] == "alive"
 
+    def control(self, index: int) -> int:
+        """Control byte ``index`` (0..7) of the stream (see :meth:`Writer.control`), read
+        from the stream's current control region."""
+        return self._r.control(index)
+
+    def set_control(self, index: int, value: int) -> None:
+        """Sets control byte ``index`` (0..7) to ``value`` (0..255); a stream removed and
+        created anew is followed first, so the write reaches its new control region."""
+        self._r.set_control(index, value)
+
     @property
     def mode(self) -> int:
-        return self._r.mode
+        """Control byte 0 (kept for compatibility, as :attr:`Writer.mode`)."""
+        return self._r.control(0)
 
     @mode.setter
     def mode(self, value: int) -> None:
-        self._r.mode = value
+        self._r.set_control(0, value)
 
     @property
     def epoch(self) -> int:

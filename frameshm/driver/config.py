@@ -22,9 +22,11 @@ from ..config import ConfigError, read_toml
 from ..config import suggest as _suggest
 from ..errors import FrameshmError
 
-MAX_NSLOTS = 1 << 24
-MAX_STRIDE = 1 << 31
-MAX_POOLS = 4
+# The layout limits are libframeshm's (frameshm.h); the policy checks against the same.
+MAX_NSLOTS = _core.MAX_NSLOTS
+MIN_STRIDE = _core.MIN_STRIDE
+MAX_STRIDE = _core.MAX_STRIDE
+MAX_POOLS = _core.MAX_POOLS
 SOCKET_PATH_MAX = 107  # sun_path holds 108 bytes including the NUL
 
 
@@ -165,9 +167,9 @@ def _profile(name: str, table: Any, where: str) -> Profile:
         if "pool_id" not in pool or "stride_bytes" not in pool:
             raise DriverConfigError(f"{pw} needs pool_id and stride_bytes")
         pid = _int(pool["pool_id"], f"{pw} pool_id", 1, 65535)
-        stride = _int(pool["stride_bytes"], f"{pw} stride_bytes", 64, MAX_STRIDE)
+        stride = _int(pool["stride_bytes"], f"{pw} stride_bytes", MIN_STRIDE, MAX_STRIDE)
         if stride & (stride - 1):
-            raise DriverConfigError(f"{pw} stride_bytes: {stride} is not a power-of-two multiple of 64")
+            raise DriverConfigError(f"{pw} stride_bytes: {stride} is not a power-of-two multiple of {MIN_STRIDE}")
         if any(pid == p for p, _ in out):
             raise DriverConfigError(f"{pw} pool_id: {pid} appears twice")
         out.append((pid, stride))

@@ -2,14 +2,16 @@
 
     capture ──frames──▶ inference ──detections──▶ controller
        ▲                                              │
-       └────────── mode byte (Standby / Alarmed) ◀────┘
+       └─── mode: control byte 0 (Standby / Alarmed) ◀┘
 
 * :mod:`.capture` — reads a :class:`~frameshm.sources.Source` into the frames stream at
   the rate the mode asks for (``frameshm capture``).
 * :mod:`.inference` — drain-to-latest detection, publishing a detections stream tied to
   the source frames (``frameshm inference``).
 * :mod:`.controller` — the Standby / Validation / Tracking state machine that writes the
-  frames stream's mode byte (``frameshm controller``).
+  frames stream's mode (``frameshm controller``).
+* :mod:`.mode` — what the mode is: Standby or Alarmed in control byte 0 of the frames
+  stream, a byte the transport carries without interpreting.
 
 Every role takes the pipeline TOML (:mod:`frameshm.config`), stops cleanly on SIGINT /
 SIGTERM (closing its streams and queues), and publishes its counters about twice a second

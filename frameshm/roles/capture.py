@@ -2,7 +2,8 @@
 
 It streams from the moment the source is open, whether or not anyone consumes, writing
 each frame straight into a loaned slot (``loan → source.read_into(view) → commit``).
-Before every frame it reads the stream's mode byte, written by the controller:
+Before every frame it reads the stream's mode (control byte 0, :mod:`.mode`), written by
+the controller:
 
 * Standby → ``standby_fps`` (default 3), Alarmed → ``alarmed_fps`` (default 30). The
   source paces itself when ``set_rate()`` says it can; otherwise frames are dropped to
@@ -26,12 +27,11 @@ from typing import Optional
 from ..config import PipelineConfig
 from ..errors import InvalidArgument, LeaseLost, Timeout
 from ..sources import Source, SourceGone, open_source
-from ..stream import MODE_ALARMED, MODE_STANDBY, Writer
+from ..stream import Writer
 from . import Metrics
+from .mode import MODE_ALARMED, MODE_NAMES, MODE_STANDBY, read_mode
 
 log = logging.getLogger("frameshm.capture")
-
-MODE_NAMES = {MODE_STANDBY: "Standby", MODE_ALARMED: "Alarmed"}
 
 
 class Capture:
@@ -152,13 +152,12 @@ class Capture:
         w, src, stop = self.writer, self.source, self.stop
         timeout = self.c.read_timeout_s
         debug = log.isEnabledFor(logging.DEBUG)
-        mode = MODE_ALARMED if w.mode == MODE_ALARMED else MODE_STANDBY
-        self._apply_mode(mode, first=True)
+        self._apply_mode(self._read_mode(), first=True)
         next_due = 0
         stalled = False
         view = None
         while not stop.is_set():
-            m = MODE_ALARMED if w.mode == MODE_ALARMED else MODE_STANDBY
+            m = self._read_mode()
             if m != self.mode:
                 self._apply_mode(m, first=False)
                 next_due = 0  # the next fresh frame goes out at once
@@ -212,8 +211,16 @@ class Capture:
     # effect within it instead of after a whole standby period (up to 1/standby_fps).
     MODE_POLL_S = 0.02
 
+    def _read_mode(self) -> int:
+        """The mode the controller asks for. A driver-model writer between leases holds no
+        control region: it keeps the mode it has until it is attached again."""
+        try:
+            return read_mode(self.writer)
+        except LeaseLost:
+            return self.mode
+
     def _mode_flipped(self) -> bool:
-        return (MODE_ALARMED if self.writer.mode == MODE_ALARMED else MODE_STANDBY) != self.mode
+        return self._read_mode() != self.mode
 
     def _read(self, view, timeout: float) -> Optional[int]:
         """source.read_into in short slices: the frame's timestamp, or None when the mode

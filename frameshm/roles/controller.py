@@ -4,9 +4,9 @@
        ▲                    │                                         │
        └──── no person ─────┘◀──── tracking_exit_frames without ──────┘
 
-Validation and Tracking map to mode Alarmed, Standby to mode Standby. The mode is the
-frames stream's control byte (an atomic release store); the capture producer reads it
-before every frame. Every transition is logged with the frame that caused it.
+Validation and Tracking map to mode Alarmed, Standby to mode Standby. The mode is
+control byte 0 of the frames stream (:mod:`.mode`; an atomic release store); the capture
+producer reads it before every frame. Every transition is logged with the frame that caused it.
 
 The controller consumes the detections stream process-all: debouncing counts
 consecutive detection frames, so none may be silently skipped (one lost to an overrun
@@ -25,8 +25,9 @@ import numpy as np
 
 from ..config import PipelineConfig
 from ..errors import InvalidArgument, Overrun, Timeout
-from ..stream import MODE_ALARMED, MODE_STANDBY, Reader
+from ..stream import Reader
 from . import Metrics
+from .mode import MODE_ALARMED, MODE_NAMES, MODE_STANDBY, read_mode, write_mode
 
 log = logging.getLogger("frameshm.controller")
 
@@ -134,10 +135,10 @@ class Controller:
             metrics = Metrics(self.cfg.metrics_stream("controller"), **self._addr)
             det = Reader(self.cfg.detections_stream, consumer=c.consumer, spin=False, driver=self.cfg.driver,
                          **self._addr)
-            # The mode byte lives in the frames stream's control region: a passive handle
-            # reaches it without becoming a consumer of the frames.
+            # The mode lives in the frames stream's control bytes: a passive handle reaches
+            # them without becoming a consumer of the frames.
             ctl = Reader(self.cfg.frames_stream, subscribe=False, driver=self.cfg.driver, **self._addr)
-            ctl.mode = self.sentry.mode
+            write_mode(ctl, self.sentry.mode)
             log.info("%s; mode %s written to %r; validation_frames=%d tracking_exit_frames=%d",
                      self.sentry.state, "Standby", self.cfg.frames_stream, c.validation_frames,
                      c.tracking_exit_frames)
@@ -174,13 +175,13 @@ class Controller:
                                             "timestamp_ns": f.timestamp_ns}
                     log.info("%s -> %s: frame seq %s (ts %d ns), %d person(s), best score %.2f; mode %s",
                              old, new, f.ref_seq, f.timestamp_ns, n, best,
-                             "Alarmed" if MODE_OF_STATE[new] == MODE_ALARMED else "Standby")
+                             MODE_NAMES[MODE_OF_STATE[new]])
                 self._enforce(ctl)
                 self._publish_metrics(metrics, time.monotonic_ns())
         finally:
             if ctl is not None:
                 # No controller, no alarm: the capture falls back to its standby rate.
-                ctl.mode = MODE_STANDBY
+                write_mode(ctl, MODE_STANDBY)
                 ctl.close()
             for obj in (det, metrics):
                 if obj is not None:
@@ -193,15 +194,15 @@ class Controller:
         """Writes the mode when it differs — also re-asserting it if the control region was
         recreated (a restarted stream starts in Standby)."""
         want = self.sentry.mode
-        if ctl.mode != want:
-            ctl.mode = want
+        if read_mode(ctl) != want:
+            write_mode(ctl, want)
 
     def _publish_metrics(self, metrics: Optional[Metrics], now: int) -> None:
         if metrics is None or not metrics.due(now):
             return
         metrics.publish({
             "role": "controller", "frames": self.cfg.frames_stream, "detections": self.cfg.detections_stream,
-            "state": str(self.sentry.state), "mode": "Alarmed" if self.sentry.mode == MODE_ALARMED else "Standby",
+            "state": str(self.sentry.state), "mode": MODE_NAMES[self.sentry.mode],
             "detection_frames": self.frames, "person_frames": self.person_frames, "lost": self.lost,
             "transitions": self.transitions, "last_transition": self.last_transition,
         }, now)

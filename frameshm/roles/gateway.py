@@ -14,7 +14,7 @@
   Frames with no client connected are taken but not encoded.
 * Each binary WebSocket message is ``u32 little-endian header length | JSON header |
   JPEG``; the header carries the frame's seq, capture time (CLOCK_MONOTONIC and the wall
-  clock equivalent, for the page's latency), size, the frames stream's mode byte and the
+  clock equivalent, for the page's latency), size, the frames stream's mode and the
   newest detections (passive handle on the detections stream, boxes in camera pixels).
   Text messages are JSON status documents (the roles' metrics) about twice a second.
 * HTTP on the same port serves the page (``frameshm/web``: ``/``, ``/app.js``,
@@ -49,8 +49,9 @@ import numpy as np
 
 from ..config import PipelineConfig
 from ..errors import InvalidArgument, Overrun, ProducerDead, StreamNotFound, Timeout
-from ..stream import MODE_ALARMED, Reader
+from ..stream import Reader
 from . import Metrics, read_metrics
+from .mode import MODE_NAMES, read_mode
 
 log = logging.getLogger("frameshm.gateway")
 
@@ -288,7 +289,7 @@ class Gateway:
             "capture_wall_ms": (time.time_ns() - (now - f.timestamp_ns)) / 1e6,
             "width": int(arr.shape[1]), "height": int(arr.shape[0]),
             "jpeg_width": int(img.shape[1]), "jpeg_height": int(img.shape[0]),
-            "mode": "Alarmed" if self._reader.mode == MODE_ALARMED else "Standby",
+            "mode": MODE_NAMES[read_mode(self._reader)],
             "boxes": boxes, "det_seq": det_seq, "encode_ms": round((t1 - t0) / 1e6, 3),
         }
         hb = json.dumps(header, separators=(",", ":")).encode()

@@ -1,4 +1,4 @@
-/* Inspection (`frameshm ls`) and cleanup (`frameshm gc`) of streams. */
+/* Inspection and cleanup of streams (behind the CLI's `frameshm ls` and `frameshm gc`). */
 #include <fcntl.h>
 #include <stdio.h>
 #include <sys/file.h>
@@ -29,7 +29,8 @@ int fshm_stream_info_get(const fshm_stream_addr *addr, fshm_stream_info *out)
     out->desc_dropped = LOAD_RLX(&c->desc_dropped);
     out->pruned = LOAD_RLX(&c->pruned);
     out->activity_ns = LOAD_RLX(&c->activity_ns);
-    out->mode = LOAD_ACQ(&c->mode);
+    for (unsigned i = 0; i < FSHM_CONTROL_BYTES; i++)
+        out->control[i] = LOAD_ACQ(&c->control[i]);
     out->driver_managed = (LOAD_ACQ(&c->flags) & CTL_FLAG_DRIVER) != 0;
     fshm_announce a;
     if (out->epoch && fshm_ctl_read_announce(c, &a) == 0) {

@@ -1,5 +1,5 @@
 /* The control region: frameshm's own per-stream file holding what the wire spec leaves
- * to implementations (announce, consumer table, liveness, mode, counters). */
+ * to implementations (announce, consumer table, liveness, control bytes, counters). */
 #include <fcntl.h>
 #include <sched.h>
 #include <stdio.h>
@@ -279,10 +279,10 @@ int fshm_ctl_read_announce(const fshm_ctl *c, fshm_announce *a)
         if (LOAD_RLX(&c->announce_seq) != s1)
             continue;
         uint32_t n = a->header_nslots;
-        if (n == 0 || (n & (n - 1)) != 0 || n > (1u << 24))
+        if (!fshm_valid_nslots(n))
             return fshm_set_error(FSHM_E_CORRUPT, "announce: header nslots %u is not a power of two "
-                                  "in 1..2^24", n);
-        if (a->npools < 1 || a->npools > FSHM_MAX_POOLS)
+                                  "in 1..%u", n, FSHM_MAX_NSLOTS);
+        if (!fshm_valid_npools(a->npools))
             return fshm_set_error(FSHM_E_CORRUPT, "announce: %u payload pools", a->npools);
         if (memchr(a->header_uri, 0, sizeof a->header_uri) == NULL)
             return fshm_set_error(FSHM_E_CORRUPT, "announce: header URI not terminated");
@@ -292,8 +292,8 @@ int fshm_ctl_read_announce(const fshm_ctl *c, fshm_announce *a)
                 return fshm_set_error(FSHM_E_CORRUPT, "announce: pool URI not terminated");
             if (!fshm_valid_stride(pl->stride_bytes))
                 return fshm_set_error(FSHM_E_CORRUPT,
-                                      "announce: pool %u stride %u is not a power-of-two multiple of 64",
-                                      pl->pool_id, pl->stride_bytes);
+                                      "announce: pool %u stride %u is not a power-of-two multiple of %u",
+                                      pl->pool_id, pl->stride_bytes, FSHM_MIN_STRIDE);
             if (pl->nslots != n)
                 return fshm_set_error(FSHM_E_CORRUPT, "announce: pool %u has %u slots, ring has %u",
                                       pl->pool_id, pl->nslots, n);

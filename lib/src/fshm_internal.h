@@ -79,7 +79,7 @@ static inline uint64_t *slot_commit_word(uint8_t *ring, uint32_t idx)
 
 /* ---- control region (frameshm's own; see docs/wire-format.md) ---- */
 #define FSHM_CTL_MAGIC 0x314C54434D485346ULL   /* ASCII "FSHMCTL1" read as a little-endian u64 */
-#define FSHM_CTL_VERSION 1u
+#define FSHM_CTL_VERSION 2u   /* 2: control bytes at 120 (version 1 had one mode byte at 64) */
 #define FSHM_CTL_HEADER_BYTES 4096u
 #define FSHM_CONSUMER_BYTES 128u
 #define FSHM_CTL_BYTES (FSHM_CTL_HEADER_BYTES + FSHM_MAX_CONSUMERS * FSHM_CONSUMER_BYTES)
@@ -109,7 +109,7 @@ typedef struct fshm_ctl {
     uint64_t producer_start;    /* 40: /proc/<pid>/stat starttime, guards pid reuse */
     uint64_t activity_ns;       /* 48: CLOCK_MONOTONIC of the last publish/heartbeat */
     uint64_t start_ns;          /* 56 */
-    uint8_t mode;               /* 64: controller mode byte (atomic) */
+    uint8_t reserved0;          /* 64 */
     uint8_t state;              /* 65: CTL_STATE_* (atomic) */
     uint16_t flags;             /* 66: CTL_FLAG_* (atomic) */
     uint32_t consumers_gen;     /* 68: bumped on every consumer table change (atomic) */
@@ -119,7 +119,7 @@ typedef struct fshm_ctl {
     uint64_t desc_dropped;      /* 96: queue full */
     uint64_t pruned;            /* 104: dead consumers removed */
     uint64_t announce_seq;      /* 112: seqlock over the announce block, odd while writing */
-    uint64_t reserved1;         /* 120 */
+    uint8_t control[FSHM_CONTROL_BYTES]; /* 120: the application's, never interpreted (atomic) */
     char name[64];              /* 128 */
     /* announce block */
     uint64_t announce_epoch;    /* 192 */
@@ -148,6 +148,7 @@ typedef struct fshm_ctl_consumer {
 _Static_assert(sizeof(fshm_ctl) == FSHM_CTL_HEADER_BYTES, "control header size");
 _Static_assert(sizeof(fshm_ctl_pool) == 512, "control pool entry size");
 _Static_assert(sizeof(fshm_ctl_consumer) == FSHM_CONSUMER_BYTES, "consumer entry size");
+_Static_assert(offsetof(fshm_ctl, control) == 120 && FSHM_CONTROL_BYTES == 8, "ctl control bytes");
 _Static_assert(offsetof(fshm_ctl, name) == 128, "ctl name offset");
 _Static_assert(offsetof(fshm_ctl, announce_epoch) == 192, "announce offset");
 _Static_assert(offsetof(fshm_ctl, pools) == 720, "pools offset");
@@ -222,8 +223,19 @@ typedef struct fshm_slot_view {
 } fshm_slot_view;
 int fshm_slot_header_decode(const uint8_t slot[FSHM_SLOT_BYTES], fshm_slot_view *out);
 int fshm_tensor_check(const fshm_tensor *t, size_t nbytes, int fill_strides, fshm_tensor *out);
+/* The stride of the smallest pool that holds nbytes; 0 when above FSHM_MAX_STRIDE. */
 uint32_t fshm_pool_stride_for(uint64_t nbytes);
-int fshm_valid_stride(uint32_t stride);
+/* The layout limits of frameshm.h as predicates: every check (config, profile, announce)
+ * goes through these. */
+static inline int fshm_valid_nslots(uint32_t n)
+{
+    return n >= 1 && n <= FSHM_MAX_NSLOTS && (n & (n - 1)) == 0;
+}
+static inline int fshm_valid_npools(uint32_t n) { return n >= 1 && n <= FSHM_MAX_POOLS; }
+static inline int fshm_valid_stride(uint32_t s)
+{
+    return s >= FSHM_MIN_STRIDE && s <= FSHM_MAX_STRIDE && (s & (s - 1)) == 0;
+}
 void fshm_desc_encode(uint8_t out[FSHM_DESC_BYTES], uint32_t stream_id, uint64_t epoch,
                       uint64_t seq, uint64_t publish_ns);
 int fshm_desc_decode(const uint8_t *msg, size_t len, uint32_t stream_id, uint64_t *epoch,
@@ -255,6 +267,33 @@ typedef struct fshm_announce {
 } fshm_announce;
 int fshm_ctl_read_announce(const fshm_ctl *c, fshm_announce *a);
 void fshm_ctl_write_announce(fshm_ctl *c, const fshm_announce *a);
+
+/* ---- epochs (fshm_provision.c): the one path by which a stream's regions come to exist,
+ * for the driver (fshm_provision_epoch) and for a writer that manages its own stream ---- */
+typedef struct fshm_new_epoch {
+    fshm_grant grant;               /* what was created, as an attach grants it (no lease) */
+    fshm_announce announce;         /* the same, as the control region announces it */
+    char dir[FSHM_PATH_MAX + 32];   /* <stream_dir>/<epoch> */
+} fshm_new_epoch;
+/* Validates a profile against the layout limits (-EINVAL with a message). */
+int fshm_profile_check(const fshm_profile *p);
+/* A self-managed writer's layout as a checked profile: each pool size rounded up to a
+ * stride, strides sorted and merged, pool ids 1..n in stride order, no group. */
+int fshm_profile_for_pools(uint32_t nslots, uint32_t npools, const uint32_t *pool_bytes,
+                           unsigned file_mode, fshm_profile *out);
+/* Creates the stream's next epoch from a checked profile, with the control region open
+ * (and whatever excludes other creators held: the producer lock, or the driver's own
+ * serialisation): picks the epoch number, creates <stream_dir>/<epoch>/ and its regions
+ * (full size reserved, superblocks written, mode/group from the profile). Nothing is
+ * announced yet; on failure nothing it created is left. replace_first: remove the
+ * stream's other epoch directories before creating (their space is needed, or they are
+ * a dead producer's). New epoch = max(current + 1, min_epoch, newest directory + 1). */
+int fshm_epoch_create(const fshm_paths *p, fshm_ctl *c, const fshm_profile *prof,
+                      uint64_t min_epoch, int replace_first, fshm_new_epoch *out);
+/* Announces the epoch and publishes the epoch word (release: readers key everything off
+ * it, so the producer fields must be set before), then removes every other epoch
+ * directory of the stream. */
+void fshm_epoch_publish(const fshm_paths *p, fshm_ctl *c, const fshm_new_epoch *e);
 
 /* ---- message queues (fshm_queue.c) ---- */
 int fshm_queue_create(char name[32], mqd_t *out);

@@ -277,7 +277,7 @@ static int decode_attach_response(const uint8_t *msg, size_t len, int64_t corr, 
     }
     if (c.bad)
         return fshm_set_error(FSHM_E_CORRUPT, "driver sent a malformed ShmAttachResponse");
-    if (count > FSHM_MAX_POOLS || count == 0)
+    if (!fshm_valid_npools(count))
         return fshm_set_error(FSHM_E_CORRUPT, "driver granted %u payload pools (1..%d supported)",
                               count, FSHM_MAX_POOLS);
     g->npools = count;
@@ -293,7 +293,14 @@ static int decode_attach_response(const uint8_t *msg, size_t len, int64_t corr, 
             return fshm_set_error(FSHM_E_CORRUPT, "driver granted pool %u with %u slots for a %u-slot "
                                   "header ring", g->pools[i].pool_id, g->pools[i].nslots,
                                   g->header_nslots);
+        if (!fshm_valid_stride(g->pools[i].stride_bytes))
+            return fshm_set_error(FSHM_E_CORRUPT, "driver granted pool %u with stride %u, not a "
+                                  "power-of-two multiple of %u", g->pools[i].pool_id,
+                                  g->pools[i].stride_bytes, FSHM_MIN_STRIDE);
     }
+    if (!fshm_valid_nslots(g->header_nslots))
+        return fshm_set_error(FSHM_E_CORRUPT, "driver granted a %u-slot header ring (a power of two "
+                              "in 1..%u)", g->header_nslots, FSHM_MAX_NSLOTS);
     if (g->header_slot_bytes != FSHM_SLOT_BYTES || g->layout_version != FSHM_LAYOUT_VERSION)
         return fshm_set_error(FSHM_E_CORRUPT, "driver granted layout %u with %u-byte slots; this "
                               "build reads layout %u with %u-byte slots", g->layout_version,

@@ -1,11 +1,11 @@
-/* Driver-side provisioning (SHM Driver Model Spec v1.0 §3, §6, §10): under the driver
- * model only the driver creates, initialises, truncates and unlinks region files. One
- * fshm_provision_epoch() call moves a stream to a new epoch: it creates the epoch's header
- * ring and payload pools, writes their superblocks, announces them in the control region
- * and publishes the epoch word; clients then only map what it granted.
+/* Creating a stream's epochs. Every epoch comes to exist through fshm_epoch_create and
+ * fshm_epoch_publish: a writer that manages its own stream calls them directly, holding
+ * the producer lock; under the driver model (SHM Driver Model Spec v1.0 §3, §6, §10) only
+ * the driver creates, initialises, truncates and unlinks region files, through
+ * fshm_provision_epoch, and clients then only map what it granted.
  *
- * Everything here is checked before anything is created, and a failure part-way removes
- * what this call created, so a refused attach never leaves half a stream behind. */
+ * Everything is checked before anything is created, and a failure part-way removes what
+ * the call created, so a refused attach never leaves half a stream behind. */
 #include <dirent.h>
 #include <fcntl.h>
 #include <stdio.h>
@@ -15,8 +15,6 @@
 #include <unistd.h>
 
 #include "fshm_internal.h"
-
-#define MAX_NSLOTS (1u << 24)
 
 static uint64_t region_bytes(uint32_t nslots, uint32_t slot_bytes)
 {
@@ -60,17 +58,24 @@ static void human_bytes(uint64_t n, char *out, size_t cap)
     snprintf(out, cap, "%.1f %s", v, units[u]);
 }
 
-static int check_profile(const fshm_profile *p)
+static int check_counts(uint32_t nslots, uint32_t npools)
+{
+    if (!fshm_valid_nslots(nslots))
+        return fshm_set_error(-EINVAL, "nslots must be a power of two between 1 and %u, not %u",
+                              FSHM_MAX_NSLOTS, nslots);
+    if (!fshm_valid_npools(npools))
+        return fshm_set_error(-EINVAL, "a stream has 1 to %d payload pools, not %u", FSHM_MAX_POOLS,
+                              npools);
+    return 0;
+}
+
+int fshm_profile_check(const fshm_profile *p)
 {
     if (!p)
         return fshm_set_error(-EINVAL, "no profile given");
-    uint32_t n = p->header_nslots;
-    if (n == 0 || (n & (n - 1)) != 0 || n > MAX_NSLOTS)
-        return fshm_set_error(-EINVAL, "header_nslots must be a power of two between 1 and 2^24, "
-                              "not %u", n);
-    if (p->npools < 1 || p->npools > FSHM_MAX_POOLS)
-        return fshm_set_error(-EINVAL, "a profile has 1 to %d payload pools, not %u", FSHM_MAX_POOLS,
-                              p->npools);
+    int rc = check_counts(p->header_nslots, p->npools);
+    if (rc)
+        return rc;
     for (uint32_t i = 0; i < p->npools; i++) {
         if (p->pool_id[i] == 0)
             return fshm_set_error(-EINVAL, "pool_id 0 is reserved (pool ids are 1..65535)");
@@ -80,11 +85,46 @@ static int check_profile(const fshm_profile *p)
                                       p->pool_id[i]);
         if (!fshm_valid_stride(p->stride_bytes[i]))
             return fshm_set_error(-EINVAL, "pool %u: stride_bytes %u is not a power-of-two multiple "
-                                  "of 64", p->pool_id[i], p->stride_bytes[i]);
+                                  "of %u", p->pool_id[i], p->stride_bytes[i], FSHM_MIN_STRIDE);
     }
     if (p->file_mode & ~0777u)
         return fshm_set_error(-EINVAL, "file_mode 0%o has bits outside 0777", p->file_mode);
     return 0;
+}
+
+static int cmp_u32(const void *a, const void *b)
+{
+    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
+    return x < y ? -1 : x > y;
+}
+
+int fshm_profile_for_pools(uint32_t nslots, uint32_t npools, const uint32_t *pool_bytes,
+                           unsigned file_mode, fshm_profile *out)
+{
+    memset(out, 0, sizeof *out);
+    out->struct_size = sizeof *out;
+    out->gid = -1;
+    out->header_nslots = nslots;
+    out->file_mode = file_mode;
+    int rc = check_counts(nslots, npools);
+    if (rc)
+        return rc;
+    uint32_t strides[FSHM_MAX_POOLS];
+    for (uint32_t i = 0; i < npools; i++) {
+        strides[i] = fshm_pool_stride_for(pool_bytes[i] ? pool_bytes[i] : 1);
+        if (!strides[i])
+            return fshm_set_error(-EINVAL, "pool of %u bytes is too large (%u bytes at most)",
+                                  pool_bytes[i], FSHM_MAX_STRIDE);
+    }
+    /* Loans take the first pool that fits: sorted by stride, each stride once. */
+    qsort(strides, npools, sizeof strides[0], cmp_u32);
+    for (uint32_t i = 0; i < npools; i++)
+        if (out->npools == 0 || out->stride_bytes[out->npools - 1] != strides[i]) {
+            out->stride_bytes[out->npools] = strides[i];
+            out->pool_id[out->npools] = (uint16_t)(out->npools + 1);
+            out->npools++;
+        }
+    return fshm_profile_check(out);
 }
 
 /* Directories get x where the files get r, so whoever may read the regions can reach
@@ -161,11 +201,12 @@ static uint64_t tree_bytes(const char *dir)
     return total;
 }
 
-/* Highest epoch directory in stream_dir and the bytes their files hold. */
+/* Highest epoch directory in stream_dir and (bytes not NULL) the bytes their files hold. */
 static void scan_epochs(const char *stream_dir, uint64_t *max_epoch, uint64_t *bytes)
 {
     *max_epoch = 0;
-    *bytes = 0;
+    if (bytes)
+        *bytes = 0;
     DIR *d = opendir(stream_dir);
     if (!d)
         return;
@@ -180,7 +221,8 @@ static void scan_epochs(const char *stream_dir, uint64_t *max_epoch, uint64_t *b
             continue;
         if (e > *max_epoch)
             *max_epoch = e;
-        *bytes += tree_bytes(path);
+        if (bytes)
+            *bytes += tree_bytes(path);
     }
     closedir(d);
 }
@@ -240,12 +282,6 @@ int fshm_shm_room(const char *dir, uint64_t *room, uint64_t *fs_free)
         if (mem && mem < r)
             r = mem;
     }
-    const char *limit = getenv("FRAMESHM_DRIVER_FREE_BYTES");   /* test hook: pretend less room */
-    if (limit && *limit) {
-        uint64_t l = strtoull(limit, NULL, 10);
-        if (l < r)
-            r = l;
-    }
     if (room)
         *room = r;
     if (fs_free)
@@ -292,6 +328,94 @@ static int create_region(const char *path, uint64_t size, unsigned mode, int64_t
     return rc;
 }
 
+static unsigned file_mode_of(const fshm_profile *p) { return p->file_mode ? p->file_mode : 0600; }
+
+int fshm_epoch_create(const fshm_paths *paths, fshm_ctl *c, const fshm_profile *p, uint64_t min_epoch,
+                      int replace_first, fshm_new_epoch *out)
+{
+    memset(out, 0, sizeof *out);
+    unsigned mode = file_mode_of(p);
+    fshm_ctl_prune(c);
+    uint64_t max_epoch = 0;
+    scan_epochs(paths->stream_dir, &max_epoch, NULL);
+    uint64_t epoch = LOAD_ACQ(&c->epoch) + 1;
+    if (epoch < min_epoch)
+        epoch = min_epoch;
+    if (epoch <= max_epoch)
+        epoch = max_epoch + 1;   /* never reuse a directory left behind */
+    if (epoch == 0 || epoch == UINT64_MAX)
+        return fshm_set_error(-EOVERFLOW, "stream %u: epoch counter exhausted", paths->stream_id);
+    if (replace_first)
+        remove_epochs_except(paths->stream_dir, 0);
+    char *edir = out->dir;
+    snprintf(edir, sizeof out->dir, "%s/%llu", paths->stream_dir, (unsigned long long)epoch);
+    if (mkdir(edir, 0700) != 0) {
+        int rc = fshm_set_error(-errno, "cannot create %s: %s", edir, strerror(errno));
+        edir[0] = 0;
+        return rc;
+    }
+    int rc = apply_dir_policy(edir, dir_mode_for(mode, p->gid), p->gid, 1);
+
+    uint32_t n = p->header_nslots;
+    uint64_t now = fshm_now_ns();
+    uint64_t pid = (uint64_t)getpid();
+    uint8_t sb[FSHM_SUPERBLOCK_SIZE];
+    char path[FSHM_PATH_MAX + 64];
+    fshm_announce *a = &out->announce;
+    snprintf(path, sizeof path, "%s/header.ring", edir);
+    fshm_superblock_write(sb, epoch, paths->stream_id, FSHM_REGION_HEADER_RING, 0, n, FSHM_SLOT_BYTES,
+                          FSHM_SLOT_BYTES, pid, now);
+    if (!rc && !(rc = create_region(path, region_bytes(n, FSHM_SLOT_BYTES), mode, p->gid, sb)))
+        rc = fshm_uri_format(a->header_uri, sizeof a->header_uri, path);
+    for (uint32_t i = 0; !rc && i < p->npools; i++) {
+        uint16_t id = p->pool_id[i];
+        uint32_t stride = p->stride_bytes[i];
+        snprintf(path, sizeof path, "%s/%u.pool", edir, id);
+        fshm_superblock_write(sb, epoch, paths->stream_id, FSHM_REGION_PAYLOAD_POOL, id, n, stride,
+                              stride, pid, now);
+        if ((rc = create_region(path, region_bytes(n, stride), mode, p->gid, sb)) ||
+            (rc = fshm_uri_format(a->pools[i].uri, sizeof a->pools[i].uri, path)))
+            break;
+        a->pools[i].pool_id = id;
+        a->pools[i].stride_bytes = stride;
+        a->pools[i].nslots = n;
+    }
+    if (rc) {
+        fshm_remove_tree(edir);
+        edir[0] = 0;
+        return rc;
+    }
+    a->epoch = epoch;
+    a->header_nslots = n;
+    a->npools = p->npools;
+
+    fshm_grant *g = &out->grant;
+    g->stream_id = paths->stream_id;
+    g->epoch = epoch;
+    g->layout_version = FSHM_LAYOUT_VERSION;
+    g->header_nslots = n;
+    g->header_slot_bytes = FSHM_SLOT_BYTES;
+    g->max_dims = FSHM_MAX_DIMS;
+    _Static_assert(sizeof g->header_uri >= sizeof a->header_uri, "grant header URI capacity");
+    _Static_assert(sizeof g->pools[0].uri >= sizeof a->pools[0].uri, "grant pool URI capacity");
+    memcpy(g->header_uri, a->header_uri, sizeof a->header_uri);
+    g->npools = p->npools;
+    for (uint32_t i = 0; i < p->npools; i++) {
+        g->pools[i].pool_id = a->pools[i].pool_id;
+        g->pools[i].nslots = n;
+        g->pools[i].stride_bytes = a->pools[i].stride_bytes;
+        memcpy(g->pools[i].uri, a->pools[i].uri, sizeof a->pools[i].uri);
+    }
+    return 0;
+}
+
+void fshm_epoch_publish(const fshm_paths *paths, fshm_ctl *c, const fshm_new_epoch *e)
+{
+    fshm_ctl_write_announce(c, &e->announce);
+    STORE_REL(&c->epoch, e->grant.epoch);
+    remove_epochs_except(paths->stream_dir, e->grant.epoch);
+}
+
 int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *user_p, uint64_t min_epoch,
                          fshm_grant *out)
 {
@@ -300,10 +424,10 @@ int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *user_
     int rc = profile_copy(&copy, user_p);
     if (rc)
         return rc;
-    rc = check_profile(p);
+    rc = fshm_profile_check(p);
     if (rc)
         return rc;
-    unsigned mode = p->file_mode ? p->file_mode : 0600;
+    unsigned mode = file_mode_of(p);
     unsigned dmode = dir_mode_for(mode, p->gid);
     if ((rc = ensure_base(addr, dmode)))
         return rc;
@@ -336,7 +460,7 @@ int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *user_
         human_bytes(fs_free, ff, sizeof ff);
         if (old_bytes)
             snprintf(extra, sizeof extra, " (plus %s held by the epoch being replaced)", ob);
-        else if (free_bytes < fs_free && !getenv("FRAMESHM_DRIVER_FREE_BYTES"))
+        else if (free_bytes < fs_free)
             snprintf(extra, sizeof extra, " (memory available to back tmpfs; the file system "
                      "itself has %s free)", ff);
         return fshm_set_error(-ENOSPC, "stream %u needs %s (profile footprint, %llu bytes) but %s "
@@ -348,7 +472,6 @@ int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *user_
     memset(&h, 0, sizeof h);
     h.fd = -1;
     int created_ctl = 0;
-    char edir[FSHM_PATH_MAX + 32] = "";
     if ((rc = fshm_resolve(addr, 1, &paths)))
         goto undo_dirs;
     if ((rc = apply_dir_policy(user_dir, dmode & 0777, p->gid, 0)) ||
@@ -360,88 +483,21 @@ int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *user_
     created_ctl = !had_ctl;
     if ((rc = apply_file_policy(h.fd, paths.ctl, mode, p->gid)))
         goto undo_ctl;
+
+    fshm_new_epoch e;
+    if ((rc = fshm_epoch_create(&paths, h.ctl, p, min_epoch, need > free_bytes, &e)))
+        goto undo_ctl;
+    /* The new epoch has no producer until one attaches; sequence numbers carry on. */
     fshm_ctl *c = h.ctl;
-    fshm_ctl_prune(c);
-
-    uint64_t epoch = LOAD_ACQ(&c->epoch) + 1;
-    if (epoch < min_epoch)
-        epoch = min_epoch;
-    if (epoch <= max_epoch)
-        epoch = max_epoch + 1;   /* never reuse a directory left behind */
-    if (epoch == 0 || epoch == UINT64_MAX) {
-        rc = fshm_set_error(-EOVERFLOW, "stream %u: epoch counter exhausted", paths.stream_id);
-        goto undo_ctl;
-    }
-    if (need > free_bytes)   /* it only fits once the old epoch is gone */
-        remove_epochs_except(paths.stream_dir, 0);
-    snprintf(edir, sizeof edir, "%s/%llu", paths.stream_dir, (unsigned long long)epoch);
-    if (mkdir(edir, 0700) != 0) {
-        rc = fshm_set_error(-errno, "cannot create %s: %s", edir, strerror(errno));
-        edir[0] = 0;
-        goto undo_ctl;
-    }
-    if ((rc = apply_dir_policy(edir, dmode, p->gid, 1)))
-        goto undo_epoch;
-
-    uint32_t n = p->header_nslots;
-    uint64_t now = fshm_now_ns();
-    uint64_t pid = (uint64_t)getpid();
-    uint8_t sb[FSHM_SUPERBLOCK_SIZE];
-    char path[FSHM_PATH_MAX + 64];
-    fshm_announce a;
-    memset(&a, 0, sizeof a);
-    snprintf(path, sizeof path, "%s/header.ring", edir);
-    fshm_superblock_write(sb, epoch, paths.stream_id, FSHM_REGION_HEADER_RING, 0, n, FSHM_SLOT_BYTES,
-                          FSHM_SLOT_BYTES, pid, now);
-    if ((rc = create_region(path, region_bytes(n, FSHM_SLOT_BYTES), mode, p->gid, sb)) ||
-        (rc = fshm_uri_format(a.header_uri, sizeof a.header_uri, path)))
-        goto undo_epoch;
-    for (uint32_t i = 0; i < p->npools; i++) {
-        uint16_t id = p->pool_id[i];
-        uint32_t stride = p->stride_bytes[i];
-        snprintf(path, sizeof path, "%s/%u.pool", edir, id);
-        fshm_superblock_write(sb, epoch, paths.stream_id, FSHM_REGION_PAYLOAD_POOL, id, n, stride,
-                              stride, pid, now);
-        if ((rc = create_region(path, region_bytes(n, stride), mode, p->gid, sb)) ||
-            (rc = fshm_uri_format(a.pools[i].uri, sizeof a.pools[i].uri, path)))
-            goto undo_epoch;
-        a.pools[i].pool_id = id;
-        a.pools[i].stride_bytes = stride;
-        a.pools[i].nslots = n;
-    }
-
-    /* Announce, producer fields, then the epoch (release): readers key off the epoch. The
-     * new epoch has no producer until one attaches; sequence numbers carry on. */
-    a.epoch = epoch;
-    a.header_nslots = n;
-    a.npools = p->npools;
-    fshm_ctl_write_announce(c, &a);
     STORE_RLX(&c->producer_pid, 0);
     STORE_RLX(&c->producer_start, 0);
     STORE_REL(&c->state, (uint8_t)CTL_STATE_NEVER);
     STORE_REL(&c->flags, (uint16_t)(LOAD_RLX(&c->flags) | CTL_FLAG_DRIVER));
-    STORE_REL(&c->epoch, epoch);
-    remove_epochs_except(paths.stream_dir, epoch);
-
-    out->stream_id = paths.stream_id;
-    out->epoch = epoch;
-    out->layout_version = FSHM_LAYOUT_VERSION;
-    out->header_nslots = n;
-    out->header_slot_bytes = FSHM_SLOT_BYTES;
-    out->max_dims = FSHM_MAX_DIMS;
-    snprintf(out->header_uri, sizeof out->header_uri, "%s", a.header_uri);
-    out->npools = p->npools;
-    for (uint32_t i = 0; i < p->npools; i++) {
-        out->pools[i].pool_id = a.pools[i].pool_id;
-        out->pools[i].nslots = n;
-        out->pools[i].stride_bytes = a.pools[i].stride_bytes;
-        snprintf(out->pools[i].uri, sizeof out->pools[i].uri, "%s", a.pools[i].uri);
-    }
+    fshm_epoch_publish(&paths, c, &e);
+    *out = e.grant;
     fshm_ctl_close(&h);
     return 0;
 
-undo_epoch:
-    fshm_remove_tree(edir);
 undo_ctl:
     if (created_ctl && fshm_ctl_same_file(&h, paths.ctl))
         unlink(paths.ctl);

@@ -35,8 +35,8 @@ static int queue_error_msg(int e, const char *name)
     case ENOSPC:
         return fshm_set_error(FSHM_E_LIMIT,
                               "cannot create message queue %s: the system-wide limit of %ld queues "
-                              "(/proc/sys/fs/mqueue/queues_max) is reached; close readers or run "
-                              "`frameshm gc`",
+                              "(/proc/sys/fs/mqueue/queues_max) is reached; close readers, or "
+                              "garbage-collect dead streams to free their consumers' queues",
                               name, read_proc_long("/proc/sys/fs/mqueue/queues_max", 256));
     case EMFILE:
     case ENFILE:

@@ -736,18 +736,32 @@ int fshm_reader_producer_state(fshm_reader *r, int64_t *pid)
     return fshm_ctl_producer_state(r->ctl, pid);
 }
 
-/* The mode byte is read and written through whichever control region is current, so
+/* Control bytes are read and written through whichever control region is current, so
  * a controller keeps steering a stream that was removed and created anew. */
-uint8_t fshm_reader_mode(fshm_reader *r)
+static int bad_control_index(unsigned index)
 {
-    check_environment(r, 0);
-    uint8_t m = LOAD_ACQ(&r->ctl->mode);
-    return m == FSHM_MODE_ALARMED ? m : FSHM_MODE_STANDBY;
+    return fshm_set_error(-EINVAL, "control byte %u does not exist (0..%d)", index,
+                          FSHM_CONTROL_BYTES - 1);
 }
-void fshm_reader_set_mode(fshm_reader *r, uint8_t mode)
+int fshm_reader_control(fshm_reader *r, unsigned index)
 {
-    check_environment(r, 1);   /* a write must never land in a replaced control region */
-    STORE_REL(&r->ctl->mode, mode);
+    if (index >= FSHM_CONTROL_BYTES)
+        return bad_control_index(index);
+    /* Whatever kept us from following (reported by the next wait) leaves the control
+     * region we hold, still mapped, as the best answer. */
+    check_environment(r, 0);
+    return LOAD_ACQ(&r->ctl->control[index]);
+}
+int fshm_reader_set_control(fshm_reader *r, unsigned index, uint8_t value)
+{
+    if (index >= FSHM_CONTROL_BYTES)
+        return bad_control_index(index);
+    int rc = check_environment(r, 1);
+    /* Only an error that left us on a replaced control region stops the write. */
+    if (rc && !fshm_ctl_same_file(&r->ch, r->paths.ctl))
+        return rc;
+    STORE_REL(&r->ctl->control[index], value);
+    return 0;
 }
 int fshm_reader_lease_ok(const fshm_reader *r)
 {
@@ -767,7 +781,7 @@ void fshm_reader_close(fshm_reader *r)
         fshm_ctl_unregister(r->ctl, r->entry, r->queue);
         fshm_ctl_prune(r->ctl);   /* nobody else may be left to unlink dead consumers' queues */
         /* Last one out of a stream nobody produces into (never, or closed cleanly)
-         * removes it; a dead producer's stream is left for `frameshm gc` to show. */
+         * removes it; a dead producer's stream is left for fshm_stream_gc (and to show). */
         int st = fshm_ctl_producer_state(r->ctl, NULL);
         if (!r->driver_mode && !(LOAD_ACQ(&r->ctl->flags) & CTL_FLAG_DRIVER) &&
             (st == FSHM_PRODUCER_NONE || st == FSHM_PRODUCER_CLOSED) &&

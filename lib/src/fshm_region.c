@@ -64,17 +64,12 @@ int fshm_dtype_size(int dtype)
     }
 }
 
-int fshm_valid_stride(uint32_t stride)
-{
-    return stride >= 64 && (stride & (stride - 1)) == 0;   /* 64 * 2^k */
-}
-
 uint32_t fshm_pool_stride_for(uint64_t nbytes)
 {
-    uint64_t s = 64;
+    uint64_t s = FSHM_MIN_STRIDE;
     while (s < nbytes)
         s <<= 1;
-    return s > 0x80000000ull ? 0 : (uint32_t)s;
+    return s > FSHM_MAX_STRIDE ? 0 : (uint32_t)s;
 }
 
 /* ---- superblock ---- */

@@ -1,6 +1,6 @@
-/* The producer side of a stream: region creation, loan/commit (spec §8.3) and
- * descriptor fan-out. The producer never blocks on a consumer. */
-#include <dirent.h>
+/* The producer side of a stream: attaching to an epoch (created here through
+ * fshm_provision.c, or granted by a driver; either way mapped the same), loan/commit
+ * (spec §8.3) and descriptor fan-out. The producer never blocks on a consumer. */
 #include <fcntl.h>
 #include <pthread.h>
 #include <stdio.h>
@@ -34,7 +34,7 @@ struct fshm_writer {
     fshm_ctl_handle ch;
     fshm_ctl *ctl;
     uint64_t epoch;
-    char epoch_dir[FSHM_PATH_MAX];
+    char epoch_dir[FSHM_PATH_MAX + 32];
     fshm_map *ring;
     uint32_t nslots;
     uint32_t npools;
@@ -97,33 +97,6 @@ static void track_writer(fshm_writer *w, int add)
     pthread_mutex_unlock(&live_mu);
 }
 
-static void remove_stale_epochs(const char *stream_dir)
-{
-    DIR *d = opendir(stream_dir);
-    if (!d)
-        return;
-    struct dirent *de;
-    while ((de = readdir(d))) {
-        const char *n = de->d_name;
-        if (!*n || strspn(n, "0123456789") != strlen(n))
-            continue;
-        char path[FSHM_PATH_MAX + 32];
-        snprintf(path, sizeof path, "%s/%s", stream_dir, n);
-        fshm_remove_tree(path);
-    }
-    closedir(d);
-}
-
-static int create_region(const char *path, size_t size, unsigned mode, fshm_map **out)
-{
-    int fd, rc = fshm_create_file(path, size, mode, &fd);
-    if (rc)
-        return rc;
-    rc = fshm_map_create(fd, size, 1, 1, out);
-    close(fd);   /* the mapping keeps the file; the fd is not needed */
-    return rc;
-}
-
 static void release_regions(fshm_writer *w)
 {
     for (unsigned i = 0; i < w->npools; i++)
@@ -135,13 +108,6 @@ static void release_regions(fshm_writer *w)
         fshm_map_unref(w->ring);
     w->ring = NULL;
 }
-
-static int cmp_u32(const void *a, const void *b)
-{
-    uint32_t x = *(const uint32_t *)a, y = *(const uint32_t *)b;
-    return x < y ? -1 : x > y;
-}
-
 
 static void drop_driver_attachment(fshm_writer *w)
 {
@@ -156,6 +122,62 @@ static void drop_driver_attachment(fshm_writer *w)
     if (w->lock_fd >= 0)
         close(w->lock_fd);
     w->lock_fd = -1;
+}
+
+/* Maps the regions of a granted epoch (the driver's, or one this writer just created)
+ * and checks each superblock against the grant. */
+static int map_grant(fshm_writer *w, const fshm_grant *g)
+{
+    int rc = fshm_uri_map(g->header_uri, w->paths.base, 1, &w->ring);
+    if (rc)
+        return rc;
+    if ((rc = fshm_superblock_check(w->ring->base, w->ring->size, g->epoch, g->stream_id,
+                                    FSHM_REGION_HEADER_RING, 0, g->header_nslots, FSHM_SLOT_BYTES,
+                                    FSHM_SLOT_BYTES)))
+        return rc;
+    /* Loans pick the smallest pool that fits: keep them sorted by stride. */
+    unsigned order[FSHM_MAX_POOLS];
+    for (unsigned i = 0; i < g->npools; i++) {
+        unsigned j = i;
+        while (j > 0 && g->pools[order[j - 1]].stride_bytes > g->pools[i].stride_bytes) {
+            order[j] = order[j - 1];
+            j--;
+        }
+        order[j] = i;
+    }
+    for (unsigned k = 0; k < g->npools; k++) {
+        const fshm_grant_pool *gp = &g->pools[order[k]];
+        writer_pool *pl = &w->pools[k];
+        w->npools = k + 1;
+        pl->stride = gp->stride_bytes;
+        pl->id = gp->pool_id;
+        if ((rc = fshm_uri_map(gp->uri, w->paths.base, 1, &pl->map)))
+            return rc;
+        if ((rc = fshm_superblock_check(pl->map->base, pl->map->size, g->epoch, g->stream_id,
+                                        FSHM_REGION_PAYLOAD_POOL, pl->id, g->header_nslots,
+                                        pl->stride, pl->stride)))
+            return rc;
+    }
+    w->epoch = g->epoch;
+    w->nslots = g->header_nslots;
+    return 0;
+}
+
+/* Takes over the producer fields of the control region for the mapped epoch. */
+static void become_producer(fshm_writer *w)
+{
+    w->start_ns = fshm_now_ns();
+    fshm_ctl *c = w->ctl;
+    STORE_RLX(&c->producer_pid, (uint64_t)getpid());
+    STORE_RLX(&c->producer_start, fshm_self_start_time());
+    STORE_RLX(&c->start_ns, w->start_ns);
+    STORE_RLX(&c->activity_ns, w->start_ns);
+    STORE_REL(&c->state, (uint8_t)CTL_STATE_LIVE);
+    /* Sequence numbers continue across restarts so consumers see them grow. */
+    w->next_seq = LOAD_ACQ(&c->latest_seq);
+    w->known_gen = LOAD_ACQ(&c->consumers_gen) - 1;   /* force a scan on first commit */
+    w->next_prune_ns = w->start_ns + PRUNE_INTERVAL_NS;
+    w->loan_active = 0;
 }
 
 /* Driver model (spec §2.2): the driver created and initialised every file of the epoch
@@ -185,49 +207,10 @@ static int attach_via_driver(fshm_writer *w)
                             g.stream_id, (unsigned long long)w->ctl->producer_pid);
         goto fail;
     }
-    if ((rc = fshm_uri_map(g.header_uri, w->paths.base, 1, &w->ring)))
+    if ((rc = map_grant(w, &g)))
         goto fail;
-    if ((rc = fshm_superblock_check(w->ring->base, w->ring->size, g.epoch, g.stream_id,
-                                    FSHM_REGION_HEADER_RING, 0, g.header_nslots, FSHM_SLOT_BYTES,
-                                    FSHM_SLOT_BYTES)))
-        goto fail;
-    /* Loans pick the smallest pool that fits: keep them sorted by stride. */
-    unsigned order[FSHM_MAX_POOLS];
-    for (unsigned i = 0; i < g.npools; i++) {
-        unsigned j = i;
-        while (j > 0 && g.pools[order[j - 1]].stride_bytes > g.pools[i].stride_bytes) {
-            order[j] = order[j - 1];
-            j--;
-        }
-        order[j] = i;
-    }
-    for (unsigned k = 0; k < g.npools; k++) {
-        const fshm_grant_pool *gp = &g.pools[order[k]];
-        writer_pool *pl = &w->pools[k];
-        w->npools = k + 1;
-        pl->stride = gp->stride_bytes;
-        pl->id = gp->pool_id;
-        if ((rc = fshm_uri_map(gp->uri, w->paths.base, 1, &pl->map)))
-            goto fail;
-        if ((rc = fshm_superblock_check(pl->map->base, pl->map->size, g.epoch, g.stream_id,
-                                        FSHM_REGION_PAYLOAD_POOL, pl->id, g.header_nslots,
-                                        pl->stride, pl->stride)))
-            goto fail;
-    }
-    w->epoch = g.epoch;
-    w->nslots = g.header_nslots;
-    w->start_ns = fshm_now_ns();
     w->epoch_dir[0] = 0;   /* not ours to remove */
-    fshm_ctl *c = w->ctl;
-    STORE_RLX(&c->producer_pid, (uint64_t)getpid());
-    STORE_RLX(&c->producer_start, fshm_self_start_time());
-    STORE_RLX(&c->start_ns, w->start_ns);
-    STORE_RLX(&c->activity_ns, w->start_ns);
-    STORE_REL(&c->state, (uint8_t)CTL_STATE_LIVE);
-    w->next_seq = LOAD_ACQ(&c->latest_seq);
-    w->known_gen = LOAD_ACQ(&c->consumers_gen) - 1;
-    w->next_prune_ns = w->start_ns + PRUNE_INTERVAL_NS;
-    w->loan_active = 0;
+    become_producer(w);
     w->attach_gen++;
     return 0;
 fail:
@@ -314,32 +297,17 @@ static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
     *out = NULL;
     if (cfg->driver && *cfg->driver)
         return writer_open_driver(cfg, out);
-    uint32_t n = cfg->nslots;
-    if (n == 0 || (n & (n - 1)) != 0 || n > (1u << 24))
-        return fshm_set_error(-EINVAL, "nslots must be a power of two between 1 and 2^24, not %u", n);
-    if (cfg->npools < 1 || cfg->npools > FSHM_MAX_POOLS)
-        return fshm_set_error(-EINVAL, "a stream has 1 to %d payload pools, not %u", FSHM_MAX_POOLS,
-                              cfg->npools);
-    uint32_t strides[FSHM_MAX_POOLS];
-    for (unsigned i = 0; i < cfg->npools; i++) {
-        strides[i] = fshm_pool_stride_for(cfg->pool_bytes[i] ? cfg->pool_bytes[i] : 1);
-        if (!strides[i])
-            return fshm_set_error(-EINVAL, "pool of %u bytes is too large (2 GiB at most)",
-                                  cfg->pool_bytes[i]);
-    }
-    qsort(strides, cfg->npools, sizeof strides[0], cmp_u32);
-    unsigned npools = 0;
-    for (unsigned i = 0; i < cfg->npools; i++)
-        if (npools == 0 || strides[npools - 1] != strides[i])
-            strides[npools++] = strides[i];
-    unsigned mode = cfg->file_mode ? cfg->file_mode : 0600;
+    fshm_profile prof;
+    int rc = fshm_profile_for_pools(cfg->nslots, cfg->npools, cfg->pool_bytes, cfg->file_mode, &prof);
+    if (rc)
+        return rc;
 
     fshm_writer *w = calloc(1, sizeof *w);
     if (!w)
         return fshm_set_error(-ENOMEM, "out of memory");
     w->ch.fd = -1;
     w->lock_fd = -1;
-    int rc = fshm_resolve(&cfg->addr, 1, &w->paths);
+    rc = fshm_resolve(&cfg->addr, 1, &w->paths);
     if (rc)
         goto fail;
     for (int attempt = 0;; attempt++) {
@@ -383,72 +351,28 @@ static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
     }
     if (LOAD_ACQ(&w->ctl->flags) & CTL_FLAG_DRIVER) {
         /* Spec §2.2: only the driver creates or removes this stream's files. */
-        rc = fshm_set_error(-EBUSY, "stream '%s' is managed by a frameshm driver: open it with "
-                            "driver=<its socket>", w->paths.name);
+        rc = fshm_set_error(-EBUSY, "stream '%s' is managed by a frameshm driver: attach through "
+                            "the driver's socket", w->paths.name);
         goto fail;
     }
-    fshm_ctl_prune(w->ctl);
-    w->epoch = LOAD_ACQ(&w->ctl->epoch) + 1;
-    /* We hold the producer lock, so any epoch directory left here is a dead producer's. */
-    remove_stale_epochs(w->paths.stream_dir);
-    snprintf(w->epoch_dir, sizeof w->epoch_dir, "%s/%llu", w->paths.stream_dir,
-             (unsigned long long)w->epoch);
-    if ((rc = fshm_mkdir_private(w->epoch_dir, 0700)))
-        goto fail;
-
-    w->nslots = n;
-    w->npools = npools;
-    w->start_ns = fshm_now_ns();
-    uint64_t pid = (uint64_t)getpid();
-    char path[FSHM_PATH_MAX + 32];
-    snprintf(path, sizeof path, "%s/header.ring", w->epoch_dir);
-    if ((rc = create_region(path, FSHM_SUPERBLOCK_SIZE + (size_t)n * FSHM_SLOT_BYTES, mode, &w->ring)))
-        goto fail_dir;
-    fshm_superblock_write(w->ring->base, w->epoch, w->paths.stream_id, FSHM_REGION_HEADER_RING, 0, n,
-                          FSHM_SLOT_BYTES, FSHM_SLOT_BYTES, pid, w->start_ns);
-    fshm_announce a;
-    memset(&a, 0, sizeof a);
-    if ((rc = fshm_uri_format(a.header_uri, sizeof a.header_uri, path)))
-        goto fail_dir;
-    for (unsigned i = 0; i < npools; i++) {
-        writer_pool *pl = &w->pools[i];
-        pl->stride = strides[i];
-        pl->id = (uint16_t)(i + 1);
-        snprintf(path, sizeof path, "%s/%u.pool", w->epoch_dir, pl->id);
-        if ((rc = create_region(path, FSHM_SUPERBLOCK_SIZE + (size_t)n * pl->stride, mode, &pl->map)))
-            goto fail_dir;
-        fshm_superblock_write(pl->map->base, w->epoch, w->paths.stream_id, FSHM_REGION_PAYLOAD_POOL,
-                              pl->id, n, pl->stride, pl->stride, pid, w->start_ns);
-        a.pools[i].pool_id = pl->id;
-        a.pools[i].stride_bytes = pl->stride;
-        a.pools[i].nslots = n;
-        if ((rc = fshm_uri_format(a.pools[i].uri, sizeof a.pools[i].uri, path)))
-            goto fail_dir;
-    }
-
-    /* Announce, then liveness, then the epoch: readers key everything off the epoch. */
-    fshm_ctl *c = w->ctl;
-    a.epoch = w->epoch;
-    a.header_nslots = n;
-    a.npools = npools;
-    fshm_ctl_write_announce(c, &a);
-    STORE_RLX(&c->producer_pid, pid);
-    STORE_RLX(&c->producer_start, fshm_self_start_time());
-    STORE_RLX(&c->start_ns, w->start_ns);
-    STORE_RLX(&c->activity_ns, w->start_ns);
-    STORE_REL(&c->state, (uint8_t)CTL_STATE_LIVE);
-    STORE_REL(&c->epoch, w->epoch);
-    /* Sequence numbers continue across restarts so consumers see them grow. */
-    w->next_seq = LOAD_ACQ(&c->latest_seq);
-    w->known_gen = LOAD_ACQ(&c->consumers_gen) - 1;   /* force a scan on first commit */
-    w->next_prune_ns = w->start_ns + PRUNE_INTERVAL_NS;
+    /* We hold the producer lock, so any epoch directory left here is a dead producer's:
+     * it goes before the new one takes its space. */
+    fshm_new_epoch e;
+    if ((rc = fshm_epoch_create(&w->paths, w->ctl, &prof, 0, 1, &e)))
+        goto fail_ctl;
+    snprintf(w->epoch_dir, sizeof w->epoch_dir, "%s", e.dir);
+    if ((rc = map_grant(w, &e.grant)))
+        goto fail_epoch;
+    become_producer(w);
+    fshm_epoch_publish(&w->paths, w->ctl, &e);
     track_writer(w, 1);
     *out = w;
     return 0;
 
-fail_dir:
+fail_epoch:
     release_regions(w);
     fshm_remove_tree(w->epoch_dir);
+fail_ctl:
     /* Lose nothing, leave nothing: a control region nobody ever produced into and
      * nobody waits on goes too. */
     if (LOAD_ACQ(&w->ctl->state) == CTL_STATE_NEVER && fshm_ctl_live_consumers(w->ctl) == 0 &&
@@ -649,17 +573,30 @@ void fshm_writer_heartbeat(fshm_writer *w)
         housekeeping(w, now);
 }
 
-void fshm_writer_set_mode(fshm_writer *w, uint8_t mode)
+static int control_byte(const fshm_writer *w, unsigned index, uint8_t **out)
 {
-    if (w->ctl)
-        STORE_REL(&w->ctl->mode, mode);
-}
-uint8_t fshm_writer_mode(const fshm_writer *w)
-{
+    if (index >= FSHM_CONTROL_BYTES)
+        return fshm_set_error(-EINVAL, "control byte %u does not exist (0..%d)", index,
+                              FSHM_CONTROL_BYTES - 1);
     if (!w->ctl)
-        return FSHM_MODE_STANDBY;
-    uint8_t m = LOAD_ACQ(&w->ctl->mode);
-    return m == FSHM_MODE_ALARMED ? m : FSHM_MODE_STANDBY;
+        return fshm_set_error(FSHM_E_LEASE, "stream %u: the writer holds no control region until "
+                              "it attaches through the driver again", w->lease_cfg.stream_id);
+    *out = &w->ctl->control[index];
+    return 0;
+}
+int fshm_writer_control(const fshm_writer *w, unsigned index)
+{
+    uint8_t *b = NULL;
+    int rc = control_byte(w, index, &b);
+    return rc ? rc : LOAD_ACQ(b);
+}
+int fshm_writer_set_control(fshm_writer *w, unsigned index, uint8_t value)
+{
+    uint8_t *b = NULL;
+    int rc = control_byte(w, index, &b);
+    if (!rc)
+        STORE_REL(b, value);
+    return rc;
 }
 uint64_t fshm_writer_epoch(const fshm_writer *w) { return w->epoch; }
 uint32_t fshm_writer_stream_id(const fshm_writer *w) { return w->paths.stream_id; }

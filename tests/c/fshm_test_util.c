@@ -11,6 +11,7 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -48,6 +49,37 @@ int tu_count_files_v(const char *dir, int verbose)
     if (tu_path_exists(dir))
         nftw(dir, count_entry, 16, FTW_PHYS);
     return files_seen;
+}
+
+int tu_tmpfs_mount(const char *size, char *dir)
+{
+    snprintf(dir, PATH_MAX, "/tmp/fshm-ctest-tmpfs-XXXXXX");
+    if (!mkdtemp(dir)) {
+        int e = errno;
+        print_message("    cannot create a mount point under /tmp: %s\n", strerror(e));
+        dir[0] = 0;
+        return -e;
+    }
+    char opts[64];
+    snprintf(opts, sizeof opts, "size=%s,mode=0700", size);
+    if (mount("tmpfs", dir, "tmpfs", MS_NOSUID | MS_NODEV, opts) != 0) {
+        int e = errno;
+        print_message("    SKIP: cannot mount a %s tmpfs on %s (%s); needs root or CAP_SYS_ADMIN\n",
+                      size, dir, strerror(e));
+        rmdir(dir);
+        dir[0] = 0;
+        return -e;
+    }
+    return 0;
+}
+
+void tu_tmpfs_unmount(char *dir)
+{
+    if (!dir[0])
+        return;
+    umount2(dir, MNT_DETACH);
+    rmdir(dir);
+    dir[0] = 0;
 }
 
 int tu_path_exists(const char *path)

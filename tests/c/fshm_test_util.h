@@ -33,6 +33,15 @@ int tu_count_files_v(const char *dir, int verbose);
 #define tu_count_files(dir) tu_count_files_v((dir), 1)
 int tu_path_exists(const char *path);
 
+/* A real small file system for room checks: mounts a fresh tmpfs of `size` (mount(8)
+ * syntax, e.g. "64m") on a new directory under /tmp and writes its path to dir (PATH_MAX
+ * bytes). 0 on success; -errno (after printing why) when it cannot be mounted, e.g.
+ * without CAP_SYS_ADMIN: the caller then skips. tu_tmpfs_unmount undoes it (detached, so
+ * a mapping a failed test left behind cannot keep it mounted) and clears dir; a no-op on
+ * an empty dir. Use it as the test's cmocka teardown so it runs after a failure too. */
+int tu_tmpfs_mount(const char *size, char *dir);
+void tu_tmpfs_unmount(char *dir);
+
 /* <base>/tensorpool-<user>, computed independently of the library. */
 void tu_user_dir(char *out, size_t cap);
 /* <base>/tensorpool-<user>/default/<stream_id> */

@@ -1,17 +1,20 @@
 /* Driver-side provisioning (lib/src/fshm_provision.c): footprint arithmetic of the seed
  * profiles, what one epoch creates (files, modes, superblocks, announce, epoch word),
- * epoch bumps, refusing what does not fit with nothing created, cleanup after a failure
- * part-way, removal and the current-epoch query. */
+ * epoch bumps, refusing what does not fit with nothing created (the room check on a real
+ * 64 MiB tmpfs), cleanup after a failure part-way, removal and the current-epoch query. */
 #include "fshm_test_util.h"
 
+#include <dirent.h>
 #include <errno.h>
 #include <fcntl.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
+#include <sys/statvfs.h>
 #include <unistd.h>
 
 #define KIB 1024ull
@@ -301,18 +304,6 @@ static void test_does_not_fit_creates_nothing(void **state)
     assert_non_null(strstr(fshm_last_error(), tu_base));
     assert_false(tu_path_exists(user));   /* not even the directories */
 
-    /* The seed raw profile against 3.1 GiB of room (the test hook caps free space). */
-    setenv("FRAMESHM_DRIVER_FREE_BYTES", "3328599654", 1);
-    fshm_profile raw = profile2(1024, 1 * MIB, 4 * MIB);
-    rc = fshm_provision_epoch(&a, &raw, 0, &g);
-    unsetenv("FRAMESHM_DRIVER_FREE_BYTES");
-    assert_int_equal(rc, -ENOSPC);
-    char want[1200];
-    snprintf(want, sizeof want, "stream 1001 needs 5.0 GiB (profile footprint, 5368983744 bytes) but %s "
-             "has 3.1 GiB free", tu_base);
-    assert_string_equal(fshm_last_error(), want);
-    assert_false(tu_path_exists(user));
-
     /* An existing stream's next epoch: refused, the current one is untouched. */
     fshm_profile small = profile2(4, 64, 128);
     assert_int_equal(fshm_provision_epoch(&a, &small, 0, &g), 0);
@@ -328,6 +319,124 @@ static void test_does_not_fit_creates_nothing(void **state)
     tu_stream_dir(1001, dir, sizeof dir);
     snprintf(path, sizeof path, "%s/2", dir);
     assert_false(tu_path_exists(path));
+    assert_int_equal(fshm_provision_remove(&a), 1);
+}
+
+/* ---- the room check against a real small file system ---- */
+
+static char small_fs[PATH_MAX];
+
+static int unmount_small_fs(void **state)
+{
+    (void)state;
+    tu_tmpfs_unmount(small_fs);
+    return 0;
+}
+
+/* Free bytes of the file system holding dir, from statvfs (not through the library). */
+static uint64_t fs_free_bytes(const char *dir)
+{
+    struct statvfs v;
+    assert_int_equal(statvfs(dir, &v), 0);
+    return (uint64_t)v.f_bavail * v.f_frsize;
+}
+
+/* Bytes the files directly in dir occupy. */
+static uint64_t dir_file_bytes(const char *dir)
+{
+    uint64_t total = 0;
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    struct dirent *de;
+    while ((de = readdir(d))) {
+        char path[PATH_MAX + 256];
+        struct stat st;
+        snprintf(path, sizeof path, "%s/%s", dir, de->d_name);
+        if (lstat(path, &st) == 0 && S_ISREG(st.st_mode))
+            total += (uint64_t)st.st_blocks * 512u;
+    }
+    closedir(d);
+    return total;
+}
+
+static int dir_is_empty(const char *dir)
+{
+    DIR *d = opendir(dir);
+    assert_non_null(d);
+    struct dirent *de;
+    int n = 0;
+    while ((de = readdir(d)))
+        n += strcmp(de->d_name, ".") != 0 && strcmp(de->d_name, "..") != 0;
+    closedir(d);
+    return n == 0;
+}
+
+/* Every size in this test is between 1 MiB and 1 GiB: the library prints those so. */
+static void mib(uint64_t n, char *out, size_t cap)
+{
+    assert_true(n >= MIB && n < 1024 * MIB);
+    snprintf(out, cap, "%.1f MiB", (double)n / (double)MIB);
+}
+
+static void test_room_check_on_small_tmpfs(void **state)
+{
+    (void)state;
+    if (tu_tmpfs_mount("64m", small_fs) != 0)
+        skip();
+    assert_int_equal(fs_free_bytes(small_fs), 64 * MIB);
+    uint64_t room = 0, fs_free = 0;
+    assert_int_equal(fshm_shm_room(small_fs, &room, &fs_free), 0);
+    assert_int_equal(fs_free, 64 * MIB);
+    if (room < fs_free) {
+        print_message("    SKIP: less than 64 MiB of memory available to back the tmpfs\n");
+        skip();
+    }
+    fshm_stream_addr a = addr_id(1001);
+    a.base_dir = small_fs;
+    fshm_grant g;
+    char want[PATH_MAX + 300], fr[32], ob[32], fp[32];
+
+    /* The seed raw profile (5 GiB): refused against the real free space, nothing made. */
+    fshm_profile raw = profile2(1024, 1 * MIB, 4 * MIB);
+    assert_int_equal(fshm_provision_epoch(&a, &raw, 0, &g), -ENOSPC);
+    snprintf(want, sizeof want, "stream 1001 needs 5.0 GiB (profile footprint, 5368983744 bytes) but %s "
+             "has 64.0 MiB free", small_fs);
+    assert_string_equal(fshm_last_error(), want);
+    assert_true(dir_is_empty(small_fs));
+
+    /* 40 MiB fits; its next epoch only fits once the first is gone, which it then is. */
+    fshm_profile p40 = profile2(8, 1 * MIB, 4 * MIB);
+    assert_int_equal(fshm_provision_epoch(&a, &p40, 0, &g), 0);
+    assert_int_equal(g.epoch, 1);
+    assert_true(fs_free_bytes(small_fs) < fshm_profile_footprint(&p40));
+    assert_int_equal(fshm_provision_epoch(&a, &p40, 0, &g), 0);
+    assert_int_equal(g.epoch, 2);
+    char sdir[PATH_MAX], edir[PATH_MAX + 32];
+    fshm_paths paths;
+    assert_int_equal(fshm_resolve(&a, 0, &paths), 0);
+    snprintf(sdir, sizeof sdir, "%s", paths.stream_dir);
+    snprintf(edir, sizeof edir, "%s/1", sdir);
+    assert_false(tu_path_exists(edir));
+
+    /* 80 MiB does not fit even with epoch 2's bytes: refused, epoch 2 untouched. */
+    fshm_profile p80 = profile2(16, 1 * MIB, 4 * MIB);
+    snprintf(edir, sizeof edir, "%s/2", sdir);
+    uint64_t free_now = fs_free_bytes(small_fs), held = dir_file_bytes(edir);
+    assert_int_equal(fshm_provision_epoch(&a, &p80, 0, &g), -ENOSPC);
+    mib(fshm_profile_footprint(&p80), fp, sizeof fp);
+    mib(free_now, fr, sizeof fr);
+    mib(held, ob, sizeof ob);
+    snprintf(want, sizeof want, "stream 1001 needs %s (profile footprint, %llu bytes) but %s has %s "
+             "free (plus %s held by the epoch being replaced)", fp,
+             (unsigned long long)fshm_profile_footprint(&p80), small_fs, fr, ob);
+    assert_string_equal(fshm_last_error(), want);
+    uint64_t cur;
+    assert_int_equal(fshm_provision_current(&a, &cur), 0);
+    assert_int_equal(cur, 2);
+    assert_int_equal(dir_file_bytes(edir), held);
+    snprintf(edir, sizeof edir, "%s/3", sdir);
+    assert_false(tu_path_exists(edir));
+
     assert_int_equal(fshm_provision_remove(&a), 1);
 }
 
@@ -411,6 +520,7 @@ int main(void)
         cmocka_unit_test(test_named_stream_and_group),
         cmocka_unit_test(test_invalid_profiles_create_nothing),
         cmocka_unit_test(test_does_not_fit_creates_nothing),
+        cmocka_unit_test_teardown(test_room_check_on_small_tmpfs, unmount_small_fs),
         cmocka_unit_test(test_failure_partway_leaves_nothing),
         cmocka_unit_test(test_reader_maps_provisioned_epoch),
     };

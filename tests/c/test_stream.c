@@ -15,7 +15,6 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
-#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -854,7 +853,7 @@ static void test_corrupt_region_new_reader(void **state)
         {1, 26, 2, 2, FSHM_E_CORRUPT, "pool pool_id"},
         {1, 36, 8192, 4, FSHM_E_CORRUPT, "pool stride_bytes"},
         {2, 0, 0, 1, FSHM_E_CORRUPT, "control magic"},
-        {2, 8, 2, 4, FSHM_E_CORRUPT, "control version"},
+        {2, 8, 1, 4, FSHM_E_CORRUPT, "control version"},   /* 1: the mode byte at 64 */
         {2, 200, 3, 4, FSHM_E_CORRUPT, "announce header_nslots"},
         {2, 204, 0, 4, FSHM_E_CORRUPT, "announce npools"},
         {2, 720 + 4, 96, 4, FSHM_E_CORRUPT, "announce pool stride"},
@@ -1078,21 +1077,56 @@ static void test_frame_copy_and_map_ref(void **state)
     fshm_writer_close(w, 1);
 }
 
-static void test_mode_byte(void **state)
+/* The control bytes: carried, never interpreted; shared by the writer and every reader;
+ * at offset 120 of the control region; kept across a producer restart. */
+static void test_control_bytes(void **state)
 {
     (void)state;
-    const char *name = "st-mode";
+    const char *name = "st-control";
     fshm_writer *w = tu_writer(name, 1, 64);
     fshm_reader *r = tu_reader(name);
-    assert_int_equal(fshm_writer_mode(w), FSHM_MODE_STANDBY);
-    assert_int_equal(fshm_reader_mode(r), FSHM_MODE_STANDBY);
-    fshm_writer_set_mode(w, FSHM_MODE_ALARMED);
-    assert_int_equal(fshm_reader_mode(r), FSHM_MODE_ALARMED);
-    fshm_reader_set_mode(r, FSHM_MODE_STANDBY);
-    assert_int_equal(fshm_writer_mode(w), FSHM_MODE_STANDBY);
-    fshm_reader_set_mode(r, 7);   /* unknown values read as STANDBY */
-    assert_int_equal(fshm_writer_mode(w), FSHM_MODE_STANDBY);
-    assert_int_equal(fshm_reader_mode(r), FSHM_MODE_STANDBY);
+    for (unsigned i = 0; i < FSHM_CONTROL_BYTES; i++) {
+        assert_int_equal(fshm_writer_control(w, i), 0);
+        assert_int_equal(fshm_reader_control(r, i), 0);
+    }
+    /* Every value round-trips and each byte is its own. */
+    for (unsigned i = 0; i < FSHM_CONTROL_BYTES; i++)
+        assert_int_equal(fshm_writer_set_control(w, i, (uint8_t)(255 - 31 * i)), 0);
+    for (unsigned i = 0; i < FSHM_CONTROL_BYTES; i++)
+        assert_int_equal(fshm_reader_control(r, i), 255 - 31 * i);
+    assert_int_equal(fshm_reader_set_control(r, 3, 7), 0);
+    for (unsigned i = 0; i < FSHM_CONTROL_BYTES; i++)
+        assert_int_equal(fshm_writer_control(w, i), i == 3 ? 7 : 255 - 31 * i);
+
+    fshm_stream_addr a = {.name = name};
+    fshm_stream_info info;
+    assert_int_equal(fshm_stream_info_get(&a, &info), 0);
+    for (unsigned i = 0; i < FSHM_CONTROL_BYTES; i++)
+        assert_int_equal(info.control[i], i == 3 ? 7 : 255 - 31 * i);
+    fshm_paths p;
+    assert_int_equal(fshm_resolve(&a, 0, &p), 0);
+    size_t len;
+    uint8_t *ctl = tu_read_file(p.ctl, &len);
+    assert_int_equal(len, FSHM_CTL_BYTES);
+    assert_int_equal(tu_le32(ctl + 8), 2);   /* control region version */
+    assert_int_equal(ctl[64], 0);            /* version 1's mode byte, now reserved */
+    for (unsigned i = 0; i < FSHM_CONTROL_BYTES; i++)
+        assert_int_equal(ctl[120 + i], i == 3 ? 7 : 255 - 31 * i);
+    free(ctl);
+
+    for (unsigned bad = FSHM_CONTROL_BYTES; bad < FSHM_CONTROL_BYTES + 2; bad++) {
+        assert_int_equal(fshm_writer_control(w, bad), -EINVAL);
+        assert_non_null(strstr(fshm_last_error(), "control byte"));
+        assert_int_equal(fshm_writer_set_control(w, bad, 1), -EINVAL);
+        assert_int_equal(fshm_reader_control(r, bad), -EINVAL);
+        assert_int_equal(fshm_reader_set_control(r, bad, 1), -EINVAL);
+    }
+
+    /* A restarted producer finds them as they were (the reader keeps the region). */
+    fshm_writer_close(w, 1);
+    w = tu_writer(name, 1, 64);
+    assert_int_equal(fshm_writer_control(w, 3), 7);
+    assert_int_equal(fshm_writer_control(w, 0), 255);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
 }
@@ -1202,7 +1236,8 @@ static void test_stream_dir_removed_under_reader(void **state)
         (void)fshm_reader_wait_latest(r, 150 * MS, &f);
         (void)fshm_reader_wait_next(r, 150 * MS, &f);
         (void)fshm_reader_producer_state(r, NULL);
-        (void)fshm_reader_mode(r);
+        (void)fshm_reader_control(r, 0);
+        (void)fshm_reader_set_control(r, 0, 1);
         fshm_writer_publish(w, buf, 64, &t, 0);
         fshm_reader_close(r);
         fshm_writer_close(w, 1);
@@ -1478,33 +1513,19 @@ static void test_stream_gc_api(void **state)
 /* ---- a full base directory ---- */
 
 static char tmpfs_dir[PATH_MAX];
-static int tmpfs_mounted;
 
 static int teardown_tmpfs(void **state)
 {
     (void)state;
-    if (tmpfs_mounted) {
-        umount2(tmpfs_dir, MNT_DETACH);
-        tmpfs_mounted = 0;
-    }
-    if (tmpfs_dir[0]) {
-        rmdir(tmpfs_dir);
-        tmpfs_dir[0] = 0;
-    }
+    tu_tmpfs_unmount(tmpfs_dir);
     return 0;
 }
 
 static void test_full_base_dir(void **state)
 {
     (void)state;
-    snprintf(tmpfs_dir, sizeof tmpfs_dir, "/tmp/fshm-ctest-tmpfs-XXXXXX");
-    assert_non_null(mkdtemp(tmpfs_dir));
-    if (mount("tmpfs", tmpfs_dir, "tmpfs", MS_NOSUID | MS_NODEV, "size=1m,mode=0700") != 0) {
-        print_message("    SKIP: cannot mount a 1 MiB tmpfs on %s (%s); needs CAP_SYS_ADMIN\n",
-                      tmpfs_dir, strerror(errno));
+    if (tu_tmpfs_mount("1m", tmpfs_dir) != 0)
         skip();
-    }
-    tmpfs_mounted = 1;
     fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     cfg.addr.name = "st-enospc";
     cfg.addr.base_dir = tmpfs_dir;
@@ -1563,7 +1584,7 @@ int main(void)
         cmocka_unit_test(test_corrupt_slot_dropped),
         cmocka_unit_test(test_corrupt_slot_fuzz),
         cmocka_unit_test(test_frame_copy_and_map_ref),
-        cmocka_unit_test(test_mode_byte),
+        cmocka_unit_test(test_control_bytes),
         cmocka_unit_test(test_close_cleanup),
         cmocka_unit_test(test_stream_recreated_under_reader),
         cmocka_unit_test(test_stream_dir_removed_under_reader),

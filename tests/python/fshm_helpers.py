@@ -5,6 +5,7 @@ Nothing here mocks the library: streams, files, queues and processes are real.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import errno
@@ -23,6 +24,7 @@ import zlib
 from typing import Callable, List, Optional
 
 import numpy as np
+import pytest
 
 import frameshm
 from frameshm import _core
@@ -82,6 +84,41 @@ def stream_dirs(base: pathlib.Path) -> List[pathlib.Path]:
             if ns.is_dir():
                 out.extend(p for p in ns.iterdir() if p.name.isdigit())
     return sorted(out)
+
+
+@contextlib.contextmanager
+def mounted_tmpfs(path: pathlib.Path, size: str):
+    """A real small file system for room checks: a fresh tmpfs of ``size`` (mount(8)
+    syntax, e.g. "64m") mounted on ``path``, unmounted again however the test ends. Skips
+    the test when it cannot be mounted (needs root or CAP_SYS_ADMIN)."""
+    path.mkdir()
+    try:
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)],
+                           capture_output=True, text=True, timeout=30)
+        why = r.stderr.strip() if r.returncode else ""
+    except OSError as exc:
+        why = str(exc)
+    if why:
+        path.rmdir()
+        pytest.skip(f"cannot mount a {size} tmpfs on {path} (needs root or CAP_SYS_ADMIN): {why}")
+    try:
+        yield path
+    finally:
+        # Detached: a driver or mapping a failed test left behind cannot keep it mounted.
+        subprocess.run(["umount", "-l", str(path)], check=False, timeout=30)
+        path.rmdir()
+
+
+def tmpfs_room(path) -> int:
+    """What the library counts as room on a tmpfs: its free space, but no more than the
+    memory that can back it (MemAvailable + SwapFree)."""
+    st = os.statvfs(path)
+    mem = {}
+    with open("/proc/meminfo", encoding="ascii") as f:
+        for line in f:
+            key, _, rest = line.partition(":")
+            mem[key] = int(rest.split()[0]) * 1024
+    return min(st.f_bavail * st.f_frsize, mem.get("MemAvailable", 0) + mem.get("SwapFree", 0))
 
 
 def tree(path: pathlib.Path) -> List[str]:

@@ -48,11 +48,11 @@ EXPECTED_ALL = [
 ]
 
 WRITER_PUBLIC = {
-    "methods": ["close", "commit", "heartbeat", "loan", "publish"],
+    "methods": ["close", "commit", "control", "heartbeat", "loan", "publish", "set_control"],
     "properties": ["closed", "dtype", "epoch", "lease_id", "mode", "nslots", "pools", "shape", "stream_id"],
 }
 READER_PUBLIC = {
-    "methods": ["close", "frames", "read_latest", "wait_latest", "wait_next"],
+    "methods": ["close", "control", "frames", "read_latest", "set_control", "wait_latest", "wait_next"],
     "properties": ["closed", "drops", "epoch", "mode", "overruns", "producer", "producer_alive", "stream_id"],
 }
 FRAME_PUBLIC = {

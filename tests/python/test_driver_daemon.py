@@ -25,7 +25,7 @@ import pytest
 from frameshm import _core
 from frameshm.driver import config as C
 from frameshm.driver import protocol as P
-from fshm_helpers import child_env, stream_dirs, wait_until
+from fshm_helpers import child_env, mounted_tmpfs, stream_dirs, tmpfs_room, wait_until
 
 ROOT = pathlib.Path(__file__).resolve().parents[2]
 SEED = ROOT / "docs" / "examples" / "driver_camera_example.toml"
@@ -770,24 +770,36 @@ def test_cleanup_on_exit_false_keeps_streams(make_driver, shm_base, sockdir):
 # ---- footprint ------------------------------------------------------------------------------
 
 
-def test_profile_too_big_is_refused_and_nothing_created(make_driver, shm_base):
-    env = child_env({"FRAMESHM_DRIVER_FREE_BYTES": str(int(3.1 * 2**30))})
-    d = make_driver(env=env)
+@pytest.fixture
+def small_shm(tmp_path):
+    """A 64 MiB tmpfs as the driver's base directory: the room check meets a real limit."""
+    with mounted_tmpfs(tmp_path / "small-shm", "64m") as path:
+        yield pathlib.Path(os.path.realpath(path))
+
+
+def test_profile_too_big_is_refused_and_nothing_created(small_shm, make_driver, sockdir):
+    MiB = 1 << 20
+    assert os.statvfs(small_shm).f_bavail * os.statvfs(small_shm).f_frsize == 64 * MiB
+    if tmpfs_room(small_shm) < 64 * MiB:
+        pytest.skip("less than 64 MiB of memory available to back the tmpfs")
+    d = make_driver(config_text(str(sockdir / "driver.sock"), str(small_shm)))
     c = Client(d.sock)
     r = c.attach(9000, 131)
     assert r.code == P.Code.REJECTED
-    assert re.match(r"stream 9000 needs 32\.0 PiB \(profile footprint, \d+ bytes\) but .* has 3\.1 GiB free$",
+    assert re.match(r"stream 9000 needs 32\.0 PiB \(profile footprint, \d+ bytes\) but .* has 64\.0 MiB free$",
                     r.error_message), r.error_message
     r = c.attach(9001, 132, P.Role.CONSUMER)
     assert r.code == P.Code.REJECTED
     assert r.error_message == (f"stream 9001 needs 5.0 GiB (profile footprint, 5368983744 bytes) but "
-                               f"{os.path.realpath(shm_base)} has 3.1 GiB free")
-    assert not stream_dirs(shm_base)
-    assert not list(pathlib.Path(shm_base).rglob("*.pool"))
+                               f"{small_shm} has 64.0 MiB free")
+    assert not stream_dirs(small_shm)
+    assert not list(small_shm.rglob("*.pool"))
     # The refusal costs nothing: other streams still attach.
     assert c.attach(1001, 133).code == P.Code.OK
+    assert len(stream_dirs(small_shm)) == 1
     c.close()
     assert d.stop() == 0
+    assert not stream_dirs(small_shm)
 
 
 def test_shm_budget(make_driver, shm_base):

@@ -1,6 +1,6 @@
 """Controller: the sentry state machine transition by transition (table-driven), the
-person filter, and the real controller process writing the mode byte from a detections
-stream fed by the test."""
+person filter, the mode in control byte 0, and the real controller process writing the
+mode from a detections stream fed by the test."""
 
 import signal
 import time
@@ -10,6 +10,7 @@ import pytest
 
 import frameshm
 from fshm_helpers import queue_exists, wait_until
+from frameshm.roles import mode as M
 from frameshm.roles.controller import MODE_OF_STATE, Sentry, State, person_in
 
 S, V, T = State.STANDBY, State.VALIDATION, State.TRACKING
@@ -49,6 +50,19 @@ def test_mode_mapping_and_bad_thresholds():
                 {"tracking_exit_frames": True}):
         with pytest.raises(frameshm.InvalidArgument):
             Sentry(**bad)
+
+
+def test_the_mode_is_control_byte_0_and_strangers_read_as_standby(name, shm_base):
+    assert (M.MODE_CONTROL, M.MODE_STANDBY, M.MODE_ALARMED) == (0, 0, 1)
+    assert (frameshm.MODE_STANDBY, frameshm.MODE_ALARMED) == (M.MODE_STANDBY, M.MODE_ALARMED)
+    assert [M.mode_of(v) for v in (0, 1, 2, 77, 255)] == [M.MODE_STANDBY, M.MODE_ALARMED] + [M.MODE_STANDBY] * 3
+    with frameshm.Writer(name, shape=(1,)) as w, frameshm.Reader(name, subscribe=False) as ctl:
+        assert M.read_mode(w) == M.read_mode(ctl) == M.MODE_STANDBY
+        M.write_mode(ctl, M.MODE_ALARMED)
+        assert w.control(0) == M.MODE_ALARMED and M.read_mode(w) == M.MODE_ALARMED
+        assert [w.control(i) for i in range(1, 8)] == [0] * 7  # the other bytes are not the pipeline's
+        w.set_control(0, 77)
+        assert M.read_mode(ctl) == M.MODE_STANDBY
 
 
 def test_person_filter():

@@ -106,7 +106,7 @@ def test_sentry_pipeline_end_to_end(spawn, tmp_path):
         roles["controller"] = start_role(spawn, "controller", "--config", str(cfg))
         roles["inference"] = start_role(spawn, "inference", "--config", str(cfg))
         # inference consumes the frames, the controller the detections (it only writes the
-        # frames stream's mode byte, which needs no registration)
+        # frames stream's mode, control byte 0, which needs no registration)
         wait_until(lambda: "inference" in {c["name"] for c in frameshm.stream_info("e2e-cam")["consumers"]}
                    and "controller" in {c["name"] for c in frameshm.stream_info("e2e-cam.detections")["consumers"]},
                    30, what="inference and controller attached")
@@ -117,7 +117,7 @@ def test_sentry_pipeline_end_to_end(spawn, tmp_path):
         back_to_standby = None
         next_metrics = 0
         while time.monotonic_ns() < deadline:
-            mode = frameshm.stream_info("e2e-cam")["mode"]
+            mode = frameshm.stream_info("e2e-cam")["control"][0]
             now = time.monotonic_ns()
             if not modes or modes[-1][1] != mode:
                 modes.append((now, mode))
@@ -161,7 +161,7 @@ def test_sentry_pipeline_end_to_end(spawn, tmp_path):
     exit_ts = next(ts for a, b, ts in trans if (a, b) == ("Tracking", "Standby"))
     assert exit_ts > last_person, "tracking lasts as long as the person is in view"
 
-    # -- the mode byte and the capture rate: 3 -> 30 -> 3 fps
+    # -- the mode (control byte 0) and the capture rate: 3 -> 30 -> 3 fps
     assert [m for _, m in modes][:3] == [0, 1, 0], modes
     t_alarm, t_back = modes[1][0], modes[2][0]
     s = 1_000_000_000

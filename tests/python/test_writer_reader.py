@@ -758,16 +758,43 @@ def test_closed_objects_raise_stream_closed(name):
     assert "closed" in repr(w) and "closed" in repr(r)
 
 
-def test_mode_is_shared(name):
+def test_control_bytes_are_shared_and_uninterpreted(name):
+    n = frameshm._core.CONTROL_BYTES
+    assert n == 8
+    with frameshm.Writer(name, shape=(1,)) as w, frameshm.Reader(name) as r, \
+            frameshm.Reader(name, subscribe=False) as p:
+        assert [w.control(i) for i in range(n)] == [r.control(i) for i in range(n)] == [0] * n
+        for i in range(n):
+            w.set_control(i, 255 - 31 * i)
+        assert [p.control(i) for i in range(n)] == [255 - 31 * i for i in range(n)]
+        r.set_control(3, 77)  # any value: the transport gives them no meaning
+        p.set_control(7, 0)
+        want = [77 if i == 3 else 0 if i == 7 else 255 - 31 * i for i in range(n)]
+        assert [w.control(i) for i in range(n)] == [r.control(i) for i in range(n)] == want
+        assert list(frameshm.stream_info(name)["control"]) == want
+        for bad in (n, -1):
+            for call in (lambda: w.control(bad), lambda: r.control(bad), lambda: w.set_control(bad, 1),
+                         lambda: p.set_control(bad, 1)):
+                with pytest.raises(frameshm.InvalidArgument, match="control byte"):
+                    call()
+        for bad in (256, -1):
+            with pytest.raises(frameshm.InvalidArgument, match="0..255"):
+                w.set_control(0, bad)
+    with pytest.raises(frameshm.StreamClosed):
+        w.control(0)
+    with pytest.raises(frameshm.StreamClosed):
+        r.set_control(0, 1)
+
+
+def test_mode_is_control_byte_0(name):
     with frameshm.Writer(name, shape=(1,)) as w, frameshm.Reader(name) as r:
         assert w.mode == r.mode == frameshm.MODE_STANDBY
         w.mode = frameshm.MODE_ALARMED
-        assert r.mode == frameshm.MODE_ALARMED
+        assert r.mode == frameshm.MODE_ALARMED == r.control(0)
         r.mode = frameshm.MODE_STANDBY
         assert w.mode == frameshm.MODE_STANDBY
-        w.mode = 77  # unknown values read as STANDBY
-        assert r.mode == frameshm.MODE_STANDBY
-        assert frameshm.stream_info(name)["mode"] == 77
+        w.set_control(0, 77)  # a plain alias: the Standby reading of strangers is the pipeline's
+        assert r.mode == 77 and frameshm.stream_info(name)["control"][0] == 77
 
 
 def test_heartbeat_refreshes_activity(name):

@@ -43,9 +43,22 @@ FSHM_API int fshm_version(int *major, int *minor, int *patch);
 FSHM_API const char *fshm_version_string(void);
 
 #define FSHM_MAX_DIMS 8
+/* A stream's layout (writer config and driver profile alike): a header ring of nslots
+ * slots, a power of two up to FSHM_MAX_NSLOTS; 1..FSHM_MAX_POOLS payload pools whose
+ * strides are powers of two from FSHM_MIN_STRIDE to FSHM_MAX_STRIDE bytes. */
+#define FSHM_MAX_NSLOTS (1u << 24)
 #define FSHM_MAX_POOLS 4
+#define FSHM_MIN_STRIDE 64u
+#define FSHM_MAX_STRIDE 0x80000000u
 #define FSHM_MAX_CONSUMERS 64
 #define FSHM_NAME_MAX 63          /* stream, namespace and consumer names */
+/* Control bytes: a small area of every stream's control region that libframeshm carries
+ * but never interprets, for the application (e.g. a controller steering the rate of the
+ * producer it watches). The stream's writer and each of its readers, passive ones too,
+ * may read and set every byte; each byte is read and written atomically on its own
+ * (release/acquire), starts at 0 and lasts as long as the control region: producer
+ * restarts keep it, a stream removed and created anew starts over at 0. */
+#define FSHM_CONTROL_BYTES 8
 #define FSHM_CONSUMER_NAME_MAX 31
 
 /* Errors: negative errno values where one fits, frameshm-specific codes below -1000. */
@@ -87,9 +100,6 @@ FSHM_API int fshm_dtype_size(int dtype);
 
 enum fshm_major_order { FSHM_ORDER_ROW = 1, FSHM_ORDER_COLUMN = 2 };
 
-/* Controller mode byte in the control region (unknown values read as STANDBY). */
-enum fshm_mode { FSHM_MODE_STANDBY = 0, FSHM_MODE_ALARMED = 1 };
-
 typedef struct fshm_tensor {
     int16_t dtype;
     int16_t major_order;          /* FSHM_ORDER_ROW unless set */
@@ -127,9 +137,9 @@ typedef struct fshm_map fshm_map;
 typedef struct fshm_writer_config {
     uint32_t struct_size;                  /* sizeof(fshm_writer_config) */
     fshm_stream_addr addr;
-    uint32_t nslots;                       /* power of two, >= 1 */
+    uint32_t nslots;                       /* power of two, 1..FSHM_MAX_NSLOTS */
     uint32_t npools;                       /* 1..FSHM_MAX_POOLS */
-    uint32_t pool_bytes[FSHM_MAX_POOLS];   /* rounded up to a power-of-two multiple of 64 */
+    uint32_t pool_bytes[FSHM_MAX_POOLS];   /* rounded up to a stride (FSHM_MIN_STRIDE * 2^k) */
     unsigned file_mode;                    /* 0 = 0600 */
     /* Driver model: attach through the driver at this socket instead of creating the
      * regions (nslots/pools/file_mode then come from the driver's profile). */
@@ -159,8 +169,12 @@ FSHM_API int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nby
 /* Loan + one memcpy + commit. */
 FSHM_API int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fshm_tensor *t,
                         uint64_t timestamp_ns);
-FSHM_API void fshm_writer_set_mode(fshm_writer *w, uint8_t mode);
-FSHM_API uint8_t fshm_writer_mode(const fshm_writer *w);
+/* Control byte `index` (< FSHM_CONTROL_BYTES): its value 0..255; -EINVAL for a bad index,
+ * FSHM_E_LEASE while a driver-model writer holds no control region (its lease ended and
+ * attaching again has not succeeded yet). */
+FSHM_API int fshm_writer_control(const fshm_writer *w, unsigned index);
+/* Sets control byte `index`: 0, or the errors of fshm_writer_control. */
+FSHM_API int fshm_writer_set_control(fshm_writer *w, unsigned index, uint8_t value);
 FSHM_API uint64_t fshm_writer_epoch(const fshm_writer *w);
 FSHM_API uint32_t fshm_writer_stream_id(const fshm_writer *w);
 FSHM_API uint32_t fshm_writer_nslots(const fshm_writer *w);
@@ -199,11 +213,12 @@ typedef struct fshm_reader fshm_reader;
 typedef struct fshm_reader_config {
     uint32_t struct_size;   /* sizeof(fshm_reader_config) */
     fshm_stream_addr addr;
-    const char *consumer;   /* label shown by `frameshm ls`; NULL = "pid-<pid>" */
+    const char *consumer;   /* label in the consumer table (fshm_stream_info_get);
+                             * NULL = "pid-<pid>" */
     int spin;               /* 1: predictive spin just before a steady stream's next frame
                              * is due (lower latency, a few % of a core); 0: always sleep */
     int passive;            /* 1: no queue and no registration — for peeking at the newest
-                             * frame and the mode byte without being a consumer */
+                             * frame and the control bytes without being a consumer */
     uint32_t max_rate_hz;   /* >0: the producer sends this consumer at most this many
                              * descriptors per second (others still get every frame) */
     const char *driver;     /* driver model: attach through the driver at this socket */
@@ -249,8 +264,13 @@ FSHM_API int fshm_frame_valid(fshm_reader *r, const fshm_frame *f);
 /* Copies f's payload to dst (capacity >= f->nbytes) and checks it was not torn. */
 FSHM_API int fshm_frame_copy(fshm_reader *r, const fshm_frame *f, void *dst, size_t capacity);
 FSHM_API int fshm_reader_producer_state(fshm_reader *r, int64_t *pid);
-FSHM_API uint8_t fshm_reader_mode(fshm_reader *r);
-FSHM_API void fshm_reader_set_mode(fshm_reader *r, uint8_t mode);
+/* Control byte `index` (< FSHM_CONTROL_BYTES) of the stream's current control region: a
+ * stream removed and created anew is followed first (so a controller keeps steering it).
+ * Its value 0..255, or -EINVAL for a bad index. */
+FSHM_API int fshm_reader_control(fshm_reader *r, unsigned index);
+/* Sets control byte `index`: 0, -EINVAL for a bad index, or the error that kept the reader
+ * from following a replaced control region (the write never lands in the old one). */
+FSHM_API int fshm_reader_set_control(fshm_reader *r, unsigned index, uint8_t value);
 FSHM_API uint64_t fshm_reader_epoch(const fshm_reader *r);
 /* 1 unless the next call may first re-attach through the driver (bindings release their
  * interpreter lock for that). */
@@ -279,10 +299,10 @@ enum fshm_revoke_reason { FSHM_REVOKE_DETACHED = 1, FSHM_REVOKE_EXPIRED = 2, FSH
 /* A stream's pool profile as the driver's policy gives it. */
 typedef struct fshm_profile {
     uint32_t struct_size;                   /* sizeof(fshm_profile) */
-    uint32_t header_nslots;                 /* power of two */
+    uint32_t header_nslots;                 /* power of two, 1..FSHM_MAX_NSLOTS */
     uint32_t npools;                        /* 1..FSHM_MAX_POOLS */
     uint16_t pool_id[FSHM_MAX_POOLS];       /* nonzero, distinct */
-    uint32_t stride_bytes[FSHM_MAX_POOLS];  /* power-of-two multiple of 64 */
+    uint32_t stride_bytes[FSHM_MAX_POOLS];  /* power of two, FSHM_MIN_STRIDE..FSHM_MAX_STRIDE */
     unsigned file_mode;                     /* 0 = 0600 */
     int64_t gid;                            /* -1 = leave the group alone */
 } fshm_profile;
@@ -332,7 +352,7 @@ FSHM_API int fshm_provision_current(const fshm_stream_addr *addr, uint64_t *epoc
  * than MemAvailable + SwapFree. fs_free: the file system's own free space. */
 FSHM_API int fshm_shm_room(const char *dir, uint64_t *room, uint64_t *fs_free);
 
-/* ---- inspection and cleanup (CLI) ---- */
+/* ---- inspection and cleanup ---- */
 
 typedef struct fshm_consumer_info {
     char name[FSHM_CONSUMER_NAME_MAX + 1];
@@ -359,7 +379,7 @@ typedef struct fshm_stream_info {
     uint64_t desc_dropped;
     uint64_t pruned;
     uint64_t activity_ns;
-    uint8_t mode;
+    uint8_t control[FSHM_CONTROL_BYTES];
     int driver_managed;      /* the stream's files belong to a frameshm driver */
     uint32_t nslots;
     uint32_t npools;
