@@ -13,11 +13,11 @@ COMBOS=("3.9 numpy==1.23.5" "3.13 numpy")
 
 find_python() {
   local v="$1" p
-  p="$(command -v "python$v" 2>/dev/null || true)"
-  if [ -z "$p" ]; then
-    p="$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/"python$v" 2>/dev/null | sort -V | tail -n 1 || true)"
-  fi
-  echo "$p"
+  for p in "$(ls -d "${PYENV_ROOT:-$HOME/.pyenv}"/versions/"$v".*/bin/"python$v" 2>/dev/null | sort -V | tail -n 1)" \
+           "/usr/bin/python$v" "$(command -v "python$v" 2>/dev/null)"; do
+    # (a pyenv shim is on PATH for versions it cannot run: try it)
+    if [ -n "$p" ] && "$p" -c "import venv" 2>/dev/null; then echo "$p"; return; fi
+  done
 }
 
 work="$(mktemp -d)"
