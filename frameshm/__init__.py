@@ -26,9 +26,6 @@ from .errors import (
     Timeout,
 )
 from .stream import Frame, Reader, Writer
-# The pipeline's meaning of control byte 0 (frameshm.roles.mode), kept here for
-# compatibility: the transport itself gives the control bytes no meaning.
-from .roles.mode import MODE_ALARMED, MODE_STANDBY
 from .admin import gc, list_streams, stream_info
 from .camera import Camera
 from .gige import GigECamera
@@ -74,3 +71,16 @@ __all__ = [
     "cmake_dir",
     "__version__",
 ]
+
+
+def __getattr__(name: str):
+    # MODE_STANDBY / MODE_ALARMED: the pipeline's meaning of control byte 0
+    # (frameshm.roles.mode), kept here for compatibility and loaded only when asked for, so
+    # that `import frameshm` does not load the pipeline: the transport itself gives the
+    # control bytes no meaning.
+    if name in ("MODE_STANDBY", "MODE_ALARMED"):
+        from .roles import mode
+
+        return getattr(mode, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
