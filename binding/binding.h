@@ -41,6 +41,29 @@ typedef struct {
 PyObject *fshm_mapping_new(fshm_map *m);
 
 /* ---- frames (frame_type.c) ---- */
+/* frameshm._core.Frame (frame_type.c); dlpack.c exports its bytes. */
+typedef struct {
+    PyObject_HEAD
+    PyObject *buffer;    /* Mapping of the frame's pool (views keep the region mapped through
+                          * it), or the private bytearray of a read_copy() */
+    PyObject *reader;    /* the _core.Reader that read it: valid() re-checks the slot */
+    PyObject *shape, *strides;   /* tuples of ints, possibly shared with other frames */
+    PyObject *dtype;     /* the Reader's dtypes[code], or the code without a table */
+    PyObject *ref_seq;   /* int, or None when the producer set none */
+    PyObject *array;     /* frameshm.Frame.array's cache: frames are immutable, so one view */
+    Py_ssize_t offset;   /* of the frame's bytes in buffer */
+    Py_ssize_t nbytes;
+    unsigned long long seq, epoch, timestamp_ns, publish_ns, skipped;
+    unsigned int slot;
+    unsigned short pool_id;
+    int code;            /* enum fshm_dtype */
+} FshmFrame;
+/* 1 if the frame's slot still holds it (seqlock re-check), 0 if overwritten, -1 once its
+ * Reader is closed (unknowable). */
+int fshm_frame_check_valid(FshmFrame *self);
+/* Frame.__dlpack__ and Frame.__dlpack_device__ (dlpack.c). */
+PyObject *fshm_frame_dlpack(FshmFrame *self, PyObject *args, PyObject *kw);
+PyObject *fshm_frame_dlpack_device(FshmFrame *self, PyObject *unused);
 /* How a Reader makes its frames: the class (NULL = _core.Frame), the dtype table and the
  * last frame's shape/strides tuples, which frames of the same layout share. Zeroed = no
  * class or table set. */

@@ -9,23 +9,6 @@
 
 #include <structmember.h>
 
-typedef struct {
-    PyObject_HEAD
-    PyObject *buffer;    /* Mapping of the frame's pool (views keep the region mapped through
-                          * it), or the private bytearray of a read_copy() */
-    PyObject *reader;    /* the _core.Reader that read it: valid() re-checks the slot */
-    PyObject *shape, *strides;   /* tuples of ints, possibly shared with other frames */
-    PyObject *dtype;     /* the Reader's dtypes[code], or the code without a table */
-    PyObject *ref_seq;   /* int, or None when the producer set none */
-    PyObject *array;     /* frameshm.Frame.array's cache: frames are immutable, so one view */
-    Py_ssize_t offset;   /* of the frame's bytes in buffer */
-    Py_ssize_t nbytes;
-    unsigned long long seq, epoch, timestamp_ns, publish_ns, skipped;
-    unsigned int slot;
-    unsigned short pool_id;
-    int code;            /* enum fshm_dtype */
-} FshmFrame;
-
 /* ---- the Reader's frame factory ---- */
 
 int fshm_frame_maker_set(fshm_frame_maker *fm, PyObject *type, PyObject *dtypes)
@@ -175,17 +158,22 @@ static void frame_dealloc(FshmFrame *self)
     Py_TYPE(self)->tp_free((PyObject *)self);
 }
 
-static PyObject *frame_valid(FshmFrame *self, PyObject *unused)
+int fshm_frame_check_valid(FshmFrame *self)
 {
     fshm_reader *r = fshm_reader_handle(self->reader);
     if (!r)   /* the Reader was closed: whether the slot still holds the frame is unknowable */
-        Py_RETURN_FALSE;
+        return -1;
     fshm_frame f;
     memset(&f, 0, sizeof f);
     f.epoch = self->epoch;
     f.slot = self->slot;
     f.seq = self->seq;
-    return PyBool_FromLong(fshm_frame_valid(r, &f));
+    return fshm_frame_valid(r, &f) ? 1 : 0;
+}
+
+static PyObject *frame_valid(FshmFrame *self, PyObject *unused)
+{
+    return PyBool_FromLong(fshm_frame_check_valid(self) == 1);
 }
 
 static PyObject *frame_repr(FshmFrame *self)
@@ -199,6 +187,15 @@ static PyMethodDef frame_methods[] = {
     {"valid", (PyCFunction)frame_valid, METH_NOARGS,
      "valid() -> bool: True if the slot still holds this frame (seqlock re-check after using "
      "the view); False once the Reader is closed."},
+    {"__dlpack__", (PyCFunction)(void (*)(void))fshm_frame_dlpack, METH_VARARGS | METH_KEYWORDS,
+     "__dlpack__(*, stream=None, max_version=None, dl_device=None, copy=None) -> capsule\n\n"
+     "DLPack export. A consumer of DLPack 1.x (max_version >= (1, 0)) gets the frame's bytes\n"
+     "in shared memory, flagged read-only, with no copy; older consumers, whose capsules\n"
+     "cannot say read-only, get a private copy checked untorn (copy=False refuses), and so\n"
+     "does torch, which ignores the flag (unless copy=False). See README's DLPack section\n"
+     "for what a zero-copy tensor sees once its slot is reused."},
+    {"__dlpack_device__", (PyCFunction)fshm_frame_dlpack_device, METH_NOARGS,
+     "__dlpack_device__() -> (1, 0): kDLCPU, device 0."},
     {NULL},
 };
 

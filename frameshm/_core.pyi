@@ -72,6 +72,16 @@ class Frame:
     def _dtype_code(self) -> int: ...
     _array: Any  # frameshm.Frame.array's cache
     def valid(self) -> bool: ...
+    # DLPack: zero-copy and read-only for max_version >= (1, 0), else a checked private copy.
+    def __dlpack__(
+        self,
+        *,
+        stream: Optional[int] = None,
+        max_version: Optional[Tuple[int, int]] = None,
+        dl_device: Optional[Tuple[int, int]] = None,
+        copy: Optional[bool] = None,
+    ) -> Any: ...
+    def __dlpack_device__(self) -> Tuple[int, int]: ...
 
 class Writer:
     def __init__(

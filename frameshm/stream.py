@@ -348,12 +348,6 @@ class Frame(_core.Frame):
             return a.copy()
         return a
 
-    def __dlpack__(self, **kwargs):
-        return self.array.__dlpack__(**kwargs)
-
-    def __dlpack_device__(self):
-        return self.array.__dlpack_device__()
-
     def __repr__(self) -> str:
         return f"<frameshm.Frame seq={self.seq} shape={self.shape} dtype={self.dtype} skipped={self.skipped}>"
 
