@@ -20,7 +20,12 @@ def cli(*args, timeout=60):
 
 def test_version():
     rc, out, _ = cli("--version")
-    assert rc == 0 and out.strip() == f"frameshm {frameshm.__version__}"
+    first, *features = out.strip().splitlines()
+    # The package and the C library it loaded agree (one version, in the C header).
+    assert rc == 0 and first.startswith(f"frameshm {frameshm.__version__} (libframeshm {frameshm.__version__}, ")
+    assert frameshm._core.VERSION_STRING == frameshm.__version__ == frameshm._core.HEADER_VERSION_STRING
+    # Then what the build found: one line per optional feature.
+    assert [f.split()[1] for f in features if f.startswith("[")] == ["v4l2", "aravis", "pipewire"]
 
 
 def test_ls_without_streams():
