@@ -14,7 +14,9 @@ make -s check
 
 echo "== Python (pytest, $("$FRAMESHM_PY" -c 'import sys, numpy; print(f"Python {sys.version.split()[0]}, numpy {numpy.__version__}")')) =="
 set +e
-"$FRAMESHM_PY" -m pytest -q -p no:cacheprovider tests/python "$@"
+# Two workers (the machines have 2 cores); one file's tests stay on one worker (files
+# share fixed resources such as the fake GigE camera's port, not across files).
+"$FRAMESHM_PY" -m pytest -q -p no:cacheprovider -n "${FRAMESHM_TEST_WORKERS:-2}" --dist loadfile tests/python "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
