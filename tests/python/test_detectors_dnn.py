@@ -20,13 +20,13 @@ from frameshm.detectors_dnn import DNNPersonDetector, default_cache_dir
 skdata = pytest.importorskip("skimage.data")
 
 _missing = detectors_dnn.dnn_unavailable_reason()
-pytestmark = pytest.mark.skipif(_missing is not None, reason=f"DNN detector not installed: {_missing}")
+needs_dnn = pytest.mark.skipif(_missing is not None, reason=f"DNN detector not installed: {_missing}")
 
 
 @pytest.fixture(scope="module")
 def dnn():
     """One detector for the module, with the default cache: a cold cache converts the
-    model here (10-30 s), once per machine."""
+    model here (10-20 s), once per machine."""
     det = DNNPersonDetector()
     yield det
     det.close()
@@ -59,6 +59,7 @@ def check_format(dets, h, w):
 # ---- photographs ------------------------------------------------------------------------
 
 
+@needs_dnn
 def test_finds_the_astronaut_and_the_cameraman(dnn):
     astro = skdata.astronaut()
     dets = dnn(astro)
@@ -75,6 +76,7 @@ def test_finds_the_astronaut_and_the_cameraman(dnn):
     assert 100 < cx < 260 and 200 < cy < 380, dets  # the man, not his tripod
 
 
+@needs_dnn
 @pytest.mark.parametrize("name", ["coffee", "chelsea", "rocket", "coins", "moon", "brick"])
 def test_finds_nobody_in_photographs_without_people(dnn, dnn_low, name):
     img = getattr(skdata, name)()
@@ -85,6 +87,7 @@ def test_finds_nobody_in_photographs_without_people(dnn, dnn_low, name):
 # ---- test pattern -----------------------------------------------------------------------
 
 
+@needs_dnn
 @pytest.mark.parametrize("size", [(640, 480), (320, 240)])
 def test_fires_on_the_test_pattern_person_everywhere_and_not_on_the_empty_pattern(dnn, size):
     from frameshm.sources.test_pattern import TestPatternSource, read_stamp
@@ -114,6 +117,7 @@ def test_fires_on_the_test_pattern_person_everywhere_and_not_on_the_empty_patter
 # ---- input forms and parameters -----------------------------------------------------------
 
 
+@needs_dnn
 def test_grey_bgr_rgba_and_readonly_inputs(dnn):
     astro = skdata.astronaut()
     want = dnn(astro)
@@ -132,6 +136,7 @@ def test_grey_bgr_rgba_and_readonly_inputs(dnn):
         dnn(np.zeros((2, 64, 64, 3), np.uint8))
 
 
+@needs_dnn
 def test_bad_parameters_and_a_wrong_model_file_are_refused(monkeypatch, tmp_path):
     for bad in ({"min_score": 1.5}, {"min_score": True}, {"threads": 0}, {"threads": "2"},
                 {"channel_order": "rgba"}, {"model": ""}, {"cache_dir": 3}):
@@ -164,6 +169,7 @@ def fake_conversion(monkeypatch, dnn):
     return calls
 
 
+@needs_dnn
 def test_the_converted_model_is_cached_reused_and_rebuilt_when_damaged(dnn, monkeypatch, tmp_path, caplog):
     calls = fake_conversion(monkeypatch, dnn)
     cache = tmp_path / "cache"
@@ -183,6 +189,7 @@ def test_the_converted_model_is_cached_reused_and_rebuilt_when_damaged(dnn, monk
     assert [p.name for p in (cache / "dnn").iterdir()] == [entry.name], "no temporary directory left"
 
 
+@needs_dnn
 def test_an_unwritable_cache_costs_time_not_the_detector(dnn, monkeypatch, tmp_path, caplog):
     calls = fake_conversion(monkeypatch, dnn)
     blocker = tmp_path / "file"
@@ -206,10 +213,14 @@ def test_default_cache_dir_follows_xdg(monkeypatch):
 # ---- "auto" and the config names ------------------------------------------------------------
 
 
-def test_auto_prefers_dnn_then_hog_then_motion(monkeypatch, caplog):
+@needs_dnn
+def test_auto_prefers_the_dnn():
     det = load_detector("auto")
     assert isinstance(det, DNNPersonDetector) and det.name == "dnn"
     assert isinstance(load_detector("dnn", {"min_score": 0.7, "threads": 2}), DNNPersonDetector)
+
+
+def test_auto_falls_back_to_hog_then_motion(monkeypatch, caplog):
     monkeypatch.setattr(detectors_dnn, "dnn_unavailable_reason", lambda: "OpenVINO is not installed (test)")
     pytest.importorskip("cv2")
     with caplog.at_level(logging.WARNING, logger="frameshm.detectors"):
@@ -222,6 +233,7 @@ def test_auto_prefers_dnn_then_hog_then_motion(monkeypatch, caplog):
         load_detector("auto", {"min_score": 0.5})
 
 
+@needs_dnn
 def test_auto_falls_back_when_the_dnn_fails_to_load(monkeypatch, caplog):
     pytest.importorskip("cv2")
 
@@ -249,6 +261,7 @@ def test_config_accepts_the_new_names_and_defaults_to_auto():
 # ---- the inference role, end to end ---------------------------------------------------------
 
 
+@needs_dnn
 def test_inference_role_runs_the_dnn_by_default(spawn, name):
     """A real `frameshm inference` with no --detector (so "auto", hence dnn) on test-pattern
     frames: boxes on the person while she is in view, none after, metrics say auto:dnn."""
