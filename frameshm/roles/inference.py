@@ -66,6 +66,10 @@ class Inference:
         self._addr = dict(base_dir=base_dir, namespace=namespace)
         # Loading first: a bad module:callable fails before any stream is touched.
         self.detector = detector if detector is not None else load_detector(self.c.detector, self.c.detector_params)
+        # "auto" is reported with what it chose (the built-ins carry their config name)
+        chosen = getattr(self.detector, "name", None)
+        auto = self.c.detector == "auto" and isinstance(chosen, str)
+        self.detector_label = f"auto:{chosen}" if auto else self.c.detector
         self.processed = 0
         self.lease_lost = 0
         self.skipped = 0
@@ -101,7 +105,7 @@ class Inference:
                             nslots=c.nslots, driver=self.cfg.driver, **self._addr)
             reader = Reader(self.cfg.frames_stream, consumer=c.consumer, spin=False, driver=self.cfg.driver,
                             **self._addr)
-            log.info("detector %s: %r; %r -> %r", c.detector, self.detector, self.cfg.frames_stream,
+            log.info("detector %s: %r; %r -> %r", self.detector_label, self.detector, self.cfg.frames_stream,
                      self.cfg.detections_stream)
             debug = log.isEnabledFor(logging.DEBUG)
             while not self.stop.is_set():
@@ -184,7 +188,7 @@ class Inference:
         self._window = (now, self.processed, self.skipped)
         metrics.publish({
             "role": "inference", "frames": self.cfg.frames_stream, "detections": self.cfg.detections_stream,
-            "detector": self.c.detector, "processed": self.processed, "skipped": self.skipped,
+            "detector": self.detector_label, "processed": self.processed, "skipped": self.skipped,
             "torn": self.torn, "errors": self.errors, "truncated": self.truncated,
             "fps": round((self.processed - p0) / dt, 2), "skipped_per_s": round((self.skipped - s0) / dt, 2),
             "infer_ms": self.infer_ms.snapshot(), "latency_ms": self.latency_ms.snapshot(),

@@ -44,10 +44,14 @@ def _importable(module: str) -> bool:
 
 
 def default_sets() -> list:
-    """Without --config: the test pattern, with a person walking in and the HOG person
-    detector when OpenCV and scikit-image are installed (frameshm[pipeline] + any OpenCV) (else plain pattern, motion detector)."""
-    if _importable("skimage") and _importable("cv2"):
-        return [("capture.source", TEST_SOURCE_PERSON), ("inference.detector", "hog"), ("controller.classes", [0])]
+    """Without --config: the test pattern, with a person walking in when its photograph
+    (scikit-image) and a person detector (frameshm[dnn] with its model, or any OpenCV for HOG) are installed,
+    only persons alarming; else the plain pattern. The detector is the default "auto"."""
+    from ..detectors_dnn import dnn_unavailable_reason
+
+    person_detector = dnn_unavailable_reason() is None or _importable("cv2")
+    if _importable("skimage") and person_detector:
+        return [("capture.source", TEST_SOURCE_PERSON), ("inference.detector", "auto"), ("controller.classes", [0])]
     return [("capture.source", TEST_SOURCE)]
 _PR_SET_PDEATHSIG = 1
 
@@ -269,6 +273,7 @@ def _cli(args) -> int:
     finally:
         cfg.path = saved
     token = cfg.gateway.token
+    setup_logging(args.log_level)  # before the detector: its first load may convert a model for a while
     # every role is checked here, before anything starts (a bad detector fails now)
     from ..detectors import load_detector
 
@@ -279,7 +284,6 @@ def _cli(args) -> int:
             closer()
     except (ImportError, InvalidArgument, ConfigError) as exc:
         raise InvalidArgument(f"[inference] detector {cfg.inference.detector!r}: {exc}") from None
-    setup_logging(args.log_level)
     overrides = [f"{k}={_toml_value(v)}" for k, v in sets if k != "gateway.token"]
     stop = threading.Event()
     with stop_on_signals(stop):

@@ -105,7 +105,7 @@ def load_person_sprite(height: int, channels: int) -> np.ndarray:
     except ImportError:
         raise InvalidArgument(
             "test source: person= needs scikit-image for its person photograph "
-            "(pip install 'frameshm[detect]')"
+            "(pip install 'frameshm[pipeline]')"
         ) from None
     img = skdata.astronaut()  # (512, 512, 3) uint8 RGB
     scaled = resize(img, (height, height), order=1, anti_aliasing=True, preserve_range=True)

@@ -91,7 +91,7 @@ detector_params = { weights = "yolo.onnx", conf = 0.4 }
         ("[controller]\ntracking_exit_frames = true", "[controller] tracking_exit_frames: expected an integer, got True"),
         ("[controller]\nclasses = 0", "[controller] classes: expected a list of class ids"),
         ("[controller]\nclasses = ['person']", "expected a list of class ids (numbers), got element 'person'"),
-        ("[inference]\ndetector = 'yolo'", "[inference] detector: expected hog, motion or 'package.module:callable'"),
+        ("[inference]\ndetector = 'yolo'", "[inference] detector: expected auto, dnn, hog, motion or 'package.module:callable'"),
         ("[inference]\ndetector_params = 3", "[inference] detector_params: expected a table"),
         ("[inference]\nconsumer = 'a b'", "[inference] consumer: 'a b' is not a valid name"),
         ("[streams]\nframes = '-cam'", "[streams] frames: '-cam' is not a valid name"),

@@ -257,7 +257,7 @@ def test_load_module_callable(plugin_module):
 @pytest.mark.parametrize(
     "spec, params, message",
     [
-        ("yolo", {}, "unknown detector 'yolo': use one of hog, motion or 'package.module:callable'"),
+        ("yolo", {}, "unknown detector 'yolo': use one of auto, dnn, hog, motion or 'package.module:callable'"),
         ("fshm_plugin_mod:", {}, "is not of the form 'package.module:callable'"),
         ("fshm plugin:detect", {}, "is not of the form"),
         ("fshm_no_such_module:detect", {}, "cannot import module 'fshm_no_such_module'"),

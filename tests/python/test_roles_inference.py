@@ -215,7 +215,7 @@ def test_a_detector_returning_garbage_stops_the_role_cleanly(spawn):
         (["--detector", "test_roles_inference:nothing_here"], "has no attribute 'nothing_here'"),
         (["--detector", "test_roles_inference:SlowEcho", "--param", "delay=5"], "bad parameters {'delay': 5}"),
         (["--detector", "hog", "--param", "win_stride=7"], "hog detector: bad win_stride=7"),
-        (["--detector", "test_roles_inference"], "expected hog, motion or 'package.module:callable'"),
+        (["--detector", "test_roles_inference"], "expected auto, dnn, hog, motion or 'package.module:callable'"),
     ],
 )
 def test_bad_detector_specs_fail_before_touching_streams(shm_base, args, message):
