@@ -6,9 +6,8 @@
  * popped by fshm_gige_wait/fshm_gige_flush that are still to be delivered wait in a small
  * FIFO of our own, ahead of the stream's output queue.
  *
- * Lost frames: every buffer Aravis returns is accounted once, when it is popped: a status
- * other than success counts as incomplete, a jump in frame ids as id_gaps (frames the
- * camera sent that never made it into a buffer, e.g. Aravis underruns). */
+ * Lost frames: every buffer Aravis returns is accounted once, when it is popped
+ * (fshm_gige_loss, below: pure, so that it is tested without a camera). */
 #include <frameshm/frameshm.h>
 #include "fshm_gige.h"
 
@@ -19,6 +18,47 @@
 
 #define NOLIB_MSG \
     "frameshm was built without Aravis: apt-get install libaravis-dev libusb-1.0-0-dev and reinstall"
+
+/* ---- lost-frame accounting ---- */
+
+#define GV_ID16_MAX 0xffffu
+
+int64_t fshm_gige_ids_between(uint64_t prev, uint64_t id)
+{
+    if (!prev || !id)
+        return -1;
+    uint64_t step;
+    if (prev <= GV_ID16_MAX && id <= GV_ID16_MAX)
+        /* 16-bit block ids cycle through 1..65535 (0 is not a frame id) */
+        step = ((id - 1) + GV_ID16_MAX - (prev - 1)) % GV_ID16_MAX;
+    else
+        step = id > prev ? id - prev : 0;
+    if (step == 0 || step > FSHM_GIGE_MAX_ID_STEP)
+        return -1;
+    return (int64_t)step - 1;
+}
+
+uint64_t fshm_gige_loss_account(fshm_gige_loss *l, int complete, uint64_t frame_id)
+{
+    if (!complete) {
+        /* its frame id may be the buffer's previous frame's: it says nothing */
+        l->incomplete++;
+        l->incomplete_run++;
+        return 1;
+    }
+    uint64_t gaps = 0;
+    if (l->last_id) {
+        int64_t between = fshm_gige_ids_between(l->last_id, frame_id);
+        if (between < 0)
+            l->resyncs++;
+        else if ((uint64_t)between > l->incomplete_run)
+            gaps = (uint64_t)between - l->incomplete_run;
+    }
+    l->id_gaps += gaps;
+    l->incomplete_run = 0;
+    l->last_id = frame_id;   /* 0 (no id): the next complete frame starts afresh */
+    return gaps;
+}
 
 #ifndef FSHM_HAVE_ARAVIS
 
@@ -83,7 +123,7 @@ struct fshm_gige_cam {
     double start_fps;             /* rate asked at start (0: none) */
     ArvBuffer *ready[FSHM_GIGE_MAX_BUFFERS];
     unsigned ready_head, ready_count;
-    uint64_t last_id;             /* last frame id seen (0: none yet) */
+    fshm_gige_loss loss;          /* id_gaps, incomplete; the id sequence since start */
     uint32_t pending_lost;        /* lost since the last delivery */
     uint64_t last_activity_ns;    /* last buffer from the camera, or start */
     uint64_t last_probe_ns;
@@ -473,7 +513,9 @@ int fshm_gige_start(fshm_gige_cam *c, const fshm_gige_request *req)
         return rc;
     }
     c->started = 1;
-    c->last_id = 0;
+    /* a new acquisition: its ids do not follow the last one's (counters stay) */
+    c->loss.last_id = 0;
+    c->loss.incomplete_run = 0;
     c->pending_lost = 0;
     c->last_activity_ns = c->last_probe_ns = fshm_now_ns();
     return 0;
@@ -515,19 +557,28 @@ int fshm_gige_probe(fshm_gige_cam *c)
     return 0;
 }
 
-/* Accounts a popped buffer's frame id: 16-bit GigE ids wrap from 65535 to 1. */
-static void account_id(fshm_gige_cam *c, uint64_t id)
+static void add_pending_lost(fshm_gige_cam *c, uint64_t n)
 {
-    if (id == 0)
-        return;
-    uint64_t last = c->last_id, gap = 0;
-    if (last && id > last + 1 && id - last < 1000000)
-        gap = id - last - 1;
-    else if (last && id <= last && last > 60000 && last <= 65535 && id < 5536)
-        gap = (65535 - last) + (id - 1);
-    c->last_id = id;
-    c->stats.id_gaps += gap;
-    c->pending_lost += (uint32_t)gap;
+    c->pending_lost = n > UINT32_MAX - c->pending_lost ? UINT32_MAX : c->pending_lost + (uint32_t)n;
+}
+
+/* Accounts a buffer just popped off the stream; 1 if it holds a complete frame, else it has
+ * been given back. */
+static int account_pop(fshm_gige_cam *c, ArvBuffer *b)
+{
+    int complete = arv_buffer_get_status(b) == ARV_BUFFER_STATUS_SUCCESS;
+    c->last_activity_ns = fshm_now_ns();
+    add_pending_lost(c, fshm_gige_loss_account(&c->loss, complete, arv_buffer_get_frame_id(b)));
+    if (!complete)
+        arv_stream_push_buffer(c->stream, b);
+    return complete;
+}
+
+/* A complete buffer with too little data: lost (its id was accounted already). */
+static void account_short(fshm_gige_cam *c)
+{
+    c->loss.incomplete++;
+    add_pending_lost(c, 1);
 }
 
 static uint64_t mono_from_system(uint64_t sys_ns)
@@ -561,14 +612,8 @@ static int next_frame(fshm_gige_cam *c, int64_t timeout_ns, ArvBuffer **out)
         ArvBuffer *b = left_us ? arv_stream_timeout_pop_buffer(c->stream, left_us < POP_SLICE_US ? left_us : POP_SLICE_US)
                                : arv_stream_try_pop_buffer(c->stream);
         if (b) {
-            c->last_activity_ns = fshm_now_ns();
-            account_id(c, arv_buffer_get_frame_id(b));
-            if (arv_buffer_get_status(b) != ARV_BUFFER_STATUS_SUCCESS) {
-                c->stats.incomplete++;
-                c->pending_lost++;
-                arv_stream_push_buffer(c->stream, b);
+            if (!account_pop(c, b))
                 continue;
-            }
             *out = b;
             return 0;
         }
@@ -628,7 +673,7 @@ int fshm_gige_read_into(fshm_gige_cam *c, int64_t timeout_ns, void *dst, size_t 
     long n = copy_frame(c, b, dst, capacity, info ? info : &fi);
     arv_stream_push_buffer(c->stream, b);
     if (n < 0) {
-        c->stats.incomplete++;
+        account_short(c);
         return (int)n;
     }
     c->stats.delivered++;
@@ -663,7 +708,7 @@ int fshm_gige_capture(fshm_gige_cam *c, fshm_writer *w, int64_t timeout_ns, cons
     long n = copy_frame(c, b, loan.data, loan.capacity, info);
     arv_stream_push_buffer(c->stream, b);   /* the data is in the slot */
     if (n < 0) {
-        c->stats.incomplete++;
+        account_short(c);
         return (int)n;   /* the loan is abandoned: the next loan takes a fresh slot */
     }
     if ((rc = fshm_writer_commit(w, t ? t : &c->fmt.tensor, (size_t)n, info->timestamp_ns)))
@@ -688,17 +733,9 @@ int fshm_gige_flush(fshm_gige_cam *c, uint64_t max_age_ns)
         c->ready_count--;
     }
     ArvBuffer *b;
-    while (nkeep < FSHM_GIGE_MAX_BUFFERS && (b = arv_stream_try_pop_buffer(c->stream))) {
-        c->last_activity_ns = fshm_now_ns();
-        account_id(c, arv_buffer_get_frame_id(b));
-        if (arv_buffer_get_status(b) != ARV_BUFFER_STATUS_SUCCESS) {
-            c->stats.incomplete++;
-            c->pending_lost++;
-            arv_stream_push_buffer(c->stream, b);
-            continue;
-        }
-        keep[nkeep++] = b;
-    }
+    while (nkeep < FSHM_GIGE_MAX_BUFFERS && (b = arv_stream_try_pop_buffer(c->stream)))
+        if (account_pop(c, b))
+            keep[nkeep++] = b;
     uint64_t now = fshm_now_ns();
     int discarded = 0;
     c->ready_head = 0;
@@ -718,14 +755,20 @@ int fshm_gige_flush(fshm_gige_cam *c, uint64_t max_age_ns)
 void fshm_gige_get_stats(const fshm_gige_cam *c, fshm_gige_stats *out)
 {
     *out = c->stats;
+    out->id_gaps = c->loss.id_gaps;
+    out->incomplete = c->loss.incomplete;
     uint64_t u = 0, r = 0, m = 0;
     if (c->stream)
         stream_counters(c->stream, &u, &r, &m);
     out->underruns = c->base_underruns + u;
-    /* A GigE/USB camera numbers every frame it sends, so a frame Aravis had no buffer for
-     * (an underrun) shows as an id gap too; Aravis' in-process fake numbers only the frames
-     * it fills: the larger of the two counts each such frame once. */
-    out->lost = c->stats.incomplete + (out->underruns > c->stats.id_gaps ? out->underruns : c->stats.id_gaps);
+    /* A GigE camera numbers every frame it sends, so a frame Aravis had no buffer for
+     * shows as an id gap (its underruns count packets, not frames). Aravis' in-process fake
+     * numbers only the frames it fills, one underrun each: the larger of the two counts
+     * each such frame once. */
+    if (c->is_gv)
+        out->lost = out->incomplete + out->id_gaps;
+    else
+        out->lost = out->incomplete + (out->underruns > out->id_gaps ? out->underruns : out->id_gaps);
     out->resent_packets = c->base_resent + r;
     out->missing_packets = c->base_missing + m;
 }

@@ -108,7 +108,8 @@ typedef struct fshm_gige_frame {
     uint64_t timestamp_ns;    /* arrival of the frame's first packet, CLOCK_MONOTONIC */
     uint64_t camera_timestamp;/* the camera's own timestamp (its ticks/ns) */
     size_t bytes;             /* bytes written */
-    uint32_t lost_before;     /* frames lost between the previous delivered one and this */
+    uint32_t lost_before;     /* frames lost between the previous delivered one and this:
+                               * incomplete + id gaps (not flushed ones) */
 } fshm_gige_frame;
 
 /* One copy: waits up to timeout_ns (<0: forever) for the next complete frame, copies it
@@ -135,19 +136,57 @@ int fshm_gige_probe(fshm_gige_cam *c);
 
 typedef struct fshm_gige_stats {
     uint64_t delivered;       /* frames handed out */
-    uint64_t lost;            /* frames never delivered: incomplete + max(id_gaps, underruns)
-                               * (a frame with no free buffer is an id gap too, except
-                               * with Aravis' in-process fake, which only numbers frames
-                               * it fills) */
-    uint64_t id_gaps;         /* frames missing between consecutive frame ids */
-    uint64_t incomplete;      /* buffers Aravis returned with a status other than success */
-    uint64_t underruns;       /* frames Aravis had no free buffer for */
+    uint64_t lost;            /* frames never delivered. GigE: incomplete + id_gaps (the
+                               * camera numbers every frame it sends, so a frame with no
+                               * free buffer is an id gap). Others: incomplete +
+                               * max(id_gaps, underruns) (Aravis' in-process fake numbers
+                               * only the frames it fills: its drops are underruns only) */
+    uint64_t id_gaps;         /* frames that never reached a buffer: missing between the
+                               * ids of consecutive complete frames (fshm_gige_loss) */
+    uint64_t incomplete;      /* buffers Aravis returned with a status other than success
+                               * (or too short) */
+    uint64_t underruns;       /* Aravis found no free buffer: per frame, but per packet
+                               * on a GigE stream (Aravis 0.8 counts each packet of a
+                               * frame it dropped) */
     uint64_t flushed;         /* discarded by fshm_gige_flush */
     uint64_t timeouts;        /* reads that timed out */
     uint64_t resent_packets;  /* GigE: packets recovered by resend requests (Aravis) */
     uint64_t missing_packets; /* GigE: packets never received (Aravis) */
 } fshm_gige_stats;
 void fshm_gige_get_stats(const fshm_gige_cam *c, fshm_gige_stats *out);
+
+/* ---- lost-frame accounting (pure: no camera, no Aravis; the capture code and tests) ----
+ *
+ * Fed with every buffer popped off the stream, in the order Aravis returns them (frame-id
+ * order). Only a complete buffer's frame id is trusted: Aravis takes a buffer's frame id
+ * from the frame's leader packet, so a buffer whose leader was lost comes back incomplete
+ * still carrying the id of the frame it held before. The frames between two consecutive
+ * complete ones are the incomplete buffers returned in between plus the id gaps: frames
+ * that never reached a buffer. 16-bit GigE Vision block ids wrap from 65535 to 1 (0 is
+ * never used); 64-bit (extended) ids do not wrap. */
+
+/* A larger forward step between two complete frames, or any step back, means the camera
+ * restarted its counter: nothing is counted, the next frame starts afresh. Half the 16-bit
+ * id range, as Aravis itself tells late frames from new ones. */
+#define FSHM_GIGE_MAX_ID_STEP 32768u
+
+typedef struct fshm_gige_loss {
+    uint64_t last_id;         /* the last complete frame's id (0: none yet) */
+    uint64_t incomplete_run;  /* incomplete buffers since that frame */
+    uint64_t id_gaps;         /* frames that never reached a buffer */
+    uint64_t incomplete;      /* buffers returned incomplete */
+    uint64_t resyncs;         /* id discontinuities (not counted as lost) */
+} fshm_gige_loss;
+
+/* Frames strictly between frame ids prev and id (1..65535 wrap 65535 -> 1 when both fit in
+ * 16 bits), or -1 when id does not follow prev: 0 in either, the same id, a step back, or
+ * a step of more than FSHM_GIGE_MAX_ID_STEP. */
+int64_t fshm_gige_ids_between(uint64_t prev, uint64_t id);
+
+/* Accounts one popped buffer and returns how many frames it shows lost: 1 for an
+ * incomplete buffer (its id is ignored), the id gaps before a complete one. The returns
+ * add up to incomplete + id_gaps. */
+uint64_t fshm_gige_loss_account(fshm_gige_loss *l, int complete, uint64_t frame_id);
 
 /* Stops acquisition and drops the stream (settings stay). */
 int fshm_gige_stop(fshm_gige_cam *c);

@@ -3,6 +3,10 @@
  * pattern pixel(x, y) = (x + y + frame_id) % 255, consecutive frame ids, one-copy reads,
  * capture straight into a stream, wait/flush, rate control, lost-frame counting.
  *
+ * The lost-frame accounting (fshm_gige_loss: frame ids across the 16-bit wrap, incomplete
+ * buffers carrying stale ids, frames that never reached a buffer) is pure and tested in
+ * both builds, against a simulated camera.
+ *
  * Built twice: test_gige (only when pkg-config finds aravis-0.8) and test_gige_nolib
  * (FSHM_GIGE_TEST_NOLIB: the module compiled without Aravis, which must say so). */
 #include "fshm_test_util.h"
@@ -15,6 +19,197 @@
 
 #define MS 1000000ll
 #define SEC 1000000000ll
+
+/* ---- lost-frame accounting (no camera) ---- */
+
+/* The GigE Vision 16-bit block id after id: 65535 -> 1, 0 is never used. */
+static uint64_t next16(uint64_t id) { return id == 0xffff ? 1 : id + 1; }
+
+/* Frames strictly between a and b by walking the ids one by one (the oracle). */
+static int64_t walk_between(uint64_t a, uint64_t b, int64_t limit)
+{
+    int64_t n = 0;
+    for (uint64_t id = next16(a); id != b; id = next16(id))
+        if (++n > limit)
+            return -1;
+    return n;
+}
+
+static void test_ids_between_across_the_wrap(void **state)
+{
+    (void)state;
+    static const struct { uint64_t prev, id; int64_t between; } cases[] = {
+        {1, 2, 0}, {1, 5, 3}, {65534, 65535, 0},
+        {65535, 1, 0},           /* the wrap skips 0 */
+        {65534, 1, 1},           /* 65535 missing */
+        {65535, 2, 1},           /* 1 missing */
+        {65533, 3, 4},           /* 65534, 65535, 1, 2 */
+        {65401, 31, 164},        /* the ids of issue 13's failing run */
+        {1, 32769, 32767},       /* the longest step taken */
+        {1, 32770, -1},          /* longer: ids restarted */
+        {65535, 32768, 32767},
+        {65400, 65400, -1},      /* the same id again */
+        {100, 50, -1},           /* a step back (a stale or restarted id) */
+        {1, 65535, -1},          /* one step back across the wrap */
+        {0, 5, -1}, {5, 0, -1},  /* 0 is not a frame id */
+        {65535, 65536, 0},       /* 64-bit extended ids do not wrap */
+        {70000, 70003, 2},
+        {70000, 5, -1},
+        {70000, 70000 + 32769, -1},
+        {(1ull << 40), (1ull << 40) + 1, 0},
+    };
+    for (size_t k = 0; k < sizeof cases / sizeof cases[0]; k++) {
+        int64_t got = fshm_gige_ids_between(cases[k].prev, cases[k].id);
+        if (got != cases[k].between)
+            fail_msg("between(%llu, %llu) = %lld, expected %lld", (unsigned long long)cases[k].prev,
+                     (unsigned long long)cases[k].id, (long long)got, (long long)cases[k].between);
+    }
+    /* every pair around the wrap against the walk */
+    for (uint64_t a = 65000; a != 600; a = next16(a))
+        for (uint64_t b = 64900; b != 700; b = next16(b)) {
+            int64_t want = a == b ? -1 : walk_between(a, b, FSHM_GIGE_MAX_ID_STEP - 1);
+            int64_t got = fshm_gige_ids_between(a, b);
+            if (got != want)
+                fail_msg("between(%llu, %llu) = %lld, walk says %lld", (unsigned long long)a,
+                         (unsigned long long)b, (long long)got, (long long)want);
+        }
+}
+
+typedef struct {
+    fshm_gige_loss loss;
+    uint64_t pending;          /* returns since the last complete frame (lost_before) */
+    uint64_t last_delivered;   /* id of the last complete frame */
+} loss_run;
+
+static void pop_incomplete(loss_run *r, uint64_t stale_id)
+{
+    assert_int_equal(fshm_gige_loss_account(&r->loss, 0, stale_id), 1);
+    r->pending++;
+}
+
+/* A complete frame: what it reports lost must be exactly the frames since the last one. */
+static void pop_complete(loss_run *r, uint64_t id)
+{
+    r->pending += fshm_gige_loss_account(&r->loss, 1, id);
+    if (r->last_delivered) {
+        int64_t want = walk_between(r->last_delivered, id, 100000);
+        if ((int64_t)r->pending != want)
+            fail_msg("frame %llu after %llu: lost_before %llu, %lld frames in between", (unsigned long long)id,
+                     (unsigned long long)r->last_delivered, (unsigned long long)r->pending, (long long)want);
+    }
+    r->pending = 0;
+    r->last_delivered = id;
+}
+
+static void test_loss_the_failing_run_of_issue_13(void **state)
+{
+    (void)state;
+    /* Buffers whose leader packet was lost come back incomplete with the id of the frame
+     * they held before (seen with arv-fake-gv-camera under load): 65412 again after 65428.
+     * Counting that id as a frame id re-counted 65413..65427 as gaps. */
+    loss_run r = {0};
+    for (uint64_t id = 65401; id <= 65414; id++)
+        pop_complete(&r, id);
+    pop_complete(&r, 65417);          /* 65415, 65416 never arrived */
+    pop_incomplete(&r, 65412);        /* 65418, with a stale id */
+    pop_complete(&r, 65419);
+    pop_incomplete(&r, 65414);        /* 65420 */
+    pop_incomplete(&r, 65417);        /* 65421 */
+    pop_complete(&r, 65428);          /* 65422..65427 never arrived */
+    pop_complete(&r, 65535);          /* 65429..65534 never arrived */
+    pop_incomplete(&r, 65419);        /* 1 */
+    pop_complete(&r, 3);              /* 2 never arrived */
+    pop_incomplete(&r, 0);            /* a buffer never filled before: id 0 */
+    pop_complete(&r, 5);
+    assert_int_equal(r.loss.incomplete, 5);
+    assert_int_equal(r.loss.id_gaps, 2 + 6 + 106 + 1);
+    assert_int_equal(r.loss.resyncs, 0);
+    /* every frame from the first to the last: delivered, incomplete or an id gap */
+    assert_int_equal(14 + 6 + r.loss.incomplete + r.loss.id_gaps, 1 + walk_between(65401, 5, 100000) + 1);
+}
+
+/* xorshift64*: reproducible fates without libc's rand state */
+static uint64_t rng_next(uint64_t *s)
+{
+    *s ^= *s >> 12;
+    *s ^= *s << 25;
+    *s ^= *s >> 27;
+    return *s * 2685821657736338717ull;
+}
+
+static void test_loss_simulated_camera_across_the_wrap(void **state)
+{
+    (void)state;
+    /* A camera numbering frames from 65000 through the wrap; each frame is delivered,
+     * returned incomplete (with the stale id of a buffer of a pool of 8, its own id, or 0)
+     * or never reaches a buffer. The accounting must find exactly the truth. */
+    for (uint64_t seed = 1; seed <= 50; seed++) {
+        uint64_t rs = seed * 0x9e3779b97f4a7c15ull;
+        uint64_t pool[8] = {0};
+        loss_run r = {0};
+        uint64_t truth_incomplete = 0, truth_missing = 0, missing_tail = 0, delivered = 0, first = 0, last = 0;
+        uint64_t id = 65000;
+        for (int k = 0; k < 2000; k++, id = next16(id)) {
+            unsigned fate = (unsigned)(rng_next(&rs) % 100);
+            unsigned slot = (unsigned)(rng_next(&rs) % 8);
+            if (k == 0 || fate < 60) {
+                pool[slot] = id;
+                pop_complete(&r, id);
+                delivered++;
+                first = first ? first : id;
+                last = id;
+                truth_missing += missing_tail;
+                missing_tail = 0;
+            } else if (fate < 80) {
+                uint64_t shown = fate < 70 ? pool[slot] : fate < 75 ? id : 0;
+                pop_incomplete(&r, shown);
+                truth_incomplete++;
+            } else {
+                missing_tail++;   /* never reached a buffer: no pop at all */
+            }
+        }
+        /* (frames missing after the last complete one are not known yet) */
+        assert_int_equal(r.loss.incomplete, truth_incomplete);
+        assert_int_equal(r.loss.id_gaps, truth_missing);
+        assert_true(r.loss.id_gaps > 100 && r.loss.incomplete > 100);
+        /* first..last: delivered, incomplete in between, or an id gap */
+        uint64_t span = (uint64_t)walk_between(first, last, 100000) + 2;
+        assert_int_equal(delivered + (r.loss.incomplete - r.pending) + r.loss.id_gaps, span);
+        assert_int_equal(r.loss.resyncs, 0);
+    }
+}
+
+static void test_loss_restart_and_first_frames(void **state)
+{
+    (void)state;
+    fshm_gige_loss l = {0};
+    /* incomplete buffers before any complete frame: lost, but no gap can be known */
+    assert_int_equal(fshm_gige_loss_account(&l, 0, 0), 1);
+    assert_int_equal(fshm_gige_loss_account(&l, 0, 123), 1);
+    assert_int_equal(fshm_gige_loss_account(&l, 1, 500), 0);
+    assert_int_equal(fshm_gige_loss_account(&l, 1, 503), 2);
+    /* the camera restarted its counter: neither the step back nor the step after counts */
+    assert_int_equal(fshm_gige_loss_account(&l, 1, 7), 0);
+    assert_int_equal(fshm_gige_loss_account(&l, 1, 8), 0);
+    assert_int_equal(fshm_gige_loss_account(&l, 1, 8 + 40000), 0);
+    assert_int_equal(l.resyncs, 2);
+    /* a complete frame with no id: the next one starts afresh */
+    assert_int_equal(fshm_gige_loss_account(&l, 1, 0), 0);
+    assert_int_equal(fshm_gige_loss_account(&l, 1, 60000), 0);
+    /* more incomplete buffers than ids in between (cannot happen in order): no negative gap */
+    assert_int_equal(fshm_gige_loss_account(&l, 0, 1), 1);
+    assert_int_equal(fshm_gige_loss_account(&l, 0, 1), 1);
+    assert_int_equal(fshm_gige_loss_account(&l, 1, 60002), 0);
+    assert_int_equal(l.id_gaps, 2);
+    assert_int_equal(l.incomplete, 4);
+    assert_int_equal(l.incomplete_run, 0);
+}
+
+#define LOSS_TESTS                                                       \
+    cmocka_unit_test(test_ids_between_across_the_wrap),                  \
+    cmocka_unit_test(test_loss_the_failing_run_of_issue_13),             \
+    cmocka_unit_test(test_loss_simulated_camera_across_the_wrap),        \
+    cmocka_unit_test(test_loss_restart_and_first_frames)
 
 #ifdef FSHM_GIGE_TEST_NOLIB
 
@@ -34,7 +229,7 @@ static void test_nolib_says_how_to_get_aravis(void **state)
 
 int main(void)
 {
-    const struct CMUnitTest tests[] = {cmocka_unit_test(test_nolib_says_how_to_get_aravis)};
+    const struct CMUnitTest tests[] = {cmocka_unit_test(test_nolib_says_how_to_get_aravis), LOSS_TESTS};
     return cmocka_run_group_tests_name("gige_nolib", tests, NULL, NULL);
 }
 
@@ -263,6 +458,7 @@ int main(void)
         cmocka_unit_test(test_wait_then_read_is_the_same_frame_and_flush),
         cmocka_unit_test(test_rate_control),
         cmocka_unit_test(test_timeout_when_stopped),
+        LOSS_TESTS,
     };
     return cmocka_run_group_tests_name("gige", tests, tu_group_setup, tu_group_teardown);
 }
