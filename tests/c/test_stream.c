@@ -54,42 +54,28 @@ static void stream_dir_of(const char *name, char *out, size_t cap)
 
 static size_t ring_slot_off(uint32_t idx) { return 64 + (size_t)idx * 256; }
 
-/* Reads a stream's control region through the library's internals. */
-static int with_ctl(const char *name, fshm_ctl_handle *h)
-{
-    fshm_stream_addr a;
-    memset(&a, 0, sizeof a);
-    a.name = name;
-    fshm_paths p;
-    if (fshm_resolve(&a, 0, &p))
-        return -1;
-    return fshm_ctl_open(&p, 0, h);
-}
-
 /* Finds the consumer registered by pid through fshm_stream_info_get. */
 static int lookup_consumer(const char *name, int64_t pid, char queue[32], int *alive,
                            uint64_t *pruned)
 {
     int found = 0;
-    {
-        fshm_stream_info *info = calloc(1, sizeof *info);
-        assert_non_null(info);
-        fshm_stream_addr a;
-        memset(&a, 0, sizeof a);
-        a.name = name;
-        int rc = fshm_stream_info_get(&a, info);
-        if (rc)
-            fail_msg("fshm_stream_info_get: %d %s", rc, fshm_last_error());
-        for (uint32_t i = 0; i < info->nconsumers && i < FSHM_MAX_CONSUMERS; i++)
-            if (info->consumers[i].pid == pid) {
-                memcpy(queue, info->consumers[i].queue, 32);
-                *alive = info->consumers[i].alive;
-                found = 1;
-            }
-        *pruned = info->pruned;
-        free(info);
-        return found;
-    }
+    fshm_stream_info *info = calloc(1, sizeof *info);
+    assert_non_null(info);
+    fshm_stream_addr a;
+    memset(&a, 0, sizeof a);
+    a.name = name;
+    int rc = fshm_stream_info_get(&a, info);
+    if (rc)
+        fail_msg("fshm_stream_info_get: %d %s", rc, fshm_last_error());
+    for (uint32_t i = 0; i < info->nconsumers && i < FSHM_MAX_CONSUMERS; i++)
+        if (info->consumers[i].pid == pid) {
+            memcpy(queue, info->consumers[i].queue, 32);
+            *alive = info->consumers[i].alive;
+            found = 1;
+        }
+    *pruned = info->pruned;
+    free(info);
+    return found;
 }
 
 static int queue_exists(const char *q)
