@@ -209,6 +209,9 @@ class ControllerConfig:
                                   "consecutive frames with a person that confirm Validation -> Tracking")
     tracking_exit_frames: int = _opt(_integer(1, 100_000), 10,
                                      "consecutive frames without a person that end Tracking")
+    tracking_exit_s: float = _opt(_number(0, 86_400), 2.0,
+                                  "seconds of capture time without a person that end Tracking, whichever "
+                                  "comes first with tracking_exit_frames (0: frames only)")
     min_score: float = _opt(_number(), 0.0, "detections scoring below this are ignored")
     classes: List[float] = _opt(_class_ids, [], "class ids that count as a person (empty: any)")
     consumer: str = _opt(_name(CONSUMER_NAME_MAX), "controller", "consumer label on both streams")

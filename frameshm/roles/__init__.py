@@ -11,7 +11,8 @@
 * :mod:`.controller` — the Standby / Validation / Tracking state machine that writes the
   frames stream's mode (``frameshm controller``).
 * :mod:`.mode` — what the mode is: Standby or Alarmed in control byte 0 of the frames
-  stream, a byte the transport carries without interpreting.
+  stream (the controller's state beside it in byte 1), bytes the transport carries
+  without interpreting.
 
 Every role takes the pipeline TOML (:mod:`frameshm.config`), stops cleanly on SIGINT /
 SIGTERM (closing its streams and queues), and publishes its counters about twice a second

@@ -2,11 +2,19 @@
 
     Standby ──person──▶ Validation ──validation_frames in a row──▶ Tracking
        ▲                    │                                         │
-       └──── no person ─────┘◀──── tracking_exit_frames without ──────┘
+       └──── no person ─────┘◀── tracking_exit_s or tracking_exit_frames without ──┘
 
 Validation and Tracking map to mode Alarmed, Standby to mode Standby. The mode is
 control byte 0 of the frames stream (:mod:`.mode`; an atomic release store); the capture
-producer reads it before every frame. Every transition is logged with the frame that caused it.
+producer reads it before every frame. The state itself goes to control byte 1 just before
+it (what the gateway's page shows). Every transition is logged with the frame that caused it.
+
+Entry is debounced in detection frames; the exit from Tracking is timed in seconds as
+well: a detector running at 1 fps would otherwise hold the camera Alarmed for
+``tracking_exit_frames`` seconds after the person left. The seconds are the detections'
+capture timestamps (CLOCK_MONOTONIC), so the rule needs evidence — a frame without a
+person captured ``tracking_exit_s`` after the last one with — and a stalled detector
+never releases the camera on its own.
 
 The controller consumes the detections stream process-all: debouncing counts
 consecutive detection frames, so none may be silently skipped (one lost to an overrun
@@ -27,7 +35,7 @@ from ..config import PipelineConfig
 from ..errors import InvalidArgument, Overrun, Timeout
 from ..stream import Reader
 from . import Metrics
-from .mode import MODE_ALARMED, MODE_NAMES, MODE_STANDBY, read_mode, write_mode
+from .mode import MODE_ALARMED, MODE_NAMES, MODE_STANDBY, read_mode, read_state, write_mode, write_state
 
 log = logging.getLogger("frameshm.controller")
 
@@ -47,33 +55,50 @@ MODE_OF_STATE = {State.STANDBY: MODE_STANDBY, State.VALIDATION: MODE_ALARMED, St
 
 
 class Sentry:
-    """The pure state machine: feed it one boolean per detection frame.
+    """The pure state machine: feed it one boolean per detection frame, with the frame's
+    capture timestamp for the timed exit.
 
     * Standby + person → Validation (1 sighting); with ``validation_frames == 1`` straight
       to Tracking.
     * Validation + person → Tracking once ``validation_frames`` consecutive frames had one;
       Validation + no person → Standby (not confirmed).
-    * Tracking + person resets the miss count; ``tracking_exit_frames`` consecutive frames
-      without a person → Standby.
+    * Tracking + person resets the miss count; Tracking + no person → Standby after
+      ``tracking_exit_frames`` consecutive frames without one, or as soon as a frame without
+      one was captured ``tracking_exit_s`` or more after the last frame with one (0: frames
+      only; a step without a timestamp is counted, not timed) — whichever comes first.
     """
 
-    def __init__(self, validation_frames: int = 3, tracking_exit_frames: int = 10):
+    def __init__(self, validation_frames: int = 3, tracking_exit_frames: int = 10, tracking_exit_s: float = 0.0):
         for key, v in (("validation_frames", validation_frames), ("tracking_exit_frames", tracking_exit_frames)):
             if isinstance(v, bool) or not isinstance(v, int) or v < 1:
                 raise InvalidArgument(f"{key} must be an integer >= 1, got {v!r}")
+        if (isinstance(tracking_exit_s, bool) or not isinstance(tracking_exit_s, (int, float))
+                or not 0 <= tracking_exit_s < 1e9):
+            raise InvalidArgument(f"tracking_exit_s must be a number of seconds >= 0, got {tracking_exit_s!r}")
         self.validation_frames = validation_frames
         self.tracking_exit_frames = tracking_exit_frames
+        self.tracking_exit_ns = int(tracking_exit_s * 1e9)
         self.state = State.STANDBY
         self.hits = 0    # consecutive frames with a person (Validation)
         self.misses = 0  # consecutive frames without one (Tracking)
+        self.last_hit_ns: Optional[int] = None  # capture time of the newest frame with a person
+        self.unseen_ns = 0  # at the last step: capture time since last_hit_ns (0 if unknown)
 
     @property
     def mode(self) -> int:
         return MODE_OF_STATE[self.state]
 
-    def step(self, person: bool) -> State:
-        """Advances one detection frame; returns the (possibly unchanged) state."""
+    def step(self, person: bool, timestamp_ns: Optional[int] = None) -> State:
+        """Advances one detection frame (captured at ``timestamp_ns``, CLOCK_MONOTONIC);
+        returns the (possibly unchanged) state."""
         s = self.state
+        if person:
+            self.last_hit_ns = timestamp_ns
+            self.unseen_ns = 0
+        elif timestamp_ns is not None and self.last_hit_ns is not None:
+            self.unseen_ns = max(0, timestamp_ns - self.last_hit_ns)  # a clock going back: no time passed
+        else:
+            self.unseen_ns = 0
         if s is State.STANDBY:
             if person:
                 self.hits = 1
@@ -93,7 +118,8 @@ class Sentry:
                 self.misses = 0
             else:
                 self.misses += 1
-                if self.misses >= self.tracking_exit_frames:
+                timed_out = 0 < self.tracking_exit_ns <= self.unseen_ns
+                if self.misses >= self.tracking_exit_frames or timed_out:
                     s = State.STANDBY
                     self.hits = self.misses = 0
         self.state = s
@@ -119,7 +145,7 @@ class Controller:
         self.c = cfg.controller
         self.stop = stop
         self._addr = dict(base_dir=base_dir, namespace=namespace)
-        self.sentry = Sentry(self.c.validation_frames, self.c.tracking_exit_frames)
+        self.sentry = Sentry(self.c.validation_frames, self.c.tracking_exit_frames, self.c.tracking_exit_s)
         self.frames = 0
         self.person_frames = 0
         self.lost = 0
@@ -138,10 +164,10 @@ class Controller:
             # The mode lives in the frames stream's control bytes: a passive handle reaches
             # them without becoming a consumer of the frames.
             ctl = Reader(self.cfg.frames_stream, subscribe=False, driver=self.cfg.driver, **self._addr)
-            write_mode(ctl, self.sentry.mode)
-            log.info("%s; mode %s written to %r; validation_frames=%d tracking_exit_frames=%d",
+            self._write(ctl)
+            log.info("%s; mode %s written to %r; validation_frames=%d tracking_exit_frames=%d tracking_exit_s=%g",
                      self.sentry.state, "Standby", self.cfg.frames_stream, c.validation_frames,
-                     c.tracking_exit_frames)
+                     c.tracking_exit_frames, c.tracking_exit_s)
             while not self.stop.is_set():
                 try:
                     f = det.wait_next(WAIT_S)
@@ -168,19 +194,25 @@ class Controller:
                 person, n, best = person_in(dets, c.min_score, c.classes)
                 self.person_frames += person
                 old = self.sentry.state
-                new = self.sentry.step(person)
-                if new is not old:
+                new = self.sentry.step(person, f.timestamp_ns)
+                changed = new is not old
+                if changed:
                     self.transitions += 1
                     self.last_transition = {"from": str(old), "to": str(new), "frame_seq": f.ref_seq,
                                             "timestamp_ns": f.timestamp_ns}
-                    log.info("%s -> %s: frame seq %s (ts %d ns), %d person(s), best score %.2f; mode %s",
-                             old, new, f.ref_seq, f.timestamp_ns, n, best,
+                    why = ""
+                    if old is State.TRACKING:
+                        why = f" after {self.sentry.unseen_ns / 1e9:.1f}s without a person"
+                    log.info("%s -> %s: frame seq %s (ts %d ns), %d person(s), best score %.2f%s; mode %s",
+                             old, new, f.ref_seq, f.timestamp_ns, n, best, why,
                              MODE_NAMES[MODE_OF_STATE[new]])
                 self._enforce(ctl)
-                self._publish_metrics(metrics, time.monotonic_ns())
+                # a transition is published at once: the page's status must not lag the mode
+                self._publish_metrics(metrics, time.monotonic_ns(), force=changed)
         finally:
             if ctl is not None:
                 # No controller, no alarm: the capture falls back to its standby rate.
+                write_state(ctl, None)
                 write_mode(ctl, MODE_STANDBY)
                 ctl.close()
             for obj in (det, metrics):
@@ -190,21 +222,26 @@ class Controller:
                      "to Standby", self.sentry.state, self.frames, self.person_frames, self.transitions)
         return 0
 
-    def _enforce(self, ctl: Reader) -> None:
-        """Writes the mode when it differs — also re-asserting it if the control region was
-        recreated (a restarted stream starts in Standby)."""
-        want = self.sentry.mode
-        if read_mode(ctl) != want:
-            write_mode(ctl, want)
+    def _write(self, ctl: Reader) -> None:
+        # state first: a reader that sees the new mode sees the state that chose it
+        write_state(ctl, str(self.sentry.state))
+        write_mode(ctl, self.sentry.mode)
 
-    def _publish_metrics(self, metrics: Optional[Metrics], now: int) -> None:
-        if metrics is None or not metrics.due(now):
+    def _enforce(self, ctl: Reader) -> None:
+        """Writes the state and mode when they differ — also re-asserting them if the control
+        region was recreated (a restarted stream starts in Standby)."""
+        if read_state(ctl) != str(self.sentry.state) or read_mode(ctl) != self.sentry.mode:
+            self._write(ctl)
+
+    def _publish_metrics(self, metrics: Optional[Metrics], now: int, force: bool = False) -> None:
+        if metrics is None or not (force or metrics.due(now)):
             return
         metrics.publish({
             "role": "controller", "frames": self.cfg.frames_stream, "detections": self.cfg.detections_stream,
             "state": str(self.sentry.state), "mode": MODE_NAMES[self.sentry.mode],
             "detection_frames": self.frames, "person_frames": self.person_frames, "lost": self.lost,
             "transitions": self.transitions, "last_transition": self.last_transition,
+            "unseen_s": round(self.sentry.unseen_ns / 1e9, 3),
         }, now)
 
 

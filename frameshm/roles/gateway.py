@@ -15,13 +15,18 @@
 * Each binary WebSocket message is ``u32 little-endian header length | JSON header |
   JPEG``; the header carries the frame's seq, capture time (CLOCK_MONOTONIC and the wall
   clock equivalent, for the page's latency), size, the frames stream's mode and the
-  newest detections (passive handle on the detections stream, boxes in camera pixels).
+  controller's state (control bytes 0 and 1, read together per frame) and the newest
+  detections (passive handle on the detections stream, boxes in camera pixels) with the
+  seq and capture time of the frame they were computed from and their age relative to
+  this frame: a slow detector's boxes still go out, the page marks them stale or draws
+  them on their own frame (docs/pipeline.md, "Timing").
   Text messages are JSON status documents (the roles' metrics) about twice a second.
 * HTTP on the same port serves the page (``frameshm/web``: ``/``, ``/app.js``,
-  ``/style.css``); ``/ws`` is the WebSocket. Binds 127.0.0.1 by default. With ``token``
-  set, ``/`` and ``/ws`` need ``?token=...``. The WebSocket's Origin, when present (every
-  browser sends one), must be the page's own origin or one of ``allowed_origins``; on a
-  loopback bind the Host header must name the loopback too (no DNS rebinding).
+  ``/style.css``; ``/favicon.ico`` is an empty 204); ``/ws`` is the WebSocket. Binds
+  127.0.0.1 by default. With ``token`` set, ``/`` and ``/ws`` need ``?token=...``. The
+  WebSocket's Origin, when present (every browser sends one), must be the page's own
+  origin or one of ``allowed_origins``; on a loopback bind the Host header must name the
+  loopback too (no DNS rebinding).
 
 Metrics (``<frames>.gateway``): frames taken, lost, encoded, encode time, latency
 (capture → queued to the clients), clients with their sent/dropped counts, queued bytes,
@@ -48,17 +53,19 @@ from urllib.parse import parse_qs, urlsplit
 import numpy as np
 
 from ..config import PipelineConfig
-from ..errors import InvalidArgument, Overrun, ProducerDead, StreamNotFound, Timeout
+from ..errors import FrameshmError, InvalidArgument, Overrun, ProducerDead, StreamNotFound, Timeout
 from ..stream import Reader
 from . import Metrics, read_metrics
-from .mode import MODE_NAMES, read_mode
+from .mode import MODE_NAMES, read_mode, read_state
 
 log = logging.getLogger("frameshm.gateway")
 
 WAIT_S = 0.25
 STATUS_INTERVAL_S = 0.5
 MAX_BOXES = 64
-DETECTIONS_MAX_AGE_NS = 1_000_000_000
+# Detections are sent with their age whatever the detector's speed, as long as the role
+# that publishes them runs (a stopped one's boxes would be ghosts); checked this often.
+DETECTOR_CHECK_NS = 500_000_000
 WS_PATH = "/ws"
 SEND_BUFFER_BYTES = 256 * 1024  # kernel send buffer per client (no autotuning to megabytes)
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
@@ -205,6 +212,7 @@ class Gateway:
         self.latency_ms = _Stat()
         self._window = (time.monotonic_ns(), 0, 0)
         self._warned_shape = False
+        self._detector_seen = (0, False)  # (when checked, the detections' producer alive)
         self._reader: Optional[Reader] = None
         self.failed = False
 
@@ -272,31 +280,51 @@ class Gateway:
         if not f.valid():
             self.torn += 1  # the producer lapped the slot while we read it
             return None
-        boxes, det_seq = [], None
+        boxes, det_seq, det_ts, det_age_ms = [], None, None, None
         d = det.read_latest(copy=False)
-        if d is not None and abs(d.timestamp_ns - f.timestamp_ns) <= DETECTIONS_MAX_AGE_NS:
+        if d is not None and self._detector_running(det):
             try:
                 rows = d.copy()
             except Overrun:
                 rows = None
             if rows is not None and rows.ndim == 2 and rows.shape[1] == 6:
-                det_seq = d.ref_seq
+                # signed: < 0 when the detector already finished a newer frame than this one
+                det_seq, det_ts = d.ref_seq, d.timestamp_ns
+                det_age_ms = round((f.timestamp_ns - d.timestamp_ns) / 1e6, 1)
                 boxes = [[round(float(v), 1) for v in r[:4]] + [round(float(r[4]), 3), int(r[5])]
                          for r in rows[:MAX_BOXES]]
+        # mode before state: the controller writes the state first, so this state is at
+        # least as new as the mode
+        mode = MODE_NAMES[read_mode(self._reader)]
+        state = read_state(self._reader)
         now = time.monotonic_ns()
         header = {
             "seq": f.seq, "ts_ns": f.timestamp_ns,
             "capture_wall_ms": (time.time_ns() - (now - f.timestamp_ns)) / 1e6,
             "width": int(arr.shape[1]), "height": int(arr.shape[0]),
             "jpeg_width": int(img.shape[1]), "jpeg_height": int(img.shape[0]),
-            "mode": MODE_NAMES[read_mode(self._reader)],
-            "boxes": boxes, "det_seq": det_seq, "encode_ms": round((t1 - t0) / 1e6, 3),
+            "mode": mode, "state": state,
+            "boxes": boxes, "det_seq": det_seq, "det_ts_ns": det_ts, "det_age_ms": det_age_ms,
+            "encode_ms": round((t1 - t0) / 1e6, 3),
         }
         hb = json.dumps(header, separators=(",", ":")).encode()
         self.encoded += 1
         self.encode_ms.add((t1 - t0) / 1e6)
         self.latency_ms.add((now - f.timestamp_ns) / 1e6)
         return len(hb).to_bytes(4, "little") + hb + jpeg
+
+    def _detector_running(self, det: Reader) -> bool:
+        """Whether the detections' producer runs, looked up at most every DETECTOR_CHECK_NS
+        (it reads the producer's /proc entry)."""
+        now = time.monotonic_ns()
+        at, running = self._detector_seen
+        if now - at >= DETECTOR_CHECK_NS:
+            try:
+                running = det.producer_alive
+            except FrameshmError:
+                running = False
+            self._detector_seen = (now, running)
+        return running
 
     # -- the event loop --------------------------------------------------------------------
 
@@ -386,6 +414,8 @@ class Gateway:
             if origin is not None and origin not in {f"http://{host}", *self.c.allowed_origins}:
                 return self._reject(HTTPStatus.FORBIDDEN, f"WebSocket Origin {origin!r} not allowed", request)
             return None  # go on with the WebSocket handshake
+        if path == "/favicon.ico":  # asked for by browsers that ignore the page's data: icon
+            return self._response(HTTPStatus.NO_CONTENT, b"")
         static = self._static.get(path)
         if static is None:
             return self._reject(HTTPStatus.NOT_FOUND, f"no such page: {path}", request)

@@ -302,3 +302,88 @@ def test_gateway_load_slow_clients_do_not_slow_the_others(spawn):
         cap.send_signal(signal.SIGTERM)
         gw.wait(20)
         assert cap.wait(20) == 0, cap.stderr[-3000:]
+
+
+# ---- detections of any age, the controller's state, the favicon --------------------------------
+
+
+def test_gateway_sends_late_detections_with_their_frame_and_age(spawn):
+    """The test plays capture, inference and controller (timestamps of its choosing): the
+    newest detections go out with the seq and capture time of their own frame and their
+    age, however late (3 s, 25 s: a 1 s window used to drop them) as long as their
+    producer runs; once it has stopped they are left out (no ghost boxes). The header
+    also carries the controller's state from control byte 1."""
+    from websockets.sync.client import connect
+
+    from frameshm.roles import mode as M
+
+    port = free_port()
+    cam = frameshm.Writer("gwd", shape=(48, 64, 3), dtype="uint8")
+    dets = frameshm.Writer("gwd.detections", dtype="float32", max_bytes=4096)
+    gw = start_role(spawn, "gateway", "--frames", "gwd", "--port", str(port))
+    t0 = time.monotonic_ns() - 60_000_000_000
+    person = np.array([[4, 6, 40, 44, 0.75, 0]], np.float32)
+    try:
+        wait_gateway("gwd.gateway")
+        with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+
+            def frame(ts):
+                """Publishes a frame stamped ``ts`` and returns (its seq, the header sent for it)."""
+                seq = cam.publish(np.full((48, 64, 3), 90, np.uint8), timestamp_ns=ts)
+                deadline = time.monotonic() + 10
+                while True:
+                    m = ws.recv(timeout=max(0.1, deadline - time.monotonic()))
+                    if isinstance(m, bytes):
+                        h = split_message(m)[0]
+                        if h["seq"] == seq:
+                            return seq, h
+
+            # frames taken before the gateway registers this client are not sent
+            wait_until(lambda: (metrics("gwd.gateway") or {}).get("clients") == 1, 10, what="client registered")
+            seq0, h = frame(t0)
+            assert (h["boxes"], h["det_seq"], h["det_ts_ns"], h["det_age_ms"]) == ([], None, None, None)
+            assert (h["mode"], h["state"]) == ("Standby", None), "no controller ran: no state"
+
+            dets.publish(person, timestamp_ns=t0, ref_seq=seq0)  # a result for frame seq0 ...
+            M.write_state(cam, "Tracking")
+            M.write_mode(cam, M.MODE_ALARMED)
+            seq1, h = frame(t0 + 3_000_000_000)                    # ... arriving 3 s of frames later
+            assert h["det_seq"] == seq0 and h["det_ts_ns"] == t0 and h["det_age_ms"] == 3000.0
+            assert h["boxes"] == [[4.0, 6.0, 40.0, 44.0, 0.75, 0]]
+            assert (h["mode"], h["state"]) == ("Alarmed", "Tracking")
+            _, h = frame(t0 + 25_000_000_000)                      # a detector stuck for 25 s: still there
+            assert h["det_seq"] == seq0 and h["det_age_ms"] == 25000.0 and len(h["boxes"]) == 1
+
+            t5 = t0 + 30_000_000_000
+            dets.publish(np.zeros((0, 6), np.float32), timestamp_ns=t5 + 40_000_000, ref_seq=seq1 + 3)
+            M.write_state(cam, "Validation")
+            _, h = frame(t5)                                       # the detector is ahead of the gateway
+            assert h["det_seq"] == seq1 + 3 and h["det_age_ms"] == -40.0 and h["boxes"] == []
+            assert (h["mode"], h["state"]) == ("Alarmed", "Validation")
+            M.write_state(cam, None)
+            M.write_mode(cam, M.MODE_STANDBY)
+            _, h = frame(t5 + 1)
+            assert (h["mode"], h["state"]) == ("Standby", None)
+
+            dets.publish(person, timestamp_ns=t5 + 2, ref_seq=seq1 + 4)
+            _, h = frame(t5 + 3)
+            assert h["det_seq"] == seq1 + 4 and h["boxes"]
+            dets.close()                                           # the detector stopped
+            # (looked up every half second)
+            h = wait_until(lambda: (lambda hd: hd if hd["det_seq"] is None else None)(frame(t5 + 4)[1]), 10,
+                           interval=0.05, what="detections of a stopped producer left out")
+            assert (h["boxes"], h["det_ts_ns"], h["det_age_ms"]) == ([], None, None)
+
+        # the favicon: no 404 and no warning per page load
+        st, hdr, body = http_get(f"http://127.0.0.1:{port}/favicon.ico")
+        assert st == 204 and body == b""
+        st, _, page = http_get(f"http://127.0.0.1:{port}/")
+        assert st == 200 and b'rel="icon"' in page
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        try:
+            assert gw.wait(20) == 0, gw.stderr[-3000:]
+        finally:
+            cam.close()
+            dets.close()
+    assert "favicon" not in gw.stderr and "rejected" not in gw.stderr, gw.stderr[-3000:]
