@@ -311,12 +311,23 @@ static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
     if (rc)
         goto fail;
     for (int attempt = 0;; attempt++) {
-        if ((rc = fshm_ctl_open(&w->paths, 1, &w->ch)))
+        if (attempt > 0 && (rc = fshm_resolve(&cfg->addr, 1, &w->paths)))   /* directories again */
             goto fail;
+        if ((rc = fshm_ctl_open(&w->paths, 1, &w->ch))) {
+            /* The last reader of an idle stream removed its directory under us. */
+            if (rc == -ENOENT && attempt < 4)
+                continue;
+            goto fail;
+        }
         w->ctl = w->ch.ctl;
         w->lock_fd = open(w->paths.ctl, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
         if (w->lock_fd < 0) {
-            rc = fshm_set_error(-errno, "cannot open %s: %s", w->paths.ctl, strerror(errno));
+            int e = errno;
+            fshm_ctl_close(&w->ch);
+            w->ctl = NULL;
+            if (e == ENOENT && attempt < 4)   /* removed between the two opens: start over */
+                continue;
+            rc = fshm_set_error(-e, "cannot open %s: %s", w->paths.ctl, strerror(e));
             goto fail;
         }
         int locked = flock(w->lock_fd, LOCK_EX | LOCK_NB) == 0;
@@ -346,8 +357,6 @@ static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
                                 w->paths.name);
             goto fail;
         }
-        if ((rc = fshm_mkdir_private(w->paths.stream_dir, 0700)))
-            goto fail;
     }
     if (LOAD_ACQ(&w->ctl->flags) & CTL_FLAG_DRIVER) {
         /* Spec §2.2: only the driver creates or removes this stream's files. */
