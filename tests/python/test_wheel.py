@@ -92,27 +92,32 @@ def test_sdist_builds_every_feature_whose_library_is_here(sdist, tmp_path):
 
 
 ROUND_TRIP = r"""
-import multiprocessing as mp, numpy as np, frameshm, sys, importlib.metadata as md
-def produce(q):
+# Two processes, lock-step: the producer publishes frame k once the consumer took k - 1
+# (and frame 0 once the consumer is registered).
+import multiprocessing as mp, numpy as np, frameshm, sys, time, importlib.metadata as md
+def produce(ready, acks):
     with frameshm.Writer("wheel-check", shape=(48, 64, 3)) as w:
-        q.get()
+        ready.put(1)
+        acks.get(timeout=30)
         for k in range(20):
             w.publish(np.full((48, 64, 3), k, np.uint8))
-        q.get()
+            acks.get(timeout=30)
 if __name__ == "__main__":
-    q = mp.get_context("spawn").Queue()
-    p = mp.get_context("spawn").Process(target=produce, args=(q,))
+    ctx = mp.get_context("spawn")
+    ready, acks = ctx.Queue(), ctx.Queue()
+    p = ctx.Process(target=produce, args=(ready, acks), daemon=True)
     p.start()
-    import time
-    while True:
-        try:
-            r = frameshm.Reader("wheel-check"); break
-        except frameshm.StreamNotFound:
-            time.sleep(0.02)
-    q.put(1)
-    got = [int(r.wait_next(timeout=10).array[0, 0, 0]) for _ in range(20)]
-    q.put(1); p.join(10); r.close()
+    ready.get(timeout=60)
+    r = frameshm.Reader("wheel-check")
+    acks.put(1)
+    got = []
+    for k in range(20):
+        got.append(int(r.wait_next(timeout=30).array[0, 0, 0]))
+        acks.put(1)
+    p.join(30)
+    r.close()
     assert got == list(range(20)), got
+    assert p.exitcode == 0, p.exitcode
     reqs = md.requires("frameshm") or []
     print("OK", frameshm.__version__, frameshm.clib.library_version(), np.__version__, sys.version.split()[0])
     print("REQUIRES", [r for r in reqs if "extra ==" not in r])
