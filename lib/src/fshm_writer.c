@@ -346,7 +346,7 @@ static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
                                 w->paths.name);
             goto fail;
         }
-        if ((rc = fshm_mkdir_private(w->paths.stream_dir, 0700)))
+        if ((rc = fshm_make_stream_dir(&w->paths)))
             goto fail;
     }
     if (LOAD_ACQ(&w->ctl->flags) & CTL_FLAG_DRIVER) {
@@ -378,7 +378,8 @@ fail_ctl:
     if (LOAD_ACQ(&w->ctl->state) == CTL_STATE_NEVER && fshm_ctl_live_consumers(w->ctl) == 0 &&
         fshm_ctl_same_file(&w->ch, w->paths.ctl)) {
         unlink(w->paths.ctl);
-        rmdir(w->paths.stream_dir);
+        if (rmdir(w->paths.stream_dir) == 0)
+            fshm_remove_empty_parents(&w->paths);
     }
 fail:
     fshm_ctl_close(&w->ch);
@@ -653,7 +654,8 @@ void fshm_writer_close(fshm_writer *w, int unlink_files)
          * where they will see the next producer. The last one out removes it. */
         if (fshm_ctl_live_consumers(c) == 0 && fshm_ctl_same_file(&w->ch, w->paths.ctl)) {
             unlink(w->paths.ctl);
-            rmdir(w->paths.stream_dir);
+            if (rmdir(w->paths.stream_dir) == 0)
+                fshm_remove_empty_parents(&w->paths);
         }
     }
     fshm_ctl_close(&w->ch);
