@@ -100,6 +100,88 @@ static PyObject *mod_stream_gc(PyObject *self, PyObject *args, PyObject *kw)
     return PyBool_FromLong(rc);
 }
 
+static PyObject *gc_queue_dict(const fshm_gc_queue *q)
+{
+    return Py_BuildValue("{s:s,s:L,s:k,s:s}", "queue", q->name, "pid", (long long)q->pid,
+                         "stream_id", (unsigned long)q->stream_id, "consumer", q->consumer);
+}
+
+/* A list of gc_queue_dict()s, or NULL with an exception. */
+static PyObject *gc_queue_list(const fshm_gc_queue *qs, size_t n)
+{
+    PyObject *list = PyList_New(0);
+    for (size_t i = 0; list && i < n; i++) {
+        PyObject *d = gc_queue_dict(&qs[i]);
+        if (!d || PyList_Append(list, d))
+            Py_CLEAR(list);
+        Py_XDECREF(d);
+    }
+    return list;
+}
+
+static PyObject *mod_stream_gc_report(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"name", "stream_id", "base_dir", "namespace", "dry_run", NULL};
+    PyObject *name = Py_None, *base = Py_None, *ns = Py_None;
+    unsigned long sid = 0;
+    int dry_run = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOp", kwlist, &name, &sid, &base, &ns, &dry_run))
+        return NULL;
+    fshm_stream_addr a;
+    if (fshm_parse_addr(name, sid, base, ns, &a))
+        return NULL;
+    fshm_gc_stream_report *r = PyMem_Malloc(sizeof *r);
+    if (!r)
+        return PyErr_NoMemory();
+    int rc = fshm_stream_gc_report(&a, dry_run ? FSHM_GC_DRY_RUN : 0, r);
+    if (rc < 0) {
+        PyMem_Free(r);
+        return fshm_raise(rc);
+    }
+    static const char *reasons[] = {"no stream", "unused", "corrupt", "no control region",
+                                    "producer", "consumers", "driver"};
+    static const char *states[] = {"none", "alive", "dead", "closed"};
+    const char *reason = r->reason >= 0 && r->reason <= FSHM_GC_DRIVER ? reasons[r->reason] : "?";
+    PyObject *queues = gc_queue_list(r->queues, r->nqueues), *res = NULL;
+    if (queues)
+        res = Py_BuildValue("{s:k,s:s,s:O,s:s,s:s,s:L,s:k,s:O}", "stream_id",
+                            (unsigned long)r->stream_id, "name", r->name, "removed",
+                            r->removed ? Py_True : Py_False, "reason", reason, "producer",
+                            states[r->producer_state & 3], "producer_pid", (long long)r->producer_pid,
+                            "live_consumers", (unsigned long)r->live_consumers, "queues", queues);
+    Py_XDECREF(queues);
+    PyMem_Free(r);
+    return res;
+}
+
+static PyObject *mod_queue_gc(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"dry_run", NULL};
+    int dry_run = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|$p", kwlist, &dry_run))
+        return NULL;
+    /* One entry per queue the system could hold (queues_max, which root may exceed: then
+     * the rest are unlinked without being listed, and counted). */
+    size_t cap = 4096, n = 0;
+    fshm_gc_queue *qs = PyMem_Calloc(cap, sizeof *qs);
+    if (!qs)
+        return PyErr_NoMemory();
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_queue_gc(dry_run ? FSHM_GC_DRY_RUN : 0, qs, cap, &n);
+    Py_END_ALLOW_THREADS
+    if (rc < 0) {
+        PyMem_Free(qs);
+        return fshm_raise(rc);
+    }
+    PyObject *list = gc_queue_list(qs, n < cap ? n : cap);
+    PyMem_Free(qs);
+    if (!list)
+        return NULL;
+    PyObject *res = Py_BuildValue("(Nn)", list, (Py_ssize_t)n);
+    return res;
+}
+
 static PyObject *mod_namespace_dir(PyObject *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"base_dir", "namespace", NULL};
@@ -137,6 +219,10 @@ static PyMethodDef module_methods[] = {
      "stream_info(name=None, *, stream_id=0, base_dir=None, namespace=None) -> dict"},
     {"stream_gc", (PyCFunction)(void (*)(void))mod_stream_gc, METH_VARARGS | METH_KEYWORDS,
      "stream_gc(name=None, *, stream_id=0, base_dir=None, namespace=None) -> bool removed"},
+    {"stream_gc_report", (PyCFunction)(void (*)(void))mod_stream_gc_report, METH_VARARGS | METH_KEYWORDS,
+     "stream_gc_report(name=None, *, stream_id=0, base_dir=None, namespace=None, dry_run=False) -> dict"},
+    {"queue_gc", (PyCFunction)(void (*)(void))mod_queue_gc, METH_VARARGS | METH_KEYWORDS,
+     "queue_gc(*, dry_run=False) -> (list of dead consumers' queues, how many there were)"},
     {"namespace_dir", (PyCFunction)(void (*)(void))mod_namespace_dir, METH_VARARGS | METH_KEYWORDS,
      "namespace_dir(base_dir=None, namespace=None) -> str"},
     {"stream_id_for_name", mod_stream_id_for_name, METH_O, "stream_id_for_name(name) -> int"},

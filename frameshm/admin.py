@@ -56,14 +56,49 @@ def list_streams(base_dir: Optional[str] = None, namespace: Optional[str] = None
     return out
 
 
-def gc(base_dir: Optional[str] = None, namespace: Optional[str] = None) -> List[int]:
-    """Removes streams whose producer is dead or gone and that no live consumer uses;
-    unlinks dead consumers' queues everywhere. Returns the stream ids removed."""
-    removed = []
+def gc_report(base_dir: Optional[str] = None, namespace: Optional[str] = None, *,
+              dry_run: bool = False) -> dict:
+    """What `frameshm gc` does, as a report: every stream of the namespace is removed if
+    its producer is dead, closed or never came and no live consumer uses it (a driver's
+    streams also need their driver gone); dead consumers are taken out of every stream's
+    consumer table with their message queues; then the queues of dead consumers that no
+    table names any more (their stream was removed, or they were left by a crash) are
+    unlinked, for this user, system-wide. ``dry_run``: the same report, nothing removed.
+
+    Returns ``{"streams": [...], "queues": [...], "queues_not_listed": n,
+    "queue_error": None or why queues could not be listed, "dry_run": bool}``: one entry
+    per stream (``stream_id``, ``name``, ``removed``, ``reason``, ``producer``,
+    ``producer_pid``, ``live_consumers``, ``queues``: the dead consumers pruned from its
+    table, each ``{"queue", "pid", "stream_id", "consumer"}``), and the queues of no
+    table."""
+    streams = []
     for sid in _stream_ids(base_dir, namespace):
         try:
-            if _core.stream_gc(stream_id=sid, base_dir=base_dir, namespace=namespace):
-                removed.append(sid)
-        except FrameshmError:
+            r = _core.stream_gc_report(stream_id=sid, base_dir=base_dir, namespace=namespace, dry_run=dry_run)
+        except FrameshmError as exc:
+            streams.append({"stream_id": sid, "name": "", "removed": False, "reason": "error",
+                            "error": exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc),
+                            "queues": []})
             continue
-    return removed
+        if r["reason"] != "no stream":  # removed meanwhile by its own processes
+            streams.append(r)
+    report = {"dry_run": dry_run, "streams": streams, "queues": [], "queues_not_listed": 0,
+              "queue_error": None}
+    try:
+        queues, total = _core.queue_gc(dry_run=dry_run)
+    except FrameshmError as exc:
+        report["queue_error"] = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+    else:
+        # A dry run lists the queues that the stream pass would have unlinked too: they
+        # belong under their stream.
+        pruned = {q["queue"] for s in streams for q in s["queues"]}
+        report["queues"] = [q for q in queues if q["queue"] not in pruned]
+        report["queues_not_listed"] = total - len(queues)
+    return report
+
+
+def gc(base_dir: Optional[str] = None, namespace: Optional[str] = None, *, dry_run: bool = False) -> List[int]:
+    """Removes streams whose producer is dead or gone and that no live consumer uses;
+    unlinks dead consumers' queues everywhere (see :func:`gc_report`). Returns the stream
+    ids removed (``dry_run``: that would be, removing nothing)."""
+    return [s["stream_id"] for s in gc_report(base_dir, namespace, dry_run=dry_run)["streams"] if s["removed"]]

@@ -8,7 +8,7 @@ import sys
 import time
 
 from . import __version__
-from .admin import gc, list_streams
+from .admin import gc_report, list_streams
 from .config import ROLES
 
 
@@ -88,9 +88,57 @@ def cmd_ls(args) -> int:
     return 0
 
 
+_GC_KEPT = {
+    "producer": "a producer holds it",
+    "consumers": "live consumers wait on it",
+    "driver": "its driver runs",
+}
+_GC_REMOVED = {
+    "unused": "no producer, no live consumer",
+    "corrupt": "control region failed validation, no producer",
+    "no control region": "a directory without a control region",
+}
+
+
+def _gc_queue(q: dict) -> str:
+    label = f"consumer {q['consumer']}, " if q.get("consumer") else ""
+    return f"{q['queue'] or '(no queue)'} ({label}pid {q['pid']}, dead)"
+
+
 def cmd_gc(args) -> int:
-    removed = gc(args.base_dir, args.namespace)
-    print(f"removed {len(removed)} stream(s)" + (": " + ", ".join(map(str, removed)) if removed else ""))
+    report = gc_report(args.base_dir, args.namespace, dry_run=args.dry_run)
+    if args.json:
+        print(json.dumps(report, indent=2))
+        return 0
+    verb = "would remove" if args.dry_run else "removed"
+    qverb = "would unlink" if args.dry_run else "unlinked"
+    for s in report["streams"]:
+        what = f"{s['name'] or 'stream'} (id {s['stream_id']})"
+        if "error" in s:
+            print(f"{what}: not checked: {s['error']}")
+            continue
+        if s["removed"]:
+            print(f"{what}: {verb} ({_GC_REMOVED.get(s['reason'], s['reason'])})")
+        elif s["queues"] or args.verbose:
+            why = _GC_KEPT.get(s["reason"], s["reason"])
+            if s["reason"] == "producer" and s.get("producer_pid"):
+                why += f" (pid {s['producer_pid']})"
+            elif s["reason"] == "consumers":
+                why = f"{s['live_consumers']} live consumer(s) wait on it"
+            print(f"{what}: kept: {why}")
+        for q in s["queues"]:
+            print(f"    {qverb} the queue of a dead consumer: {_gc_queue(q)}")
+    for q in report["queues"]:
+        print(f"{qverb} the queue of a dead consumer of no stream here: {_gc_queue(q)}")
+    if report["queues_not_listed"]:
+        print(f"{qverb} {report['queues_not_listed']} more such queue(s)")
+    if report["queue_error"]:
+        print(f"message queues not checked: {report['queue_error']}")
+    removed = [s["stream_id"] for s in report["streams"] if s["removed"]]
+    nqueues = (sum(len(s["queues"]) for s in report["streams"]) + len(report["queues"])
+               + report["queues_not_listed"])
+    print(f"{verb} {len(removed)} stream(s)" + (": " + ", ".join(map(str, removed)) if removed else "")
+          + f"; {qverb} {nqueues} queue(s) of dead consumers")
     return 0
 
 
@@ -126,7 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--sample", type=float, default=0.5, help="seconds to sample fps over (0: skip)")
     ls.set_defaults(func=cmd_ls)
-    g = sub.add_parser("gc", help="remove streams and queues whose producer is dead")
+    g = sub.add_parser("gc", help="remove dead streams and dead consumers' message queues; says what went")
+    g.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
+    g.add_argument("--json", action="store_true", help="the report as JSON")
+    g.add_argument("-v", "--verbose", action="store_true", help="also list the streams kept, and why")
     g.set_defaults(func=cmd_gc)
     d = sub.add_parser("demo", help="a live test-pattern stream with two consumer processes")
     d.add_argument("--seconds", type=float, default=0.0, help="stop after this long (0: until Ctrl-C)")

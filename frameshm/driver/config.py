@@ -178,7 +178,8 @@ def _profile(name: str, table: Any, where: str) -> Profile:
 
 @dataclass
 class StreamRule:
-    """Which streams get which profile: an inclusive id range, one id, or a name."""
+    """Which streams get which profile: an inclusive id range (``id_range``), a list of
+    ids (``ids``), one id, or a name. ``lo``/``hi`` bound the ids the rule can match."""
 
     index: int
     lo: int
@@ -186,13 +187,32 @@ class StreamRule:
     profile: str
     name: Optional[str] = None
     producer_uids: List[int] = field(default_factory=list)
+    ids: Optional[Tuple[int, ...]] = None  # a list of ids (sorted); None: every id in lo..hi
 
     def matches(self, stream_id: int) -> bool:
+        if self.ids is not None:
+            return stream_id in self.ids
         return self.lo <= stream_id <= self.hi
+
+    @property
+    def count(self) -> int:
+        """How many stream ids the rule covers."""
+        return len(self.ids) if self.ids is not None else self.hi - self.lo + 1
+
+    def overlaps(self, other: "StreamRule") -> bool:
+        if self.hi < other.lo or other.hi < self.lo:
+            return False
+        if self.ids is None and other.ids is None:
+            return True
+        listed = self.ids if self.ids is not None else other.ids
+        rule = other if self.ids is not None else self
+        return any(rule.matches(i) for i in listed)
 
     def describe(self) -> str:
         if self.name is not None:
             what = f"stream {self.name!r} (id {self.lo})"
+        elif self.ids is not None and len(self.ids) > 1:
+            what = "streams " + ", ".join(map(str, self.ids))
         elif self.lo == self.hi:
             what = f"stream {self.lo}"
         else:
@@ -202,12 +222,14 @@ class StreamRule:
 
 
 _STREAM_KEYS = {
-    "ids": "[first, last] inclusive range",
+    "id_range": "[first, last]: every id from first to last",
+    "ids": "[a, b, ...]: exactly these ids",
     "id": "one stream id",
     "name": "stream name (id derived as the core does)",
     "profile": "profile name",
     "producer_uids": "uids (or user names) allowed to produce",
 }
+_ID_KEYS = ("id_range", "ids", "id", "name")
 
 
 def _rule(i: int, table: Any, profiles: Dict[str, Profile], where: str) -> StreamRule:
@@ -215,18 +237,39 @@ def _rule(i: int, table: Any, profiles: Dict[str, Profile], where: str) -> Strea
     if not isinstance(table, dict):
         raise DriverConfigError(f"{w} must be a table")
     _check_keys(table, _STREAM_KEYS, w)
-    given = [k for k in ("ids", "id", "name") if k in table]
+    given = [k for k in _ID_KEYS if k in table]
     if len(given) != 1:
-        raise DriverConfigError(f"{w} needs exactly one of ids = [first, last], id = N or name = \"...\"")
+        raise DriverConfigError(
+            f"{w} needs exactly one of id_range = [first, last], ids = [a, b, ...], id = N or name = \"...\""
+        )
     name = None
-    if "ids" in table:
-        ids = _list(table["ids"], f"{w} ids")
-        if len(ids) != 2:
-            raise DriverConfigError(f"{w} ids: expected [first, last], got {ids!r}")
-        lo = _int(ids[0], f"{w} ids[0]", 1, 2**32 - 1)
-        hi = _int(ids[1], f"{w} ids[1]", 1, 2**32 - 1)
+    ids = None
+    if "id_range" in table:
+        rng = _list(table["id_range"], f"{w} id_range")
+        if len(rng) != 2:
+            raise DriverConfigError(f"{w} id_range: expected [first, last], got {rng!r}")
+        lo = _int(rng[0], f"{w} id_range[0]", 1, 2**32 - 1)
+        hi = _int(rng[1], f"{w} id_range[1]", 1, 2**32 - 1)
         if lo > hi:
-            raise DriverConfigError(f"{w} ids: first {lo} is above last {hi}")
+            raise DriverConfigError(f"{w} id_range: first {lo} is above last {hi}")
+    elif "ids" in table:
+        listed = _list(table["ids"], f"{w} ids")
+        if not listed:
+            raise DriverConfigError(f"{w} ids: expected at least one id, got []")
+        vals = [_int(v, f"{w} ids[{k}]", 1, 2**32 - 1) for k, v in enumerate(listed)]
+        if len(set(vals)) != len(vals):
+            raise DriverConfigError(f"{w} ids: {vals!r} lists an id twice")
+        if len(vals) == 2 and abs(vals[1] - vals[0]) > 1:
+            # frameshm 0.2 read `ids = [first, last]` as a range: refuse the one form whose
+            # meaning changed rather than drop the ids between without a word.
+            a, b = vals
+            raise DriverConfigError(
+                f"{w} ids = [{a}, {b}] is ambiguous: frameshm 0.2 read it as the range {min(a, b)}..{max(a, b)}. "
+                f"Write id_range = [{min(a, b)}, {max(a, b)}] for every id from {min(a, b)} to {max(a, b)}, "
+                f"or give {a} and {b} a [[streams]] table each (id = {a}, id = {b}) for exactly those two"
+            )
+        ids = tuple(sorted(vals))
+        lo, hi = ids[0], ids[-1]
     elif "id" in table:
         lo = hi = _int(table["id"], f"{w} id", 1, 2**32 - 1)
     else:
@@ -240,7 +283,7 @@ def _rule(i: int, table: Any, profiles: Dict[str, Profile], where: str) -> Strea
             f"{w} profile: no profile {prof!r}{_suggest(prof, profiles)}; defined: {', '.join(profiles) or 'none'}"
         )
     uids = [_uid(u, f"{w} producer_uids") for u in _list(table.get("producer_uids", []), f"{w} producer_uids")]
-    return StreamRule(i, lo, hi, prof, name, uids)
+    return StreamRule(i, lo, hi, prof, name, uids, ids)
 
 
 # ---- the whole file -------------------------------------------------------------------------
@@ -363,7 +406,7 @@ def from_dict(data: Dict[str, Any], where: str = "configuration") -> DriverConfi
     for i, table in enumerate(rules):
         r = _rule(i, table, cfg.profiles, where)
         for other in cfg.streams:
-            if r.lo <= other.hi and other.lo <= r.hi:
+            if r.overlaps(other):
                 raise DriverConfigError(
                     f"{where}: [[streams]] #{i + 1} ({r.describe()}) overlaps #{other.index + 1} ({other.describe()})"
                 )
@@ -392,7 +435,7 @@ def check_report(cfg: DriverConfig) -> str:
     total = 0
     for r in cfg.streams:
         p = cfg.profiles[r.profile]
-        count = r.hi - r.lo + 1
+        count = r.count
         total += count * p.footprint
         lines.append(f"{r.describe()}: {count} stream(s) x {fmt_bytes(p.footprint)} = {fmt_bytes(count * p.footprint)}")
     lines.append(f"all configured streams at once: {fmt_bytes(total)} ({total} bytes)")

@@ -135,6 +135,7 @@ class Driver:
         self.sel = selectors.DefaultSelector()
         self.lsock: Optional[socket.socket] = None
         self.sock_ino: Optional[Tuple[int, int]] = None
+        self.made_dirs: List[str] = []
         self.conns: Dict[int, Conn] = {}
         self.leases: Dict[int, Lease] = {}
         self.clients: Dict[int, int] = {}  # client_id -> lease_id (active leases)
@@ -186,7 +187,13 @@ class Driver:
     def _listen(self) -> None:
         path = self.cfg.socket
         parent = os.path.dirname(path) or "."
+        missing = []  # the socket's directories this driver creates, deepest first
+        d = os.path.abspath(parent)
+        while not os.path.lexists(d) and os.path.dirname(d) != d:
+            missing.append(d)
+            d = os.path.dirname(d)
         os.makedirs(parent, mode=0o755, exist_ok=True)
+        self.made_dirs = missing
         s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET | socket.SOCK_CLOEXEC)
         old = os.umask(0o177)  # never reachable with wider permissions than intended
         try:
@@ -720,6 +727,14 @@ class Driver:
                     os.unlink(self.cfg.socket)
             except OSError:
                 pass
+        # Leave nothing behind: the directories made for the socket go too, as long as
+        # nothing else was put in them meanwhile (rmdir removes only empty ones).
+        for d in self.made_dirs:
+            try:
+                os.rmdir(d)
+            except OSError:
+                break
+        self.made_dirs = []
 
     def run(self) -> int:
         """Runs until SIGTERM/SIGINT; 0 after a graceful shutdown, 1 if it cannot start."""

@@ -150,7 +150,7 @@ static int queue_name_ok(const char *q)
     return strchr(q + 1, '/') == NULL;
 }
 
-int fshm_ctl_prune(fshm_ctl *c)
+int fshm_ctl_prune_report(fshm_ctl *c, int dry_run, fshm_gc_queue *out, uint32_t *n)
 {
     int pruned = 0;
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
@@ -163,21 +163,35 @@ int fshm_ctl_prune(fshm_ctl *c)
             continue;   /* being filled in right now */
         if (fshm_pid_alive((int64_t)pid, LOAD_RLX(&e->pid_start)))
             continue;
-        if (!__atomic_compare_exchange_n(&e->state, &st, CONS_PRUNING, 0, __ATOMIC_ACQ_REL,
-                                         __ATOMIC_RELAXED))
+        if (!dry_run && !__atomic_compare_exchange_n(&e->state, &st, CONS_PRUNING, 0,
+                                                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
             continue;
         char q[32];
         memcpy(q, e->queue, sizeof q);
-        if (queue_name_ok(q))
+        int named = queue_name_ok(q);
+        if (out && n && *n < FSHM_MAX_CONSUMERS) {
+            fshm_gc_queue *g = &out[(*n)++];
+            memset(g, 0, sizeof *g);
+            if (named)
+                memcpy(g->name, q, sizeof g->name);
+            g->pid = (int64_t)pid;
+            g->stream_id = LOAD_RLX(&c->stream_id);
+            memcpy(g->consumer, e->name, sizeof g->consumer - 1);
+        }
+        pruned++;
+        if (dry_run)
+            continue;
+        if (named)
             mq_unlink(q);
         memset((uint8_t *)e + 4, 0, FSHM_CONSUMER_BYTES - 4);
         STORE_REL(&e->state, CONS_FREE);
         __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
         ADD_RLX(&c->pruned, 1);
-        pruned++;
     }
     return pruned;
 }
+
+int fshm_ctl_prune(fshm_ctl *c) { return fshm_ctl_prune_report(c, 0, NULL, NULL); }
 
 int fshm_ctl_live_consumers(fshm_ctl *c)
 {

@@ -195,6 +195,16 @@ int fshm_uri_open(const char *uri, const char *base, int writable, int *fd_out, 
 /* fshm_uri_open + a mapping of the whole file (writable ones pre-faulted). */
 int fshm_uri_map(const char *uri, const char *base, int writable, fshm_map **out);
 int fshm_remove_tree(const char *dir);
+/* Creates the user, namespace and stream directories of p (private, ours), retrying when a
+ * parent is removed meanwhile by fshm_remove_empty_parents. */
+int fshm_make_stream_dir(const fshm_paths *p);
+/* <base>/tensorpool-<user>, the parent of p->ns_dir. */
+void fshm_user_dir(const fshm_paths *p, char *out, size_t cap);
+/* Removes p's namespace directory and then its user directory if they are empty: called
+ * after a stream directory was removed, so that a clean stop leaves nothing behind. */
+void fshm_remove_empty_parents(const fshm_paths *p);
+/* fshm_remove_tree(p->stream_dir), then fshm_remove_empty_parents. */
+int fshm_remove_stream_dir(const fshm_paths *p);
 int fshm_paths_from_grant(const char *base_dir, const fshm_grant *g, fshm_paths *p);
 int fshm_statvfs_free(const char *dir, uint64_t *free_bytes);
 
@@ -254,6 +264,9 @@ int fshm_ctl_validate(const fshm_ctl *c, size_t map_size, const fshm_paths *p);
 int fshm_ctl_same_file(const fshm_ctl_handle *h, const char *path);
 /* Unlinks the queues of consumers whose process died; returns how many were pruned. */
 int fshm_ctl_prune(fshm_ctl *c);
+/* The same, listing each dead consumer in out[*n] (up to FSHM_MAX_CONSUMERS entries);
+ * dry_run: list them and change nothing. */
+int fshm_ctl_prune_report(fshm_ctl *c, int dry_run, fshm_gc_queue *out, uint32_t *n);
 int fshm_ctl_live_consumers(fshm_ctl *c);
 int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue, uint32_t max_rate_hz);
 void fshm_ctl_unregister(fshm_ctl *c, int idx, const char *queue);
@@ -299,5 +312,12 @@ void fshm_epoch_publish(const fshm_paths *p, fshm_ctl *c, const fshm_new_epoch *
 int fshm_queue_create(char name[32], mqd_t *out);
 int fshm_queue_open_send(const char *name, mqd_t *out);
 int fshm_queue_limit(void);
+/* The owner a queue's name records: pid, and start time (0 in names made before they
+ * carried it). -1 for a name frameshm does not make. Takes the name with or without the
+ * leading '/' (the mqueue file system lists them without). */
+int fshm_queue_owner(const char *name, int64_t *pid, uint64_t *start);
+/* Where an mqueue file system is mounted (/dev/mqueue preferred); -ENOENT with a message
+ * when none is. */
+int fshm_mqueue_dir(char *out, size_t cap);
 
 #endif

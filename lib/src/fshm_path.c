@@ -140,12 +140,52 @@ int fshm_resolve(const fshm_stream_addr *addr, int create_dirs, fshm_paths *p)
     snprintf(p->ns_dir, sizeof p->ns_dir, "%s/%s", userdir, ns);
     snprintf(p->stream_dir, sizeof p->stream_dir, "%s/%u", p->ns_dir, p->stream_id);
     snprintf(p->ctl, sizeof p->ctl, "%s/frameshm.ctl", p->stream_dir);
-    if (create_dirs) {
+    return create_dirs ? fshm_make_stream_dir(p) : 0;
+}
+
+int fshm_make_stream_dir(const fshm_paths *p)
+{
+    char userdir[FSHM_PATH_MAX];
+    fshm_user_dir(p, userdir, sizeof userdir);
+    /* Whoever removes the last stream of a namespace removes the emptied namespace and
+     * user directories too (fshm_remove_empty_parents), possibly between our mkdirs: a
+     * parent gone from under the next mkdir means start over. Once the stream directory
+     * exists the parents are not empty, so they stay. */
+    for (int attempt = 0;; attempt++) {
+        int rc;
         if ((rc = fshm_mkdir_private(userdir, 0700)) || (rc = fshm_mkdir_private(p->ns_dir, 0700)) ||
-            (rc = fshm_mkdir_private(p->stream_dir, 0700)))
+            (rc = fshm_mkdir_private(p->stream_dir, 0700))) {
+            if (rc == -ENOENT && attempt < 32)
+                continue;
             return rc;
+        }
+        return 0;
     }
-    return 0;
+}
+
+void fshm_user_dir(const fshm_paths *p, char *out, size_t cap)
+{
+    snprintf(out, cap, "%s", p->ns_dir);
+    char *slash = strrchr(out, '/');
+    if (slash)
+        *slash = 0;
+}
+
+void fshm_remove_empty_parents(const fshm_paths *p)
+{
+    /* rmdir only removes empty directories: a namespace or user directory another
+     * process is using (or just started to) stays. */
+    char userdir[FSHM_PATH_MAX];
+    fshm_user_dir(p, userdir, sizeof userdir);
+    if (rmdir(p->ns_dir) == 0)
+        rmdir(userdir);
+}
+
+int fshm_remove_stream_dir(const fshm_paths *p)
+{
+    int rc = fshm_remove_tree(p->stream_dir);
+    fshm_remove_empty_parents(p);
+    return rc;
 }
 
 /* Driver model: the driver chose the paths; we only accept them if the header ring sits

@@ -435,11 +435,7 @@ int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *user_
     if ((rc = fshm_resolve(addr, 0, &paths)))
         return rc;
     char user_dir[FSHM_PATH_MAX];
-    snprintf(user_dir, sizeof user_dir, "%s", paths.ns_dir);
-    char *slash = strrchr(user_dir, '/');
-    if (slash)
-        *slash = 0;
-    int had_user = is_dir(user_dir), had_ns = is_dir(paths.ns_dir);
+    fshm_user_dir(&paths, user_dir, sizeof user_dir);
     int had_stream = is_dir(paths.stream_dir), had_ctl = path_exists(paths.ctl);
 
     /* Room check first: nothing is created for a profile that cannot fit. The epoch this
@@ -503,12 +499,10 @@ undo_ctl:
         unlink(paths.ctl);
     fshm_ctl_close(&h);
 undo_dirs:
-    if (!had_stream)
+    if (!had_stream) {
         rmdir(paths.stream_dir);
-    if (!had_ns)
-        rmdir(paths.ns_dir);
-    if (!had_user)
-        rmdir(user_dir);
+        fshm_remove_empty_parents(&paths);   /* only what is empty: ours, or nobody's */
+    }
     return rc;
 }
 
@@ -531,7 +525,7 @@ int fshm_provision_remove(const fshm_stream_addr *addr)
         fshm_ctl_prune(h.ctl);
         fshm_ctl_close(&h);
     }
-    rc = fshm_remove_tree(p.stream_dir);
+    rc = fshm_remove_stream_dir(&p);
     if (rc && path_exists(p.stream_dir))
         return fshm_set_error(rc, "cannot remove %s: %s", p.stream_dir, strerror(-rc));
     return 1;

@@ -1,5 +1,6 @@
 /* POSIX message queues carrying frame descriptors, one queue per consumer. */
 #include <fcntl.h>
+#include <mntent.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <time.h>
@@ -64,11 +65,18 @@ static int queue_error(int e, const char *name)
 int fshm_queue_create(char name[32], mqd_t *out)
 {
     struct mq_attr attr = {.mq_maxmsg = fshm_queue_limit(), .mq_msgsize = 64};
+    /* The name carries its owner (pid and start time), so that `frameshm gc` can tell a
+     * dead consumer's queue from a live one's even when no consumer table names it any
+     * more (its stream was removed, or its control region was corrupt). */
+    unsigned pid = (unsigned)getpid();
+    unsigned long long start = (unsigned long long)fshm_self_start_time();
     for (int attempt = 0; attempt < 16; attempt++) {
         struct timespec ts;
         clock_gettime(CLOCK_REALTIME, &ts);
         uint32_t r = (uint32_t)ts.tv_nsec * 2654435761u ^ (uint32_t)attempt * 40503u;
-        snprintf(name, 32, "/fshm-%x-%08x", (unsigned)getpid(), r);
+        int n = start ? snprintf(name, 32, "/fshm-%x-%llx-%06x", pid, start, r & 0xffffffu) : 32;
+        if (n >= 32)   /* no start time, or too long to hold it: the pid alone */
+            snprintf(name, 32, "/fshm-%x-%08x", pid, r);
         mqd_t q = mq_open(name, O_RDONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600, &attr);
         if (q != (mqd_t)-1) {
             *out = q;
@@ -91,5 +99,71 @@ int fshm_queue_open_send(const char *name, mqd_t *out)
     if (q == (mqd_t)-1)
         return queue_error(errno, name);
     *out = q;
+    return 0;
+}
+
+/* min..max lowercase hex digits at s, then '-' or the end: returns where they end. */
+static const char *hex_field(const char *s, size_t min, size_t max, uint64_t *v)
+{
+    size_t n = 0;
+    uint64_t x = 0;
+    for (; n < max && ((s[n] >= '0' && s[n] <= '9') || (s[n] >= 'a' && s[n] <= 'f')); n++)
+        x = x << 4 | (uint64_t)(s[n] <= '9' ? s[n] - '0' : s[n] - 'a' + 10);
+    if (n < min || (s[n] != '-' && s[n] != 0))
+        return NULL;
+    *v = x;
+    return s + n;
+}
+
+int fshm_queue_owner(const char *name, int64_t *pid, uint64_t *start)
+{
+    if (name[0] == '/')
+        name++;
+    if (strncmp(name, "fshm-", 5) != 0)
+        return -1;
+    uint64_t a, b, c;
+    const char *s = hex_field(name + 5, 1, 8, &a);
+    if (!s || *s != '-' || a == 0 || a > INT_MAX)
+        return -1;
+    const char *t = hex_field(s + 1, 1, 16, &b);
+    if (!t)
+        return -1;
+    if (*t == 0) {   /* /fshm-<pid>-<8 hex>: made before names carried the start time */
+        if (t - (s + 1) != 8)
+            return -1;
+        *pid = (int64_t)a;
+        *start = 0;
+        return 0;
+    }
+    const char *u = hex_field(t + 1, 6, 6, &c);
+    if (!u || *u != 0 || b == 0)
+        return -1;
+    *pid = (int64_t)a;
+    *start = b;
+    return 0;
+}
+
+int fshm_mqueue_dir(char *out, size_t cap)
+{
+    /* Queues are listed only through an mqueue file system; where it is mounted is up to
+     * the system (/dev/mqueue by convention), so the mount table says. */
+    FILE *f = setmntent("/proc/self/mounts", "re");
+    if (!f)
+        return fshm_set_error(-errno, "cannot read /proc/self/mounts: %s", strerror(errno));
+    struct mntent me, *m;
+    char buf[4096];
+    int found = 0;
+    while ((m = getmntent_r(f, &me, buf, sizeof buf))) {
+        if (strcmp(m->mnt_type, "mqueue") != 0 || strlen(m->mnt_dir) >= cap)
+            continue;
+        if (!found || strcmp(m->mnt_dir, "/dev/mqueue") == 0)
+            snprintf(out, cap, "%s", m->mnt_dir);
+        found = 1;
+    }
+    endmntent(f);
+    if (!found)
+        return fshm_set_error(-ENOENT, "no mqueue file system is mounted, so message queues cannot "
+                              "be listed (as root: mkdir -p /dev/mqueue && mount -t mqueue none "
+                              "/dev/mqueue)");
     return 0;
 }

@@ -308,8 +308,8 @@ static int reader_open(const fshm_reader_config *cfg, fshm_reader **out)
     *out = r;
     return 0;
 fail:
-    if (!r->ctl && r->paths.stream_dir[0] && !r->driver_mode)
-        rmdir(r->paths.stream_dir);   /* only if we left it empty */
+    if (!r->ctl && r->paths.stream_dir[0] && !r->driver_mode && rmdir(r->paths.stream_dir) == 0)
+        fshm_remove_empty_parents(&r->paths);   /* only if we left it empty */
     fshm_reader_close(r);
     return rc;
 }
@@ -787,7 +787,7 @@ void fshm_reader_close(fshm_reader *r)
             (st == FSHM_PRODUCER_NONE || st == FSHM_PRODUCER_CLOSED) &&
             fshm_ctl_live_consumers(r->ctl) == 0 && flock(r->ch.fd, LOCK_EX | LOCK_NB) == 0 &&
             fshm_ctl_same_file(&r->ch, r->paths.ctl)) {
-            fshm_remove_tree(r->paths.stream_dir);
+            fshm_remove_stream_dir(&r->paths);
         }
     }
     if (r->q != (mqd_t)-1) {

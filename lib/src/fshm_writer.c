@@ -311,7 +311,7 @@ static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
     if (rc)
         goto fail;
     for (int attempt = 0;; attempt++) {
-        if (attempt > 0 && (rc = fshm_resolve(&cfg->addr, 1, &w->paths)))   /* directories again */
+        if (attempt > 0 && (rc = fshm_make_stream_dir(&w->paths)))   /* directories again */
             goto fail;
         if ((rc = fshm_ctl_open(&w->paths, 1, &w->ch))) {
             /* The last reader of an idle stream removed its directory under us. */
@@ -387,7 +387,8 @@ fail_ctl:
     if (LOAD_ACQ(&w->ctl->state) == CTL_STATE_NEVER && fshm_ctl_live_consumers(w->ctl) == 0 &&
         fshm_ctl_same_file(&w->ch, w->paths.ctl)) {
         unlink(w->paths.ctl);
-        rmdir(w->paths.stream_dir);
+        if (rmdir(w->paths.stream_dir) == 0)
+            fshm_remove_empty_parents(&w->paths);
     }
 fail:
     fshm_ctl_close(&w->ch);
@@ -662,7 +663,8 @@ void fshm_writer_close(fshm_writer *w, int unlink_files)
          * where they will see the next producer. The last one out removes it. */
         if (fshm_ctl_live_consumers(c) == 0 && fshm_ctl_same_file(&w->ch, w->paths.ctl)) {
             unlink(w->paths.ctl);
-            rmdir(w->paths.stream_dir);
+            if (rmdir(w->paths.stream_dir) == 0)
+                fshm_remove_empty_parents(&w->paths);
         }
     }
     fshm_ctl_close(&w->ch);

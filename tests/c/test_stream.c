@@ -14,7 +14,9 @@
 #include <signal.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sched.h>
 #include <sys/mman.h>
+#include <sys/mount.h>
 #include <sys/prctl.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
@@ -1496,6 +1498,257 @@ static void test_stream_gc_api(void **state)
     assert_false(tu_path_exists(dir));
 }
 
+/* A queue name records its owner: the pid and start time of the process that made it. */
+static void test_queue_names_carry_their_owner(void **state)
+{
+    (void)state;
+    fshm_reader *r = tu_reader("st-qname");
+    int64_t pid = 0;
+    uint64_t start = 0;
+    assert_int_equal(fshm_queue_owner(fshm_reader_queue_name(r), &pid, &start), 0);
+    assert_int_equal(pid, getpid());
+    assert_int_equal(start, fshm_self_start_time());
+    fshm_reader_close(r);
+
+    assert_int_equal(fshm_queue_owner("fshm-1a2b-5c81c-0f9e8d", &pid, &start), 0);   /* as listed */
+    assert_int_equal(pid, 0x1a2b);
+    assert_int_equal(start, 0x5c81c);
+    assert_int_equal(fshm_queue_owner("/fshm-399-fb1aaf0f", &pid, &start), 0);   /* older names */
+    assert_int_equal(pid, 0x399);
+    assert_int_equal(start, 0);
+    static const char *not_ours[] = {
+        "/fshm-wakebench-123", "/fshm-0-fb1aaf0f", "/fshm-399-fb1aaf0", "/fshm-399-fb1aaf0f0",
+        "/fshm-399-5c81c-0f9e8", "/fshm-399-5c81c-0f9e8d7", "/fshm-399-0-0f9e8d", "/fshm-399-5C81C-0f9e8d",
+        "/fshm-399-5c81c-0f9e8d-1", "/fshm--5c81c-0f9e8d", "/fshm-123456789-5c81c-0f9e8d", "/other-1-fb1aaf0f",
+        "fshm-80000000-5c81c-0f9e8d", "/fshm-399",
+    };
+    for (size_t i = 0; i < sizeof not_ours / sizeof not_ours[0]; i++)
+        if (fshm_queue_owner(not_ours[i], &pid, &start) != -1)
+            fail_msg("%s parsed as a frameshm queue name", not_ours[i]);
+}
+
+static int gc_lists(const fshm_gc_stream_report *g, const char *queue, int64_t pid, const char *consumer)
+{
+    for (uint32_t i = 0; i < g->nqueues; i++)
+        if (strcmp(g->queues[i].name, queue) == 0 && g->queues[i].pid == pid &&
+            strcmp(g->queues[i].consumer, consumer) == 0 && g->queues[i].stream_id == g->stream_id)
+            return 1;
+    return 0;
+}
+
+/* fshm_stream_gc_report: per stream what went (or, dry run, would), and why. */
+static void test_stream_gc_report(void **state)
+{
+    (void)state;
+    fshm_stream_addr a;
+    memset(&a, 0, sizeof a);
+    a.name = "st-gcr";
+    fshm_gc_stream_report *g = malloc(sizeof *g);
+    assert_non_null(g);
+
+    /* Kept while its producer lives; a dead consumer's queue goes all the same. */
+    fshm_writer *w = tu_writer(a.name, 2, 64);
+    char q[32];
+    pid_t dead = fork_abandoning_reader(a.name, q);
+    assert_int_equal(fshm_stream_gc_report(&a, FSHM_GC_DRY_RUN, g), 0);
+    assert_int_equal(g->reason, FSHM_GC_PRODUCER);
+    assert_int_equal(g->producer_state, FSHM_PRODUCER_ALIVE);
+    assert_int_equal(g->producer_pid, getpid());
+    assert_string_equal(g->name, a.name);
+    assert_int_equal(g->stream_id, fshm_stream_id_for_name(a.name));
+    assert_int_equal(g->nqueues, 1);
+    assert_true(gc_lists(g, q, dead, "abandoned"));
+    assert_true(queue_exists(q));   /* dry run */
+    assert_int_equal(fshm_stream_gc_report(&a, 0, g), 0);
+    assert_int_equal(g->reason, FSHM_GC_PRODUCER);
+    assert_true(gc_lists(g, q, dead, "abandoned"));
+    assert_false(queue_exists(q));
+    assert_int_equal(fshm_stream_gc_report(&a, 0, g), 0);
+    assert_int_equal(g->nqueues, 0);
+
+    /* A live consumer keeps a stream whose producer is gone. */
+    fshm_writer_close(w, 0);
+    fshm_reader *r = tu_reader(a.name);
+    assert_int_equal(fshm_stream_gc_report(&a, 0, g), 0);
+    assert_int_equal(g->reason, FSHM_GC_CONSUMERS);
+    assert_int_equal(g->producer_state, FSHM_PRODUCER_CLOSED);
+    assert_int_equal(g->live_consumers, 1);
+    fshm_reader_close(r);   /* the last one out of a closed stream removes it */
+    char dir[PATH_MAX];
+    stream_dir_of(a.name, dir, sizeof dir);
+    assert_false(tu_path_exists(dir));
+    assert_int_equal(fshm_stream_gc_report(&a, 0, g), 0);
+    assert_int_equal(g->reason, FSHM_GC_NO_STREAM);
+
+    /* A dead producer and a dead consumer: removed, and the directories above with it. */
+    int p[2];
+    assert_int_equal(pipe(p), 0);
+    pid_t prod = tu_fork();
+    if (prod == 0) {
+        close(p[0]);
+        child_writer(a.name, 2, 1, 64, 0, p[1]);
+    }
+    close(p[1]);
+    uint64_t msg[2];
+    assert_int_equal(tu_wait_ready(p[0], msg, sizeof msg, 5000), 0);
+    close(p[0]);
+    tu_kill_child(prod);
+    dead = fork_abandoning_reader(a.name, q);
+    assert_int_equal(fshm_stream_gc_report(&a, FSHM_GC_DRY_RUN, g), 1);
+    assert_int_equal(g->removed, 1);
+    assert_int_equal(g->reason, FSHM_GC_UNUSED);
+    assert_int_equal(g->producer_state, FSHM_PRODUCER_DEAD);
+    assert_int_equal(g->producer_pid, prod);
+    assert_true(gc_lists(g, q, dead, "abandoned"));
+    assert_true(tu_path_exists(dir) && queue_exists(q));   /* dry run */
+    assert_int_equal(fshm_stream_gc_report(&a, 0, g), 1);
+    assert_int_equal(g->reason, FSHM_GC_UNUSED);
+    assert_true(gc_lists(g, q, dead, "abandoned"));
+    assert_false(tu_path_exists(dir));
+    assert_false(queue_exists(q));
+    char user[PATH_MAX];
+    tu_user_dir(user, sizeof user);
+    assert_false(tu_path_exists(user));   /* it was the last stream of the namespace */
+
+    /* Leftovers without a control region. */
+    fshm_paths paths;
+    assert_int_equal(fshm_resolve(&a, 1, &paths), 0);
+    assert_int_equal(fshm_stream_gc_report(&a, FSHM_GC_DRY_RUN, g), 1);
+    assert_int_equal(g->reason, FSHM_GC_NO_CONTROL);
+    assert_true(tu_path_exists(dir));
+    assert_int_equal(fshm_stream_gc_report(&a, 0, g), 1);
+    assert_false(tu_path_exists(user));
+    free(g);
+}
+
+/* fshm_queue_gc runs in a child with a private mqueue file system mounted (the queues are
+ * the same: the IPC namespace is not changed). Exit codes of the child: 0 passed, 77 no
+ * privilege to mount one (skip), anything else the check that failed. */
+static int queue_gc_child(void)
+{
+    if (unshare(CLONE_NEWNS) != 0)
+        return 77;
+    if (mount(NULL, "/", NULL, MS_REC | MS_PRIVATE, NULL) != 0)
+        return 77;
+    char mnt[] = "/tmp/fshm-ctest-mq-XXXXXX";
+    if (!mkdtemp(mnt))
+        return 2;
+    int rc = 0;
+    if (mount("none", mnt, "mqueue", 0, NULL) != 0) {
+        rmdir(mnt);
+        return 77;
+    }
+    pid_t gone = fork();   /* a pid that is dead once reaped */
+    if (gone == 0)
+        _exit(0);
+    waitpid(gone, NULL, 0);
+    unsigned long long start = fshm_self_start_time();
+    char names[6][40];
+    snprintf(names[0], 40, "/fshm-%x-%llx-a1b2c3", (unsigned)getpid(), start);       /* mine: kept */
+    snprintf(names[1], 40, "/fshm-%x-%llx-a1b2c3", (unsigned)getpid(), start + 1);   /* reused pid */
+    snprintf(names[2], 40, "/fshm-%x-a1b2c3d4", (unsigned)getpid());                  /* old, alive */
+    snprintf(names[3], 40, "/fshm-%x-%llx-a1b2c3", (unsigned)gone, start);           /* dead */
+    snprintf(names[4], 40, "/fshm-%x-a1b2c3d4", (unsigned)gone);                      /* old, dead */
+    snprintf(names[5], 40, "/fshm-wakebench-%d", (int)getpid());                      /* not ours */
+    static const int goes[6] = {0, 1, 0, 1, 1, 0};
+    struct mq_attr attr = {.mq_maxmsg = 1, .mq_msgsize = 64};
+    for (int i = 0; i < 6; i++) {
+        mqd_t d = mq_open(names[i], O_RDONLY | O_CREAT | O_EXCL, 0600, &attr);
+        if (d == (mqd_t)-1)
+            rc = 3;
+        else
+            mq_close(d);
+    }
+    fshm_gc_queue found[512];
+    for (int dry = 1; rc == 0 && dry >= 0; dry--) {
+        size_t n = 0;
+        if (fshm_queue_gc(dry ? FSHM_GC_DRY_RUN : 0, found, 512, &n) != 0 || n > 512) {
+            rc = 4;
+            break;
+        }
+        for (int i = 0; i < 6 && rc == 0; i++) {
+            int listed = 0;
+            for (size_t k = 0; k < n; k++)
+                if (strcmp(found[k].name, names[i]) == 0 && found[k].stream_id == 0)
+                    listed = found[k].pid == (i == 1 ? getpid() : gone) ? 1 : -1;
+            mqd_t d = mq_open(names[i], O_RDONLY);
+            int exists = d != (mqd_t)-1;
+            if (exists)
+                mq_close(d);
+            if (listed != goes[i])
+                rc = 10 + i;
+            else if (exists != (dry || !goes[i]))
+                rc = 20 + i;
+        }
+    }
+    for (int i = 0; i < 6; i++)
+        mq_unlink(names[i]);
+    umount2(mnt, MNT_DETACH);
+    rmdir(mnt);
+    return rc;
+}
+
+static void test_queue_gc(void **state)
+{
+    (void)state;
+    pid_t pid = tu_fork();
+    if (pid == 0)
+        _exit(queue_gc_child());
+    int st = 0;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_true(WIFEXITED(st));
+    if (WEXITSTATUS(st) == 77)
+        skip();   /* no CAP_SYS_ADMIN to mount a private mqueue file system */
+    if (WEXITSTATUS(st) != 0)
+        fail_msg("fshm_queue_gc check %d failed (see queue_gc_child)", WEXITSTATUS(st));
+}
+
+/* Every clean close of a namespace's last stream removes the namespace and user
+ * directories, while other processes create streams in them: no open may fail for it. */
+static int open_close_loop(const char *name, int rounds)
+{
+    for (int i = 0; i < rounds; i++) {
+        fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
+        cfg.addr.name = name;
+        cfg.nslots = 1;
+        cfg.npools = 1;
+        cfg.pool_bytes[0] = 64;
+        fshm_writer *w;
+        if (fshm_writer_open(&cfg, &w) != 0) {
+            fprintf(stderr, "%s round %d: %s\n", name, i, fshm_last_error());
+            return 1;
+        }
+        fshm_writer_close(w, 1);
+        fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+        rc.addr.name = name;
+        rc.passive = 1;
+        fshm_reader *r;
+        if (fshm_reader_open(&rc, &r) != 0) {
+            fprintf(stderr, "%s round %d (reader): %s\n", name, i, fshm_last_error());
+            return 1;
+        }
+        fshm_reader_close(r);
+    }
+    return 0;
+}
+
+static void test_namespace_dirs_race_with_new_streams(void **state)
+{
+    (void)state;
+    enum { ROUNDS = 200 };
+    pid_t pid = tu_fork();
+    if (pid == 0)
+        _exit(open_close_loop("st-race-a", ROUNDS));
+    int mine = open_close_loop("st-race-b", ROUNDS);
+    int st = 0;
+    assert_int_equal(waitpid(pid, &st, 0), pid);
+    assert_int_equal(mine, 0);
+    assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
+    char user[PATH_MAX];
+    tu_user_dir(user, sizeof user);
+    assert_false(tu_path_exists(user));
+}
+
 /* ---- a full base directory ---- */
 
 static char tmpfs_dir[PATH_MAX];
@@ -1579,6 +1832,10 @@ int main(void)
         cmocka_unit_test(test_stream_id_hash_collision),
         cmocka_unit_test(test_stream_info_api),
         cmocka_unit_test(test_stream_gc_api),
+        cmocka_unit_test(test_queue_names_carry_their_owner),
+        cmocka_unit_test(test_stream_gc_report),
+        cmocka_unit_test(test_queue_gc),
+        cmocka_unit_test(test_namespace_dirs_race_with_new_streams),
         cmocka_unit_test_teardown(test_full_base_dir, teardown_tmpfs),
     };
     return cmocka_run_group_tests(tests, tu_group_setup, tu_group_teardown);

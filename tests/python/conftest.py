@@ -1,7 +1,8 @@
 """Shared fixtures of the frameshm Python suite.
 
 * Every test gets a private, empty ``FRAMESHM_DIR`` (under ``tmp_path``) and must leave no
-  stream directory behind in it; a test that leaves streams on purpose (a SIGKILLed
+  stream directory behind in it, nor the emptied ``tensorpool-<user>/<namespace>``
+  directories above; a test that leaves streams on purpose (a SIGKILLed
   producer, ...) says so with ``@pytest.mark.leaves_streams`` and the fixture then
   cleans up with ``frameshm.gc``.
 * ``spawn(code)`` runs a snippet in a real ``python -c`` subprocess sharing that
@@ -54,6 +55,9 @@ def shm_base(tmp_path, monkeypatch, request):
     try:
         if not allowed:
             assert not left, f"test left streams behind: { {str(p): tree(p) for p in left} }"
+            # The last stream out takes its namespace and user directories with it.
+            dirs = sorted(str(p.relative_to(base)) for p in base.glob("tensorpool-*"))
+            assert not dirs, f"test left empty directories behind: {dirs}"
     finally:
         if left:
             # Unlinks dead consumers' queues and removes abandoned streams.

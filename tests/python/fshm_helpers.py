@@ -218,6 +218,23 @@ def queue_exists(name: str) -> bool:
     return True
 
 
+def create_queue(name: str) -> None:
+    """mq_open(name, O_CREAT | O_EXCL) of an empty queue owned by us (closed again)."""
+    rt = ctypes.CDLL(ctypes.util.find_library("rt") or "librt.so.1", use_errno=True)
+    q = rt.mq_open(name.encode(), os.O_RDONLY | os.O_CREAT | os.O_EXCL, 0o600, None)
+    if q == -1:
+        e = ctypes.get_errno()
+        raise OSError(e, f"mq_open({name}): {os.strerror(e)}")
+    rt.mq_close(q)
+
+
+def proc_start_time(pid: int) -> int:
+    """Field 22 of /proc/<pid>/stat (clock ticks after boot): with the pid, a process's
+    identity (a pid alone is reused)."""
+    with open(f"/proc/{pid}/stat") as f:
+        return int(f.read().rsplit(")", 1)[1].split()[19])
+
+
 def unlink_queue(name: str) -> bool:
     """Removes a queue a test leaked on purpose (or a killed child left). True if it existed."""
     if posix_ipc is not None:
@@ -465,7 +482,9 @@ def result_lines(out: str, prefix: str = "RESULT") -> List[str]:
     return [line[len(prefix):].strip() for line in out.splitlines() if line.startswith(prefix)]
 
 
-_QUEUE_RE = re.compile(r"^/fshm-[0-9a-f]+-[0-9a-f]{8}$")
+# /fshm-<pid>-<start time>-<6 hex> (the owner in the name), or /fshm-<pid>-<8 hex> (a
+# process without a readable start time; and every name frameshm 0.2 made).
+_QUEUE_RE = re.compile(r"^/fshm-[0-9a-f]+-(?:[0-9a-f]+-[0-9a-f]{6}|[0-9a-f]{8})$")
 
 
 def is_queue_name(name: str) -> bool:

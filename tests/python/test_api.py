@@ -211,7 +211,8 @@ def test_processor_surface():
 def test_admin_signatures():
     assert list(inspect.signature(frameshm.stream_info).parameters) == ["name", "stream_id", "base_dir", "namespace"]
     assert list(inspect.signature(frameshm.list_streams).parameters) == ["base_dir", "namespace", "sample_s"]
-    assert list(inspect.signature(frameshm.gc).parameters) == ["base_dir", "namespace"]
+    assert list(inspect.signature(frameshm.gc).parameters) == ["base_dir", "namespace", "dry_run"]
+    assert list(inspect.signature(frameshm.admin.gc_report).parameters) == ["base_dir", "namespace", "dry_run"]
 
 
 @pytest.mark.parametrize("exc_name", sorted(EXCEPTIONS))

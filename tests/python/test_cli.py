@@ -18,6 +18,11 @@ def cli(*args, timeout=60):
     return proc.returncode, proc.stdout, proc.stderr
 
 
+def gc_summary(out: str) -> str:
+    """The last line of `frameshm gc`: what it removed in all."""
+    return out.strip().splitlines()[-1]
+
+
 def test_version():
     rc, out, _ = cli("--version")
     first, *features = out.strip().splitlines()
@@ -154,7 +159,9 @@ time.sleep(600)
             rc, out, err = cli("gc")
             assert rc == 0, err
             dead_id = frameshm._core.stream_id_for_name(dead)
-            assert out.strip() == f"removed 1 stream(s): {dead_id}"
+            assert gc_summary(out).startswith(f"removed 1 stream(s): {dead_id}; unlinked ")
+            assert f"{dead} (id {dead_id}): removed (no producer, no live consumer)\n" in out
+            assert f"    unlinked the queue of a dead consumer: {queue} (consumer gone, pid {reader.pid}, dead)" in out
             assert not stream_dir(dead).exists()
             assert not queue_exists(queue), "gc unlinks dead consumers' queues"
             assert stream_dir(live).exists() and stream_dir(watched).exists()
@@ -162,14 +169,14 @@ time.sleep(600)
             assert names == sorted([live, watched])
             assert frameshm.stream_info(watched)["producer"] == "dead"
             w.publish(np.ones(4, np.uint8))  # the live stream is untouched
-            assert cli("gc")[1].strip() == "removed 0 stream(s)"
+            assert gc_summary(cli("gc")[1]).startswith("removed 0 stream(s); unlinked ")
     finally:
         watcher.close()
         unlink_queue(queue)
     assert not stream_dir(live).exists()
     # The watched stream's consumer left: now gc takes it too.
     rc, out, _ = cli("gc")
-    assert out.strip() == f"removed 1 stream(s): {frameshm._core.stream_id_for_name(watched)}"
+    assert gc_summary(out).startswith(f"removed 1 stream(s): {frameshm._core.stream_id_for_name(watched)};")
     assert frameshm.list_streams() == []
 
 
@@ -187,7 +194,10 @@ def test_gc_removes_closed_and_corrupt_streams(name):
     by_id = {s["stream_id"]: s for s in json.loads(out)}
     assert "bad magic" in by_id[frameshm._core.stream_id_for_name("corrupt-stream")]["error"]
     rc, out, _ = cli("gc")
-    assert rc == 0 and out.startswith("removed 2 stream(s)")
+    assert rc == 0 and gc_summary(out).startswith("removed 2 stream(s)")
+    corrupt_id = frameshm._core.stream_id_for_name("corrupt-stream")  # its name is unreadable now
+    assert f"stream (id {corrupt_id}): removed (control region failed validation, no producer)\n" in out
+    assert re.search(rf"^{name} \(id \d+\): removed \(no producer, no live consumer\)$", out, re.M)
     assert frameshm.list_streams() == []
     assert not stream_dir(name).exists() and not stream_dir("corrupt-stream").exists()
 

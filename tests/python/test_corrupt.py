@@ -401,3 +401,5 @@ def test_stream_directory_is_a_symlink(name, tmp_path, shm_base):
         assert os.listdir(elsewhere) == []
     finally:
         os.unlink(sdir)
+        sdir.parent.rmdir()  # made above: the writer's close had removed them
+        sdir.parent.parent.rmdir()

@@ -47,11 +47,11 @@ header_nslots = 8
 pools = [{{pool_id = 1, stride_bytes = 16384}}, {{pool_id = 2, stride_bytes = 65536}}]
 
 [[streams]]
-ids = [1001, 1003]
+id_range = [1001, 1003]
 profile = "raw"
 
 [[streams]]
-ids = [2001, 2003]
+id_range = [2001, 2003]
 profile = "processed"
 """
 

@@ -55,7 +55,7 @@ header_nslots = 1024
 pools = [{pool_id = 1, stride_bytes = 1048576}, {pool_id = 2, stride_bytes = 4194304}]
 
 [[streams]]
-ids = [1001, 1003]
+id_range = [1001, 1003]
 profile = "small"
 
 [[streams]]
@@ -277,9 +277,16 @@ def make_driver(tmp_path, sockdir, shm_base):
     for d in drivers:
         if d.proc is not None and d.proc.poll() is None:
             d.stop(signal.SIGKILL)
-    # Nothing may be left: a SIGKILLed driver's streams are removed here.
+    # Nothing may be left: a SIGKILLed driver's streams are removed here, with the
+    # namespace and user directories they emptied (a clean stop removes those itself,
+    # which conftest checks).
     for p in stream_dirs(shm_base):
         shutil.rmtree(p, ignore_errors=True)
+        for d in (p.parent, p.parent.parent):
+            try:
+                d.rmdir()
+            except OSError:
+                break
 
 
 @pytest.fixture
@@ -855,7 +862,55 @@ def test_check_output():
     assert out.returncode == 0 and "footprint 80.0 MiB (83902656 bytes)" in out.stdout
 
 
+def test_driver_removes_the_socket_directories_it_made(tmp_path, sockdir, shm_base):
+    """A clean stop leaves nothing: the socket, and the directories created for it."""
+    sock = sockdir / "run" / "frameshm" / "driver.sock"
+    cfg = tmp_path / "driver.toml"
+    cfg.write_text(config_text(str(sock), str(shm_base)))
+    d = DriverProc(cfg, str(sock)).start()
+    assert sock.parent.is_dir()
+    import numpy as np
+
+    import frameshm
+
+    with frameshm.Writer(stream_id=1001, driver=str(sock), shape=(8,)) as w:
+        w.publish(np.zeros(8, np.uint8))
+    assert d.stop() == 0, d.text()
+    assert not (sockdir / "run").exists(), "the directories it made for its socket went with it"
+    assert sockdir.is_dir(), "a directory that was there before stays"
+    assert list(shm_base.iterdir()) == [], "its streams went, with the directories above them"
+    # A directory that is not empty at exit (someone else's file in it) stays.
+    d = DriverProc(cfg, str(sock)).start()
+    (sock.parent / "other").write_text("")
+    assert d.stop() == 0, d.text()
+    assert not sock.exists() and (sock.parent / "other").exists()
+
+
 # ---- configuration and policy ---------------------------------------------------------------
+
+
+def test_id_list_and_id_range_are_distinct_forms(tmp_path):
+    """`ids` lists exactly its ids; `id_range` covers first..last; `id` one id."""
+    p = tmp_path / "ids.toml"
+    p.write_text(
+        "[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n"
+        "[[streams]]\nids = [1005, 1001, 1003]\nprofile = 'raw'\n"
+        "[[streams]]\nid_range = [2001, 2003]\nprofile = 'raw'\n"
+        "[[streams]]\nids = [3001, 3002]\nprofile = 'raw'\n"
+        "[[streams]]\nids = [4000]\nprofile = 'raw'\n"
+        "[[streams]]\nid = 1002\nprofile = 'raw'\n"
+    )
+    cfg = C.load(str(p))
+    covered = {i for i in range(900, 5000) if cfg.rule_for(i) is not None}
+    assert covered == {1001, 1002, 1003, 1005, 2001, 2002, 2003, 3001, 3002, 4000}
+    assert cfg.rule_for(1002).index == 4 and cfg.rule_for(1003).index == 0
+    assert [r.describe() for r in cfg.streams] == [
+        "streams 1001, 1003, 1005 -> profile raw", "streams 2001..2003 -> profile raw",
+        "streams 3001, 3002 -> profile raw", "stream 4000 -> profile raw", "stream 1002 -> profile raw"]
+    report = C.check_report(cfg)
+    assert "streams 1001, 1003, 1005 -> profile raw: 3 stream(s)" in report
+    assert "streams 2001..2003 -> profile raw: 3 stream(s)" in report
+    assert "stream 4000 -> profile raw: 1 stream(s)" in report
 
 
 @pytest.mark.parametrize("body, message", [
@@ -870,9 +925,26 @@ def test_check_output():
     ("[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n[[streams]]\nid = 1\nprofile = 'rwa'\n",
      "no profile 'rwa' (did you mean 'raw'?)"),
     ("[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n"
-     "[[streams]]\nids = [1, 10]\nprofile = 'raw'\n[[streams]]\nid = 5\nprofile = 'raw'\n", "overlaps #1"),
+     "[[streams]]\nid_range = [1, 10]\nprofile = 'raw'\n[[streams]]\nid = 5\nprofile = 'raw'\n", "overlaps #1"),
     ("[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n"
-     "[[streams]]\nids = [1, 10]\nid = 3\nprofile = 'raw'\n", "exactly one of"),
+     "[[streams]]\nid_range = [1, 10]\nid = 3\nprofile = 'raw'\n", "exactly one of"),
+    ("[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n"
+     "[[streams]]\nids = [1, 3, 5]\nprofile = 'raw'\n[[streams]]\nid_range = [5, 9]\nprofile = 'raw'\n",
+     "#2 (streams 5..9 -> profile raw) overlaps #1 (streams 1, 3, 5 -> profile raw)"),
+    # frameshm 0.2 read `ids = [first, last]` as a range: that form is refused, never reread.
+    ("[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n"
+     "[[streams]]\nids = [1001, 1003]\nprofile = 'raw'\n",
+     "ids = [1001, 1003] is ambiguous: frameshm 0.2 read it as the range 1001..1003. Write id_range = [1001, 1003]"),
+    ("[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n"
+     "[[streams]]\nid_range = [1, 2, 3]\nprofile = 'raw'\n", "id_range: expected [first, last], got [1, 2, 3]"),
+    ("[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n"
+     "[[streams]]\nid_range = [9, 3]\nprofile = 'raw'\n", "id_range: first 9 is above last 3"),
+    ("[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n"
+     "[[streams]]\nids = []\nprofile = 'raw'\n", "ids: expected at least one id"),
+    ("[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n"
+     "[[streams]]\nids = [4, 7, 4]\nprofile = 'raw'\n", "lists an id twice"),
+    ("[profiles.raw]\nheader_nslots = 8\npools = [{pool_id = 1, stride_bytes = 64}]\n"
+     "[[streams]]\nids = [1, 2]\nprofile = 'raw'\n[[streams]]\nids = [7, 2, 9]\nprofile = 'raw'\n", "overlaps #1"),
     ("[driver]\nsocket = 'relative.sock'\n", "must be an absolute path"),
     ("[driver]\ngroup = 'no-such-group-xyz'\n", "no group named 'no-such-group-xyz'"),
     ("[driver]\nfile_mode = 0o060\n", "must let the owner read and write"),

@@ -395,6 +395,51 @@ FSHM_API int fshm_namespace_dir(const char *base_dir, const char *ns, char *out,
  * Always unlinks dead consumers' queues. Returns 1 if removed, 0 if kept. */
 FSHM_API int fshm_stream_gc(const fshm_stream_addr *addr);
 
+/* Garbage collection with a report (what `frameshm gc` prints). */
+enum { FSHM_GC_DRY_RUN = 1 };   /* flag: report what would go, remove nothing */
+
+/* A message queue of a dead consumer: unlinked (or, dry run, would be). */
+typedef struct fshm_gc_queue {
+    char name[32];                                /* "/fshm-..." */
+    int64_t pid;                                  /* the consumer process, no longer alive */
+    uint32_t stream_id;                           /* whose consumer table named it; 0: none */
+    char consumer[FSHM_CONSUMER_NAME_MAX + 1];    /* its label there ("" without a table) */
+} fshm_gc_queue;
+
+/* Why a stream was removed or kept. */
+enum fshm_gc_reason {
+    FSHM_GC_NO_STREAM = 0,        /* nothing there */
+    FSHM_GC_UNUSED = 1,           /* removed: no producer (dead, closed or never) and no live consumer */
+    FSHM_GC_CORRUPT = 2,          /* removed: control region failed validation, no producer */
+    FSHM_GC_NO_CONTROL = 3,       /* removed: a directory without a control region */
+    FSHM_GC_PRODUCER = 4,         /* kept: a producer holds it */
+    FSHM_GC_CONSUMERS = 5,        /* kept: live consumers wait on it */
+    FSHM_GC_DRIVER = 6,           /* kept: the driver that provisioned it runs */
+};
+
+typedef struct fshm_gc_stream_report {
+    uint32_t stream_id;
+    char name[FSHM_NAME_MAX + 1];   /* "" when there was no readable control region */
+    int removed;                    /* 1: removed (dry run: would be) */
+    int reason;                     /* enum fshm_gc_reason */
+    int producer_state;             /* FSHM_PRODUCER_* (readable control region only) */
+    int64_t producer_pid;
+    uint32_t live_consumers;
+    uint32_t nqueues;               /* dead consumers taken out of its table, with their queues */
+    fshm_gc_queue queues[FSHM_MAX_CONSUMERS];
+} fshm_gc_stream_report;
+
+/* fshm_stream_gc, saying what it did (flags: FSHM_GC_DRY_RUN). Returns out->removed, or
+ * a negative error; a missing stream is 0 with reason FSHM_GC_NO_STREAM. */
+FSHM_API int fshm_stream_gc_report(const fshm_stream_addr *addr, unsigned flags,
+                                   fshm_gc_stream_report *out);
+/* Unlinks the message queues, of any stream or none, whose name says a frameshm consumer
+ * of this user made them and whose owner is no longer alive (pid and start time; a name
+ * without the start time: pid only, so a reused pid keeps the queue). Lists up to cap of
+ * them in out and their number in *count (those past cap are unlinked too). Needs an
+ * mqueue file system mounted (-ENOENT otherwise). Returns 0 or a negative error. */
+FSHM_API int fshm_queue_gc(unsigned flags, fshm_gc_queue *out, size_t cap, size_t *count);
+
 /* ---- driver-model client: a lease on one stream (docs/driver-protocol.md) ---- */
 
 typedef struct fshm_lease fshm_lease;
