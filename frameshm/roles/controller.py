@@ -24,7 +24,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..config import PipelineConfig
-from ..errors import InvalidArgument, Overrun, Timeout
+from ..errors import FrameshmError, InvalidArgument, Overrun, Timeout
 from ..stream import Reader
 from . import Metrics
 from .mode import MODE_ALARMED, MODE_NAMES, MODE_STANDBY, read_mode, write_mode
@@ -180,8 +180,12 @@ class Controller:
                 self._publish_metrics(metrics, time.monotonic_ns())
         finally:
             if ctl is not None:
-                # No controller, no alarm: the capture falls back to its standby rate.
-                write_mode(ctl, MODE_STANDBY)
+                # No controller, no alarm: the capture falls back to its standby rate. A
+                # capture that stopped first has removed the stream: nothing to reset.
+                try:
+                    write_mode(ctl, MODE_STANDBY)
+                except FrameshmError as exc:
+                    log.debug("mode not reset: %s", exc)
                 ctl.close()
             for obj in (det, metrics):
                 if obj is not None:
