@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Set, TextIO, Tuple
 
 from .. import _core
+from .._signals import STOP_SIGNALS, restore_handlers
 from ..errors import CorruptStream, FrameshmError, ResourceLimit, StreamNotFound
 from . import protocol as P
 from .config import DriverConfig, StreamRule, fmt_bytes
@@ -738,6 +739,15 @@ class Driver:
 
     def run(self) -> int:
         """Runs until SIGTERM/SIGINT; 0 after a graceful shutdown, 1 if it cannot start."""
+        # From before the start-up: a stop request while the socket is being set up is
+        # answered after it, by the ordinary shutdown (no half-made socket file left).
+        old = {s: signal.signal(s, self._on_signal) for s in STOP_SIGNALS}
+        try:
+            return self._run()
+        finally:
+            restore_handlers(old)
+
+    def _run(self) -> int:
         try:
             self._check_socket_free()
             self._startup_bump()
@@ -751,7 +761,6 @@ class Driver:
         self._wake_w.setblocking(False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, self._on_wake)
         old_wakeup = signal.set_wakeup_fd(self._wake_w.fileno(), warn_on_full_buffer=False)
-        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         self.log(
             f"listening on {self.cfg.socket} (base {self.base_dir}, namespace {self.cfg.namespace}, "
             f"{len(self.cfg.streams)} stream rule(s), lease expiry {self.cfg.lease_expiry_ms} ms)"
@@ -769,8 +778,6 @@ class Driver:
             if not isinstance(exc, Exception):
                 raise
         finally:
-            for s, h in old.items():
-                signal.signal(s, h)
             signal.set_wakeup_fd(old_wakeup)
             self.sel.unregister(self._wake_r)
             self._wake_r.close()

@@ -22,17 +22,16 @@ listed by ``frameshm ls``, printed by ``frameshm <role> --status``).
 
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
-import signal
 import sys
 import threading
 import time
-from typing import Any, Dict, Iterator, Optional
+from typing import Any, Dict, Optional
 
 import numpy as np
 
+from .._signals import stop_on_signals
 from ..config import PipelineConfig
 
 METRICS_MAX_BYTES = 4096
@@ -101,26 +100,6 @@ def read_metrics(name: str, base_dir: Optional[str] = None, namespace: Optional[
 
 def setup_logging(level: str = "info") -> None:
     logging.basicConfig(level=getattr(logging, level.upper()), format=LOG_FORMAT, stream=sys.stderr, force=True)
-
-
-@contextlib.contextmanager
-def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
-    """Sets ``stop`` on SIGINT/SIGTERM for the duration (main thread only); the roles
-    poll it between frames, with every blocking call bounded, so they exit within about
-    one frame period and run their cleanup."""
-    log = logging.getLogger("frameshm.roles")
-
-    def handler(signum, _frame):
-        if not stop.is_set():
-            log.info("%s received: stopping", signal.Signals(signum).name)
-        stop.set()
-
-    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        yield stop
-    finally:
-        for s, h in old.items():
-            signal.signal(s, h)
 
 
 # ---- command line (the `frameshm capture|inference|controller|gateway` subcommands) ---------

@@ -24,6 +24,7 @@ import threading
 import time
 from typing import Optional
 
+from .._signals import StopRequested, abandon_on_stop
 from ..config import PipelineConfig
 from ..errors import InvalidArgument, LeaseLost, Timeout
 from ..sources import Source, SourceGone, open_source
@@ -97,9 +98,12 @@ class Capture:
         first = True
         while not self.stop.is_set():
             try:
-                self.source.open()
+                with abandon_on_stop(self.stop):  # a slow open (a camera, a test photo to scale) is cut short
+                    self.source.open()
                 log.info("source %s open: %s %s", self.c.source, tuple(self.source.shape), self.source.dtype)
                 return True
+            except StopRequested:
+                return False
             except (SourceGone, OSError) as exc:
                 if first:
                     log.warning("cannot open source %s (%s); retrying every %gs",

@@ -32,7 +32,7 @@ from typing import Optional, Sequence, Tuple
 import numpy as np
 
 from ..config import PipelineConfig
-from ..errors import InvalidArgument, Overrun, Timeout
+from ..errors import FrameshmError, InvalidArgument, Overrun, Timeout
 from ..stream import Reader
 from . import Metrics
 from .mode import MODE_ALARMED, MODE_NAMES, MODE_STANDBY, read_mode, read_state, write_mode, write_state
@@ -211,9 +211,13 @@ class Controller:
                 self._publish_metrics(metrics, time.monotonic_ns(), force=changed)
         finally:
             if ctl is not None:
-                # No controller, no alarm: the capture falls back to its standby rate.
-                write_state(ctl, None)
-                write_mode(ctl, MODE_STANDBY)
+                # No controller, no alarm: the capture falls back to its standby rate. A
+                # capture that stopped first has removed the stream: nothing to reset.
+                try:
+                    write_state(ctl, None)
+                    write_mode(ctl, MODE_STANDBY)
+                except FrameshmError as exc:
+                    log.debug("mode not reset: %s", exc)
                 ctl.close()
             for obj in (det, metrics):
                 if obj is not None:

@@ -62,6 +62,9 @@ log = logging.getLogger("frameshm.gateway")
 
 WAIT_S = 0.25
 STATUS_INTERVAL_S = 0.5
+STOP_POLL_S = 0.05      # the event loop looks at the stop flag this often
+CLOSE_GRACE_S = 0.5     # for clients to answer the close (1001) before their connection is aborted
+ABORT_WAIT_S = 0.5
 MAX_BOXES = 64
 # Detections are sent with their age whatever the detector's speed, as long as the role
 # that publishes them runs (a stopped one's boxes would be ghosts); checked this often.
@@ -214,6 +217,7 @@ class Gateway:
         self._warned_shape = False
         self._detector_seen = (0, False)  # (when checked, the detections' producer alive)
         self._reader: Optional[Reader] = None
+        self._connections: set = set()  # every accepted TCP connection (what a shutdown may abort)
         self.failed = False
 
     # -- the frame thread ------------------------------------------------------------------
@@ -436,11 +440,9 @@ class Gateway:
                 text = json.dumps({"type": "status", "gateway": doc, **roles}, separators=(",", ":"))
                 for cl in self.clients.values():
                     cl.push_status(text)
-            try:
-                await asyncio.wait_for(loop.run_in_executor(None, self.stop.wait, STATUS_INTERVAL_S),
-                                       STATUS_INTERVAL_S + 1)
-            except asyncio.TimeoutError:
-                pass
+            wake = loop.time() + STATUS_INTERVAL_S
+            while not self.stop.is_set() and loop.time() < wake:
+                await asyncio.sleep(STOP_POLL_S)
 
     def _role_metrics(self) -> dict:
         out = {}
@@ -493,7 +495,8 @@ class Gateway:
                 server = await serve(self._handler, c.host, c.port, process_request=self._process_request,
                                      compression=None, max_size=4096, max_queue=4, ping_interval=10,
                                      ping_timeout=20, close_timeout=2, open_timeout=10,
-                                     logger=logging.getLogger("frameshm.gateway.ws"))
+                                     logger=logging.getLogger("frameshm.gateway.ws"),
+                                     create_connection=_tracked_connection_class(self._connections))
             except OSError as exc:
                 raise InvalidArgument(f"cannot listen on {c.host}:{c.port}: {exc.strerror or exc}") from None
             self.port = server.sockets[0].getsockname()[1]
@@ -511,10 +514,11 @@ class Gateway:
             thread = threading.Thread(target=self._frame_loop, args=(reader,), name="gateway-frames",
                                       daemon=True)
             thread.start()
-            async with server:
+            try:
                 await self._status_loop(metrics)
-                server.close()  # closes every connection with 1001 (going away)
-                await asyncio.wait_for(server.wait_closed(), 10)
+            finally:
+                self.stop.set()
+                await self._close_server(server)
         finally:
             self.stop.set()
             if thread is not None:
@@ -527,8 +531,58 @@ class Gateway:
                      self.connections, self.client_drops)
         return 1 if self.failed else 0
 
+    async def _close_server(self, server) -> None:
+        """Stops listening and closes every connection, in at most CLOSE_GRACE_S + ABORT_WAIT_S.
+
+        websockets' own close is not bounded: the close frame (1001, going away) queues
+        behind what the client has not read yet and is waited for, so a client that stopped
+        reading holds it until a keepalive ping times out, 10 to 30 s later; a connection
+        that never sent its request holds it for open_timeout. Those two cannot take part
+        in a close handshake and are aborted at once; the others get the grace period to
+        answer, then whatever is still open is aborted too."""
+        server.close()  # stops listening; closes every open connection with 1001
+        for conn in list(self._connections):
+            if conn.request is None or _backed_up(conn.transport):
+                conn.transport.abort()
+        try:
+            await asyncio.wait_for(server.wait_closed(), CLOSE_GRACE_S)
+            return
+        except asyncio.TimeoutError:
+            pass
+        stuck = list(self._connections)
+        log.info("aborting %d connection(s) that did not close within %.1fs", len(stuck), CLOSE_GRACE_S)
+        for conn in stuck:
+            conn.transport.abort()
+        try:
+            await asyncio.wait_for(server.wait_closed(), ABORT_WAIT_S)
+        except asyncio.TimeoutError:
+            log.warning("connections still open %.1fs after they were aborted", ABORT_WAIT_S)
+
     def run(self) -> int:
         return asyncio.run(self._main())
+
+
+def _backed_up(transport) -> bool:
+    """More is queued for this client than the write limit: it is not reading."""
+    return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
+
+
+def _tracked_connection_class(connections: set):
+    """A websockets ServerConnection that is in ``connections`` from the moment its TCP
+    connection is accepted (before any handshake) until it is lost: what a shutdown may
+    have to abort."""
+    from websockets.asyncio.server import ServerConnection
+
+    class TrackedConnection(ServerConnection):
+        def connection_made(self, transport) -> None:
+            super().connection_made(transport)
+            connections.add(self)
+
+        def connection_lost(self, exc) -> None:
+            connections.discard(self)
+            super().connection_lost(exc)
+
+    return TrackedConnection
 
 
 def run(cfg: PipelineConfig, stop: threading.Event, base_dir: Optional[str] = None,

@@ -20,6 +20,7 @@ from typing import Optional
 
 import numpy as np
 
+from .._signals import StopRequested, abandon_on_stop
 from ..config import PipelineConfig
 from ..detectors import DetectorError, as_detections, load_detector
 from ..errors import LeaseLost, ProducerDead, Timeout
@@ -108,6 +109,7 @@ class Inference:
             log.info("detector %s: %r; %r -> %r", self.detector_label, self.detector, self.cfg.frames_stream,
                      self.cfg.detections_stream)
             debug = log.isEnabledFor(logging.DEBUG)
+            abandonable = abandon_on_stop(self.stop)
             while not self.stop.is_set():
                 try:
                     f = reader.wait_latest(WAIT_S)
@@ -128,7 +130,10 @@ class Inference:
                     continue
                 t0 = time.perf_counter_ns()
                 try:
-                    raw = self.detector(img)
+                    with abandonable:  # a stop does not wait for a slow model
+                        raw = self.detector(img)
+                except StopRequested:
+                    break
                 except DetectorError:
                     raise
                 except Exception:  # noqa: BLE001 - a model failing on one frame must not stop the sentry
@@ -197,4 +202,10 @@ class Inference:
 
 def run(cfg: PipelineConfig, stop: threading.Event, base_dir: Optional[str] = None,
         namespace: Optional[str] = None) -> int:
-    return Inference(cfg, stop, base_dir=base_dir, namespace=namespace).run()
+    try:
+        with abandon_on_stop(stop):  # loading a model can take seconds: a stop does not wait for it
+            inference = Inference(cfg, stop, base_dir=base_dir, namespace=namespace)
+    except StopRequested:
+        log.info("stopped while loading the detector")
+        return 0
+    return inference.run()
