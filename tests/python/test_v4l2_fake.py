@@ -193,6 +193,7 @@ def test_timeout_and_signal_during_a_wait(fake):
             raise Alarm()
 
         old = signal.signal(signal.SIGALRM, on_alarm)
+        timers = []
         try:
             for to_main_thread in (True, False):
                 # pthread_kill interrupts this thread's poll (EINTR); a signal another
@@ -211,6 +212,7 @@ def test_timeout_and_signal_during_a_wait(fake):
                 # frame came: then take the frame, absorb the late alarm, and try again.
                 for _attempt in range(10):
                     timer = threading.Timer(0.1, fire)
+                    timers.append(timer)
                     timer.start()
                     try:
                         cam.read(timeout=10).release()
@@ -228,7 +230,19 @@ def test_timeout_and_signal_during_a_wait(fake):
                     pytest.fail("the alarm never came during a wait in 10 tries")
                 assert caught - sent[0] < 1.0, "the handler runs while the wait releases the GIL"
         finally:
-            signal.signal(signal.SIGALRM, old)
+            # No timer may fire once the default action (terminate) is back, whatever
+            # failed above: cancel them, wait for any already firing, let its alarm land.
+            for t in timers:
+                t.cancel()
+            for t in timers:
+                t.join()
+            try:
+                time.sleep(0.2)
+            except Alarm:
+                pass
+            # A stray SIGALRM must not terminate the test process (an xdist worker was seen
+            # dying of one under heavy load): ignore it where the default would kill.
+            signal.signal(signal.SIGALRM, old if old not in (signal.SIG_DFL, None) else signal.SIG_IGN)
         f = cam.read(timeout=3)  # still usable afterwards
         check_fake(f.array, f.sequence, 1)
         f.release()
