@@ -14,9 +14,12 @@ make -s check
 
 echo "== Python (pytest, $("$FRAMESHM_PY" -c 'import sys, numpy; print(f"Python {sys.version.split()[0]}, numpy {numpy.__version__}")')) =="
 set +e
-# Two workers (the machines have 2 cores); one file's tests stay on one worker (files
-# share fixed resources such as the fake GigE camera's port, not across files).
-"$FRAMESHM_PY" -m pytest -q -p no:cacheprovider -n "${FRAMESHM_TEST_WORKERS:-2}" --dist loadfile tests/python "$@"
+# FRAMESHM_TEST_WORKERS=2 runs the files on two pytest-xdist workers (one file per
+# worker). Serial by default: a worker that dies makes xdist wait forever (seen), and a
+# serial run fails loudly instead.
+workers=()
+[ "${FRAMESHM_TEST_WORKERS:-0}" -gt 1 ] && workers=(-n "$FRAMESHM_TEST_WORKERS" --dist loadfile)
+"$FRAMESHM_PY" -m pytest -q -p no:cacheprovider "${workers[@]}" tests/python "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
