@@ -43,6 +43,9 @@ MK = read_build_mk()
 LIB_VERSION = header_version()
 SOVERSION = MK["FSHM_SOVERSION"]
 SONAME = f"libframeshm.so.{SOVERSION}"
+# Test-only hooks (FRAMESHM_V4L2_BACKEND) are compiled in only when the build asks for them:
+# the test command builds with FRAMESHM_TEST_BUILD=1; wheels and plain installs never do.
+TEST_MACROS = [("FSHM_TEST_HOOKS", "1")] if os.environ.get("FRAMESHM_TEST_BUILD") == "1" else []
 
 
 def pkg_config(modules):
@@ -211,9 +214,6 @@ class BuildFrameshm(build_ext):
                 ext.extra_link_args += f["found"][1]
 
 
-# Test-only hooks (FRAMESHM_V4L2_BACKEND) are compiled in only when the build asks for them:
-# the test command builds with FRAMESHM_TEST_BUILD=1; wheels and plain installs never do.
-TEST_MACROS = [("FSHM_TEST_HOOKS", "1")] if os.environ.get("FRAMESHM_TEST_BUILD") == "1" else []
 
 setup(
     version=LIB_VERSION,
