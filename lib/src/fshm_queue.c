@@ -1,8 +1,10 @@
 /* POSIX message queues carrying frame descriptors, one queue per consumer. */
 #include <fcntl.h>
 #include <mntent.h>
+#include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -62,6 +64,33 @@ static int queue_error(int e, const char *name)
     return rc;
 }
 
+/* The name's last field: distinct for each queue this process creates (2^24 of them before
+ * it repeats), and not guessable by another local user who would like to pre-create it.
+ * A counter times an odd constant plus a per-process random offset is a permutation of
+ * the 24-bit space, so names never collide within a process the way hashed clock
+ * readings did (a test saw two of 310 consecutive queues get the same name). */
+static uint32_t queue_suffix(void)
+{
+    static _Atomic uint32_t counter;
+    static _Atomic uint32_t offset;
+    static _Atomic int offset_pid;
+    int pid = (int)getpid();
+    if (atomic_load_explicit(&offset_pid, memory_order_acquire) != pid) {
+        /* First use, or a forked child: a fresh offset. Two threads racing here both
+         * store a random value; either is fine, names stay unique per (pid, counter). */
+        uint32_t r = 0;
+        if (getrandom(&r, sizeof r, GRND_NONBLOCK) != (ssize_t)sizeof r) {
+            struct timespec ts;
+            clock_gettime(CLOCK_MONOTONIC, &ts);
+            r = (uint32_t)ts.tv_nsec * 2654435761u ^ (uint32_t)pid;
+        }
+        atomic_store_explicit(&offset, r, memory_order_relaxed);
+        atomic_store_explicit(&offset_pid, pid, memory_order_release);
+    }
+    uint32_t n = atomic_fetch_add_explicit(&counter, 1, memory_order_relaxed);
+    return (n * 40503u + atomic_load_explicit(&offset, memory_order_relaxed)) & 0xffffffu;
+}
+
 int fshm_queue_create(char name[32], mqd_t *out)
 {
     struct mq_attr attr = {.mq_maxmsg = fshm_queue_limit(), .mq_msgsize = 64};
@@ -71,10 +100,8 @@ int fshm_queue_create(char name[32], mqd_t *out)
     unsigned pid = (unsigned)getpid();
     unsigned long long start = (unsigned long long)fshm_self_start_time();
     for (int attempt = 0; attempt < 16; attempt++) {
-        struct timespec ts;
-        clock_gettime(CLOCK_REALTIME, &ts);
-        uint32_t r = (uint32_t)ts.tv_nsec * 2654435761u ^ (uint32_t)attempt * 40503u;
-        int n = start ? snprintf(name, 32, "/fshm-%x-%llx-%06x", pid, start, r & 0xffffffu) : 32;
+        uint32_t r = queue_suffix();
+        int n = start ? snprintf(name, 32, "/fshm-%x-%llx-%06x", pid, start, r) : 32;
         if (n >= 32)   /* no start time, or too long to hold it: the pid alone */
             snprintf(name, 32, "/fshm-%x-%08x", pid, r);
         mqd_t q = mq_open(name, O_RDONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600, &attr);

@@ -1527,6 +1527,31 @@ static void test_queue_names_carry_their_owner(void **state)
             fail_msg("%s parsed as a frameshm queue name", not_ours[i]);
 }
 
+static int cmp_name(const void *a, const void *b)
+{
+    return strcmp((const char *)a, (const char *)b);
+}
+
+/* Each queue a process creates gets a name of its own, even when the previous one was
+ * just unlinked (consumers opened and closed in a loop): a repeated name would let a
+ * stale descriptor sender reach the wrong consumer. */
+static void test_queue_names_never_repeat_in_a_process(void **state)
+{
+    (void)state;
+    enum { N = 16384 };   /* a random 24-bit suffix would repeat ~8 times */
+    static char names[N][32];
+    for (int i = 0; i < N; i++) {
+        mqd_t q;
+        assert_int_equal(fshm_queue_create(names[i], &q), 0);
+        mq_close(q);
+        assert_int_equal(mq_unlink(names[i]), 0);
+    }
+    qsort(names, N, 32, cmp_name);
+    for (int i = 1; i < N; i++)
+        if (strcmp(names[i - 1], names[i]) == 0)
+            fail_msg("queue name %s handed out twice", names[i]);
+}
+
 static int gc_lists(const fshm_gc_stream_report *g, const char *queue, int64_t pid, const char *consumer)
 {
     for (uint32_t i = 0; i < g->nqueues; i++)
@@ -1833,6 +1858,7 @@ int main(void)
         cmocka_unit_test(test_stream_info_api),
         cmocka_unit_test(test_stream_gc_api),
         cmocka_unit_test(test_queue_names_carry_their_owner),
+        cmocka_unit_test(test_queue_names_never_repeat_in_a_process),
         cmocka_unit_test(test_stream_gc_report),
         cmocka_unit_test(test_queue_gc),
         cmocka_unit_test(test_namespace_dirs_race_with_new_streams),
