@@ -285,7 +285,7 @@ void fake_v4l2_get_stats(const char *path, fake_v4l2_stats *o)
         for (int i = 0; i < FDMAX; i++)
             o->open_fds += fds[i].fd > 0 && fds[i].dev == d - devs;
         o->mapped = d->alloc ? d->alloc->refs - 1 : 0;
-        o->queued = (int)d->qcount;
+        o->queued = (int)(d->qcount + d->dcount);   /* empty or filled, not yet dequeued */
         o->streaming = d->streaming;
         o->gone = d->gone;
         o->nbuffers = d->nbufs;

@@ -343,7 +343,7 @@ static void test_capture_into_stream(void **state)
     assert_int_equal(fshm_v4l2_held(c), 0);
     fake_v4l2_stats st;
     fake_v4l2_get_stats("/dev/video0", &st);
-    assert_true(st.queued >= 3);
+    assert_int_equal(st.queued, 4);   /* every buffer back with the driver, whatever it filled since */
     fshm_writer_close(small, 1);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
