@@ -6,6 +6,7 @@
 #include <Python.h>
 
 #include <frameshm/frameshm.h>
+#include <stdatomic.h>
 
 /* Python 3.9 (the oldest supported) has no Py_NewRef/Py_XNewRef (3.10). */
 #if PY_VERSION_HEX < 0x030A0000
@@ -46,7 +47,8 @@ typedef struct {
     PyObject_HEAD
     PyObject *buffer;    /* Mapping of the frame's pool (views keep the region mapped through
                           * it), or the private bytearray of a read_copy() */
-    PyObject *reader;    /* the _core.Reader that read it: valid() re-checks the slot */
+    PyObject *reader;    /* the _core.Reader that read it */
+    PyObject *ring;      /* Mapping of its epoch's header ring: valid() re-checks the slot there */
     PyObject *shape, *strides;   /* tuples of ints, possibly shared with other frames */
     PyObject *dtype;     /* the Reader's dtypes[code], or the code without a table */
     PyObject *ref_seq;   /* int, or None when the producer set none */
@@ -58,8 +60,8 @@ typedef struct {
     unsigned short pool_id;
     int code;            /* enum fshm_dtype */
 } FshmFrame;
-/* 1 if the frame's slot still holds it (seqlock re-check), 0 if overwritten, -1 once its
- * Reader is closed (unknowable). */
+/* 1 if the frame's slot still holds it (seqlock re-check in its own ring mapping: needs no
+ * Reader, so any thread may ask, also after close), 0 if overwritten. */
 int fshm_frame_check_valid(FshmFrame *self);
 /* Frame.__dlpack__ and Frame.__dlpack_device__ (dlpack.c). */
 PyObject *fshm_frame_dlpack(FshmFrame *self, PyObject *args, PyObject *kw);
@@ -79,9 +81,9 @@ typedef struct {
 int fshm_frame_maker_set(fshm_frame_maker *fm, PyObject *type, PyObject *dtypes);
 void fshm_frame_maker_clear(fshm_frame_maker *fm);
 /* A new frame for f: its bytes are at `offset` in `buffer` (the Mapping of f->map, or a
- * private copy); it keeps buffer and reader alive. */
+ * private copy), `ring` the Mapping of its header ring; it keeps them and reader alive. */
 PyObject *fshm_frame_new(fshm_frame_maker *fm, PyObject *reader, PyObject *buffer,
-                         Py_ssize_t offset, const fshm_frame *f);
+                         PyObject *ring, Py_ssize_t offset, const fshm_frame *f);
 /* Readies Frame and adds it and the DTYPE_* codes to the module. */
 int fshm_frame_type_ready(PyObject *module);
 /* reader_type.c: the handle of a _core.Reader, NULL once it is closed. */
@@ -117,15 +119,45 @@ int fshm_gige_types_ready(PyObject *module);
 /* Readies VirtualCamera (virtualcam_type.c) and adds it, virtualcam_layout and
  * HAVE_PIPEWIRE to frameshm._virtualcam. */
 int fshm_virtualcam_types_ready(PyObject *module);
-/* Runs fn(obj, slice_ns, arg) without the GIL in slices of at most FSHM_SLICE_NS, so that
- * Python signal handlers (Ctrl-C) run between slices even when the signal went to another
- * thread; -EINTR from fn also just runs them and goes on. *busy guards against use from two
- * threads. Returns fn's last code (-ETIMEDOUT once the whole timeout passed), or INT_MIN
- * with a Python exception set. *timeout_out: the parsed timeout (ns, <0 = none). */
+/* ---- one handle, several Python threads (common.c) ----
+ * A library handle serves one thread at a time (docs/c-api.md), but a Python object may be
+ * used from several threads. So every call into a handle runs with the object's guard held:
+ * a call from another thread waits for it (without the GIL) instead of racing inside the
+ * library. Blocking calls hold it one slice at a time, so nobody waits longer than a slice.
+ * Lock order: guard, then GIL - nobody waits for a guard while holding the GIL. */
+typedef struct {
+    /* A ticket lock, so that callers get their turn in order: a wait that re-enters
+     * between two slices queues behind a call that came meanwhile. */
+    atomic_uint next;               /* the next ticket to hand out */
+    atomic_uint serving;            /* the ticket that holds the guard */
+    atomic_ulong owner;             /* thread ident of the holder (re-entry is refused) */
+} fshm_guard;
+/* With the GIL. 0 with the guard held (the GIL was released while waiting for it), or -1
+ * with InvalidState set when this thread holds it already (a re-entrant call, e.g. from a
+ * destructor that ran inside one). */
+int fshm_guard_enter(fshm_guard *g);
+/* Without the GIL: waits for the guard. */
+void fshm_guard_enter_nogil(fshm_guard *g);
+static inline void fshm_guard_leave(fshm_guard *g)
+{
+    atomic_store_explicit(&g->owner, 0, memory_order_relaxed);
+    atomic_fetch_add_explicit(&g->serving, 1, memory_order_release);
+}
+/* Runs fn(obj, slice_ns, arg) without the GIL in slices of at most slice_ns (0: the default
+ * FSHM_SLICE_NS), each with the guard held, so that Python signal handlers (Ctrl-C) run
+ * between slices even when the signal went to another thread, and calls from other threads
+ * get their turn; -EINTR from fn also just runs the handlers and goes on. *handle is checked
+ * after each wait for the guard: a handle closed meanwhile by another thread ends the call
+ * with StreamClosed. Returns fn's last code (-ETIMEDOUT once the whole timeout passed), or
+ * INT_MIN with a Python exception set. *timeout_out: the parsed timeout (ns, <0 = none). */
 #define FSHM_SLICE_NS 200000000ll
 typedef int (*fshm_sliced_fn)(void *obj, int64_t slice_ns, void *arg);
-int fshm_run_sliced(void *obj, int *busy, const char *what, PyObject *tobj, fshm_sliced_fn fn,
-                    void *arg, int64_t *timeout_out);
+int fshm_run_sliced(void *obj, fshm_guard *g, void *const *handle, const char *what,
+                    PyObject *tobj, int64_t slice_ns, fshm_sliced_fn fn, void *arg,
+                    int64_t *timeout_out);
+/* Enters g for a call into *handle: NULL with StreamClosed set once it is closed, or with
+ * InvalidState set for a re-entrant call; else the handle, with g held. */
+void *fshm_guard_open(fshm_guard *g, void *const *handle, const char *what);
 /* Parses a control byte index (the library checks it against FSHM_CONTROL_BYTES) and,
  * when value is not NULL, a control byte value; -1 with an exception set if invalid. */
 int fshm_parse_control(PyObject *index, PyObject *value, unsigned *index_out, uint8_t *value_out);

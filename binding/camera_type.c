@@ -17,7 +17,7 @@ typedef struct {
     PyObject_HEAD
     fshm_v4l2_cam *cam;
     int started;
-    int busy;            /* a thread is in a blocking call (GIL released) */
+    fshm_guard guard;    /* held by every call into cam (binding.h) */
     unsigned outstanding; /* CameraBuffers not yet requeued */
     int closing;         /* close() asked while buffers were out */
     PyObject *path;
@@ -66,6 +66,20 @@ static int camera_ready(void *obj)
 #define CHECK_STARTED(self)                                                                      \
     if (camera_ready(self) < 0)                                                                  \
         return NULL;
+
+/* Enters the camera's guard for a call into cam: 0, or -1 with the exception set (closed
+ * by another thread meanwhile, or a re-entrant call). */
+static int guard_cam(FshmCamera *self)
+{
+    if (fshm_guard_enter(&self->guard) < 0)
+        return -1;
+    if (!self->cam) {
+        fshm_guard_leave(&self->guard);
+        fshm_raise_closed("Camera");
+        return -1;
+    }
+    return 0;
+}
 
 /* ---- Camera ---- */
 
@@ -126,15 +140,14 @@ static PyObject *camera_start(FshmCamera *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|IIIIII", kwlist, &fourcc, &w, &h, &num, &den, &nbuf))
         return NULL;
     CHECK_CAM(self);
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "Camera used from two threads at once");
     fshm_v4l2_request rq = {fourcc, w, h, num, den, nbuf};
     int rc;
-    self->busy = 1;
+    if (guard_cam(self) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_v4l2_start(self->cam, &rq);
     Py_END_ALLOW_THREADS
-    self->busy = 0;
+    fshm_guard_leave(&self->guard);
     if (rc)
         return camera_raise(rc);
     self->started = 1;
@@ -267,7 +280,7 @@ static int run_blocking(void *obj, PyObject *tobj, fshm_sliced_fn fn, void *arg)
 {
     FshmCamera *self = obj;
     int64_t timeout;
-    int rc = fshm_run_sliced(self, &self->busy, "Camera", tobj, fn, arg, &timeout);
+    int rc = fshm_run_sliced(self, &self->guard, (void *const *)&self->cam, "Camera", tobj, 0, fn, arg, &timeout);
     if (rc == -ETIMEDOUT)
         fshm_set_error(-ETIMEDOUT, "no frame from %s within %.3f s", PyBytes_AS_STRING(self->path),
                        (double)timeout / 1e9);
@@ -346,9 +359,10 @@ static PyObject *camera_flush(FshmCamera *self, PyObject *arg)
     unsigned long long age = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred())
         return NULL;
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "Camera used from two threads at once");
+    if (guard_cam(self) < 0)
+        return NULL;
     int rc = fshm_v4l2_flush(self->cam, age);
+    fshm_guard_leave(&self->guard);
     if (rc < 0)
         return camera_raise(rc);
     return PyLong_FromLong(rc);
@@ -360,14 +374,13 @@ static PyObject *camera_set_rate(FshmCamera *self, PyObject *args)
     if (!PyArg_ParseTuple(args, "II", &num, &den))
         return NULL;
     CHECK_STARTED(self);
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "Camera used from two threads at once");
     int rc;
-    self->busy = 1;
+    if (guard_cam(self) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_v4l2_set_rate(self->cam, num, den);
     Py_END_ALLOW_THREADS
-    self->busy = 0;
+    fshm_guard_leave(&self->guard);
     if (rc < 0)
         return camera_raise(rc);
     return PyBool_FromLong(rc);
@@ -375,17 +388,21 @@ static PyObject *camera_set_rate(FshmCamera *self, PyObject *args)
 
 static PyObject *camera_close(FshmCamera *self, PyObject *unused)
 {
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "close() while another thread waits on this Camera");
     if (!self->cam || self->closing)
         Py_RETURN_NONE;
-    if (self->outstanding) {
-        /* Views of driver buffers are alive: stop capturing now, unmap with the last. */
-        fshm_v4l2_stop(self->cam);
-        self->closing = 1;
-        Py_RETURN_NONE;
+    /* Waits for a call in progress on another thread (at most a slice of a wait). */
+    if (fshm_guard_enter(&self->guard) < 0)
+        return NULL;
+    if (self->cam && !self->closing) {
+        if (self->outstanding) {
+            /* Views of driver buffers are alive: stop capturing now, unmap with the last. */
+            fshm_v4l2_stop(self->cam);
+            self->closing = 1;
+        } else {
+            camera_final_close(self, 1);
+        }
     }
-    camera_final_close(self, 1);
+    fshm_guard_leave(&self->guard);
     Py_RETURN_NONE;
 }
 

@@ -4,6 +4,8 @@
 #include "binding.h"
 
 #include <limits.h>
+#include <sched.h>
+#include <time.h>
 
 PyObject *fshm_exc_invalid, *fshm_exc_state;
 
@@ -177,40 +179,118 @@ int fshm_parse_control(PyObject *index, PyObject *value, unsigned *index_out, ui
     return 0;
 }
 
-int fshm_run_sliced(void *obj, int *busy, const char *what, PyObject *tobj, fshm_sliced_fn fn,
-                    void *arg, int64_t *timeout_out)
+static void guard_backoff(unsigned i)
+{
+    if (i < 16) {
+        sched_yield();
+    } else {
+        /* Held across a blocking slice: sleep, but wake often enough to take it soon. */
+        struct timespec ts = {0, i < 64 ? 20000 : 200000};
+        nanosleep(&ts, NULL);
+    }
+}
+
+/* Takes the guard only if it is free (nobody holds or waits): no ticket is left behind. */
+static int guard_try(fshm_guard *g)
+{
+    unsigned s = atomic_load_explicit(&g->serving, memory_order_relaxed);
+    return atomic_compare_exchange_strong_explicit(&g->next, &s, s + 1, memory_order_acquire,
+                                                   memory_order_relaxed);
+}
+
+static void guard_wait(fshm_guard *g)
+{
+    unsigned ticket = atomic_fetch_add_explicit(&g->next, 1, memory_order_relaxed);
+    for (unsigned i = 0; atomic_load_explicit(&g->serving, memory_order_acquire) != ticket; i++)
+        guard_backoff(i);
+    atomic_store_explicit(&g->owner, PyThread_get_thread_ident(), memory_order_relaxed);
+}
+
+int fshm_guard_enter(fshm_guard *g)
+{
+    unsigned long me = PyThread_get_thread_ident();
+    if (guard_try(g)) {
+        atomic_store_explicit(&g->owner, me, memory_order_relaxed);
+        return 0;
+    }
+    if (atomic_load_explicit(&g->owner, memory_order_relaxed) == me) {
+        PyErr_SetString(exc_state, "re-entrant call into a frameshm handle from inside one of "
+                        "its own calls (a destructor or callback): not supported");
+        return -1;
+    }
+    Py_BEGIN_ALLOW_THREADS
+    guard_wait(g);
+    Py_END_ALLOW_THREADS
+    return 0;
+}
+
+void fshm_guard_enter_nogil(fshm_guard *g)
+{
+    guard_wait(g);
+}
+
+void *fshm_guard_open(fshm_guard *g, void *const *handle, const char *what)
+{
+    if (!*handle) {
+        fshm_raise_closed(what);
+        return NULL;
+    }
+    if (fshm_guard_enter(g) < 0)
+        return NULL;
+    if (!*handle) {   /* closed by another thread while we waited */
+        fshm_guard_leave(g);
+        fshm_raise_closed(what);
+        return NULL;
+    }
+    return *handle;
+}
+
+int fshm_run_sliced(void *obj, fshm_guard *g, void *const *handle, const char *what,
+                    PyObject *tobj, int64_t slice_ns, fshm_sliced_fn fn, void *arg,
+                    int64_t *timeout_out)
 {
     int64_t timeout;
     if (fshm_parse_timeout(tobj, &timeout))
         return INT_MIN;
     *timeout_out = timeout;
-    if (*busy) {
-        PyErr_Format(exc_state, "%s used from two threads at once", what);
+    if (slice_ns <= 0)
+        slice_ns = FSHM_SLICE_NS;
+    if (!*handle) {
+        fshm_raise_closed(what);
+        return INT_MIN;
+    }
+    if (atomic_load_explicit(&g->owner, memory_order_relaxed) == PyThread_get_thread_ident()) {
+        PyErr_Format(exc_state, "re-entrant blocking call on a %s from inside one of its calls", what);
         return INT_MIN;
     }
     uint64_t deadline = timeout < 0 ? 0 : fshm_now_ns() + (uint64_t)timeout;
-    int rc;
-    *busy = 1;
+    int rc, closed = 0;
     for (;;) {
         int64_t left = timeout;
         if (timeout >= 0) {
             uint64_t now = fshm_now_ns();
             left = now >= deadline ? 0 : (int64_t)(deadline - now);
         }
-        int64_t slice = left < 0 || left > FSHM_SLICE_NS ? FSHM_SLICE_NS : left;
+        int64_t slice = left < 0 || left > slice_ns ? slice_ns : left;
         Py_BEGIN_ALLOW_THREADS
-        rc = fn(obj, slice, arg);
+        fshm_guard_enter_nogil(g);
+        if (*handle)
+            rc = fn(obj, slice, arg);
+        else
+            closed = 1;
+        fshm_guard_leave(g);
         Py_END_ALLOW_THREADS
+        if (closed) {
+            PyErr_Format(exc_closed, "%s was closed by another thread during the wait", what);
+            return INT_MIN;
+        }
         if (rc == -ETIMEDOUT && (left < 0 || fshm_now_ns() < deadline))
             rc = -EINTR;   /* only a slice ran out */
         if (rc != -EINTR)
             break;
-        if (PyErr_CheckSignals() < 0) {
-            *busy = 0;
+        if (PyErr_CheckSignals() < 0)
             return INT_MIN;
-        }
     }
-    *busy = 0;
     return rc;
 }
 

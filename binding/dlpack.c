@@ -354,20 +354,13 @@ static int copy_checked(FshmFrame *f, const dl_source *src, const dl_layout *l,
     }
     if (!src->map)
         return 0;   /* a private buffer: nobody else writes it */
-    int valid = fshm_frame_check_valid(f);
-    if (valid == 1)
+    if (fshm_frame_check_valid(f) == 1)
         return 0;
-    PyObject *cls = fshm_exc_class(valid < 0 ? "StreamClosed" : "Overrun");
+    PyObject *cls = fshm_exc_class("Overrun");
     if (!cls)
         return -1;
-    if (valid < 0)
-        PyErr_Format(cls, "frame %llu: its Reader is closed, so a copy of its shared memory "
-                     "cannot be checked untorn; export before closing, or ask DLPack 1.x "
-                     "(max_version=(1, 0)) for the zero-copy, read-only tensor",
-                     f->seq);
-    else
-        PyErr_Format(cls, "frame %llu was overwritten by the producer before its DLPack copy "
-                     "was complete; read a newer frame", f->seq);
+    PyErr_Format(cls, "frame %llu was overwritten by the producer before its DLPack copy "
+                 "was complete; read a newer frame", f->seq);
     Py_DECREF(cls);
     return -1;
 }

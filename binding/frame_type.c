@@ -73,7 +73,7 @@ fail:
 }
 
 PyObject *fshm_frame_new(fshm_frame_maker *fm, PyObject *reader, PyObject *buffer,
-                         Py_ssize_t offset, const fshm_frame *f)
+                         PyObject *ring, Py_ssize_t offset, const fshm_frame *f)
 {
     PyObject *dtype;
     if (!fm->dtypes) {
@@ -106,6 +106,7 @@ PyObject *fshm_frame_new(fshm_frame_maker *fm, PyObject *reader, PyObject *buffe
     }
     self->buffer = Py_NewRef(buffer);
     self->reader = Py_NewRef(reader);
+    self->ring = Py_NewRef(ring);
     self->shape = Py_NewRef(fm->shape);
     self->strides = Py_NewRef(fm->strides);
     self->dtype = dtype;
@@ -131,6 +132,7 @@ static int frame_traverse(FshmFrame *self, visitproc visit, void *arg)
 {
     Py_VISIT(self->buffer);
     Py_VISIT(self->reader);
+    Py_VISIT(self->ring);
     Py_VISIT(self->shape);
     Py_VISIT(self->strides);
     Py_VISIT(self->dtype);
@@ -144,6 +146,7 @@ static int frame_clear(FshmFrame *self)
     Py_CLEAR(self->array);
     Py_CLEAR(self->buffer);
     Py_CLEAR(self->reader);
+    Py_CLEAR(self->ring);
     Py_CLEAR(self->shape);
     Py_CLEAR(self->strides);
     Py_CLEAR(self->dtype);
@@ -160,15 +163,9 @@ static void frame_dealloc(FshmFrame *self)
 
 int fshm_frame_check_valid(FshmFrame *self)
 {
-    fshm_reader *r = fshm_reader_handle(self->reader);
-    if (!r)   /* the Reader was closed: whether the slot still holds the frame is unknowable */
-        return -1;
-    fshm_frame f;
-    memset(&f, 0, sizeof f);
-    f.epoch = self->epoch;
-    f.slot = self->slot;
-    f.seq = self->seq;
-    return fshm_frame_valid(r, &f) ? 1 : 0;
+    if (!self->ring || !PyObject_TypeCheck(self->ring, &FshmMappingType))
+        return 0;
+    return fshm_ring_holds(((FshmMapping *)self->ring)->map, self->slot, self->seq);
 }
 
 static PyObject *frame_valid(FshmFrame *self, PyObject *unused)

@@ -13,7 +13,7 @@ typedef struct {
     PyObject_HEAD
     fshm_gige_cam *cam;
     int started;
-    int busy;                /* a thread is in a blocking call (GIL released) */
+    fshm_guard guard;    /* held by every call into cam (binding.h) */
     unsigned long long timeouts;  /* reads that timed out (whole Python-level timeouts) */
     PyObject *id;
 } FshmGigECamera;
@@ -42,9 +42,19 @@ static PyObject *gige_raise(int code)
     if (!(self)->cam)                                                                            \
         return fshm_raise_closed("GigECamera");
 
-#define CHECK_IDLE(self)                                                                         \
-    if ((self)->busy)                                                                            \
-        return PyErr_Format(fshm_exc_state, "GigECamera used from two threads at once");
+/* Enters the camera's guard for a call into cam: 0, or -1 with the exception set (closed
+ * by another thread meanwhile, or a re-entrant call). */
+static int guard_cam(FshmGigECamera *self)
+{
+    if (fshm_guard_enter(&self->guard) < 0)
+        return -1;
+    if (!self->cam) {
+        fshm_guard_leave(&self->guard);
+        fshm_raise_closed("GigECamera");
+        return -1;
+    }
+    return 0;
+}
 
 /* fshm_capture_ops.ready: open and started */
 static int gige_ready(void *obj)
@@ -113,14 +123,14 @@ static PyObject *gige_start(FshmGigECamera *self, PyObject *args, PyObject *kw)
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|zIIIIdII", kwlist, &pf, &w, &h, &x, &y, &fps, &pkt, &nbuf))
         return NULL;
     CHECK_CAM(self);
-    CHECK_IDLE(self);
     fshm_gige_request rq = {pf, x, y, w, h, fps, pkt, nbuf};
     int rc;
-    self->busy = 1;
+    if (guard_cam(self) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_gige_start(self->cam, &rq);
     Py_END_ALLOW_THREADS
-    self->busy = 0;
+    fshm_guard_leave(&self->guard);
     if (rc)
         return gige_raise(rc);
     self->started = 1;
@@ -174,7 +184,7 @@ static int run_blocking(void *obj, PyObject *tobj, fshm_sliced_fn fn, void *arg)
 {
     FshmGigECamera *self = obj;
     int64_t timeout;
-    int rc = fshm_run_sliced(self, &self->busy, "GigECamera", tobj, fn, arg, &timeout);
+    int rc = fshm_run_sliced(self, &self->guard, (void *const *)&self->cam, "GigECamera", tobj, 0, fn, arg, &timeout);
     if (rc == -ETIMEDOUT) {
         self->timeouts++;
         fshm_set_error(-ETIMEDOUT, "no frame from GigE camera %s within %.3f s", PyUnicode_AsUTF8(self->id),
@@ -218,11 +228,13 @@ static PyObject *gige_wait(FshmGigECamera *self, PyObject *args, PyObject *kw)
 static PyObject *gige_flush(FshmGigECamera *self, PyObject *arg)
 {
     CHECK_STARTED(self);
-    CHECK_IDLE(self);
     unsigned long long age = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred())
         return NULL;
+    if (guard_cam(self) < 0)
+        return NULL;
     int rc = fshm_gige_flush(self->cam, age);
+    fshm_guard_leave(&self->guard);
     if (rc < 0)
         return gige_raise(rc);
     return PyLong_FromLong(rc);
@@ -234,13 +246,13 @@ static PyObject *gige_set_rate(FshmGigECamera *self, PyObject *arg)
     if (fps == -1.0 && PyErr_Occurred())
         return NULL;
     CHECK_STARTED(self);
-    CHECK_IDLE(self);
     int rc;
-    self->busy = 1;
+    if (guard_cam(self) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_gige_set_rate(self->cam, fps);
     Py_END_ALLOW_THREADS
-    self->busy = 0;
+    fshm_guard_leave(&self->guard);
     if (rc < 0)
         return gige_raise(rc);
     return PyBool_FromLong(rc);
@@ -249,13 +261,13 @@ static PyObject *gige_set_rate(FshmGigECamera *self, PyObject *arg)
 static PyObject *gige_probe(FshmGigECamera *self, PyObject *unused)
 {
     CHECK_CAM(self);
-    CHECK_IDLE(self);
     int rc;
-    self->busy = 1;
+    if (guard_cam(self) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_gige_probe(self->cam);
     Py_END_ALLOW_THREADS
-    self->busy = 0;
+    fshm_guard_leave(&self->guard);
     if (rc)
         return gige_raise(rc);
     Py_RETURN_NONE;
@@ -264,12 +276,14 @@ static PyObject *gige_probe(FshmGigECamera *self, PyObject *unused)
 static PyObject *gige_stop(FshmGigECamera *self, PyObject *unused)
 {
     CHECK_CAM(self);
-    CHECK_IDLE(self);
     int rc;
+    if (guard_cam(self) < 0)
+        return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_gige_stop(self->cam);
     Py_END_ALLOW_THREADS
     self->started = 0;
+    fshm_guard_leave(&self->guard);
     if (rc)
         return gige_raise(rc);
     Py_RETURN_NONE;
@@ -277,9 +291,13 @@ static PyObject *gige_stop(FshmGigECamera *self, PyObject *unused)
 
 static PyObject *gige_close(FshmGigECamera *self, PyObject *unused)
 {
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "close() while another thread waits on this GigECamera");
+    if (!self->cam)
+        Py_RETURN_NONE;
+    /* Waits for a call in progress on another thread (at most a slice of a wait). */
+    if (fshm_guard_enter(&self->guard) < 0)
+        return NULL;
     gige_final_close(self, 1);
+    fshm_guard_leave(&self->guard);
     Py_RETURN_NONE;
 }
 

@@ -1,4 +1,5 @@
-/* frameshm._core.Reader: the consumer side of a stream. Waits release the GIL. */
+/* frameshm._core.Reader: the consumer side of a stream. Waits release the GIL; calls from
+ * several threads are serialised by the Reader's guard, a wait holding it a slice at a time. */
 #include "binding.h"
 
 #include <unistd.h>
@@ -8,7 +9,7 @@
 typedef struct {
     PyObject_HEAD
     fshm_reader *r;
-    int busy;
+    fshm_guard guard;        /* held by every call into r (binding.h) */
     fshm_map *cache_key[MAP_CACHE];
     PyObject *cache_obj[MAP_CACHE];
     unsigned cache_next;
@@ -18,6 +19,18 @@ typedef struct {
 #define CHECK_OPEN(self)                                                                         \
     if (!(self)->r)                                                                              \
         return fshm_raise_closed("Reader");
+
+/* Enters the guard around a call into the reader: `r` is the handle, or the function
+ * returns NULL with the exception set. */
+#define ENTER(self, r)                                                                           \
+    fshm_reader *r = fshm_guard_open(&(self)->guard, (void *const *)&(self)->r, "Reader");       \
+    if (!r)                                                                                      \
+        return NULL;
+#define LEAVE(self) fshm_guard_leave(&(self)->guard)
+
+/* Wait slices: short, so a call from another thread (valid(), producer, close) waits at
+ * most this long behind a wait with no frame coming. */
+#define READER_SLICE_NS 50000000ll
 
 static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
 {
@@ -115,16 +128,74 @@ static PyObject *mapping_for(FshmReader *self, fshm_map *m)
     return obj;
 }
 
-/* The frame object for f, a view into its pool's mapping. */
-static PyObject *frame_view(FshmReader *self, const fshm_frame *f)
+/* The Mapping of the header ring a frame came from: valid() re-checks the frame's slot
+ * there, without the Reader (so from any thread, and after close). */
+static PyObject *ring_mapping(FshmReader *self, fshm_map *ring)
 {
-    PyObject *map = mapping_for(self, f->map);
-    if (!map)
-        return NULL;
-    size_t off = (size_t)((const uint8_t *)f->data - (const uint8_t *)fshm_map_base(f->map));
-    PyObject *frame = fshm_frame_new(&self->frames, (PyObject *)self, map, (Py_ssize_t)off, f);
-    Py_DECREF(map);
+    return ring ? mapping_for(self, ring) : Py_NewRef(Py_None);
+}
+
+/* What a call under the guard hands to frame_view: the frame and references to its pool
+ * and ring mappings, taken before the guard is left (another thread's call may remap). */
+typedef struct {
+    fshm_frame f;
+    fshm_map *ring;
+} held_frame;
+
+static void hold_frame(fshm_reader *r, held_frame *h)
+{
+    fshm_map_ref(h->f.map);
+    h->ring = fshm_reader_ring(r);
+    if (h->ring)
+        fshm_map_ref(h->ring);
+}
+
+static void unhold_frame(held_frame *h)
+{
+    fshm_map_unref(h->f.map);
+    if (h->ring)
+        fshm_map_unref(h->ring);
+}
+
+/* The frame object for h->f, a view into its pool's mapping; drops h's references. */
+static PyObject *frame_view(FshmReader *self, held_frame *h)
+{
+    PyObject *frame = NULL;
+    PyObject *map = mapping_for(self, h->f.map);
+    PyObject *ring = map ? ring_mapping(self, h->ring) : NULL;
+    if (ring) {
+        size_t off = (size_t)((const uint8_t *)h->f.data - (const uint8_t *)fshm_map_base(h->f.map));
+        frame = fshm_frame_new(&self->frames, (PyObject *)self, map, ring, (Py_ssize_t)off, &h->f);
+    }
+    Py_XDECREF(map);
+    Py_XDECREF(ring);
+    unhold_frame(h);
     return frame;
+}
+
+typedef struct {
+    int latest;
+    held_frame h;
+    int last_rc;        /* what the last slice's wait returned */
+} wait_arg;
+
+static int wait_slice(void *obj, int64_t slice_ns, void *arg)
+{
+    FshmReader *self = obj;
+    wait_arg *a = arg;
+    uint64_t end = fshm_now_ns() + (uint64_t)slice_ns;
+    int rc = a->latest ? fshm_reader_wait_latest(self->r, slice_ns, &a->h.f)
+                       : fshm_reader_wait_next(self->r, slice_ns, &a->h.f);
+    a->last_rc = rc;
+    if (rc == 0) {
+        hold_frame(self->r, &a->h);
+        return 0;
+    }
+    /* A wait that ran out reports why (no producer, producer dead, frames dropped as
+     * corrupt); only the slice ran out unless the caller's whole timeout did. */
+    if ((rc == FSHM_E_PRODUCER_DEAD || rc == FSHM_E_CORRUPT) && fshm_now_ns() >= end)
+        return -ETIMEDOUT;
+    return rc;
 }
 
 static PyObject *do_wait(FshmReader *self, PyObject *args, PyObject *kw, int latest)
@@ -133,37 +204,17 @@ static PyObject *do_wait(FshmReader *self, PyObject *args, PyObject *kw, int lat
     PyObject *tobj = Py_None;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &tobj))
         return NULL;
-    CHECK_OPEN(self);
+    wait_arg a = {.latest = latest};
     int64_t timeout;
-    if (fshm_parse_timeout(tobj, &timeout))
+    int rc = fshm_run_sliced(self, &self->guard, (void *const *)&self->r, "Reader", tobj,
+                             READER_SLICE_NS, wait_slice, &a, &timeout);
+    if (rc == INT_MIN)
         return NULL;
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "Reader used from two threads at once");
-    uint64_t deadline = timeout < 0 ? 0 : fshm_now_ns() + (uint64_t)timeout;
-    fshm_frame f;
-    int rc;
-    self->busy = 1;
-    for (;;) {
-        Py_BEGIN_ALLOW_THREADS
-        rc = latest ? fshm_reader_wait_latest(self->r, timeout, &f)
-                    : fshm_reader_wait_next(self->r, timeout, &f);
-        Py_END_ALLOW_THREADS
-        if (rc != -EINTR)
-            break;
-        /* A signal: let Python run its handler (Ctrl-C raises KeyboardInterrupt). */
-        if (PyErr_CheckSignals() < 0) {
-            self->busy = 0;
-            return NULL;
-        }
-        if (timeout >= 0) {
-            uint64_t now = fshm_now_ns();
-            timeout = now >= deadline ? 0 : (int64_t)(deadline - now);
-        }
-    }
-    self->busy = 0;
+    if (rc == -ETIMEDOUT)
+        rc = a.last_rc;   /* the last slice's own answer, whose message is this thread's */
     if (rc)
         return fshm_raise(rc);
-    return frame_view(self, &f);
+    return frame_view(self, &a.h);
 }
 
 static PyObject *reader_wait_latest(FshmReader *self, PyObject *args, PyObject *kw)
@@ -176,32 +227,40 @@ static PyObject *reader_wait_next(FshmReader *self, PyObject *args, PyObject *kw
     return do_wait(self, args, kw, 0);
 }
 
-/* Runs stmt, without the GIL when the reader may first have to re-attach through the
- * driver (a round trip): the usual case stays a plain call. */
-#define LEASE_AWARE(self, stmt)                                                                  \
+/* Runs stmt on r (the guard held), without the GIL when the reader may first have to
+ * re-attach through the driver (a round trip): the usual case stays a plain call. */
+#define LEASE_AWARE(r, stmt)                                                                     \
     do {                                                                                         \
-        if ((self)->busy || fshm_reader_lease_ok((self)->r)) {                                   \
+        if (fshm_reader_lease_ok(r)) {                                                           \
             stmt;                                                                                \
         } else {                                                                                 \
-            (self)->busy = 1;                                                                    \
             Py_BEGIN_ALLOW_THREADS                                                               \
             stmt;                                                                                \
             Py_END_ALLOW_THREADS                                                                 \
-            (self)->busy = 0;                                                                    \
         }                                                                                        \
     } while (0)
 
 static PyObject *reader_peek_latest(FshmReader *self, PyObject *unused)
 {
-    CHECK_OPEN(self);
-    fshm_frame f;
+    held_frame h;
     int rc;
-    LEASE_AWARE(self, rc = fshm_reader_peek_latest(self->r, &f));
+    ENTER(self, r);
+    LEASE_AWARE(r, rc = fshm_reader_peek_latest(r, &h.f));
+    if (rc == 0)
+        hold_frame(r, &h);
+    LEAVE(self);
     if (rc == -EAGAIN)
         Py_RETURN_NONE;
     if (rc)
         return fshm_raise(rc);
-    return frame_view(self, &f);
+    return frame_view(self, &h);
+}
+
+static void backoff(int attempt)
+{
+    Py_BEGIN_ALLOW_THREADS
+    usleep(20u << (attempt < 6 ? attempt : 6));
+    Py_END_ALLOW_THREADS
 }
 
 /* Newest frame copied into a fresh bytearray (the returned frame's buffer), retried until
@@ -209,46 +268,48 @@ static PyObject *reader_peek_latest(FshmReader *self, PyObject *unused)
 static PyObject *reader_read_copy(FshmReader *self, PyObject *unused)
 {
     CHECK_OPEN(self);
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "Reader used from two threads at once");
     for (int attempt = 0; attempt < 100; attempt++) {
-        fshm_frame f;
+        held_frame h;
         int rc;
-        LEASE_AWARE(self, rc = fshm_reader_peek_latest(self->r, &f));
+        {
+            ENTER(self, r);
+            LEASE_AWARE(r, rc = fshm_reader_peek_latest(r, &h.f));
+            if (rc == 0)
+                hold_frame(r, &h);   /* a remap by another call must not unmap h.f.data */
+            LEAVE(self);
+        }
         if (rc == -EAGAIN)
             Py_RETURN_NONE;
         if (rc == FSHM_E_OVERRUN && attempt < 99) {
-            Py_BEGIN_ALLOW_THREADS
-            usleep(20u << (attempt < 6 ? attempt : 6));
-            Py_END_ALLOW_THREADS
+            backoff(attempt);
             continue;
         }
         if (rc)
             return fshm_raise(rc);
-        PyObject *ba = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)f.nbytes);
-        if (!ba)
+        PyObject *ba = PyByteArray_FromStringAndSize(NULL, (Py_ssize_t)h.f.nbytes);
+        PyObject *ring = ba ? ring_mapping(self, h.ring) : NULL;
+        if (!ring) {
+            Py_XDECREF(ba);
+            unhold_frame(&h);
             return NULL;
-        fshm_map_ref(f.map);   /* a remap inside peek must not unmap f.data under us */
-        self->busy = 1;
-        Py_BEGIN_ALLOW_THREADS
-        rc = fshm_frame_copy(self->r, &f, PyByteArray_AS_STRING(ba), f.nbytes);
-        Py_END_ALLOW_THREADS
-        self->busy = 0;
-        if (rc == 0) {
-            PyObject *frame = fshm_frame_new(&self->frames, (PyObject *)self, ba, 0, &f);
-            fshm_map_unref(f.map);
-            Py_DECREF(ba);
-            return frame;
         }
-        fshm_map_unref(f.map);
+        /* The copy and its check need only the mappings we hold, not the reader. */
+        int torn;
+        Py_BEGIN_ALLOW_THREADS
+        memcpy(PyByteArray_AS_STRING(ba), h.f.data, h.f.nbytes);
+        torn = !fshm_ring_holds(h.ring, h.f.slot, h.f.seq);
+        Py_END_ALLOW_THREADS
+        PyObject *frame = NULL;
+        if (!torn)
+            frame = fshm_frame_new(&self->frames, (PyObject *)self, ba, ring, 0, &h.f);
+        unhold_frame(&h);
         Py_DECREF(ba);
-        if (rc != FSHM_E_OVERRUN)
-            return fshm_raise(rc);
+        Py_DECREF(ring);
+        if (!torn)
+            return frame;
         /* Overwritten mid-copy (few slots, fast producer): back off a little so the
          * producer finishes its write, then take the newer frame. */
-        Py_BEGIN_ALLOW_THREADS
-        usleep(20u << (attempt < 6 ? attempt : 6));
-        Py_END_ALLOW_THREADS
+        backoff(attempt);
     }
     /* Every one of the 100 copies was torn: the producer rewrites the slot faster than a copy. */
     fshm_set_error(FSHM_E_OVERRUN, "read_latest(copy=True) starved: the producer overwrote the "
@@ -258,7 +319,6 @@ static PyObject *reader_read_copy(FshmReader *self, PyObject *unused)
 
 static PyObject *reader_valid(FshmReader *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    CHECK_OPEN(self);
     if (nargs != 3) {
         PyErr_SetString(PyExc_TypeError, "valid(epoch, slot, seq)");
         return NULL;
@@ -270,27 +330,38 @@ static PyObject *reader_valid(FshmReader *self, PyObject *const *args, Py_ssize_
     f.seq = PyLong_AsUnsignedLongLong(args[2]);
     if (PyErr_Occurred())
         return NULL;
-    return PyBool_FromLong(fshm_frame_valid(self->r, &f));
+    ENTER(self, r);
+    int ok = fshm_frame_valid(r, &f);
+    LEAVE(self);
+    return PyBool_FromLong(ok);
 }
 
 static PyObject *reader_producer(FshmReader *self, PyObject *unused)
 {
-    CHECK_OPEN(self);
     int64_t pid = 0;
     int st;
-    LEASE_AWARE(self, st = fshm_reader_producer_state(self->r, &pid));
+    ENTER(self, r);
+    LEASE_AWARE(r, st = fshm_reader_producer_state(r, &pid));
+    LEAVE(self);
     static const char *names[] = {"none", "alive", "dead", "closed"};
     return Py_BuildValue("(sL)", names[st & 3], (long long)pid);
 }
 
 static PyObject *reader_close(FshmReader *self, PyObject *unused)
 {
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "close() while another thread waits on this Reader");
     if (self->r) {
+        /* Waits for a call in progress on another thread (at most a wait slice); that
+         * thread's wait then ends with StreamClosed. */
+        if (fshm_guard_enter(&self->guard) < 0)
+            return NULL;
         fshm_reader *r = self->r;
         self->r = NULL;
-        fshm_reader_close(r);   /* frames' Mapping objects keep their regions mapped */
+        fshm_guard_leave(&self->guard);
+        if (r) {
+            Py_BEGIN_ALLOW_THREADS
+            fshm_reader_close(r);   /* frames' Mapping objects keep their regions mapped */
+            Py_END_ALLOW_THREADS
+        }
     }
     clear_cache(self);
     Py_RETURN_NONE;
@@ -298,18 +369,18 @@ static PyObject *reader_close(FshmReader *self, PyObject *unused)
 
 static PyObject *reader_control(FshmReader *self, PyObject *index)
 {
-    CHECK_OPEN(self);
     unsigned i;
     if (fshm_parse_control(index, NULL, &i, NULL))
         return NULL;
     int v;
-    LEASE_AWARE(self, v = fshm_reader_control(self->r, i));
+    ENTER(self, r);
+    LEASE_AWARE(r, v = fshm_reader_control(r, i));
+    LEAVE(self);
     return v < 0 ? fshm_raise(v) : PyLong_FromLong(v);
 }
 
 static PyObject *reader_set_control(FshmReader *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    CHECK_OPEN(self);
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "set_control(index, value)");
         return NULL;
@@ -319,23 +390,35 @@ static PyObject *reader_set_control(FshmReader *self, PyObject *const *args, Py_
     if (fshm_parse_control(args[0], args[1], &i, &v))
         return NULL;
     int rc;
-    LEASE_AWARE(self, rc = fshm_reader_set_control(self->r, i, v));
+    ENTER(self, r);
+    LEASE_AWARE(r, rc = fshm_reader_set_control(r, i, v));
+    LEAVE(self);
     if (rc)
         return fshm_raise(rc);
     Py_RETURN_NONE;
 }
 
-#define RGET(fn, conv, expr)                                                                     \
+#define RGET(fn, T, conv, expr)                                                                  \
     static PyObject *fn(FshmReader *self, void *c)                                               \
     {                                                                                            \
-        CHECK_OPEN(self);                                                                        \
-        return conv(expr);                                                                       \
+        ENTER(self, r);                                                                          \
+        T v = expr;                                                                              \
+        LEAVE(self);                                                                             \
+        return conv(v);                                                                          \
     }
-RGET(reader_epoch, PyLong_FromUnsignedLongLong, fshm_reader_epoch(self->r))
-RGET(reader_stream_id, PyLong_FromUnsignedLong, fshm_reader_stream_id(self->r))
-RGET(reader_overruns, PyLong_FromUnsignedLongLong, fshm_reader_overruns(self->r))
-RGET(reader_drops, PyLong_FromUnsignedLongLong, fshm_reader_drops(self->r))
-RGET(reader_queue, PyUnicode_FromString, fshm_reader_queue_name(self->r))
+RGET(reader_epoch, uint64_t, PyLong_FromUnsignedLongLong, fshm_reader_epoch(r))
+RGET(reader_stream_id, uint32_t, PyLong_FromUnsignedLong, fshm_reader_stream_id(r))
+RGET(reader_overruns, uint64_t, PyLong_FromUnsignedLongLong, fshm_reader_overruns(r))
+RGET(reader_drops, uint64_t, PyLong_FromUnsignedLongLong, fshm_reader_drops(r))
+
+static PyObject *reader_queue(FshmReader *self, void *c)
+{
+    ENTER(self, r);
+    char q[32];
+    snprintf(q, sizeof q, "%s", fshm_reader_queue_name(r));
+    LEAVE(self);
+    return PyUnicode_FromString(q);
+}
 
 static PyObject *reader_closed(FshmReader *self, void *c) { return PyBool_FromLong(self->r == NULL); }
 

@@ -8,7 +8,7 @@
 typedef struct {
     PyObject_HEAD
     fshm_pwcam *cam;
-    int busy;   /* a thread waits for an event (GIL released) */
+    fshm_guard guard;    /* held by every call into cam (binding.h) */
 } FshmVirtualCamera;
 
 /* Virtual-camera classes of frameshm._core (errors.c); the rest through fshm_raise. */
@@ -127,7 +127,7 @@ static PyObject *vcam_next_event(FshmVirtualCamera *self, PyObject *args, PyObje
         return fshm_raise_closed("VirtualCamera");
     event_args a = {.failure = 0};
     int64_t timeout;
-    int rc = fshm_run_sliced(self, &self->busy, "VirtualCamera", tobj, do_next_event, &a, &timeout);
+    int rc = fshm_run_sliced(self, &self->guard, (void *const *)&self->cam, "VirtualCamera", tobj, 0, do_next_event, &a, &timeout);
     if (rc == INT_MIN)
         return NULL;
     if (a.failure)
@@ -168,9 +168,13 @@ static PyObject *vcam_info(FshmVirtualCamera *self, PyObject *unused)
 
 static PyObject *vcam_close(FshmVirtualCamera *self, PyObject *unused)
 {
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "close() while another thread waits on this VirtualCamera");
+    if (!self->cam)
+        Py_RETURN_NONE;
+    /* Waits for a call in progress on another thread (at most a slice of a wait). */
+    if (fshm_guard_enter(&self->guard) < 0)
+        return NULL;
     vcam_final_close(self);
+    fshm_guard_leave(&self->guard);
     Py_RETURN_NONE;
 }
 

@@ -1,4 +1,5 @@
-/* frameshm._core.Writer: the producer side of a stream. */
+/* frameshm._core.Writer: the producer side of a stream. Calls from several threads are
+ * serialised by the Writer's guard (binding.h). */
 #include "binding.h"
 
 typedef struct {
@@ -8,13 +9,21 @@ typedef struct {
     fshm_tensor tensor;      /* layout used by commit()/publish() */
     size_t loan_bytes;
     int loaned;
-    int busy;
+    fshm_guard guard;        /* held by every call into w */
     uint32_t gen;            /* fshm_writer_attach_gen when maps was built */
 } FshmWriter;
 
 #define CHECK_OPEN(self)                                                                         \
     if (!(self)->w)                                                                              \
         return fshm_raise_closed("Writer");
+
+/* Enters the guard around a call into the writer: `w` is the handle, or the function
+ * returns NULL with the exception set. */
+#define ENTER(self, w)                                                                           \
+    fshm_writer *w = fshm_guard_open(&(self)->guard, (void *const *)&(self)->w, "Writer");       \
+    if (!w)                                                                                      \
+        return NULL;
+#define LEAVE(self) fshm_guard_leave(&(self)->guard)
 
 static int parse_int_tuple(PyObject *seq, int32_t *out, int maxn, const char *what)
 {
@@ -201,29 +210,31 @@ static PyObject *writer_loan(FshmWriter *self, PyObject *arg)
             PyErr_SetString(fshm_exc_invalid, "nbytes must be >= 0");
         return NULL;
     }
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "Writer used from two threads at once");
     fshm_loan l;
     int rc;
-    if (fshm_writer_lease_ok(self->w)) {
-        rc = fshm_writer_loan(self->w, (size_t)nbytes, &l);
+    ENTER(self, w);
+    if (fshm_writer_lease_ok(w)) {
+        rc = fshm_writer_loan(w, (size_t)nbytes, &l);
     } else {
         /* Re-attaching talks to the driver (up to its answer timeout): other threads run. */
-        self->busy = 1;
         Py_BEGIN_ALLOW_THREADS
-        rc = fshm_writer_loan(self->w, (size_t)nbytes, &l);
+        rc = fshm_writer_loan(w, (size_t)nbytes, &l);
         Py_END_ALLOW_THREADS
-        self->busy = 0;
     }
-    if (rc)
+    if (rc) {
+        LEAVE(self);
         return fshm_raise(rc);
+    }
     self->loan_bytes = (size_t)nbytes;
     self->loaned = 1;
-    if (refresh_maps(self))
-        return NULL;
-    size_t off = (size_t)((uint8_t *)l.data - (uint8_t *)fshm_map_base(fshm_writer_pool_map(self->w, l.pool_index)));
-    return Py_BuildValue("(InKI)", (unsigned)l.pool_index, (Py_ssize_t)off, (unsigned long long)l.seq,
-                         (unsigned)self->gen);
+    PyObject *res = NULL;
+    if (refresh_maps(self) == 0) {
+        size_t off = (size_t)((uint8_t *)l.data - (uint8_t *)fshm_map_base(fshm_writer_pool_map(w, l.pool_index)));
+        res = Py_BuildValue("(InKI)", (unsigned)l.pool_index, (Py_ssize_t)off,
+                            (unsigned long long)l.seq, (unsigned)self->gen);
+    }
+    LEAVE(self);
+    return res;
 }
 
 static int opt_u64(PyObject *o, unsigned long long *out)
@@ -237,8 +248,6 @@ static int opt_u64(PyObject *o, unsigned long long *out)
 static PyObject *writer_commit(FshmWriter *self, PyObject *const *args, Py_ssize_t nargs)
 {
     CHECK_OPEN(self);
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "Writer used from two threads at once");
     unsigned long long ts = 0, ref = 0;
     if (nargs > 2) {
         PyErr_SetString(PyExc_TypeError, "commit(timestamp_ns=None, ref_seq=None)");
@@ -249,15 +258,21 @@ static PyObject *writer_commit(FshmWriter *self, PyObject *const *args, Py_ssize
     int has_ref = nargs >= 2 ? opt_u64(args[1], &ref) : 0;
     if (has_ref < 0)
         return NULL;
-    if (!self->loaned)
+    ENTER(self, w);
+    if (!self->loaned) {
+        LEAVE(self);
         return fshm_raise_invalid("commit() without a loan(): nothing to commit");
+    }
     if (has_ref)
-        fshm_writer_set_ref(self->w, ref);
-    int rc = fshm_writer_commit(self->w, &self->tensor, self->loan_bytes, ts);
+        fshm_writer_set_ref(w, ref);
+    int rc = fshm_writer_commit(w, &self->tensor, self->loan_bytes, ts);
+    uint64_t seq = fshm_writer_next_seq(w) - 1;
+    if (rc == 0)
+        self->loaned = 0;
+    LEAVE(self);
     if (rc)
         return fshm_raise(rc);
-    self->loaned = 0;
-    return PyLong_FromUnsignedLongLong(fshm_writer_next_seq(self->w) - 1);
+    return PyLong_FromUnsignedLongLong(seq);
 }
 
 static PyObject *writer_publish(FshmWriter *self, PyObject *args, PyObject *kw)
@@ -271,36 +286,40 @@ static PyObject *writer_publish(FshmWriter *self, PyObject *args, PyObject *kw)
     int has_ref = opt_u64(refobj, &ref);
     if (has_ref < 0)
         return NULL;
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "Writer used from two threads at once");
     Py_buffer buf;
     if (PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
+    fshm_writer *w = fshm_guard_open(&self->guard, (void *const *)&self->w, "Writer");
+    if (!w) {
+        PyBuffer_Release(&buf);
+        return NULL;
+    }
     int rc;
     if (has_ref)
-        fshm_writer_set_ref(self->w, ref);
-    self->busy = 1;
+        fshm_writer_set_ref(w, ref);
     self->loaned = 0;
-    if (buf.len >= 65536 || !fshm_writer_lease_ok(self->w)) {
+    if (buf.len >= 65536 || !fshm_writer_lease_ok(w)) {
         /* Big copies, and loans that must re-attach through the driver first, run without
          * the GIL so other threads (a camera, a UI) keep going. */
         Py_BEGIN_ALLOW_THREADS
-        rc = fshm_writer_publish(self->w, buf.buf, (size_t)buf.len, &self->tensor, ts);
+        rc = fshm_writer_publish(w, buf.buf, (size_t)buf.len, &self->tensor, ts);
         Py_END_ALLOW_THREADS
     } else {
-        rc = fshm_writer_publish(self->w, buf.buf, (size_t)buf.len, &self->tensor, ts);
+        rc = fshm_writer_publish(w, buf.buf, (size_t)buf.len, &self->tensor, ts);
     }
-    self->busy = 0;
+    uint64_t seq = fshm_writer_next_seq(w) - 1;
+    LEAVE(self);
     PyBuffer_Release(&buf);
     if (rc)
         return fshm_raise(rc);
-    return PyLong_FromUnsignedLongLong(fshm_writer_next_seq(self->w) - 1);
+    return PyLong_FromUnsignedLongLong(seq);
 }
 
 static PyObject *writer_heartbeat(FshmWriter *self, PyObject *unused)
 {
-    CHECK_OPEN(self);
-    fshm_writer_heartbeat(self->w);
+    ENTER(self, w);
+    fshm_writer_heartbeat(w);
+    LEAVE(self);
     Py_RETURN_NONE;
 }
 
@@ -310,14 +329,18 @@ static PyObject *writer_close(FshmWriter *self, PyObject *args, PyObject *kw)
     int unlink_files = 1;
     if (!PyArg_ParseTupleAndKeywords(args, kw, "|p", kwlist, &unlink_files))
         return NULL;
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "close() while another thread publishes");
     if (self->w) {
+        /* Waits for a publish in progress on another thread. */
+        if (fshm_guard_enter(&self->guard) < 0)
+            return NULL;
         fshm_writer *w = self->w;
         self->w = NULL;
-        Py_BEGIN_ALLOW_THREADS
-        fshm_writer_close(w, unlink_files);
-        Py_END_ALLOW_THREADS
+        fshm_guard_leave(&self->guard);
+        if (w) {
+            Py_BEGIN_ALLOW_THREADS
+            fshm_writer_close(w, unlink_files);
+            Py_END_ALLOW_THREADS
+        }
     }
     Py_CLEAR(self->maps);   /* views handed out keep their own references */
     Py_RETURN_NONE;
@@ -325,13 +348,17 @@ static PyObject *writer_close(FshmWriter *self, PyObject *args, PyObject *kw)
 
 static PyObject *writer_pool_info(FshmWriter *self, PyObject *unused)
 {
-    CHECK_OPEN(self);
-    unsigned n = fshm_writer_npools(self->w);
+    uint32_t strides[FSHM_MAX_POOLS];
+    uint16_t ids[FSHM_MAX_POOLS];
+    ENTER(self, w);
+    unsigned n = fshm_writer_npools(w);
+    for (unsigned i = 0; i < n && i < FSHM_MAX_POOLS; i++)
+        fshm_writer_pool_base(w, i, NULL, &strides[i], &ids[i]);
+    LEAVE(self);
     PyObject *res = PyList_New(n);
     for (unsigned i = 0; res && i < n; i++) {
-        uint32_t stride;
-        uint16_t id;
-        fshm_writer_pool_base(self->w, i, NULL, &stride, &id);
+        uint32_t stride = strides[i];
+        uint16_t id = ids[i];
         PyObject *t = Py_BuildValue("(Ik)", (unsigned)id, (unsigned long)stride);
         if (!t) {
             Py_CLEAR(res);
@@ -344,17 +371,17 @@ static PyObject *writer_pool_info(FshmWriter *self, PyObject *unused)
 
 static PyObject *writer_control(FshmWriter *self, PyObject *index)
 {
-    CHECK_OPEN(self);
     unsigned i;
     if (fshm_parse_control(index, NULL, &i, NULL))
         return NULL;
-    int v = fshm_writer_control(self->w, i);
+    ENTER(self, w);
+    int v = fshm_writer_control(w, i);
+    LEAVE(self);
     return v < 0 ? fshm_raise(v) : PyLong_FromLong(v);
 }
 
 static PyObject *writer_set_control(FshmWriter *self, PyObject *const *args, Py_ssize_t nargs)
 {
-    CHECK_OPEN(self);
     if (nargs != 2) {
         PyErr_SetString(PyExc_TypeError, "set_control(index, value)");
         return NULL;
@@ -363,31 +390,36 @@ static PyObject *writer_set_control(FshmWriter *self, PyObject *const *args, Py_
     uint8_t v;
     if (fshm_parse_control(args[0], args[1], &i, &v))
         return NULL;
-    int rc = fshm_writer_set_control(self->w, i, v);
+    ENTER(self, w);
+    int rc = fshm_writer_set_control(w, i, v);
+    LEAVE(self);
     if (rc)
         return fshm_raise(rc);
     Py_RETURN_NONE;
 }
 
-#define WGET(fn, conv, expr)                                                                     \
+#define WGET(fn, T, conv, expr)                                                                  \
     static PyObject *fn(FshmWriter *self, void *c)                                               \
     {                                                                                            \
-        CHECK_OPEN(self);                                                                        \
-        return conv(expr);                                                                       \
+        ENTER(self, w);                                                                          \
+        T v = expr;                                                                              \
+        LEAVE(self);                                                                             \
+        return conv(v);                                                                          \
     }
-WGET(writer_epoch, PyLong_FromUnsignedLongLong, fshm_writer_epoch(self->w))
-WGET(writer_stream_id, PyLong_FromUnsignedLong, fshm_writer_stream_id(self->w))
-WGET(writer_nslots, PyLong_FromUnsignedLong, fshm_writer_nslots(self->w))
-WGET(writer_next_seq, PyLong_FromUnsignedLongLong, fshm_writer_next_seq(self->w))
-WGET(writer_lease_id, PyLong_FromUnsignedLongLong, fshm_writer_lease_id(self->w))
+WGET(writer_epoch, uint64_t, PyLong_FromUnsignedLongLong, fshm_writer_epoch(w))
+WGET(writer_stream_id, uint32_t, PyLong_FromUnsignedLong, fshm_writer_stream_id(w))
+WGET(writer_nslots, uint32_t, PyLong_FromUnsignedLong, fshm_writer_nslots(w))
+WGET(writer_next_seq, uint64_t, PyLong_FromUnsignedLongLong, fshm_writer_next_seq(w))
+WGET(writer_lease_id, uint64_t, PyLong_FromUnsignedLongLong, fshm_writer_lease_id(w))
 
 static PyObject *writer_maps(FshmWriter *self, void *c)
 {
-    CHECK_OPEN(self);
-    if (refresh_maps(self))
-        return NULL;
-    Py_INCREF(self->maps);
-    return self->maps;
+    ENTER(self, w);
+    (void)w;
+    int rc = refresh_maps(self);
+    PyObject *maps = rc ? NULL : Py_NewRef(self->maps);
+    LEAVE(self);
+    return maps;
 }
 
 static PyObject *writer_closed(FshmWriter *self, void *c) { return PyBool_FromLong(self->w == NULL); }

@@ -360,7 +360,9 @@ int fshm_uri_open(const char *uri, const char *base, int writable, int *fd_out, 
     }
     if (stat(canon, &pst) != 0 || pst.st_dev != fst.st_dev || pst.st_ino != fst.st_ino) {
         close(fd);
-        return fshm_set_error(FSHM_E_CORRUPT, "region %s changed while being opened", canon);
+        /* Removed or replaced between open and stat: a producer restarting (its old
+         * epoch's files go). Not corruption; whoever maps retries on the new epoch. */
+        return fshm_set_error(-EAGAIN, "region %s changed while being opened", canon);
     }
     if (hugepages) {
         struct statfs sfs;

@@ -718,6 +718,20 @@ int fshm_frame_valid(fshm_reader *r, const fshm_frame *f)
     return LOAD_RLX(w) == ((f->seq << 1) | 1);
 }
 
+fshm_map *fshm_reader_ring(const fshm_reader *r)
+{
+    return r->epoch ? r->ring : NULL;
+}
+
+int fshm_ring_holds(const fshm_map *ring, uint32_t slot, uint64_t seq)
+{
+    if (!ring || ring->size < FSHM_SUPERBLOCK_SIZE ||
+        (size_t)slot >= (ring->size - FSHM_SUPERBLOCK_SIZE) / FSHM_SLOT_BYTES)
+        return 0;
+    atomic_thread_fence(memory_order_acquire);   /* order the caller's reads before the re-check */
+    return LOAD_RLX(slot_commit_word(ring->base, slot)) == ((seq << 1) | 1);
+}
+
 int fshm_frame_copy(fshm_reader *r, const fshm_frame *f, void *dst, size_t capacity)
 {
     if (capacity < f->nbytes)

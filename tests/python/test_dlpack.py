@@ -351,17 +351,22 @@ def test_copies_are_checked_untorn(name):
         np.testing.assert_array_equal(read_capsule(cap, "uint8"), f.array)
 
 
-def test_copy_after_reader_close_is_refused_zero_copy_still_works(name):
+def test_copy_after_reader_close_is_checked_in_the_frames_own_ring(name):
+    """The checked copy a DLPack 0.x consumer gets needs no Reader: it re-checks the slot in
+    the ring mapping the frame holds, so it works after close and refuses a torn copy."""
     data = pattern((16,), "uint8")
-    with frameshm.Writer(name, shape=(16,), dtype="uint8") as w:
+    with frameshm.Writer(name, shape=(16,), dtype="uint8", nslots=2) as w:
         r = frameshm.Reader(name)
         w.publish(data)
         f = r.wait_latest(timeout=5)
         r.close()
-        with pytest.raises(frameshm.StreamClosed, match="Reader is closed"):
-            f.__dlpack__()
+        np.testing.assert_array_equal(read_capsule(f.__dlpack__(), "uint8"), data)
         cap = f.__dlpack__(max_version=(1, 0))
         np.testing.assert_array_equal(read_capsule(cap, "uint8"), data)
+        for i in range(2):
+            w.publish(pattern((16,), "uint8", seed=i + 1))
+        with pytest.raises(frameshm.Overrun, match="overwritten"):
+            f.__dlpack__()
         del f, cap
 
 

@@ -875,30 +875,39 @@ def test_writer_close_without_unlink_leaves_files_for_gc(name):
     assert not stream_dir(name).exists()
 
 
-def test_reader_from_two_threads_is_refused(name):
-    with frameshm.Reader(name) as r:
-        started = threading.Event()
-        errors = []
+def test_reader_calls_from_a_second_thread_are_serialised(name):
+    """While one thread waits on a Reader (GIL released), another thread's calls on it
+    wait for the current wait slice instead of racing inside the library; close() from
+    the other thread ends the wait with StreamClosed."""
+    r = frameshm.Reader(name)
+    started = threading.Event()
+    outcome = []
 
-        def waiter():
-            started.set()
-            try:
-                r.wait_latest(timeout=1.0)
-            except frameshm.Timeout:
-                pass
-            except Exception as e:  # pragma: no cover
-                errors.append(e)
+    def waiter():
+        started.set()
+        try:
+            r.wait_latest(timeout=30)
+            outcome.append("frame")
+        except frameshm.StreamClosed:
+            outcome.append("closed")
+        except Exception as e:  # pragma: no cover
+            outcome.append(e)
 
-        t = threading.Thread(target=waiter)
-        t.start()
-        started.wait(5)
-        time.sleep(0.2)
-        with pytest.raises(RuntimeError):
-            r.wait_latest(timeout=0)
-        with pytest.raises(RuntimeError):
-            r.close()
-        t.join(10)
-        assert not t.is_alive() and not errors
+    t = threading.Thread(target=waiter)
+    t.start()
+    started.wait(5)
+    time.sleep(0.2)  # the waiter is inside its wait
+    t0 = time.monotonic()
+    with pytest.raises(frameshm.Timeout):
+        r.wait_latest(timeout=0)
+    assert r.producer[0] == "none"
+    assert r.read_latest() is None
+    assert isinstance(r.epoch, int)
+    r.close()
+    took = time.monotonic() - t0
+    t.join(10)
+    assert not t.is_alive() and outcome == ["closed"], outcome
+    assert took < 5, f"calls behind a wait took {took:.2f} s"  # a few 50 ms slices; generous for load
 
 
 def test_reader_follows_a_replaced_stream(name):

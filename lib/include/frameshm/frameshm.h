@@ -261,6 +261,15 @@ FSHM_API int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_fram
 FSHM_API int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f);
 /* 1 if the slot still holds frame f (seqlock re-check after using its data). */
 FSHM_API int fshm_frame_valid(fshm_reader *r, const fshm_frame *f);
+/* The header ring mapping of the reader's current epoch (borrowed, valid until the next
+ * call on r; NULL when nothing is mapped). A caller that takes a reference (fshm_map_ref)
+ * right after a frame was returned can re-check that frame with fshm_ring_holds later,
+ * from any thread, without the reader: see the thread-safety contract in docs/c-api.md. */
+FSHM_API fshm_map *fshm_reader_ring(const fshm_reader *r);
+/* 1 if slot `slot` of the header ring `ring` still holds the committed frame `seq`, else 0
+ * (also for a slot outside the ring). A ring of a finished epoch is never written again, so
+ * its frames stay valid: their pool is not reused either. */
+FSHM_API int fshm_ring_holds(const fshm_map *ring, uint32_t slot, uint64_t seq);
 /* Copies f's payload to dst (capacity >= f->nbytes) and checks it was not torn. */
 FSHM_API int fshm_frame_copy(fshm_reader *r, const fshm_frame *f, void *dst, size_t capacity);
 FSHM_API int fshm_reader_producer_state(fshm_reader *r, int64_t *pid);
