@@ -285,7 +285,9 @@ class Writer:
         return self._w.closed
 
     def heartbeat(self) -> None:
-        """Refreshes the liveness timestamp; call it while idle for long stretches."""
+        """Refreshes the control region's activity time (``frameshm ls`` idle time). The
+        spec's liveness field, the superblocks' ``activity_timestamp_ns``, is refreshed
+        every 0.5 s by the library whether or not this is called."""
         self._w.heartbeat()
 
     def close(self, unlink: Optional[bool] = None) -> None:
