@@ -202,3 +202,137 @@ def test_epochs_strictly_increase_over_restarts(name, with_reader):
     finally:
         if reader is not None:
             reader.close()
+
+
+# ---- foreign mode: a stream with no frameshm control region (docs/wire-format.md §9) ----
+
+# A producer as the references write one, in its own process: canonical layout, ring
+# stride 0, pool slot_bytes null, seqlock commits, activity refreshed, no frameshm.ctl.
+_REFERENCE_PRODUCER = r"""
+import ctypes, mmap, os, struct, time
+import numpy as np
+import frameshm
+SB = struct.Struct("<QIQIhHIIIQQQ")
+SLOT = struct.Struct("<QIIHIQI26xI")
+epoch, stream_id, nslots, stride, count, period = %(epoch)d, %(sid)d, 64, 256, %(count)d, %(period)r
+edir = os.path.join(frameshm._core.namespace_dir(), str(stream_id), str(epoch))
+os.makedirs(edir, mode=0o700)
+def region(name, size):
+    fd = os.open(os.path.join(edir, name), os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    os.ftruncate(fd, size)
+    m = mmap.mmap(fd, size)
+    os.close(fd)
+    return m
+ring, pool = region("header.ring", 64 + nslots * 256), region("1.pool", 64 + nslots * stride)
+now = time.monotonic_ns()
+pool[0:64] = SB.pack(0x544F504C53484D31, 1, epoch, stream_id, 2, 1, nslots, 0xFFFFFFFF, stride, os.getpid(), now, now)
+ring[0:64] = SB.pack(0x544F504C53484D31, 1, epoch, stream_id, 1, 0, nslots, 256, 0, os.getpid(), now, now)
+def word(m, off):
+    return ctypes.c_uint64.from_buffer(m, off)
+say("READY")
+go = os.path.join(os.environ["FRAMESHM_DIR"], "..", "go%%d" %% epoch)
+while not os.path.exists(go):
+    time.sleep(0.01)
+for seq in range(count):
+    i = seq & (nslots - 1)
+    arr = np.full((4, 4), (seq + 7 * epoch) & 0xFF, np.uint8)
+    word(ring, 64 + i * 256).value = seq << 1
+    pool[64 + i * stride:64 + i * stride + 16] = arr.tobytes()
+    hdr = SLOT.pack(0, 16, i, 1, 0, 5000 + seq, 0, 192)[8:]
+    hdr += struct.pack("<HHHHhhBBBI8i8i", 184, 52, 900, 1, 1, 1, 2, 0, 0, 0, 4, 4, 0, 0, 0, 0, 0, 0, 4, 1, 0, 0, 0, 0, 0, 0).ljust(192, b"\0")
+    ring[64 + i * 256 + 8:64 + (i + 1) * 256] = hdr
+    word(ring, 64 + i * 256).value = (seq << 1) | 1
+    t = time.monotonic_ns()
+    word(ring, 56).value = t
+    word(pool, 56).value = t
+    time.sleep(period)
+say("DONE")
+"""
+
+
+def _cleanup_namespace():
+    from fshm_helpers import ns_dir
+
+    shutil.rmtree(ns_dir().parent, ignore_errors=True)
+
+
+def test_foreign_reader_follows_a_reference_producer_across_a_restart(spawn, shm_base):
+    sid = 5150
+    go = shm_base.parent / "go3"
+    try:
+        first = spawn(_REFERENCE_PRODUCER % dict(epoch=3, sid=sid, count=40, period=0.02))
+        first.expect("READY")
+        with frameshm.Reader(stream_id=sid, foreign=True) as r:
+            go.touch()  # frames start only now: the reader joined before the first one
+            got = []
+            while len(got) < 40:
+                f = r.wait_next(timeout=10)
+                assert f.epoch == 3 and f.shape == (4, 4) and f.publish_ns == 0
+                assert int(f.array[0, 0]) == (f.seq + 21) & 0xFF and f.timestamp_ns == 5000 + f.seq
+                got.append(f.seq)
+                del f
+            assert got == list(range(40)) and r.overruns == 0, got
+            assert r.producer == ("alive", first.proc.pid)
+            first.expect("DONE")
+            with pytest.raises(frameshm.Timeout):
+                r.wait_latest(timeout=0.3)
+            # A restart (§15.2): a new process, a higher epoch, seqs from 0 again.
+            second = spawn(_REFERENCE_PRODUCER % dict(epoch=4, sid=sid, count=20, period=0.02))
+            second.expect("READY")
+            (shm_base.parent / "go4").touch()
+            f = r.wait_latest(timeout=10)
+            assert f.epoch == 4 and int(f.array[0, 0]) == (f.seq + 28) & 0xFF
+            second.expect("DONE")
+            f = r.wait_latest(timeout=10) if f.seq != 19 else f
+            while f.seq != 19:
+                f = r.wait_latest(timeout=10)
+            assert r.epoch == 4 and r.producer == ("alive", second.proc.pid)
+            with pytest.raises(frameshm.FrameshmError, match="foreign"):
+                r.control(0)
+    finally:
+        _cleanup_namespace()
+
+
+def test_foreign_liveness_comes_from_activity_timestamp(shm_base):
+    """No control region: the producer counts as alive while its superblock's
+    activity_timestamp_ns is fresh, dead once it is stale (§7.1, §15.14)."""
+    sdir = _write_reference_stream(shm_base, 0xFFFFFFFF, [np.zeros((4, 8), np.uint8)])
+    (sdir / "frameshm.ctl").unlink()
+    ring = sdir / str(EPOCH) / "header.ring"
+    try:
+        with open(ring, "r+b") as fh:
+            fh.seek(56)
+            fh.write(struct.pack("<Q", time.monotonic_ns()))
+        with frameshm.Reader(stream_id=STREAM_ID, foreign=True) as r:
+            assert r.producer == ("alive", 1)
+            np.testing.assert_array_equal(r.read_latest(), np.zeros((4, 8), np.uint8))
+            with open(ring, "r+b") as fh:
+                fh.seek(56)
+                fh.write(struct.pack("<Q", time.monotonic_ns() - 30 * 10**9))
+            assert r.producer == ("dead", 1)
+            assert r.wait_latest(timeout=1).seq == 0  # what the ring holds is still read
+            with pytest.raises(frameshm.ProducerDead):
+                r.wait_latest(timeout=0.2)
+        assert (sdir / str(EPOCH) / "header.ring").exists(), "a foreign stream is never removed"
+    finally:
+        shutil.rmtree(sdir.parent.parent)
+
+
+@pytest.mark.parametrize("damage", ["nslots", "pool-id", "epoch"])
+def test_foreign_regions_are_validated(shm_base, damage):
+    sdir = _write_reference_stream(shm_base, STRIDE, [np.zeros((4, 8), np.uint8)])
+    (sdir / "frameshm.ctl").unlink()
+    edir = sdir / str(EPOCH)
+    if damage == "nslots":
+        with open(edir / "header.ring", "r+b") as fh:
+            fh.seek(28)
+            fh.write(struct.pack("<I", 3))
+    elif damage == "pool-id":
+        (edir / "1.pool").rename(edir / "2.pool")  # its superblock still says pool 1
+    else:
+        edir.rename(sdir / str(EPOCH + 1))  # superblocks name another epoch than the directory
+    try:
+        with pytest.raises(frameshm.CorruptStream):
+            frameshm.Reader(stream_id=STREAM_ID, foreign=True)
+    finally:
+        shutil.rmtree(sdir.parent.parent)

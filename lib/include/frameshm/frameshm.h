@@ -227,6 +227,11 @@ typedef struct fshm_reader_config {
     uint32_t client_id;     /* 0 = generated */
     int publish_mode;       /* 0 = EXISTING_OR_CREATE */
     int lease_events;       /* 1: report a lost lease as FSHM_E_LEASE instead of reattaching */
+    int foreign;            /* 1: the stream has no frameshm control region (another
+                             * implementation of the wire spec writes it): find its newest
+                             * epoch from the directory layout and superblocks, follow the
+                             * header ring by seq (docs/wire-format.md §9). No queue, no
+                             * registration, no control bytes. */
 } fshm_reader_config;
 
 typedef struct fshm_frame {
