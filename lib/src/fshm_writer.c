@@ -110,7 +110,10 @@ static void *ticker_main(void *arg)
     while (live_writers) {
         uint64_t now = fshm_now_ns();
         for (fshm_writer *w = live_writers; w; w = w->next_live)
-            if (w->ticking)
+            /* A driver-mode writer whose lease ended (the driver moved the stream on)
+             * must not vouch for regions that are no longer its own; ctl stays mapped
+             * while ticking (it is closed only after release_regions). */
+            if (w->ticking && (!w->driver_mode || LOAD_ACQ(&w->ctl->epoch) == w->epoch))
                 refresh_activity(w, now);
         uint64_t until = now + LIVENESS_TICK_NS;
         struct timespec ts = {(time_t)(until / 1000000000ull), (long)(until % 1000000000ull)};
