@@ -283,8 +283,7 @@ def test_foreign_reader_follows_a_reference_producer_across_a_restart(spawn, shm
             f = r.wait_latest(timeout=10)
             assert f.epoch == 4 and int(f.array[0, 0]) == (f.seq + 28) & 0xFF
             second.expect("DONE")
-            f = r.wait_latest(timeout=10) if f.seq != 19 else f
-            while f.seq != 19:
+            while f.seq != 19:  # the newest of the second producer's frames, in the end
                 f = r.wait_latest(timeout=10)
             assert r.epoch == 4 and r.producer == ("alive", second.proc.pid)
             with pytest.raises(frameshm.FrameshmError, match="foreign"):
