@@ -36,18 +36,18 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"name", "stream_id", "consumer", "base_dir", "namespace", "spin",
                              "subscribe", "max_rate_hz", "driver", "publish_mode", "client_id",
-                             "lease_events", "frame_type", "dtypes", NULL};
+                             "lease_events", "frame_type", "dtypes", "foreign", NULL};
     PyObject *name = Py_None, *consumer = Py_None, *base = Py_None, *ns = Py_None;
     PyObject *driver = Py_None, *pmode = Py_None, *frame_type = Py_None, *dtypes = Py_None;
     unsigned long sid = 0, rate = 0, client = 0;
-    int spin = 1, subscribe = 1, lease_events = 0;
+    int spin = 1, subscribe = 1, lease_events = 0, foreign = 0;
     if (self->r) {
         PyErr_SetString(fshm_exc_state, "Reader already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppkOOkpOO", kwlist, &name, &sid, &consumer,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppkOOkpOOp", kwlist, &name, &sid, &consumer,
                                      &base, &ns, &spin, &subscribe, &rate, &driver, &pmode, &client,
-                                     &lease_events, &frame_type, &dtypes))
+                                     &lease_events, &frame_type, &dtypes, &foreign))
         return -1;
     if (fshm_frame_maker_set(&self->frames, frame_type, dtypes))
         return -1;
@@ -55,6 +55,7 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
     if (fshm_parse_driver(driver, pmode, client, &cfg.driver, &cfg.publish_mode, &cfg.client_id))
         return -1;
     cfg.lease_events = lease_events;
+    cfg.foreign = foreign;
     if (fshm_parse_addr(name, sid, base, ns, &cfg.addr))
         return -1;
     cfg.spin = spin;

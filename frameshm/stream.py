@@ -285,7 +285,9 @@ class Writer:
         return self._w.closed
 
     def heartbeat(self) -> None:
-        """Refreshes the liveness timestamp; call it while idle for long stretches."""
+        """Refreshes the control region's activity time (``frameshm ls`` idle time). The
+        spec's liveness field, the superblocks' ``activity_timestamp_ns``, is refreshed
+        every 0.5 s by the library whether or not this is called."""
         self._w.heartbeat()
 
     def close(self, unlink: Optional[bool] = None) -> None:
@@ -368,6 +370,11 @@ class Reader:
     in the background): when the lease ends or the driver restarts the reader stops using
     the old regions and re-attaches by itself; with ``lease_events=True`` it raises
     :class:`LeaseLost` once instead, then re-attaches on the next call.
+    ``foreign=True`` reads a stream another implementation of the wire spec writes (no
+    frameshm control region): the newest epoch is found from the directory layout and
+    superblocks, frames by following the header ring (polling, at most ~2 ms behind), and
+    ``producer`` comes from the superblock's activity time. No control bytes, no
+    registration (docs/wire-format.md §9).
     """
 
     def __init__(
@@ -385,6 +392,7 @@ class Reader:
         publish_mode: Optional[str] = None,
         client_id: int = 0,
         lease_events: bool = False,
+        foreign: bool = False,
     ):
         self._r = _core.Reader(
             name,
@@ -401,6 +409,7 @@ class Reader:
             lease_events=lease_events,
             frame_type=Frame,
             dtypes=_DTYPE_TABLE,
+            foreign=foreign,
         )
         self.driver = driver
         self.name = name if name is not None else f"stream-{self._r.stream_id}"

@@ -33,6 +33,8 @@ int fshm_config_copy(void *out, size_t out_size, const void *in, size_t min_size
 #define FSHM_LAYOUT_VERSION 1u
 #define FSHM_SUPERBLOCK_SIZE 64u
 #define FSHM_SLOT_BYTES 256u
+#define FSHM_WIRE_DTYPE_BIT 14   /* in the spec's registry, refused (see fshm_tensor_check) */
+#define FSHM_SB_SLOT_BYTES_NULL 0xFFFFFFFFu   /* SBE null u32: a pool's slot_bytes "not given" */
 #define FSHM_REGION_HEADER_RING 1
 #define FSHM_REGION_PAYLOAD_POOL 2
 #define FSHM_SCHEMA_ID 900u

@@ -330,6 +330,83 @@ static int create_region(const char *path, uint64_t size, unsigned mode, int64_t
 
 static unsigned file_mode_of(const fshm_profile *p) { return p->file_mode ? p->file_mode : 0600; }
 
+/* ---- the epoch ledger ----
+ * Spec §15.2 and §10.1.1: the epoch grows on every producer restart and consumers ignore
+ * an announce below the highest epoch they saw. The control region counts epochs, but a
+ * clean close with nobody registered removes it (and the whole stream directory), so
+ * the next producer would start over at 1 -- below what a consumer of another
+ * implementation, or a frameshm reader that reopens by name, has already seen. The
+ * ledger keeps the last epoch of every stream id that ever had one, outside the stream
+ * tree so that removing a stream does not take it along:
+ *     <base>/.frameshm-epochs-<user>/<namespace>/<stream_id>   (decimal, one line)
+ * It is written only by whoever creates epochs (the producer lock or the driver's own
+ * serialisation excludes a second creator), by rename() so a reader never sees half a
+ * number. Losing it (no room, a squatted directory) costs only the guarantee, never the
+ * stream: the failure is not reported. */
+static int ledger_path(const fshm_paths *paths, int create_dirs, char *out, size_t cap)
+{
+    char userdir[FSHM_PATH_MAX], dir[FSHM_PATH_MAX + 64];
+    fshm_user_dir(paths, userdir, sizeof userdir);
+    const char *user = strrchr(userdir, '/');
+    const char *ns = strrchr(paths->ns_dir, '/');
+    if (!user || !ns || strncmp(user + 1, "tensorpool-", 11) != 0)
+        return -EINVAL;
+    int n = snprintf(dir, sizeof dir, "%s/.frameshm-epochs-%s", paths->base, user + 12);
+    if (n < 0 || (size_t)n >= sizeof dir)
+        return -ENAMETOOLONG;
+    if (create_dirs && fshm_mkdir_private(dir, 0700))
+        return -EPERM;
+    n = snprintf(dir + n, sizeof dir - (size_t)n, "%s", ns);
+    if (n < 0 || strlen(dir) + 1 >= sizeof dir)
+        return -ENAMETOOLONG;
+    if (create_dirs && fshm_mkdir_private(dir, 0700))
+        return -EPERM;
+    n = snprintf(out, cap, "%s/%u", dir, paths->stream_id);
+    return n < 0 || (size_t)n >= cap ? -ENAMETOOLONG : 0;
+}
+
+/* The last epoch the ledger records for the stream; 0 when none (or unreadable). */
+static uint64_t ledger_read(const fshm_paths *paths)
+{
+    char path[FSHM_PATH_MAX + 96], buf[32];
+    if (ledger_path(paths, 0, path, sizeof path))
+        return 0;
+    int fd = open(path, O_RDONLY | O_NOFOLLOW | O_CLOEXEC);
+    if (fd < 0)
+        return 0;
+    struct stat st;
+    ssize_t n = fstat(fd, &st) == 0 && S_ISREG(st.st_mode) && st.st_uid == geteuid()
+                    ? read(fd, buf, sizeof buf - 1)
+                    : -1;
+    close(fd);
+    if (n <= 0)
+        return 0;
+    buf[n] = 0;
+    uint64_t v = 0;
+    for (ssize_t i = 0; i < n && buf[i] != '\n'; i++) {
+        if (buf[i] < '0' || buf[i] > '9' || v > (UINT64_MAX - 9) / 10)
+            return 0;   /* not ours, or damaged: as if absent */
+        v = v * 10 + (uint64_t)(buf[i] - '0');
+    }
+    return v;
+}
+
+static void ledger_write(const fshm_paths *paths, uint64_t epoch)
+{
+    char path[FSHM_PATH_MAX + 96], tmp[FSHM_PATH_MAX + 128], line[32];
+    if (ledger_path(paths, 1, path, sizeof path))
+        return;
+    snprintf(tmp, sizeof tmp, "%s.%d.tmp", path, (int)getpid());
+    int fd = open(tmp, O_WRONLY | O_CREAT | O_TRUNC | O_NOFOLLOW | O_CLOEXEC, 0600);
+    if (fd < 0)
+        return;
+    int len = snprintf(line, sizeof line, "%llu\n", (unsigned long long)epoch);
+    int ok = write(fd, line, (size_t)len) == len;
+    close(fd);
+    if (!ok || rename(tmp, path) != 0)
+        unlink(tmp);
+}
+
 int fshm_epoch_create(const fshm_paths *paths, fshm_ctl *c, const fshm_profile *p, uint64_t min_epoch,
                       int replace_first, fshm_new_epoch *out)
 {
@@ -343,6 +420,9 @@ int fshm_epoch_create(const fshm_paths *paths, fshm_ctl *c, const fshm_profile *
         epoch = min_epoch;
     if (epoch <= max_epoch)
         epoch = max_epoch + 1;   /* never reuse a directory left behind */
+    uint64_t last = ledger_read(paths);
+    if (epoch <= last && last < UINT64_MAX)
+        epoch = last + 1;        /* the stream was removed since: continue above its last epoch */
     if (epoch == 0 || epoch == UINT64_MAX)
         return fshm_set_error(-EOVERFLOW, "stream %u: epoch counter exhausted", paths->stream_id);
     if (replace_first)
@@ -388,6 +468,7 @@ int fshm_epoch_create(const fshm_paths *paths, fshm_ctl *c, const fshm_profile *
     a->epoch = epoch;
     a->header_nslots = n;
     a->npools = p->npools;
+    ledger_write(paths, epoch);
 
     fshm_grant *g = &out->grant;
     g->stream_id = paths->stream_id;

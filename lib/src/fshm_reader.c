@@ -8,57 +8,14 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "fshm_internal.h"
+#include "fshm_reader_impl.h"
 
 #define ENV_CHECK_NS 100000000ull      /* re-stat control file / epoch at most this often */
 #define WAIT_SLICE_NS 100000000ull     /* longest single blocking receive */
 
-typedef struct reader_pool {
-    fshm_map *map;
-    uint32_t stride;
-    uint16_t id;
-} reader_pool;
-
-struct fshm_reader {
-    fshm_paths paths;
-    fshm_ctl_handle ch;
-    fshm_ctl *ctl;
-    char consumer[FSHM_CONSUMER_NAME_MAX + 1];
-    char queue[32];
-    mqd_t q;
-    int entry;               /* consumer-table index, -1 for a passive reader */
-    int passive;             /* no queue, no registration: peek and mode only */
-    uint32_t max_rate_hz;    /* producer throttles our descriptors; 0 = every frame */
-    uint64_t epoch;          /* mapped epoch, 0 = unmapped */
-    fshm_map *ring;
-    uint32_t nslots;
-    uint32_t npools;
-    reader_pool pools[FSHM_MAX_POOLS];
-    uint64_t last_plus1;     /* newest seq returned + 1 */
-    uint64_t start_seq;      /* latest_seq when we registered: frames from here are ours */
-    uint64_t overruns;
-    uint64_t drops;
-    uint64_t next_check_ns;
-    int corrupt_seen;
-    char corrupt_msg[256];
-    int spin;                /* predictive spinning enabled */
-    uint64_t last_arrival_ns;  /* producer commit time of the last frame taken */
-    uint64_t interval_ns;    /* EWMA of the time between frames this reader saw */
-    uint32_t attach_gen;     /* bumped when a new control region is attached */
-    /* driver model */
-    int driver_mode;
-    int lease_events;        /* report a lost lease instead of silently re-attaching */
-    fshm_lease *lease;       /* NULL while the driver is unreachable */
-    fshm_lease_config lease_cfg;
-    char driver_path[108];
-    char base_dir[FSHM_PATH_MAX];
-    uint64_t next_lease_try_ns;
-    int lease_reported;      /* lease_events: the loss was reported once already */
-};
-
 #define LEASE_RETRY_NS 200000000ull
 
-static void unmap_all(fshm_reader *r)
+void fshm_reader_unmap(fshm_reader *r)
 {
     for (unsigned i = 0; i < r->npools; i++)
         fshm_map_unref(r->pools[i].map);
@@ -106,7 +63,7 @@ static int sync_epoch(fshm_reader *r)
         }
     }
     /* Old mappings go only now: frames handed out earlier hold their own references. */
-    unmap_all(r);
+    fshm_reader_unmap(r);
     r->ring = ring;
     r->nslots = a.header_nslots;
     r->npools = np;
@@ -176,7 +133,7 @@ static int lease_check(fshm_reader *r)
         snprintf(why, sizeof why, "%s", fshm_lease_message(r->lease));
         fshm_lease_close(r->lease, 0);
         r->lease = NULL;
-        unmap_all(r);
+        fshm_reader_unmap(r);
         r->last_arrival_ns = r->interval_ns = 0;
         r->next_lease_try_ns = 0;
         if (r->lease_events && !r->lease_reported) {
@@ -226,7 +183,7 @@ static int check_environment(fshm_reader *r, int force)
         if (ours && !r->passive)
             fshm_ctl_unregister(r->ctl, r->entry, r->queue);
         fshm_ctl_close(&r->ch);
-        unmap_all(r);
+        fshm_reader_unmap(r);
         r->ch = nh;
         r->ctl = nh.ctl;
         r->entry = idx;
@@ -277,6 +234,18 @@ static int reader_open(const fshm_reader_config *cfg, fshm_reader **out)
     }
     r->passive = cfg->passive;
     r->max_rate_hz = cfg->max_rate_hz;
+    if (cfg->foreign) {
+        if (cfg->driver && *cfg->driver) {
+            rc = fshm_set_error(-EINVAL, "a foreign stream is read without a driver");
+            goto fail;
+        }
+        r->foreign = 1;
+        r->passive = 1;   /* nobody to register with, nobody sending descriptors */
+        if ((rc = fshm_resolve(&cfg->addr, 0, &r->paths)) || (rc = fshm_foreign_open(r)))
+            goto fail;
+        *out = r;
+        return 0;
+    }
     if (cfg->driver && *cfg->driver) {
         r->driver_mode = 1;
         r->lease_events = cfg->lease_events;
@@ -308,15 +277,14 @@ static int reader_open(const fshm_reader_config *cfg, fshm_reader **out)
     *out = r;
     return 0;
 fail:
-    if (!r->ctl && r->paths.stream_dir[0] && !r->driver_mode && rmdir(r->paths.stream_dir) == 0)
+    if (!r->ctl && !r->foreign && r->paths.stream_dir[0] && !r->driver_mode &&
+        rmdir(r->paths.stream_dir) == 0)
         fshm_remove_empty_parents(&r->paths);   /* only if we left it empty */
     fshm_reader_close(r);
     return rc;
 }
 
-/* The seqlock read of frame `seq` from the mapped epoch: 0, -EAGAIN when the slot no
- * longer (or not yet) holds it, FSHM_E_CORRUPT when the header fails validation. */
-static int read_frame(fshm_reader *r, uint64_t seq, fshm_frame *f)
+int fshm_reader_read_frame(fshm_reader *r, uint64_t seq, fshm_frame *f)
 {
     if (!r->epoch)
         return -EAGAIN;
@@ -544,6 +512,8 @@ static int passive_error(fshm_reader *r)
 
 int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
 {
+    if (r->foreign)
+        return fshm_foreign_wait(r, timeout_ns, 0, f);
     if (r->passive)
         return passive_error(r);
     uint64_t deadline = deadline_for(timeout_ns);
@@ -573,7 +543,7 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
             have = 1;
         }
         if (have && best >= floor) {
-            rc = read_frame(r, best, f);
+            rc = fshm_reader_read_frame(r, best, f);
             if (rc == 0) {
                 f->publish_ns = best_pub;
                 took(r, f);
@@ -607,6 +577,8 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
 
 int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
 {
+    if (r->foreign)
+        return fshm_foreign_wait(r, timeout_ns, 1, f);
     if (r->passive)
         return passive_error(r);
     uint64_t deadline = deadline_for(timeout_ns);
@@ -643,7 +615,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
                 if (r->epoch && latest > next_try && !r->max_rate_hz) {
                     uint64_t s = latest - next_try > r->nslots ? latest - r->nslots : next_try;
                     for (; s < latest; s++) {
-                        int rr = read_frame(r, s, f);
+                        int rr = fshm_reader_read_frame(r, s, f);
                         if (rr == 0) {
                             f->publish_ns = 0;
                             took(r, f);
@@ -666,7 +638,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         }
         if (seq < r->last_plus1)
             continue;
-        rc = read_frame(r, seq, f);
+        rc = fshm_reader_read_frame(r, seq, f);
         if (rc == 0) {
             f->publish_ns = pub;
             took(r, f);
@@ -679,6 +651,8 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
 
 int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f)
 {
+    if (r->foreign)
+        return fshm_foreign_peek(r, f);
     int rc = check_environment(r, 0);
     if (rc && rc != -EAGAIN && rc != -ENOENT)
         return rc;
@@ -686,7 +660,7 @@ int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f)
         uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
         if (!latest || !r->epoch)
             return fshm_set_error(-EAGAIN, "stream '%s' has no frame yet", r->paths.name);
-        rc = read_frame(r, latest - 1, f);
+        rc = fshm_reader_read_frame(r, latest - 1, f);
         if (rc == 0) {
             f->skipped = 0;
             f->publish_ns = 0;
@@ -746,12 +720,20 @@ int fshm_frame_copy(fshm_reader *r, const fshm_frame *f, void *dst, size_t capac
 
 int fshm_reader_producer_state(fshm_reader *r, int64_t *pid)
 {
+    if (r->foreign)
+        return fshm_foreign_producer_state(r, pid);
     check_environment(r, 1);
     return fshm_ctl_producer_state(r->ctl, pid);
 }
 
 /* Control bytes are read and written through whichever control region is current, so
  * a controller keeps steering a stream that was removed and created anew. */
+static int no_control_region(const fshm_reader *r)
+{
+    return fshm_set_error(-ENOTSUP, "stream %u is foreign (written by another implementation): "
+                          "it has no frameshm control region, hence no control bytes",
+                          r->paths.stream_id);
+}
 static int bad_control_index(unsigned index)
 {
     return fshm_set_error(-EINVAL, "control byte %u does not exist (0..%d)", index,
@@ -761,6 +743,8 @@ int fshm_reader_control(fshm_reader *r, unsigned index)
 {
     if (index >= FSHM_CONTROL_BYTES)
         return bad_control_index(index);
+    if (r->foreign)
+        return no_control_region(r);
     /* Whatever kept us from following (reported by the next wait) leaves the control
      * region we hold, still mapped, as the best answer. */
     check_environment(r, 0);
@@ -770,6 +754,8 @@ int fshm_reader_set_control(fshm_reader *r, unsigned index, uint8_t value)
 {
     if (index >= FSHM_CONTROL_BYTES)
         return bad_control_index(index);
+    if (r->foreign)
+        return no_control_region(r);
     int rc = check_environment(r, 1);
     /* Only an error that left us on a replaced control region stops the write. */
     if (rc && !fshm_ctl_same_file(&r->ch, r->paths.ctl))
@@ -808,7 +794,7 @@ void fshm_reader_close(fshm_reader *r)
         mq_close(r->q);
         mq_unlink(r->queue);
     }
-    unmap_all(r);
+    fshm_reader_unmap(r);
     fshm_ctl_close(&r->ch);
     fshm_lease_close(r->lease, 1);
     free(r);

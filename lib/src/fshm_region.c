@@ -117,9 +117,34 @@ int fshm_superblock_check(const uint8_t *b, size_t map_size, uint64_t epoch, uin
     CHECK(SB_REGION_TYPE, ld16, (uint16_t)region_type, "region_type")
     CHECK(SB_POOL_ID, ld16, pool_id, "pool_id")
     CHECK(SB_NSLOTS, ld32, nslots, "nslots")
-    CHECK(SB_SLOT_BYTES, ld32, slot_bytes, "slot_bytes")
-    CHECK(SB_STRIDE_BYTES, ld32, stride_bytes, "stride_bytes")
 #undef CHECK
+    /* The spec names these two fields without saying what each holds in the other kind
+     * of region, and its implementations disagree: accept exactly the readings found
+     * (docs/wire-format.md §2, "Readings"), never an arbitrary value. */
+    uint32_t sb_slot = ld32(b + SB_SLOT_BYTES), sb_stride = ld32(b + SB_STRIDE_BYTES);
+    if (region_type == FSHM_REGION_HEADER_RING) {
+        if (sb_slot != FSHM_SLOT_BYTES)
+            return fshm_set_error(FSHM_E_CORRUPT, "%s superblock: slot_bytes is %u, must be %u",
+                                  what, sb_slot, FSHM_SLOT_BYTES);
+        if (sb_stride != 0 && sb_stride != FSHM_SLOT_BYTES)
+            return fshm_set_error(FSHM_E_CORRUPT,
+                                  "%s superblock: stride_bytes is %u, must be 0 or %u", what,
+                                  sb_stride, FSHM_SLOT_BYTES);
+        (void)slot_bytes;
+    } else {
+        if (sb_stride != stride_bytes)
+            return fshm_set_error(FSHM_E_CORRUPT, "%s superblock: stride_bytes is %u, announced %u",
+                                  what, sb_stride, stride_bytes);
+        if (!fshm_valid_stride(sb_stride))
+            return fshm_set_error(FSHM_E_CORRUPT,
+                                  "%s superblock: stride_bytes %u is not a power-of-two multiple "
+                                  "of %u up to %u", what, sb_stride, FSHM_MIN_STRIDE,
+                                  FSHM_MAX_STRIDE);
+        if (sb_slot != sb_stride && sb_slot != FSHM_SB_SLOT_BYTES_NULL)
+            return fshm_set_error(FSHM_E_CORRUPT,
+                                  "%s superblock: slot_bytes is %u, must be the stride (%u) or "
+                                  "the SBE null value 0xFFFFFFFF", what, sb_slot, sb_stride);
+    }
     uint64_t need = FSHM_SUPERBLOCK_SIZE + (uint64_t)nslots * (region_type == FSHM_REGION_HEADER_RING
                                                                    ? FSHM_SLOT_BYTES
                                                                    : stride_bytes);
@@ -135,6 +160,9 @@ int fshm_tensor_check(const fshm_tensor *t, size_t nbytes, int fill_strides, fsh
 {
     fshm_tensor r = *t;
     int item = fshm_dtype_size(r.dtype);
+    if (!item && r.dtype == FSHM_WIRE_DTYPE_BIT)
+        return fshm_set_error(-EINVAL, "dtype BIT (14) is not supported: the spec defines no bit "
+                              "packing for it (docs/wire-format.md §3, \"Readings\")");
     if (!item)
         return fshm_set_error(-EINVAL, "unsupported dtype code %d", r.dtype);
     if (r.major_order == 0)
@@ -268,10 +296,15 @@ int fshm_slot_header_decode(const uint8_t s[FSHM_SLOT_BYTES], fshm_slot_view *v)
         return fshm_set_error(FSHM_E_CORRUPT, "slot header: %s", fshm_last_error());
     if (unit > 2)
         return fshm_set_error(FSHM_E_CORRUPT, "slot header: unknown progress_unit %u", unit);
-    if (unit == 1 && pstride != (uint32_t)full.strides[0])
+    /* Rows are dimension 0 and columns dimension 1 whatever the rank (an image is
+     * rows x columns [x channels]); the stride is the step between two of them. */
+    if (unit == 1 && (pstride == 0 || pstride != (uint32_t)full.strides[0]))
         return fshm_set_error(FSHM_E_CORRUPT, "slot header: progress_stride_bytes %u != row stride",
                               pstride);
-    if (unit == 2 && pstride != (uint32_t)full.strides[full.ndims - 1])
+    if (unit == 2 && full.ndims < 2)
+        return fshm_set_error(FSHM_E_CORRUPT,
+                              "slot header: progress_unit COLUMNS on a 1-dimensional tensor");
+    if (unit == 2 && (pstride == 0 || pstride != (uint32_t)full.strides[1]))
         return fshm_set_error(FSHM_E_CORRUPT,
                               "slot header: progress_stride_bytes %u != column stride", pstride);
     v->tensor = full;

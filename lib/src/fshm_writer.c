@@ -3,6 +3,7 @@
  * (spec §8.3) and descriptor fan-out. The producer never blocks on a consumer. */
 #include <fcntl.h>
 #include <pthread.h>
+#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/file.h>
@@ -47,7 +48,9 @@ struct fshm_writer {
     uint64_t next_prune_ns;
     uint64_t start_ns;
     writer_consumer cons[FSHM_MAX_CONSUMERS];
-    fshm_writer *next_live;  /* registry of open writers, for fork handling */
+    fshm_writer *next_live;  /* registry of open writers, for fork handling and liveness */
+    int tracked;             /* under live_mu: in live_writers */
+    int ticking;             /* under live_mu: the liveness ticker may refresh our regions */
     int lock_fd;             /* holds the producer flock; never mmapped (see below) */
     /* driver model */
     fshm_lease *lease;       /* NULL: we own the regions ourselves */
@@ -69,16 +72,108 @@ static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
 
 static void atfork_prepare(void) { pthread_mutex_lock(&live_mu); }
 static void atfork_parent(void) { pthread_mutex_unlock(&live_mu); }
+/* Spec §7.1/§15.14: the producer refreshes activity_timestamp_ns periodically, frames
+ * or not; other implementations unmap a stream whose timestamp went stale (3-5x the
+ * announce period). Publishing must stay free of syscalls and timers, and an idle
+ * application may never call heartbeat(), so one thread per process does it for every
+ * open writer: every LIVENESS_TICK_NS it stores the time into the superblocks of the
+ * regions each writer has mapped. It touches nothing else of a writer (no consumer
+ * table, no control region: there activity_ns stays "last commit", which readers time
+ * frames by), and the writer hands its mappings over under live_mu. It exits when no
+ * writer is left. */
+#define LIVENESS_TICK_NS 500000000ull
+static int ticker_running;   /* under live_mu */
+static pthread_cond_t ticker_cv;
+static pthread_once_t ticker_cv_once = PTHREAD_ONCE_INIT;
+
+static void ticker_cv_init(void)
+{
+    pthread_condattr_t a;
+    pthread_condattr_init(&a);
+    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
+    pthread_cond_init(&ticker_cv, &a);
+    pthread_condattr_destroy(&a);
+}
+
+static void refresh_activity(fshm_writer *w, uint64_t now)
+{
+    __atomic_store_n((uint64_t *)((uint8_t *)w->ring->base + SB_ACTIVITY_NS), now, __ATOMIC_RELAXED);
+    for (unsigned i = 0; i < w->npools; i++)
+        __atomic_store_n((uint64_t *)((uint8_t *)w->pools[i].map->base + SB_ACTIVITY_NS), now,
+                         __ATOMIC_RELAXED);
+}
+
+static void *ticker_main(void *arg)
+{
+    (void)arg;
+    pthread_mutex_lock(&live_mu);
+    while (live_writers) {
+        uint64_t now = fshm_now_ns();
+        for (fshm_writer *w = live_writers; w; w = w->next_live)
+            /* A driver-mode writer whose lease ended (the driver moved the stream on)
+             * must not vouch for regions that are no longer its own; ctl stays mapped
+             * while ticking (it is closed only after release_regions). */
+            if (w->ticking && (!w->driver_mode || LOAD_ACQ(&w->ctl->epoch) == w->epoch))
+                refresh_activity(w, now);
+        uint64_t until = now + LIVENESS_TICK_NS;
+        struct timespec ts = {(time_t)(until / 1000000000ull), (long)(until % 1000000000ull)};
+        pthread_cond_timedwait(&ticker_cv, &live_mu, &ts);
+    }
+    ticker_running = 0;
+    pthread_mutex_unlock(&live_mu);
+    return NULL;
+}
+
+/* Under live_mu. A ticker that cannot start leaves liveness to commits and heartbeat(),
+ * as before; the next writer to open tries again. */
+static void ticker_start_locked(void)
+{
+    if (ticker_running)
+        return;
+    pthread_attr_t a;
+    pthread_t t;
+    sigset_t all, old;
+    if (pthread_attr_init(&a) != 0)
+        return;
+    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
+    /* The application's signal handlers must never run on our thread. */
+    sigfillset(&all);
+    pthread_sigmask(SIG_SETMASK, &all, &old);
+    if (pthread_create(&t, &a, ticker_main, NULL) == 0)
+        ticker_running = 1;
+    pthread_sigmask(SIG_SETMASK, &old, NULL);
+    pthread_attr_destroy(&a);
+}
+
+/* Lets the ticker refresh w's mapped regions (on) or stops it (off) before they are
+ * unmapped or replaced. */
+static void set_ticking(fshm_writer *w, int on)
+{
+    pthread_mutex_lock(&live_mu);
+    w->ticking = on && w->tracked && w->ring != NULL;
+    if (w->ticking)
+        refresh_activity(w, fshm_now_ns());
+    pthread_mutex_unlock(&live_mu);
+}
+
 static void atfork_child(void)
 {
-    for (fshm_writer *w = live_writers; w; w = w->next_live)
+    for (fshm_writer *w = live_writers; w; w = w->next_live) {
         if (w->lock_fd >= 0) {
             close(w->lock_fd);
             w->lock_fd = -1;
         }
+        w->ticking = 0;   /* the parent's producer, not ours to vouch for */
+    }
+    ticker_running = 0;   /* the thread did not survive the fork */
+    ticker_cv_init();     /* nor its wait: start from a fresh condition variable */
     pthread_mutex_unlock(&live_mu);
 }
-static void atfork_init(void) { pthread_atfork(atfork_prepare, atfork_parent, atfork_child); }
+static void atfork_init(void)
+{
+    pthread_once(&ticker_cv_once, ticker_cv_init);
+    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
+}
 
 static void track_writer(fshm_writer *w, int add)
 {
@@ -87,18 +182,25 @@ static void track_writer(fshm_writer *w, int add)
     if (add) {
         w->next_live = live_writers;
         live_writers = w;
+        w->tracked = 1;
+        w->ticking = w->ring != NULL;
+        ticker_start_locked();
     } else {
+        w->tracked = w->ticking = 0;
         for (fshm_writer **pp = &live_writers; *pp; pp = &(*pp)->next_live)
             if (*pp == w) {
                 *pp = w->next_live;
                 break;
             }
+        if (!live_writers)
+            pthread_cond_signal(&ticker_cv);   /* let it exit now rather than on its next tick */
     }
     pthread_mutex_unlock(&live_mu);
 }
 
 static void release_regions(fshm_writer *w)
 {
+    set_ticking(w, 0);
     for (unsigned i = 0; i < w->npools; i++)
         if (w->pools[i].map) {
             fshm_map_unref(w->pools[i].map);
@@ -212,6 +314,7 @@ static int attach_via_driver(fshm_writer *w)
     w->epoch_dir[0] = 0;   /* not ours to remove */
     become_producer(w);
     w->attach_gen++;
+    set_ticking(w, 1);   /* a re-attach (the first attach is enabled by track_writer) */
     return 0;
 fail:
     drop_driver_attachment(w);
@@ -434,9 +537,7 @@ static void housekeeping(fshm_writer *w, uint64_t now)
     w->next_prune_ns = now + PRUNE_INTERVAL_NS;
     if (fshm_ctl_prune(w->ctl))
         refresh_consumers(w);
-    st64((uint8_t *)w->ring->base + SB_ACTIVITY_NS, now);
-    for (unsigned i = 0; i < w->npools; i++)
-        st64((uint8_t *)w->pools[i].map->base + SB_ACTIVITY_NS, now);
+    refresh_activity(w, now);
 }
 
 int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out)

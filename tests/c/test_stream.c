@@ -1126,14 +1126,18 @@ static void test_close_cleanup(void **state)
     char dir[PATH_MAX], ctl[PATH_MAX + 32], ring[PATH_MAX + 64];
     stream_dir_of(name, dir, sizeof dir);
     snprintf(ctl, sizeof ctl, "%s/frameshm.ctl", dir);
-    region_of(name, 1, "header.ring", ring, sizeof ring);
     /* No consumer: close(unlink) removes everything. */
     fshm_writer *w = tu_writer(name, 2, 64);
+    uint64_t first = fshm_writer_epoch(w);
+    region_of(name, first, "header.ring", ring, sizeof ring);
     assert_true(tu_path_exists(ring));
     fshm_writer_close(w, 1);
     assert_false(tu_path_exists(dir));
     /* A live consumer keeps the control region (its registration); it removes it last. */
     w = tu_writer(name, 2, 64);
+    /* The stream was removed, yet its epochs go on (spec §15.2): never an epoch again. */
+    assert_int_equal(fshm_writer_epoch(w), first + 1);
+    region_of(name, first + 1, "header.ring", ring, sizeof ring);
     fshm_reader *r = tu_reader(name);
     fshm_writer_close(w, 1);
     assert_false(tu_path_exists(ring));
@@ -1143,8 +1147,10 @@ static void test_close_cleanup(void **state)
     assert_false(tu_path_exists(dir));
     /* close(keep): files stay for the next producer. */
     w = tu_writer(name, 2, 64);
+    assert_int_equal(fshm_writer_epoch(w), first + 2);
+    region_of(name, first + 2, "header.ring", ring, sizeof ring);
     fshm_writer_close(w, 0);
-    assert_true(tu_path_exists(ring));   /* the stream was created anew: epoch 1 again */
+    assert_true(tu_path_exists(ring));
     reclaim_stream(name);
     assert_false(tu_path_exists(dir));
 }
@@ -1171,14 +1177,14 @@ static void test_stream_recreated_under_reader(void **state)
     tu_rmtree(dir);   /* the whole stream goes away */
 
     w = tu_writer(name, 4, 4096);   /* a new stream under the same name */
-    assert_int_equal(fshm_writer_epoch(w), 1);
+    assert_int_equal(fshm_writer_epoch(w), 2);   /* its epochs go on from the removed one's */
     for (int i = 0; i < 3; i++)
         assert_int_equal(tu_publish(w, 100), 0);   /* seqs 0..2 */
     int rc = fshm_reader_wait_latest(r, 1 * SEC, &f);
     if (rc != 0)
         fail_msg("reader did not deliver the re-created stream's newest frame (seq 2): rc %d "
                  "(%s)", rc, fshm_last_error());
-    expect_frame(&f, 2, 1, 100);
+    expect_frame(&f, 2, 2, 100);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
 }
@@ -1822,7 +1828,13 @@ static void test_full_base_dir(void **state)
     expect_frame(&f, 0, 1, 4096);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
-    assert_int_equal(tu_count_files(tmpfs_dir), 0);
+    /* Only the epoch ledger stays (docs/wire-format.md §1): one line, not a region. */
+    assert_int_equal(tu_count_files(tmpfs_dir), 1);
+    char u[PATH_MAX], ledger[2 * PATH_MAX];
+    tu_user_dir(u, sizeof u);   /* .../tensorpool-<user>: the ledger is per user too */
+    snprintf(ledger, sizeof ledger, "%s/.frameshm-epochs-%s/default/%u", tmpfs_dir,
+             strrchr(u, '/') + 1 + strlen("tensorpool-"), fshm_stream_id_for_name("st-enospc"));
+    assert_true(tu_path_exists(ledger));
 }
 
 int main(void)

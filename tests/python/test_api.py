@@ -168,7 +168,10 @@ def test_reader_signature():
     sig = inspect.signature(frameshm.Reader.__init__)
     params = list(sig.parameters.values())[1:]
     assert [p.name for p in params] == ["name", "consumer", "stream_id", "base_dir", "namespace", "spin", "subscribe",
-                                        "max_rate_hz", "driver", "publish_mode", "client_id", "lease_events"]
+                                        "max_rate_hz", "driver", "publish_mode", "client_id", "lease_events",
+                                        "foreign"]
+    assert sig.parameters["foreign"].default is False
+    assert sig.parameters["foreign"].kind is inspect.Parameter.KEYWORD_ONLY
     assert sig.parameters["spin"].default is True
     assert sig.parameters["subscribe"].default is True
     assert sig.parameters["max_rate_hz"].default == 0

@@ -320,7 +320,9 @@ def test_second_writer_is_busy(name):
     finally:
         w.close()
     with frameshm.Writer(name, shape=(2,)) as w2:
-        assert w2.epoch == 1  # the stream was removed on close: a fresh one
+        # The stream was removed on close: a fresh one, whose epochs go on from the old
+        # one's (spec §15.2: a consumer ignores an epoch below one it saw).
+        assert w2.epoch == 2
     assert not stream_dir(name).exists()
 
 
@@ -922,10 +924,10 @@ def test_reader_follows_a_replaced_stream(name):
             assert r.wait_latest(timeout=5).seq == 4
         shutil.rmtree(stream_dir(name))
         with frameshm.Writer(name, shape=(1,)) as w2:
-            assert w2.epoch == 1
+            assert w2.epoch == 2, "epochs go on across the removal (the epoch ledger)"
             w2.publish(np.full(1, 42, np.uint8))
             f = r.wait_latest(timeout=5)
-            assert (f.seq, int(f.array[0]), f.epoch) == (0, 42, 1), "seqs start over in a new stream"
+            assert (f.seq, int(f.array[0]), f.epoch) == (0, 42, 2), "seqs start over in a new stream"
             assert [c["name"] for c in frameshm.stream_info(name)["consumers"]] == ["stayer"]
             w2.publish(np.full(1, 43, np.uint8))
             assert r.wait_next(timeout=5).seq == 1

@@ -192,7 +192,9 @@ FSHM_API uint64_t fshm_writer_lease_id(const fshm_writer *w);   /* 0 without a d
 FSHM_API int fshm_writer_lease_ok(const fshm_writer *w);
 /* Mapping of payload pool i (borrowed; fshm_map_ref to keep it past close). */
 FSHM_API fshm_map *fshm_writer_pool_map(const fshm_writer *w, unsigned i);
-/* Refreshes the activity timestamp without publishing (idle producers call this). */
+/* Refreshes the control region's activity time without publishing. The superblocks'
+ * activity_timestamp_ns (the spec's liveness) needs no call: a library thread refreshes
+ * it every 0.5 s for every open writer. */
 FSHM_API void fshm_writer_heartbeat(fshm_writer *w);
 /* unlink_files: remove the stream's regions (and the control region when no live
  * consumer is registered) so nothing is left in the base directory. */
@@ -225,6 +227,11 @@ typedef struct fshm_reader_config {
     uint32_t client_id;     /* 0 = generated */
     int publish_mode;       /* 0 = EXISTING_OR_CREATE */
     int lease_events;       /* 1: report a lost lease as FSHM_E_LEASE instead of reattaching */
+    int foreign;            /* 1: the stream has no frameshm control region (another
+                             * implementation of the wire spec writes it): find its newest
+                             * epoch from the directory layout and superblocks, follow the
+                             * header ring by seq (docs/wire-format.md §9). No queue, no
+                             * registration, no control bytes. */
 } fshm_reader_config;
 
 typedef struct fshm_frame {

@@ -1,0 +1,69 @@
+/* The consumer's state, shared by the frameshm-stream reader (fshm_reader.c) and the
+ * foreign-stream follower (fshm_foreign.c), which maps and reads the same way but finds
+ * its regions and frames without a frameshm control region. */
+#ifndef FSHM_READER_IMPL_H
+#define FSHM_READER_IMPL_H
+
+#include "fshm_internal.h"
+
+typedef struct reader_pool {
+    fshm_map *map;
+    uint32_t stride;
+    uint16_t id;
+} reader_pool;
+
+struct fshm_reader {
+    fshm_paths paths;
+    fshm_ctl_handle ch;
+    fshm_ctl *ctl;
+    char consumer[FSHM_CONSUMER_NAME_MAX + 1];
+    char queue[32];
+    mqd_t q;
+    int entry;               /* consumer-table index, -1 for a passive reader */
+    int passive;             /* no queue, no registration: peek and mode only */
+    uint32_t max_rate_hz;    /* producer throttles our descriptors; 0 = every frame */
+    uint64_t epoch;          /* mapped epoch, 0 = unmapped */
+    fshm_map *ring;
+    uint32_t nslots;
+    uint32_t npools;
+    reader_pool pools[FSHM_MAX_POOLS];
+    uint64_t last_plus1;     /* newest seq returned + 1 */
+    uint64_t start_seq;      /* latest_seq when we registered: frames from here are ours */
+    uint64_t overruns;
+    uint64_t drops;
+    uint64_t next_check_ns;
+    int corrupt_seen;
+    char corrupt_msg[256];
+    int spin;                /* predictive spinning enabled */
+    uint64_t last_arrival_ns;  /* producer commit time of the last frame taken */
+    uint64_t interval_ns;    /* EWMA of the time between frames this reader saw */
+    uint32_t attach_gen;     /* bumped when a new control region is attached */
+    /* driver model */
+    int driver_mode;
+    int lease_events;        /* report a lost lease instead of silently re-attaching */
+    fshm_lease *lease;       /* NULL while the driver is unreachable */
+    fshm_lease_config lease_cfg;
+    char driver_path[108];
+    char base_dir[FSHM_PATH_MAX];
+    uint64_t next_lease_try_ns;
+    int lease_reported;      /* lease_events: the loss was reported once already */
+    /* foreign mode (no control region; see fshm_foreign.c) */
+    int foreign;
+    uint64_t follow;         /* next seq to look for in the mapped ring */
+    uint64_t sb_pid, sb_start;   /* the mapped epoch's producer, as its superblock names it */
+};
+
+/* Drops the mapped epoch (frames handed out keep their own references). */
+void fshm_reader_unmap(fshm_reader *r);
+/* The seqlock read of frame `seq` from the mapped epoch: 0, -EAGAIN when the slot no
+ * longer (or not yet) holds it, FSHM_E_CORRUPT when the header fails validation. */
+int fshm_reader_read_frame(fshm_reader *r, uint64_t seq, fshm_frame *f);
+
+/* ---- foreign mode (fshm_foreign.c) ---- */
+int fshm_foreign_open(fshm_reader *r);
+/* next: process-all (wait_next) rather than newest (wait_latest). */
+int fshm_foreign_wait(fshm_reader *r, int64_t timeout_ns, int next, fshm_frame *f);
+int fshm_foreign_peek(fshm_reader *r, fshm_frame *f);
+int fshm_foreign_producer_state(fshm_reader *r, int64_t *pid);
+
+#endif
