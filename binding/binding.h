@@ -93,6 +93,9 @@ fshm_reader *fshm_reader_handle(PyObject *reader);
 PyObject *fshm_raise(int code);
 PyObject *fshm_raise_closed(const char *what);
 PyObject *fshm_raise_invalid(const char *msg);
+/* The UTF-8 of str o (borrowed from o), or NULL with TypeError (not a str) or
+ * InvalidArgument (an embedded NUL, which C would silently cut the name at). */
+const char *fshm_cstr(PyObject *o, const char *what);
 /* Parses an optional timeout in seconds (None = forever) into nanoseconds. */
 int fshm_parse_timeout(PyObject *obj, int64_t *out);
 /* Parses a stream address from common keyword values. */

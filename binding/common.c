@@ -72,6 +72,10 @@ PyObject *fshm_raise(int code)
         int e = code <= -1000 ? fshm_last_errno() : -code;
         if (code == FSHM_E_PRODUCER_DEAD)
             e = ETIMEDOUT;
+        if (e == 0) {   /* a limit of frameshm's own (64 consumers): no "[Errno 0]" */
+            PyErr_SetString(exc, msg);
+            return NULL;
+        }
         PyObject *v = Py_BuildValue("(is)", e, msg);
         if (v) {
             PyErr_SetObject(exc, v);
@@ -90,11 +94,7 @@ int fshm_parse_driver(PyObject *driver, PyObject *mode, unsigned long client_id,
     *mode_out = 0;
     *client_out = 0;
     if (driver && driver != Py_None) {
-        if (!PyUnicode_Check(driver)) {
-            PyErr_SetString(PyExc_TypeError, "driver must be the path of the driver's socket (str)");
-            return -1;
-        }
-        *path_out = PyUnicode_AsUTF8(driver);
+        *path_out = fshm_cstr(driver, "driver (the path of the driver's socket)");
         if (!*path_out)
             return -1;
         if (!**path_out) {
@@ -125,6 +125,22 @@ int fshm_parse_driver(PyObject *driver, PyObject *mode, unsigned long client_id,
     }
     *client_out = (uint32_t)client_id;
     return 0;
+}
+
+const char *fshm_cstr(PyObject *o, const char *what)
+{
+    if (!PyUnicode_Check(o)) {
+        PyErr_Format(PyExc_TypeError, "%s must be a str, not %.50s", what, Py_TYPE(o)->tp_name);
+        return NULL;
+    }
+    Py_ssize_t n;
+    const char *s = PyUnicode_AsUTF8AndSize(o, &n);
+    if (s && (Py_ssize_t)strlen(s) != n) {
+        /* C would see only the part before the NUL: another name than the caller's */
+        PyErr_Format(exc_invalid, "%s %R contains a NUL character", what, o);
+        return NULL;
+    }
+    return s;
 }
 
 PyObject *fshm_raise_invalid(const char *msg)
@@ -298,10 +314,7 @@ static const char *opt_str(PyObject *o, const char *what)
 {
     if (!o || o == Py_None)
         return NULL;
-    if (PyUnicode_Check(o))
-        return PyUnicode_AsUTF8(o);
-    PyErr_Format(PyExc_TypeError, "%s must be a str, not %.50s", what, Py_TYPE(o)->tp_name);
-    return NULL;
+    return fshm_cstr(o, what);
 }
 
 int fshm_parse_addr(PyObject *name, unsigned long stream_id, PyObject *base_dir, PyObject *ns,

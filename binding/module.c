@@ -200,7 +200,7 @@ static PyObject *mod_namespace_dir(PyObject *self, PyObject *args, PyObject *kw)
 
 static PyObject *mod_stream_id_for_name(PyObject *self, PyObject *arg)
 {
-    const char *n = PyUnicode_AsUTF8(arg);
+    const char *n = fshm_cstr(arg, "stream name");
     if (!n)
         return NULL;
     int rc = fshm_validate_name(n, "stream");

@@ -66,11 +66,7 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
     }
     cfg.max_rate_hz = (uint32_t)rate;
     if (consumer != Py_None) {
-        if (!PyUnicode_Check(consumer)) {
-            PyErr_SetString(PyExc_TypeError, "consumer must be a str");
-            return -1;
-        }
-        cfg.consumer = PyUnicode_AsUTF8(consumer);
+        cfg.consumer = fshm_cstr(consumer, "consumer");
         if (!cfg.consumer)
             return -1;
     }

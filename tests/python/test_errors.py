@@ -303,3 +303,61 @@ def test_import_frameshm_errors_alone():
     loaded = ast.literal_eval(out)
     assert not [m for m in loaded if m.startswith(("frameshm.roles", "frameshm.driver", "frameshm.sources"))]
     assert "frameshm._gige" not in loaded and "frameshm._virtualcam" not in loaded
+
+
+@pytest.mark.parametrize("make", [
+    lambda: frameshm.Writer("cam\x00evil", shape=(4,)),
+    lambda: frameshm.Reader("cam\x00evil"),
+    lambda: frameshm.Reader("cam", consumer="a\x00b"),
+    lambda: frameshm.stream_info("cam\x00evil"),
+    lambda: frameshm.Writer("cam", shape=(4,), base_dir="/tmp\x00/x"),
+])
+def test_a_nul_in_a_name_is_refused_not_cut(make, shm_base):
+    with pytest.raises(frameshm.InvalidArgument, match="NUL"):
+        make()
+    assert not (shm_base / "cam").exists()
+    assert not list(shm_base.rglob("cam*")), "nothing was created under the cut name"
+
+
+def test_frameshm_limits_carry_no_errno_zero(name):
+    with frameshm.Writer(name, shape=(4,)) as w:
+        readers = []
+        try:
+            with pytest.raises(frameshm.ResourceLimit) as ei:
+                for _ in range(65):
+                    readers.append(frameshm.Reader(name))
+            assert "Errno 0" not in str(ei.value) and "64 consumers" in str(ei.value)
+            assert len(readers) == 64
+        finally:
+            for r in readers:
+                r.close()
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run a child as another user")
+def test_another_local_user_gets_permission_denied(name, shm_base):
+    """A private stream (0600 files, 0700 directories) opened by another local user: the
+    error is PermissionDenied (a FrameshmError and a PermissionError), for both roles."""
+    import pwd
+
+    nobody = pwd.getpwnam("nobody")
+    shm_base.chmod(0o755)  # the base itself is traversable, the user's directory is not
+    with frameshm.Writer(name, shape=(4,)) as w:
+        w.publish(np.zeros(4, np.uint8))
+        code = (
+            "import os, sys, frameshm\n"
+            f"os.setgid({nobody.pw_gid}); os.setuid({nobody.pw_uid})\n"
+            "for make in (lambda: frameshm.Reader(sys.argv[1], base_dir=sys.argv[2]),\n"
+            "             lambda: frameshm.Writer(sys.argv[1], shape=(4,), base_dir=sys.argv[2])):\n"
+            "    try:\n"
+            "        make(); print('OPENED')\n"
+            "    except frameshm.FrameshmError as e:\n"
+            "        print(type(e).__name__, isinstance(e, PermissionError))\n"
+        )
+        root = os.path.dirname(os.path.dirname(os.path.abspath(frameshm.__file__)))
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join([root, os.environ.get("PYTHONPATH", "")]))
+        env.pop("FRAMESHM_DIR", None)
+        out = subprocess.run([sys.executable, "-c", code, name, str(shm_base)], env=env,
+                             capture_output=True, text=True, timeout=60)
+        assert out.returncode == 0, out.stderr
+        lines = out.stdout.split("\n")
+        assert lines[:2] == ["PermissionDenied True"] * 2, out.stdout + out.stderr
