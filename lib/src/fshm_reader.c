@@ -28,6 +28,42 @@ void fshm_reader_unmap(fshm_reader *r)
 
 
 /* Maps the regions of the control region's current epoch (spec §15.21 M0 → M1). */
+/* Driver model: the epoch our lease granted must be mapped as granted. The regions come
+ * from the control region's announce (which follows later epochs too); a driver whose
+ * grant and announce disagree (another slot count, pool or URI, e.g. hugepage-backed) is
+ * not followed half-way. */
+static int grant_mismatch(const fshm_reader *r, const fshm_announce *a)
+{
+    const fshm_grant *g = &r->grant;
+    if (!r->driver_mode || !r->lease || g->epoch != a->epoch)
+        return 0;
+    const char *what = NULL;
+    if (g->header_nslots != a->header_nslots)
+        what = "header slot count";
+    else if (g->npools != a->npools)
+        what = "pool count";
+    else if (strncmp(g->header_uri, a->header_uri, sizeof a->header_uri) != 0)
+        what = "header ring URI";
+    for (unsigned i = 0; !what && i < g->npools; i++) {
+        const fshm_grant_pool *gp = &g->pools[i];
+        unsigned j = 0;
+        while (j < a->npools && a->pools[j].pool_id != gp->pool_id)
+            j++;
+        if (j == a->npools)
+            what = "pool ids";
+        else if (a->pools[j].stride_bytes != gp->stride_bytes || a->pools[j].nslots != gp->nslots)
+            what = "pool stride or slot count";
+        else if (strncmp(a->pools[j].uri, gp->uri, sizeof a->pools[j].uri) != 0)
+            what = "pool URI";
+    }
+    if (!what)
+        return 0;
+    return fshm_set_error(FSHM_E_CORRUPT, "stream %u epoch %llu: the driver's grant and the "
+                          "stream's announce differ in the %s (grant: %u slots, %u pools, %s)",
+                          g->stream_id, (unsigned long long)g->epoch, what, g->header_nslots,
+                          g->npools, g->header_uri);
+}
+
 static int sync_epoch(fshm_reader *r)
 {
     uint64_t e = LOAD_ACQ(&r->ctl->epoch);
@@ -40,6 +76,8 @@ static int sync_epoch(fshm_reader *r)
     if (a.epoch != e)
         return fshm_set_error(-EAGAIN, "announce for epoch %llu not written yet",
                               (unsigned long long)e);
+    if ((rc = grant_mismatch(r, &a)))
+        return rc;
     fshm_map *ring = NULL;
     reader_pool pools[FSHM_MAX_POOLS];
     memset(pools, 0, sizeof pools);
@@ -116,6 +154,7 @@ static int lease_attach(fshm_reader *r)
     /* If the driver now keeps the stream elsewhere (restarted with another layout),
      * the forced environment check moves us to the new control region. */
     r->paths = p;
+    r->grant = g;
     r->lease_reported = 0;
     r->next_check_ns = 0;
     return 0;

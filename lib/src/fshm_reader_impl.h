@@ -47,6 +47,7 @@ struct fshm_reader {
     char base_dir[FSHM_PATH_MAX];
     uint64_t next_lease_try_ns;
     int lease_reported;      /* lease_events: the loss was reported once already */
+    fshm_grant grant;        /* the lease's grant: the epoch it names must be announced as granted */
     /* foreign mode (no control region; see fshm_foreign.c) */
     int foreign;
     uint64_t follow;         /* next seq to look for in the mapped ring */

@@ -564,3 +564,90 @@ r.close()
             got = child.expect("FRAME").split()[0]
         assert got == "3", child.stderr[-2000:]
     assert len(re.findall(r"attach: lease \d+ stream 1001 consumer", driver.text())) == 2
+
+
+class _GrantRewriter:
+    """A man in the middle between clients and the real driver that rewrites consumers'
+    attach grants (a hostile or buggy driver): everything else passes unchanged."""
+
+    def __init__(self, tmp_path, upstream, rewrite):
+        import socket
+        import threading
+
+        self.path = str(tmp_path / "rewriter.sock")
+        self.upstream, self.rewrite = upstream, rewrite
+        self.srv = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self.srv.bind(self.path)
+        self.srv.listen(8)
+        self.rewritten = 0
+        self._socks = [self.srv]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self):
+        import socket
+        import threading
+
+        while True:
+            try:
+                c, _ = self.srv.accept()
+            except OSError:
+                return
+            u = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+            u.connect(self.upstream)
+            self._socks += [c, u]
+            threading.Thread(target=self._pump, args=(c, u, False), daemon=True).start()
+            threading.Thread(target=self._pump, args=(u, c, True), daemon=True).start()
+
+    def _pump(self, src, dst, from_driver):
+        from frameshm.driver import protocol as P
+
+        while True:
+            try:
+                data = src.recv(65536)
+                if not data:
+                    dst.close()
+                    return
+                if from_driver:
+                    msg = P.decode(data)
+                    if isinstance(msg, P.AttachResponse) and msg.code == 0:
+                        self.rewrite(msg)
+                        self.rewritten += 1
+                        data = P.encode(msg)
+                dst.send(data)
+            except OSError:
+                return
+
+    def close(self):
+        for s in self._socks:
+            s.close()
+
+
+def _halve_slots(msg):
+    msg.header_nslots //= 2
+    for p in msg.pools:
+        p.nslots //= 2
+
+
+def _hugepages(msg):
+    msg.header_uri += "|require_hugepages=true"
+    for p in msg.pools:
+        p.uri += "|require_hugepages=true"
+
+
+@pytest.mark.parametrize("rewrite", [_halve_slots, _hugepages], ids=["slot_count", "hugepages"])
+def test_a_grant_that_differs_from_the_mapped_stream_is_refused(driver, tmp_path, rewrite):
+    """Issue 14, item 7: the consumer checks what the driver granted against what the stream
+    announces, and refuses a grant it cannot map as granted."""
+    with frameshm.Writer(stream_id=1001, shape=(64, 64), driver=driver.sock) as w:
+        w.publish(_frame(1))
+        mitm = _GrantRewriter(tmp_path, driver.sock, rewrite)
+        try:
+            with pytest.raises(frameshm.CorruptStream, match="grant and the stream's announce differ"):
+                frameshm.Reader(stream_id=1001, driver=mitm.path)
+            assert mitm.rewritten >= 1
+            # the same driver without the rewriting: fine
+            with frameshm.Reader(stream_id=1001, driver=driver.sock) as r:
+                w.publish(_frame(2))
+                assert _frame_no(r.wait_latest(timeout=10).array) == 2
+        finally:
+            mitm.close()

@@ -437,3 +437,41 @@ time.sleep(600)
     leaked = queue_exists(queue)
     unlink_queue(queue)
     assert not leaked, f"queue {queue} of the dead consumer leaked"
+
+
+def test_single_slot_under_an_unthrottled_producer(name, spawn, tmp_path):
+    """Issue 14, item 9: one slot rewritten back to back by another process (the seed's
+    latest-frame buffer). read_latest(copy=True) returns only untorn frames and, when it
+    loses every race, raises Overrun (one documented error); wait_latest keeps delivering."""
+    producer = spawn(f"""
+import os, time, numpy as np, frameshm
+w = frameshm.Writer({name!r}, shape=(480, 640, 3), nslots=1)
+bufs = [np.full((480, 640, 3), k, np.uint8) for k in range(4)]
+print("READY", flush=True)
+i, end = 0, time.monotonic() + 60
+while time.monotonic() < end and not (i % 64 == 0 and os.path.exists({str(tmp_path / "stop")!r})):
+    w.publish(bufs[i % 4]); i += 1
+w.close()
+print("DONE", i, flush=True)
+""", label="unthrottled")
+    producer.expect("READY")
+    with frameshm.Reader(name) as r:
+        got = overruns = 0
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < 2.0:
+            try:
+                a = r.read_latest(copy=True)
+            except frameshm.Overrun as e:
+                assert "starved" in str(e) or "overwrit" in str(e)
+                overruns += 1
+                continue
+            if a is not None:
+                assert a.shape == (480, 640, 3) and a.min() == a.max(), "a torn copy was returned"
+                got += 1
+        assert got > 0, f"never a frame in 2 s ({overruns} Overrun)"
+        for _ in range(5):
+            f = r.wait_latest(timeout=10)
+            b = np.array(f.array)
+            assert (b.min() == b.max()) or not f.valid()
+    (tmp_path / "stop").touch()
+    producer.expect("DONE")
