@@ -91,9 +91,9 @@ def test_run_starts_the_pipeline_and_ctrl_c_leaves_nothing(shm_base):
 
 def test_run_does_not_restart_a_dead_role(shm_base):
     port = free_port()
-    run = Run("--port", str(port))
+    run = Run("--port", str(port), "--token", "none")  # (and the token opt-out reaches the gateway)
     try:
-        run.url()
+        assert run.url() == f"http://127.0.0.1:{port}/"
         pids = run.children()
         queues = wait_until(lambda: (lambda q: q if len(q) >= 3 else None)(all_queues()), 20, what="queues")
         inference = pids[2]
@@ -103,6 +103,7 @@ def test_run_does_not_restart_a_dead_role(shm_base):
         run.close()
     err = "".join(run.err)
     assert "inference exited unexpectedly (signal SIGKILL); stopping the pipeline (nothing is restarted)" in err
+    assert "serving without an access token (token = 'none')" in err
     assert len(re.findall(r"INFO: started", err)) == 4
     time.sleep(0.2)
     assert not any(alive(p) for p in pids)
