@@ -22,6 +22,7 @@ import socket
 import subprocess
 import sys
 import time
+from urllib.parse import urlsplit
 
 import numpy as np
 
@@ -54,14 +55,15 @@ def metrics(base: str, name: str):
         return None
 
 
-async def clients(port: int, n: int, seconds: float):
+async def clients(url: str, n: int, seconds: float):
+    """``n`` clients of the WebSocket at ``url`` (the announced one, with its token)."""
     from websockets.asyncio.client import connect
 
     counts = [0] * n
     nbytes = [0] * n
 
     async def one(i, t_end):
-        async with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=20, max_size=None) as ws:
+        async with connect(url, open_timeout=20, max_size=None) as ws:
             while time.monotonic() < t_end:
                 try:
                     m = await asyncio.wait_for(ws.recv(), max(0.05, t_end - time.monotonic()))
@@ -85,17 +87,19 @@ def run_case(width: int, height: int, n: int, seconds: float, quality: int) -> d
                                   f"test:?width={width}&height={height}&fps=30", "--standby-fps", "30",
                                   "--log-level", "warning"], env=env)
     gw = subprocess.Popen(cmd + ["gateway", "--frames", "bench", "--port", str(port), "--quality", str(quality),
-                                 "--log-level", "warning"], env=env)
+                                 "--max-clients", str(max(CLIENTS)), "--log-level", "warning"], env=env)
     try:
         deadline = time.monotonic() + 30
         while not (metrics(base, "bench.gateway") or {}).get("url"):
             if time.monotonic() > deadline or gw.poll() is not None:
                 raise SystemExit("gateway did not start")
             time.sleep(0.1)
+        query = urlsplit(metrics(base, "bench.gateway")["url"]).query  # ?token=, made by the gateway
+        ws_url = f"ws://127.0.0.1:{port}/ws" + (f"?{query}" if query else "")
         warm = 1.5
 
         async def measured():
-            task = asyncio.ensure_future(clients(port, n, warm + seconds))
+            task = asyncio.ensure_future(clients(ws_url, n, warm + seconds))
             await asyncio.sleep(warm)
             m0, c0, t0 = metrics(base, "bench.gateway"), cpu_s(gw.pid), time.monotonic()
             await asyncio.sleep(seconds - 0.6)

@@ -141,11 +141,22 @@ def _host(v):
     return v
 
 
+TOKEN_AUTO = "auto"   # [gateway] token: a new random token each time the gateway starts
+TOKEN_NONE = "none"   # [gateway] token: no token at all (the gateway warns)
+
+
 def _token(v):
     if not isinstance(v, str):
         raise ValueError(f"expected a string, got {v!r}")
-    if v and (len(v) < 8 or len(v) > 256 or not re.match(r"^[A-Za-z0-9_.~-]+$", v)):
-        raise ValueError("expected '' (no token) or 8-256 characters of A-Z a-z 0-9 _ . ~ -")
+    if v in (TOKEN_AUTO, TOKEN_NONE):
+        return v
+    if not v:
+        # it used to mean "no token": refused rather than silently given another meaning
+        raise ValueError(f"'' is no longer accepted: {TOKEN_AUTO!r} (the default) makes a random token per run, "
+                         f"{TOKEN_NONE!r} serves without one (every local user can then watch the camera)")
+    if len(v) < 8 or len(v) > 256 or not re.match(r"^[A-Za-z0-9_.~-]+$", v):
+        raise ValueError(f"expected {TOKEN_AUTO!r} (a random token per run), {TOKEN_NONE!r} (no token) "
+                         f"or 8-256 characters of A-Z a-z 0-9 _ . ~ -")
     return v
 
 
@@ -224,7 +235,8 @@ class ControllerConfig:
 class GatewayConfig:
     host: str = _opt(_host, "127.0.0.1", "address to listen on ('0.0.0.0': every interface)")
     port: int = _opt(_integer(0, 65535), 8080, "TCP port of the page and the WebSocket (0: any free port)")
-    token: str = _opt(_token, "", "access token required in ?token= ('' = none; strongly advised off loopback)")
+    token: str = _opt(_token, TOKEN_AUTO, "access token required in ?token= ('auto': a random one per run, "
+                      "printed in the page's URL; 'none': no token)")
     allowed_origins: List[str] = _opt(_origins, [],
                                       "extra WebSocket Origins accepted besides the page's own")
     quality: int = _opt(_integer(1, 100), 80, "JPEG quality")
@@ -232,6 +244,8 @@ class GatewayConfig:
                           "downscale frames wider than this by an integer factor (0: full size)")
     max_fps: float = _opt(_number(0, 1000), 0.0, "encode and send at most this rate (0: every frame)")
     client_queue: int = _opt(_integer(1, 64), 2, "frames queued per client; a slow client drops the oldest")
+    max_clients: int = _opt(_integer(1, 1024), 16, "WebSocket clients served at once; more are refused with "
+                            "HTTP 503")
     consumer: str = _opt(_name(CONSUMER_NAME_MAX), "gateway", "consumer label on the frames stream")
     metrics: bool = _opt(_boolean, True, "publish the '<frames>.gateway' metrics stream")
 

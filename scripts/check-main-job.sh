@@ -2,7 +2,7 @@
 # CI's check of the README's first command as a user meets it: `bash scripts/run.sh` in a
 # virtual environment of its own, made from scratch by the main-job set-up (what the
 # pipeline needs and nothing of the test toolchain). It must bring the pipeline up and
-# serve the page, show a person detection in the gateway's metrics, and stop cleanly
+# serve the page at the printed URL (and only with the access token in it), show a person detection in the gateway's metrics, and stop cleanly
 # (exit 0) on Ctrl-C (SIGINT).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -28,6 +28,9 @@ done
 echo "main job up: $url"
 page="$(curl -fsS --max-time 10 "$url")"
 grep -q "<canvas" <<<"$page" || { echo "check-main-job: no page at $url" >&2; exit 1; }
+case "$url" in *"?token="?*) ;; *) echo "check-main-job: no access token in $url" >&2; exit 1 ;; esac
+bare="$(curl -sS -o /dev/null -w '%{http_code}' --max-time 10 "${url%%\?*}")"
+[ "$bare" = 401 ] || { echo "check-main-job: ${url%%\?*} answered $bare without the token, not 401" >&2; exit 1; }
 sleep 5   # frames and detections flow
 "$FRAMESHM_VENV/bin/frameshm" ls --sample 1 | tee "$work/ls.txt"
 grep -q "capture" "$work/ls.txt"
@@ -37,4 +40,4 @@ if kill -0 "$pid" 2>/dev/null; then cat "$log"; echo "check-main-job: still runn
 wait "$pid" && rc=0 || rc=$?
 pid=""
 [ "$rc" = 0 ] || { cat "$log"; echo "check-main-job: run.sh exited $rc after Ctrl-C" >&2; exit 1; }
-echo "check-main-job: set-up from scratch, page served, clean stop on Ctrl-C: passed"
+echo "check-main-job: set-up from scratch, page served (401 without its token), clean stop on Ctrl-C: passed"

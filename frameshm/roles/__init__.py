@@ -187,7 +187,8 @@ def config_from_args(args) -> PipelineConfig:
 
         overrides += [("gateway.host", args.host), ("gateway.port", args.port),
                       ("gateway.token", token_from_args(args)), ("gateway.quality", args.quality),
-                      ("gateway.max_width", args.max_width), ("gateway.max_fps", args.max_fps)]
+                      ("gateway.max_width", args.max_width), ("gateway.max_fps", args.max_fps),
+                      ("gateway.max_clients", args.max_clients)]
     else:
         overrides += [("streams.detections", args.detections),
                       ("controller.validation_frames", args.validation_frames),

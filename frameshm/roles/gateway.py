@@ -23,14 +23,21 @@
   Text messages are JSON status documents (the roles' metrics) about twice a second.
 * HTTP on the same port serves the page (``frameshm/web``: ``/``, ``/app.js``,
   ``/style.css``; ``/favicon.ico`` is an empty 204); ``/ws`` is the WebSocket. Binds
-  127.0.0.1 by default. With ``token`` set, ``/`` and ``/ws`` need ``?token=...``. The
-  WebSocket's Origin, when present (every browser sends one), must be the page's own
-  origin or one of ``allowed_origins``; on a loopback bind the Host header must name the
-  loopback too (no DNS rebinding).
+  127.0.0.1 by default.
+* Access: ``/`` and ``/ws`` need ``?token=...``. By default (``token = "auto"``) the
+  token is a new random one each run, shown in the URL the gateway logs and publishes in
+  its metrics (``url``), which ``frameshm run`` prints, as Jupyter does: a loopback bind
+  is reachable by every local user, while the streams themselves are private (0600), so
+  being on the machine must not be enough. ``token = "none"`` serves without one, with a
+  warning. The WebSocket's Origin, when present (every browser sends one), must be the
+  page's own origin or one of ``allowed_origins``; on a loopback bind the Host header
+  must name the loopback too (no DNS rebinding). At most ``max_clients`` WebSockets are
+  served at once (each costs up to ``client_queue`` frames and 256 KiB of socket
+  buffer): past that the upgrade is refused with 503, after the access checks.
 
 Metrics (``<frames>.gateway``): frames taken, lost, encoded, encode time, latency
 (capture → queued to the clients), clients with their sent/dropped counts, queued bytes,
-resident memory.
+resident memory, WebSocket upgrades refused at the client cap (``over_capacity``).
 """
 
 from __future__ import annotations
@@ -41,6 +48,7 @@ import ipaddress
 import json
 import logging
 import os
+import secrets
 import socket
 import threading
 import time
@@ -52,7 +60,7 @@ from urllib.parse import parse_qs, urlsplit
 
 import numpy as np
 
-from ..config import PipelineConfig
+from ..config import TOKEN_AUTO, TOKEN_NONE, PipelineConfig
 from ..errors import FrameshmError, InvalidArgument, Overrun, ProducerDead, StreamNotFound, Timeout
 from ..stream import Reader
 from . import Metrics, read_metrics
@@ -70,6 +78,8 @@ MAX_BOXES = 64
 # that publishes them runs (a stopped one's boxes would be ghosts); checked this often.
 DETECTOR_CHECK_NS = 500_000_000
 WS_PATH = "/ws"
+TOKEN_BYTES = 24         # of randomness in an "auto" token: 32 URL-safe characters
+FULL_RETRY_AFTER_S = 5   # Retry-After of a WebSocket upgrade refused at the client cap
 SEND_BUFFER_BYTES = 256 * 1024  # kernel send buffer per client (no autotuning to megabytes)
 _LOOPBACK_NAMES = {"localhost", "127.0.0.1", "::1", "[::1]"}
 _STATIC = {"/": ("index.html", "text/html; charset=utf-8"),
@@ -94,6 +104,16 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def resolve_token(value: str) -> Optional[str]:
+    """The token the gateway checks for a ``[gateway] token`` value: a new random one for
+    "auto", None (no check) for "none", else the value itself."""
+    if value == TOKEN_AUTO:
+        return secrets.token_urlsafe(TOKEN_BYTES)
+    if value == TOKEN_NONE:
+        return None
+    return value
 
 
 def _rss_mb() -> float:
@@ -183,7 +203,7 @@ class Gateway:
         self.cfg = cfg
         self.c = cfg.gateway
         self.stop = stop
-        self.token = self.c.token if token is None else token
+        self.token = resolve_token(self.c.token if token is None else token)
         self._addr = dict(base_dir=base_dir, namespace=namespace)
         self._jpeg = _need("simplejpeg")
         _need("websockets")
@@ -196,6 +216,10 @@ class Gateway:
                 raise InvalidArgument(f"the gateway's page is missing from the installation ({exc}); "
                                       f"reinstall frameshm") from None
         self.clients: Dict[int, _Client] = {}
+        # WebSocket connections let through the access checks and the cap, from the check
+        # (before the handshake: several may be past it at once) until they end; what
+        # max_clients bounds.
+        self._admitted: set = set()
         self.url = ""
         self.port = 0
         self._loop: Optional[asyncio.AbstractEventLoop] = None
@@ -210,6 +234,7 @@ class Gateway:
         self.client_drops = 0    # of clients that left
         self.connections = 0
         self.rejected = 0
+        self.over_capacity = 0   # WebSocket upgrades refused at max_clients (also in rejected)
         self.bad_frames = 0
         self.encode_ms = _Stat()
         self.latency_ms = _Stat()
@@ -374,6 +399,7 @@ class Gateway:
         finally:
             sender.cancel()
             self.clients.pop(id(cl), None)
+            self._admitted.discard(ws)
             self.client_drops += cl.dropped
             log.info("client %s disconnected after %.1fs: %d frames sent, %d dropped (%d left)",
                      cl.peer, time.monotonic() - cl.since, cl.sent, cl.dropped, len(self.clients))
@@ -394,13 +420,14 @@ class Gateway:
 
         headers = Headers([("Content-Type", ctype), ("Content-Length", str(len(body))),
                            ("Cache-Control", "no-store"), ("X-Content-Type-Options", "nosniff"),
-                           ("Connection", "close"), *extra])
+                           # the page's URL carries the token: never sent on as a Referer
+                           ("Referrer-Policy", "no-referrer"), ("Connection", "close"), *extra])
         return Response(status.value, status.phrase, headers, body)
 
-    def _reject(self, status: HTTPStatus, why: str, request):
+    def _reject(self, status: HTTPStatus, why: str, request, extra=()):
         self.rejected += 1
         log.warning("rejected %s: %s", urlsplit(request.path).path, why)
-        return self._response(status, (why + "\n").encode())
+        return self._response(status, (why + "\n").encode(), extra=extra)
 
     def _process_request(self, connection, request):
         parts = urlsplit(request.path)
@@ -417,6 +444,14 @@ class Gateway:
             origin = request.headers.get("Origin")
             if origin is not None and origin not in {f"http://{host}", *self.c.allowed_origins}:
                 return self._reject(HTTPStatus.FORBIDDEN, f"WebSocket Origin {origin!r} not allowed", request)
+            # checked after the access checks: whoever has no token learns nothing
+            if len(self._admitted) >= self.c.max_clients:
+                self.over_capacity += 1
+                return self._reject(HTTPStatus.SERVICE_UNAVAILABLE,
+                                    f"{len(self._admitted)} WebSocket clients already, the most this gateway "
+                                    f"serves (max_clients = {self.c.max_clients})", request,
+                                    [("Retry-After", str(FULL_RETRY_AFTER_S))])
+            self._admitted.add(connection)
             return None  # go on with the WebSocket handshake
         if path == "/favicon.ico":  # asked for by browsers that ignore the page's data: icon
             return self._response(HTTPStatus.NO_CONTENT, b"")
@@ -470,7 +505,8 @@ class Gateway:
             "idle": self.idle, "rate_skipped": self.rate_skipped, "bad_frames": self.bad_frames,
             "fps": round((self.encoded - e0) / dt, 2), "in_fps": round((self.frames - f0) / dt, 2),
             "encode_ms": self.encode_ms.snapshot(), "latency_ms": self.latency_ms.snapshot(),
-            "clients": len(clients), "connections": self.connections, "rejected": self.rejected,
+            "clients": len(clients), "max_clients": self.c.max_clients, "connections": self.connections,
+            "rejected": self.rejected, "over_capacity": self.over_capacity,
             "sent": self.sent, "dropped": self.client_drops + sum(cl.dropped for cl in clients),
             "client_sent": [cl.sent for cl in clients][:32], "client_dropped": [cl.dropped for cl in clients][:32],
             "queued_bytes": sum(cl.queued_bytes() for cl in clients), "rss_mb": _rss_mb(),
@@ -496,7 +532,8 @@ class Gateway:
                                      compression=None, max_size=4096, max_queue=4, ping_interval=10,
                                      ping_timeout=20, close_timeout=2, open_timeout=10,
                                      logger=logging.getLogger("frameshm.gateway.ws"),
-                                     create_connection=_tracked_connection_class(self._connections))
+                                     create_connection=_tracked_connection_class(self._connections,
+                                                                                 self._admitted))
             except OSError as exc:
                 raise InvalidArgument(f"cannot listen on {c.host}:{c.port}: {exc.strerror or exc}") from None
             self.port = server.sockets[0].getsockname()[1]
@@ -504,13 +541,18 @@ class Gateway:
             if ":" in shown:
                 shown = f"[{shown}]"
             self.url = f"http://{shown}:{self.port}/" + (f"?token={self.token}" if self.token else "")
-            if not _is_loopback(c.host) and not self.token:
-                log.warning("listening on %s without an access token: anyone who can reach this port sees "
-                            "the camera (set [gateway] token or --token)", c.host)
-            log.info("serving %s (page and %s) for %r, JPEG quality %d%s%s", self.url.split("?")[0], WS_PATH,
-                     self.cfg.frames_stream, c.quality,
+            if not self.token:
+                who = ("every user of this machine" if _is_loopback(c.host)
+                       else f"anyone who can reach {c.host}:{self.port}")
+                log.warning("serving without an access token (token = %r): %s can watch the camera; "
+                            "[gateway] token = %r (the default) makes a random one per run", TOKEN_NONE, who,
+                            TOKEN_AUTO)
+            # the whole URL, token included, as Jupyter prints it: the way in for whoever
+            # reads this log (or the metrics, same user only)
+            log.info("serving %s (page and %s) for %r, JPEG quality %d%s%s, at most %d clients", self.url,
+                     WS_PATH, self.cfg.frames_stream, c.quality,
                      f", max width {c.max_width}" if c.max_width else "",
-                     f", max {c.max_fps:g} fps" if c.max_fps else "")
+                     f", max {c.max_fps:g} fps" if c.max_fps else "", c.max_clients)
             thread = threading.Thread(target=self._frame_loop, args=(reader,), name="gateway-frames",
                                       daemon=True)
             thread.start()
@@ -567,10 +609,11 @@ def _backed_up(transport) -> bool:
     return transport.get_write_buffer_size() > transport.get_write_buffer_limits()[1]
 
 
-def _tracked_connection_class(connections: set):
+def _tracked_connection_class(connections: set, admitted: set):
     """A websockets ServerConnection that is in ``connections`` from the moment its TCP
     connection is accepted (before any handshake) until it is lost: what a shutdown may
-    have to abort."""
+    have to abort. It leaves ``admitted`` when lost too (a handshake that failed after the
+    checks never reaches the handler, which would otherwise take it out)."""
     from websockets.asyncio.server import ServerConnection
 
     class TrackedConnection(ServerConnection):
@@ -580,6 +623,7 @@ def _tracked_connection_class(connections: set):
 
         def connection_lost(self, exc) -> None:
             connections.discard(self)
+            admitted.discard(self)
             super().connection_lost(exc)
 
     return TrackedConnection
@@ -604,7 +648,9 @@ def add_parser(sub) -> None:
     add_config_arguments(p)
     p.add_argument("--host", help="address to listen on (default 127.0.0.1; 0.0.0.0 opens it up)")
     p.add_argument("--port", type=int, help="TCP port (default 8080; 0: any free port)")
-    p.add_argument("--token", help=f"access token for ?token= (or ${TOKEN_ENV}; [gateway] token)")
+    p.add_argument("--token", help=f"access token for ?token=: 'auto' (default: a random one, printed in the URL), "
+                   f"'none' (no token) or your own (or ${TOKEN_ENV}; [gateway] token)")
+    p.add_argument("--max-clients", type=int, help="WebSocket clients served at once (default 16; more get 503)")
     p.add_argument("--quality", type=int, help="JPEG quality 1-100")
     p.add_argument("--max-width", type=int, help="downscale wider frames by an integer factor")
     p.add_argument("--max-fps", type=float, help="send at most this rate (0: every frame)")

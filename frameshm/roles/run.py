@@ -2,7 +2,9 @@
 
 Starts the gateway, the controller, inference and capture (the built-in test pattern
 unless the config or ``--source`` names a camera) as separate ``frameshm <role>``
-processes on the same configuration, waits until the page is served and prints its URL.
+processes on the same configuration, waits until the page is served and prints its URL
+(with the gateway's access token: a random one made here unless the config or ``--token``
+gives one or ``none``; it reaches the gateway through the environment, not its command line).
 
 It restarts nothing: if any role exits, that is reported with its exit status and the
 whole pipeline is stopped (exit status 1). On Ctrl-C / SIGTERM every role gets SIGTERM
@@ -90,7 +92,7 @@ class Pipeline:
         self.stop = stop
         self.base_dir, self.namespace = base_dir, namespace
         self.log_level = log_level
-        self.token = token
+        self.token = token  # what the gateway checks (None: no token), passed as it is
         self.procs: Dict[str, subprocess.Popen] = {}
 
     def _argv(self, role: str) -> List[str]:
@@ -108,10 +110,13 @@ class Pipeline:
 
     def _start(self, role: str) -> None:
         env = dict(os.environ)
-        if role == "gateway" and self.token:
+        if role == "gateway":
+            from ..config import TOKEN_NONE
             from .gateway import TOKEN_ENV
 
-            env[TOKEN_ENV] = self.token  # not on the command line, where ps shows it
+            # not on the command line, where ps shows it; "none" said explicitly, so that an
+            # "auto" in the file does not make the gateway another token than the one printed
+            env[TOKEN_ENV] = self.token or TOKEN_NONE
         self.procs[role] = subprocess.Popen(self._argv(role), stdin=subprocess.DEVNULL, env=env,
                                             preexec_fn=_die_with_parent, start_new_session=True)
         log.info("started %s (pid %d)", role, self.procs[role].pid)
@@ -285,7 +290,9 @@ def _cli(args) -> int:
             cfg.set("gateway.token", token)
     finally:
         cfg.path = saved
-    token = cfg.gateway.token
+    from .gateway import resolve_token
+
+    token = resolve_token(cfg.gateway.token)  # "auto": made once here, so the printed URL is the gateway's
     setup_logging(args.log_level)  # before the detector: its first load may convert a model for a while
     # every role is checked here, before anything starts (a bad detector fails now)
     from ..detectors import load_detector

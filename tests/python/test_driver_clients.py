@@ -498,7 +498,7 @@ def test_frameshm_run_through_the_driver(tmp_path, shm_base):
     """The whole pipeline (`frameshm run`) with its frames and detections streams owned by a
     driver: `--set streams.driver=...`; the page still gets frames, and the driver's
     streams carry them (read here through the driver too)."""
-    from test_gateway import free_port, recv_frames, split_message
+    from test_gateway import free_port, recv_frames, split_message, ws_url
     from test_run import Run
 
     d = Driver(tmp_path, shm_base, PIPELINE_DRIVER_CONFIG.format(sock=str(tmp_path / "driver.sock"),
@@ -507,8 +507,7 @@ def test_frameshm_run_through_the_driver(tmp_path, shm_base):
     run = Run("--port", str(port), "--source", "test:?width=320&height=240", "--set", "capture.standby_fps=15",
               "--set", f'streams.driver="{d.sock}"')
     try:
-        run.url()
-        msgs = recv_frames(f"ws://127.0.0.1:{port}/ws", 5, timeout=30)
+        msgs = recv_frames(ws_url(run.url()), 5, timeout=30)
         assert len({split_message(m)[0]["seq"] for m in msgs}) == 5
         assert frameshm.stream_info("cam0")["driver_managed"] is True
         with frameshm.Reader("cam0", driver=d.sock) as frames, \

@@ -1,6 +1,7 @@
 """The gateway (`frameshm gateway`) with real processes and real sockets on 127.0.0.1:
-configuration, HTTP and WebSocket access checks, the frame messages, and load with 20
-clients of which some stop reading. Helpers here are shared with test_gateway_browser.py
+configuration, HTTP and WebSocket access checks (the random token by default, the "none"
+opt-out), the cap on clients, the frame messages, and load with 20 clients of which some
+stop reading. Clients connect with the URL the gateway announces (``ws_url``). Helpers here are shared with test_gateway_browser.py
 and test_run.py."""
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from typing import List, Optional
+from urllib.parse import urlsplit
 import signal
 
 import frameshm
@@ -40,6 +42,13 @@ def http_get(url: str, headers: Optional[dict] = None, timeout: float = 10.0):
             return r.status, dict(r.headers), r.read()
     except urllib.error.HTTPError as e:
         return e.code, dict(e.headers), e.read()
+
+
+def ws_url(page_url: str) -> str:
+    """The WebSocket URL of the page at ``page_url`` (the one the gateway announces), its
+    ``?token=`` included: what the page's script connects to."""
+    u = urlsplit(page_url)
+    return f"ws://{u.netloc}/ws" + (f"?{u.query}" if u.query else "")
 
 
 def split_message(msg: bytes):
@@ -98,7 +107,9 @@ def all_queues() -> List[str]:
 import numpy as np  # noqa: E402
 import pytest  # noqa: E402
 
-from frameshm.config import ConfigError, from_dict  # noqa: E402
+import re  # noqa: E402
+
+from frameshm.config import ConfigError, PipelineConfig, from_dict  # noqa: E402
 
 
 def test_gateway_config_section():
@@ -111,6 +122,9 @@ def test_gateway_config_section():
         ({"quality": "high"}, r"\[gateway\] quality: expected an integer"),
         ({"quality": 0}, r"\[gateway\] quality"),
         ({"token": "short"}, r"\[gateway\] token"),
+        ({"token": ""}, r"\[gateway\] token: '' is no longer accepted: 'auto' \(the default\)"),
+        ({"token": "None"}, r"\[gateway\] token: expected 'auto'"),
+        ({"max_clients": 0}, r"\[gateway\] max_clients: expected an integer in 1..1024"),
         ({"host": "a b"}, r"\[gateway\] host"),
         ({"client_queue": 0}, r"\[gateway\] client_queue"),
         ({"allowed_origins": ["http://x:1/path"]}, r"\[gateway\] allowed_origins"),
@@ -119,6 +133,14 @@ def test_gateway_config_section():
     for table, msg in bad:
         with pytest.raises(ConfigError, match=msg):
             from_dict({"gateway": table})
+    # the default: a token made per run, unguessable and new each time; "none" opts out
+    from frameshm.roles.gateway import resolve_token
+
+    assert (PipelineConfig().gateway.token, PipelineConfig().gateway.max_clients) == ("auto", 16)
+    made = {resolve_token("auto") for _ in range(50)}
+    assert len(made) == 50 and all(re.fullmatch(r"[A-Za-z0-9_-]{32}", t) for t in made), made
+    assert from_dict({"gateway": {"token": next(iter(made))}}).gateway.token in made  # a valid token itself
+    assert resolve_token("none") is None and resolve_token("s3cret-token") == "s3cret-token"
 
 
 def test_gateway_cli_rejects_bad_values(spawn):
@@ -207,17 +229,157 @@ def test_gateway_serves_page_and_frames_with_access_checks(spawn, tmp_path):
     assert "rejected /ws: WebSocket Origin 'http://evil.example' not allowed" in gw.stderr
 
 
+class _Watcher(threading.Thread):
+    """A WebSocket client in a thread that counts the frames it receives until stopped."""
+
+    def __init__(self, url: str):
+        super().__init__(daemon=True)
+        self.url, self.frames, self.error = url, 0, None
+        self.connected, self.halt = threading.Event(), threading.Event()
+        self.start()
+
+    def run(self):
+        from websockets.sync.client import connect
+
+        try:
+            with connect(self.url, open_timeout=20) as ws:
+                self.connected.set()
+                while not self.halt.is_set():
+                    try:
+                        m = ws.recv(timeout=0.2)
+                    except TimeoutError:
+                        continue
+                    if isinstance(m, bytes):
+                        self.frames += 1
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            self.error = exc
+        finally:
+            self.connected.set()
+
+    def stop(self):
+        self.halt.set()
+        self.join(20)
+        assert not self.is_alive()
+
+
+def test_gateway_default_random_token_and_client_cap(spawn):
+    """No token configured: the gateway makes a random one, announces it in its URL (log and
+    metrics) and refuses requests without it. With max_clients = 3 the 4th WebSocket is
+    refused with 503 (logged, counted) while the 3 others keep getting frames, and a place
+    freed by a client that left is taken by the next one."""
+    from websockets.exceptions import InvalidStatus
+
+    port = free_port()
+    cap = start_role(spawn, "capture", "--frames", "tok", "--source", "test:?width=320&height=240&fps=10",
+                     "--standby-fps", "10")
+    gw = start_role(spawn, "gateway", "--frames", "tok", "--port", str(port), "--max-clients", "3")
+    watchers = []
+    try:
+        page = wait_gateway("tok.gateway")["url"]
+        m = re.fullmatch(rf"http://127\.0\.0\.1:{port}/\?token=([A-Za-z0-9_-]{{32}})", page)
+        assert m, page
+        token = m.group(1)
+        wait_until(lambda: f"serving {page} (page and /ws)" in gw.stderr, 10, what="the URL in the log")
+        base, ws = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws"
+        assert http_get(f"{base}/")[0] == 401
+        assert http_get(f"{base}/?token={token[:-1]}")[0] == 401
+        st, hdr, body = http_get(page)
+        assert st == 200 and b"app.js" in body and hdr["Referrer-Policy"] == "no-referrer"
+        for url in (ws, f"{ws}?token=", f"{ws}?token={token.swapcase()}"):
+            with pytest.raises(InvalidStatus) as ei:
+                recv_frames(url, 1)
+            assert ei.value.response.status_code == 401, url
+        assert ws_url(page) == f"{ws}?token={token}"
+        # the cap: 3 clients get frames ...
+        watchers = [_Watcher(ws_url(page)) for _ in range(3)]
+        for w in watchers:
+            assert w.connected.wait(30) and w.error is None, w.error
+        wait_until(lambda: all(w.frames >= 3 for w in watchers), 30, what="frames to the 3 clients")
+        # ... the 4th is refused before its handshake, and says why
+        with pytest.raises(InvalidStatus) as ei:
+            recv_frames(ws_url(page), 1)
+        resp = ei.value.response
+        assert resp.status_code == 503 and resp.headers["Retry-After"] == "5", resp
+        assert b"max_clients = 3" in resp.body
+        # (the access checks come first: no token is still 401, not 503)
+        with pytest.raises(InvalidStatus) as ei:
+            recv_frames(ws, 1)
+        assert ei.value.response.status_code == 401
+        # the 3 keep receiving
+        after = [w.frames for w in watchers]
+        wait_until(lambda: all(w.frames >= n + 10 for w, n in zip(watchers, after)), 30,
+                   what="frames to the 3 clients after the refusal")
+        assert all(w.error is None for w in watchers)
+        doc = wait_until(lambda: (lambda d: d if d.get("over_capacity") == 1 and d.get("clients") == 3 else None)(
+            metrics("tok.gateway") or {}), 10, what="the refusal in the metrics")
+        assert doc["max_clients"] == 3 and doc["rejected"] >= 6
+        assert "rejected /ws: 3 WebSocket clients already, the most this gateway serves (max_clients = 3)" \
+            in gw.stderr
+        # one leaves: its place is free again
+        watchers.pop().stop()
+        wait_until(lambda: (metrics("tok.gateway") or {}).get("clients") == 2, 10, what="a client gone")
+        assert len(recv_frames(ws_url(page), 3)) == 3
+    finally:
+        for w in watchers:
+            w.stop()
+        gw.send_signal(signal.SIGTERM)
+        cap.send_signal(signal.SIGTERM)
+        assert gw.wait(20) == 0, gw.stderr[-3000:]
+        assert cap.wait(20) == 0, cap.stderr[-3000:]
+    assert "without an access token" not in gw.stderr
+
+
+def test_gateway_token_none_serves_without_one_and_warns(spawn, tmp_path):
+    """token = "none" in the config: no token in the URL, the page and the WebSocket answer
+    without one, and the gateway says at start-up that every local user can watch."""
+    from websockets.sync.client import connect
+
+    cfg = tmp_path / "open.toml"
+    cfg.write_text('[streams]\nframes = "open"\n[gateway]\ntoken = "none"\n')
+    port = free_port()
+    cam = frameshm.Writer("open", shape=(48, 64, 3), dtype="uint8")
+    gw = start_role(spawn, "gateway", "--config", str(cfg), "--port", str(port))
+    try:
+        page = wait_gateway("open.gateway")["url"]
+        assert page == f"http://127.0.0.1:{port}/"
+        wait_until(lambda: "serving without an access token (token = 'none'): every user of this machine can "
+                           "watch the camera" in gw.stderr, 10, what="the warning")
+        assert http_get(page)[0] == 200
+        with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+            wait_until(lambda: (metrics("open.gateway") or {}).get("clients") == 1, 10, what="client registered")
+
+            def one_frame():
+                cam.publish(np.full((48, 64, 3), 7, np.uint8))
+                try:
+                    m = ws.recv(timeout=0.5)
+                except TimeoutError:
+                    return None
+                return isinstance(m, bytes) and m
+
+            msg = wait_until(one_frame, 20, interval=0.0, what="a frame without a token")
+        assert split_message(msg)[0]["width"] == 64
+    finally:
+        gw.send_signal(signal.SIGTERM)
+        try:
+            assert gw.wait(20) == 0, gw.stderr[-3000:]
+        finally:
+            cam.close()
+
+
 # ---- load: 20 clients, some of which stop reading ----------------------------------------------
 
 
-def _stalled_client(port: int) -> socket.socket:
-    """A WebSocket client that completes the handshake and then never reads again (a tiny
-    receive buffer, so the gateway's writes back up quickly)."""
+def _stalled_client(page_url: str) -> socket.socket:
+    """A WebSocket client of the gateway serving ``page_url`` that completes the handshake
+    and then never reads again (a tiny receive buffer, so the gateway's writes back up
+    quickly)."""
+    u = urlsplit(ws_url(page_url))
+    port, target = u.port, u.path + (f"?{u.query}" if u.query else "")
     s = socket.socket()
     s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
     s.settimeout(10)
     s.connect(("127.0.0.1", port))
-    s.sendall((f"GET /ws HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+    s.sendall((f"GET {target} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
                "Sec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\n\r\n").encode())
     head = b""
     while b"\r\n\r\n" not in head:
@@ -235,17 +397,17 @@ def test_gateway_load_slow_clients_do_not_slow_the_others(spawn):
     n_good, n_stalled, window_s = 16, 4, 6.0
     cap = start_role(spawn, "capture", "--frames", "load", "--source", "test:?width=640&height=480&fps=30",
                      "--standby-fps", "30")
-    gw = start_role(spawn, "gateway", "--frames", "load", "--port", str(port))
+    gw = start_role(spawn, "gateway", "--frames", "load", "--port", str(port), "--max-clients", "32")
     stalled = []
     try:
-        wait_gateway("load.gateway")
+        page = wait_gateway("load.gateway")["url"]
         counts = [0] * n_good
         seqs = [[] for _ in range(n_good)]
         ready = threading.Event()
         result = {}
 
         async def good(i, t_end):
-            async with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=20) as ws:
+            async with connect(ws_url(page), open_timeout=20) as ws:
                 ready.set()
                 while time.monotonic() < t_end:
                     try:
@@ -260,7 +422,7 @@ def test_gateway_load_slow_clients_do_not_slow_the_others(spawn):
             t_end = time.monotonic() + 2.0 + window_s
             await asyncio.gather(*(good(i, t_end) for i in range(n_good)))
 
-        stalled = [_stalled_client(port) for _ in range(n_stalled)]
+        stalled = [_stalled_client(page) for _ in range(n_stalled)]
         th = threading.Thread(target=lambda: result.setdefault("err", asyncio.run(main())), daemon=True)
         th.start()
         assert ready.wait(20)
@@ -327,8 +489,8 @@ def test_gateway_sends_late_detections_with_their_frame_and_age(spawn):
     t0 = time.monotonic_ns() - 60_000_000_000
     person = np.array([[4, 6, 40, 44, 0.75, 0]], np.float32)
     try:
-        wait_gateway("gwd.gateway")
-        with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=10) as ws:
+        page = wait_gateway("gwd.gateway")["url"]
+        with connect(ws_url(page), open_timeout=10) as ws:
 
             def frame(ts):
                 """Publishes a frame stamped ``ts`` and returns (its seq, the header sent for it)."""
@@ -380,8 +542,8 @@ def test_gateway_sends_late_detections_with_their_frame_and_age(spawn):
         # the favicon: no 404 and no warning per page load
         st, hdr, body = http_get(f"http://127.0.0.1:{port}/favicon.ico")
         assert st == 204 and body == b""
-        st, _, page = http_get(f"http://127.0.0.1:{port}/")
-        assert st == 200 and b'rel="icon"' in page
+        st, _, body = http_get(page)
+        assert st == 200 and b'rel="icon"' in body
     finally:
         gw.send_signal(signal.SIGTERM)
         try:

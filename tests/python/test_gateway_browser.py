@@ -100,6 +100,7 @@ def test_page_shows_live_video_boxes_and_mode(spawn, tmp_path):
     shot = tmp_path / "gateway-page.png"
     try:
         url = wait_gateway("web-cam.gateway")["url"]
+        assert "?token=" in url  # the page passes its own token on to /ws (else no frame would come)
         with open_page(url) as (page, problems):
             # live frames, the person's boxes on the canvas (current or stale, whatever HOG's
             # speed on this machine), the controller tracking; state and pixels of one frame

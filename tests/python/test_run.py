@@ -1,5 +1,6 @@
 """`frameshm run` end to end: one command starts capture (test pattern), inference,
-controller and gateway as separate processes; the page is reachable and frames flow;
+controller and gateway as separate processes; the page is reachable at the printed URL
+(with its random token, and only with it) and frames flow;
 Ctrl-C (SIGINT) stops everything and nothing is left in the stream root or among the
 message queues. A role that dies is not restarted: the pipeline stops with status 1."""
 
@@ -13,7 +14,7 @@ import time
 
 import frameshm
 from fshm_helpers import queue_exists, stream_dirs, wait_until
-from test_gateway import all_queues, free_port, http_get, recv_frames, split_message
+from test_gateway import all_queues, free_port, http_get, recv_frames, split_message, ws_url
 
 
 class Run:
@@ -55,14 +56,18 @@ def test_run_starts_the_pipeline_and_ctrl_c_leaves_nothing(shm_base):
     run = Run("--port", str(port), "--set", "capture.standby_fps=15")
     try:
         url = run.url()
-        assert url == f"http://127.0.0.1:{port}/"
+        token = re.fullmatch(rf"http://127\.0\.0\.1:{port}/\?token=([A-Za-z0-9_-]{{32}})", url).group(1)
         st, _, body = http_get(url)
         assert st == 200 and b"<canvas" in body
-        msgs = recv_frames(f"ws://127.0.0.1:{port}/ws", 10, timeout=30)
+        assert http_get(f"http://127.0.0.1:{port}/")[0] == 401
+        msgs = recv_frames(ws_url(url), 10, timeout=30)
         seqs = [split_message(m)[0]["seq"] for m in msgs]
         assert seqs == sorted(seqs) and len(set(seqs)) == 10
         pids = run.children()
         assert len(pids) == 4 and all(alive(p) for p in pids)
+        for p in pids:  # the token goes to the gateway by its environment, not where ps shows it
+            with open(f"/proc/{p}/cmdline") as f:
+                assert token not in f.read()
         # every role is up: streams, metrics, consumers (queues) of the pipeline
         names = wait_until(lambda: (lambda n: n if {"cam0", "cam0.detections", "cam0.capture", "cam0.inference",
                                                     "cam0.controller", "cam0.gateway"} <= n else None)(
@@ -78,6 +83,7 @@ def test_run_starts_the_pipeline_and_ctrl_c_leaves_nothing(shm_base):
     for role in ("capture", "inference", "controller", "gateway"):
         assert re.search(rf"frameshm\.{role}\[\d+\] INFO: stopped", err), (role, err[-3000:])
     assert "pipeline stopped" in err and "Traceback" not in err
+    assert f"serving {url} (page and /ws)" in err, "the gateway checks the token frameshm run printed"
     assert not any(alive(p) for p in pids)
     assert stream_dirs(shm_base) == [], names
     assert [q for q in queues if queue_exists(q)] == []
@@ -85,9 +91,9 @@ def test_run_starts_the_pipeline_and_ctrl_c_leaves_nothing(shm_base):
 
 def test_run_does_not_restart_a_dead_role(shm_base):
     port = free_port()
-    run = Run("--port", str(port))
+    run = Run("--port", str(port), "--token", "none")  # (and the token opt-out reaches the gateway)
     try:
-        run.url()
+        assert run.url() == f"http://127.0.0.1:{port}/"
         pids = run.children()
         queues = wait_until(lambda: (lambda q: q if len(q) >= 3 else None)(all_queues()), 20, what="queues")
         inference = pids[2]
@@ -97,6 +103,7 @@ def test_run_does_not_restart_a_dead_role(shm_base):
         run.close()
     err = "".join(run.err)
     assert "inference exited unexpectedly (signal SIGKILL); stopping the pipeline (nothing is restarted)" in err
+    assert "serving without an access token (token = 'none')" in err
     assert len(re.findall(r"INFO: started", err)) == 4
     time.sleep(0.2)
     assert not any(alive(p) for p in pids)

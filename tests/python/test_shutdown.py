@@ -31,7 +31,7 @@ import pytest
 
 import frameshm
 from fshm_helpers import queue_exists, stream_dirs, wait_until
-from test_gateway import _stalled_client, free_port, wait_gateway
+from test_gateway import _stalled_client, free_port, wait_gateway, ws_url
 
 STOP_LIMIT_S = 2.0
 HANG_S = 20.0          # no exit this long after the signal: a hang (the process is then killed)
@@ -153,10 +153,13 @@ class Clients:
     completed the handshake and never read again, and a TCP connection that never sent its
     request."""
 
-    def __init__(self, port: int, readers: int, stalled: int, silent: int):
+    def __init__(self, page_url: str, readers: int, stalled: int, silent: int):
+        from urllib.parse import urlsplit
+
         from websockets.sync.client import connect
 
-        self.socks = [_stalled_client(port) for _ in range(stalled)]
+        port = urlsplit(page_url).port
+        self.socks = [_stalled_client(page_url) for _ in range(stalled)]
         for _ in range(silent):
             self.socks.append(socket.create_connection(("127.0.0.1", port), 10))
         self.got = [0] * readers
@@ -166,7 +169,7 @@ class Clients:
 
             def read(i=i, connected=connected):
                 try:
-                    with connect(f"ws://127.0.0.1:{port}/ws", open_timeout=20) as ws:
+                    with connect(ws_url(page_url), open_timeout=20) as ws:
                         connected.set()
                         for _ in ws:
                             self.got[i] += 1
@@ -244,9 +247,8 @@ def test_frameshm_run_stops_within_2s_at_random_moments_under_load(shm_base, cpu
             if early:
                 time.sleep(rng.uniform(0.0, 4.0))
             else:
-                port = int(re.search(r":(\d+)/", run.url()).group(1))
                 n_read, n_stall = rng.randint(0, 3), rng.randint(1, 3)
-                clients = Clients(port, readers=n_read, stalled=n_stall, silent=1)
+                clients = Clients(run.url(), readers=n_read, stalled=n_stall, silent=1)
                 time.sleep(rng.uniform(0.0, 1.5))
             rc, took = run.stop(signal.SIGINT, group=group)
         finally:
@@ -317,8 +319,8 @@ def test_each_role_stops_within_2s_on_its_own_under_load(shm_base, cpu_load):
                 if role != starting:
                     procs[role] = Command(*role_argv(role, frames, port))
             if starting != "gateway":
-                wait_gateway(f"{frames}.gateway", 60)
-                clients = Clients(port, readers=rng.randint(0, 2), stalled=2, silent=1)
+                page = wait_gateway(f"{frames}.gateway", 60)["url"]
+                clients = Clients(page, readers=rng.randint(0, 2), stalled=2, silent=1)
             # the role signalled while starting: somewhere in its first 2.5 s
             late = Command(*role_argv(starting, frames, port))
             time.sleep(rng.uniform(0.0, 2.5))
