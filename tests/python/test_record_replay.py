@@ -204,3 +204,29 @@ def test_errors_are_frameshm_errors(tmp_path):
     assert issubclass(RecordingError, frameshm.FrameshmError)
     r = subprocess.run(cli("record", "--info", str(tmp_path)), env=dict(os.environ), capture_output=True, text=True)
     assert r.returncode == 1 and "not a frameshm recording" in r.stderr
+
+
+def test_replay_uri_as_a_capture_source(tmp_path, shm_base):
+    from frameshm.sources import open_source
+
+    name, out = "rr-src", str(tmp_path / "run4")
+    rec = Recorder(out, [name], max_frames=12)
+    t = threading.Thread(target=rec.run, kwargs=dict(duration=30))
+    t.start()
+    with frameshm.Writer(name, shape=SHAPE, nslots=32) as w:
+        wait_until(lambda: consumers(name) >= 1, 30, what="the recorder")
+        t0 = time.monotonic_ns()
+        for i in range(12):
+            w.publish(frame(i), timestamp_ns=t0 + i * 10_000_000)
+        t.join(30)
+    src = open_source(f"replay:{out}?loop=1&speed=max")
+    src.open()
+    buf = np.empty(src.shape, src.dtype)
+    ts = []
+    for i in range(18):
+        ts.append(src.read_into(buf, 1.0))
+        assert np.array_equal(buf, frame(i % 12))
+    src.close()
+    assert np.all(np.diff(ts) == 10_000_000), "recorded spacing, continued across the loop"
+    with pytest.raises(frameshm.InvalidArgument):
+        open_source(f"replay:{out}?stream=nope").open()
