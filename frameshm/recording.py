@@ -438,7 +438,8 @@ class _StreamRecorder(threading.Thread):
             self._next_due = self._next_due + period if ts - self._next_due < period else ts + period
         return True
 
-    def _write(self, frame) -> None:
+    def _write(self, frame) -> bool:
+        """Appends ``frame``; False if it was overwritten meanwhile (cut off again)."""
         o = self.owner
         if self._fd < 0 or self._seg_bytes >= o.segment_bytes or (
                 o.segment_seconds and time.monotonic() - self._seg_started >= o.segment_seconds):
@@ -463,7 +464,7 @@ class _StreamRecorder(threading.Thread):
             os.ftruncate(self._fd, start)
             os.lseek(self._fd, start, os.SEEK_SET)
             self.overruns += 1
-            return
+            return False
         self._pos += total
         self._seg_bytes += total
         self.frames += 1
@@ -471,6 +472,7 @@ class _StreamRecorder(threading.Thread):
         o._queue_op(("frame", self.stream_id, frame.seq, frame.timestamp_ns, frame.publish_ns, rec_ns,
                      frame.ref_seq, self._seg_id, start + len(head), payload.nbytes, arr.dtype.str,
                      json.dumps(list(arr.shape))))
+        return True
 
     def run(self) -> None:
         from .stream import Reader
@@ -486,15 +488,20 @@ class _StreamRecorder(threading.Thread):
             if r is None:
                 return
             with r:
+                catch_up = False
                 while not o._stop.is_set():
                     try:
-                        f = r.wait_next(0.2)
+                        # Process-all; but after an overrun the recorder is a whole ring
+                        # behind, reading the slot the producer writes next: it jumps to the
+                        # newest frame once (the ones between count as missed) rather than
+                        # writing and cutting off one doomed frame after another.
+                        f = r.wait_latest(0.2) if catch_up else r.wait_next(0.2)
                     except Timeout:
                         continue
                     self.missed += f.skipped
                     if not self._keep(f.timestamp_ns):
                         continue
-                    self._write(f)
+                    catch_up = not self._write(f)
                     if o.max_frames and self.frames >= o.max_frames:
                         break
         except BaseException as exc:  # noqa: BLE001 - reported by Recorder.run
