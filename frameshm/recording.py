@@ -192,6 +192,17 @@ def _index_rows(db: sqlite3.Connection, root: str) -> Tuple[Dict[str, List[Recor
     streams = {sid: name for sid, name in db.execute("SELECT id, name FROM streams")}
     segs = {sid: (streams[st], os.path.join(root, p))
             for sid, st, p in db.execute("SELECT id, stream_id, path FROM segments")}
+    # Segment files the manifest does not know yet: created just before the recorder died,
+    # their row not committed. Their number is their id; they are scanned like tails.
+    known = {path for _st, path in segs.values()}
+    for name in streams.values():
+        d = os.path.join(root, name)
+        if not os.path.isdir(d):
+            continue
+        for f in sorted(os.listdir(d)):
+            path = os.path.join(d, f)
+            if f.startswith("seg-") and f.endswith(".fsr") and f[4:-4].isdigit() and path not in known:
+                segs.setdefault(int(f[4:-4]), (name, path))
     out: Dict[str, List[Record]] = {name: [] for name in streams.values()}
     dtypes: Dict[str, np.dtype] = {}
     q = ("SELECT stream_id, seq, timestamp_ns, publish_ns, recorded_ns, ref_seq, segment_id, offset, nbytes, "
@@ -559,7 +570,7 @@ class Recorder:
             if refs.get(s):
                 db.execute("UPDATE streams SET ref_stream=? WHERE name=?", (refs[s], s))
             ids[s] = db.execute("SELECT id FROM streams WHERE name=?", (s,)).fetchone()[0]
-        self._next_seg = (db.execute("SELECT max(id) FROM segments").fetchone()[0] or 0) + 1
+        self._next_seg = max(db.execute("SELECT max(id) FROM segments").fetchone()[0] or 0, self._max_seg_on_disk) + 1
         db.commit()
         self.recorders = [_StreamRecorder(self, s, ids[s]) for s in streams]
         self.started = time.monotonic()
@@ -567,11 +578,18 @@ class Recorder:
     def _index_recovered(self) -> int:
         """Indexes the records a killed recorder left unindexed, before appending."""
         index, segs = _index_rows(self._db, self.path)
+        self._max_seg_on_disk = max(segs, default=0)  # new segments are numbered past every file
         found = _recover(self.path, index, segs)
         if not found:
             return 0
         seg_of = {path: sid for sid, (_s, path) in segs.items()}
         sid_of = dict(self._db.execute("SELECT name, id FROM streams"))
+        in_manifest = {row[0] for row in self._db.execute("SELECT id FROM segments")}
+        session = self._db.execute("SELECT max(id) FROM sessions").fetchone()[0] or 0
+        self._db.executemany(
+            "INSERT INTO segments (id, stream_id, session_id, path, created_ns, closed) VALUES (?,?,?,?,0,1)",
+            [(sid, sid_of[st], session, os.path.relpath(path, self.path)) for sid, (st, path) in sorted(segs.items())
+             if sid not in in_manifest and any(r.path == path for r in found)])
         self._db.executemany(
             "INSERT INTO frames VALUES (?,?,?,?,?,?,?,?,?,?,?)",
             [(sid_of[r.stream], r.seq, r.timestamp_ns, r.publish_ns, r.recorded_ns, r.ref_seq, seg_of[r.path],
