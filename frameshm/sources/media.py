@@ -16,7 +16,9 @@ so the shape is known then.
 **Files** decode on the caller's thread, one frame per ``read_into``. With ``realtime=1``
 (default) a frame is handed out when its presentation time is due, so the file plays at
 its own rate; its timestamp is that due time: CLOCK_MONOTONIC at the start plus the
-frame's PTS offset, so the spacing of the timestamps is the file's. ``realtime=0`` decodes
+frame's PTS offset, so the spacing of the timestamps is the file's. Like a camera, it does
+not wait for a slow reader: a read gets the frame due now, and the frames in between are
+decoded (the next ones need them) but not converted, and counted as ``dropped``. ``realtime=0`` decodes
 as fast as it is asked (timestamp: when the frame was decoded). At the end a ``loop=1``
 file starts again (timestamps keep increasing); otherwise ``read_into`` raises
 :class:`~frameshm.errors.Timeout` from then on (no frames come any more), and
@@ -36,7 +38,7 @@ When the server goes away (end of stream, error, nothing for ``timeout`` seconds
 source and reopens it until the server is back.
 
 ``stats()`` (published with the capture metrics): ``decoded`` frames, ``dropped`` (decoded
-but replaced by a newer frame before anyone read them; also as ``lost``),
+but passed over for a newer frame because nobody read them in time; also as ``lost``),
 ``decode_errors`` (packets FFmpeg refused and frames it flagged corrupt), ``opens``, and
 ``pts_s``, the presentation time of the last frame handed out.
 
@@ -161,6 +163,7 @@ class FileSource(Source):
         self.shape = ()
         self.finished = False
         self.decoded = 0
+        self.dropped = 0
         self.decode_errors = 0
         self.opens = 0
         self.last_pts_s = 0.0
@@ -283,6 +286,15 @@ class FileSource(Source):
         frame, pts_s, self._step = item
         pts_s += self._pass_start_s
         if self.realtime:
+            # Like a camera nobody read in time: a frame whose successor is already due is
+            # decoded (the next frames need it) but not converted, and counted as dropped.
+            while time.monotonic_ns() >= self._anchor_ns + int((pts_s + self._step) * 1e9):
+                nxt = self._next()
+                if nxt is None:
+                    break
+                self.dropped += 1
+                frame, pts_s, self._step = nxt
+                pts_s += self._pass_start_s
             due = self._anchor_ns + int(pts_s * 1e9)
             wait = (due - time.monotonic_ns()) / 1e9
             if wait > timeout:
@@ -301,8 +313,8 @@ class FileSource(Source):
         return ts
 
     def stats(self) -> Dict[str, int]:
-        return {"decoded": self.decoded, "decode_errors": self.decode_errors, "opens": self.opens,
-                "pts_s": round(self.last_pts_s, 3)}
+        return {"decoded": self.decoded, "dropped": self.dropped, "lost": self.dropped,
+                "decode_errors": self.decode_errors, "opens": self.opens, "pts_s": round(self.last_pts_s, 3)}
 
     def _close_container(self) -> None:
         self._frames = None
@@ -352,10 +364,11 @@ class NetworkSource(Source):
 
     def _options(self) -> Dict[str, str]:
         us = str(int(self.timeout * 1e6))
-        opts = {"fflags": "nobuffer", "flags": "low_delay"}
+        opts = {"flags": "low_delay"}
         if self.scheme.startswith("rtsp"):
-            opts.update(rtsp_transport=self.transport, timeout=us)
+            opts.update(rtsp_transport=self.transport, timeout=us, fflags="nobuffer")
         else:
+            # No fflags=nobuffer here: it makes the MP4 demuxer return no packets over HTTP.
             opts.update(rw_timeout=us, reconnect="0")
         return opts
 

@@ -232,3 +232,49 @@ def test_capture_from_rtsp_reconnects_after_the_server_goes_away(spawn, rtsp):
     assert metrics()["source_stats"]["opens"] >= 2
     cap.send_signal(signal.SIGTERM)
     assert cap.wait(20) == 0
+
+
+def test_realtime_file_does_not_wait_for_a_slow_reader(video):
+    src = open_source(f"file:{video}?loop=1")
+    src.open()
+    out = np.empty(src.shape, np.uint8)
+    try:
+        src.read_into(out, 1.0)
+        time.sleep(0.3)  # ~9 frame periods nobody read
+        ts = src.read_into(out, 1.0)
+        assert time.monotonic_ns() - ts < 1e9 / 30 + 20e6, "the frame due now, not the next in line"
+        assert 7 <= red_index(out) <= 11
+        assert 7 <= src.stats()["dropped"] <= 10
+    finally:
+        src.close()
+
+
+def test_http_stream_is_read_and_ends_as_source_gone(video):
+    """A video over HTTP (a plain http.server on 127.0.0.1): opened, decoded as it arrives,
+    and once the server has sent it all the source reports SourceGone (reconnect)."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    handler = functools.partial(Quiet, directory=str(video.parent))
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    try:
+        src = open_source(f"http://127.0.0.1:{httpd.server_address[1]}/{video.name}?format=bgr&timeout=5")
+        src.open()
+        assert src.shape == (H, W, 3)
+        out = np.empty(src.shape, np.uint8)
+        with pytest.raises(SourceGone):
+            for _ in range(N + 2):
+                src.read_into(out, 5.0)
+        st = src.stats()
+        assert st["decoded"] == N and st["decode_errors"] == 0
+        src.close()
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
