@@ -171,12 +171,15 @@ def test_sigkilled_recorder_leaves_a_readable_replayable_recording(tmp_path, shm
 
 
 def test_every_nth_and_export_to_mp4(tmp_path, shm_base):
-    name, out = "rr-exp", str(tmp_path / "run3")
+    name, out, out_fps = "rr-exp", str(tmp_path / "run3"), str(tmp_path / "run3-fps")
     rec = Recorder(out, [name], every=2, max_frames=10)
+    rec_fps = Recorder(out_fps, [name], max_fps=12.5, max_frames=10)  # frames 40 ms apart: every other
     t = threading.Thread(target=rec.run, kwargs=dict(duration=30))
+    t_fps = threading.Thread(target=rec_fps.run, kwargs=dict(duration=30))
     t.start()
+    t_fps.start()
     with frameshm.Writer(name, shape=(64, 96, 3), nslots=32) as w:
-        wait_until(lambda: consumers(name) >= 1, 30, what="the recorder")
+        wait_until(lambda: consumers(name) >= 2, 30, what="the recorders")
         t0 = time.monotonic_ns()
         for i in range(20):
             a = np.zeros((64, 96, 3), np.uint8)
@@ -184,9 +187,11 @@ def test_every_nth_and_export_to_mp4(tmp_path, shm_base):
             w.publish(a, timestamp_ns=t0 + i * 40_000_000)
             time.sleep(0.005)
         t.join(30)
-    with Recording(out) as r:
-        recs = r.records()
-        assert [int(r.read(x)[0, 0, 0]) for x in recs] == [10 * i for i in range(0, 20, 2)]
+        t_fps.join(30)
+    for path in (out, out_fps):
+        with Recording(path) as r:
+            recs = r.records()
+            assert [int(r.read(x)[0, 0, 0]) for x in recs] == [10 * i for i in range(0, 20, 2)]
     mp4 = str(tmp_path / "out.mp4")
     assert export_mp4(out, name, mp4) == 10
     import av

@@ -189,13 +189,13 @@ def test_rtsp_slow_consumer_gets_the_newest_frame(rtsp):
         ts = np.array([t for t, _ in got])
         assert np.all(np.diff(ts) > 0)
         assert abs(np.median(np.diff(ts)) - 1e9 / 30) < 3e6, "timestamps carry the sender's 30 fps spacing"
-        for _ in range(3):
+        for _ in range(2):
             time.sleep(1.0)  # a consumer far slower than the stream
             out = np.empty(src.shape, np.uint8)
             ts = src.read_into(out, 5.0)
             assert time.monotonic_ns() - ts < 300_000_000, "no lag accumulates behind a slow consumer"
         st = src.stats()
-        assert st["dropped"] >= 40 and st["decoded"] >= 60 and st["decode_errors"] == 0
+        assert st["dropped"] >= 30 and st["decoded"] >= 45 and st["decode_errors"] == 0
     finally:
         src.close()
 
