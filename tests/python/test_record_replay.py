@@ -193,7 +193,10 @@ def test_every_nth_and_export_to_mp4(tmp_path, shm_base):
             recs = r.records()
             assert [int(r.read(x)[0, 0, 0]) for x in recs] == [10 * i for i in range(0, 20, 2)]
     mp4 = str(tmp_path / "out.mp4")
-    assert export_mp4(out, name, mp4) == 10
+    r = subprocess.run(cli("record", "--export", mp4, "--stream", name, out), env=dict(os.environ),
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and r.stdout.strip() == f"{mp4}: 10 frames of {name}", r.stderr
+    assert export_mp4(out, name, str(tmp_path / "mpeg4.mp4"), codec="mpeg4") == 10
     import av
 
     with av.open(mp4) as c:

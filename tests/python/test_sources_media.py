@@ -278,3 +278,27 @@ def test_http_stream_is_read_and_ends_as_source_gone(video):
     finally:
         httpd.shutdown()
         httpd.server_close()
+
+
+def test_decode_errors_are_counted_and_the_source_goes_on(video, tmp_path):
+    """The middle third of the file overwritten with noise: the source keeps decoding what
+    it can, counts what FFmpeg refused, and ends normally."""
+    import random
+
+    data = bytearray(video.read_bytes())
+    rng = random.Random(1)
+    for i in range(len(data) // 3, 2 * len(data) // 3, 5):
+        data[i] = rng.randrange(256)
+    bad = tmp_path / "damaged.mp4"
+    bad.write_bytes(bytes(data))
+    src = open_source(f"file:{bad}?realtime=0")
+    src.open()
+    out = np.empty(src.shape, np.uint8)
+    n = 0
+    with pytest.raises(frameshm.Timeout, match="ended"):
+        while True:
+            src.read_into(out, 0.2)
+            n += 1
+    st = src.stats()
+    src.close()
+    assert n >= 1 and st["decode_errors"] >= 1, st
