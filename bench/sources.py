@@ -5,7 +5,8 @@
 The recorder's CPU per frame includes its start-up (interpreter, imports: ~0.3 s).
 
 1. Decode of a 1080p H.264 file (made here with PyAV, 30 fps): frameshm's ``file:`` source
-   (realtime=0, into an RGB buffer) vs ``cv2.VideoCapture`` on the same file: frames/s and
+   (realtime=0, into the loaned slot of a stream, committed: decode -> stream as the capture
+   producer does it) vs ``cv2.VideoCapture`` on the same file (decode -> its own array): frames/s and
    CPU ms per frame (process CPU time / frames; both decoders may use threads).
 2. The same for a live 1080p RTSP stream (GStreamer's gst-rtsp-server, tests/python/
    rtsp_server.py, 30 fps): CPU per frame over ``--seconds``, and the age of each frame when
@@ -63,24 +64,29 @@ def cpu():
 def bench_frameshm_source(uri, n=None, seconds=None):
     from frameshm.sources import open_source
 
+    from frameshm import Writer
+
     src = open_source(uri)
     src.open()
-    out = np.empty(src.shape, np.uint8)
+    w = Writer(f"bench-src-{os.getpid()}", shape=src.shape, nslots=4)  # decode -> stream, as capture does
     ages = []
     frames = 0
     c0, t0 = cpu(), time.monotonic()
     try:
         while (n is None or frames < n) and (seconds is None or time.monotonic() - t0 < seconds):
+            view = w.loan()
             try:
-                ts = src.read_into(out, 2.0)
+                ts = src.read_into(view, 2.0)
             except Exception:  # noqa: BLE001 - end of the file
                 break
+            w.commit(ts)
             ages.append(time.monotonic_ns() - ts)
             frames += 1
     finally:
         el, c1 = time.monotonic() - t0, cpu()
         stats = src.stats()
         src.close()
+        w.close()
     return dict(frames=frames, fps=frames / el, cpu_ms=(c1 - c0) * 1e3 / max(frames, 1),
                 age_ms=float(np.median(ages)) / 1e6 if ages else None, stats=stats)
 
@@ -205,7 +211,7 @@ def main() -> int:
     try:
         video = os.path.join(tmp, "1080p.mp4")
         make_video(video, args.frames)
-        print("\n## 1080p H.264 file decode (to RGB)")
+        print("\n## 1080p H.264 file decode -> RGB (frameshm: into a stream slot)")
         print("| reader | frames | fps | CPU ms/frame |\n|---|---|---|---|")
         for label, res in (("frameshm file: (realtime=0)", bench_frameshm_source(f"file:{video}?realtime=0")),
                            ("cv2.VideoCapture", bench_cv2_isolated(video))):

@@ -172,7 +172,7 @@ def _make_class():
             from .roles.gateway import colorspace_of
 
             frames = dets = None
-            last_seq, sent_at, window = -1, [], 0.0
+            last_seq, sent_at = -1, []
             while not self._halt.wait(self._period):
                 if not self.looking:
                     continue  # nobody looks: no reads, no encoding

@@ -257,7 +257,7 @@ class Recording:
 
     ``streams`` summarises each stream; ``records(...)`` lists index entries in timestamp
     order (across streams: one clock); ``read(record)`` / ``read_into(record, out)`` load a
-    frame's bytes. Records the recorder wrote but had not indexed when it died are found by
+    frame's bytes, ``frames(...)`` yields (record, array) pairs. Records the recorder wrote but had not indexed when it died are found by
     scanning the segment tails (``Record.recovered``)."""
 
     def __init__(self, path: str):
@@ -345,6 +345,12 @@ class Recording:
         out = np.empty(rec.shape, rec.dtype)
         self.read_into(rec, out)
         return out
+
+    def frames(self, streams: Optional[Sequence[str]] = None, start_s: Optional[float] = None,
+               end_s: Optional[float] = None) -> Iterator[Tuple[Record, np.ndarray]]:
+        """(record, array) pairs in timestamp order, as :meth:`records` selects them."""
+        for r in self.records(streams, start_s, end_s):
+            yield r, self.read(r)
 
     def verify(self) -> List[str]:
         """Checks every record's CRC against its segment; the problems found."""
@@ -667,6 +673,12 @@ class Recorder:
             self._commit()
             self._db.execute("UPDATE sessions SET ended_ns=? WHERE id=?", (time.monotonic_ns(), self.session_id))
             self._db.commit()
+            # A finished recording's manifest is one self-contained file again (no -wal/-shm
+            # beside it), readable from read-only media; the next recorder turns WAL back on.
+            try:
+                self._db.execute("PRAGMA journal_mode=DELETE")
+            except sqlite3.Error:  # a reader holds it open: the WAL stays, equally valid
+                pass
             self._db.close()
         errors = [r.error for r in self.recorders if r.error is not None]
         if errors:
@@ -676,8 +688,3 @@ class Recorder:
             raise RecordingError(f"recording {self.path}: {type(err).__name__}: {err}") from err
         return self.stats()
 
-
-def iter_frames(rec: Recording, streams: Optional[Sequence[str]] = None) -> Iterator[Tuple[Record, np.ndarray]]:
-    """(record, array) pairs in timestamp order."""
-    for r in rec.records(streams):
-        yield r, rec.read(r)
