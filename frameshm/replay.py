@@ -43,12 +43,15 @@ class Replayer:
     starts again at the end (timestamps keep increasing). ``start_s``/``end_s`` select a
     span, in seconds after the recording's first frame. ``rename`` maps recorded stream
     names to the names to publish under; ``wait_consumers`` holds the first frame until
-    each stream has that many consumers (so a test or a pipeline misses nothing)."""
+    each stream has that many consumers (so a test or a pipeline misses nothing).
+    ``lossless`` never overwrites a frame a process-all consumer (``wait_next``) has not
+    taken yet: the replay goes no faster than the slowest of them (a model evaluated on
+    every frame at ``speed=None``); drain-to-latest consumers are not waited for."""
 
     def __init__(self, recording, streams: Optional[Sequence[str]] = None, *, speed: Optional[float] = 1.0,
                  loop: bool = False, start_s: Optional[float] = None, end_s: Optional[float] = None,
                  rename: Optional[Dict[str, str]] = None, nslots: int = 8, wait_consumers: int = 0,
-                 base_dir: Optional[str] = None, namespace: Optional[str] = None):
+                 lossless: bool = False, base_dir: Optional[str] = None, namespace: Optional[str] = None):
         self.rec = recording if isinstance(recording, Recording) else Recording(recording)
         if speed is not None and not speed > 0:
             raise InvalidArgument(f"replay: speed must be > 0 or 'max', not {speed!r}")
@@ -58,7 +61,10 @@ class Replayer:
             raise RecordingError(f"{self.rec.path}: no frames to replay in that span")
         self.names = sorted({r.stream for r in self.records})
         self.rename = {n: (rename or {}).get(n, n) for n in self.names}
-        self.nslots, self.wait_consumers = nslots, wait_consumers
+        if lossless and nslots < 8:
+            raise InvalidArgument("replay: lossless needs nslots >= 8 (it keeps a margin of slots)")
+        self.nslots, self.wait_consumers, self.lossless = nslots, wait_consumers, lossless
+        self.waits = 0  # lossless: times a frame waited for a consumer
         self._addr = dict(base_dir=base_dir, namespace=namespace)
         self.published = 0
         self.passes = 0
@@ -89,6 +95,25 @@ class Replayer:
         if not stop.is_set():
             raise Timeout(f"replay: fewer than {self.wait_consumers} consumer(s) after 60s")
 
+    # Lossless: at most this many frames ahead of the slowest process-all consumer (its
+    # reported position may lead what it has finished reading by one; the rest is margin).
+    _LEAD_MARGIN = 3
+
+    def _await_readers(self, name: str, seq: int, floor: Dict[str, int], stop: threading.Event) -> None:
+        """Blocks until publishing ``seq`` on ``name`` overwrites nothing a process-all
+        consumer still has to read. ``floor`` caches the slowest position seen, so the
+        control region is read only when the replay gets close to it."""
+        from .admin import stream_info
+
+        limit = self.nslots - self._LEAD_MARGIN
+        while seq - floor.get(name, 0) >= limit and not stop.is_set():
+            consumers = [c for c in stream_info(self.rename[name], **self._addr)["consumers"]
+                         if c.get("process_all") and c.get("alive", True)]
+            floor[name] = min((c["last_seq_plus1"] for c in consumers), default=seq)
+            if seq - floor[name] >= limit:
+                self.waits += 1
+                stop.wait(0.001)
+
     def run(self, stop: Optional[threading.Event] = None) -> int:
         """Publishes until the end (or forever with ``loop``) or ``stop``; returns the
         number of frames published."""
@@ -104,6 +129,8 @@ class Replayer:
             origin = time.monotonic_ns()   # the replay's time of the first frame
             seqmap: Dict[str, "OrderedDict[int, int]"] = {n: OrderedDict() for n in self.names}
             refs = {n: self.rec.streams[n].ref_stream for n in self.names}
+            next_seq: Dict[str, int] = {}   # lossless: each stream's next seq, once known
+            floor: Dict[str, int] = {}
             while not stop.is_set():
                 for r in self.records:
                     if stop.is_set():
@@ -118,9 +145,12 @@ class Replayer:
                     if ref is not None and refs[r.stream] in seqmap:
                         ref = seqmap[refs[r.stream]].get(ref, ref)
                     w = self.writers[r.stream]
+                    if self.lossless and r.stream in next_seq:
+                        self._await_readers(r.stream, next_seq[r.stream], floor, stop)
                     view = w.loan(r.shape, r.dtype) if self.rec.streams[r.stream].fixed is None else w.loan()
                     self.rec.read_into(r, view)
                     seq = w.commit(origin + offset, ref_seq=ref)
+                    next_seq[r.stream] = seq + 1
                     m = seqmap[r.stream]
                     m[r.seq] = seq
                     if len(m) > _SEQ_MEMORY:
@@ -249,6 +279,8 @@ def add_parsers(sub) -> None:
     p.add_argument("--nslots", type=int, default=8)
     p.add_argument("--wait-consumers", type=int, default=0,
                    help="hold the first frame until every stream has this many consumers")
+    p.add_argument("--lossless", action="store_true",
+                   help="never overwrite a frame a process-all consumer has not taken (go at its pace)")
     p.set_defaults(func=cmd_replay)
 
 
@@ -321,7 +353,8 @@ def cmd_replay(args) -> int:
 
     rp = Replayer(args.path, args.stream or None, speed=args.speed, loop=args.loop, start_s=args.start_s,
                   end_s=args.end_s, rename=dict(args.rename), nslots=args.nslots,
-                  wait_consumers=args.wait_consumers, base_dir=args.base_dir, namespace=args.namespace)
+                  wait_consumers=args.wait_consumers, lossless=args.lossless, base_dir=args.base_dir,
+                  namespace=args.namespace)
     stop = threading.Event()
     t0 = time.monotonic()
     with stop_on_signals(stop):
