@@ -176,46 +176,47 @@ def _make_class():
             while not self._halt.wait(self._period):
                 if not self.looking:
                     continue  # nobody looks: no reads, no encoding
-                if frames is None:
-                    frames = self._open(self._name)
-                    if frames is None:
-                        self.info = f"{self._name}: no such stream (yet)"
-                        continue
-                if dets is None and self._dets_name:
-                    dets = self._open(self._dets_name)
                 try:
+                    if frames is None:
+                        frames = self._open(self._name)
+                        if frames is None:
+                            self.info = f"{self._name}: no such stream (yet)"
+                            continue
+                    if dets is None and self._dets_name:
+                        dets = self._open(self._dets_name)
                     f = frames.read_latest(copy=False)
-                except Exception as exc:  # noqa: BLE001 - a restarted producer: reopen next time
+                    if f is None or f.seq == last_seq:
+                        continue
+                    arr = f.array
+                    if arr.dtype != np.uint8:
+                        self.info = f"{self._name}: {arr.dtype} frames are not an image"
+                        continue
+                    cs = colorspace_of(arr.shape)
+                    img = arr if arr.ndim == 3 else arr[:, :, None]
+                    jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=self._quality, colorspace=cs)
+                    if not f.valid():
+                        continue  # overwritten while encoding: the next one
+                    boxes = []
+                    if dets is not None:
+                        d = dets.read_latest(copy=True)
+                        if d is not None and d.ndim == 2 and d.shape[1] >= 6:
+                            boxes = [[round(float(v), 1) for v in row[:6]] for row in d]
+                    now = time.monotonic()
+                    sent_at = [t for t in sent_at if now - t < 1.0] + [now]
+                    age_ms = (time.monotonic_ns() - f.timestamp_ns) / 1e6
+                    with self.hold_sync():
+                        self.jpeg = jpeg
+                        self.boxes = boxes
+                        self.info = (f"{self._name} seq {f.seq} {arr.shape[1]}x{arr.shape[0]} "
+                                     f"{len(sent_at)} fps age {age_ms:.0f} ms" + (f" boxes {len(boxes)}" if dets else ""))
+                    self.encoded += 1
+                    last_seq = f.seq
+                except Exception as exc:  # noqa: BLE001 - shown in the view; the readers start over
                     self.info = f"{self._name}: {exc}"
-                    frames.close()
-                    frames = None
-                    continue
-                if f is None or f.seq == last_seq:
-                    continue
-                arr = f.array
-                if arr.dtype != np.uint8:
-                    self.info = f"{self._name}: {arr.dtype} frames are not an image"
-                    continue
-                cs = colorspace_of(arr.shape)
-                img = arr if arr.ndim == 3 else arr[:, :, None]
-                jpeg = simplejpeg.encode_jpeg(np.ascontiguousarray(img), quality=self._quality, colorspace=cs)
-                if not f.valid():
-                    continue  # overwritten while encoding: the next one
-                boxes = []
-                if dets is not None:
-                    d = dets.read_latest(copy=True)
-                    if d is not None and d.ndim == 2 and d.shape[1] >= 6:
-                        boxes = [[round(float(v), 1) for v in row[:6]] for row in d]
-                now = time.monotonic()
-                sent_at = [t for t in sent_at if now - t < 1.0] + [now]
-                age_ms = (time.monotonic_ns() - f.timestamp_ns) / 1e6
-                with self.hold_sync():
-                    self.jpeg = jpeg
-                    self.boxes = boxes
-                    self.info = (f"{self._name} seq {f.seq} {arr.shape[1]}x{arr.shape[0]} "
-                                 f"{len(sent_at)} fps age {age_ms:.0f} ms" + (f" boxes {len(boxes)}" if dets else ""))
-                self.encoded += 1
-                last_seq = f.seq
+                    for r in (frames, dets):
+                        if r is not None:
+                            r.close()
+                    frames = dets = None
             for r in (frames, dets):
                 if r is not None:
                     r.close()
