@@ -69,6 +69,7 @@ __all__ = [
     "get_library_dir",
     "pkgconfig_dir",
     "cmake_dir",
+    "show",
     "__version__",
 ]
 
@@ -82,5 +83,9 @@ def __getattr__(name: str):
         from .roles import mode
 
         return getattr(mode, name)
+    if name == "show":  # the Jupyter view: imports anywidget only when used
+        from .notebook import show
+
+        return show
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 

@@ -199,6 +199,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .virtualcam import add_parser as add_virtualcam_parser
 
     add_virtualcam_parser(sub)
+    from .replay import add_parsers as add_record_replay_parsers
+
+    add_record_replay_parsers(sub)
     from .driver import add_arguments as add_driver_arguments, run_from_args as run_driver
 
     dr = sub.add_parser("driver", help="the SHM driver: owns region files, grants leases (docs/driver-protocol.md)")
@@ -209,7 +212,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that run until stopped: SIGINT/SIGTERM stop them with status 0 from the moment
 # main() starts, whatever they are doing (frameshm/_signals.py).
-LONG_RUNNING = frozenset({"capture", "inference", "controller", "gateway", "run", "driver", "virtualcam"})
+LONG_RUNNING = frozenset({"capture", "inference", "controller", "gateway", "run", "driver", "virtualcam",
+                          "record", "replay"})
 _GLOBAL_OPTIONS_WITH_VALUE = ("--base-dir", "--namespace")
 
 

