@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what is missing (scripts/setup.sh test), then runs every test: libframeshm's and
 # the device code's cmocka suites, the Python suite (which also executes the notebooks, the
-# C library's install paths and the gateway page in headless Chromium), then the core suite
+# C library's install paths and the gateway page in headless Chromium), the thread, lifetime
+# and DLPack tests under ASan + UBSan (scripts/test-sanitizers.sh), then the core suite
 # under the oldest and newest supported Python and numpy (scripts/test-versions.sh).
 # Extra arguments go to pytest.
 set -euo pipefail
@@ -28,4 +29,5 @@ if [ "$rc" = 5 ]; then
 fi
 [ "$rc" = 0 ] || exit "$rc"
 
+bash scripts/test-sanitizers.sh
 bash scripts/test-versions.sh
