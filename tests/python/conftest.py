@@ -30,6 +30,14 @@ DEFAULT_TIMEOUT = 90  # seconds per test; every test is far quicker
 
 
 def pytest_configure(config):
+    # A run started in the background by a non-interactive shell (`cmd &`, as CI harnesses
+    # and nohup do) inherits SIGINT ignored, and so would every child: a Python child then
+    # never installs its KeyboardInterrupt handler and the Ctrl-C tests wait forever. Tests
+    # must see programs as a terminal starts them.
+    import signal
+
+    if signal.getsignal(signal.SIGINT) == signal.SIG_IGN:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
     config.addinivalue_line("markers", "leaves_streams: the test may leave stream directories behind")
     if not config.pluginmanager.hasplugin("timeout"):
         config.addinivalue_line("markers", "timeout(seconds): per-test timeout (needs pytest-timeout)")
