@@ -227,6 +227,14 @@ class Bridge:
             conf.insert_json5("listen/endpoints", json.dumps(self.listen))
             conf.insert_json5("connect/endpoints", json.dumps(self.connect))
             conf.insert_json5("scouting/multicast/enabled", json.dumps(self.scouting))
+            # Gossip has peers learn each other's endpoints from the peers they meet and
+            # connect directly: discovery too, so off unless asked for (links are the ones
+            # configured: a relay, a tunnel or a firewall hole stays the path taken).
+            conf.insert_json5("scouting/gossip/enabled", json.dumps(self.scouting))
+            # Zenoh would carry payloads between two sessions on one host through its own
+            # shared memory, bypassing the link: between machines it never can, and on one
+            # host (tests, benchmarks, network namespaces) it would hide the link measured.
+            conf.insert_json5("transport/shared_memory/enabled", "false")
         except (zenoh.ZError, OSError, ValueError) as exc:
             raise BridgeError(f"zenoh configuration: {exc}") from None
         return conf
@@ -391,7 +399,8 @@ class Bridge:
                 try:
                     f = wait(WAIT_S)
                 except Timeout as exc:
-                    if isinstance(exc, ProducerDead) and e.state == "live":
+                    # Dead, or closed the stream: either way importers must not wait on it.
+                    if e.state == "live" and (isinstance(exc, ProducerDead) or reader.producer[0] != "alive"):
                         log.warning("%s: the producer is gone (%s); importers are told", e.name, exc)
                         e.state = "producer-gone"
                         token.undeclare()
@@ -592,7 +601,7 @@ class _Importer:
             # clocks (as good as their synchronisation, NTP/PTP).
             delta = offset - _clock_offset()
             ts, send_ns = max(1, ts + delta), send_ns + delta
-        self._ensure_writer(epoch, nslots, max(max_bytes, nbytes))
+        self._ensure_writer(epoch, seq, nslots, max(max_bytes, nbytes))
         if self.im.state != "live":
             log.info("%s: %s (remote epoch %d)", self.name,
                      "frames arriving" if self.im.state == "waiting" else "frames arriving again", epoch)
@@ -600,8 +609,7 @@ class _Importer:
         self._mirror_control(ctl)
         w = self.writer
         try:
-            w.publish(arr, timestamp_ns=ts, ref_seq=ref if flags & 1 else None,
-                      seq=seq if seq >= w._w.next_seq else None)
+            w.publish(arr, timestamp_ns=ts, ref_seq=ref if flags & 1 else None, seq=seq)
         except InvalidArgument as exc:
             st.drops += 1
             log.warning("%s: frame %d not published: %s", self.name, seq, exc)
@@ -628,18 +636,27 @@ class _Importer:
             return None
         return arr.reshape(shape)
 
-    def _ensure_writer(self, epoch: int, nslots: int, max_bytes: int) -> None:
+    def _ensure_writer(self, epoch: int, seq: int, nslots: int, max_bytes: int) -> None:
         from .stream import Writer
 
         im = self.im
-        if self.writer is not None and im.remote_epoch == epoch and max_bytes <= self.layout[1]:
+        w = self.writer
+        back = w is not None and seq < w._w.next_seq
+        if w is not None and im.remote_epoch == epoch and max_bytes <= self.layout[1] and not back:
             return
-        if self.writer is not None:
-            why = "the remote producer restarted" if im.remote_epoch != epoch else "a larger frame"
+        if w is not None:
+            why = ("the remote producer restarted" if im.remote_epoch != epoch else
+                   "the remote stream was made anew" if back else "a frame larger than the local stream")
             log.info("%s: %s (remote epoch %d -> %d): local stream recreated", self.name, why,
                      im.remote_epoch, epoch)
-            self._close_writer(unlink=False)
+            # Sequence numbers carry on across a local restart; a remote numbering that
+            # went back (its stream was removed and made anew) needs a stream made anew.
+            self._close_writer(unlink=back)
         self.writer = Writer(self.name, max_bytes=max_bytes, nslots=nslots, **self.b._addr)
+        if seq < self.writer._w.next_seq:
+            # Left by an earlier writer (this bridge's, closed when the remote went away).
+            self.writer.close(unlink=True)
+            self.writer = Writer(self.name, max_bytes=max_bytes, nslots=nslots, **self.b._addr)
         self.made = True
         self.layout = (nslots, max_bytes)
         im.remote_epoch = epoch

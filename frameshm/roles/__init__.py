@@ -188,6 +188,11 @@ def config_from_args(args) -> PipelineConfig:
         overrides += [("gateway.host", args.host), ("gateway.port", args.port),
                       ("gateway.token", token_from_args(args)), ("gateway.quality", args.quality),
                       ("gateway.max_width", args.max_width), ("gateway.max_fps", args.max_fps)]
+    elif args.role == "bridge":
+        overrides += [("bridge.listen", args.listen), ("bridge.connect", args.connect),
+                      ("bridge.exports", args.exports), ("bridge.imports", args.imports),
+                      ("bridge.mode", args.mode), ("bridge.scouting", args.scouting),
+                      ("bridge.process_all", args.process_all), ("bridge.zenoh_config", args.zenoh_config)]
     else:
         overrides += [("streams.detections", args.detections),
                       ("controller.validation_frames", args.validation_frames),
@@ -225,6 +230,8 @@ def _run_role(args) -> int:
         from .inference import run
     elif args.role == "gateway":
         from .gateway import run
+    elif args.role == "bridge":
+        from .bridge import run
     else:
         from .controller import run
     stop = threading.Event()
