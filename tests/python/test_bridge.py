@@ -388,3 +388,71 @@ def test_slow_link_drops_at_the_sender_and_a_cut_link_recovers(spawn, bridges, n
         relay.close()
     a.stop()
     prod.stop()
+
+
+SPLIT_CONFIG = """
+[streams]
+frames = "sp-cam"
+
+[capture]
+source = "test:?width=320&height=240&fps=30&person=file&trigger={trigger}"
+standby_fps = 3
+alarmed_fps = 30
+
+[inference]
+detector = "hog"
+
+[controller]
+validation_frames = 2
+classes = [0]
+
+[bridge]
+{side}
+"""
+
+
+def test_pipeline_split_over_two_bridges(spawn, bridges, tmp_path):
+    """Capture on side A; inference and controller on side B, through the bridge. The
+    person walking into the test pattern on A is detected on B, whose controller's mode
+    (written on B's copy of the frames stream) goes back over the bridge and raises the
+    capture rate on A."""
+    port = free_port()
+    trigger = tmp_path / "person"
+    cfg = {}
+    for side, table in (("a", f'listen = ["tcp/127.0.0.1:{port}"]\nexports = ["sp-cam"]'),
+                        ("b", f'connect = ["tcp/127.0.0.1:{port}"]\nimports = ["sp-cam"]')):
+        cfg[side] = tmp_path / f"pipeline-{side}.toml"
+        cfg[side].write_text(SPLIT_CONFIG.format(trigger=trigger, side=table))
+
+    def role(ns, *argv):
+        return spawn(f"from frameshm.cli import main\nsys.exit(main({list(argv)!r}))\n", label=f"{argv[0]} ({ns})",
+                     env_extra={"FRAMESHM_NAMESPACE": ns})
+
+    roles = {"controller": role("b", "controller", "--config", str(cfg["b"])),
+             "inference": role("b", "inference", "--config", str(cfg["b"]))}
+    b = bridges("b", "--config", str(cfg["b"]))
+    a = bridges("a", "--config", str(cfg["a"]))
+    roles["capture"] = role("a", "capture", "--config", str(cfg["a"]))
+    with frameshm.Reader("sp-cam", namespace="b", consumer="probe", spin=False) as r:
+        r.wait_latest(30)
+        assert r.mode == frameshm.MODE_STANDBY
+        trigger.touch()
+        wait_until(lambda: frameshm.stream_info("sp-cam", namespace="a")["control"][0] == frameshm.MODE_ALARMED,
+                   45, interval=0.05, what="the mode set on B reaching the capture on A")
+        a.expect("control byte 0 set to 1")
+        b.expect("control byte 0 = 1 written here")
+        # Alarmed: frames reach B at the alarmed rate.
+        wait_until(lambda: "mode Standby -> Alarmed" in roles["capture"].stderr, 30, what="capture alarmed")
+        t0 = time.monotonic()
+        n = 0
+        while time.monotonic() - t0 < 2.0:
+            r.wait_latest(5.0)
+            n += 1
+        assert n / 2.0 >= 12, f"{n / 2.0} fps on B while alarmed"
+        trigger.unlink()
+    for name in ("capture", "inference", "controller"):
+        roles[name].send_signal(signal.SIGTERM)
+    for name, child in roles.items():
+        assert child.wait(30) == 0, f"{name}: {child.stderr[-3000:]}"
+    b.stop()
+    a.stop()
