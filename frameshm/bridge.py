@@ -17,11 +17,12 @@ A bridge is one Zenoh session carrying any number of streams each way:
   readers as skipped), capture timestamp, ``ref_seq``, shape and dtype.
 
 Latest-frame semantics end to end (the default): the exporter drains its queue to the
-newest frame, publishes with Zenoh's ``CongestionControl.DROP`` (a frame that does not
-fit the link's bounded transmit queue is dropped at the sender, never queued), and the
-importer keeps only the newest frame received while it was busy. ``process_all=True``
-instead reads every frame in order, publishes with ``BLOCK`` and applies back-pressure
-through a bounded receive queue: for links that can carry the stream.
+newest frame and puts it with Zenoh's ``CongestionControl.BLOCK``, so a slow link holds
+the exporter for one whole frame and the frames produced meanwhile are dropped at the
+sender (it takes the newest next), never queued; the importer keeps only the newest frame
+received while it was busy. ``process_all=True`` instead reads every frame in order and
+applies back-pressure through a bounded receive queue: for links that can carry the
+stream.
 
 Frames are whole or dropped: every frame travels as one Zenoh message whose attachment
 (:data:`HEADER`) states its size, which the importer checks before publishing anything.
@@ -45,6 +46,7 @@ import struct
 import threading
 import time
 import uuid
+from collections import deque
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Sequence, Tuple
 
@@ -132,14 +134,14 @@ class _Stat:
     def __init__(self):
         self.frames = self.bytes = self.drops = 0
         self.window = (time.monotonic_ns(), 0, 0)
-        self.latency: List[float] = []
+        self.latency: deque = deque(maxlen=1024)   # the newest, between two snapshots
 
     def snapshot(self, now: int) -> dict:
         t0, f0, b0 = self.window
         dt = max(1, now - t0) / 1e9
         self.window = (now, self.frames, self.bytes)
         lat = sorted(self.latency)
-        self.latency = []
+        self.latency.clear()
         out = {"frames": self.frames, "drops": self.drops, "fps": round((self.frames - f0) / dt, 2),
                "bytes_per_s": int((self.bytes - b0) / dt)}
         if lat:
@@ -189,6 +191,10 @@ class Bridge:
         if not 1 <= int(jpeg_quality) <= 100:
             raise BridgeError(f"jpeg_quality must be 1..100, not {jpeg_quality!r}")
         self.exports = [_Export(*parse_spec(s)) for s in exports]
+        for spec in imports:
+            if ":" in spec:
+                raise BridgeError(f"import {spec!r}: an import is a stream name; the encoding is the exporter's "
+                                  "choice (--export NAME:ENCODING on the other side)")
         self.imports = [_Import(parse_spec(s)[0]) for s in imports]
         names = [e.name for e in self.exports] + [i.name for i in self.imports]
         dup = {n for n in names if names.count(n) > 1}
@@ -216,6 +222,7 @@ class Bridge:
         self._metrics = None
         self._boot = _boot_id()
         self.started_ns = 0
+        self.failed: Optional[str] = None   # the stream whose thread failed, if one did
 
     # -- life cycle -------------------------------------------------------------------
 
@@ -241,6 +248,8 @@ class Bridge:
 
     def start(self) -> "Bridge":
         """Opens the Zenoh session and starts one thread per bridged stream."""
+        if self._stop.is_set():
+            raise BridgeError("this bridge was closed: a new Bridge starts again")
         zenoh = _zenoh()
         conf = self._config()
         try:
@@ -258,6 +267,8 @@ class Bridge:
                 self._spawn(f"export {e.name}", self._run_export, e)
             for i in self.imports:
                 self._spawn(f"import {i.name}", self._run_import, i)
+            if self._metrics is not None:
+                self._spawn("metrics", self._run_metrics, None)
         except BaseException:
             self.close()
             raise
@@ -281,16 +292,17 @@ class Bridge:
             self.failed = label
             self._stop.set()
 
-    failed: Optional[str] = None
+    def _run_metrics(self, _arg) -> None:
+        while not self._stop.wait(WAIT_S):
+            self._publish_metrics()
 
     def run(self, stop: threading.Event) -> int:
-        """Runs until ``stop`` is set (or a stream's thread fails: then 1), publishing metrics."""
+        """Runs until ``stop`` is set (or a stream's thread fails: then 1), then closes."""
         if self._session is None:
             self.start()
         try:
             while not stop.is_set() and not self._stop.is_set():
                 stop.wait(WAIT_S)
-                self._publish_metrics()
         finally:
             self.close()
         return 1 if self.failed else 0
@@ -301,7 +313,7 @@ class Bridge:
         for t in self._threads:
             t.join(timeout=10)
         self._threads = []
-        if self._metrics is not None:
+        if self._metrics is not None:   # its thread has ended: the writer is ours again
             self._metrics.close()
             self._metrics = None
         if self._session is not None:
@@ -363,7 +375,13 @@ class Bridge:
         zenoh = _zenoh()
         codes = _dtype_tables()
         s = self._session
-        cc = zenoh.CongestionControl.BLOCK if self.process_all else zenoh.CongestionControl.DROP
+        # BLOCK in both modes: a frame is many Zenoh fragments, and DROP discards whatever
+        # does not fit the transmit queue, fragments included, so on a link slower than the
+        # stream every frame would be cut short and none would arrive. Blocking holds this
+        # thread while the link carries one whole frame; the newest frame is then taken and
+        # those in between are dropped here, at the sender (latest mode), or left to
+        # the source ring (process-all).
+        cc = zenoh.CongestionControl.BLOCK
         pub = s.declare_publisher(self._key(e.name, "frames"), congestion_control=cc,
                                   priority=zenoh.Priority.DATA, express=True)
         jpeg = None

@@ -169,8 +169,11 @@ w.close()
         f = rp.wait_latest(10.0)
         picture, pic_ref = f.copy(), f.ref_seq
         assert f.shape == (240, 320, 3) and f.dtype == np.uint8
-        doc = wait_until(lambda: (status("b", name).get("streams", {}).get(name, {}).get("frames", 0) > 0
-                                  and status("b", name)), 30, interval=0.2, what="bridge metrics")
+        def counted():
+            doc = status("b", name)
+            return doc if doc.get("streams", {}).get(name, {}).get("frames", 0) > 0 else None
+
+        doc = wait_until(counted, 30, interval=0.2, what="bridge metrics")
     produced = sent(prod)
     assert len(got) == 45
     seqs = [g[0] for g in got]
@@ -456,3 +459,30 @@ def test_pipeline_split_over_two_bridges(spawn, bridges, tmp_path):
         assert child.wait(30) == 0, f"{name}: {child.stderr[-3000:]}"
     b.stop()
     a.stop()
+
+
+def test_bridge_errors_are_frameshm_errors(tmp_path):
+    """Every refusal is a BridgeError (a FrameshmError) saying what is wrong."""
+    port = free_port()
+    with pytest.raises(frameshm.BridgeError, match="nothing to bridge"):
+        frameshm.Bridge(listen=[f"tcp/127.0.0.1:{port}"])
+    with pytest.raises(frameshm.BridgeError, match="named twice"):
+        frameshm.Bridge(exports=["cam0"], imports=["cam0"])
+    with pytest.raises(frameshm.BridgeError, match="unknown encoding"):
+        frameshm.Bridge(exports=["cam0:png"])
+    with pytest.raises(frameshm.BridgeError, match="the encoding is the exporter's"):
+        frameshm.Bridge(imports=["cam0:jpeg"])
+    with pytest.raises(frameshm.BridgeError, match="cannot open the Zenoh session"):
+        frameshm.Bridge(listen=["tcp/256.1.1.1:1"], exports=["cam0"]).start()
+    with frameshm.Bridge(listen=[f"tcp/127.0.0.1:{port}"], exports=["cam0"]):
+        with pytest.raises(frameshm.BridgeError, match="cannot open the Zenoh session"):
+            frameshm.Bridge(listen=[f"tcp/127.0.0.1:{port}"], exports=["cam1"]).start()
+    assert issubclass(frameshm.BridgeError, frameshm.FrameshmError)
+    bad = tmp_path / "bad.toml"
+    bad.write_text('[bridge]\nexports = ["cam0"]\nimports = ["cam0"]\n')
+    run = subprocess.run([sys.executable, "-m", "frameshm", "bridge", "--config", str(bad)], capture_output=True,
+                         text=True, timeout=60, env=child_env())
+    assert run.returncode == 1 and "both exported and imported" in run.stderr, run.stderr
+    run = subprocess.run([sys.executable, "-m", "frameshm", "bridge", "--connect", "nonsense"], capture_output=True,
+                         text=True, timeout=60, env=child_env())
+    assert run.returncode == 1 and "Zenoh endpoints" in run.stderr, run.stderr
