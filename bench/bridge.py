@@ -64,7 +64,8 @@ while True:
 
 # The floor: the same bytes put by one Python process and received by another, with the
 # bridge's session settings (explicit endpoint, no scouting, no shared-memory transport,
-# DROP, express), the capture timestamp in the attachment.
+# BLOCK, express), the capture timestamp in the attachment. It puts every frame (nothing
+# to drain), so on a link slower than the stream its puts fall behind the clock.
 FLOOR_PUB = r"""
 import sys, time, struct, json, numpy as np, zenoh
 h, w, endpoint = {h}, {w}, {endpoint!r}
@@ -75,7 +76,7 @@ conf.insert_json5("scouting/multicast/enabled", "false")
 conf.insert_json5("scouting/gossip/enabled", "false")
 conf.insert_json5("transport/shared_memory/enabled", "false")
 s = zenoh.open(conf)
-pub = s.declare_publisher("floor/bench", congestion_control=zenoh.CongestionControl.DROP, express=True)
+pub = s.declare_publisher("floor/bench", congestion_control=zenoh.CongestionControl.BLOCK, express=True)
 y, x = np.mgrid[0:h, 0:w]
 base = np.stack([(x * 255 // w), (y * 255 // h), ((x + y) * 127 // (w + h))], -1).astype(np.uint8)
 print("READY", flush=True)
@@ -352,6 +353,12 @@ def main() -> int:
     ap.add_argument("--loss", help="netem loss, e.g. 1%% (with --netns; needs sch_netem)")
     ap.add_argument("--no-gstreamer", action="store_true")
     args = ap.parse_args()
+
+    def stop(signum, _frame):   # SIGTERM (and SIGINT, even where a shell ignored it) clean up
+        raise KeyboardInterrupt(signal.Signals(signum).name)
+
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, stop)
     info = machine_info()
     try:
         import zenoh  # noqa: F401
