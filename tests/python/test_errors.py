@@ -70,6 +70,7 @@ HIERARCHY = {
     "frameshm.driver.server.DriverError": (("FrameshmError",), ("OSError",)),
     "frameshm.driver.protocol.DecodeError": (("FrameshmError",), ("ValueError",)),
     "frameshm.sources.SourceGone": (("FrameshmError",), ("OSError",)),
+    "frameshm.bridge.BridgeError": (("FrameshmError",), ()),
 }
 
 # Where each class is exported besides its home (its __module__): all must be the same object.
