@@ -486,3 +486,66 @@ def test_bridge_errors_are_frameshm_errors(tmp_path):
     run = subprocess.run([sys.executable, "-m", "frameshm", "bridge", "--connect", "nonsense"], capture_output=True,
                          text=True, timeout=60, env=child_env())
     assert run.returncode == 1 and "Zenoh endpoints" in run.stderr, run.stderr
+
+
+def test_process_all_delivers_every_frame_in_order(spawn, bridges, name, tmp_path):
+    """--process-all: every frame the producer wrote arrives, in order, none skipped."""
+    port = free_port()
+    go = tmp_path / "go"
+    prod = spawn(f"""
+w = frameshm.Writer({name!r}, shape=(64, 64), dtype="uint16", nslots=256)
+say("READY")
+k = 0
+while not os.path.exists({str(go)!r}):   # warm-up frames until the path is known to work
+    w.publish(np.zeros((64, 64), np.uint16), ref_seq=10_000 + k)
+    k += 1
+    time.sleep(0.05)
+for i in range(120):
+    w.publish(np.full((64, 64), i, np.uint16), ref_seq=i)
+    # a burst: far faster than a frame crosses; only the ring (256 slots) holds them
+say("DONE")
+while not stopped():
+    time.sleep(0.05)
+w.close()
+""", label="producer", env_extra={"FRAMESHM_NAMESPACE": "a"})
+    prod.expect("READY")
+    a = bridges("a", "--listen", f"tcp/127.0.0.1:{port}", "--export", name, "--process-all", "--frames", name)
+    b = bridges("b", "--connect", f"tcp/127.0.0.1:{port}", "--import", name, "--process-all", "--frames", name)
+    with frameshm.Reader(name, namespace="b") as r:
+        r.wait_next(30.0)   # a warm-up frame made it: the path is up
+        go.touch()
+        got = []
+        while len(got) < 120:
+            f = r.wait_next(10.0)
+            if f.ref_seq < 10_000:
+                got.append((f.seq, f.ref_seq, int(f.array[0, 0]), f.skipped))
+    assert [g[1] for g in got] == list(range(120)), got
+    assert all(ref == v for _, ref, v, _ in got)
+    assert [g[0] for g in got] == list(range(got[0][0], got[0][0] + 120)) and not any(g[3] for g in got[1:]), got
+    b.stop()
+    a.stop()
+    prod.stop()
+
+
+def test_timestamps_from_another_machine_go_through_the_wall_clock(monkeypatch, name):
+    """An importer that sees another boot id translates the capture timestamp through the
+    two machines' CLOCK_REALTIME - CLOCK_MONOTONIC (here both the same clock, so the result
+    must land within a few milliseconds of the original)."""
+    import frameshm.bridge as fb
+
+    port = free_port()
+    with frameshm.Writer(name, shape=(8,), dtype="uint8", namespace="a") as w, \
+            frameshm.Bridge(listen=[f"tcp/127.0.0.1:{port}"], exports=[name], namespace="a"):
+        importer = frameshm.Bridge(connect=[f"tcp/127.0.0.1:{port}"], imports=[name], namespace="b")
+        importer._boot = bytes(range(16))   # "another machine"
+        with importer, frameshm.Reader(name, namespace="b") as r:
+            def one():
+                ts = time.monotonic_ns() - 5_000_000
+                w.publish(np.zeros(8, np.uint8), timestamp_ns=ts)
+                try:
+                    return ts, r.wait_latest(0.2)
+                except frameshm.Timeout:
+                    return None
+            ts, f = wait_until(one, 30, what="a frame across")
+            assert f.timestamp_ns != 0 and abs(f.timestamp_ns - ts) < 20_000_000, (f.timestamp_ns, ts)
+    assert fb.HEADER.size < 256
