@@ -101,6 +101,15 @@ def _zenoh():
     return zenoh
 
 
+def _jpeg():
+    try:
+        import simplejpeg
+    except ImportError:
+        raise BridgeError("the jpeg encoding needs simplejpeg (libjpeg-turbo): pip install 'frameshm[bridge]'") \
+            from None
+    return simplejpeg
+
+
 def _boot_id() -> bytes:
     try:
         with open("/proc/sys/kernel/random/boot_id") as f:
@@ -201,6 +210,8 @@ class Bridge:
         if dup:
             raise BridgeError(f"stream(s) {', '.join(sorted(dup))} named twice: a stream is exported or "
                               "imported once per bridge")
+        if any(e.encoding == "jpeg" for e in self.exports):
+            _jpeg()   # missing: said now, not by a stream's thread later
         if not self.exports and not self.imports:
             raise BridgeError("nothing to bridge: give at least one stream to export or import")
         if mode == "client" and not connect and not scouting:
@@ -384,12 +395,7 @@ class Bridge:
         cc = zenoh.CongestionControl.BLOCK
         pub = s.declare_publisher(self._key(e.name, "frames"), congestion_control=cc,
                                   priority=zenoh.Priority.DATA, express=True)
-        jpeg = None
-        if e.encoding == "jpeg":
-            try:
-                import simplejpeg as jpeg
-            except ImportError:
-                raise BridgeError("the jpeg encoding needs simplejpeg: pip install 'frameshm[bridge]'") from None
+        jpeg = _jpeg() if e.encoding == "jpeg" else None
         reader = Reader(e.name, consumer=self.consumer, spin=False, **self._addr)
         # Control bytes sent back by importers are set through a handle of their own, from
         # Zenoh's thread (the reader above is busy waiting in this one).
@@ -404,7 +410,7 @@ class Bridge:
             if index < 8:
                 with control_lock:
                     control.set_control(index, value)
-                log.info("%s: control byte %d set to %d by %s", e.name, index, value, "a remote importer")
+                log.info("%s: control byte %d set to %d by a remote importer", e.name, index, value)
 
         ctl_sub = s.declare_subscriber(self._key(e.name, "control"), on_control)
         token = None
@@ -639,12 +645,7 @@ class _Importer:
 
     def _decode_jpeg(self, data: bytes, shape) -> Optional[np.ndarray]:
         if self.jpeg is None:
-            try:
-                import simplejpeg
-            except ImportError:
-                raise BridgeError("jpeg frames arrive: decoding them needs simplejpeg: "
-                                  "pip install 'frameshm[bridge]'") from None
-            self.jpeg = simplejpeg
+            self.jpeg = _jpeg()
         gray = len(shape) == 2 or shape[2] == 1
         try:
             arr = self.jpeg.decode_jpeg(data, colorspace="GRAY" if gray else "RGB")
