@@ -315,6 +315,22 @@ static PyObject *writer_publish(FshmWriter *self, PyObject *args, PyObject *kw)
     return PyLong_FromUnsignedLongLong(seq);
 }
 
+static PyObject *writer_skip_to(FshmWriter *self, PyObject *arg)
+{
+    CHECK_OPEN(self);
+    unsigned long long seq = PyLong_AsUnsignedLongLong(arg);
+    if (seq == (unsigned long long)-1 && PyErr_Occurred())
+        return NULL;
+    if (self->busy)
+        return PyErr_Format(fshm_exc_state, "Writer used from two threads at once");
+    if (self->loaned)
+        return fshm_raise_invalid("skip_to() with a loan outstanding: commit() it first");
+    int rc = fshm_writer_skip_to(self->w, seq);
+    if (rc)
+        return fshm_raise(rc);
+    Py_RETURN_NONE;
+}
+
 static PyObject *writer_heartbeat(FshmWriter *self, PyObject *unused)
 {
     ENTER(self, w);
@@ -432,6 +448,8 @@ static PyMethodDef writer_methods[] = {
      "commit(timestamp_ns=None, ref_seq=None) -> seq"},
     {"publish", (PyCFunction)(void (*)(void))writer_publish, METH_VARARGS | METH_KEYWORDS,
      "publish(data, timestamp_ns=0, ref_seq=None) -> seq: one copy of a C-contiguous buffer"},
+    {"skip_to", (PyCFunction)writer_skip_to, METH_O,
+     "skip_to(seq): the next frame gets sequence number seq (>= next_seq)"},
     {"heartbeat", (PyCFunction)writer_heartbeat, METH_NOARGS, "refresh liveness while idle"},
     {"close", (PyCFunction)(void (*)(void))writer_close, METH_VARARGS | METH_KEYWORDS,
      "close(unlink=True)"},

@@ -31,6 +31,7 @@ from .camera import Camera
 from .gige import GigECamera
 from .virtualcam import VirtualCamera
 from .processor import Processor
+from .bridge import Bridge, BridgeError
 from .clib import cmake_dir, get_include, get_library_dir, pkgconfig_dir
 
 # The version frameshm was built as: libframeshm's header version (one place for both).
@@ -44,6 +45,8 @@ __all__ = [
     "GigECamera",
     "VirtualCamera",
     "Processor",
+    "Bridge",
+    "BridgeError",
     "MODE_STANDBY",
     "MODE_ALARMED",
     "stream_info",

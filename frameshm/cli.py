@@ -24,7 +24,8 @@ def _fmt_bytes(n: int) -> str:
 
 # Keys of a role's metrics document worth a place in `ls` (the rest: `<role> --status`).
 _METRIC_KEYS = ("state", "mode", "fps", "target_fps", "processed", "skipped", "infer_ms", "latency_ms",
-                "encode_ms", "clients", "transitions", "lost", "reconnects")
+                "encode_ms", "clients", "transitions", "lost", "reconnects", "peers", "bytes_per_s",
+                "drops")
 
 
 def _role_metrics(info: dict, args) -> str:
@@ -195,6 +196,9 @@ def build_parser() -> argparse.ArgumentParser:
     from .roles.run import add_parser as add_run_parser
 
     add_gateway_parser(sub)
+    from .roles.bridge import add_parser as add_bridge_parser
+
+    add_bridge_parser(sub)
     add_run_parser(sub)
     from .virtualcam import add_parser as add_virtualcam_parser
 
@@ -212,7 +216,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 # Commands that run until stopped: SIGINT/SIGTERM stop them with status 0 from the moment
 # main() starts, whatever they are doing (frameshm/_signals.py).
-LONG_RUNNING = frozenset({"capture", "inference", "controller", "gateway", "run", "driver", "virtualcam",
+LONG_RUNNING = frozenset({"capture", "inference", "controller", "gateway", "bridge", "run", "driver", "virtualcam",
                           "record", "replay"})
 _GLOBAL_OPTIONS_WITH_VALUE = ("--base-dir", "--namespace")
 

@@ -32,7 +32,7 @@ except ModuleNotFoundError:  # Python < 3.11: the same parser is on PyPI as toml
 _NAME_RE = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]*$")
 STREAM_NAME_MAX = 63
 CONSUMER_NAME_MAX = 31
-ROLES = ("capture", "inference", "controller", "gateway")
+ROLES = ("capture", "inference", "controller", "gateway", "bridge")
 # Longest suffix appended to the frames stream's name for a role's metrics stream.
 _METRICS_SUFFIX_MAX = max(len("." + r) for r in ROLES)
 
@@ -169,6 +169,49 @@ def _origins(v):
     return list(v)
 
 
+_ENDPOINT_RE = re.compile(r"^[a-z0-9]+/\S+$")
+
+
+def _endpoints(v):
+    if not isinstance(v, list) or not all(isinstance(e, str) and _ENDPOINT_RE.match(e) for e in v):
+        raise ValueError(f"expected a list of Zenoh endpoints such as ['tcp/127.0.0.1:7447'], got {v!r}")
+    return list(v)
+
+
+def _bridged(v):
+    if not isinstance(v, list) or not all(isinstance(e, str) for e in v):
+        raise ValueError(f"expected a list of stream names such as ['cam0', 'cam0:jpeg'], got {v!r}")
+    from .bridge import BridgeError, parse_spec
+
+    for spec in v:
+        try:
+            parse_spec(spec)
+        except BridgeError as exc:
+            raise ValueError(str(exc)) from None
+    return list(v)
+
+
+def _choice(*options):
+    def check(v):
+        if v not in options:
+            raise ValueError(f"expected one of {', '.join(map(repr, options))}, got {v!r}")
+        return v
+
+    return check
+
+
+def _key_prefix(v):
+    if not isinstance(v, str) or not v or any(c in v for c in "*$?# ") or v.strip("/") != v:
+        raise ValueError(f"expected a Zenoh key such as 'frameshm' (no wildcards, no outer '/'), got {v!r}")
+    return v
+
+
+def _path_or_empty(v):
+    if not isinstance(v, str):
+        raise ValueError(f"expected a file path (or ''), got {v!r}")
+    return v
+
+
 def _opt(check: Callable[[Any], Any], default: Any, doc: str):
     meta = {"check": check, "doc": doc}
     if isinstance(default, (list, dict)):
@@ -250,12 +293,33 @@ class GatewayConfig:
     metrics: bool = _opt(_boolean, True, "publish the '<frames>.gateway' metrics stream")
 
 
+@dataclass
+class BridgeConfig:
+    listen: List[str] = _opt(_endpoints, [], "Zenoh endpoints to listen on (none and no connect: "
+                             "'tcp/127.0.0.1:7447', loopback only)")
+    connect: List[str] = _opt(_endpoints, [], "Zenoh endpoints of other bridges or a router to connect to")
+    exports: List[str] = _opt(_bridged, [], "local streams sent to the other side, each 'NAME' or "
+                              "'NAME:ENCODING' (raw, jpeg)")
+    imports: List[str] = _opt(_bridged, [], "remote streams written here as local streams of the same name")
+    mode: str = _opt(_choice("peer", "client"), "peer", "Zenoh mode: 'peer', or 'client' of a zenohd router")
+    scouting: bool = _opt(_boolean, False, "find peers by UDP multicast on the LAN")
+    process_all: bool = _opt(_boolean, False, "every frame in order with back-pressure (false: latest "
+                             "frame, a slow link drops at the sender)")
+    jpeg_quality: int = _opt(_integer(1, 100), 90, "JPEG quality of the 'jpeg' encoding")
+    key_prefix: str = _opt(_key_prefix, "frameshm", "Zenoh keys are '<key_prefix>/<stream>/...'")
+    zenoh_config: str = _opt(_path_or_empty, "", "a Zenoh JSON5 configuration file (TLS, access control), "
+                             "the keys above applied on top")
+    consumer: str = _opt(_name(CONSUMER_NAME_MAX), "bridge", "consumer label on exported streams")
+    metrics: bool = _opt(_boolean, True, "publish the '<frames>.bridge' metrics stream")
+
+
 SECTIONS: Dict[str, type] = {
     "streams": StreamsConfig,
     "capture": CaptureConfig,
     "inference": InferenceConfig,
     "controller": ControllerConfig,
     "gateway": GatewayConfig,
+    "bridge": BridgeConfig,
 }
 
 
@@ -266,6 +330,7 @@ class PipelineConfig:
     inference: InferenceConfig = field(default_factory=InferenceConfig)
     controller: ControllerConfig = field(default_factory=ControllerConfig)
     gateway: GatewayConfig = field(default_factory=GatewayConfig)
+    bridge: BridgeConfig = field(default_factory=BridgeConfig)
     path: Optional[str] = None  # the file it came from, for messages
 
     @property
@@ -308,6 +373,12 @@ class PipelineConfig:
             raise ConfigError(f"{where}: [streams] detections: default name {dets!r} is too long; set it explicitly")
         if dets == self.streams.frames:
             raise ConfigError(f"{where}: [streams] detections must differ from frames ({dets!r})")
+        from .bridge import parse_spec
+
+        exported = {parse_spec(x)[0] for x in self.bridge.exports}
+        both = exported & {parse_spec(x)[0] for x in self.bridge.imports}
+        if both:
+            raise ConfigError(f"{where}: [bridge] {', '.join(sorted(both))} both exported and imported")
         metrics = {f"{self.streams.frames}.{r}" for r in ROLES}
         if dets in metrics:
             raise ConfigError(f"{where}: [streams] detections {dets!r} collides with a metrics stream name")

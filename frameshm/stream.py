@@ -208,8 +208,13 @@ class Writer:
         self._loaned = None
         return seq
 
-    def publish(self, frame, timestamp_ns: Optional[int] = None, ref_seq: Optional[int] = None) -> int:
-        """Copies ``frame`` into the next slot and commits it (one copy). Returns its seq."""
+    def publish(self, frame, timestamp_ns: Optional[int] = None, ref_seq: Optional[int] = None, *,
+                seq: Optional[int] = None) -> int:
+        """Copies ``frame`` into the next slot and commits it (one copy). Returns its seq.
+
+        ``seq``: number this frame ``seq`` instead of the next in line (forward only, else
+        InvalidArgument): a relay such as :class:`frameshm.Bridge` keeps its source's
+        numbering, and consumers count the gap as skipped frames."""
         arr = np.asarray(frame)
         dt = arr.dtype
         if dt.byteorder == ">":
@@ -225,6 +230,8 @@ class Writer:
             self._set_layout(_shape(arr.shape), dt, code)
         if not arr.flags.c_contiguous:
             arr = np.ascontiguousarray(arr)
+        if seq is not None:
+            self._w.skip_to(seq)
         return self._w.publish(arr, timestamp_ns or 0, ref_seq)
 
     # -- state ------------------------------------------------------------------------

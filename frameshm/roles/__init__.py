@@ -189,6 +189,11 @@ def config_from_args(args) -> PipelineConfig:
                       ("gateway.token", token_from_args(args)), ("gateway.quality", args.quality),
                       ("gateway.max_width", args.max_width), ("gateway.max_fps", args.max_fps),
                       ("gateway.max_clients", args.max_clients)]
+    elif args.role == "bridge":
+        overrides += [("bridge.listen", args.listen), ("bridge.connect", args.connect),
+                      ("bridge.exports", args.exports), ("bridge.imports", args.imports),
+                      ("bridge.mode", args.mode), ("bridge.scouting", args.scouting),
+                      ("bridge.process_all", args.process_all), ("bridge.zenoh_config", args.zenoh_config)]
     else:
         overrides += [("streams.detections", args.detections),
                       ("controller.validation_frames", args.validation_frames),
@@ -226,6 +231,8 @@ def _run_role(args) -> int:
         from .inference import run
     elif args.role == "gateway":
         from .gateway import run
+    elif args.role == "bridge":
+        from .bridge import run
     else:
         from .controller import run
     stop = threading.Event()

@@ -677,6 +677,23 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         }
         if (seq < r->last_plus1)
             continue;
+        uint64_t want = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
+        if (seq > want && !r->max_rate_hz) {
+            /* Descriptors between were dropped (our queue was full) while their frames may
+             * still be in the ring: take those first, in order, rather than jump to this
+             * one. Its descriptor is spent; the ring scan above finds it again. */
+            uint64_t s = seq - want > r->nslots ? seq - r->nslots : want;
+            for (; s < seq; s++) {
+                /* A slot that fails here counts as overwritten (skipped), not as a drop: a
+                 * corrupt one was counted when its own descriptor came, or will be. */
+                if (fshm_reader_read_frame(r, s, f) == 0) {
+                    f->publish_ns = 0;
+                    took(r, f);
+                    r->overruns += f->skipped;
+                    return 0;
+                }
+            }
+        }
         rc = fshm_reader_read_frame(r, seq, f);
         if (rc == 0) {
             f->publish_ns = pub;

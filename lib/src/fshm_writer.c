@@ -673,6 +673,19 @@ int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fs
 
 void fshm_writer_set_ref(fshm_writer *w, uint64_t ref_seq) { w->ref_plus1 = ref_seq + 1; }
 
+int fshm_writer_skip_to(fshm_writer *w, uint64_t seq)
+{
+    if (w->loan_active)
+        return fshm_set_error(-EINVAL, "skip_to with a loan outstanding: commit it first");
+    if (seq < w->next_seq)
+        return fshm_set_error(-EINVAL, "skip_to %llu: sequence numbers only go forward (next is %llu)",
+                              (unsigned long long)seq, (unsigned long long)w->next_seq);
+    /* Only the writer's counter moves: a slot is claimed (marked in progress) by the loan
+     * of the frame that gets this seq, so readers never see a number without its frame. */
+    w->next_seq = seq;
+    return 0;
+}
+
 void fshm_writer_heartbeat(fshm_writer *w)
 {
     /* A driver-mode writer whose lease ended must not vouch for its successor. */

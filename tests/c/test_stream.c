@@ -267,6 +267,67 @@ static void test_wait_next_in_order(void **state)
     fshm_writer_close(w, 1);
 }
 
+/* The descriptor queue overflowed while the ring still holds every frame, and newer
+ * descriptors arrived after the reader had drained the queue: the reader takes the
+ * frames the queue lost from the ring, in order, instead of jumping to the newer one. */
+static void test_wait_next_queue_overflow_interleaved(void **state)
+{
+    (void)state;
+    const char *name = "st-next-gap";
+    int q = fshm_queue_limit();
+    if (q >= 30)
+        skip();
+    fshm_writer *w = tu_writer(name, 64, 4096);
+    fshm_reader *r = tu_reader(name);
+    fshm_frame f = frame_zero();
+    for (int i = 0; i < 30; i++)   /* the queue keeps the first q descriptors */
+        assert_int_equal(tu_publish(w, 64), 0);
+    for (int i = 0; i < q / 2; i++) {
+        assert_int_equal(fshm_reader_wait_next(r, 2 * SEC, &f), 0);
+        expect_frame(&f, (uint64_t)i, 1, 64);
+    }
+    for (int i = 0; i < q / 2; i++)   /* room again: these descriptors (30, ...) get in */
+        assert_int_equal(tu_publish(w, 64), 0);
+    for (int i = q / 2; i < 30 + q / 2; i++) {
+        assert_int_equal(fshm_reader_wait_next(r, 2 * SEC, &f), 0);
+        expect_frame(&f, (uint64_t)i, 1, 64);
+        assert_int_equal(f.skipped, 0);
+    }
+    assert_int_equal(fshm_reader_wait_next(r, 30 * MS, &f), -ETIMEDOUT);
+    assert_int_equal(fshm_reader_overruns(r), 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* A relay's numbering: skip_to leaves a gap that readers count as skipped, and never
+ * goes back. */
+static void test_writer_skip_to(void **state)
+{
+    (void)state;
+    const char *name = "st-skip";
+    fshm_writer *w = tu_writer(name, 4, 4096);
+    fshm_reader *r = tu_reader(name);
+    fshm_frame f = frame_zero();
+    assert_int_equal(tu_publish(w, 64), 0);
+    assert_int_equal(fshm_reader_wait_next(r, 2 * SEC, &f), 0);
+    expect_frame(&f, 0, 1, 64);
+    assert_int_equal(fshm_writer_skip_to(w, 1000), 0);
+    assert_int_equal(fshm_writer_next_seq(w), 1000);
+    assert_int_equal(tu_publish(w, 64), 0);
+    assert_int_equal(fshm_reader_wait_next(r, 2 * SEC, &f), 0);
+    expect_frame(&f, 1000, 1, 64);
+    assert_int_equal(f.skipped, 999);
+    assert_int_equal(fshm_writer_skip_to(w, 1001), 0);   /* the next in line: no gap */
+    assert_int_equal(fshm_writer_skip_to(w, 7), -EINVAL);
+    assert_int_equal(fshm_writer_next_seq(w), 1001);
+    assert_int_equal(tu_publish(w, 64), 0);
+    assert_int_equal(fshm_reader_wait_next(r, 2 * SEC, &f), 0);
+    expect_frame(&f, 1001, 1, 64);
+    assert_int_equal(f.skipped, 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
 /* Lapped process-all reader whose descriptor queue did not overflow. */
 static void test_wait_next_overrun_small(void **state)
 {
@@ -1844,6 +1905,8 @@ int main(void)
         cmocka_unit_test(test_reader_after_writer),
         cmocka_unit_test(test_wait_latest_reports_skipped),
         cmocka_unit_test(test_wait_next_in_order),
+        cmocka_unit_test(test_writer_skip_to),
+        cmocka_unit_test(test_wait_next_queue_overflow_interleaved),
         cmocka_unit_test(test_wait_next_overrun_small),
         cmocka_unit_test(test_wait_next_overrun_lapped),
         cmocka_unit_test(test_reader_in_child_process),

@@ -12,6 +12,8 @@ import frameshm
 from frameshm import errors
 
 EXPECTED_ALL = [
+    "Bridge",
+    "BridgeError",
     "Camera",
     "CorruptStream",
     "DriverRejected",
@@ -197,7 +199,7 @@ def test_read_latest_signature():
 
 
 def test_publish_and_commit_signatures():
-    assert list(inspect.signature(frameshm.Writer.publish).parameters) == ["self", "frame", "timestamp_ns", "ref_seq"]
+    assert list(inspect.signature(frameshm.Writer.publish).parameters) == ["self", "frame", "timestamp_ns", "ref_seq", "seq"]
     assert list(inspect.signature(frameshm.Writer.commit).parameters) == ["self", "timestamp_ns", "ref_seq"]
     assert list(inspect.signature(frameshm.Writer.loan).parameters) == ["self", "shape", "dtype"]
     assert list(inspect.signature(frameshm.Writer.close).parameters) == ["self", "unlink"]

@@ -71,6 +71,7 @@ HIERARCHY = {
     "frameshm.driver.protocol.DecodeError": (("FrameshmError",), ("ValueError",)),
     "frameshm.sources.SourceGone": (("FrameshmError",), ("OSError",)),
     "frameshm.recording.RecordingError": (("FrameshmError",), ()),
+    "frameshm.bridge.BridgeError": (("FrameshmError",), ()),
 }
 
 # Where each class is exported besides its home (its __module__): all must be the same object.

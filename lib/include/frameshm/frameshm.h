@@ -164,6 +164,10 @@ FSHM_API int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out);
  * (e.g. detections from a camera frame). Carried in the TensorHeader padding, which the
  * wire spec leaves to implementations; see docs/wire-format.md. */
 FSHM_API void fshm_writer_set_ref(fshm_writer *w, uint64_t ref_seq);
+/* Numbers the next frame `seq` instead of the next in line: a relay (the Zenoh bridge)
+ * keeps its source's sequence numbers, gaps included, which consumers count as skipped
+ * frames. -EINVAL if `seq` is behind the next seq (seqs never go back) or a loan is out. */
+FSHM_API int fshm_writer_skip_to(fshm_writer *w, uint64_t seq);
 /* Commits the outstanding loan: header, seqlock commit, descriptors to consumers. */
 FSHM_API int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint64_t timestamp_ns);
 /* Loan + one memcpy + commit. */
