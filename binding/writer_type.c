@@ -317,15 +317,16 @@ static PyObject *writer_publish(FshmWriter *self, PyObject *args, PyObject *kw)
 
 static PyObject *writer_skip_to(FshmWriter *self, PyObject *arg)
 {
-    CHECK_OPEN(self);
     unsigned long long seq = PyLong_AsUnsignedLongLong(arg);
     if (seq == (unsigned long long)-1 && PyErr_Occurred())
         return NULL;
-    if (self->busy)
-        return PyErr_Format(fshm_exc_state, "Writer used from two threads at once");
-    if (self->loaned)
+    ENTER(self, w);
+    if (self->loaned) {
+        LEAVE(self);
         return fshm_raise_invalid("skip_to() with a loan outstanding: commit() it first");
-    int rc = fshm_writer_skip_to(self->w, seq);
+    }
+    int rc = fshm_writer_skip_to(w, seq);
+    LEAVE(self);
     if (rc)
         return fshm_raise(rc);
     Py_RETURN_NONE;
