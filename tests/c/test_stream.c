@@ -1548,7 +1548,7 @@ static void test_queue_names_never_repeat_in_a_process(void **state)
     static char names[N][32];
     for (int i = 0; i < N; i++) {
         mqd_t q;
-        assert_int_equal(fshm_queue_create(names[i], &q), 0);
+        assert_int_equal(fshm_queue_create(names[i], &q, NULL), 0);
         mq_close(q);
         assert_int_equal(mq_unlink(names[i]), 0);
     }
