@@ -309,11 +309,10 @@ void fshm_ctl_release(fshm_ctl *c, int idx, const char *queue, int unlink_queue)
         return;
     fshm_ctl_consumer *e = ctl_consumer(c, (unsigned)idx);
     uint32_t me = (uint32_t)getpid();
-    if (me >= CONS_PID_LIMIT || LOAD_RLX(&e->pid) != me ||
-        strncmp(e->queue, queue, sizeof e->queue) != 0)
-        return;   /* pruned and reused meanwhile: not ours any more */
     uint32_t st = LOAD_ACQ(&e->state);
-    if (st != CONS_ACTIVE && st != CONS_STATE(CONS_CLAIMING, me))
+    if (me >= CONS_PID_LIMIT || strncmp(e->queue, queue, sizeof e->queue) != 0)
+        return;   /* pruned and reused meanwhile: not ours any more */
+    if (st != CONS_STATE(CONS_CLAIMING, me) && (st != CONS_ACTIVE || LOAD_RLX(&e->pid) != me))
         return;
     if (!__atomic_compare_exchange_n(&e->state, &st, CONS_STATE(CONS_PRUNING, me), 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
