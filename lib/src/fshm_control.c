@@ -239,9 +239,12 @@ int fshm_ctl_live_consumers(fshm_ctl *c)
 {
     int n = 0;
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
+        /* A live process still claiming its entry counts too: removing the stream under
+         * it (gc, or the last one out) would leave it registered in an unlinked file. */
         fshm_ctl_consumer *e = ctl_consumer(c, i);
-        if (LOAD_ACQ(&e->state) == CONS_ACTIVE &&
-            fshm_pid_alive((int64_t)LOAD_RLX(&e->pid), LOAD_RLX(&e->pid_start)))
+        uint32_t st = LOAD_ACQ(&e->state);
+        uint64_t start, owner = slot_owner(e, st, &start);
+        if (owner && CONS_KIND(st) != CONS_PRUNING && fshm_pid_alive((int64_t)owner, start))
             n++;
     }
     return n;
