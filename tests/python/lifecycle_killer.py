@@ -88,7 +88,10 @@ def main() -> None:
         assert prod.stdout.readline().strip() == "READY"
         rng = random.Random(int(os.environ.get("KILL_SEED", "0")) or None)
         killed = set()
-        cycles_before_kill = []
+        # What each kill left for pruning (the next child's open prunes it, so it is
+        # tallied right after the kill): entries by kind (1 claiming, 2 active,
+        # 3 releasing) and queues.
+        left = {"claiming": 0, "active": 0, "releasing": 0, "queue": 0}
         for _ in range(trials):
             pid = os.fork()
             if pid == 0:
@@ -99,6 +102,11 @@ def main() -> None:
             os.kill(pid, signal.SIGKILL)
             os.waitpid(pid, 0)
             killed.add(pid)
+            for _i, state, _pid in busy_slots(stream):
+                kind = {1: "claiming", 2: "active", 3: "releasing"}.get(state & 0xFF)
+                if kind and (state >> 8 == pid or _pid == pid):
+                    left[kind] += 1
+            left["queue"] += len(queues_of(mqdir, {pid}))
         before = {"queues": len(queues_of(mqdir, killed)), "slots": busy_slots(stream)}
         # The producer prunes every 0.5 s while it publishes: give it a generous while.
         deadline = time.monotonic() + 10
@@ -118,7 +126,7 @@ def main() -> None:
             refused = type(exc).__name__
         for r in readers:
             r.close()
-        print(json.dumps({"trials": trials, "before": before, "after_prune": after_prune,
+        print(json.dumps({"trials": trials, "left_by_kills": left, "before": before, "after_prune": after_prune,
                           "after_gc": after_gc, "fit": fit, "refused": refused}), flush=True)
     finally:
         prod.kill()
