@@ -390,9 +390,6 @@ static void took(fshm_reader *r, fshm_frame *f)
         STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->last_seq, f->seq + 1);
 }
 
-/* One descriptor from the queue: 1 got one, 0 none before the deadline (deadline 0:
- * don't wait), <0 error. With `newer_than` set, also returns 0 as soon as the control
- * region shows a committed seq >= *newer_than that never reached the queue (it was full). */
 /* receive() for a reader without a queue: never a descriptor (0), but the same wake-ups:
  * once the control region shows a seq >= *newer_than (and a max_rate_hz reader's turn has
  * come), the stream moved, or the deadline passed. Sleeps on latest_seq's futex, each
@@ -401,6 +398,10 @@ static void took(fshm_reader *r, fshm_frame *f)
 static int receive_no_queue(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than)
 {
     uint32_t gen = r->attach_gen;
+    /* Without newer_than: any commit after this call wakes us. */
+    uint64_t since = LOAD_ACQ(&r->ctl->latest_seq);
+    if (!newer_than)
+        newer_than = &since;
     while (deadline != 0) {
         uint64_t now = fshm_now_ns();
         if (now >= deadline)
@@ -408,7 +409,7 @@ static int receive_no_queue(fshm_reader *r, uint64_t deadline, const uint64_t *n
         uint64_t until = deadline, latest = LOAD_ACQ(&r->ctl->latest_seq);
         if (r->max_rate_hz && now < r->next_due_ns) {
             until = r->next_due_ns < deadline ? r->next_due_ns : deadline;
-        } else if (!newer_than || (r->epoch && latest > *newer_than)) {
+        } else if (r->epoch && latest > *newer_than) {
             return 0;
         }
         uint64_t slice = until - now < NO_QUEUE_SLICE_NS ? until - now : NO_QUEUE_SLICE_NS;
@@ -428,6 +429,9 @@ static int rate_due(fshm_reader *r)
     return !r->max_rate_hz || (r->no_queue && fshm_now_ns() >= r->next_due_ns);
 }
 
+/* One descriptor from the queue: 1 got one, 0 none before the deadline (deadline 0:
+ * don't wait), <0 error. With `newer_than` set, also returns 0 as soon as the control
+ * region shows a committed seq >= *newer_than that never reached the queue (it was full). */
 static int receive(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than, uint64_t *seq,
                    uint64_t *pub, uint64_t *epoch)
 {
