@@ -150,42 +150,84 @@ static int queue_name_ok(const char *q)
     return strchr(q + 1, '/') == NULL;
 }
 
+/* Who is in charge of a slot in state st, and since when: the consumer of an ACTIVE one;
+ * the claimer or releaser a CLAIMING|pid or PRUNING|pid one names (with the start time
+ * when the slot's pid field is that same process, filled in right after the claim).
+ * 0 for a slot that names nobody (free, or an older library's bare transition). */
+static uint64_t slot_owner(const fshm_ctl_consumer *e, uint32_t st, uint64_t *start)
+{
+    uint64_t pid = LOAD_RLX(&e->pid);
+    *start = LOAD_RLX(&e->pid_start);
+    uint32_t kind = CONS_KIND(st);
+    if (kind == CONS_ACTIVE && CONS_PID(st) == 0)
+        return pid;
+    if ((kind == CONS_CLAIMING || kind == CONS_PRUNING) && CONS_PID(st) != 0) {
+        if (pid != CONS_PID(st))
+            *start = 0;   /* pid alone: the claimer died before writing its start time */
+        return CONS_PID(st);
+    }
+    return 0;
+}
+
+/* Empties a slot we hold as PRUNING|us: its queue first, so that a kill in the middle
+ * leaves a slot still naming it for the next pruner. */
+static void slot_free(fshm_ctl *c, fshm_ctl_consumer *e, int unlink_queue)
+{
+    char q[32];
+    memcpy(q, e->queue, sizeof q);
+    if (unlink_queue && queue_name_ok(q))
+        mq_unlink(q);
+    memset((uint8_t *)e + 4, 0, FSHM_CONSUMER_BYTES - 4);
+    STORE_REL(&e->state, CONS_FREE);
+    __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
+}
+
+static int self_pid_ok(void)
+{
+    return (uint64_t)getpid() < CONS_PID_LIMIT
+               ? 0
+               : fshm_set_error(-EOVERFLOW, "pid %d does not fit a consumer slot's state word",
+                                (int)getpid());
+}
+
 int fshm_ctl_prune_report(fshm_ctl *c, int dry_run, fshm_gc_queue *out, uint32_t *n)
 {
     int pruned = 0;
+    uint32_t me = (uint32_t)getpid();
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
         fshm_ctl_consumer *e = ctl_consumer(c, i);
         uint32_t st = LOAD_ACQ(&e->state);
-        if (st != CONS_ACTIVE && st != CONS_CLAIMING)
+        uint64_t start, owner = slot_owner(e, st, &start);
+        if (owner == 0 || fshm_pid_alive((int64_t)owner, start))
+            continue;
+        if (!dry_run && (me >= CONS_PID_LIMIT ||
+                         !__atomic_compare_exchange_n(&e->state, &st, CONS_STATE(CONS_PRUNING, me), 0,
+                                                      __ATOMIC_ACQ_REL, __ATOMIC_RELAXED)))
             continue;
         uint64_t pid = LOAD_RLX(&e->pid);
-        if (st == CONS_CLAIMING && pid == 0)
-            continue;   /* being filled in right now */
-        if (fshm_pid_alive((int64_t)pid, LOAD_RLX(&e->pid_start)))
+        if (!dry_run && CONS_KIND(st) == CONS_ACTIVE &&
+            (pid != owner || LOAD_RLX(&e->pid_start) != start)) {
+            /* Freed and taken by a live consumer between our look and the CAS: give it
+             * back untouched. */
+            STORE_REL(&e->state, st);
             continue;
-        if (!dry_run && !__atomic_compare_exchange_n(&e->state, &st, CONS_PRUNING, 0,
-                                                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
-            continue;
+        }
         char q[32];
         memcpy(q, e->queue, sizeof q);
-        int named = queue_name_ok(q);
         if (out && n && *n < FSHM_MAX_CONSUMERS) {
             fshm_gc_queue *g = &out[(*n)++];
             memset(g, 0, sizeof *g);
-            if (named)
+            if (queue_name_ok(q))
                 memcpy(g->name, q, sizeof g->name);
-            g->pid = (int64_t)pid;
+            g->pid = (int64_t)(pid ? pid : owner);
             g->stream_id = LOAD_RLX(&c->stream_id);
             memcpy(g->consumer, e->name, sizeof g->consumer - 1);
+            g->consumer[sizeof g->consumer - 1] = 0;
         }
         pruned++;
         if (dry_run)
             continue;
-        if (named)
-            mq_unlink(q);
-        memset((uint8_t *)e + 4, 0, FSHM_CONSUMER_BYTES - 4);
-        STORE_REL(&e->state, CONS_FREE);
-        __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
+        slot_free(c, e, 1);
         ADD_RLX(&c->pruned, 1);
     }
     return pruned;
@@ -197,54 +239,88 @@ int fshm_ctl_live_consumers(fshm_ctl *c)
 {
     int n = 0;
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
+        /* A live process still claiming its entry counts too: removing the stream under
+         * it (gc, or the last one out) would leave it registered in an unlinked file. */
         fshm_ctl_consumer *e = ctl_consumer(c, i);
-        if (LOAD_ACQ(&e->state) == CONS_ACTIVE &&
-            fshm_pid_alive((int64_t)LOAD_RLX(&e->pid), LOAD_RLX(&e->pid_start)))
+        uint32_t st = LOAD_ACQ(&e->state);
+        uint64_t start, owner = slot_owner(e, st, &start);
+        if (owner && CONS_KIND(st) != CONS_PRUNING && fshm_pid_alive((int64_t)owner, start))
             n++;
     }
     return n;
 }
 
-int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue, uint32_t max_rate_hz)
+int fshm_ctl_claim(fshm_ctl *c, const char *consumer, uint32_t max_rate_hz)
 {
+    int rc = self_pid_ok();
+    if (rc)
+        return rc;
+    uint32_t me = CONS_STATE(CONS_CLAIMING, (uint32_t)getpid());
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
         fshm_ctl_consumer *e = ctl_consumer(c, i);
         uint32_t expect = CONS_FREE;
-        if (!__atomic_compare_exchange_n(&e->state, &expect, CONS_CLAIMING, 0, __ATOMIC_ACQ_REL,
+        if (!__atomic_compare_exchange_n(&e->state, &expect, me, 0, __ATOMIC_ACQ_REL,
                                          __ATOMIC_RELAXED))
             continue;
+        /* Ours from here on; the rest only describes us. The start time goes in before
+         * the pid: a pruner pairs them only once the pid field names the claimer. */
+        STORE_RLX(&e->pid_start, fshm_self_start_time());
+        STORE_REL(&e->pid, (uint64_t)getpid());
         e->flags = 0;
-        e->pid_start = fshm_self_start_time();
         e->attach_ns = fshm_now_ns();
         e->delivered = e->queue_full = e->last_seq = 0;
         e->max_rate_hz = max_rate_hz;
         memset(e->name, 0, sizeof e->name);
         snprintf(e->name, sizeof e->name, "%s", consumer);
         memset(e->queue, 0, sizeof e->queue);
-        snprintf(e->queue, sizeof e->queue, "%s", queue);
-        STORE_REL(&e->pid, (uint64_t)getpid());
-        STORE_REL(&e->state, CONS_ACTIVE);
-        __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
         return (int)i;
     }
     return fshm_set_error(FSHM_E_LIMIT, "stream '%s' already has %d consumers (the most it takes)",
                           c->name, FSHM_MAX_CONSUMERS);
 }
 
-void fshm_ctl_unregister(fshm_ctl *c, int idx, const char *queue)
+char *fshm_ctl_queue_field(fshm_ctl *c, int idx) { return ctl_consumer(c, (unsigned)idx)->queue; }
+
+int fshm_ctl_activate(fshm_ctl *c, int idx, int no_queue)
+{
+    fshm_ctl_consumer *e = ctl_consumer(c, (unsigned)idx);
+    if (no_queue)
+        __atomic_fetch_or(&e->flags, CONS_FLAG_NO_QUEUE, __ATOMIC_RELAXED);
+    uint32_t st = CONS_STATE(CONS_CLAIMING, (uint32_t)getpid());
+    if (!__atomic_compare_exchange_n(&e->state, &st, CONS_ACTIVE, 0, __ATOMIC_ACQ_REL,
+                                     __ATOMIC_RELAXED))
+        return fshm_set_error(-ESTALE, "consumer slot %d was taken from us while being claimed",
+                              idx);
+    __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
+    return 0;
+}
+
+int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue, uint32_t max_rate_hz,
+                      int no_queue)
+{
+    int idx = fshm_ctl_claim(c, consumer, max_rate_hz);
+    if (idx < 0)
+        return idx;
+    snprintf(fshm_ctl_queue_field(c, idx), 32, "%s", queue);
+    int rc = fshm_ctl_activate(c, idx, no_queue);
+    return rc ? rc : idx;
+}
+
+void fshm_ctl_release(fshm_ctl *c, int idx, const char *queue, int unlink_queue)
 {
     if (idx < 0 || idx >= FSHM_MAX_CONSUMERS)
         return;
     fshm_ctl_consumer *e = ctl_consumer(c, (unsigned)idx);
-    uint32_t st = CONS_ACTIVE;
-    if (strncmp(e->queue, queue, sizeof e->queue) != 0 || LOAD_RLX(&e->pid) != (uint64_t)getpid())
+    uint32_t me = (uint32_t)getpid();
+    uint32_t st = LOAD_ACQ(&e->state);
+    if (me >= CONS_PID_LIMIT || strncmp(e->queue, queue, sizeof e->queue) != 0)
         return;   /* pruned and reused meanwhile: not ours any more */
-    if (!__atomic_compare_exchange_n(&e->state, &st, CONS_PRUNING, 0, __ATOMIC_ACQ_REL,
-                                     __ATOMIC_RELAXED))
+    if (st != CONS_STATE(CONS_CLAIMING, me) && (st != CONS_ACTIVE || LOAD_RLX(&e->pid) != me))
         return;
-    memset((uint8_t *)e + 4, 0, FSHM_CONSUMER_BYTES - 4);
-    STORE_REL(&e->state, CONS_FREE);
-    __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
+    if (!__atomic_compare_exchange_n(&e->state, &st, CONS_STATE(CONS_PRUNING, me), 0,
+                                     __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+        return;
+    slot_free(c, e, unlink_queue);
 }
 
 int fshm_ctl_producer_state(const fshm_ctl *c, int64_t *pid)

@@ -91,6 +91,19 @@ enum { CTL_STATE_NEVER = 0, CTL_STATE_LIVE = 1, CTL_STATE_CLOSED = 2 };
 /* The stream's files belong to a frameshm driver: producers must attach through it. */
 enum { CTL_FLAG_DRIVER = 1 };
 enum { CONS_FREE = 0, CONS_CLAIMING = 1, CONS_ACTIVE = 2, CONS_PRUNING = 3 };
+/* A consumer slot's state word: the kind (CONS_*) in the low 8 bits and, while the slot is
+ * being claimed or released, the pid of the process doing it in bits 8..31 (Linux pids
+ * stay below 2^22). The slot names who is in charge from the very instruction that takes
+ * it, so a process killed mid-transition leaves a slot whose owner is visibly dead, and
+ * pruning reclaims it whatever the kind. ACTIVE is always the bare 2 (its owner is in
+ * pid/pid_start), FREE the bare 0. A bare CLAIMING or PRUNING (pid 0) comes from an older
+ * library still filling the slot in; it is left alone. */
+#define CONS_KIND(s) ((uint32_t)(s) & 0xffu)
+#define CONS_PID(s) ((uint32_t)(s) >> 8)
+#define CONS_STATE(kind, pid) ((uint32_t)(kind) | (uint32_t)(pid) << 8)
+#define CONS_PID_LIMIT (1u << 24)
+/* Consumer flags (fshm_ctl_consumer.flags, set by the consumer with atomic OR). */
+enum { CONS_FLAG_NEXT = 1u, CONS_FLAG_NO_QUEUE = 2u };
 
 typedef struct fshm_ctl_pool {
     uint16_t pool_id;
@@ -134,7 +147,7 @@ typedef struct fshm_ctl {
 
 typedef struct fshm_ctl_consumer {
     uint32_t state;             /* 0: CONS_* (atomic) */
-    uint32_t flags;             /* 4: bit0 process-all */
+    uint32_t flags;             /* 4: CONS_FLAG_*: bit0 process-all, bit1 no queue (futex) */
     uint64_t pid;               /* 8 */
     uint64_t pid_start;         /* 16 */
     uint64_t attach_ns;         /* 24 */
@@ -270,8 +283,25 @@ int fshm_ctl_prune(fshm_ctl *c);
  * dry_run: list them and change nothing. */
 int fshm_ctl_prune_report(fshm_ctl *c, int dry_run, fshm_gc_queue *out, uint32_t *n);
 int fshm_ctl_live_consumers(fshm_ctl *c);
-int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue, uint32_t max_rate_hz);
-void fshm_ctl_unregister(fshm_ctl *c, int idx, const char *queue);
+/* The consumer lifecycle, in an order where a SIGKILL at any instruction leaves only what
+ * pruning removes: claim a slot (it names us from the CAS on), record the queue's name in
+ * it, create the queue, activate; on the way out mark the slot released (it still names
+ * us), unlink the queue, free the slot. */
+/* Claims a free slot for this process (CLAIMING|pid): its index, or <0. */
+int fshm_ctl_claim(fshm_ctl *c, const char *consumer, uint32_t max_rate_hz);
+/* The claimed slot's queue field: the name about to be created ("" for none). */
+char *fshm_ctl_queue_field(fshm_ctl *c, int idx);
+/* CLAIMING|pid -> ACTIVE (no_queue: the consumer waits on latest_seq, see
+ * CONS_FLAG_NO_QUEUE). -ESTALE if the slot was taken from us meanwhile. */
+int fshm_ctl_activate(fshm_ctl *c, int idx, int no_queue);
+/* claim + queue field + activate, for a queue that exists already (moving to a replaced
+ * control region, or re-registering after being pruned). */
+int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue, uint32_t max_rate_hz,
+                      int no_queue);
+/* Releases our slot idx if it still holds `queue` (ours, claimed or active): marks it
+ * PRUNING|pid, unlinks the queue when unlink_queue (before the slot is freed, so a kill in
+ * between leaves a slot that names both), then frees it. */
+void fshm_ctl_release(fshm_ctl *c, int idx, const char *queue, int unlink_queue);
 int fshm_ctl_producer_state(const fshm_ctl *c, int64_t *pid);
 typedef struct fshm_announce {
     uint64_t epoch;
@@ -310,8 +340,22 @@ int fshm_epoch_create(const fshm_paths *p, fshm_ctl *c, const fshm_profile *prof
  * directory of the stream. */
 void fshm_epoch_publish(const fshm_paths *p, fshm_ctl *c, const fshm_new_epoch *e);
 
+/* ---- waiting without a queue (fshm_queue.c) ----
+ * A consumer that could not get a queue waits on the low 32 bits of the control region's
+ * latest_seq (a shared futex: the region is a MAP_SHARED file); producers wake it after
+ * each commit once a consumer flagged CONS_FLAG_NO_QUEUE is registered. */
+void fshm_futex_wake(uint64_t *latest_seq);
+/* Sleeps while the word still equals (uint32_t)seen, at most timeout_ns. */
+void fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns);
+
 /* ---- message queues (fshm_queue.c) ---- */
-int fshm_queue_create(char name[32], mqd_t *out);
+/* Creates this process's next queue. record (may be NULL): where each candidate name is
+ * written before the queue is created (a claimed consumer slot), so that no queue exists
+ * that the slot does not name. */
+int fshm_queue_create(char name[32], mqd_t *out, char *record);
+/* The queue-creation failures that mean "no more queues" (system-wide queues_max,
+ * RLIMIT_MSGQUEUE, descriptors, no mqueue support): a consumer then goes on without one. */
+int fshm_queue_unavailable(int rc);
 int fshm_queue_open_send(const char *name, mqd_t *out);
 int fshm_queue_limit(void);
 /* The owner a queue's name records: pid, and start time (0 in names made before they

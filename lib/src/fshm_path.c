@@ -52,6 +52,47 @@ uint32_t fshm_stream_id_for_name(const char *name)
     return h | 0x80000000u;
 }
 
+/* What to tell a user whose directory is taken: the per-user base that nobody else can
+ * write into. Not chosen automatically: producers and consumers must agree on one place,
+ * and a squatter who comes and goes would split them between two. */
+static void way_out(char *out, size_t cap)
+{
+    const char *xdg = getenv("XDG_RUNTIME_DIR");
+    if (xdg && xdg[0] == '/')
+        snprintf(out, cap, "set FRAMESHM_DIR=%.200s (your $XDG_RUNTIME_DIR) for every process of "
+                 "the stream, or ask root to remove it; see docs/security.md", xdg);
+    else
+        snprintf(out, cap, "set FRAMESHM_DIR to a directory only you can write (e.g. your "
+                 "$XDG_RUNTIME_DIR) for every process of the stream, or ask root to remove it; "
+                 "see docs/security.md");
+}
+
+/* An existing directory of our tree must be ours and not writable by everyone: else
+ * another local user made it (to deny us service, or to plant regions and names for us
+ * to open) or can change what is in it. */
+static int check_private_dir(const char *path, const struct stat *st)
+{
+    char how[400];
+    if (!S_ISDIR(st->st_mode)) {
+        way_out(how, sizeof how);
+        return fshm_set_error(-ENOTDIR, "%s exists and is not a directory (symlinks are refused): "
+                              "%s", path, how);
+    }
+    if (st->st_uid != geteuid()) {
+        way_out(how, sizeof how);
+        return fshm_set_error(-EPERM, "%s is owned by uid %u, not by us (uid %u): another local "
+                              "user made it, maybe to keep us from creating streams; %s", path,
+                              (unsigned)st->st_uid, (unsigned)geteuid(), how);
+    }
+    if (st->st_mode & S_IWOTH) {
+        way_out(how, sizeof how);
+        return fshm_set_error(-EPERM, "%s has mode 0%o: writable by every local user, who could "
+                              "replace what is in it; chmod o-w it, or %s", path,
+                              (unsigned)(st->st_mode & 07777), how);
+    }
+    return 0;
+}
+
 int fshm_mkdir_private(const char *path, unsigned mode)
 {
     if (mkdir(path, mode) == 0)
@@ -61,13 +102,7 @@ int fshm_mkdir_private(const char *path, unsigned mode)
     struct stat st;
     if (lstat(path, &st) != 0)
         return fshm_set_error(-errno, "cannot stat %s: %s", path, strerror(errno));
-    if (!S_ISDIR(st.st_mode))
-        return fshm_set_error(-ENOTDIR, "%s exists and is not a directory (symlinks are refused)",
-                              path);
-    if (st.st_uid != geteuid())
-        return fshm_set_error(-EPERM, "%s is owned by uid %u, not by us (uid %u)", path,
-                              (unsigned)st.st_uid, (unsigned)geteuid());
-    return 0;
+    return check_private_dir(path, &st);
 }
 
 static void user_name(char *out, size_t cap)
@@ -140,7 +175,12 @@ int fshm_resolve(const fshm_stream_addr *addr, int create_dirs, fshm_paths *p)
     snprintf(p->ns_dir, sizeof p->ns_dir, "%s/%s", userdir, ns);
     snprintf(p->stream_dir, sizeof p->stream_dir, "%s/%u", p->ns_dir, p->stream_id);
     snprintf(p->ctl, sizeof p->ctl, "%s/frameshm.ctl", p->stream_dir);
-    return create_dirs ? fshm_make_stream_dir(p) : 0;
+    if (create_dirs)
+        return fshm_make_stream_dir(p);
+    /* Looking only (ls, gc, info, a reader that makes nothing): a squatted tree is
+     * refused all the same, rather than read as ours or silently seen as empty. */
+    struct stat st;
+    return lstat(userdir, &st) == 0 ? check_private_dir(userdir, &st) : 0;
 }
 
 int fshm_make_stream_dir(const fshm_paths *p)

@@ -133,6 +133,7 @@ static unsigned dir_mode_for(unsigned file_mode, int64_t gid)
 {
     unsigned m = 0700 | (file_mode & 0777);
     m |= (m & 0444) >> 2;
+    m &= ~0002u;   /* never writable by everyone: fshm_mkdir_private refuses such a tree */
     if (gid >= 0)
         m |= 02000;
     return m;

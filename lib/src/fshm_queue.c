@@ -4,7 +4,9 @@
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
+#include <linux/futex.h>
 #include <sys/random.h>
+#include <sys/syscall.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -91,7 +93,24 @@ static uint32_t queue_suffix(void)
     return (n * 40503u + atomic_load_explicit(&offset, memory_order_relaxed)) & 0xffffffu;
 }
 
-int fshm_queue_create(char name[32], mqd_t *out)
+/* The futex word is latest_seq's low half: the wire format is little-endian. */
+static uint32_t *futex_word(uint64_t *latest_seq) { return (uint32_t *)(void *)latest_seq; }
+
+void fshm_futex_wake(uint64_t *latest_seq)
+{
+    syscall(SYS_futex, futex_word(latest_seq), FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
+}
+
+void fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns)
+{
+    struct timespec ts = {(time_t)(timeout_ns / 1000000000ull), (long)(timeout_ns % 1000000000ull)};
+    /* EAGAIN (changed already), EINTR and ETIMEDOUT all mean: look again. */
+    syscall(SYS_futex, futex_word(latest_seq), FUTEX_WAIT, (uint32_t)seen, &ts, NULL, 0);
+}
+
+int fshm_queue_unavailable(int rc) { return rc == FSHM_E_LIMIT || rc == -ENOSYS; }
+
+int fshm_queue_create(char name[32], mqd_t *out, char *record)
 {
     struct mq_attr attr = {.mq_maxmsg = fshm_queue_limit(), .mq_msgsize = 64};
     /* The name carries its owner (pid and start time), so that `frameshm gc` can tell a
@@ -104,6 +123,13 @@ int fshm_queue_create(char name[32], mqd_t *out)
         int n = start ? snprintf(name, 32, "/fshm-%x-%llx-%06x", pid, start, r) : 32;
         if (n >= 32)   /* no start time, or too long to hold it: the pid alone */
             snprintf(name, 32, "/fshm-%x-%08x", pid, r);
+        if (record) {
+            /* Named before it exists: a kill from here on leaves a slot that names the
+             * queue (or a name nobody created, which unlinking shrugs off). */
+            memset(record, 0, 32);
+            memcpy(record, name, strlen(name));
+            atomic_thread_fence(memory_order_seq_cst);
+        }
         mqd_t q = mq_open(name, O_RDONLY | O_CREAT | O_EXCL | O_CLOEXEC, 0600, &attr);
         if (q != (mqd_t)-1) {
             *out = q;

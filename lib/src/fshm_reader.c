@@ -14,6 +14,7 @@
 #define WAIT_SLICE_NS 100000000ull     /* longest single blocking receive */
 
 #define LEASE_RETRY_NS 200000000ull
+#define NO_QUEUE_SLICE_NS 10000000ull  /* longest futex sleep of a reader without a queue */
 
 void fshm_reader_unmap(fshm_reader *r)
 {
@@ -128,14 +129,38 @@ static int attach_ctl(fshm_reader *r)
     r->start_seq = LOAD_ACQ(&r->ctl->latest_seq);
     if (r->passive)
         return 0;
-    rc = fshm_ctl_register(r->ctl, r->consumer, r->queue, r->max_rate_hz);
-    if (rc < 0) {
-        fshm_ctl_close(&r->ch);
-        r->ctl = NULL;
-        return rc;
+    /* Slot first, then the queue it names (see fshm_ctl_claim): a kill anywhere in here
+     * leaves a slot whose owner is dead, which pruning empties along with its queue. */
+    int idx = fshm_ctl_claim(r->ctl, r->consumer, r->max_rate_hz);
+    if (idx < 0) {
+        rc = idx;
+        goto fail;
     }
-    r->entry = rc;
+    char *field = fshm_ctl_queue_field(r->ctl, idx);
+    rc = fshm_queue_create(r->queue, &r->q, field);
+    if (fshm_queue_unavailable(rc)) {
+        /* The system's queue limit (or this user's) is reached, maybe by someone else:
+         * go on without a queue rather than fail (waits watch latest_seq instead). */
+        memset(field, 0, 32);
+        memset(r->queue, 0, sizeof r->queue);
+        r->no_queue = 1;
+        rc = 0;
+    }
+    if (rc || (rc = fshm_ctl_activate(r->ctl, idx, r->no_queue))) {
+        fshm_ctl_release(r->ctl, idx, field, 1);
+        goto fail;
+    }
+    r->entry = idx;
     return 0;
+fail:
+    if (r->q != (mqd_t)-1) {
+        mq_close(r->q);
+        mq_unlink(r->queue);
+        r->q = (mqd_t)-1;
+    }
+    fshm_ctl_close(&r->ch);
+    r->ctl = NULL;
+    return rc;
 }
 
 /* Driver model: attach a consumer lease and learn where the driver keeps the stream. */
@@ -214,13 +239,14 @@ static int check_environment(fshm_reader *r, int force)
         if (rc)
             return rc;   /* keep the old mapping: r->ctl stays valid */
         fshm_ctl_prune(nh.ctl);
-        int idx = r->passive ? -1 : fshm_ctl_register(nh.ctl, r->consumer, r->queue, r->max_rate_hz);
+        int idx = r->passive ? -1 : fshm_ctl_register(nh.ctl, r->consumer, r->queue, r->max_rate_hz,
+                                                      r->no_queue);
         if (idx < 0 && !r->passive) {
             fshm_ctl_close(&nh);
             return idx;
         }
         if (ours && !r->passive)
-            fshm_ctl_unregister(r->ctl, r->entry, r->queue);
+            fshm_ctl_release(r->ctl, r->entry, r->queue, 0);   /* the new slot names the queue */
         fshm_ctl_close(&r->ch);
         fshm_reader_unmap(r);
         r->ch = nh;
@@ -231,7 +257,7 @@ static int check_environment(fshm_reader *r, int force)
         r->last_arrival_ns = r->interval_ns = 0;
         r->attach_gen++;
     } else if (!ours) {
-        int rc = fshm_ctl_register(r->ctl, r->consumer, r->queue, r->max_rate_hz);
+        int rc = fshm_ctl_register(r->ctl, r->consumer, r->queue, r->max_rate_hz, r->no_queue);
         if (rc < 0)
             return rc;
         r->entry = rc;
@@ -302,8 +328,6 @@ static int reader_open(const fshm_reader_config *cfg, fshm_reader **out)
     } else if ((rc = fshm_resolve(&cfg->addr, 1, &r->paths))) {
         goto fail;
     }
-    if (!r->passive && (rc = fshm_queue_create(r->queue, &r->q)))
-        goto fail;
     if ((rc = attach_ctl(r)))
         goto fail;
     r->next_check_ns = fshm_now_ns() + ENV_CHECK_NS;
@@ -396,8 +420,52 @@ static void took(fshm_reader *r, fshm_frame *f)
     }
     r->last_arrival_ns = commit_ns;
     r->last_plus1 = f->seq + 1;
+    if (r->no_queue && r->max_rate_hz) {
+        /* The producer's slack for queued consumers: 10% under the period. */
+        uint64_t iv = 1000000000ull / r->max_rate_hz;
+        r->next_due_ns = fshm_now_ns() + iv - iv / 10;
+    }
     if (r->entry >= 0)
         STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->last_seq, f->seq + 1);
+}
+
+/* receive() for a reader without a queue: never a descriptor (0), but the same wake-ups:
+ * once the control region shows a seq >= *newer_than (and a max_rate_hz reader's turn has
+ * come), the stream moved, or the deadline passed. Sleeps on latest_seq's futex, each
+ * sleep bounded by NO_QUEUE_SLICE_NS so that a producer that does not wake us (an older
+ * library) costs latency, never frames. */
+static int receive_no_queue(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than)
+{
+    uint32_t gen = r->attach_gen;
+    /* Without newer_than: any commit after this call wakes us. */
+    uint64_t since = LOAD_ACQ(&r->ctl->latest_seq);
+    if (!newer_than)
+        newer_than = &since;
+    while (deadline != 0) {
+        uint64_t now = fshm_now_ns();
+        if (now >= deadline)
+            return 0;
+        uint64_t until = deadline, latest = LOAD_ACQ(&r->ctl->latest_seq);
+        if (r->max_rate_hz && now < r->next_due_ns) {
+            until = r->next_due_ns < deadline ? r->next_due_ns : deadline;
+        } else if (r->epoch && latest > *newer_than) {
+            return 0;
+        }
+        uint64_t slice = until - now < NO_QUEUE_SLICE_NS ? until - now : NO_QUEUE_SLICE_NS;
+        fshm_futex_wait(&r->ctl->latest_seq, latest, slice);
+        int rc = check_environment(r, 0);
+        if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
+            return rc;
+        if (r->attach_gen != gen)
+            return 0;
+    }
+    return 0;
+}
+
+/* A no_queue reader with max_rate_hz paces itself, as the producer paces queued ones. */
+static int rate_due(fshm_reader *r)
+{
+    return !r->max_rate_hz || (r->no_queue && fshm_now_ns() >= r->next_due_ns);
 }
 
 /* One descriptor from the queue: 1 got one, 0 none before the deadline (deadline 0:
@@ -408,6 +476,8 @@ static int receive(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than
 {
     uint8_t msg[64];
     uint32_t gen = r->attach_gen;
+    if (r->no_queue)
+        return receive_no_queue(r, deadline, newer_than);
     for (;;) {
         ssize_t n;
         if (deadline == 0) {
@@ -576,7 +646,7 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
          * rate-limited reader waits for its (throttled) descriptor first, else it would
          * take every frame from here. */
         uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
-        if (latest && r->epoch && (have || !r->max_rate_hz) && (!have || latest - 1 > best)) {
+        if (latest && r->epoch && (have || rate_due(r)) && (!have || latest - 1 > best)) {
             best = latest - 1;
             best_pub = 0;
             have = 1;
@@ -600,7 +670,8 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
             continue;   /* committed: the top of the loop picks it up */
         uint32_t gen = r->attach_gen;
         if (!got_desc)
-            rc = receive(r, deadline, r->max_rate_hz ? NULL : &floor, &seq, &pub, &epoch);
+            rc = receive(r, deadline, r->max_rate_hz && !r->no_queue ? NULL : &floor, &seq, &pub,
+                         &epoch);
         if (rc < 0)
             return rc;
         if (r->attach_gen != gen)
@@ -622,7 +693,8 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         return passive_error(r);
     uint64_t deadline = deadline_for(timeout_ns);
     r->corrupt_seen = 0;
-    STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->flags, 1u);
+    __atomic_fetch_or(&ctl_consumer(r->ctl, (unsigned)r->entry)->flags, CONS_FLAG_NEXT,
+                      __ATOMIC_RELAXED);
     int rc = check_environment(r, 0);
     if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
         return rc;
@@ -637,7 +709,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
                 return p;
             if (got) {
                 rc = 1;
-            } else if (p == 1) {
+            } else if (p == 1 && !r->no_queue) {
                 /* Committed; its descriptor follows within microseconds. */
                 uint64_t until = fshm_now_ns() + 200000;
                 while ((rc = receive(r, 0, NULL, &seq, &pub, &epoch)) == 0 && fshm_now_ns() < until)
@@ -651,7 +723,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
                     next_try = r->last_plus1;
                 if (next_try < r->start_seq)
                     next_try = r->start_seq;   /* a late joiner gets no history */
-                if (r->epoch && latest > next_try && !r->max_rate_hz) {
+                if (r->epoch && latest > next_try && rate_due(r)) {
                     uint64_t s = latest - next_try > r->nslots ? latest - r->nslots : next_try;
                     for (; s < latest; s++) {
                         int rr = fshm_reader_read_frame(r, s, f);
@@ -833,8 +905,11 @@ void fshm_reader_close(fshm_reader *r)
 {
     if (!r)
         return;
+    if (r->q != (mqd_t)-1)
+        mq_close(r->q);
     if (r->ctl) {
-        fshm_ctl_unregister(r->ctl, r->entry, r->queue);
+        /* The queue goes before the slot that names it (fshm_ctl_release). */
+        fshm_ctl_release(r->ctl, r->entry, r->queue, 1);
         fshm_ctl_prune(r->ctl);   /* nobody else may be left to unlink dead consumers' queues */
         /* Last one out of a stream nobody produces into (never, or closed cleanly)
          * removes it; a dead producer's stream is left for fshm_stream_gc (and to show). */
@@ -846,10 +921,8 @@ void fshm_reader_close(fshm_reader *r)
             fshm_remove_stream_dir(&r->paths);
         }
     }
-    if (r->q != (mqd_t)-1) {
-        mq_close(r->q);
-        mq_unlink(r->queue);
-    }
+    if (r->q != (mqd_t)-1)
+        mq_unlink(r->queue);   /* already gone, unless our slot was pruned and reused */
     fshm_reader_unmap(r);
     fshm_ctl_close(&r->ch);
     fshm_lease_close(r->lease, 1);

@@ -21,6 +21,9 @@ struct fshm_reader {
     mqd_t q;
     int entry;               /* consumer-table index, -1 for a passive reader */
     int passive;             /* no queue, no registration: peek and mode only */
+    int no_queue;            /* registered, but the system had no queue left for us: waits
+                              * watch latest_seq (futex) and pace max_rate_hz themselves */
+    uint64_t next_due_ns;    /* no_queue with max_rate_hz: earliest next frame */
     uint32_t max_rate_hz;    /* producer throttles our descriptors; 0 = every frame */
     uint64_t epoch;          /* mapped epoch, 0 = unmapped */
     fshm_map *ring;

@@ -45,6 +45,7 @@ struct fshm_writer {
     fshm_loan loan;
     uint64_t ref_plus1;      /* applied to the next commit, then cleared */
     uint32_t known_gen;
+    int wake_no_queue;       /* some consumer has no queue: futex-wake latest_seq on commit */
     uint64_t next_prune_ns;
     uint64_t start_ns;
     writer_consumer cons[FSHM_MAX_CONSUMERS];
@@ -507,10 +508,13 @@ static void refresh_consumers(fshm_writer *w)
     if (gen == w->known_gen)
         return;
     w->known_gen = gen;
+    w->wake_no_queue = 0;
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
         fshm_ctl_consumer *e = ctl_consumer(w->ctl, i);
         writer_consumer *lc = &w->cons[i];
         int active = LOAD_ACQ(&e->state) == CONS_ACTIVE;
+        if (active && (LOAD_RLX(&e->flags) & CONS_FLAG_NO_QUEUE))
+            w->wake_no_queue = 1;
         char q[32];
         memcpy(q, e->queue, sizeof q);
         q[31] = 0;
@@ -618,6 +622,8 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     STORE_RLX(&c->activity_ns, now);   /* before latest_seq: readers pair the two */
     STORE_REL(&c->latest_seq, seq + 1);
     STORE_RLX(&c->frames, LOAD_RLX(&c->frames) + 1);
+    if (w->wake_no_queue)
+        fshm_futex_wake(&c->latest_seq);   /* as seen at the last consumer-table change */
 
     if (now >= w->next_prune_ns)
         housekeeping(w, now);

@@ -818,6 +818,67 @@ static void test_prune_by_new_reader(void **state)
     assert_false(tu_path_exists(dir));
 }
 
+/* A process killed in the middle of claiming or releasing a consumer entry leaves it
+ * naming itself in the state word (kind | pid << 8): pruning reclaims it, with the queue
+ * it names, as soon as that pid is dead; a live one's, and an older library's bare
+ * transition (no pid), are left alone. */
+static void test_prune_reclaims_half_done_transitions(void **state)
+{
+    (void)state;
+    const char *name = "st-prune-half";
+    fshm_reader *r = tu_reader(name);
+    pid_t dead = fork();
+    assert_true(dead >= 0);
+    if (dead == 0)
+        _exit(0);
+    assert_int_equal(waitpid(dead, NULL, 0), dead);
+    fshm_stream_addr a = {.name = name};
+    fshm_paths p;
+    fshm_ctl_handle h;
+    assert_int_equal(fshm_resolve(&a, 0, &p), 0);
+    assert_int_equal(fshm_ctl_open(&p, 0, &h), 0);
+    char q1[32], q2[32];
+    snprintf(q1, sizeof q1, "/fshm-%x-1-00aa01", (unsigned)dead);
+    snprintf(q2, sizeof q2, "/fshm-%x-1-00aa02", (unsigned)dead);
+    struct mq_attr at = {.mq_maxmsg = 1, .mq_msgsize = 64};
+    mqd_t m1 = mq_open(q1, O_RDONLY | O_CREAT | O_EXCL, 0600, &at);
+    mqd_t m2 = mq_open(q2, O_RDONLY | O_CREAT | O_EXCL, 0600, &at);
+    assert_true(m1 != (mqd_t)-1 && m2 != (mqd_t)-1);
+    mq_close(m1);
+    mq_close(m2);
+    fshm_ctl_consumer *e;
+    /* 10: killed right after the claiming CAS; 11: after recording and creating its
+     * queue; 12: killed while releasing (pid still in the entry) */
+    ctl_consumer(h.ctl, 10)->state = CONS_STATE(CONS_CLAIMING, dead);
+    e = ctl_consumer(h.ctl, 11);
+    e->state = CONS_STATE(CONS_CLAIMING, dead);
+    e->pid = (uint64_t)dead;
+    snprintf(e->queue, sizeof e->queue, "%s", q1);
+    e = ctl_consumer(h.ctl, 12);
+    e->state = CONS_STATE(CONS_PRUNING, dead);
+    e->pid = (uint64_t)dead;
+    snprintf(e->queue, sizeof e->queue, "%s", q2);
+    /* 13: a live claimer (us); 14: an older library's claim in progress */
+    ctl_consumer(h.ctl, 13)->state = CONS_STATE(CONS_CLAIMING, getpid());
+    ctl_consumer(h.ctl, 14)->state = CONS_CLAIMING;
+    assert_int_equal(fshm_ctl_prune(h.ctl), 3);
+    for (unsigned i = 10; i <= 12; i++) {
+        assert_int_equal(ctl_consumer(h.ctl, i)->state, CONS_FREE);
+        assert_int_equal(ctl_consumer(h.ctl, i)->pid, 0);
+    }
+    assert_false(queue_exists(q1));
+    assert_false(queue_exists(q2));
+    assert_int_equal(ctl_consumer(h.ctl, 13)->state, CONS_STATE(CONS_CLAIMING, getpid()));
+    assert_int_equal(ctl_consumer(h.ctl, 14)->state, CONS_CLAIMING);
+    /* Our own claim completes or is released like any other. */
+    ctl_consumer(h.ctl, 14)->state = CONS_FREE;
+    fshm_ctl_release(h.ctl, 13, "", 1);
+    assert_int_equal(ctl_consumer(h.ctl, 13)->state, CONS_FREE);
+    assert_int_equal(fshm_ctl_live_consumers(h.ctl), 1);   /* the reader */
+    fshm_ctl_close(&h);
+    fshm_reader_close(r);
+}
+
 static void test_consumer_table_full(void **state)
 {
     (void)state;
@@ -1609,7 +1670,7 @@ static void test_queue_names_never_repeat_in_a_process(void **state)
     static char names[N][32];
     for (int i = 0; i < N; i++) {
         mqd_t q;
-        assert_int_equal(fshm_queue_create(names[i], &q), 0);
+        assert_int_equal(fshm_queue_create(names[i], &q, NULL), 0);
         mq_close(q);
         assert_int_equal(mq_unlink(names[i]), 0);
     }
@@ -1918,6 +1979,7 @@ int main(void)
         cmocka_unit_test(test_prune_by_writer_housekeeping),
         cmocka_unit_test(test_prune_by_writer_heartbeat),
         cmocka_unit_test(test_prune_by_new_reader),
+        cmocka_unit_test(test_prune_reclaims_half_done_transitions),
         cmocka_unit_test(test_consumer_table_full),
         cmocka_unit_test(test_corrupt_region_new_reader),
         cmocka_unit_test(test_corrupt_slot_dropped),
