@@ -13,6 +13,10 @@
 
 #include "fshm_v4l2.h"
 
+/* Enters the camera's guard for a call into cam (binding.h): false with StreamClosed set if
+ * another thread closed it meanwhile, or InvalidState for a re-entrant call. */
+#define GUARD_CAM(self) fshm_guard_open(&(self)->guard, (void *const *)&(self)->cam, "Camera")
+
 typedef struct {
     PyObject_HEAD
     fshm_v4l2_cam *cam;
@@ -66,20 +70,6 @@ static int camera_ready(void *obj)
 #define CHECK_STARTED(self)                                                                      \
     if (camera_ready(self) < 0)                                                                  \
         return NULL;
-
-/* Enters the camera's guard for a call into cam: 0, or -1 with the exception set (closed
- * by another thread meanwhile, or a re-entrant call). */
-static int guard_cam(FshmCamera *self)
-{
-    if (fshm_guard_enter(&self->guard) < 0)
-        return -1;
-    if (!self->cam) {
-        fshm_guard_leave(&self->guard);
-        fshm_raise_closed("Camera");
-        return -1;
-    }
-    return 0;
-}
 
 /* ---- Camera ---- */
 
@@ -142,7 +132,7 @@ static PyObject *camera_start(FshmCamera *self, PyObject *args, PyObject *kw)
     CHECK_CAM(self);
     fshm_v4l2_request rq = {fourcc, w, h, num, den, nbuf};
     int rc;
-    if (guard_cam(self) < 0)
+    if (!GUARD_CAM(self))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_v4l2_start(self->cam, &rq);
@@ -359,7 +349,7 @@ static PyObject *camera_flush(FshmCamera *self, PyObject *arg)
     unsigned long long age = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred())
         return NULL;
-    if (guard_cam(self) < 0)
+    if (!GUARD_CAM(self))
         return NULL;
     int rc = fshm_v4l2_flush(self->cam, age);
     fshm_guard_leave(&self->guard);
@@ -375,7 +365,7 @@ static PyObject *camera_set_rate(FshmCamera *self, PyObject *args)
         return NULL;
     CHECK_STARTED(self);
     int rc;
-    if (guard_cam(self) < 0)
+    if (!GUARD_CAM(self))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_v4l2_set_rate(self->cam, num, den);

@@ -9,6 +9,10 @@
 
 #include "fshm_gige.h"
 
+/* Enters the camera's guard for a call into cam (binding.h): false with StreamClosed set if
+ * another thread closed it meanwhile, or InvalidState for a re-entrant call. */
+#define GUARD_CAM(self) fshm_guard_open(&(self)->guard, (void *const *)&(self)->cam, "GigECamera")
+
 typedef struct {
     PyObject_HEAD
     fshm_gige_cam *cam;
@@ -41,20 +45,6 @@ static PyObject *gige_raise(int code)
 #define CHECK_CAM(self)                                                                          \
     if (!(self)->cam)                                                                            \
         return fshm_raise_closed("GigECamera");
-
-/* Enters the camera's guard for a call into cam: 0, or -1 with the exception set (closed
- * by another thread meanwhile, or a re-entrant call). */
-static int guard_cam(FshmGigECamera *self)
-{
-    if (fshm_guard_enter(&self->guard) < 0)
-        return -1;
-    if (!self->cam) {
-        fshm_guard_leave(&self->guard);
-        fshm_raise_closed("GigECamera");
-        return -1;
-    }
-    return 0;
-}
 
 /* fshm_capture_ops.ready: open and started */
 static int gige_ready(void *obj)
@@ -125,7 +115,7 @@ static PyObject *gige_start(FshmGigECamera *self, PyObject *args, PyObject *kw)
     CHECK_CAM(self);
     fshm_gige_request rq = {pf, x, y, w, h, fps, pkt, nbuf};
     int rc;
-    if (guard_cam(self) < 0)
+    if (!GUARD_CAM(self))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_gige_start(self->cam, &rq);
@@ -231,7 +221,7 @@ static PyObject *gige_flush(FshmGigECamera *self, PyObject *arg)
     unsigned long long age = PyLong_AsUnsignedLongLong(arg);
     if (PyErr_Occurred())
         return NULL;
-    if (guard_cam(self) < 0)
+    if (!GUARD_CAM(self))
         return NULL;
     int rc = fshm_gige_flush(self->cam, age);
     fshm_guard_leave(&self->guard);
@@ -247,7 +237,7 @@ static PyObject *gige_set_rate(FshmGigECamera *self, PyObject *arg)
         return NULL;
     CHECK_STARTED(self);
     int rc;
-    if (guard_cam(self) < 0)
+    if (!GUARD_CAM(self))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_gige_set_rate(self->cam, fps);
@@ -262,7 +252,7 @@ static PyObject *gige_probe(FshmGigECamera *self, PyObject *unused)
 {
     CHECK_CAM(self);
     int rc;
-    if (guard_cam(self) < 0)
+    if (!GUARD_CAM(self))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_gige_probe(self->cam);
@@ -277,7 +267,7 @@ static PyObject *gige_stop(FshmGigECamera *self, PyObject *unused)
 {
     CHECK_CAM(self);
     int rc;
-    if (guard_cam(self) < 0)
+    if (!GUARD_CAM(self))
         return NULL;
     Py_BEGIN_ALLOW_THREADS
     rc = fshm_gige_stop(self->cam);
