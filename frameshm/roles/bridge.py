@@ -49,7 +49,7 @@ def add_parser(sub) -> None:
     p.add_argument("--connect", action="append", metavar="ENDPOINT",
                    help="Zenoh endpoint of another bridge or a router, e.g. tcp/10.0.0.2:7447 (repeatable)")
     p.add_argument("--export", action="append", dest="exports", metavar="NAME[:ENCODING]",
-                   help="local stream to send, encoding raw (default) or jpeg (repeatable)")
+                   help="local stream to send, encoding raw (default), jpeg or zstd (repeatable)")
     p.add_argument("--import", action="append", dest="imports", metavar="NAME",
                    help="remote stream to write here as a local stream (repeatable)")
     p.add_argument("--mode", choices=["peer", "client"], help="Zenoh mode (client: through a zenohd router)")

@@ -155,10 +155,23 @@ while not stopped():
 w.close()
 """, label="picture", env_extra={"FRAMESHM_NAMESPACE": "a"})
     pic.expect("READY")
+    tensor = spawn(f"""
+w = frameshm.Writer("{name}.t", shape=(120, 160), dtype="float32")
+say("READY")
+i = 0
+while not stopped():
+    t = np.zeros((120, 160), np.float32)
+    t[i % 120, :] = np.arange(160, dtype=np.float32) * 0.5 + i   # sparse: zstd shrinks it
+    w.publish(t, ref_seq=i)
+    i += 1
+    time.sleep(1 / 30)
+w.close()
+""", label="tensor", env_extra={"FRAMESHM_NAMESPACE": "a"})
+    tensor.expect("READY")
     a = bridges("a", "--listen", f"tcp/127.0.0.1:{port}", "--export", name, "--export", f"{name}.pic:jpeg",
-                "--frames", name)
+                "--export", f"{name}.t:zstd", "--frames", name)
     b = bridges("b", "--connect", f"tcp/127.0.0.1:{port}", "--import", name, "--import", f"{name}.pic",
-                "--frames", name)
+                "--import", f"{name}.t", "--frames", name)
     b.expect(f"{name}: frames arriving")
     got = []
     with frameshm.Reader(name, namespace="b") as r, frameshm.Reader(f"{name}.pic", namespace="b") as rp:
@@ -169,6 +182,13 @@ w.close()
         f = rp.wait_latest(10.0)
         picture, pic_ref = f.copy(), f.ref_seq
         assert f.shape == (240, 320, 3) and f.dtype == np.uint8
+        with frameshm.Reader(f"{name}.t", namespace="b") as rt:
+            ft = rt.wait_latest(10.0)
+            t, t_ref = ft.copy(), ft.ref_seq
+        assert ft.shape == (120, 160) and ft.dtype == np.float32
+        want_t = np.zeros((120, 160), np.float32)
+        want_t[t_ref % 120, :] = np.arange(160, dtype=np.float32) * 0.5 + t_ref
+        assert np.array_equal(t, want_t), "zstd: bit-exact after decoding"
         def counted():
             doc = status("b", name)
             return doc if doc.get("streams", {}).get(name, {}).get("frames", 0) > 0 else None
@@ -194,10 +214,15 @@ w.close()
                         text=True, timeout=60, env=child_env())
     assert f"{name}.bridge" in ls.stdout and "consumer bridge" in ls.stdout, ls.stdout
     assert "bytes_per_s" in ls.stdout, ls.stdout
+    t_doc = wait_until(lambda: (status("b", name).get("streams", {}).get(f"{name}.t") or {}).get("frames")
+                       and status("b", name)["streams"][f"{name}.t"], 30, interval=0.2, what="zstd metrics")
+    # on the wire: a sparse float tensor shrinks far below its 76,800 raw bytes
+    assert t_doc["bytes"] < t_doc["frames"] * 120 * 160 * 4 / 4, f"zstd did not compress: {t_doc}"
     b.stop()
     a.stop()
     prod.stop()
     pic.stop()
+    tensor.stop()
 
 
 def test_shape_change_producer_restart_and_remote_death(spawn, bridges, name):
