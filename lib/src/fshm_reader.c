@@ -813,11 +813,7 @@ int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f)
 
 int fshm_frame_valid(fshm_reader *r, const fshm_frame *f)
 {
-    if (f->epoch != r->epoch || !r->ring)
-        return 0;
-    atomic_thread_fence(memory_order_acquire);   /* order the caller's reads before the re-check */
-    uint64_t *w = slot_commit_word(r->ring->base, f->slot);
-    return LOAD_RLX(w) == ((f->seq << 1) | 1);
+    return f->epoch == r->epoch && r->ring && fshm_ring_holds(r->ring, f->slot, f->seq);
 }
 
 fshm_map *fshm_reader_ring(const fshm_reader *r)
