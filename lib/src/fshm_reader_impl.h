@@ -6,6 +6,8 @@
 
 #include "fshm_internal.h"
 
+#define LEASE_RETRY_NS 200000000ull   /* a driver-mode reader retries an unreachable driver */
+
 typedef struct reader_pool {
     fshm_map *map;
     uint32_t stride;
@@ -62,6 +64,9 @@ void fshm_reader_unmap(fshm_reader *r);
 /* The seqlock read of frame `seq` from the mapped epoch: 0, -EAGAIN when the slot no
  * longer (or not yet) holds it, FSHM_E_CORRUPT when the header fails validation. */
 int fshm_reader_read_frame(fshm_reader *r, uint64_t seq, fshm_frame *f);
+/* Notices a replaced control region or a lost registration and follows the producer's
+ * epoch; rate-limited unless force. */
+int fshm_reader_check_environment(fshm_reader *r, int force);
 
 /* ---- foreign mode (fshm_foreign.c) ---- */
 int fshm_foreign_open(fshm_reader *r);

@@ -1,0 +1,430 @@
+/* The consumer's waits: descriptors from the queue (or the control region's futex when
+ * the system had no queue for us), drain to the newest frame, process-all with overrun
+ * accounting, predictive spinning, and the lock-free peek. Registration, epoch mapping
+ * and the seqlock read itself live in fshm_reader.c. */
+#include <sched.h>
+#include <stdio.h>
+#include <time.h>
+#include <unistd.h>
+
+#include "fshm_reader_impl.h"
+
+#define WAIT_SLICE_NS 100000000ull     /* longest single blocking receive */
+#define NO_QUEUE_SLICE_NS 10000000ull  /* longest futex sleep of a reader without a queue */
+
+static void note_drop(fshm_reader *r, int rc)
+{
+    if (rc == FSHM_E_CORRUPT) {
+        r->drops++;
+        r->corrupt_seen = 1;
+        snprintf(r->corrupt_msg, sizeof r->corrupt_msg, "%s", fshm_last_error());
+    }
+}
+
+static void took(fshm_reader *r, fshm_frame *f)
+{
+    /* Before the first frame, count from registration: frames committed since then
+     * that we never got were lost to us too. */
+    uint64_t from = r->last_plus1 ? r->last_plus1 : r->start_seq;
+    f->skipped = f->seq > from ? f->seq - from : 0;
+    /* The producer's commit clock is steadier than our own arrival times (which carry
+     * our scheduling noise), so the spin window is predicted from it; only consecutive
+     * frames measure the producer's period. */
+    uint64_t commit_ns = LOAD_RLX(&r->ctl->activity_ns);
+    if (r->last_arrival_ns && r->last_plus1 && f->skipped == 0 && commit_ns > r->last_arrival_ns) {
+        uint64_t d = commit_ns - r->last_arrival_ns;
+        if (d < 1000000000ull)
+            r->interval_ns = r->interval_ns ? r->interval_ns - r->interval_ns / 8 + d / 8 : d;
+    }
+    r->last_arrival_ns = commit_ns;
+    r->last_plus1 = f->seq + 1;
+    if (r->no_queue && r->max_rate_hz) {
+        /* The producer's slack for queued consumers: 10% under the period. */
+        uint64_t iv = 1000000000ull / r->max_rate_hz;
+        r->next_due_ns = fshm_now_ns() + iv - iv / 10;
+    }
+    if (r->entry >= 0)
+        STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->last_seq, f->seq + 1);
+}
+
+/* receive() for a reader without a queue: never a descriptor (0), but the same wake-ups:
+ * once the control region shows a seq >= *newer_than (and a max_rate_hz reader's turn has
+ * come), the stream moved, or the deadline passed. Sleeps on latest_seq's futex, each
+ * sleep bounded by NO_QUEUE_SLICE_NS so that a producer that does not wake us (an older
+ * library) costs latency, never frames. */
+static int receive_no_queue(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than)
+{
+    uint32_t gen = r->attach_gen;
+    /* Without newer_than: any commit after this call wakes us. */
+    uint64_t since = LOAD_ACQ(&r->ctl->latest_seq);
+    if (!newer_than)
+        newer_than = &since;
+    while (deadline != 0) {
+        uint64_t now = fshm_now_ns();
+        if (now >= deadline)
+            return 0;
+        uint64_t until = deadline, latest = LOAD_ACQ(&r->ctl->latest_seq);
+        if (r->max_rate_hz && now < r->next_due_ns) {
+            until = r->next_due_ns < deadline ? r->next_due_ns : deadline;
+        } else if (r->epoch && latest > *newer_than) {
+            return 0;
+        }
+        uint64_t slice = until - now < NO_QUEUE_SLICE_NS ? until - now : NO_QUEUE_SLICE_NS;
+        fshm_futex_wait(&r->ctl->latest_seq, latest, slice);
+        int rc = fshm_reader_check_environment(r, 0);
+        if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
+            return rc;
+        if (r->attach_gen != gen)
+            return 0;
+    }
+    return 0;
+}
+
+/* A no_queue reader with max_rate_hz paces itself, as the producer paces queued ones. */
+static int rate_due(fshm_reader *r)
+{
+    return !r->max_rate_hz || (r->no_queue && fshm_now_ns() >= r->next_due_ns);
+}
+
+/* One descriptor from the queue: 1 got one, 0 none before the deadline (deadline 0:
+ * don't wait), <0 error. With `newer_than` set, also returns 0 as soon as the control
+ * region shows a committed seq >= *newer_than that never reached the queue (it was full). */
+static int receive(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than, uint64_t *seq,
+                   uint64_t *pub, uint64_t *epoch)
+{
+    uint8_t msg[64];
+    uint32_t gen = r->attach_gen;
+    if (r->no_queue)
+        return receive_no_queue(r, deadline, newer_than);
+    for (;;) {
+        ssize_t n;
+        if (deadline == 0) {
+            struct timespec zero = {0, 0};
+            n = mq_timedreceive(r->q, (char *)msg, sizeof msg, NULL, &zero);
+        } else {
+            uint64_t now = fshm_now_ns();
+            if (now >= deadline)
+                return 0;
+            uint64_t slice = deadline - now;
+            if (slice > WAIT_SLICE_NS)
+                slice = WAIT_SLICE_NS;
+            struct timespec ts;   /* mq_timedreceive wants CLOCK_REALTIME */
+            clock_gettime(CLOCK_REALTIME, &ts);
+            uint64_t ns = (uint64_t)ts.tv_nsec + slice;
+            ts.tv_sec += (time_t)(ns / 1000000000ull);
+            ts.tv_nsec = (long)(ns % 1000000000ull);
+            n = mq_timedreceive(r->q, (char *)msg, sizeof msg, NULL, &ts);
+        }
+        if (n < 0) {
+            if (errno == ETIMEDOUT || errno == EAGAIN) {
+                if (deadline == 0)
+                    return 0;
+                int rc = fshm_reader_check_environment(r, 0);
+                if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
+                    return rc;
+                if (r->attach_gen != gen)
+                    return 0;
+                if (newer_than && r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > *newer_than)
+                    return 0;
+                continue;
+            }
+            if (errno == EINTR)
+                return -EINTR;
+            return fshm_set_error(-errno, "receiving from queue %s: %s", r->queue, strerror(errno));
+        }
+        if (fshm_desc_decode(msg, (size_t)n, r->paths.stream_id, epoch, seq, pub) != 0) {
+            r->drops++;
+            continue;
+        }
+        if (*epoch != r->epoch) {
+            fshm_reader_check_environment(r, 1);
+            if (*epoch != r->epoch) {
+                r->drops++;   /* spec: descriptors of another epoch are dropped */
+                continue;
+            }
+        }
+        return 1;
+    }
+}
+
+static int timeout_result(fshm_reader *r)
+{
+    int64_t pid;
+    int st = fshm_ctl_producer_state(r->ctl, &pid);
+    if (r->driver_mode && !r->lease)
+        return fshm_set_error(-ETIMEDOUT, "stream %u: no lease: the driver at %s is unreachable or "
+                              "refuses us (retrying every %u ms)", r->lease_cfg.stream_id,
+                              r->driver_path, (unsigned)(LEASE_RETRY_NS / 1000000));
+    if (r->corrupt_seen)
+        return fshm_set_error(FSHM_E_CORRUPT, "stream '%s': frames dropped as corrupt: %s",
+                              r->paths.name, r->corrupt_msg);
+    if (st == FSHM_PRODUCER_DEAD)
+        return fshm_set_error(FSHM_E_PRODUCER_DEAD, "stream '%s': producer pid %lld is dead",
+                              r->paths.name, (long long)pid);
+    if (st == FSHM_PRODUCER_NONE)
+        return fshm_set_error(-ETIMEDOUT, "stream '%s': no producer has attached yet",
+                              r->paths.name);
+    if (st == FSHM_PRODUCER_CLOSED)
+        return fshm_set_error(-ETIMEDOUT, "stream '%s': producer closed the stream", r->paths.name);
+    return fshm_set_error(-ETIMEDOUT, "stream '%s': no new frame yet (producer pid %lld alive)",
+                          r->paths.name, (long long)pid);
+}
+
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
+#define SPIN_MIN_INTERVAL_NS 2000000ull   /* below 2 ms between frames, blocking keeps up */
+#define SPIN_LEAD_MAX_NS 500000ull
+
+/* Predictive wait: a sleeping consumer takes a cross-CPU wake-up (~25-100 us on a
+ * VM) per frame. When frames come at a steady rate, sleep on the queue until just
+ * before the next one is due, then poll the control region's latest seq for a short
+ * window. Costs at most 2*lead per frame period of CPU (~3% at 60 fps); returns 1 as
+ * soon as a frame newer than `floor` is committed, 0 when the window closes. */
+static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, uint64_t *seq,
+                           uint64_t *pub, uint64_t *epoch, int *got_desc)
+{
+    *got_desc = 0;
+    uint64_t iv = r->interval_ns;
+    if (r->max_rate_hz)
+        return 0;   /* spinning on latest_seq would see every frame, not our share */
+    if (!r->spin || !r->epoch || iv < SPIN_MIN_INTERVAL_NS || !r->last_arrival_ns)
+        return 0;
+    uint64_t lead = iv / 16 < SPIN_LEAD_MAX_NS ? iv / 16 : SPIN_LEAD_MAX_NS;
+    uint64_t expected = r->last_arrival_ns + iv;
+    uint64_t now = fshm_now_ns();
+    if (now + lead > expected + lead)   /* already past the window: plain blocking */
+        return 0;
+    if (now + lead < expected) {
+        uint64_t until = expected - lead < deadline ? expected - lead : deadline;
+        int rc = receive(r, until, &floor, seq, pub, epoch);
+        if (rc != 0) {
+            *got_desc = rc;   /* a descriptor (1) or an error (<0) */
+            return rc;
+        }
+    }
+    uint64_t end = expected + lead < deadline ? expected + lead : deadline;
+    for (unsigned i = 0;; i++) {
+        if (LOAD_ACQ(&r->ctl->latest_seq) > floor)
+            return 1;
+        cpu_relax();
+        if ((i & 63) == 0) {
+            if (fshm_now_ns() >= end)
+                return 0;
+            /* The producer may share our CPU: let it run, or the frame we wait for
+             * cannot be published until the window closes. */
+            sched_yield();
+        }
+    }
+}
+
+static uint64_t deadline_for(int64_t timeout_ns)
+{
+    if (timeout_ns < 0)
+        return UINT64_MAX;
+    return fshm_now_ns() + (uint64_t)timeout_ns + 1;
+}
+
+static int passive_error(fshm_reader *r)
+{
+    return fshm_set_error(-EINVAL, "reader of '%s' was opened without a queue (passive): it can "
+                          "peek and read the newest frame but not wait", r->paths.name);
+}
+
+int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
+{
+    if (r->foreign)
+        return fshm_foreign_wait(r, timeout_ns, 0, f);
+    if (r->passive)
+        return passive_error(r);
+    uint64_t deadline = deadline_for(timeout_ns);
+    uint64_t best = 0, best_pub = 0, seq, pub, epoch;
+    int have = 0, rc;
+    r->corrupt_seen = 0;
+    if ((rc = fshm_reader_check_environment(r, 0)) == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
+        return rc;
+    /* After the check: moving to a replaced control region restarts the seqs. */
+    uint64_t floor = r->last_plus1;   /* seqs below this were taken or dropped */
+    for (;;) {
+        /* Drain: keep only the newest descriptor. */
+        while ((rc = receive(r, 0, NULL, &seq, &pub, &epoch)) == 1)
+            if (!have || seq > best) {
+                best = seq, best_pub = pub;
+                have = 1;
+            }
+        if (rc < 0)
+            return rc;
+        /* The queue may have overflowed: the control region knows the true newest. A
+         * rate-limited reader waits for its (throttled) descriptor first, else it would
+         * take every frame from here. */
+        uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
+        if (latest && r->epoch && (have || rate_due(r)) && (!have || latest - 1 > best)) {
+            best = latest - 1;
+            best_pub = 0;
+            have = 1;
+        }
+        if (have && best >= floor) {
+            rc = fshm_reader_read_frame(r, best, f);
+            if (rc == 0) {
+                f->publish_ns = best_pub;
+                took(r, f);
+                return 0;
+            }
+            note_drop(r, rc);
+            floor = best + 1;   /* never spin on a slot being rewritten (spec §15.21 rule 5) */
+        }
+        have = 0;
+        int got_desc;
+        rc = predictive_wait(r, deadline, floor, &seq, &pub, &epoch, &got_desc);
+        if (rc < 0)
+            return rc;
+        if (rc == 1 && !got_desc)
+            continue;   /* committed: the top of the loop picks it up */
+        uint32_t gen = r->attach_gen;
+        if (!got_desc)
+            rc = receive(r, deadline, r->max_rate_hz && !r->no_queue ? NULL : &floor, &seq, &pub,
+                         &epoch);
+        if (rc < 0)
+            return rc;
+        if (r->attach_gen != gen)
+            floor = r->last_plus1;
+        if (rc == 1) {
+            best = seq, best_pub = pub;
+            have = 1;
+        } else if (fshm_now_ns() >= deadline) {
+            return timeout_result(r);
+        }
+    }
+}
+
+int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
+{
+    if (r->foreign)
+        return fshm_foreign_wait(r, timeout_ns, 1, f);
+    if (r->passive)
+        return passive_error(r);
+    uint64_t deadline = deadline_for(timeout_ns);
+    r->corrupt_seen = 0;
+    __atomic_fetch_or(&ctl_consumer(r->ctl, (unsigned)r->entry)->flags, CONS_FLAG_NEXT,
+                      __ATOMIC_RELAXED);
+    int rc = fshm_reader_check_environment(r, 0);
+    if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
+        return rc;
+    uint64_t next_try = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
+    for (;;) {
+        uint64_t seq, pub, epoch;
+        rc = receive(r, 0, NULL, &seq, &pub, &epoch);
+        if (rc == 0) {
+            int got;
+            int p = predictive_wait(r, deadline, r->last_plus1, &seq, &pub, &epoch, &got);
+            if (p < 0)
+                return p;
+            if (got) {
+                rc = 1;
+            } else if (p == 1 && !r->no_queue) {
+                /* Committed; its descriptor follows within microseconds. */
+                uint64_t until = fshm_now_ns() + 200000;
+                while ((rc = receive(r, 0, NULL, &seq, &pub, &epoch)) == 0 && fshm_now_ns() < until)
+                    cpu_relax();
+            }
+            if (rc == 0) {
+                /* Queue empty: descriptors may have been dropped (queue full). The ring
+                 * still holds up to nslots frames after the last one returned. */
+                uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
+                if (next_try < r->last_plus1)
+                    next_try = r->last_plus1;
+                if (next_try < r->start_seq)
+                    next_try = r->start_seq;   /* a late joiner gets no history */
+                if (r->epoch && latest > next_try && rate_due(r)) {
+                    uint64_t s = latest - next_try > r->nslots ? latest - r->nslots : next_try;
+                    for (; s < latest; s++) {
+                        int rr = fshm_reader_read_frame(r, s, f);
+                        if (rr == 0) {
+                            f->publish_ns = 0;
+                            took(r, f);
+                            r->overruns += f->skipped;
+                            return 0;
+                        }
+                        note_drop(r, rr);
+                    }
+                    next_try = latest;
+                }
+                rc = receive(r, deadline, &next_try, &seq, &pub, &epoch);
+            }
+        }
+        if (rc < 0)
+            return rc;
+        if (rc == 0) {
+            if (fshm_now_ns() >= deadline)
+                return timeout_result(r);
+            continue;
+        }
+        if (seq < r->last_plus1)
+            continue;
+        uint64_t want = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
+        if (seq > want && !r->max_rate_hz) {
+            /* Descriptors between were dropped (our queue was full) while their frames may
+             * still be in the ring: take those first, in order, rather than jump to this
+             * one. Its descriptor is spent; the ring scan above finds it again. */
+            uint64_t s = seq - want > r->nslots ? seq - r->nslots : want;
+            for (; s < seq; s++) {
+                /* A slot that fails here counts as overwritten (skipped), not as a drop: a
+                 * corrupt one was counted when its own descriptor came, or will be. */
+                if (fshm_reader_read_frame(r, s, f) == 0) {
+                    f->publish_ns = 0;
+                    took(r, f);
+                    r->overruns += f->skipped;
+                    return 0;
+                }
+            }
+        }
+        rc = fshm_reader_read_frame(r, seq, f);
+        if (rc == 0) {
+            f->publish_ns = pub;
+            took(r, f);
+            r->overruns += f->skipped;
+            return 0;
+        }
+        note_drop(r, rc);   /* overwritten before we got to it: shows up as skipped next time */
+    }
+}
+
+int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f)
+{
+    if (r->foreign)
+        return fshm_foreign_peek(r, f);
+    int rc = fshm_reader_check_environment(r, 0);
+    if (rc && rc != -EAGAIN && rc != -ENOENT)
+        return rc;
+    for (int attempt = 0; attempt < 64; attempt++) {
+        uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
+        if (!latest || !r->epoch)
+            return fshm_set_error(-EAGAIN, "stream '%s' has no frame yet", r->paths.name);
+        rc = fshm_reader_read_frame(r, latest - 1, f);
+        if (rc == 0) {
+            f->skipped = 0;
+            f->publish_ns = 0;
+            return 0;
+        }
+        if (rc == FSHM_E_CORRUPT) {
+            r->drops++;
+            return rc;
+        }
+        if (LOAD_ACQ(&r->ctl->latest_seq) == latest) {
+            /* Still the newest yet unreadable: the stream may have moved to another
+             * epoch or been replaced. Look once; then it is a slot being rewritten. */
+            if (attempt == 0)
+                fshm_reader_check_environment(r, 1);
+            else
+                break;
+        }
+    }
+    return fshm_set_error(FSHM_E_OVERRUN, "stream '%s': the producer keeps overwriting the newest "
+                          "slot; use more slots", r->paths.name);
+}
