@@ -56,7 +56,7 @@ from ._core import (  # noqa: F401  (the camera errors are created in C, framesh
     UnsupportedFormat,
     V4L2Unavailable,
 )
-from .errors import InvalidArgument
+from .errors import FrameshmError, InvalidArgument
 
 __all__ = [
     "Camera",

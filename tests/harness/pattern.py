@@ -107,6 +107,42 @@ def expected(fmt: str, native: str, w: int, h: int, n: int, ts_us: int) -> np.nd
     raise NotImplementedError(f"{native} -> {fmt}")
 
 
+# PipeWire 0.3.65's V4L2 emulation keeps cycling the camera node through every buffer,
+# including the ones a V4L2 application has dequeued and not yet queued back (measured: a
+# held 640x480 YUYV buffer shows the frame 4 later with 4 buffers, 16 later with 16). A
+# frame is therefore only stable for a few frame periods after VIDIOC_DQBUF, and a process
+# starved of CPU for that long reads (or converts) a buffer the node is rewriting. A real
+# driver never does this. Tests over the emulation set EMULATION_OVERWRITES = True: a frame
+# whose differing bytes are all the pattern of other frames (what an overwrite leaves) is
+# then accepted and counted in OVERWRITTEN; anything else still fails.
+EMULATION_OVERWRITES = False
+OVERWRITTEN: list = []
+_BOUNDARY_BYTES = 6   # a YUYV macropixel at an overwrite boundary converts from both frames
+_BOUNDARY_ROWS = 4
+
+
+def _overwrite_explains(a: np.ndarray, fmt: str, native: str, n: int, bad: np.ndarray,
+                        tolerance: int) -> bool:
+    """True when, in every row, the bytes that differ from frame n are all the pattern of
+    ONE other frame (an overwrite replaces whole runs of rows with another frame), apart
+    from the few bytes where an overwrite started. The barcode rows are left out: the
+    other frame's counter and capture time are unknown. The gradient repeats every 64
+    frames, so n+1..n+63 stand for earlier frames too."""
+    h, w = a.shape[0], a.shape[1]
+    rows = a.reshape(h, -1).astype(np.int16)
+    bad = bad.reshape(h, -1).copy()
+    bad[COUNTER_ROWS[0]:TIME_ROWS[1]] = False
+    todo = np.flatnonzero(bad.any(axis=1))
+    if todo.size == 0:
+        return True
+    best = np.full(todo.size, np.iinfo(np.int64).max)
+    for k in range(1, 64):
+        other = expected(fmt, native, w, h, n + k, 0).reshape(h, -1)[todo].astype(np.int16)
+        miss = ((np.abs(rows[todo] - other) > tolerance) & bad[todo]).sum(axis=1)
+        best = np.minimum(best, miss)
+    return bool((best <= _BOUNDARY_BYTES).all() and (best > 0).sum() <= _BOUNDARY_ROWS)
+
+
 def check_frame(frame, fmt: str, native: str, tolerance: int = 0) -> Tuple[int, int]:
     """Checks a delivered frame against the camera's pattern; returns (counter, ts_us)."""
     a = np.asarray(frame)
@@ -116,9 +152,13 @@ def check_frame(frame, fmt: str, native: str, tolerance: int = 0) -> Tuple[int, 
     if a.shape != want.shape:
         raise AssertionError(f"frame shape {a.shape}, expected {want.shape}")
     diff = np.abs(a.astype(np.int16) - want.astype(np.int16))
-    bad = int((diff > tolerance).sum())
+    bad_mask = diff > tolerance
+    bad = int(bad_mask.sum())
+    if bad and EMULATION_OVERWRITES and _overwrite_explains(a, fmt, native, n, bad_mask, tolerance):
+        OVERWRITTEN.append((n, bad))
+        return n, ts_us
     if bad:
-        yx = np.argwhere(diff > tolerance)[0]
+        yx = np.argwhere(bad_mask)[0]
         raise AssertionError(
             f"frame {n} ({fmt} from {native}): {bad} bytes differ from the camera's pattern, "
             f"first at {tuple(int(v) for v in yx)}: {a[tuple(yx)]} != {want[tuple(yx)]}")

@@ -59,7 +59,13 @@ def camera(pw):
 PRELUDE = f"""
 sys.path.insert(0, {os.path.abspath(HARNESS)!r})
 from pattern import check_frame, decode
+import atexit, pattern
 from frameshm import camera as fcam
+# The emulation rewrites buffers the application holds (see pattern.py): a starved child
+# may see such an overwrite; it is accepted only when it is one, and reported.
+pattern.EMULATION_OVERWRITES = True
+atexit.register(lambda: pattern.OVERWRITTEN and print("frames overwritten by the emulation while held:",
+                                                      pattern.OVERWRITTEN, file=sys.stderr))
 def now_us():
     return time.monotonic_ns() // 1000
 def age_us(ts_us):
@@ -325,3 +331,24 @@ def _reader(name):
         return frameshm.Reader(name, consumer="probe", spin=False)
     except frameshm.StreamNotFound:
         return None
+
+
+def test_pattern_accepts_only_what_an_overwrite_leaves(monkeypatch):
+    """The harness's allowance for the emulation's overwrites (pattern.py) must not hide a
+    wrong conversion: another frame's rows are accepted, garbage is not."""
+    import pattern
+    monkeypatch.setattr(pattern, "EMULATION_OVERWRITES", True)
+    monkeypatch.setattr(pattern, "OVERWRITTEN", [])
+    frame = pattern.expected("RGB3", "YUYV", 640, 480, 7, 1234).copy()
+    later = pattern.expected("RGB3", "YUYV", 640, 480, 11, 5678)
+    frame[425:] = later[425:]
+    frame[424, 341:] = later[424, 341:]   # the overwrite began mid-row
+    assert pattern.check_frame(frame, "RGB3", "YUYV", tolerance=1)[0] == 7
+    assert pattern.OVERWRITTEN and pattern.OVERWRITTEN[0][0] == 7
+    for spoil in (lambda f: f.__setitem__((slice(424, None),), 0),             # zeros
+                  lambda f: f.__setitem__((slice(424, None),), f[424:, ::-1]),  # mirrored rows
+                  lambda f: f.__setitem__((slice(300, 301), slice(0, 20)), 1)):  # a few bytes
+        bad = pattern.expected("RGB3", "YUYV", 640, 480, 7, 1234).copy()
+        spoil(bad)
+        with pytest.raises(AssertionError, match="bytes differ"):
+            pattern.check_frame(bad, "RGB3", "YUYV", tolerance=1)
