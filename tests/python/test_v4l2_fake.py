@@ -122,6 +122,13 @@ def test_frames_iterator_releases_each_frame(fake):
         assert cam.stats["held"] == 0
 
 
+def test_frames_iterator_ends_when_no_frame_comes_in_time(fake):
+    fake.configure(f"path={DEV} formats=GREY:32x16@2")
+    with frameshm.Camera(DEV, format="GRAY8", buffers=2) as cam:
+        got = [f.sequence for f in cam.frames(timeout=0.05)]   # ends at the first gap
+        assert len(got) <= 1 and cam.stats["held"] == 0
+
+
 def test_close_with_views_alive_keeps_their_memory(fake):
     fake.configure(f"path={DEV} formats=GREY:32x16@200")
     cam = frameshm.Camera(DEV, buffers=3)
