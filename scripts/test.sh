@@ -20,7 +20,7 @@ set +e
 # serial run fails loudly instead.
 workers=()
 [ "${FRAMESHM_TEST_WORKERS:-0}" -gt 1 ] && workers=(-n "$FRAMESHM_TEST_WORKERS" --dist loadfile)
-"$FRAMESHM_PY" -m pytest -q -p no:cacheprovider --durations=30 "${workers[@]}" tests/python "$@"
+"$FRAMESHM_PY" -m pytest -q -p no:cacheprovider -rs --durations=30 "${workers[@]}" tests/python "$@"
 rc=$?
 set -e
 if [ "$rc" = 5 ]; then
