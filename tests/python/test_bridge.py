@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -35,14 +35,15 @@ def free_port() -> int:
 
 
 class BridgeProc:
-    """`frameshm --namespace NS bridge ...` with its log in a file."""
+    """`frameshm --namespace NS bridge ...` with its log in a file; `prefix` runs it through
+    another command (`ip netns exec NETNS`)."""
 
-    def __init__(self, tmp_path, ns: str, *args: str, label: Optional[str] = None):
+    def __init__(self, tmp_path, ns: str, *args: str, label: Optional[str] = None, prefix: Sequence[str] = ()):
         self.ns = ns
         self.args = args
         self.log = tmp_path / f"bridge-{label or ns}-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as logf:
-            self.proc = subprocess.Popen([sys.executable, "-m", "frameshm", "--namespace", ns, "bridge",
+            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "frameshm", "--namespace", ns, "bridge",
                                           "--log-level", "debug", *args],
                                          stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                          env=child_env())
@@ -84,8 +85,8 @@ def name(request):
 def bridges(tmp_path):
     made: List[BridgeProc] = []
 
-    def start(ns, *args, label=None):
-        b = BridgeProc(tmp_path, ns, *args, label=label)
+    def start(ns, *args, label=None, prefix=()):
+        b = BridgeProc(tmp_path, ns, *args, label=label, prefix=prefix)
         made.append(b)
         return b
 
