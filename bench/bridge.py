@@ -5,7 +5,8 @@ raw and JPEG; beside it the floor — a bare Zenoh put/subscribe of the same byt
 two Python processes — and a GStreamer RTP/JPEG pipeline over UDP on the same link.
 
 Measured per case over the window: frames delivered per second, added latency (capture
-timestamp -> the reader has the frame; one host, one CLOCK_MONOTONIC) median / p99, CPU
+timestamp -> the reader has the frame; one host, one CLOCK_MONOTONIC) median / p99 and its
+drift (median of the window's last third - of its first third: a backlog makes it grow), CPU
 per frame of each side (utime + stime of its process from /proc, divided by the frames
 delivered) and bytes on the wire per second (payload bytes the exporter put).
 
@@ -304,6 +305,8 @@ def run_bridge_case(size: str, encoding: str, seconds: float, link: Link, shm: s
         return {"case": f"{size}-{encoding}", "kind": "bridge", "size": size, "encoding": encoding,
                 "fps": n / dt, "skipped": skipped, "median_ms": float(np.median(lat_ms)),
                 "p99_ms": float(np.percentile(lat_ms, 99)),
+                # a backlog shows as latency growing over the window
+                "drift_ms": float(np.median(lat_ms[-(n // 3):]) - np.median(lat_ms[: n // 3])) if n >= 3 else None,
                 "cpu_ms_per_frame_export": (cpu1[0] - cpu0[0]) * 1e3 / max(n, 1),
                 "cpu_ms_per_frame_import": (cpu1[1] - cpu0[1]) * 1e3 / max(n, 1),
                 "wire_MBps": wire / 1e6 if wire else None,
@@ -342,6 +345,7 @@ def run_floor_case(size: str, seconds: float, link: Link) -> dict:
         n = len(lat_ms)
         return {"case": f"{size}-floor", "kind": "zenoh floor", "size": size, "encoding": "raw",
                 "fps": n / dt, "skipped": None, "median_ms": float(np.median(lat_ms)) if n else None,
+                "drift_ms": float(np.median(lat_ms[-(n // 3):]) - np.median(lat_ms[: n // 3])) if n >= 3 else None,
                 "p99_ms": float(np.percentile(lat_ms, 99)) if n else None,
                 "cpu_ms_per_frame_export": (cpu1[0] - cpu0[0]) * 1e3 / max(n, 1),
                 "cpu_ms_per_frame_import": (cpu1[1] - cpu0[1]) * 1e3 / max(n, 1),
@@ -448,9 +452,9 @@ def main() -> int:
     print(f"\n{FPS} fps, {args.seconds:.0f} s per case, {link.desc}; "
           f"loadavg {info.get('loadavg_at_start')} at start, {info['loadavg_at_end']} at end\n")
     print(markdown_table(
-        ["case", "delivered fps", "median ms", "p99 ms", "CPU ms/frame sender", "CPU ms/frame receiver",
+        ["case", "delivered fps", "median ms", "p99 ms", "drift ms", "CPU ms/frame sender", "CPU ms/frame receiver",
          "wire MB/s", "link MB/s"],
-        [[r["case"], r["fps"], r["median_ms"], r["p99_ms"], r["cpu_ms_per_frame_export"],
+        [[r["case"], r["fps"], r["median_ms"], r["p99_ms"], r.get("drift_ms"), r["cpu_ms_per_frame_export"],
           r["cpu_ms_per_frame_import"], r["wire_MBps"], r["link_MBps"]] for r in results]))
     path = write_results("bridge", {"machine": info, "link": link.desc, "seconds": args.seconds, "results": results})
     print(f"\nresults: {path}")

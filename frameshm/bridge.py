@@ -532,7 +532,7 @@ class _Importer:
         self.made = False
         self.jpeg = None
         self.zd = None
-        self.refused = 0                       # frames the driver gave no room or lease for
+        self.refused = 0                       # frames not published in a row (no room, no driver lease)
 
     # Zenoh's threads --------------------------------------------------------------------
 
@@ -665,7 +665,7 @@ class _Importer:
             delta = offset - _clock_offset()
             ts, send_ns = max(1, ts + delta), send_ns + delta
         try:
-            self._ensure_writer(epoch, seq, nslots, max(max_bytes, nbytes), nbytes)
+            self._ensure_writer(epoch, seq, nslots, max(max_bytes, nbytes))
         except (DriverUnavailable, LeaseLost) as exc:
             self._refused(seq, exc)
             return
@@ -722,7 +722,7 @@ class _Importer:
             return None
         return arr.reshape(shape)
 
-    def _ensure_writer(self, epoch: int, seq: int, nslots: int, max_bytes: int, nbytes: int) -> None:
+    def _ensure_writer(self, epoch: int, seq: int, nslots: int, max_bytes: int) -> None:
         from .stream import Writer
 
         im = self.im
