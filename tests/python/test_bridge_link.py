@@ -101,7 +101,8 @@ def test_stream_through_delay_and_loss_keeps_flowing_without_backlog(spawn, brid
     """30 fps of 640x480 RGB (27 MB/s raw) through 20 ms each way and 1 % loss: frames keep
     arriving whole and in order, their latency (capture -> the reader on the other side)
     is at least the link's delay and bounded by delay + one frame (+ margin for a loaded
-    machine), and it does not grow over the run (no backlog)."""
+    machine), and it does not grow over the run (no backlog). The emulator's counts show
+    the loss was real."""
     with EmulatedLink(DELAY_MS, 0.01, seed=3) as link:
         prod = producer(spawn, name, fps=30)
         port = 7447
@@ -135,12 +136,16 @@ def test_stream_through_delay_and_loss_keeps_flowing_without_backlog(spawn, brid
           f"link {link.counts}")
     # The frame crossed the link (no path around it): at least the one-way delay.
     assert med >= DELAY_MS, med
-    # Delay + one frame, + 67 ms for a loaded 2-core machine (the frame's own 0.9 MB on
-    # the wire, the retransmissions of the 1 % lost, scheduling of four busy processes).
-    assert med < DELAY_MS + FRAME_MS + 67, (med, sorted(lat))
-    # No backlog: a queue building up would raise the latency by the excess every second.
+    # Delay + one frame, + 100 ms for a loaded 2-core machine (the frame's own 0.9 MB on
+    # the wire, the retransmissions of the 1 % lost, scheduling of four busy processes:
+    # medians of 67-70 ms were seen at load 8, 30-58 ms in bench/bridge.py at load 7-10).
+    assert med < DELAY_MS + FRAME_MS + 100, (med, sorted(lat))
+    # No backlog: frames queued anywhere (instead of dropped for the newest) would raise
+    # the latency by the frames not delivered: at 20 of 30 fps, ~10 frames (0.3 s) more
+    # every second, seconds by the end. The margin is for a loaded machine's swings
+    # (a median of 66 ms in the first third and 137 ms in the last was seen at load 8).
     early, late = np.median(lat[: n // 3]), np.median(lat[-(n // 3):])
-    assert late < early + 30, (early, late)
+    assert late < early + 150, (early, late)
     assert np.percentile(lat, 90) < 500, sorted(lat)
     # The loss was real: data packets into b were dropped and retransmitted.
     data = link.counts[1]
