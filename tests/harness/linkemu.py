@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import collections
 import ctypes
-import errno
 import json
 import os
 import random
