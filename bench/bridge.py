@@ -5,17 +5,23 @@ raw and JPEG; beside it the floor — a bare Zenoh put/subscribe of the same byt
 two Python processes — and a GStreamer RTP/JPEG pipeline over UDP on the same link.
 
 Measured per case over the window: frames delivered per second, added latency (capture
-timestamp -> the reader has the frame; one host, one CLOCK_MONOTONIC) median / p99, CPU
+timestamp -> the reader has the frame; one host, one CLOCK_MONOTONIC) median / p99 and its
+drift (median of the window's last third - of its first third: a backlog makes it grow), CPU
 per frame of each side (utime + stime of its process from /proc, divided by the frames
 delivered) and bytes on the wire per second (payload bytes the exporter put).
 
 The link is loopback, or with ``--netns`` two network namespaces joined by a veth pair
-(needs root and iproute2), optionally shaped with ``tc`` (``--rate 100mbit``; ``--delay``
-and ``--loss`` need the kernel's sch_netem). Shared memory and message queues are not
-namespaced by the network: the producer and the reader run in the root namespace, each
-bridge in its own network namespace.
+(needs root and iproute2), optionally shaped with ``tc`` (``--rate 100mbit``). ``--delay``
+and ``--loss`` (each way) go through tests/harness/linkemu.py, the NFQUEUE link emulator
+(iptables; the stand-in for ``tc netem``, which the kernels we run on lack), or through
+netem itself with ``--netem``. Through namespaces, ``link MB/s`` is what crossed the veth
+from the sender's side to the receiver's (IP packets: headers and retransmissions
+included; all flows of the case). Shared memory and message queues are not namespaced by
+the network: the producer and the reader run in the root namespace, each bridge in its own
+network namespace.
 
     python bench/bridge.py [--seconds 6] [--cases 640x480-raw,...] [--netns [--rate 100mbit]]
+    python bench/bridge.py --netns --delay 20ms --loss 1%      # the emulated WAN-ish link
 """
 
 from __future__ import annotations
@@ -149,11 +155,24 @@ def wait_line(proc, prefix: str, timeout: float = 30.0) -> str:
 class Link:
     """Where each side runs: loopback, or two network namespaces joined by a veth pair."""
 
-    def __init__(self, netns: bool, rate: Optional[str], delay: Optional[str], loss: Optional[str]):
+    def __init__(self, netns: bool, rate: Optional[str], delay: Optional[str], loss: Optional[str],
+                 netem: bool = False):
         self.netns = netns
         self.desc = "loopback"
         self.a_host = self.b_host = "127.0.0.1"
+        self.emu = None
         if not netns:
+            return
+        if (delay or loss) and not netem:
+            if rate:
+                raise SystemExit("--rate with --delay/--loss needs --netem (the emulator does not shape)")
+            sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "harness"))
+            from linkemu import EmulatedLink
+
+            self.emu = EmulatedLink(_ms(delay or "0ms"), _fraction(loss or "0%"))
+            self.ns, self.veth = self.emu.ns, self.emu.veth
+            self.a_host, self.b_host = self.emu.a_host, self.emu.b_host
+            self.desc = self.emu.desc
             return
         tag = f"{os.getpid() % 100000}"
         self.ns = (f"fshm-bra-{tag}", f"fshm-brb-{tag}")
@@ -188,10 +207,33 @@ class Link:
             return []
         return ["ip", "netns", "exec", self.ns[0 if side == "a" else 1]]
 
+    def rx_bytes(self) -> Optional[int]:
+        """Bytes received by the receiving side's veth (IP packets from the sender's side)."""
+        if not self.netns:
+            return None
+        out = subprocess.run(["ip", "-n", self.ns[1], "-j", "-s", "link", "show", "dev", self.veth[1]],
+                             stdout=subprocess.PIPE, text=True, check=True).stdout
+        return int(json.loads(out)[0]["stats64"]["rx"]["bytes"])
+
     def close(self) -> None:
-        if self.netns:
+        if self.emu is not None:
+            self.emu.close()
+            print(f"link emulator counts (into a, into b): {self.emu.counts}", flush=True)
+        elif self.netns:
             for ns in self.ns:
                 subprocess.run(["ip", "netns", "del", ns], stderr=subprocess.DEVNULL)
+
+
+def _ms(text: str) -> float:
+    m = re.fullmatch(r"([0-9.]+)\s*(ms|s|us)?", text.strip())
+    if not m:
+        raise SystemExit(f"--delay {text!r}: e.g. 20ms")
+    return float(m.group(1)) * {"ms": 1.0, None: 1.0, "s": 1e3, "us": 1e-3}[m.group(2)]
+
+
+def _fraction(text: str) -> float:
+    t = text.strip()
+    return float(t[:-1]) / 100 if t.endswith("%") else float(t)
 
 
 def _popen(argv, env, **kw):
@@ -237,6 +279,7 @@ def run_bridge_case(size: str, encoding: str, seconds: float, link: Link, shm: s
             while time.monotonic() < deadline:
                 r.wait_latest(5)
             cpu0 = (cpu_s(a.pid), cpu_s(b.pid))
+            rx0 = link.rx_bytes()
             from frameshm.roles import read_metrics
 
             m0 = read_metrics("bench.bridge", base_dir=shm, namespace="a")
@@ -248,6 +291,7 @@ def run_bridge_case(size: str, encoding: str, seconds: float, link: Link, shm: s
                 skipped += f.skipped
             dt = time.monotonic() - t0
             cpu1 = (cpu_s(a.pid), cpu_s(b.pid))
+            rx1 = link.rx_bytes()
             m1 = read_metrics("bench.bridge", base_dir=shm, namespace="a")
         finally:
             r.close()
@@ -261,9 +305,12 @@ def run_bridge_case(size: str, encoding: str, seconds: float, link: Link, shm: s
         return {"case": f"{size}-{encoding}", "kind": "bridge", "size": size, "encoding": encoding,
                 "fps": n / dt, "skipped": skipped, "median_ms": float(np.median(lat_ms)),
                 "p99_ms": float(np.percentile(lat_ms, 99)),
+                # a backlog shows as latency growing over the window
+                "drift_ms": float(np.median(lat_ms[-(n // 3):]) - np.median(lat_ms[: n // 3])) if n >= 3 else None,
                 "cpu_ms_per_frame_export": (cpu1[0] - cpu0[0]) * 1e3 / max(n, 1),
                 "cpu_ms_per_frame_import": (cpu1[1] - cpu0[1]) * 1e3 / max(n, 1),
-                "wire_MBps": wire / 1e6 if wire else None}
+                "wire_MBps": wire / 1e6 if wire else None,
+                "link_MBps": (rx1 - rx0) / dt / 1e6 if rx0 is not None else None}
     finally:
         _stop(procs)
 
@@ -283,6 +330,7 @@ def run_floor_case(size: str, seconds: float, link: Link) -> dict:
         wait_line(sub, "READY")
         time.sleep(1.5)
         cpu0 = (cpu_s(pub.pid), cpu_s(sub.pid))
+        rx0 = link.rx_bytes()
         sub.stdin.write("MARK\n")
         sub.stdin.flush()
         t0 = time.monotonic()
@@ -291,15 +339,18 @@ def run_floor_case(size: str, seconds: float, link: Link) -> dict:
         sub.stdin.flush()
         dt = time.monotonic() - t0
         cpu1 = (cpu_s(pub.pid), cpu_s(sub.pid))
+        rx1 = link.rx_bytes()
         res = json.loads(wait_line(sub, "RESULT").split(None, 1)[1])
         lat_ms = np.asarray(res["lat"]) / 1e6
         n = len(lat_ms)
         return {"case": f"{size}-floor", "kind": "zenoh floor", "size": size, "encoding": "raw",
                 "fps": n / dt, "skipped": None, "median_ms": float(np.median(lat_ms)) if n else None,
+                "drift_ms": float(np.median(lat_ms[-(n // 3):]) - np.median(lat_ms[: n // 3])) if n >= 3 else None,
                 "p99_ms": float(np.percentile(lat_ms, 99)) if n else None,
                 "cpu_ms_per_frame_export": (cpu1[0] - cpu0[0]) * 1e3 / max(n, 1),
                 "cpu_ms_per_frame_import": (cpu1[1] - cpu0[1]) * 1e3 / max(n, 1),
-                "wire_MBps": res["bytes"] / dt / 1e6}
+                "wire_MBps": res["bytes"] / dt / 1e6,
+                "link_MBps": (rx1 - rx0) / dt / 1e6 if rx0 is not None else None}
     finally:
         _stop(procs)
 
@@ -327,8 +378,10 @@ def run_gstreamer_case(size: str, seconds: float, link: Link, quality: int = 90)
         procs.append(tx)
         time.sleep(2.0)
         cpu0 = (cpu_s(tx.pid), cpu_s(rx.pid))
+        rx0 = link.rx_bytes()
         time.sleep(seconds)
         cpu1 = (cpu_s(tx.pid), cpu_s(rx.pid))
+        rx1 = link.rx_bytes()
     except FileNotFoundError:
         return None
     finally:
@@ -340,7 +393,8 @@ def run_gstreamer_case(size: str, seconds: float, link: Link, quality: int = 90)
     return {"case": f"{size}-gstreamer", "kind": "GStreamer RTP/JPEG (UDP)", "size": size, "encoding": "jpeg",
             "fps": fps, "skipped": None, "median_ms": None, "p99_ms": None,
             "cpu_ms_per_frame_export": (cpu1[0] - cpu0[0]) * 1e3 / max(n, 1),
-            "cpu_ms_per_frame_import": (cpu1[1] - cpu0[1]) * 1e3 / max(n, 1), "wire_MBps": None}
+            "cpu_ms_per_frame_import": (cpu1[1] - cpu0[1]) * 1e3 / max(n, 1), "wire_MBps": None,
+            "link_MBps": (rx1 - rx0) / seconds / 1e6 if rx0 is not None else None}
 
 
 def main() -> int:
@@ -349,8 +403,9 @@ def main() -> int:
     ap.add_argument("--cases", default="", help="comma-separated subset, e.g. 640x480-raw,640x480-floor")
     ap.add_argument("--netns", action="store_true", help="two network namespaces joined by a veth pair (root)")
     ap.add_argument("--rate", help="tc rate limit on the veth, e.g. 100mbit (with --netns)")
-    ap.add_argument("--delay", help="netem delay, e.g. 20ms (with --netns; needs sch_netem)")
-    ap.add_argument("--loss", help="netem loss, e.g. 1%% (with --netns; needs sch_netem)")
+    ap.add_argument("--delay", help="delay each way, e.g. 20ms (with --netns: the NFQUEUE link emulator)")
+    ap.add_argument("--loss", help="loss each way, e.g. 1%% (with --netns: the NFQUEUE link emulator)")
+    ap.add_argument("--netem", action="store_true", help="--delay/--loss through tc netem (needs sch_netem)")
     ap.add_argument("--no-gstreamer", action="store_true")
     args = ap.parse_args()
 
@@ -369,7 +424,9 @@ def main() -> int:
         raise SystemExit("the bridge benchmark needs eclipse-zenoh: pip install 'frameshm[bridge]'")
     print(header_line(info))
     wanted = set(filter(None, args.cases.split(",")))
-    link = Link(args.netns, args.rate, args.delay, args.loss)
+    if (args.delay or args.loss) and not args.netns:
+        raise SystemExit("--delay/--loss need --netns")
+    link = Link(args.netns, args.rate, args.delay, args.loss, args.netem)
     shm = private_shm_dir("bridge")
     results = []
     try:
@@ -395,10 +452,10 @@ def main() -> int:
     print(f"\n{FPS} fps, {args.seconds:.0f} s per case, {link.desc}; "
           f"loadavg {info.get('loadavg_at_start')} at start, {info['loadavg_at_end']} at end\n")
     print(markdown_table(
-        ["case", "delivered fps", "median ms", "p99 ms", "CPU ms/frame sender", "CPU ms/frame receiver",
-         "wire MB/s"],
-        [[r["case"], r["fps"], r["median_ms"], r["p99_ms"], r["cpu_ms_per_frame_export"],
-          r["cpu_ms_per_frame_import"], r["wire_MBps"]] for r in results]))
+        ["case", "delivered fps", "median ms", "p99 ms", "drift ms", "CPU ms/frame sender", "CPU ms/frame receiver",
+         "wire MB/s", "link MB/s"],
+        [[r["case"], r["fps"], r["median_ms"], r["p99_ms"], r.get("drift_ms"), r["cpu_ms_per_frame_export"],
+          r["cpu_ms_per_frame_import"], r["wire_MBps"], r["link_MBps"]] for r in results]))
     path = write_results("bridge", {"machine": info, "link": link.desc, "seconds": args.seconds, "results": results})
     print(f"\nresults: {path}")
     return 0

@@ -53,7 +53,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
-from .errors import FrameshmError, InvalidArgument, ProducerDead, Timeout
+from .errors import DriverUnavailable, FrameshmError, InvalidArgument, LeaseLost, ProducerDead, Timeout
 
 log = logging.getLogger("frameshm.bridge")
 
@@ -200,6 +200,9 @@ class Bridge:
     peers by UDP multicast on the LAN (off by default). ``zenoh_config``: a Zenoh JSON5
     configuration file (TLS, access control) that the settings above are applied on top
     of. ``metrics``: name of a metrics stream (``frameshm ls``), None for none.
+    ``driver``: a ``frameshm driver``'s socket: every bridged stream is then attached through
+    that driver (exports read with a consumer lease, imports written with a producer lease
+    into the layout of the driver's profile); the metrics stream stays local.
     """
 
     def __init__(self, listen: Sequence[str] = (), connect: Sequence[str] = (), *,
@@ -207,7 +210,7 @@ class Bridge:
                  mode: str = "peer", scouting: bool = False, process_all: bool = False,
                  jpeg_quality: int = 90, consumer: str = "bridge", zenoh_config: Optional[str] = None,
                  metrics: Optional[str] = None, base_dir: Optional[str] = None,
-                 namespace: Optional[str] = None):
+                 namespace: Optional[str] = None, driver: Optional[str] = None):
         if mode not in ("peer", "client"):
             raise BridgeError(f"mode must be 'peer' or 'client', not {mode!r}")
         if not key_prefix or any(c in key_prefix for c in "*$?#") or key_prefix.strip("/") != key_prefix:
@@ -243,6 +246,9 @@ class Bridge:
         self.consumer = consumer
         self.zenoh_config = zenoh_config
         self.metrics_name = metrics
+        if driver is not None and not os.path.isabs(driver):
+            raise BridgeError(f"driver: the absolute path of a frameshm driver's socket, not {driver!r}")
+        self.driver = driver
         self._addr = dict(base_dir=base_dir, namespace=namespace)
         self._stop = threading.Event()
         self._threads: List[threading.Thread] = []
@@ -414,10 +420,10 @@ class Bridge:
                                   priority=zenoh.Priority.DATA, express=True)
         jpeg = _jpeg() if e.encoding == "jpeg" else None
         zc = _zstd().ZstdCompressor(level=ZSTD_LEVEL) if e.encoding == "zstd" else None
-        reader = Reader(e.name, consumer=self.consumer, spin=False, **self._addr)
+        reader = Reader(e.name, consumer=self.consumer, spin=False, driver=self.driver, **self._addr)
         # Control bytes sent back by importers are set through a handle of their own, from
         # Zenoh's thread (the reader above is busy waiting in this one).
-        control = Reader(e.name, subscribe=False, **self._addr)
+        control = Reader(e.name, subscribe=False, driver=self.driver, **self._addr)
         control_lock = threading.Lock()
 
         def on_control(sample):
@@ -454,9 +460,15 @@ class Bridge:
                     log.info("%s: %s", e.name, "frames flowing" if e.state == "waiting" else "frames flowing again")
                     e.state = "live"
                 if f.epoch != epoch:
-                    info = stream_info(e.name, **self._addr)
-                    epoch, nslots = f.epoch, info["nslots"]
-                    max_bytes = max(info["pool_strides"] or [f.nbytes])
+                    epoch, nslots, max_bytes = f.epoch, 8, f.nbytes
+                    try:
+                        info = stream_info(e.name, **self._addr)
+                        nslots, max_bytes = info["nslots"], max(info["pool_strides"] or [f.nbytes])
+                    except FrameshmError as exc:
+                        # A driver's stream outside this bridge's base dir / namespace: the
+                        # importer sizes its stream by the frames then (or by its own driver).
+                        log.debug("%s: layout not readable (%s): announcing %d slots of %d bytes", e.name, exc,
+                                  nslots, max_bytes)
                 e.stat.drops += f.skipped
                 arr = f.array
                 enc = e.encoding
@@ -520,6 +532,7 @@ class _Importer:
         self.made = False
         self.jpeg = None
         self.zd = None
+        self.refused = 0                       # frames not published in a row (no room, no driver lease)
 
     # Zenoh's threads --------------------------------------------------------------------
 
@@ -585,8 +598,8 @@ class _Importer:
             sub.undeclare()
             lsub.undeclare()
             ctl_pub.undeclare()
-            self._close_writer(unlink=True)
-            if self.made:
+            self._close_writer(unlink=self.b.driver is None)   # a driver's files are the driver's
+            if self.made and self.b.driver is None:
                 try:   # closed earlier on a remote's departure: removed unless consumers remain
                     _core.stream_gc(self.name, **self.b._addr)
                 except FrameshmError:
@@ -651,23 +664,39 @@ class _Importer:
             # clocks (as good as their synchronisation, NTP/PTP).
             delta = offset - _clock_offset()
             ts, send_ns = max(1, ts + delta), send_ns + delta
-        self._ensure_writer(epoch, seq, nslots, max(max_bytes, nbytes))
+        try:
+            self._ensure_writer(epoch, seq, nslots, max(max_bytes, nbytes))
+        except (DriverUnavailable, LeaseLost) as exc:
+            self._refused(seq, exc)
+            return
         if self.im.state != "live":
             log.info("%s: %s (remote epoch %d)", self.name,
                      "frames arriving" if self.im.state == "waiting" else "frames arriving again", epoch)
             self.im.state = "live"
         self._mirror_control(ctl)
         w = self.writer
+        if seq < w._w.next_seq:
+            # Only under a driver (without one the stream is made anew): the remote
+            # numbering went back and the driver's stream keeps its own; it carries on.
+            seq = None
         try:
             w.publish(arr, timestamp_ns=ts, ref_seq=ref if flags & 1 else None, seq=seq)
-        except InvalidArgument as exc:
-            st.drops += 1
-            log.warning("%s: frame %d not published: %s", self.name, seq, exc)
+        except (InvalidArgument, LeaseLost) as exc:
+            self._refused(seq, exc)
             return
+        if self.refused:
+            log.info("%s: frames published again after %d refused", self.name, self.refused)
+            self.refused = 0
         now = time.monotonic_ns()
         st.frames += 1
         st.bytes += len(data)
         st.latency.append((now - ts) / 1e6)
+
+    def _refused(self, seq, exc) -> None:
+        self.im.stat.drops += 1
+        self.refused += 1
+        if self.refused == 1 or self.refused % 100 == 0:
+            log.warning("%s: frame %s not published (%d so far): %s", self.name, seq, self.refused, exc)
 
     def _decode_zstd(self, data: bytes, nbytes: int, dt, shape) -> Optional[np.ndarray]:
         if self.zd is None:
@@ -698,6 +727,23 @@ class _Importer:
 
         im = self.im
         w = self.writer
+        driver = self.b.driver
+        if driver is not None:
+            # The driver's profile decides the layout: a remote restart is a new lease, not
+            # a new layout, and a frame larger than its pools cannot be helped (refused).
+            if w is None or im.remote_epoch != epoch:
+                if w is not None:
+                    log.info("%s: the remote producer restarted (remote epoch %d -> %d): producer lease "
+                             "renewed", self.name, im.remote_epoch, epoch)
+                    self._close_writer(unlink=False)
+                self.writer = Writer(self.name, max_bytes=max_bytes, driver=driver, **self.b._addr)
+                self.made = True
+                self.layout = (self.writer.nslots, max(stride for _pid, stride in self.writer.pools))
+                im.remote_epoch = epoch
+                self.mirror = [None] * 8
+                log.info("%s: local stream epoch %d through the driver (%d slots, largest pool %d bytes) for "
+                         "remote epoch %d", self.name, self.writer.epoch, self.layout[0], self.layout[1], epoch)
+            return
         back = w is not None and seq < w._w.next_seq
         if w is not None and im.remote_epoch == epoch and max_bytes <= self.layout[1] and not back:
             return

@@ -37,6 +37,9 @@ if [ "$what" = test ]; then
   # GigE Vision: Aravis to build against (aravis-0.8.pc requires libusb-1.0, which
   # libaravis-dev does not pull in) and its fake camera and tools.
   APT_PACKAGES+=(aravis-tools aravis-tools-cli libaravis-dev libusb-1.0-0-dev)
+  # The bridge's emulated link (tests/harness/linkemu.py): network namespaces and a veth
+  # pair (iproute2), NFQUEUE rules (iptables) standing in for tc netem, which CI kernels lack.
+  APT_PACKAGES+=(iproute2 iptables)
 fi
 missing=()
 for p in "${APT_PACKAGES[@]}"; do

@@ -193,7 +193,8 @@ def config_from_args(args) -> PipelineConfig:
         overrides += [("bridge.listen", args.listen), ("bridge.connect", args.connect),
                       ("bridge.exports", args.exports), ("bridge.imports", args.imports),
                       ("bridge.mode", args.mode), ("bridge.scouting", args.scouting),
-                      ("bridge.process_all", args.process_all), ("bridge.zenoh_config", args.zenoh_config)]
+                      ("bridge.process_all", args.process_all), ("bridge.zenoh_config", args.zenoh_config),
+                      ("streams.driver", args.driver)]
     else:
         overrides += [("streams.detections", args.detections),
                       ("controller.validation_frames", args.validation_frames),

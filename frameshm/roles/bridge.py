@@ -24,7 +24,8 @@ def bridge_from_config(cfg: PipelineConfig, base_dir: Optional[str] = None,
     return Bridge(b.listen, b.connect, exports=b.exports, imports=b.imports, key_prefix=b.key_prefix,
                   mode=b.mode, scouting=b.scouting, process_all=b.process_all, jpeg_quality=b.jpeg_quality,
                   consumer=b.consumer, zenoh_config=b.zenoh_config or None,
-                  metrics=cfg.metrics_stream("bridge"), base_dir=base_dir, namespace=namespace)
+                  metrics=cfg.metrics_stream("bridge"), base_dir=base_dir, namespace=namespace,
+                  driver=cfg.driver)
 
 
 def run(cfg: PipelineConfig, stop: threading.Event, base_dir: Optional[str] = None,
@@ -57,4 +58,6 @@ def add_parser(sub) -> None:
     p.add_argument("--process-all", action="store_true", default=None,
                    help="every frame in order with back-pressure (default: latest frame, drops at the sender)")
     p.add_argument("--zenoh-config", metavar="FILE", help="a Zenoh JSON5 configuration (TLS, access control)")
+    p.add_argument("--driver", metavar="SOCKET",
+                   help="a frameshm driver's socket: the bridged streams attach through it ([streams] driver)")
     add_run_arguments(p, "bridge", set_example="bridge.jpeg_quality=80")

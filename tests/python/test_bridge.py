@@ -16,7 +16,7 @@ import subprocess
 import sys
 import threading
 import time
-from typing import List, Optional
+from typing import List, Optional, Sequence
 
 import numpy as np
 import pytest
@@ -35,14 +35,15 @@ def free_port() -> int:
 
 
 class BridgeProc:
-    """`frameshm --namespace NS bridge ...` with its log in a file."""
+    """`frameshm --namespace NS bridge ...` with its log in a file; `prefix` runs it through
+    another command (`ip netns exec NETNS`)."""
 
-    def __init__(self, tmp_path, ns: str, *args: str, label: Optional[str] = None):
+    def __init__(self, tmp_path, ns: str, *args: str, label: Optional[str] = None, prefix: Sequence[str] = ()):
         self.ns = ns
         self.args = args
         self.log = tmp_path / f"bridge-{label or ns}-{time.monotonic_ns()}.log"
         with open(self.log, "wb") as logf:
-            self.proc = subprocess.Popen([sys.executable, "-m", "frameshm", "--namespace", ns, "bridge",
+            self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "frameshm", "--namespace", ns, "bridge",
                                           "--log-level", "debug", *args],
                                          stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
                                          env=child_env())
@@ -84,8 +85,8 @@ def name(request):
 def bridges(tmp_path):
     made: List[BridgeProc] = []
 
-    def start(ns, *args, label=None):
-        b = BridgeProc(tmp_path, ns, *args, label=label)
+    def start(ns, *args, label=None, prefix=()):
+        b = BridgeProc(tmp_path, ns, *args, label=label, prefix=prefix)
         made.append(b)
         return b
 
@@ -602,3 +603,86 @@ def test_timestamps_from_another_machine_go_through_the_wall_clock(monkeypatch, 
             ts, f = wait_until(one, 30, what="a frame across")
             assert f.timestamp_ns != 0 and abs(f.timestamp_ns - ts) < 20_000_000, (f.timestamp_ns, ts)
     assert fb.HEADER.size < 256
+
+
+DRIVER_CONFIG = """
+[driver]
+socket = "{sock}"
+base_dir = "{base}"
+namespace = "{ns}"
+file_mode = 0o600
+keepalive_interval_ms = 100
+lease_expiry_missed = 5
+announce_interval_ms = 200
+cleanup_on_exit = true
+
+[profiles.small]
+header_nslots = {nslots}
+pools = [{{pool_id = 1, stride_bytes = {stride}}}]
+
+[[streams]]
+name = "{name}"
+profile = "small"
+"""
+
+DRIVER_PRODUCER = """
+w = frameshm.Writer({name!r}, shape=(64, 64), dtype="uint8", driver={sock!r})
+say("READY", w.nslots, w.pools)
+i = 0
+while not stopped():
+    a = np.full((64, 64), i & 0xFF, np.uint8)
+    a.reshape(-1)[:8] = np.frombuffer(np.uint64(w._w.next_seq).tobytes(), np.uint8)
+    w.publish(a, ref_seq=i)
+    i += 1
+    time.sleep(1 / 30)
+w.close()
+"""
+
+
+def test_driver_streams_are_exported_and_imported(spawn, bridges, tmp_path, shm_base, name):
+    """Each side has its own `frameshm driver` owning the stream (driver model): the
+    exporter reads A's driver stream with a consumer lease, the importer writes B's with a
+    producer lease, in the layout of B's profile (16 slots of 16 KiB, where the source has
+    8 of 64 KiB), with the producer's seq, ref_seq and bytes."""
+    from test_driver_clients import Driver
+
+    drivers = []
+    try:
+        for ns, nslots, stride in (("a", 8, 65536), ("b", 16, 16384)):
+            d = tmp_path / f"driver-{ns}"
+            d.mkdir()
+            sock = str(d / "driver.sock")
+            drivers.append(Driver(d, shm_base, DRIVER_CONFIG.format(sock=sock, base=shm_base, ns=ns, name=name,
+                                                                     nslots=nslots, stride=stride)).start())
+        sock_a, sock_b = drivers[0].sock, drivers[1].sock
+        prod = spawn(DRIVER_PRODUCER.format(name=name, sock=sock_a), label="driver producer",
+                     env_extra={"FRAMESHM_NAMESPACE": "a"})
+        prod.expect("READY", timeout=30)
+        port = free_port()
+        a = bridges("a", "--driver", sock_a, "--listen", f"tcp/127.0.0.1:{port}", "--export", name, "--frames", name)
+        b = bridges("b", "--driver", sock_b, "--connect", f"tcp/127.0.0.1:{port}", "--import", name,
+                    "--frames", name)
+        b.expect(f"{name}: local stream epoch")
+        assert "through the driver" in b.text(), b.text()
+        got = []
+        with frameshm.Reader(name, namespace="b", driver=sock_b, consumer="far") as r:
+            r.wait_latest(30)
+            while len(got) < 20:
+                f = r.wait_next(10.0)
+                arr = f.copy()
+                got.append((f.seq, f.ref_seq, int(np.frombuffer(arr.reshape(-1)[:8].tobytes(), np.uint64)[0]),
+                            int(arr.reshape(-1)[8]), f.shape, f.dtype))
+        for seq, ref, embedded, fill, shape, dtype in got:
+            assert embedded == seq, "the producer's seq, carried over"
+            assert fill == ref & 0xFF and shape == (64, 64) and dtype == np.uint8
+        seqs = [g[0] for g in got]
+        assert seqs == sorted(seqs) and len(set(seqs)) == len(seqs)
+        # B's stream is its driver's: the profile's layout, not the source's (8 x 64 KiB)
+        info = frameshm.stream_info(name, namespace="b")
+        assert info["nslots"] == 16 and max(info["pool_strides"]) == 16384, info
+        b.stop()
+        a.stop()
+        prod.stop()
+    finally:
+        for d in drivers:
+            assert d.stop() == 0, d.text()
