@@ -184,11 +184,6 @@ def test_not_a_camera_through_libv4l2(monkeypatch):
         frameshm.Camera("/dev/null")
 
 
-@pytest.mark.skip(reason="KNOWN BUG, left open: under load, a SIGALRM whose Python handler raises "
-                         "while Camera.read() waits sometimes crashes the process (SIGSEGV, seen 3 times "
-                         "in full-suite runs on a loaded 2-core VM, never alone); it takes the whole "
-                         "pytest run down with it, so it is skipped until the camera binding's "
-                         "signal path is fixed (see the session's closing note)")
 def test_timeout_and_signal_during_a_wait(fake):
     fake.configure(f"path={DEV} formats=GREY:32x16@1")
     with frameshm.Camera(DEV) as cam:
