@@ -46,6 +46,21 @@ static int map_ctl_fd(int fd, const fshm_paths *p, fshm_ctl_handle *h)
     return rc;
 }
 
+int fshm_ctl_map_fd(int fd, const fshm_paths *p, fshm_ctl_handle *h)
+{
+    memset(h, 0, sizeof *h);
+    h->fd = -1;
+    return map_ctl_fd(fd, p, h);
+}
+
+void fshm_ctl_init(fshm_ctl *c, const fshm_paths *p)
+{
+    c->magic = FSHM_CTL_MAGIC;
+    c->version = FSHM_CTL_VERSION;
+    c->stream_id = p->stream_id;
+    snprintf(c->name, sizeof c->name, "%s", p->name);
+}
+
 /* Creates a fully initialised control file under a temporary name and links it into
  * place, so no process ever sees a half-written one. Returns 1 if another process won. */
 static int create_ctl(const fshm_paths *p)
@@ -62,11 +77,7 @@ static int create_ctl(const fshm_paths *p)
         unlink(tmp);
         return rc;
     }
-    fshm_ctl *c = (fshm_ctl *)m->base;
-    c->magic = FSHM_CTL_MAGIC;
-    c->version = FSHM_CTL_VERSION;
-    c->stream_id = p->stream_id;
-    snprintf(c->name, sizeof c->name, "%s", p->name);
+    fshm_ctl_init((fshm_ctl *)m->base, p);
     fshm_map_unref(m);
     close(fd);
     rc = link(tmp, p->ctl) == 0 ? 0 : (errno == EEXIST ? 1 : -errno);

@@ -227,11 +227,25 @@ static void drop_driver_attachment(fshm_writer *w)
     w->lock_fd = -1;
 }
 
+static int map_sealed(fshm_lease *l, unsigned i, uint64_t size, fshm_map **out)
+{
+    int fd = fshm_lease_take_fd(l, i);
+    int rc = size > SIZE_MAX ? fshm_set_error(-EFBIG, "region too large")
+                             : fshm_sealed_map(fd, (size_t)size, 1, "region", out);
+    if (fd >= 0)
+        close(fd);   /* the mapping keeps the memory */
+    return rc;
+}
+
 /* Maps the regions of a granted epoch (the driver's, or one this writer just created)
  * and checks each superblock against the grant. */
 static int map_grant(fshm_writer *w, const fshm_grant *g)
 {
-    int rc = fshm_uri_map(g->header_uri, w->paths.base, 1, &w->ring);
+    /* Sealed transport: the lease holds the regions' descriptors (ring 1, pool i 2 + i). */
+    int sealed = w->lease && fshm_lease_nfds(w->lease);
+    int rc = sealed ? map_sealed(w->lease, 1, FSHM_SUPERBLOCK_SIZE +
+                                               (uint64_t)g->header_nslots * FSHM_SLOT_BYTES, &w->ring)
+                    : fshm_uri_map(g->header_uri, w->paths.base, 1, &w->ring);
     if (rc)
         return rc;
     if ((rc = fshm_superblock_check(w->ring->base, w->ring->size, g->epoch, g->stream_id,
@@ -254,7 +268,10 @@ static int map_grant(fshm_writer *w, const fshm_grant *g)
         w->npools = k + 1;
         pl->stride = gp->stride_bytes;
         pl->id = gp->pool_id;
-        if ((rc = fshm_uri_map(gp->uri, w->paths.base, 1, &pl->map)))
+        rc = sealed ? map_sealed(w->lease, 2 + order[k], FSHM_SUPERBLOCK_SIZE +
+                                     (uint64_t)g->header_nslots * gp->stride_bytes, &pl->map)
+                    : fshm_uri_map(gp->uri, w->paths.base, 1, &pl->map);
+        if (rc)
             return rc;
         if ((rc = fshm_superblock_check(pl->map->base, pl->map->size, g->epoch, g->stream_id,
                                         FSHM_REGION_PAYLOAD_POOL, pl->id, g->header_nslots,
@@ -291,10 +308,19 @@ static int attach_via_driver(fshm_writer *w)
     int rc = fshm_lease_attach(&w->lease_cfg, &w->lease, &g);
     if (rc)
         return rc;
-    if ((rc = fshm_paths_from_grant(w->base_dir, &g, &w->paths)))
+    int sealed = fshm_lease_nfds(w->lease) > 0;
+    if ((rc = fshm_paths_from_grant(w->base_dir, &g, sealed, &w->paths)))
         goto fail;
-    if ((rc = fshm_ctl_open(&w->paths, 0, &w->ch)))
+    if (sealed) {
+        int cfd = fshm_lease_take_fd(w->lease, 0);
+        if ((rc = fshm_sealed_check(cfd, FSHM_CTL_BYTES, 1, "control region")) ||
+            (rc = fshm_ctl_map_fd(cfd, &w->paths, &w->ch))) {
+            close(cfd);
+            goto fail;
+        }
+    } else if ((rc = fshm_ctl_open(&w->paths, 0, &w->ch))) {
         goto fail;
+    }
     w->ctl = w->ch.ctl;
     if (LOAD_ACQ(&w->ctl->epoch) != g.epoch) {
         rc = fshm_set_error(-EAGAIN, "stream %u moved past epoch %llu while attaching",
@@ -304,8 +330,10 @@ static int attach_via_driver(fshm_writer *w)
     /* The driver enforces one producer per lease. A shared lock (not exclusive: a
      * stopped producer whose lease expired may still hold one) keeps a non-driver
      * producer, which locks exclusively, out of a driver's stream. */
-    w->lock_fd = open(w->paths.ctl, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-    if (w->lock_fd < 0 || flock(w->lock_fd, LOCK_SH | LOCK_NB) != 0) {
+    /* (A sealed stream has no file another producer could open.) */
+    if (!sealed)
+        w->lock_fd = open(w->paths.ctl, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (!sealed && (w->lock_fd < 0 || flock(w->lock_fd, LOCK_SH | LOCK_NB) != 0)) {
         rc = fshm_set_error(-EBUSY, "stream %u has a producer that bypasses the driver (pid %llu)",
                             g.stream_id, (unsigned long long)w->ctl->producer_pid);
         goto fail;
