@@ -70,7 +70,7 @@ static int lease_attach(fshm_reader *r);
  * already (mapped, then dropped with a replaced control region): attach anew. */
 static int sealed_lease_for(fshm_reader *r, uint64_t e)
 {
-    if (r->lease && r->grant.epoch == e && fshm_lease_nfds(r->lease) > 1 &&
+    if (r->lease && r->grant.epoch >= e && fshm_lease_nfds(r->lease) > 1 &&
         fshm_lease_has_fd(r->lease, 1))
         return 0;
     if (r->lease)
@@ -80,11 +80,28 @@ static int sealed_lease_for(fshm_reader *r, uint64_t e)
         r->next_lease_try_ns = fshm_now_ns() + LEASE_RETRY_NS;
         return -EAGAIN;   /* lease_check retries */
     }
-    if (r->grant.epoch != e || !r->sealed)
-        return fshm_set_error(-EAGAIN, "stream %u: the driver granted epoch %llu while the "
-                              "control region names %llu", r->grant.stream_id,
+    if (r->grant.epoch < e || !r->sealed)
+        return fshm_set_error(-EAGAIN, "stream %u: the driver granted epoch %llu after "
+                              "announcing %llu", r->grant.stream_id,
                               (unsigned long long)r->grant.epoch, (unsigned long long)e);
     return 0;
+}
+
+/* Sealed: the epoch and its regions are what the driver granted (the announce is built
+ * from the grant, the control region's copy is not read). */
+static void announce_from_grant(const fshm_grant *g, fshm_announce *a)
+{
+    memset(a, 0, sizeof *a);
+    a->epoch = g->epoch;
+    a->header_nslots = g->header_nslots;
+    a->npools = g->npools;
+    snprintf(a->header_uri, sizeof a->header_uri, "%s", g->header_uri);
+    for (unsigned i = 0; i < g->npools && i < FSHM_MAX_POOLS; i++) {
+        a->pools[i].pool_id = g->pools[i].pool_id;
+        a->pools[i].nslots = g->pools[i].nslots;
+        a->pools[i].stride_bytes = g->pools[i].stride_bytes;
+        snprintf(a->pools[i].uri, sizeof a->pools[i].uri, "%s", g->pools[i].uri);
+    }
 }
 
 /* The regions of the mapped announce: the lease's descriptors (ring 1, grant pool i at
@@ -112,20 +129,36 @@ static int grant_pool_index(const fshm_grant *g, uint16_t pool_id)
 
 static int sync_epoch(fshm_reader *r)
 {
-    uint64_t e = LOAD_ACQ(&r->ctl->epoch);
-    if (e == r->epoch || e == 0)
-        return 0;
     fshm_announce a;
-    int rc = fshm_ctl_read_announce(r->ctl, &a);
-    if (rc)
-        return rc;
-    if (a.epoch != e)
-        return fshm_set_error(-EAGAIN, "announce for epoch %llu not written yet",
-                              (unsigned long long)e);
-    if (r->sealed && (rc = sealed_lease_for(r, e)))
-        return rc;
-    if ((rc = grant_mismatch(r, &a)))
-        return rc;
+    int rc;
+    if (r->sealed) {
+        /* The driver's word, never the control region's: any consumer can write that,
+         * and must not make the others remap or re-attach. */
+        if (!r->lease)
+            return 0;   /* lease_check attaches again */
+        uint64_t e = fshm_lease_announced_epoch(r->lease);
+        if (e < r->grant.epoch)
+            e = r->grant.epoch;
+        if (e == r->epoch || e == 0)
+            return 0;
+        if ((rc = sealed_lease_for(r, e)))
+            return rc;
+        if (r->grant.epoch == r->epoch)
+            return 0;
+        announce_from_grant(&r->grant, &a);
+    } else {
+        uint64_t e = LOAD_ACQ(&r->ctl->epoch);
+        if (e == r->epoch || e == 0)
+            return 0;
+        if ((rc = fshm_ctl_read_announce(r->ctl, &a)))
+            return rc;
+        if (a.epoch != e)
+            return fshm_set_error(-EAGAIN, "announce for epoch %llu not written yet",
+                                  (unsigned long long)e);
+        if ((rc = grant_mismatch(r, &a)))
+            return rc;
+    }
+    uint64_t e = a.epoch;
     fshm_map *ring = NULL;
     reader_pool pools[FSHM_MAX_POOLS];
     memset(pools, 0, sizeof pools);

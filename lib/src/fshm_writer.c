@@ -60,6 +60,7 @@ struct fshm_writer {
     char base_dir[FSHM_PATH_MAX];
     uint32_t attach_gen;     /* bumped whenever the regions were re-mapped (reattach) */
     int driver_mode;
+    int sealed;              /* the driver's memfd transport: regions came as descriptors */
 };
 
 /* The producer lock is a flock on an open file description, which a fork()ed child
@@ -104,6 +105,20 @@ static void refresh_activity(fshm_writer *w, uint64_t now)
                          __ATOMIC_RELAXED);
 }
 
+/* Whether the driver moved the stream past our epoch. Sealed, only the driver's word
+ * counts (our lease and the announces on our socket): every consumer can write the
+ * control region, and none may make the producer drop frames or re-attach (each attach
+ * is a new epoch for everyone). With files it is the control region's epoch word. */
+static int moved_on(const fshm_writer *w)
+{
+    if (!w->driver_mode)
+        return 0;
+    if (w->sealed)
+        return !w->lease || fshm_lease_announced_epoch(w->lease) != w->epoch ||
+               fshm_lease_state(w->lease, NULL) != FSHM_LEASE_ACTIVE;
+    return LOAD_ACQ(&w->ctl->epoch) != w->epoch;
+}
+
 static void *ticker_main(void *arg)
 {
     (void)arg;
@@ -114,7 +129,7 @@ static void *ticker_main(void *arg)
             /* A driver-mode writer whose lease ended (the driver moved the stream on)
              * must not vouch for regions that are no longer its own; ctl stays mapped
              * while ticking (it is closed only after release_regions). */
-            if (w->ticking && (!w->driver_mode || LOAD_ACQ(&w->ctl->epoch) == w->epoch))
+            if (w->ticking && !moved_on(w))
                 refresh_activity(w, now);
         uint64_t until = now + LIVENESS_TICK_NS;
         struct timespec ts = {(time_t)(until / 1000000000ull), (long)(until % 1000000000ull)};
@@ -322,7 +337,8 @@ static int attach_via_driver(fshm_writer *w)
         goto fail;
     }
     w->ctl = w->ch.ctl;
-    if (LOAD_ACQ(&w->ctl->epoch) != g.epoch) {
+    w->sealed = sealed;
+    if (!sealed && LOAD_ACQ(&w->ctl->epoch) != g.epoch) {
         rc = fshm_set_error(-EAGAIN, "stream %u moved past epoch %llu while attaching",
                             g.stream_id, (unsigned long long)g.epoch);
         goto fail;
@@ -354,7 +370,7 @@ fail:
 
 int fshm_writer_lease_ok(const fshm_writer *w)
 {
-    return !w->driver_mode || (w->lease && w->ctl && LOAD_RLX(&w->ctl->epoch) == w->epoch &&
+    return !w->driver_mode || (w->lease && w->ctl && !moved_on(w) &&
                                fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE);
 }
 
@@ -369,7 +385,7 @@ static int check_lease(fshm_writer *w)
                                   fshm_last_error());
         return 0;
     }
-    if (LOAD_RLX(&w->ctl->epoch) == w->epoch && fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE)
+    if (!moved_on(w) && fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE)
         return 0;
     char why[200];
     snprintf(why, sizeof why, "%s", fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE
@@ -629,7 +645,7 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     }
     uint64_t now = fshm_now_ns();
     uint64_t seq = w->loan.seq;
-    if (w->driver_mode && LOAD_ACQ(&w->ctl->epoch) != w->epoch) {
+    if (moved_on(w)) {
         /* Our lease ended while the frame was being written (e.g. we were stopped past
          * expiry): the stream belongs to another epoch now, whose counters we must not
          * touch. The frame is dropped like any frame nobody reads; the next loan
@@ -723,7 +739,7 @@ int fshm_writer_skip_to(fshm_writer *w, uint64_t seq)
 void fshm_writer_heartbeat(fshm_writer *w)
 {
     /* A driver-mode writer whose lease ended must not vouch for its successor. */
-    if (!w->ctl || (w->driver_mode && LOAD_ACQ(&w->ctl->epoch) != w->epoch))
+    if (!w->ctl || moved_on(w))
         return;
     uint64_t now = fshm_now_ns();
     STORE_RLX(&w->ctl->activity_ns, now);

@@ -107,7 +107,7 @@ print(json.dumps({"frames": frames, "bad": bad, "after": after, "torn": torn}), 
 """
 
 HOSTILE = """
-import array, ctypes, errno, fcntl, json, mmap, os, pathlib, socket, sys
+import array, ctypes, errno, fcntl, json, mmap, os, pathlib, socket, struct, sys
 from frameshm.driver import protocol as P
 {drop}
 
@@ -166,6 +166,13 @@ out["regions"] = [attacks(fd) for fd in regions]
 size = os.fstat(ctl).st_size
 out["ctl"] = {"shrink": err(lambda: os.ftruncate(ctl, 0)), "grow": err(lambda: os.ftruncate(ctl, size * 2)),
               "seals": fcntl.fcntl(ctl, F_GET_SEALS)}
+# The control region is writable by consumers: claim a later epoch in its epoch word and
+# its announce. Under the sealed transport nobody follows the control region's epoch.
+m = mmap.mmap(ctl, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+epoch = struct.unpack_from("<Q", m, 16)[0]
+struct.pack_into("<Q", m, 16, epoch + 5)
+struct.pack_into("<Q", m, 192, epoch + 5)
+out["ctl"]["epoch"] = epoch
 resp, fds = attach(1001, P.Role.PRODUCER, 0x7002)
 out["producer_1001"] = {"code": int(resp.code), "nfds": len(fds)}
 resp, fds = attach(1002, P.Role.PRODUCER, 0x7003)
@@ -225,6 +232,8 @@ def test_another_user_cannot_write_or_resize_sealed_regions(shared_dir):
         procs.append(consumer)
         assert consumer.stdout.readline().strip() == "reading", consumer.stderr.read()
 
+        epochs_1001 = lambda: (shared_dir / "driver.log").read_text().count("stream 1001 now at epoch")
+        before = epochs_1001()
         hostile = _python(HOSTILE, sock, base, env=env, as_nobody=ids)
         out, errs = hostile.communicate(timeout=60)
         assert hostile.returncode == 0, errs
@@ -250,6 +259,8 @@ def test_another_user_cannot_write_or_resize_sealed_regions(shared_dir):
         # Both kept running: the consumer still gets the producer's frames, all intact.
         time.sleep(1.0)  # frames after the attacks
         assert producer.poll() is None and consumer.poll() is None
+        # The forged epoch moved nobody: no re-attach, so no new epoch of 1001.
+        assert res["ctl"]["epoch"] >= 1 and epochs_1001() == before, (shared_dir / "driver.log").read_text()
         stop.touch()
         pout, perr = producer.communicate(timeout=30)
         cout, cerr = consumer.communicate(timeout=30)
