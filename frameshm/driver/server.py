@@ -335,7 +335,14 @@ class Driver:
             st.close_regions()
             st.ctl_fd = g.pop("ctl_fd")
             st.region_fds = g.pop("region_fds")
-            st.ro_fds = [_readonly(fd) for fd in st.region_fds]
+            try:
+                for fd in st.region_fds:
+                    st.ro_fds.append(_readonly(fd))
+            except OSError as exc:  # out of descriptors: grant nothing rather than write access
+                st.close_regions()
+                text = f"cannot make read-only descriptors: {exc.strerror}"
+                self.log(f"stream {st.stream_id}: cannot provision a new epoch ({why}): {text}")
+                raise ResourceLimit(exc.errno, text) from None
         st.grant = g
         st.last_epoch = g["epoch"]
         self.log(f"epoch: stream {st.stream_id} now at epoch {g['epoch']} ({why})")

@@ -373,6 +373,8 @@ void fshm_futex_wake(uint64_t *latest_seq);
 void fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns);
 
 /* ---- message queues (fshm_queue.c) ---- */
+/* Whether queue name q was created by process pid ("/fshm-<pid hex>-..."). */
+int fshm_queue_named_for(const char *q, uint64_t pid);
 /* Creates this process's next queue. record (may be NULL): where each candidate name is
  * written before the queue is created (a claimed consumer slot), so that no queue exists
  * that the slot does not name. */

@@ -567,7 +567,9 @@ static void refresh_consumers(fshm_writer *w)
             mq_close(lc->q);
             lc->open = 0;
         }
-        if (active && !lc->open && strncmp(q, "/fshm-", 6) == 0 && !strchr(q + 1, '/')) {
+        /* Only the entry's own queue (named for its pid): the table is writable by every
+         * consumer, and a forged entry must not point our descriptors at another's. */
+        if (active && !lc->open && !strchr(q + 1, '/') && fshm_queue_named_for(q, pid)) {
             if (fshm_queue_open_send(q, &lc->q) == 0) {
                 uint32_t hz = LOAD_RLX(&e->max_rate_hz);
                 lc->open = 1;
