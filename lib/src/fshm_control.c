@@ -42,6 +42,7 @@ static int map_ctl_fd(int fd, const fshm_paths *p, fshm_ctl_handle *h)
         fshm_map_unref(h->map);
         h->map = NULL;
         h->ctl = NULL;
+        h->fd = -1;   /* the caller still owns fd: a later fshm_ctl_close must not close it */
     }
     return rc;
 }

@@ -104,8 +104,8 @@ static void announce_from_grant(const fshm_grant *g, fshm_announce *a)
     }
 }
 
-/* The regions of the mapped announce: the lease's descriptors (ring 1, grant pool i at
- * 2 + i, matched to the announce by grant_mismatch), or the URIs' files. */
+/* A region of the announce being mapped: sealed, the lease's descriptor (ring 1, the
+ * grant's pool i at 2 + i; the announce is then the grant's own), else the URI's file. */
 static int map_region(fshm_reader *r, const char *uri, int fd_index, uint64_t size, fshm_map **out)
 {
     if (!r->sealed)

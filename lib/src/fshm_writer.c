@@ -330,7 +330,8 @@ static int attach_via_driver(fshm_writer *w)
         int cfd = fshm_lease_take_fd(w->lease, 0);
         if ((rc = fshm_sealed_check(cfd, FSHM_CTL_BYTES, 1, "control region")) ||
             (rc = fshm_ctl_map_fd(cfd, &w->paths, &w->ch))) {
-            close(cfd);
+            if (cfd >= 0)
+                close(cfd);
             goto fail;
         }
     } else if ((rc = fshm_ctl_open(&w->paths, 0, &w->ch))) {
