@@ -3,6 +3,8 @@
  * event loop is Python; everything that touches shared memory is the C core. */
 #include "binding.h"
 
+#include <unistd.h>
+
 /* (stream_id, *, name, base_dir, namespace) shared by the three address-taking functions. */
 static int build_addr(unsigned long stream_id, PyObject *name, PyObject *base, PyObject *ns,
                       fshm_stream_addr *a)
@@ -87,21 +89,27 @@ static PyObject *grant_dict(const fshm_grant *g)
     return res;
 }
 
-static PyObject *mod_driver_provision(PyObject *self, PyObject *args, PyObject *kw)
+/* sealed: the memfd transport (fshm_provision_epoch_sealed); the dict then also has
+ * "ctl_fd" (the stream's control region, the one passed in or a new one) and
+ * "region_fds" (header ring, then the pools in grant order), owned by the caller. */
+static PyObject *provision(PyObject *args, PyObject *kw, int sealed)
 {
     static char *kwlist[] = {"stream_id", "name", "base_dir", "namespace", "header_nslots", "pools",
-                             "file_mode", "gid", "min_epoch", NULL};
+                             "file_mode", "gid", "min_epoch", "ctl_fd", NULL};
     unsigned long sid = 0, nslots = 0, mode = 0600;
     long long gid = -1;
     unsigned long long min_epoch = 0;
+    int ctl_fd = -1;
     PyObject *name = Py_None, *base = Py_None, *ns = Py_None, *pools = NULL;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|$OOOkOkLK", kwlist, &sid, &name, &base, &ns,
-                                     &nslots, &pools, &mode, &gid, &min_epoch))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "k|$OOOkOkLKi", kwlist, &sid, &name, &base, &ns,
+                                     &nslots, &pools, &mode, &gid, &min_epoch, &ctl_fd))
         return NULL;
     if (!pools) {
         PyErr_SetString(PyExc_TypeError, "driver_provision() needs pools=[(pool_id, stride_bytes), ...]");
         return NULL;
     }
+    if (!sealed && ctl_fd != -1)
+        return fshm_raise_invalid("ctl_fd is for driver_provision_sealed()");
     fshm_stream_addr a;
     if (build_addr(sid, name, base, ns, &a))
         return NULL;
@@ -116,13 +124,49 @@ static PyObject *mod_driver_provision(PyObject *self, PyObject *args, PyObject *
     p.file_mode = (unsigned)mode;
     p.gid = gid < 0 ? -1 : gid;
     fshm_grant g;
-    int rc;
+    int rc, fds[1 + FSHM_MAX_POOLS];
     Py_BEGIN_ALLOW_THREADS
-    rc = fshm_provision_epoch(&a, &p, (uint64_t)min_epoch, &g);
+    rc = sealed ? fshm_provision_epoch_sealed(&a, &p, (uint64_t)min_epoch, &ctl_fd, &g, fds)
+                : fshm_provision_epoch(&a, &p, (uint64_t)min_epoch, &g);
     Py_END_ALLOW_THREADS
     if (rc)
         return fshm_raise(rc);
-    return grant_dict(&g);
+    PyObject *d = grant_dict(&g);
+    if (!sealed)
+        return d;
+    PyObject *list = d ? PyList_New(0) : NULL, *cfd = NULL;
+    for (unsigned i = 0; list && i < 1 + g.npools; i++) {
+        PyObject *v = PyLong_FromLong(fds[i]);
+        if (!v || PyList_Append(list, v) != 0) {
+            Py_XDECREF(v);
+            Py_CLEAR(list);
+            break;
+        }
+        Py_DECREF(v);
+    }
+    if (list && (cfd = PyLong_FromLong(ctl_fd)) && PyDict_SetItemString(d, "ctl_fd", cfd) == 0 &&
+        PyDict_SetItemString(d, "region_fds", list) == 0) {
+        Py_DECREF(cfd);
+        Py_DECREF(list);
+        return d;
+    }
+    /* Could not hand them over: nobody else will close them. */
+    for (unsigned i = 0; i < 1 + g.npools; i++)
+        close(fds[i]);
+    Py_XDECREF(cfd);
+    Py_XDECREF(list);
+    Py_XDECREF(d);
+    return NULL;
+}
+
+static PyObject *mod_driver_provision(PyObject *self, PyObject *args, PyObject *kw)
+{
+    return provision(args, kw, 0);
+}
+
+static PyObject *mod_driver_provision_sealed(PyObject *self, PyObject *args, PyObject *kw)
+{
+    return provision(args, kw, 1);
 }
 
 static PyObject *mod_driver_remove(PyObject *self, PyObject *args, PyObject *kw)
@@ -212,6 +256,11 @@ static PyMethodDef driver_methods[] = {
      "driver_provision(stream_id, *, name=None, base_dir=None, namespace=None, header_nslots, "
      "pools, file_mode=0o600, gid=-1, min_epoch=0) -> dict: moves the stream to a new epoch "
      "(driver side; creates and initialises every region file)"},
+    {"driver_provision_sealed", (PyCFunction)(void (*)(void))mod_driver_provision_sealed,
+     METH_VARARGS | METH_KEYWORDS,
+     "driver_provision_sealed(stream_id, *, ..., ctl_fd=-1) -> dict: driver_provision with the "
+     "sealed memfd transport; the dict adds ctl_fd and region_fds (header ring, pools), which "
+     "the caller owns"},
     {"driver_remove", (PyCFunction)(void (*)(void))mod_driver_remove, METH_VARARGS | METH_KEYWORDS,
      "driver_remove(stream_id, *, name=None, base_dir=None, namespace=None) -> bool removed"},
     {"driver_current_epoch", (PyCFunction)(void (*)(void))mod_driver_current_epoch,

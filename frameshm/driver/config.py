@@ -300,7 +300,9 @@ _DRIVER_KEYS = {
     "announce_interval_ms": "ShmPoolAnnounce period",
     "cleanup_on_exit": "remove provisioned streams on graceful exit",
     "shm_budget_bytes": "most bytes all provisioned streams may hold together (0: no limit)",
+    "transport": '"file" (region files, the spec\'s URIs) or "memfd" (sealed memfds passed over the socket)',
 }
+TRANSPORTS = ("file", "memfd")
 _POLICY_KEYS = {"allow_uids": "uids allowed to attach", "allow_gids": "gids allowed to attach"}
 _TABLES = {"driver": _DRIVER_KEYS, "policy": _POLICY_KEYS, "profiles": None, "streams": None}
 
@@ -319,6 +321,7 @@ class DriverConfig:
     announce_interval_ms: int = 1000
     cleanup_on_exit: bool = True
     shm_budget_bytes: int = 0
+    transport: str = "file"
     allow_uids: List[int] = field(default_factory=list)
     allow_gids: List[int] = field(default_factory=list)
     profiles: Dict[str, Profile] = field(default_factory=dict)
@@ -385,6 +388,10 @@ def from_dict(data: Dict[str, Any], where: str = "configuration") -> DriverConfi
         cfg.cleanup_on_exit = _bool(drv["cleanup_on_exit"], f"{w} cleanup_on_exit")
     if "shm_budget_bytes" in drv:
         cfg.shm_budget_bytes = _int(drv["shm_budget_bytes"], f"{w} shm_budget_bytes", 0, 2**63 - 1)
+    if "transport" in drv:
+        cfg.transport = _str(drv["transport"], f"{w} transport")
+        if cfg.transport not in TRANSPORTS:
+            raise DriverConfigError(f"{w} transport: {cfg.transport!r} is not one of {', '.join(TRANSPORTS)}")
 
     pol = data.get("policy", {})
     if not isinstance(pol, dict):
@@ -425,6 +432,7 @@ def check_report(cfg: DriverConfig) -> str:
     lines.append(
         f"socket {cfg.socket}; base {cfg.resolved_base_dir}, namespace {cfg.namespace}; "
         f"file mode 0o{cfg.file_mode:o}" + (f", group {cfg.group} ({cfg.gid})" if cfg.gid >= 0 else "")
+        + (", sealed memfd transport" if cfg.transport == "memfd" else "")
     )
     lines.append(
         f"keepalive every {cfg.keepalive_interval_ms} ms, leases expire after {cfg.lease_expiry_ms} ms "

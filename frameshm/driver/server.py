@@ -10,6 +10,7 @@ garbage is closed. Region files are created and removed only through the C core
 
 from __future__ import annotations
 
+import array
 import errno
 import os
 import selectors
@@ -123,6 +124,39 @@ class Stream:
     producer: Optional[int] = None  # lease id
     leases: Set[int] = field(default_factory=set)
     last_epoch: int = 0
+    # transport = "memfd": the stream's sealed control region (kept across epochs), the
+    # current epoch's regions (header ring, pools) read-write for the producer, and
+    # read-only descriptions of the same for consumers. The driver holds them for as long
+    # as the epoch is current: they are the only way to the memory.
+    ctl_fd: int = -1
+    region_fds: List[int] = field(default_factory=list)
+    ro_fds: List[int] = field(default_factory=list)
+
+    def close_regions(self) -> None:
+        for fd in self.region_fds + self.ro_fds:
+            os.close(fd)
+        self.region_fds, self.ro_fds = [], []
+
+    def close_all(self) -> None:
+        self.close_regions()
+        if self.ctl_fd >= 0:
+            os.close(self.ctl_fd)
+            self.ctl_fd = -1
+
+    def fds_for(self, role: int) -> List[int]:
+        """What an attach response carries: control region, header ring, pools. Consumers
+        get read-only descriptions of the ring and pools (they cannot map them writable,
+        nor, being another user than the driver, re-open them writable: mode 0600); the
+        control region is read-write for everyone (their registration is there) but,
+        sealed, nobody can truncate it."""
+        if self.ctl_fd < 0:
+            return []
+        return [self.ctl_fd] + (self.region_fds if role == P.Role.PRODUCER else self.ro_fds)
+
+
+def _readonly(fd: int) -> int:
+    """A read-only description of a sealed region (its mapping can never be made writable)."""
+    return os.open(f"/proc/self/fd/{fd}", os.O_RDONLY | os.O_CLOEXEC)
 
 
 def _role_name(role: int) -> str:
@@ -284,20 +318,31 @@ class Driver:
                         f"{fmt_bytes(budget)}) has {fmt_bytes(left)} left")
                 self.log(f"stream {st.stream_id}: cannot provision a new epoch ({why}): {text}")
                 raise ResourceLimit(errno.ENOSPC, text)
+        sealed = self.cfg.transport == "memfd"
+        kw = dict(header_nslots=prof.header_nslots, pools=prof.pools, file_mode=self.cfg.file_mode,
+                  gid=self.cfg.gid, min_epoch=st.last_epoch + 1, **self._addr(st.rule))
         try:
-            g = _core.driver_provision(
-                st.stream_id,
-                header_nslots=prof.header_nslots,
-                pools=prof.pools,
-                file_mode=self.cfg.file_mode,
-                gid=self.cfg.gid,
-                min_epoch=st.last_epoch + 1,
-                **self._addr(st.rule),
-            )
+            if sealed:
+                g = _core.driver_provision_sealed(st.stream_id, ctl_fd=st.ctl_fd, **kw)
+            else:
+                g = _core.driver_provision(st.stream_id, **kw)
         except FrameshmError as exc:
             text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
             self.log(f"stream {st.stream_id}: cannot provision a new epoch ({why}): {text}")
             raise
+        if sealed:
+            # The old epoch's memory goes once its last holder unmaps it.
+            st.close_regions()
+            st.ctl_fd = g.pop("ctl_fd")
+            st.region_fds = g.pop("region_fds")
+            try:
+                for fd in st.region_fds:
+                    st.ro_fds.append(_readonly(fd))
+            except OSError as exc:  # out of descriptors: grant nothing rather than write access
+                st.close_regions()
+                text = f"cannot make read-only descriptors: {exc.strerror}"
+                self.log(f"stream {st.stream_id}: cannot provision a new epoch ({why}): {text}")
+                raise ResourceLimit(exc.errno, text) from None
         st.grant = g
         st.last_epoch = g["epoch"]
         self.log(f"epoch: stream {st.stream_id} now at epoch {g['epoch']} ({why})")
@@ -305,6 +350,8 @@ class Driver:
     def _current(self, st: Stream) -> bool:
         """The stream's files are still where the last epoch put them."""
         g = st.grant
+        if g is not None and st.region_fds:
+            return True  # sealed regions: nobody but the driver can make them go
         if g is None or not os.path.isfile(_uri_path(g["header_uri"])):
             return False
         try:
@@ -322,11 +369,16 @@ class Driver:
 
     # ---- messages out ----
 
-    def _send(self, conn: Conn, msg: P.Message) -> bool:
+    def _send(self, conn: Conn, msg: P.Message, fds: Optional[List[int]] = None) -> bool:
         if conn.closed:
             return False
         try:
-            conn.sock.send(P.encode(msg), socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL)
+            flags = socket.MSG_DONTWAIT | socket.MSG_NOSIGNAL
+            if fds:
+                anc = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+                conn.sock.sendmsg([P.encode(msg)], anc, flags)
+            else:
+                conn.sock.send(P.encode(msg), flags)
             return True
         except BlockingIOError:
             self._schedule_close(conn, "it does not read its socket (send buffer full)")
@@ -571,7 +623,7 @@ class Driver:
             max_dims=g["max_dims"],
             pools=[P.PoolInfo(p["pool_id"], p["nslots"], p["stride_bytes"], p["uri"]) for p in g["pools"]],
             header_uri=g["header_uri"],
-        ))
+        ), st.fds_for(req.role))
         self.log(f"attach: lease {lease.lease_id} stream {req.stream_id} {role} client {req.client_id} "
                  f"({conn.label()}) epoch {g['epoch']}")
         if bumped:
@@ -704,7 +756,7 @@ class Driver:
             conn.sock.close()
         self.conns.clear()
         self.pending_close.clear()
-        if self.cfg.cleanup_on_exit:
+        if self.cfg.cleanup_on_exit and self.cfg.transport == "file":
             for sid in sorted(self.streams):
                 st = self.streams[sid]
                 try:
@@ -712,6 +764,8 @@ class Driver:
                         self.log(f"removed stream {sid}")
                 except FrameshmError as exc:
                     self.log(f"cannot remove stream {sid}: {exc}")
+        for st in self.streams.values():
+            st.close_all()
         self._close_listener()
 
     def _close_listener(self) -> None:

@@ -42,8 +42,24 @@ static int map_ctl_fd(int fd, const fshm_paths *p, fshm_ctl_handle *h)
         fshm_map_unref(h->map);
         h->map = NULL;
         h->ctl = NULL;
+        h->fd = -1;   /* the caller still owns fd: a later fshm_ctl_close must not close it */
     }
     return rc;
+}
+
+int fshm_ctl_map_fd(int fd, const fshm_paths *p, fshm_ctl_handle *h)
+{
+    memset(h, 0, sizeof *h);
+    h->fd = -1;
+    return map_ctl_fd(fd, p, h);
+}
+
+void fshm_ctl_init(fshm_ctl *c, const fshm_paths *p)
+{
+    c->magic = FSHM_CTL_MAGIC;
+    c->version = FSHM_CTL_VERSION;
+    c->stream_id = p->stream_id;
+    snprintf(c->name, sizeof c->name, "%s", p->name);
 }
 
 /* Creates a fully initialised control file under a temporary name and links it into
@@ -62,11 +78,7 @@ static int create_ctl(const fshm_paths *p)
         unlink(tmp);
         return rc;
     }
-    fshm_ctl *c = (fshm_ctl *)m->base;
-    c->magic = FSHM_CTL_MAGIC;
-    c->version = FSHM_CTL_VERSION;
-    c->stream_id = p->stream_id;
-    snprintf(c->name, sizeof c->name, "%s", p->name);
+    fshm_ctl_init((fshm_ctl *)m->base, p);
     fshm_map_unref(m);
     close(fd);
     rc = link(tmp, p->ctl) == 0 ? 0 : (errno == EEXIST ? 1 : -errno);
@@ -171,11 +183,15 @@ static uint64_t slot_owner(const fshm_ctl_consumer *e, uint32_t st, uint64_t *st
 
 /* Empties a slot we hold as PRUNING|us: its queue first, so that a kill in the middle
  * leaves a slot still naming it for the next pruner. */
-static void slot_free(fshm_ctl *c, fshm_ctl_consumer *e, int unlink_queue)
+/* owner: the process the slot names. Queue names carry their creator's pid
+ * (fshm_queue_create), and only a queue named for the slot's own process is unlinked:
+ * a slot forged by another consumer (the control region is writable by all of them)
+ * naming a live consumer's queue and a dead pid must not make pruners remove that queue. */
+static void slot_free(fshm_ctl *c, fshm_ctl_consumer *e, int unlink_queue, uint64_t owner)
 {
     char q[32];
     memcpy(q, e->queue, sizeof q);
-    if (unlink_queue && queue_name_ok(q))
+    if (unlink_queue && queue_name_ok(q) && fshm_queue_named_for(q, owner))
         mq_unlink(q);
     memset((uint8_t *)e + 4, 0, FSHM_CONSUMER_BYTES - 4);
     STORE_REL(&e->state, CONS_FREE);
@@ -227,7 +243,7 @@ int fshm_ctl_prune_report(fshm_ctl *c, int dry_run, fshm_gc_queue *out, uint32_t
         pruned++;
         if (dry_run)
             continue;
-        slot_free(c, e, 1);
+        slot_free(c, e, 1, owner);
         ADD_RLX(&c->pruned, 1);
     }
     return pruned;
@@ -320,7 +336,7 @@ void fshm_ctl_release(fshm_ctl *c, int idx, const char *queue, int unlink_queue)
     if (!__atomic_compare_exchange_n(&e->state, &st, CONS_STATE(CONS_PRUNING, me), 0,
                                      __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
         return;
-    slot_free(c, e, unlink_queue);
+    slot_free(c, e, unlink_queue, me);
 }
 
 int fshm_ctl_producer_state(const fshm_ctl *c, int64_t *pid)

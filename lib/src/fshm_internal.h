@@ -220,7 +220,9 @@ void fshm_user_dir(const fshm_paths *p, char *out, size_t cap);
 void fshm_remove_empty_parents(const fshm_paths *p);
 /* fshm_remove_tree(p->stream_dir), then fshm_remove_empty_parents. */
 int fshm_remove_stream_dir(const fshm_paths *p);
-int fshm_paths_from_grant(const char *base_dir, const fshm_grant *g, fshm_paths *p);
+/* sealed: the grant's regions came as descriptors, its URIs only name them (nothing on
+ * disk to resolve: the names are checked lexically). */
+int fshm_paths_from_grant(const char *base_dir, const fshm_grant *g, int sealed, fshm_paths *p);
 int fshm_statvfs_free(const char *dir, uint64_t *free_bytes);
 
 /* ---- processes (fshm_proc.c) ---- */
@@ -275,6 +277,10 @@ typedef struct fshm_ctl_handle {
 } fshm_ctl_handle;
 int fshm_ctl_open(const fshm_paths *p, int create, fshm_ctl_handle *h);
 void fshm_ctl_close(fshm_ctl_handle *h);
+/* Maps an open control region descriptor (a driver's sealed memfd); on success the handle
+ * owns fd. fshm_ctl_init writes a new region's identity. */
+int fshm_ctl_map_fd(int fd, const fshm_paths *p, fshm_ctl_handle *h);
+void fshm_ctl_init(fshm_ctl *c, const fshm_paths *p);
 int fshm_ctl_validate(const fshm_ctl *c, size_t map_size, const fshm_paths *p);
 int fshm_ctl_same_file(const fshm_ctl_handle *h, const char *path);
 /* Unlinks the queues of consumers whose process died; returns how many were pruned. */
@@ -340,6 +346,24 @@ int fshm_epoch_create(const fshm_paths *p, fshm_ctl *c, const fshm_profile *prof
  * directory of the stream. */
 void fshm_epoch_publish(const fshm_paths *p, fshm_ctl *c, const fshm_new_epoch *e);
 
+/* ---- sealed regions (fshm_sealed.c): the driver's memfd transport ---- */
+/* Descriptors an attach response may carry: control region, header ring, the pools. */
+#define FSHM_LEASE_MAX_FDS (2 + FSHM_MAX_POOLS)
+/* How many came with the attach (0: the file transport); take_fd hands one over (-1 when
+ * already taken or out of range). Untaken ones close with the lease. */
+unsigned fshm_lease_nfds(const fshm_lease *l);
+int fshm_lease_take_fd(fshm_lease *l, unsigned i);
+int fshm_lease_has_fd(const fshm_lease *l, unsigned i);
+/* A memfd of `size` bytes, mode 0600, pages reserved, sealed against shrinking, growing
+ * and further sealing. */
+int fshm_sealed_create(const char *label, uint64_t size, int *fd_out);
+/* Refuses a descriptor that is not a regular file sealed against resizing, of exactly
+ * `size` bytes (and open read-write when `writable`). */
+int fshm_sealed_check(int fd, size_t size, int writable, const char *what);
+int fshm_sealed_map(int fd, size_t size, int writable, const char *what, fshm_map **out);
+/* A read-only description of the same memfd (through /proc/self/fd); <0 on error. */
+int fshm_sealed_readonly(int fd);
+
 /* ---- waiting without a queue (fshm_queue.c) ----
  * A consumer that could not get a queue waits on the low 32 bits of the control region's
  * latest_seq (a shared futex: the region is a MAP_SHARED file); producers wake it after
@@ -349,6 +373,8 @@ void fshm_futex_wake(uint64_t *latest_seq);
 void fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns);
 
 /* ---- message queues (fshm_queue.c) ---- */
+/* Whether queue name q was created by process pid ("/fshm-<pid hex>-..."). */
+int fshm_queue_named_for(const char *q, uint64_t pid);
 /* Creates this process's next queue. record (may be NULL): where each candidate name is
  * written before the queue is created (a claimed consumer slot), so that no queue exists
  * that the slot does not name. */

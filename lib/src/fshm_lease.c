@@ -51,6 +51,10 @@ struct fshm_lease {
     uint64_t announced_epoch; /* atomic: newest ShmPoolAnnounce epoch for our stream */
     uint32_t producer_revokes; /* atomic: producer leases of our stream that ended */
     char message[160];        /* why the lease ended (written once, before state) */
+    /* Sealed transport: the descriptors that came with the attach response (control
+     * region, header ring, pools), until the writer or reader takes them. */
+    int fds[FSHM_LEASE_MAX_FDS];
+    unsigned nfds;
 };
 
 /* ---- byte-level codec ---- */
@@ -130,9 +134,21 @@ static int send_msg(fshm_lease *l, const uint8_t *buf, size_t n)
     return -(r < 0 ? e : EMSGSIZE);
 }
 
-/* Receives one packet within the deadline; 0 on timeout, <0 on error/EOF, else length. */
-static ssize_t recv_msg(int fd, uint8_t *buf, size_t cap, uint64_t deadline_ns)
+static void close_fds(int *fds, unsigned n)
 {
+    for (unsigned i = 0; i < n; i++)
+        if (fds[i] >= 0)
+            close(fds[i]);
+}
+
+/* Receives one packet within the deadline; 0 on timeout, <0 on error/EOF, else length.
+ * Descriptors passed with it (SCM_RIGHTS) land in fds[*nfds] (fds NULL: closed); a packet
+ * carrying more than FSHM_LEASE_MAX_FDS is refused whole. */
+static ssize_t recv_msg_fds(int fd, uint8_t *buf, size_t cap, uint64_t deadline_ns, int *fds,
+                            unsigned *nfds)
+{
+    if (nfds)
+        *nfds = 0;
     for (;;) {
         uint64_t now = now_ns();
         if (now >= deadline_ns)
@@ -146,17 +162,54 @@ static ssize_t recv_msg(int fd, uint8_t *buf, size_t cap, uint64_t deadline_ns)
             return -errno;
         if (pr == 0)
             continue;
-        ssize_t n = recv(fd, buf, cap, MSG_DONTWAIT | MSG_TRUNC);
+        union {
+            struct cmsghdr h;
+            char b[CMSG_SPACE(sizeof(int) * FSHM_LEASE_MAX_FDS)];
+        } ctl;
+        struct iovec iov = {.iov_base = buf, .iov_len = cap};
+        struct msghdr mh = {.msg_iov = &iov, .msg_iovlen = 1, .msg_control = ctl.b,
+                            .msg_controllen = sizeof ctl.b};
+        ssize_t n = recvmsg(fd, &mh, MSG_DONTWAIT | MSG_TRUNC | MSG_CMSG_CLOEXEC);
         if (n < 0 && (errno == EAGAIN || errno == EINTR))
             continue;
         if (n < 0)
             return -errno;
+        int got[FSHM_LEASE_MAX_FDS];
+        unsigned ngot = 0;
+        for (struct cmsghdr *c = CMSG_FIRSTHDR(&mh); c; c = CMSG_NXTHDR(&mh, c)) {
+            if (c->cmsg_level != SOL_SOCKET || c->cmsg_type != SCM_RIGHTS)
+                continue;
+            size_t k = (c->cmsg_len - CMSG_LEN(0)) / sizeof(int);
+            for (size_t i = 0; i < k; i++) {
+                int f;
+                memcpy(&f, CMSG_DATA(c) + i * sizeof(int), sizeof f);
+                if (ngot < FSHM_LEASE_MAX_FDS)
+                    got[ngot++] = f;
+                else
+                    close(f);
+            }
+        }
+        if (mh.msg_flags & MSG_CTRUNC || !fds) {
+            close_fds(got, ngot);
+            ngot = 0;
+        }
         if (n == 0)
             return -ECONNRESET;
-        if ((size_t)n > cap)
+        if ((size_t)n > cap) {
+            close_fds(got, ngot);
             return -EMSGSIZE;
+        }
+        if (fds) {
+            memcpy(fds, got, ngot * sizeof(int));
+            *nfds = ngot;
+        }
         return n;
     }
+}
+
+static ssize_t recv_msg(int fd, uint8_t *buf, size_t cap, uint64_t deadline_ns)
+{
+    return recv_msg_fds(fd, buf, cap, deadline_ns, NULL, NULL);
 }
 
 static int connect_driver(const char *path, int *fd_out)
@@ -325,6 +378,8 @@ int fshm_lease_attach(const fshm_lease_config *user_cfg, fshm_lease **out, fshm_
 static int lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_grant *grant)
 {
     *out = NULL;
+    int fds[FSHM_LEASE_MAX_FDS];
+    unsigned nfds = 0;
     if (cfg->role != FSHM_ROLE_PRODUCER && cfg->role != FSHM_ROLE_CONSUMER)
         return fshm_set_error(-EINVAL, "lease role must be producer or consumer");
     if (!cfg->stream_id)
@@ -366,7 +421,9 @@ static int lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_gra
     uint64_t deadline = now_ns() + (cfg->timeout_ns > 0 ? (uint64_t)cfg->timeout_ns : 5000000000ull);
     uint8_t buf[MSG_MAX];
     for (;;) {
-        ssize_t n = recv_msg(l->fd, buf, sizeof buf, deadline);
+        close_fds(fds, nfds);   /* whatever came with a packet that was not our answer */
+        nfds = 0;
+        ssize_t n = recv_msg_fds(l->fd, buf, sizeof buf, deadline, fds, &nfds);
         if (n == 0) {
             rc = fshm_set_error(-ETIMEDOUT, "the driver at %s did not answer the attach in time",
                                 cfg->socket_path);
@@ -387,6 +444,16 @@ static int lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_gra
                 continue;
             if (rc)
                 goto fail;
+            /* Sealed transport: the control region, the header ring, each pool, in order. */
+            if (nfds && nfds != 2 + grant->npools) {
+                rc = fshm_set_error(FSHM_E_CORRUPT, "the driver passed %u descriptors for a "
+                                    "grant of %u pools (expected %u)", nfds, grant->npools,
+                                    2 + grant->npools);
+                goto fail;
+            }
+            memcpy(l->fds, fds, nfds * sizeof(int));
+            l->nfds = nfds;
+            nfds = 0;
             break;
         }
         handle_push(l, buf, (size_t)n);   /* announces may come first */
@@ -426,8 +493,21 @@ static int lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_gra
     *out = l;
     return 0;
 fail:
+    close_fds(fds, nfds);
     fshm_lease_close(l, 0);
     return rc;
+}
+
+unsigned fshm_lease_nfds(const fshm_lease *l) { return l->nfds; }
+int fshm_lease_has_fd(const fshm_lease *l, unsigned i) { return i < l->nfds && l->fds[i] >= 0; }
+
+int fshm_lease_take_fd(fshm_lease *l, unsigned i)
+{
+    if (i >= l->nfds)
+        return -1;
+    int fd = l->fds[i];
+    l->fds[i] = -1;
+    return fd;
 }
 
 /* ---- what the driver pushes ---- */
@@ -603,6 +683,7 @@ void fshm_lease_close(fshm_lease *l, int detach)
             }
         }
     }
+    close_fds(l->fds, l->nfds);
     if (l->fd >= 0)
         close(l->fd);
     if (l->wake[0] >= 0)

@@ -231,7 +231,7 @@ int fshm_remove_stream_dir(const fshm_paths *p)
 /* Driver model: the driver chose the paths; we only accept them if the header ring sits
  * exactly at <base>/tensorpool-<user>/<ns>/<stream_id>/<epoch>/header.ring (canonical,
  * inside our configured base) and every pool is in that same epoch directory. */
-int fshm_paths_from_grant(const char *base_dir, const fshm_grant *g, fshm_paths *p)
+int fshm_paths_from_grant(const char *base_dir, const fshm_grant *g, int sealed, fshm_paths *p)
 {
     memset(p, 0, sizeof *p);
     const char *base;
@@ -251,8 +251,14 @@ int fshm_paths_from_grant(const char *base_dir, const fshm_grant *g, fshm_paths 
     if (bar)
         *bar = 0;
     char real[PATH_MAX];
-    if (!realpath(path, real))
+    if (sealed) {
+        /* Only a name: canonical means no "." / ".." / empty components. */
+        snprintf(real, sizeof real, "%s", path);
+        if (strstr(path, "//") || strstr(path, "/./") || strstr(path, "/../"))
+            real[0] = 0;
+    } else if (!realpath(path, real)) {
         return fshm_set_error(-errno, "driver's header region %s: %s", path, strerror(errno));
+    }
     if (strcmp(real, path) != 0)
         return fshm_set_error(FSHM_E_CORRUPT, "driver's header region path %s is not canonical (%s)",
                               path, real);

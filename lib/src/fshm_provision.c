@@ -329,6 +329,29 @@ static int create_region(const char *path, uint64_t size, unsigned mode, int64_t
     return rc;
 }
 
+/* A region file, or (sealed_fd not NULL) a sealed memfd labelled with the path's tail. */
+static int new_region(const char *path, uint64_t size, unsigned mode, int64_t gid,
+                      const uint8_t sb[FSHM_SUPERBLOCK_SIZE], int *sealed_fd)
+{
+    if (!sealed_fd)
+        return create_region(path, size, mode, gid, sb);
+    char label[64];
+    const char *tail = strrchr(path, '/');
+    snprintf(label, sizeof label, "fshm-%s", tail ? tail + 1 : path);
+    int fd, rc = fshm_sealed_create(label, size, &fd);
+    if (rc)
+        return rc;
+    ssize_t w = pwrite(fd, sb, FSHM_SUPERBLOCK_SIZE, 0);
+    if (w != (ssize_t)FSHM_SUPERBLOCK_SIZE) {
+        rc = fshm_set_error(w < 0 ? -errno : -EIO, "cannot write the superblock of %s: %s", label,
+                            w < 0 ? strerror(errno) : "short write");
+        close(fd);
+        return rc;
+    }
+    *sealed_fd = fd;
+    return 0;
+}
+
 static unsigned file_mode_of(const fshm_profile *p) { return p->file_mode ? p->file_mode : 0600; }
 
 /* ---- the epoch ledger ----
@@ -408,8 +431,11 @@ static void ledger_write(const fshm_paths *paths, uint64_t epoch)
         unlink(tmp);
 }
 
-int fshm_epoch_create(const fshm_paths *paths, fshm_ctl *c, const fshm_profile *p, uint64_t min_epoch,
-                      int replace_first, fshm_new_epoch *out)
+/* sealed_fds NULL: region files in <stream_dir>/<epoch>/. Otherwise sealed memfds
+ * (sealed_fds[0] the header ring, [1 + i] pool i; the caller owns them) named by the same
+ * URIs, nothing created in the base directory: the paths only name the regions. */
+static int epoch_create(const fshm_paths *paths, fshm_ctl *c, const fshm_profile *p,
+                        uint64_t min_epoch, int replace_first, int *sealed_fds, fshm_new_epoch *out)
 {
     memset(out, 0, sizeof *out);
     unsigned mode = file_mode_of(p);
@@ -426,16 +452,20 @@ int fshm_epoch_create(const fshm_paths *paths, fshm_ctl *c, const fshm_profile *
         epoch = last + 1;        /* the stream was removed since: continue above its last epoch */
     if (epoch == 0 || epoch == UINT64_MAX)
         return fshm_set_error(-EOVERFLOW, "stream %u: epoch counter exhausted", paths->stream_id);
-    if (replace_first)
+    if (replace_first && !sealed_fds)
         remove_epochs_except(paths->stream_dir, 0);
     char *edir = out->dir;
     snprintf(edir, sizeof out->dir, "%s/%llu", paths->stream_dir, (unsigned long long)epoch);
-    if (mkdir(edir, 0700) != 0) {
-        int rc = fshm_set_error(-errno, "cannot create %s: %s", edir, strerror(errno));
-        edir[0] = 0;
-        return rc;
+    int rc = 0;
+    if (!sealed_fds) {
+        if (mkdir(edir, 0700) != 0) {
+            rc = fshm_set_error(-errno, "cannot create %s: %s", edir, strerror(errno));
+            edir[0] = 0;
+            return rc;
+        }
+        rc = apply_dir_policy(edir, dir_mode_for(mode, p->gid), p->gid, 1);
     }
-    int rc = apply_dir_policy(edir, dir_mode_for(mode, p->gid), p->gid, 1);
+    unsigned nfds = 0;
 
     uint32_t n = p->header_nslots;
     uint64_t now = fshm_now_ns();
@@ -446,26 +476,37 @@ int fshm_epoch_create(const fshm_paths *paths, fshm_ctl *c, const fshm_profile *
     snprintf(path, sizeof path, "%s/header.ring", edir);
     fshm_superblock_write(sb, epoch, paths->stream_id, FSHM_REGION_HEADER_RING, 0, n, FSHM_SLOT_BYTES,
                           FSHM_SLOT_BYTES, pid, now);
-    if (!rc && !(rc = create_region(path, region_bytes(n, FSHM_SLOT_BYTES), mode, p->gid, sb)))
+    if (!rc && !(rc = new_region(path, region_bytes(n, FSHM_SLOT_BYTES), mode, p->gid, sb,
+                                 sealed_fds ? &sealed_fds[nfds] : NULL)))
         rc = fshm_uri_format(a->header_uri, sizeof a->header_uri, path);
+    nfds += !rc && sealed_fds;
     for (uint32_t i = 0; !rc && i < p->npools; i++) {
         uint16_t id = p->pool_id[i];
         uint32_t stride = p->stride_bytes[i];
         snprintf(path, sizeof path, "%s/%u.pool", edir, id);
         fshm_superblock_write(sb, epoch, paths->stream_id, FSHM_REGION_PAYLOAD_POOL, id, n, stride,
                               stride, pid, now);
-        if ((rc = create_region(path, region_bytes(n, stride), mode, p->gid, sb)) ||
-            (rc = fshm_uri_format(a->pools[i].uri, sizeof a->pools[i].uri, path)))
+        if ((rc = new_region(path, region_bytes(n, stride), mode, p->gid, sb,
+                             sealed_fds ? &sealed_fds[nfds] : NULL)))
+            break;
+        nfds += sealed_fds != NULL;
+        if ((rc = fshm_uri_format(a->pools[i].uri, sizeof a->pools[i].uri, path)))
             break;
         a->pools[i].pool_id = id;
         a->pools[i].stride_bytes = stride;
         a->pools[i].nslots = n;
     }
     if (rc) {
-        fshm_remove_tree(edir);
+        if (sealed_fds)
+            for (unsigned i = 0; i < nfds; i++)
+                close(sealed_fds[i]);
+        else
+            fshm_remove_tree(edir);
         edir[0] = 0;
         return rc;
     }
+    if (sealed_fds)
+        edir[0] = 0;   /* nothing on disk */
     a->epoch = epoch;
     a->header_nslots = n;
     a->npools = p->npools;
@@ -489,6 +530,12 @@ int fshm_epoch_create(const fshm_paths *paths, fshm_ctl *c, const fshm_profile *
         memcpy(g->pools[i].uri, a->pools[i].uri, sizeof a->pools[i].uri);
     }
     return 0;
+}
+
+int fshm_epoch_create(const fshm_paths *paths, fshm_ctl *c, const fshm_profile *p, uint64_t min_epoch,
+                      int replace_first, fshm_new_epoch *out)
+{
+    return epoch_create(paths, c, p, min_epoch, replace_first, NULL, out);
 }
 
 void fshm_epoch_publish(const fshm_paths *paths, fshm_ctl *c, const fshm_new_epoch *e)
@@ -586,6 +633,76 @@ undo_dirs:
         fshm_remove_empty_parents(&paths);   /* only what is empty: ours, or nobody's */
     }
     return rc;
+}
+
+int fshm_provision_epoch_sealed(const fshm_stream_addr *addr, const fshm_profile *user_p,
+                                uint64_t min_epoch, int *ctl_fd, fshm_grant *out, int *region_fds)
+{
+    memset(out, 0, sizeof *out);
+    fshm_profile copy, *p = &copy;
+    int rc = profile_copy(&copy, user_p);
+    if (rc || (rc = fshm_profile_check(p)))
+        return rc;
+    /* The base directory holds only the epoch ledger: it must exist and be ours. */
+    if ((rc = ensure_base(addr, 0700)))
+        return rc;
+    fshm_paths paths;
+    if ((rc = fshm_resolve(addr, 0, &paths)))
+        return rc;
+    /* The epoch being replaced is the same profile; its memory goes once its holders
+     * let go, so (as for files) it counts as available. */
+    int had_ctl = *ctl_fd >= 0;
+    uint64_t footprint = fshm_profile_footprint(p), room = 0, fs_free = 0;
+    uint64_t need = footprint - (had_ctl ? FSHM_CTL_BYTES : 0), old_bytes = had_ctl ? need : 0;
+    if ((rc = fshm_shm_room(paths.base, &room, &fs_free)))
+        return rc;
+    if (need > room + old_bytes) {
+        char fp[32], fr[32];
+        human_bytes(footprint, fp, sizeof fp);
+        human_bytes(room, fr, sizeof fr);
+        return fshm_set_error(-ENOSPC, "stream %u needs %s (profile footprint, %llu bytes) but "
+                              "only %s of memory is available", paths.stream_id, fp,
+                              (unsigned long long)footprint, fr);
+    }
+    int cfd = *ctl_fd;
+    if (!had_ctl) {
+        char label[48];
+        snprintf(label, sizeof label, "fshm-%u-frameshm.ctl", paths.stream_id);
+        if ((rc = fshm_sealed_create(label, FSHM_CTL_BYTES, &cfd)))
+            return rc;
+        fshm_map *m;
+        if ((rc = fshm_map_create(cfd, FSHM_CTL_BYTES, 1, 1, &m))) {
+            close(cfd);
+            return rc;
+        }
+        fshm_ctl_init((fshm_ctl *)m->base, &paths);
+        fshm_map_unref(m);
+    }
+    int dup_fd = fcntl(cfd, F_DUPFD_CLOEXEC, 0);
+    fshm_ctl_handle h;
+    if (dup_fd < 0)
+        rc = fshm_set_error(-errno, "dup: %s", strerror(errno));
+    else if ((rc = fshm_ctl_map_fd(dup_fd, &paths, &h)))
+        close(dup_fd);
+    fshm_new_epoch e;
+    if (!rc && (rc = epoch_create(&paths, h.ctl, p, min_epoch, 0, region_fds, &e)))
+        fshm_ctl_close(&h);
+    if (rc) {
+        if (!had_ctl)
+            close(cfd);
+        return rc;
+    }
+    fshm_ctl *c = h.ctl;
+    STORE_RLX(&c->producer_pid, 0);
+    STORE_RLX(&c->producer_start, 0);
+    STORE_REL(&c->state, (uint8_t)CTL_STATE_NEVER);
+    STORE_REL(&c->flags, (uint16_t)(LOAD_RLX(&c->flags) | CTL_FLAG_DRIVER));
+    fshm_ctl_write_announce(c, &e.announce);
+    STORE_REL(&c->epoch, e.grant.epoch);
+    fshm_ctl_close(&h);
+    *ctl_fd = cfd;
+    *out = e.grant;
+    return 0;
 }
 
 int fshm_provision_remove(const fshm_stream_addr *addr)

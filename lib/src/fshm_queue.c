@@ -1,4 +1,5 @@
 /* POSIX message queues carrying frame descriptors, one queue per consumer. */
+#include <ctype.h>
 #include <fcntl.h>
 #include <mntent.h>
 #include <stdatomic.h>
@@ -106,6 +107,16 @@ void fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns)
     struct timespec ts = {(time_t)(timeout_ns / 1000000000ull), (long)(timeout_ns % 1000000000ull)};
     /* EAGAIN (changed already), EINTR and ETIMEDOUT all mean: look again. */
     syscall(SYS_futex, futex_word(latest_seq), FUTEX_WAIT, (uint32_t)seen, &ts, NULL, 0);
+}
+
+int fshm_queue_named_for(const char *q, uint64_t pid)
+{
+    if (strncmp(q, "/fshm-", 6) != 0 || !isxdigit((unsigned char)q[6]))
+        return 0;
+    char *end;
+    errno = 0;
+    unsigned long long v = strtoull(q + 6, &end, 16);
+    return errno == 0 && *end == '-' && v == pid;
 }
 
 int fshm_queue_unavailable(int rc) { return rc == FSHM_E_LIMIT || rc == -ENOSYS; }

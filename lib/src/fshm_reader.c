@@ -6,6 +6,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/file.h>
+#include <sys/stat.h>
 #include <time.h>
 #include <unistd.h>
 
@@ -62,32 +63,117 @@ static int grant_mismatch(const fshm_reader *r, const fshm_announce *a)
                           g->npools, g->header_uri);
 }
 
+static int lease_attach(fshm_reader *r);
+
+/* Sealed transport: the regions of epoch e come only as descriptors with a lease that
+ * grants e. Ours may name an older epoch (the driver moved on) or have handed them over
+ * already (mapped, then dropped with a replaced control region): attach anew. */
+static int sealed_lease_for(fshm_reader *r, uint64_t e)
+{
+    if (r->lease && r->grant.epoch >= e && fshm_lease_nfds(r->lease) > 1 &&
+        fshm_lease_has_fd(r->lease, 1))
+        return 0;
+    if (r->lease)
+        fshm_lease_close(r->lease, 1);
+    r->lease = NULL;
+    if (lease_attach(r)) {
+        r->next_lease_try_ns = fshm_now_ns() + LEASE_RETRY_NS;
+        return -EAGAIN;   /* lease_check retries */
+    }
+    if (r->grant.epoch < e || !r->sealed)
+        return fshm_set_error(-EAGAIN, "stream %u: the driver granted epoch %llu after "
+                              "announcing %llu", r->grant.stream_id,
+                              (unsigned long long)r->grant.epoch, (unsigned long long)e);
+    return 0;
+}
+
+/* Sealed: the epoch and its regions are what the driver granted (the announce is built
+ * from the grant, the control region's copy is not read). */
+static void announce_from_grant(const fshm_grant *g, fshm_announce *a)
+{
+    memset(a, 0, sizeof *a);
+    a->epoch = g->epoch;
+    a->header_nslots = g->header_nslots;
+    a->npools = g->npools;
+    snprintf(a->header_uri, sizeof a->header_uri, "%s", g->header_uri);
+    for (unsigned i = 0; i < g->npools && i < FSHM_MAX_POOLS; i++) {
+        a->pools[i].pool_id = g->pools[i].pool_id;
+        a->pools[i].nslots = g->pools[i].nslots;
+        a->pools[i].stride_bytes = g->pools[i].stride_bytes;
+        snprintf(a->pools[i].uri, sizeof a->pools[i].uri, "%s", g->pools[i].uri);
+    }
+}
+
+/* A region of the announce being mapped: sealed, the lease's descriptor (ring 1, the
+ * grant's pool i at 2 + i; the announce is then the grant's own), else the URI's file. */
+static int map_region(fshm_reader *r, const char *uri, int fd_index, uint64_t size, fshm_map **out)
+{
+    if (!r->sealed)
+        return fshm_uri_map(uri, r->paths.base, 0, out);
+    int fd = fshm_lease_take_fd(r->lease, (unsigned)fd_index);
+    int rc = fd_index < 0 || size > SIZE_MAX
+                 ? fshm_set_error(FSHM_E_CORRUPT, "the driver's grant lacks region %s", uri)
+                 : fshm_sealed_map(fd, (size_t)size, 0, "region", out);
+    if (fd >= 0)
+        close(fd);   /* the mapping keeps the memory */
+    return rc;
+}
+
+static int grant_pool_index(const fshm_grant *g, uint16_t pool_id)
+{
+    for (unsigned i = 0; i < g->npools; i++)
+        if (g->pools[i].pool_id == pool_id)
+            return 2 + (int)i;
+    return -1;
+}
+
 static int sync_epoch(fshm_reader *r)
 {
-    uint64_t e = LOAD_ACQ(&r->ctl->epoch);
-    if (e == r->epoch || e == 0)
-        return 0;
     fshm_announce a;
-    int rc = fshm_ctl_read_announce(r->ctl, &a);
-    if (rc)
-        return rc;
-    if (a.epoch != e)
-        return fshm_set_error(-EAGAIN, "announce for epoch %llu not written yet",
-                              (unsigned long long)e);
-    if ((rc = grant_mismatch(r, &a)))
-        return rc;
+    int rc;
+    if (r->sealed) {
+        /* The driver's word, never the control region's: any consumer can write that,
+         * and must not make the others remap or re-attach. */
+        if (!r->lease)
+            return 0;   /* lease_check attaches again */
+        uint64_t e = fshm_lease_announced_epoch(r->lease);
+        if (e < r->grant.epoch)
+            e = r->grant.epoch;
+        if (e == r->epoch || e == 0)
+            return 0;
+        if ((rc = sealed_lease_for(r, e)))
+            return rc;
+        if (r->grant.epoch == r->epoch)
+            return 0;
+        announce_from_grant(&r->grant, &a);
+    } else {
+        uint64_t e = LOAD_ACQ(&r->ctl->epoch);
+        if (e == r->epoch || e == 0)
+            return 0;
+        if ((rc = fshm_ctl_read_announce(r->ctl, &a)))
+            return rc;
+        if (a.epoch != e)
+            return fshm_set_error(-EAGAIN, "announce for epoch %llu not written yet",
+                                  (unsigned long long)e);
+        if ((rc = grant_mismatch(r, &a)))
+            return rc;
+    }
+    uint64_t e = a.epoch;
     fshm_map *ring = NULL;
     reader_pool pools[FSHM_MAX_POOLS];
     memset(pools, 0, sizeof pools);
     unsigned np = 0;
-    if ((rc = fshm_uri_map(a.header_uri, r->paths.base, 0, &ring)))
+    if ((rc = map_region(r, a.header_uri, 1, FSHM_SUPERBLOCK_SIZE +
+                         (uint64_t)a.header_nslots * FSHM_SLOT_BYTES, &ring)))
         goto fail;
     if ((rc = fshm_superblock_check(ring->base, ring->size, e, r->paths.stream_id,
                                     FSHM_REGION_HEADER_RING, 0, a.header_nslots, FSHM_SLOT_BYTES,
                                     FSHM_SLOT_BYTES)))
         goto fail;
     for (; np < a.npools; np++) {
-        if ((rc = fshm_uri_map(a.pools[np].uri, r->paths.base, 0, &pools[np].map)))
+        if ((rc = map_region(r, a.pools[np].uri, grant_pool_index(&r->grant, a.pools[np].pool_id),
+                             FSHM_SUPERBLOCK_SIZE + (uint64_t)a.header_nslots * a.pools[np].stride_bytes,
+                             &pools[np].map)))
             goto fail;
         pools[np].stride = a.pools[np].stride_bytes;
         pools[np].id = a.pools[np].pool_id;
@@ -115,10 +201,38 @@ fail:
     return rc;
 }
 
+/* Sealed transport: the newest lease's control region, unless it is the one we map. */
+static int ctl_current(fshm_reader *r)
+{
+    if (!r->sealed)
+        return fshm_ctl_same_file(&r->ch, r->paths.ctl);
+    if (r->new_ctl_fd < 0)
+        return 1;
+    struct stat st;
+    if (r->ch.map && fstat(r->new_ctl_fd, &st) == 0 && (uint64_t)st.st_dev == r->ch.dev &&
+        (uint64_t)st.st_ino == r->ch.ino) {
+        close(r->new_ctl_fd);
+        r->new_ctl_fd = -1;
+        return 1;
+    }
+    return 0;
+}
+
+/* Opens the control region: by path, or (sealed) the newest lease's descriptor. */
+static int open_ctl(fshm_reader *r, fshm_ctl_handle *h)
+{
+    if (!r->sealed)
+        /* Under a driver only the driver creates files (spec §2.3). */
+        return fshm_ctl_open(&r->paths, !r->driver_mode, h);
+    int rc = fshm_sealed_check(r->new_ctl_fd, FSHM_CTL_BYTES, 1, "control region");
+    if (!rc && !(rc = fshm_ctl_map_fd(r->new_ctl_fd, &r->paths, h)))
+        r->new_ctl_fd = -1;   /* the handle owns it */
+    return rc;
+}
+
 static int attach_ctl(fshm_reader *r)
 {
-    /* Under a driver only the driver creates files (spec §2.3). */
-    int rc = fshm_ctl_open(&r->paths, !r->driver_mode, &r->ch);
+    int rc = open_ctl(r, &r->ch);
     if (rc)
         return rc;
     r->ctl = r->ch.ctl;
@@ -168,10 +282,17 @@ static int lease_attach(fshm_reader *r)
     if (rc)
         return rc;
     fshm_paths p;
-    if ((rc = fshm_paths_from_grant(r->base_dir, &g, &p))) {
+    int sealed = fshm_lease_nfds(r->lease) > 0;
+    if ((rc = fshm_paths_from_grant(r->base_dir, &g, sealed, &p))) {
         fshm_lease_close(r->lease, 1);
         r->lease = NULL;
         return rc;
+    }
+    r->sealed = sealed;
+    if (sealed) {
+        if (r->new_ctl_fd >= 0)
+            close(r->new_ctl_fd);
+        r->new_ctl_fd = fshm_lease_take_fd(r->lease, 0);
     }
     /* If the driver now keeps the stream elsewhere (restarted with another layout),
      * the forced environment check moves us to the new control region. */
@@ -230,9 +351,9 @@ int fshm_reader_check_environment(fshm_reader *r, int force)
         ours = LOAD_ACQ(&e->state) == CONS_ACTIVE && LOAD_RLX(&e->pid) == (uint64_t)getpid() &&
                strncmp(e->queue, r->queue, sizeof e->queue) == 0;
     }
-    if (!fshm_ctl_same_file(&r->ch, r->paths.ctl)) {
+    if (!ctl_current(r)) {
         fshm_ctl_handle nh;
-        int rc = fshm_ctl_open(&r->paths, !r->driver_mode, &nh);
+        int rc = open_ctl(r, &nh);
         if (rc)
             return rc;   /* keep the old mapping: r->ctl stays valid */
         fshm_ctl_prune(nh.ctl);
@@ -279,6 +400,7 @@ static int reader_open(const fshm_reader_config *cfg, fshm_reader **out)
     if (!r)
         return fshm_set_error(-ENOMEM, "out of memory");
     r->ch.fd = -1;
+    r->new_ctl_fd = -1;
     r->q = (mqd_t)-1;
     r->entry = -1;
     int rc;
@@ -462,7 +584,7 @@ int fshm_reader_set_control(fshm_reader *r, unsigned index, uint8_t value)
         return no_control_region(r);
     int rc = fshm_reader_check_environment(r, 1);
     /* Only an error that left us on a replaced control region stops the write. */
-    if (rc && !fshm_ctl_same_file(&r->ch, r->paths.ctl))
+    if (rc && !ctl_current(r))
         return rc;
     STORE_REL(&r->ctl->control[index], value);
     return 0;
@@ -501,6 +623,8 @@ void fshm_reader_close(fshm_reader *r)
         mq_unlink(r->queue);   /* already gone, unless our slot was pruned and reused */
     fshm_reader_unmap(r);
     fshm_ctl_close(&r->ch);
+    if (r->new_ctl_fd >= 0)
+        close(r->new_ctl_fd);
     fshm_lease_close(r->lease, 1);
     free(r);
 }

@@ -53,6 +53,8 @@ struct fshm_reader {
     uint64_t next_lease_try_ns;
     int lease_reported;      /* lease_events: the loss was reported once already */
     fshm_grant grant;        /* the lease's grant: the epoch it names must be announced as granted */
+    int sealed;              /* the driver passes sealed memfds: regions come with the lease */
+    int new_ctl_fd;          /* sealed: the control region of the newest lease, until mapped */
     /* foreign mode (no control region; see fshm_foreign.c) */
     int foreign;
     uint64_t follow;         /* next seq to look for in the mapped ring */

@@ -60,6 +60,7 @@ struct fshm_writer {
     char base_dir[FSHM_PATH_MAX];
     uint32_t attach_gen;     /* bumped whenever the regions were re-mapped (reattach) */
     int driver_mode;
+    int sealed;              /* the driver's memfd transport: regions came as descriptors */
 };
 
 /* The producer lock is a flock on an open file description, which a fork()ed child
@@ -104,6 +105,20 @@ static void refresh_activity(fshm_writer *w, uint64_t now)
                          __ATOMIC_RELAXED);
 }
 
+/* Whether the driver moved the stream past our epoch. Sealed, only the driver's word
+ * counts (our lease and the announces on our socket): every consumer can write the
+ * control region, and none may make the producer drop frames or re-attach (each attach
+ * is a new epoch for everyone). With files it is the control region's epoch word. */
+static int moved_on(const fshm_writer *w)
+{
+    if (!w->driver_mode)
+        return 0;
+    if (w->sealed)
+        return !w->lease || fshm_lease_announced_epoch(w->lease) != w->epoch ||
+               fshm_lease_state(w->lease, NULL) != FSHM_LEASE_ACTIVE;
+    return LOAD_ACQ(&w->ctl->epoch) != w->epoch;
+}
+
 static void *ticker_main(void *arg)
 {
     (void)arg;
@@ -114,7 +129,7 @@ static void *ticker_main(void *arg)
             /* A driver-mode writer whose lease ended (the driver moved the stream on)
              * must not vouch for regions that are no longer its own; ctl stays mapped
              * while ticking (it is closed only after release_regions). */
-            if (w->ticking && (!w->driver_mode || LOAD_ACQ(&w->ctl->epoch) == w->epoch))
+            if (w->ticking && !moved_on(w))
                 refresh_activity(w, now);
         uint64_t until = now + LIVENESS_TICK_NS;
         struct timespec ts = {(time_t)(until / 1000000000ull), (long)(until % 1000000000ull)};
@@ -227,11 +242,25 @@ static void drop_driver_attachment(fshm_writer *w)
     w->lock_fd = -1;
 }
 
+static int map_sealed(fshm_lease *l, unsigned i, uint64_t size, fshm_map **out)
+{
+    int fd = fshm_lease_take_fd(l, i);
+    int rc = size > SIZE_MAX ? fshm_set_error(-EFBIG, "region too large")
+                             : fshm_sealed_map(fd, (size_t)size, 1, "region", out);
+    if (fd >= 0)
+        close(fd);   /* the mapping keeps the memory */
+    return rc;
+}
+
 /* Maps the regions of a granted epoch (the driver's, or one this writer just created)
  * and checks each superblock against the grant. */
 static int map_grant(fshm_writer *w, const fshm_grant *g)
 {
-    int rc = fshm_uri_map(g->header_uri, w->paths.base, 1, &w->ring);
+    /* Sealed transport: the lease holds the regions' descriptors (ring 1, pool i 2 + i). */
+    int sealed = w->lease && fshm_lease_nfds(w->lease);
+    int rc = sealed ? map_sealed(w->lease, 1, FSHM_SUPERBLOCK_SIZE +
+                                               (uint64_t)g->header_nslots * FSHM_SLOT_BYTES, &w->ring)
+                    : fshm_uri_map(g->header_uri, w->paths.base, 1, &w->ring);
     if (rc)
         return rc;
     if ((rc = fshm_superblock_check(w->ring->base, w->ring->size, g->epoch, g->stream_id,
@@ -254,7 +283,10 @@ static int map_grant(fshm_writer *w, const fshm_grant *g)
         w->npools = k + 1;
         pl->stride = gp->stride_bytes;
         pl->id = gp->pool_id;
-        if ((rc = fshm_uri_map(gp->uri, w->paths.base, 1, &pl->map)))
+        rc = sealed ? map_sealed(w->lease, 2 + order[k], FSHM_SUPERBLOCK_SIZE +
+                                     (uint64_t)g->header_nslots * gp->stride_bytes, &pl->map)
+                    : fshm_uri_map(gp->uri, w->paths.base, 1, &pl->map);
+        if (rc)
             return rc;
         if ((rc = fshm_superblock_check(pl->map->base, pl->map->size, g->epoch, g->stream_id,
                                         FSHM_REGION_PAYLOAD_POOL, pl->id, g->header_nslots,
@@ -291,12 +323,23 @@ static int attach_via_driver(fshm_writer *w)
     int rc = fshm_lease_attach(&w->lease_cfg, &w->lease, &g);
     if (rc)
         return rc;
-    if ((rc = fshm_paths_from_grant(w->base_dir, &g, &w->paths)))
+    int sealed = fshm_lease_nfds(w->lease) > 0;
+    if ((rc = fshm_paths_from_grant(w->base_dir, &g, sealed, &w->paths)))
         goto fail;
-    if ((rc = fshm_ctl_open(&w->paths, 0, &w->ch)))
+    if (sealed) {
+        int cfd = fshm_lease_take_fd(w->lease, 0);
+        if ((rc = fshm_sealed_check(cfd, FSHM_CTL_BYTES, 1, "control region")) ||
+            (rc = fshm_ctl_map_fd(cfd, &w->paths, &w->ch))) {
+            if (cfd >= 0)
+                close(cfd);
+            goto fail;
+        }
+    } else if ((rc = fshm_ctl_open(&w->paths, 0, &w->ch))) {
         goto fail;
+    }
     w->ctl = w->ch.ctl;
-    if (LOAD_ACQ(&w->ctl->epoch) != g.epoch) {
+    w->sealed = sealed;
+    if (!sealed && LOAD_ACQ(&w->ctl->epoch) != g.epoch) {
         rc = fshm_set_error(-EAGAIN, "stream %u moved past epoch %llu while attaching",
                             g.stream_id, (unsigned long long)g.epoch);
         goto fail;
@@ -304,8 +347,10 @@ static int attach_via_driver(fshm_writer *w)
     /* The driver enforces one producer per lease. A shared lock (not exclusive: a
      * stopped producer whose lease expired may still hold one) keeps a non-driver
      * producer, which locks exclusively, out of a driver's stream. */
-    w->lock_fd = open(w->paths.ctl, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
-    if (w->lock_fd < 0 || flock(w->lock_fd, LOCK_SH | LOCK_NB) != 0) {
+    /* (A sealed stream has no file another producer could open.) */
+    if (!sealed)
+        w->lock_fd = open(w->paths.ctl, O_RDONLY | O_NOFOLLOW | O_CLOEXEC | O_NONBLOCK);
+    if (!sealed && (w->lock_fd < 0 || flock(w->lock_fd, LOCK_SH | LOCK_NB) != 0)) {
         rc = fshm_set_error(-EBUSY, "stream %u has a producer that bypasses the driver (pid %llu)",
                             g.stream_id, (unsigned long long)w->ctl->producer_pid);
         goto fail;
@@ -326,7 +371,7 @@ fail:
 
 int fshm_writer_lease_ok(const fshm_writer *w)
 {
-    return !w->driver_mode || (w->lease && w->ctl && LOAD_RLX(&w->ctl->epoch) == w->epoch &&
+    return !w->driver_mode || (w->lease && w->ctl && !moved_on(w) &&
                                fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE);
 }
 
@@ -341,7 +386,7 @@ static int check_lease(fshm_writer *w)
                                   fshm_last_error());
         return 0;
     }
-    if (LOAD_RLX(&w->ctl->epoch) == w->epoch && fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE)
+    if (!moved_on(w) && fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE)
         return 0;
     char why[200];
     snprintf(why, sizeof why, "%s", fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE
@@ -523,7 +568,9 @@ static void refresh_consumers(fshm_writer *w)
             mq_close(lc->q);
             lc->open = 0;
         }
-        if (active && !lc->open && strncmp(q, "/fshm-", 6) == 0 && !strchr(q + 1, '/')) {
+        /* Only the entry's own queue (named for its pid): the table is writable by every
+         * consumer, and a forged entry must not point our descriptors at another's. */
+        if (active && !lc->open && !strchr(q + 1, '/') && fshm_queue_named_for(q, pid)) {
             if (fshm_queue_open_send(q, &lc->q) == 0) {
                 uint32_t hz = LOAD_RLX(&e->max_rate_hz);
                 lc->open = 1;
@@ -601,7 +648,7 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     }
     uint64_t now = fshm_now_ns();
     uint64_t seq = w->loan.seq;
-    if (w->driver_mode && LOAD_ACQ(&w->ctl->epoch) != w->epoch) {
+    if (moved_on(w)) {
         /* Our lease ended while the frame was being written (e.g. we were stopped past
          * expiry): the stream belongs to another epoch now, whose counters we must not
          * touch. The frame is dropped like any frame nobody reads; the next loan
@@ -695,7 +742,7 @@ int fshm_writer_skip_to(fshm_writer *w, uint64_t seq)
 void fshm_writer_heartbeat(fshm_writer *w)
 {
     /* A driver-mode writer whose lease ended must not vouch for its successor. */
-    if (!w->ctl || (w->driver_mode && LOAD_ACQ(&w->ctl->epoch) != w->epoch))
+    if (!w->ctl || moved_on(w))
         return;
     uint64_t now = fshm_now_ns();
     STORE_RLX(&w->ctl->activity_ns, now);

@@ -513,6 +513,110 @@ static void test_reader_maps_provisioned_epoch(void **state)
     assert_int_equal(fshm_provision_remove(&a), 1);
 }
 
+/* ---- the sealed transport ---- */
+
+static int seals_of(int fd) { return fcntl(fd, F_GET_SEALS); }
+
+/* Every region (and the control region) is a memfd of the exact size, mode 0600, sealed
+ * against resizing; nothing lands in the base directory; the next epoch keeps the
+ * control region and announces itself there. */
+static void test_sealed_provision(void **state)
+{
+    (void)state;
+    fshm_profile p = profile2(8, 4096, 65536);
+    p.file_mode = 0660;
+    fshm_stream_addr a = addr_id(1077);
+    fshm_grant g;
+    int ctl = -1, fds[1 + FSHM_MAX_POOLS];
+    if (fshm_provision_epoch_sealed(&a, &p, 0, &ctl, &g, fds))
+        fail_msg("provision: %s", fshm_last_error());
+    assert_true(ctl >= 0);
+    uint64_t e1 = g.epoch;   /* above whatever the epoch ledger remembers of this id */
+    assert_true(e1 >= 1);
+    assert_int_equal(g.npools, 2);
+    char path[1024], want[1100];
+    tu_region_path(1077, e1, "header.ring", path, sizeof path);
+    uri_of(path, want, sizeof want);
+    assert_string_equal(g.header_uri, want);   /* the spec's name, nothing behind it */
+    struct stat st;
+    assert_int_equal(lstat(path, &st), -1);
+    fshm_stream_addr sa = addr_id(1077);
+    fshm_paths paths;
+    assert_int_equal(fshm_resolve(&sa, 0, &paths), 0);
+    assert_int_equal(lstat(paths.stream_dir, &st), -1);
+    const size_t sizes[3] = {64 + 8 * 256, 64 + 8 * 4096, 64 + 8 * 65536};
+    for (unsigned i = 0; i < 3; i++) {
+        assert_int_equal(fstat(fds[i], &st), 0);
+        assert_int_equal((size_t)st.st_size, sizes[i]);
+        assert_int_equal(st.st_mode & 0777, 0600);
+        assert_int_equal(seals_of(fds[i]) & (F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL),
+                         F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL);
+        assert_int_equal(ftruncate(fds[i], 0), -1);
+        assert_int_equal(errno, EPERM);
+        assert_int_equal(fshm_sealed_check(fds[i], sizes[i], 1, "region"), 0);
+        assert_int_equal(fshm_sealed_check(fds[i], sizes[i] + 1, 0, "region"), FSHM_E_CORRUPT);
+        uint8_t sb[64];
+        assert_int_equal(pread(fds[i], sb, sizeof sb, 0), 64);
+        assert_int_equal(fshm_superblock_check(sb, sizes[i], e1, 1077,
+                                               i ? FSHM_REGION_PAYLOAD_POOL : FSHM_REGION_HEADER_RING,
+                                               i ? (uint16_t)i : 0, 8, i ? (uint32_t)(sizes[i] - 64) / 8 : 256,
+                                               i ? (uint32_t)(sizes[i] - 64) / 8 : 256), 0);
+    }
+    /* A read-only description can never be mapped writable. */
+    int ro = fshm_sealed_readonly(fds[1]);
+    assert_true(ro >= 0);
+    assert_int_equal(fshm_sealed_check(ro, sizes[1], 1, "region"), FSHM_E_CORRUPT);
+    assert_int_equal(fshm_sealed_check(ro, sizes[1], 0, "region"), 0);
+    assert_true(mmap(NULL, sizes[1], PROT_READ | PROT_WRITE, MAP_SHARED, ro, 0) == MAP_FAILED);
+    assert_int_equal(errno, EACCES);
+    void *m = mmap(NULL, sizes[1], PROT_READ, MAP_SHARED, ro, 0);
+    assert_true(m != MAP_FAILED);
+    assert_int_equal(mprotect(m, sizes[1], PROT_READ | PROT_WRITE), -1);
+    assert_int_equal(errno, EACCES);
+    munmap(m, sizes[1]);
+    close(ro);
+    for (unsigned i = 0; i < 3; i++)
+        close(fds[i]);
+
+    /* The next epoch: same control region, new regions, epoch word and announce set. */
+    int ctl_before = ctl;
+    assert_int_equal(fshm_provision_epoch_sealed(&a, &p, 0, &ctl, &g, fds), 0);
+    assert_int_equal(ctl, ctl_before);
+    assert_int_equal(g.epoch, e1 + 1);
+    fshm_ctl_handle h;
+    int dup_ctl = dup(ctl);
+    assert_int_equal(fshm_ctl_map_fd(dup_ctl, &paths, &h), 0);
+    assert_int_equal(h.ctl->epoch, e1 + 1);
+    fshm_announce an;
+    assert_int_equal(fshm_ctl_read_announce(h.ctl, &an), 0);
+    assert_int_equal(an.epoch, e1 + 1);
+    assert_string_equal(an.header_uri, g.header_uri);
+    assert_true(LOAD_ACQ(&h.ctl->flags) & CTL_FLAG_DRIVER);
+    fshm_ctl_close(&h);
+    assert_int_equal(fshm_sealed_check(ctl, FSHM_CTL_BYTES, 1, "control region"), 0);
+    assert_int_equal(ftruncate(ctl, FSHM_CTL_BYTES * 2), -1);
+    assert_int_equal(errno, EPERM);
+    for (unsigned i = 0; i < 3; i++)
+        close(fds[i]);
+    close(ctl);
+}
+
+/* A memfd the driver forgot to seal, or a plain file, is refused. */
+static void test_sealed_check_refuses_unsealed(void **state)
+{
+    (void)state;
+    int fd = memfd_create("unsealed", MFD_CLOEXEC | MFD_ALLOW_SEALING);
+    assert_true(fd >= 0);
+    assert_int_equal(ftruncate(fd, 4096), 0);
+    assert_int_equal(fshm_sealed_check(fd, 4096, 1, "region"), FSHM_E_CORRUPT);
+    assert_int_equal(fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK), 0);   /* half sealed: still refused */
+    assert_int_equal(fshm_sealed_check(fd, 4096, 1, "region"), FSHM_E_CORRUPT);
+    assert_int_equal(fcntl(fd, F_ADD_SEALS, F_SEAL_GROW), 0);
+    assert_int_equal(fshm_sealed_check(fd, 4096, 1, "region"), 0);
+    close(fd);
+    assert_int_equal(fshm_sealed_check(-1, 4096, 0, "region"), FSHM_E_CORRUPT);
+}
+
 int main(void)
 {
     const struct CMUnitTest tests[] = {
@@ -525,6 +629,8 @@ int main(void)
         cmocka_unit_test_teardown(test_room_check_on_small_tmpfs, unmount_small_fs),
         cmocka_unit_test(test_failure_partway_leaves_nothing),
         cmocka_unit_test(test_reader_maps_provisioned_epoch),
+        cmocka_unit_test(test_sealed_provision),
+        cmocka_unit_test(test_sealed_check_refuses_unsealed),
     };
     return cmocka_run_group_tests(tests, tu_group_setup, tu_group_teardown);
 }

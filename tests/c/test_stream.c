@@ -879,6 +879,40 @@ static void test_prune_reclaims_half_done_transitions(void **state)
     fshm_reader_close(r);
 }
 
+/* Every consumer can write the consumer table: an entry forged with a dead pid and the
+ * queue of a live consumer (the reader's) is pruned without removing that queue. */
+static void test_prune_leaves_a_queue_a_forged_entry_names(void **state)
+{
+    (void)state;
+    const char *name = "st-prune-forged";
+    fshm_reader *r = tu_reader(name);
+    const char *victim = fshm_reader_queue_name(r);
+    assert_true(victim[0] != 0 && queue_exists(victim));
+    pid_t dead = fork();
+    assert_true(dead >= 0);
+    if (dead == 0)
+        _exit(0);
+    assert_int_equal(waitpid(dead, NULL, 0), dead);
+    fshm_stream_addr a = {.name = name};
+    fshm_paths p;
+    fshm_ctl_handle h;
+    assert_int_equal(fshm_resolve(&a, 0, &p), 0);
+    assert_int_equal(fshm_ctl_open(&p, 0, &h), 0);
+    fshm_ctl_consumer *e = ctl_consumer(h.ctl, 20);
+    e->pid = (uint64_t)dead;
+    snprintf(e->queue, sizeof e->queue, "%s", victim);
+    e->state = CONS_ACTIVE;
+    assert_int_equal(fshm_ctl_prune(h.ctl), 1);
+    assert_int_equal(e->state, CONS_FREE);
+    assert_true(queue_exists(victim));
+    assert_true(fshm_queue_named_for(victim, (uint64_t)getpid()));
+    assert_false(fshm_queue_named_for(victim, (uint64_t)dead));
+    assert_false(fshm_queue_named_for("/fshm-zz-1", 0));
+    fshm_ctl_close(&h);
+    fshm_reader_close(r);
+    assert_false(queue_exists(victim));   /* its owner still removes it */
+}
+
 static void test_consumer_table_full(void **state)
 {
     (void)state;
@@ -1980,6 +2014,7 @@ int main(void)
         cmocka_unit_test(test_prune_by_writer_heartbeat),
         cmocka_unit_test(test_prune_by_new_reader),
         cmocka_unit_test(test_prune_reclaims_half_done_transitions),
+        cmocka_unit_test(test_prune_leaves_a_queue_a_forged_entry_names),
         cmocka_unit_test(test_consumer_table_full),
         cmocka_unit_test(test_corrupt_region_new_reader),
         cmocka_unit_test(test_corrupt_slot_dropped),

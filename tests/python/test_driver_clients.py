@@ -105,6 +105,18 @@ def driver(tmp_path, shm_base):
     assert rc == 0, d.text()
 
 
+@pytest.fixture(params=["file", "memfd"])
+def any_driver(request, tmp_path, shm_base):
+    """The driver with each transport: region files, or sealed memfds over the socket."""
+    text = CONFIG.format(sock=str(tmp_path / "driver.sock"), base=shm_base, ka=KEEPALIVE_MS)
+    if request.param == "memfd":
+        text = text.replace("cleanup_on_exit = true", 'cleanup_on_exit = true\ntransport = "memfd"')
+    d = Driver(tmp_path, shm_base, text).start()
+    yield d
+    rc = d.stop()
+    assert rc == 0, d.text()
+
+
 def _frame(i, shape=(64, 64)):
     a = np.full(shape, i & 0xFF, np.uint8)
     a.reshape(-1)[:8] = np.frombuffer(np.uint64(i).tobytes(), np.uint8)
@@ -177,7 +189,8 @@ while True:
 """
 
 
-def test_sigstopped_producer_expires_consumers_remap_and_resume(driver, spawn):
+def test_sigstopped_producer_expires_consumers_remap_and_resume(any_driver, spawn):
+    driver = any_driver
     child = spawn(f"SOCK = {driver.sock!r}\n" + PRODUCER, label="producer")
     e0 = int(child.expect("READY").split()[0])
     with frameshm.Reader(stream_id=1001, driver=driver.sock, consumer="watch") as r:
@@ -209,7 +222,8 @@ def test_sigstopped_producer_expires_consumers_remap_and_resume(driver, spawn):
             child.send_signal(signal.SIGCONT)
 
 
-def test_producer_crash_bumps_epoch_and_next_producer_continues_seqs(driver, spawn):
+def test_producer_crash_bumps_epoch_and_next_producer_continues_seqs(any_driver, spawn):
+    driver = any_driver
     child = spawn(f"SOCK = {driver.sock!r}\n" + PRODUCER, label="producer")
     e0 = int(child.expect("READY").split()[0])
     with frameshm.Reader(stream_id=1001, driver=driver.sock) as r:
@@ -224,7 +238,8 @@ def test_producer_crash_bumps_epoch_and_next_producer_continues_seqs(driver, spa
             assert r.wait_latest(timeout=5).seq == seq
 
 
-def test_driver_killed_and_restarted(driver, shm_base):
+def test_driver_killed_and_restarted(any_driver, shm_base):
+    driver = any_driver
     with frameshm.Writer(stream_id=1002, driver=driver.sock, shape=(32,)) as w, \
          frameshm.Reader(stream_id=1002, driver=driver.sock, lease_events=True) as r, \
          frameshm.Reader(stream_id=1002, driver=driver.sock, consumer="quiet") as quiet:

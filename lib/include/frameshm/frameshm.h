@@ -364,6 +364,16 @@ FSHM_API uint64_t fshm_profile_footprint(const fshm_profile *p);
  * this call created is left. `out` gets what an attach grants (lease fields 0). */
 FSHM_API int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profile *p, uint64_t min_epoch,
                          fshm_grant *out);
+/* The same with the sealed transport (docs/driver.md "Sealed regions"): every region is a
+ * memfd, sized, pages reserved, mode 0600 and sealed against shrinking and growing; nothing
+ * but the epoch ledger is written into the base directory (the grant's URIs only name the
+ * regions). *ctl_fd is the stream's control region, a sealed memfd kept by the caller
+ * across epochs: pass -1 the first time and it is created. region_fds gets 1 + npools
+ * descriptors (the header ring, then the grant's pools in order), owned by the caller.
+ * On failure nothing is created and *ctl_fd is unchanged. */
+FSHM_API int fshm_provision_epoch_sealed(const fshm_stream_addr *addr, const fshm_profile *p,
+                                         uint64_t min_epoch, int *ctl_fd, fshm_grant *out,
+                                         int *region_fds);
 /* Removes the stream directory entirely: 1 if removed, 0 if there was none. */
 FSHM_API int fshm_provision_remove(const fshm_stream_addr *addr);
 /* Current epoch of an existing stream; -ENOENT (epoch 0) if it has no control region. */

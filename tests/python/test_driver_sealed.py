@@ -1,0 +1,282 @@
+"""The driver's sealed transport (`transport = "memfd"`, issue 14 items 2 and 8): a real
+driver (root), a real producer (root) and a real consumer running as another user
+(`nobody`, admitted through the socket's group), and a hostile `nobody` client that
+speaks the driver protocol itself and gets the descriptors a consumer gets. It must not
+be able to write the ring or the pools (mmap/mprotect PROT_WRITE, re-opening through
+/proc/self/fd, write, ftruncate), nor resize the control region; as an admitted producer
+of another stream it cannot resize its own regions either. Nothing lies in the base
+directory to truncate. Meanwhile the producer and the consumer keep running and every
+frame the consumer copies is the producer's."""
+
+from __future__ import annotations
+
+import grp
+import json
+import os
+import pathlib
+import pwd
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import textwrap
+import time
+
+import pytest
+
+from fshm_helpers import wait_until
+
+ROOT = pathlib.Path(__file__).resolve().parents[2]
+
+pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="needs root to run clients as another user")
+
+CONFIG = """
+[driver]
+socket = "{sock}"
+base_dir = "{base}"
+file_mode = 0o660
+group = {gid}
+transport = "memfd"
+keepalive_interval_ms = 200
+announce_interval_ms = 200
+
+[policy]
+allow_gids = [{gid}]
+
+[profiles.p]
+header_nslots = 8
+pools = [{{pool_id = 1, stride_bytes = 4096}}, {{pool_id = 2, stride_bytes = 65536}}]
+
+[[streams]]
+ids = [1001]
+profile = "p"
+producer_uids = [0]
+
+[[streams]]
+ids = [1002]
+profile = "p"
+"""
+
+# After the imports: root's Python installation may not be readable by nobody.
+AS_NOBODY = "import os\nos.setgroups([]); os.setgid({gid}); os.setuid({uid})\n"
+
+PRODUCER = """
+import pathlib, sys, time
+import numpy as np
+import frameshm
+w = frameshm.Writer(stream_id=1001, driver=sys.argv[1], shape=(4096,), dtype="uint8")
+stop = pathlib.Path(sys.argv[2])
+i = 0
+print("ready", flush=True)
+while not stop.exists():
+    a = np.full(4096, i & 0xFF, np.uint8)
+    a[:8] = np.frombuffer(np.uint64(i).tobytes(), np.uint8)
+    w.publish(a)
+    i += 1
+    time.sleep(0.004)
+w.close()
+print(i, flush=True)
+"""
+
+CONSUMER = """
+import json, pathlib, sys
+import numpy as np
+import frameshm
+{drop}
+r = frameshm.Reader(stream_id=1001, driver=sys.argv[1], consumer="viewer")
+stop, attacked = pathlib.Path(sys.argv[2]), pathlib.Path(sys.argv[3])
+frames = bad = after = torn = 0
+while not stop.exists():
+    try:
+        f = r.wait_latest(timeout=0.5)
+    except frameshm.Timeout:
+        continue
+    a = np.array(f.array)
+    if not f.valid():
+        torn += 1
+        continue
+    seq = int(np.frombuffer(a[:8].tobytes(), np.uint64)[0])
+    frames += 1
+    bad += int(seq != f.seq or not (a[8:] == (seq & 0xFF)).all())
+    after += attacked.exists()
+    if frames == 1:
+        print("reading", flush=True)
+r.close()
+print(json.dumps({"frames": frames, "bad": bad, "after": after, "torn": torn}), flush=True)
+"""
+
+HOSTILE = """
+import array, ctypes, errno, fcntl, json, mmap, os, pathlib, socket, struct, sys
+from frameshm.driver import protocol as P
+{drop}
+
+sock_path, base = sys.argv[1], sys.argv[2]
+libc = ctypes.CDLL(None, use_errno=True)
+libc.mmap.restype = ctypes.c_void_p
+libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
+libc.mprotect.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+F_GET_SEALS = getattr(fcntl, "F_GET_SEALS", 1034)
+held = []
+
+def attach(stream_id, role, client_id):
+    s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+    s.connect(sock_path)
+    held.append(s)
+    s.send(P.encode(P.AttachRequest(client_id, stream_id, client_id, role)))
+    data, anc, _flags, _addr = s.recvmsg(P.MAX_MESSAGE, socket.CMSG_SPACE(16 * 4))
+    fds = []
+    for level, kind, raw in anc:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds += array.array("i", raw[: len(raw) - len(raw) % 4])
+    return P.decode(data), fds
+
+def err(fn):
+    try:
+        fn()
+        return "ok"
+    except OSError as e:
+        return errno.errorcode.get(e.errno, str(e.errno))
+
+def mprotect_write(fd, size):
+    addr = libc.mmap(None, size, mmap.PROT_READ, mmap.MAP_SHARED, fd, 0)
+    if addr in (None, ctypes.c_void_p(-1).value):
+        return "mmap-failed"
+    rc = libc.mprotect(addr, size, mmap.PROT_READ | mmap.PROT_WRITE)
+    e = ctypes.get_errno()
+    libc.munmap(ctypes.c_void_p(addr), ctypes.c_size_t(size))
+    return "ok" if rc == 0 else errno.errorcode.get(e, str(e))
+
+def attacks(fd):
+    size = os.fstat(fd).st_size
+    return {
+        "mmap_write": err(lambda: mmap.mmap(fd, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)),
+        "mprotect_write": mprotect_write(fd, size),
+        "reopen_rw": err(lambda: os.close(os.open(f"/proc/self/fd/{fd}", os.O_RDWR))),
+        "write": err(lambda: os.pwrite(fd, b"x" * 64, 4096)),
+        "truncate": err(lambda: os.ftruncate(fd, 0)),
+        "seals": fcntl.fcntl(fd, F_GET_SEALS),
+    }
+
+out = {}
+resp, fds = attach(1001, P.Role.CONSUMER, 0x7001)
+out["consumer"] = {"code": int(resp.code), "nfds": len(fds)}
+ctl, regions = fds[0], fds[1:]
+out["regions"] = [attacks(fd) for fd in regions]
+size = os.fstat(ctl).st_size
+out["ctl"] = {"shrink": err(lambda: os.ftruncate(ctl, 0)), "grow": err(lambda: os.ftruncate(ctl, size * 2)),
+              "seals": fcntl.fcntl(ctl, F_GET_SEALS)}
+# The control region is writable by consumers: claim a later epoch in its epoch word and
+# its announce. Under the sealed transport nobody follows the control region's epoch.
+m = mmap.mmap(ctl, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
+epoch = struct.unpack_from("<Q", m, 16)[0]
+struct.pack_into("<Q", m, 16, epoch + 5)
+struct.pack_into("<Q", m, 192, epoch + 5)
+out["ctl"]["epoch"] = epoch
+resp, fds = attach(1001, P.Role.PRODUCER, 0x7002)
+out["producer_1001"] = {"code": int(resp.code), "nfds": len(fds)}
+resp, fds = attach(1002, P.Role.PRODUCER, 0x7003)
+out["producer_1002"] = {"code": int(resp.code), "nfds": len(fds),
+                        "truncate": [err(lambda fd=fd: os.ftruncate(fd, 0)) for fd in fds],
+                        "grow": [err(lambda fd=fd: os.ftruncate(fd, os.fstat(fd).st_size + 4096)) for fd in fds],
+                        "writable": [fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE == os.O_RDWR for fd in fds]}
+out["files"] = sorted(str(p) for p in pathlib.Path(base).rglob("*")
+                      if p.name in ("frameshm.ctl", "header.ring") or p.name.endswith(".pool"))
+print(json.dumps(out))
+"""
+
+
+@pytest.fixture
+def shared_dir():
+    """A directory another user can reach (pytest's tmp_path is root's 0700)."""
+    d = pathlib.Path(tempfile.mkdtemp(prefix="frameshm-sealed-"))
+    d.chmod(0o755)
+    (d / "shm").mkdir(mode=0o755)
+    yield d
+    shutil.rmtree(d, ignore_errors=True)
+
+
+def _env(base):
+    env = dict(os.environ, FRAMESHM_DIR=str(base))
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])
+    return env
+
+
+def _python(code, *args, env, as_nobody=None, **kw):
+    code = textwrap.dedent(code).replace("{drop}", AS_NOBODY.format(**as_nobody) if as_nobody else "")
+    return subprocess.Popen([sys.executable, "-c", code, *map(str, args)],
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def test_another_user_cannot_write_or_resize_sealed_regions(shared_dir):
+    nobody = pwd.getpwnam("nobody")
+    gid = nobody.pw_gid
+    assert grp.getgrgid(gid)  # the socket's group: nobody's own
+    ids = {"uid": nobody.pw_uid, "gid": gid}
+    base, sock = shared_dir / "shm", shared_dir / "driver.sock"
+    stop, attacked = shared_dir / "stop", shared_dir / "attacked"
+    config = shared_dir / "driver.toml"
+    config.write_text(CONFIG.format(sock=sock, base=base, gid=gid))
+    env = _env(base)
+    log = open(shared_dir / "driver.log", "wb")
+    driver = subprocess.Popen([sys.executable, "-m", "frameshm", "driver", "--config", str(config)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    procs = []
+    try:
+        wait_until(lambda: sock.exists() or driver.poll() is not None, 15, what="driver socket")
+        assert driver.poll() is None, (shared_dir / "driver.log").read_text()
+        producer = _python(PRODUCER, sock, stop, env=env)
+        procs.append(producer)
+        assert producer.stdout.readline().strip() == "ready", producer.stderr.read()
+        consumer = _python(CONSUMER, sock, stop, attacked, env=env, as_nobody=ids)
+        procs.append(consumer)
+        assert consumer.stdout.readline().strip() == "reading", consumer.stderr.read()
+
+        epochs_1001 = lambda: (shared_dir / "driver.log").read_text().count("stream 1001 now at epoch")
+        before = epochs_1001()
+        hostile = _python(HOSTILE, sock, base, env=env, as_nobody=ids)
+        out, errs = hostile.communicate(timeout=60)
+        assert hostile.returncode == 0, errs
+        res = json.loads(out)
+        attacked.touch()
+
+        assert res["consumer"] == {"code": 0, "nfds": 4}  # control region, ring, two pools
+        for r in res["regions"]:
+            # Read-only descriptions: no writable mapping, now or later, no write, no
+            # truncation; mode 0600 keeps /proc/self/fd from re-opening them writable.
+            assert r["mmap_write"] == "EACCES" and r["mprotect_write"] == "EACCES", r
+            assert r["reopen_rw"] == "EACCES" and r["write"] == "EBADF", r
+            assert r["truncate"] in ("EINVAL", "EBADF"), r
+            assert r["seals"] & 0x7 == 0x7, r  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW
+        # The control region is writable (registration) but its size is sealed.
+        assert res["ctl"]["shrink"] == "EPERM" and res["ctl"]["grow"] == "EPERM", res["ctl"]
+        assert res["producer_1001"] == {"code": 3, "nfds": 0}  # REJECTED by producer_uids
+        p2 = res["producer_1002"]
+        assert p2["code"] == 0 and p2["nfds"] == 4 and all(p2["writable"]), p2
+        assert p2["truncate"] == ["EPERM"] * 4 and p2["grow"] == ["EPERM"] * 4, p2
+        assert res["files"] == []  # nothing in the base directory to truncate or write
+
+        # Both kept running: the consumer still gets the producer's frames, all intact.
+        time.sleep(1.0)  # frames after the attacks
+        assert producer.poll() is None and consumer.poll() is None
+        # The forged epoch moved nobody: no re-attach, so no new epoch of 1001.
+        assert res["ctl"]["epoch"] >= 1 and epochs_1001() == before, (shared_dir / "driver.log").read_text()
+        stop.touch()
+        pout, perr = producer.communicate(timeout=30)
+        cout, cerr = consumer.communicate(timeout=30)
+        assert producer.returncode == 0, perr
+        assert consumer.returncode == 0, cerr
+        stats = json.loads(cout.strip().splitlines()[-1])
+        assert stats["bad"] == 0 and stats["after"] >= 5, stats
+        assert driver.poll() is None
+    finally:
+        stop.touch()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+        if driver.poll() is None:
+            driver.send_signal(signal.SIGTERM)
+        rc = driver.wait(timeout=15)
+        log.close()
+    assert rc == 0, (shared_dir / "driver.log").read_text()
