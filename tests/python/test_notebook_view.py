@@ -18,6 +18,7 @@ import urllib.request
 
 import nbformat
 import numpy as np
+import pytest
 from nbformat.v4 import new_code_cell, new_notebook
 from playwright import sync_api
 
