@@ -447,11 +447,16 @@ def test_pipeline_split_over_two_bridges(spawn, bridges, tmp_path):
     person walking into the test pattern on A is detected on B, whose controller's mode
     (written on B's copy of the frames stream) goes back over the bridge and raises the
     capture rate on A."""
-    port = free_port()
+    split_pipeline(spawn, bridges, tmp_path, "127.0.0.1", free_port())
+
+
+def split_pipeline(spawn, bridges, tmp_path, host, port, prefix_a=(), prefix_b=()):
+    """The pipeline of test_pipeline_split_over_two_bridges, side A's bridge listening on
+    host:port; prefix_a/prefix_b run each bridge elsewhere (a network namespace)."""
     trigger = tmp_path / "person"
     cfg = {}
-    for side, table in (("a", f'listen = ["tcp/127.0.0.1:{port}"]\nexports = ["sp-cam"]'),
-                        ("b", f'connect = ["tcp/127.0.0.1:{port}"]\nimports = ["sp-cam"]')):
+    for side, table in (("a", f'listen = ["tcp/{host}:{port}"]\nexports = ["sp-cam"]'),
+                        ("b", f'connect = ["tcp/{host}:{port}"]\nimports = ["sp-cam"]')):
         cfg[side] = tmp_path / f"pipeline-{side}.toml"
         cfg[side].write_text(SPLIT_CONFIG.format(trigger=trigger, side=table))
 
@@ -461,8 +466,8 @@ def test_pipeline_split_over_two_bridges(spawn, bridges, tmp_path):
 
     roles = {"controller": role("b", "controller", "--config", str(cfg["b"])),
              "inference": role("b", "inference", "--config", str(cfg["b"]))}
-    b = bridges("b", "--config", str(cfg["b"]))
-    a = bridges("a", "--config", str(cfg["a"]))
+    b = bridges("b", "--config", str(cfg["b"]), prefix=prefix_b)
+    a = bridges("a", "--config", str(cfg["a"]), prefix=prefix_a)
     roles["capture"] = role("a", "capture", "--config", str(cfg["a"]))
     with frameshm.Reader("sp-cam", namespace="b", consumer="probe", spin=False) as r:
         r.wait_latest(30)

@@ -20,7 +20,7 @@ import pytest
 
 import frameshm
 from fshm_helpers import frame_seq_ok
-from test_bridge import bridges, name, producer  # noqa: F401  (fixtures)
+from test_bridge import bridges, name, producer, split_pipeline  # noqa: F401  (fixtures)
 
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "harness"))
 from linkemu import EmulatedLink  # noqa: E402
@@ -150,3 +150,11 @@ def test_stream_through_delay_and_loss_keeps_flowing_without_backlog(spawn, brid
     # The loss was real: data packets into b were dropped and retransmitted.
     data = link.counts[1]
     assert data["queued"] > 500 and data["dropped"] > 0, link.counts
+
+
+def test_pipeline_split_over_the_emulated_link(spawn, bridges, tmp_path):  # noqa: F811
+    """The whole pipeline split over two namespaces (capture on A; inference and controller
+    on B), each bridge on its own side of 20 ms / 1 % loss: the person walking into A's test
+    pattern, detected on B, raises the capture rate on A."""
+    with EmulatedLink(DELAY_MS, 0.01, seed=5) as link:
+        split_pipeline(spawn, bridges, tmp_path, link.a_host, 7447, link.prefix("a"), link.prefix("b"))
