@@ -11,6 +11,8 @@ Cases:
   tiny     64-byte messages, producer unthrottled for --seconds; a process-all consumer.
            Messages/s the consumer read, and how many it lost.
   poll480  640x480 RGB at 30 fps, the consumer busy-polls (no sleep). Latency as view60.
+  fanout8  1080p RGB at 30 fps to 8 blocking consumers (as view60 each); latency of a frame =
+           that of the last consumer to hold it. Median and p90 over frames all 8 got.
 
 Transports:
   fshm         Writer.loan()/commit(); Reader.wait_latest (view60), wait_next (tiny),
@@ -48,6 +50,8 @@ CASES = {
                    transports=("fshm", "fshm-nospin", "iox2", "pipe")),
     "tiny": dict(shape=(64,), fps=0, transports=("fshm", "iox2")),
     "poll480": dict(shape=(480, 640, 3), fps=30, frames=120, warmup=15, transports=("fshm", "iox2")),
+    "fanout8": dict(shape=(1080, 1920, 3), fps=30, frames=120, warmup=15, consumers=8,
+                    transports=("fshm", "fshm-nospin", "iox2")),
 }
 NSLOTS = 4
 HDR = struct.Struct("<qq")   # seq, t0; written into the first 16 bytes of iceoryx2/pipe payloads
@@ -65,11 +69,13 @@ def _iox2_service(case, cfg):
     iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
     node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
     name = iox2.ServiceName.new(cfg["stream"])
+    n = case.get("consumers", 1)
     svc = (node.service_builder(name).publish_subscribe(iox2.Slice[ctypes.c_uint8])
-           .max_publishers(1).max_subscribers(2).history_size(0)
+           .max_publishers(1).max_subscribers(n + 1).history_size(0)
            .subscriber_max_buffer_size(NSLOTS if case["fps"] else 16)
            .subscriber_max_borrowed_samples(2).enable_safe_overflow(True).open_or_create())
-    ev = node.service_builder(iox2.ServiceName.new(cfg["stream"] + "/ev")).event().open_or_create()
+    ev = (node.service_builder(iox2.ServiceName.new(cfg["stream"] + "/ev")).event()
+          .max_listeners(n + 1).open_or_create())
     return iox2, node, svc, ev
 
 
@@ -101,7 +107,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
             pub = svc.publisher_builder().initial_max_slice_len(nbytes).create()
             notifier = ev.notifier_builder().create()
             keep += [node, svc, ev, pub, notifier]
-            notify = case["fps"] and cname == "view60"
+            notify = cname in ("view60", "fanout8")
 
             def handoff(i):
                 s = pub.loan_slice_uninit(nbytes)
@@ -137,8 +143,11 @@ def producer_main(cname, transport, cfg, sync, out_q):
         else:
             raise ValueError(transport)
         sync["producer_ready"].set()
-        if not sync["consumer_ready"].wait(30):
-            raise RuntimeError("consumer never became ready")
+        until = time.monotonic() + 30
+        while sync["ready"].value < case.get("consumers", 1):
+            if time.monotonic() > until:
+                raise RuntimeError("the consumers never became ready")
+            time.sleep(0.01)
         time.sleep(0.2)
         if case["fps"]:
             period = int(1e9 / case["fps"])
@@ -160,7 +169,9 @@ def producer_main(cname, transport, cfg, sync, out_q):
             out["sent"] = i
         sync["sent"].value = out["sent"]
         sync["producer_done"].set()
-        sync["consumer_done"].wait(20)
+        until = time.monotonic() + 20
+        while sync["finished"].value < case.get("consumers", 1) and time.monotonic() < until:
+            time.sleep(0.01)
     except BaseException:
         out["error"] = traceback.format_exc()
         sync["producer_done"].set()
@@ -173,10 +184,16 @@ def producer_main(cname, transport, cfg, sync, out_q):
         out_q.put(out)
 
 
-def consumer_main(cname, transport, cfg, sync, out_q):
+def _count(v):
+    with v.get_lock():
+        v.value += 1
+
+
+def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
     case = CASES[cname]
-    out = {"role": "consumer"}
+    out = {"role": f"consumer{idx}"}
     lat, got, lost = [], 0, 0
+    seqs = []
     keep = []
     now = time.monotonic_ns
     try:
@@ -190,10 +207,10 @@ def consumer_main(cname, transport, cfg, sync, out_q):
             import frameshm
 
             poll = cname == "poll480"
-            r = frameshm.Reader(cfg["stream"], consumer=None if poll else "bench",
+            r = frameshm.Reader(cfg["stream"], consumer=None if poll else f"bench{idx}",
                                 spin=transport == "fshm", subscribe=not poll)
             keep.append(r)
-            sync["consumer_ready"].set()
+            _count(sync["ready"])
             if cname == "tiny":
                 while True:
                     try:
@@ -236,6 +253,7 @@ def consumer_main(cname, transport, cfg, sync, out_q):
                     got += 1
                     if f.seq >= case["warmup"]:
                         lat.append(t1 - f.timestamp_ns)
+                        seqs.append(f.seq)
                     seq = f.seq
                     del a, f
                     if seq >= last:
@@ -245,7 +263,7 @@ def consumer_main(cname, transport, cfg, sync, out_q):
             sub = svc.subscriber_builder().create()
             listener = ev.listener_builder().create()
             keep += [node, svc, ev, sub, listener]
-            sync["consumer_ready"].set()
+            _count(sync["ready"])
             receive = sub.receive
             if cname == "tiny":
                 idle = 0
@@ -260,7 +278,7 @@ def consumer_main(cname, transport, cfg, sync, out_q):
                     del s
                 lost = sync["sent"].value - got
             else:
-                blocking = cname == "view60"
+                blocking = cname in ("view60", "fanout8")
                 tmo = iox2.Duration.from_millis(250)
                 seq = -1
                 while seq < last:
@@ -283,6 +301,7 @@ def consumer_main(cname, transport, cfg, sync, out_q):
                     got += 1
                     if seq >= case["warmup"]:
                         lat.append(t1 - t0)
+                        seqs.append(seq)
                     del a, newest
         elif transport == "pipe":
             from multiprocessing import resource_tracker, shared_memory
@@ -295,7 +314,7 @@ def consumer_main(cname, transport, cfg, sync, out_q):
                 resource_tracker.register = reg
             conn = cfg["conn"]
             buf = shm.buf
-            sync["consumer_ready"].set()
+            _count(sync["ready"])
             seq = -1
             while seq < last:
                 if not conn.poll(0.25):
@@ -314,32 +333,36 @@ def consumer_main(cname, transport, cfg, sync, out_q):
     except BaseException:
         out["error"] = traceback.format_exc()
     finally:
-        sync["consumer_ready"].set()
-        sync["consumer_done"].set()
+        _count(sync["ready"])
+        _count(sync["finished"])
         for k in reversed(keep):
             if hasattr(k, "close"):
                 k.close()
-        out.update(got=got, lost=lost, lat=lat)
+        out.update(got=got, lost=lost, lat=lat, seqs=seqs)
         out_q.put(out)
 
 
 def run_pair(ctx, cname, transport, args, tag):
     cfg = {"stream": f"peers-{os.getpid()}-{tag}", "shm": f"peers-{os.getpid()}-{tag}",
            "frames": args.frames or CASES[cname].get("frames", 0), "seconds": args.seconds}
-    sync = {k: ctx.Event() for k in ("producer_ready", "consumer_ready", "producer_done", "consumer_done")}
+    n = CASES[cname].get("consumers", 1)
+    sync = {k: ctx.Event() for k in ("producer_ready", "producer_done")}
     sync["sent"] = ctx.Value("q", 0, lock=False)
+    sync["ready"] = ctx.Value("i", 0)
+    sync["finished"] = ctx.Value("i", 0)
     out_q = ctx.Queue()
     pcfg, ccfg = dict(cfg), dict(cfg)
     if transport == "pipe":
         rx, tx = ctx.Pipe(duplex=False)
         pcfg["conn"], ccfg["conn"] = tx, rx
-    procs = [ctx.Process(target=consumer_main, args=(cname, transport, ccfg, sync, out_q)),
-             ctx.Process(target=producer_main, args=(cname, transport, pcfg, sync, out_q))]
+    procs = [ctx.Process(target=consumer_main, args=(cname, transport, ccfg, sync, out_q, i))
+             for i in range(n)]
+    procs.append(ctx.Process(target=producer_main, args=(cname, transport, pcfg, sync, out_q)))
     for p in procs:
         p.start()
     res = {}
-    deadline = time.monotonic() + 90
-    while len(res) < 2 and time.monotonic() < deadline:
+    deadline = time.monotonic() + 120
+    while len(res) < n + 1 and time.monotonic() < deadline:
         try:
             r = out_q.get(timeout=1)
             res[r["role"]] = r
@@ -352,14 +375,22 @@ def run_pair(ctx, cname, transport, args, tag):
             p.kill()
             p.join()
     errs = [r["error"] for r in res.values() if "error" in r]
-    if errs or len(res) < 2:
+    if errs or len(res) < n + 1:
         return {"error": "\n".join(errs) or "a process died"}
-    c, pr = res["consumer"], res["producer"]
-    row = {"sent": pr["sent"], "got": c["got"], "lost": c["lost"]}
+    cons = [res[f"consumer{i}"] for i in range(n)]
+    pr = res["producer"]
+    row = {"sent": pr["sent"], "got": min(c["got"] for c in cons), "lost": sum(c["lost"] for c in cons)}
     if cname == "tiny":
-        row["msgs_per_s"] = c["got"] / args.seconds
+        row["msgs_per_s"] = cons[0]["got"] / args.seconds
     else:
-        lat = sorted(c["lat"])
+        if n == 1:
+            lat = cons[0]["lat"]
+        else:   # per frame, the last consumer to hold it; frames every consumer got
+            per = [dict(zip(c["seqs"], c["lat"])) for c in cons]
+            common = set(per[0]).intersection(*per[1:])
+            lat = [max(d[s] for d in per) for s in common]
+            row["frames_all_got"] = len(common)
+        lat = sorted(lat)
         if lat:
             row["median_us"] = statistics.median(lat) / 1e3
             row["p90_us"] = lat[int(0.9 * (len(lat) - 1))] / 1e3
