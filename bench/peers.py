@@ -149,6 +149,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
                 raise RuntimeError("the consumers never became ready")
             time.sleep(0.01)
         time.sleep(0.2)
+        cpu0 = time.process_time()
         if case["fps"]:
             period = int(1e9 / case["fps"])
             total = case["warmup"] + cfg["frames"]
@@ -167,6 +168,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
                 if time.monotonic() >= end:
                     break
             out["sent"] = i
+        out["cpu_s"] = time.process_time() - cpu0
         sync["sent"].value = out["sent"]
         sync["producer_done"].set()
         until = time.monotonic() + 20
@@ -194,6 +196,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
     out = {"role": f"consumer{idx}"}
     lat, got, lost = [], 0, 0
     seqs = []
+    cpu0 = None
     keep = []
     now = time.monotonic_ns
     try:
@@ -211,6 +214,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
                                 spin=transport == "fshm", subscribe=not poll)
             keep.append(r)
             _count(sync["ready"])
+            cpu0 = time.process_time()
             if cname == "tiny":
                 while True:
                     try:
@@ -264,6 +268,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
             listener = ev.listener_builder().create()
             keep += [node, svc, ev, sub, listener]
             _count(sync["ready"])
+            cpu0 = time.process_time()
             receive = sub.receive
             if cname == "tiny":
                 idle = 0
@@ -315,6 +320,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
             conn = cfg["conn"]
             buf = shm.buf
             _count(sync["ready"])
+            cpu0 = time.process_time()
             seq = -1
             while seq < last:
                 if not conn.poll(0.25):
@@ -338,7 +344,8 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
         for k in reversed(keep):
             if hasattr(k, "close"):
                 k.close()
-        out.update(got=got, lost=lost, lat=lat, seqs=seqs)
+        out.update(got=got, lost=lost, lat=lat, seqs=seqs,
+                   cpu_s=time.process_time() - cpu0 if cpu0 is not None else 0.0)
         out_q.put(out)
 
 
@@ -379,7 +386,10 @@ def run_pair(ctx, cname, transport, args, tag):
         return {"error": "\n".join(errs) or "a process died"}
     cons = [res[f"consumer{i}"] for i in range(n)]
     pr = res["producer"]
-    row = {"sent": pr["sent"], "got": min(c["got"] for c in cons), "lost": sum(c["lost"] for c in cons)}
+    row = {"sent": pr["sent"], "got": min(c["got"] for c in cons), "lost": sum(c["lost"] for c in cons),
+           # CPU per frame handed off: the producer's, and all consumers' together
+           "prod_cpu_us": pr["cpu_s"] / max(pr["sent"], 1) * 1e6,
+           "cons_cpu_us": sum(c["cpu_s"] for c in cons) / max(pr["sent"], 1) * 1e6}
     if cname == "tiny":
         row["msgs_per_s"] = cons[0]["got"] / args.seconds
     else:
@@ -425,10 +435,12 @@ def main():
                         print(f"run {run} {cname:8s} {t:12s} ERROR\n{row['error']}", flush=True)
                     elif cname == "tiny":
                         print(f"run {run} {cname:8s} {t:12s} {row['msgs_per_s'] / 1e3:9.1f} k msg/s  "
-                              f"lost {row['lost']} of {row['sent']}", flush=True)
+                              f"lost {row['lost']} of {row['sent']}  cpu/msg prod "
+                              f"{row['prod_cpu_us']:.2f} us cons {row['cons_cpu_us']:.2f} us", flush=True)
                     else:
                         print(f"run {run} {cname:8s} {t:12s} median {row.get('median_us', 0):8.1f} us  "
-                              f"p90 {row.get('p90_us', 0):8.1f} us  got {row['got']}/{row['sent']}",
+                              f"p90 {row.get('p90_us', 0):8.1f} us  got {row['got']}/{row['sent']}  "
+                              f"cpu/frame prod {row['prod_cpu_us']:.0f} us cons {row['cons_cpu_us']:.0f} us",
                               flush=True)
     finally:
         import shutil
