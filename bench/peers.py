@@ -8,8 +8,9 @@ Cases:
   view60   1080p RGB at 60 fps, blocking consumer. Latency = the consumer's monotonic clock
            when it holds a numpy view of the frame minus the producer's, taken after the fill,
            right before the hand-off. Median and p90 in us.
-  tiny     64-byte messages, producer unthrottled for --seconds; a process-all consumer.
-           Messages/s the consumer read, and how many it lost.
+  tiny     64-byte messages, producer unthrottled for --seconds; a process-all consumer;
+           64 slots (iceoryx2: a 64-sample subscriber buffer, safe overflow).
+           Messages/s the consumer read, how many it lost, CPU per message.
   poll480  640x480 RGB at 30 fps, the consumer busy-polls (no sleep). Latency as view60.
   fanout8  1080p RGB at 30 fps to 8 blocking consumers (as view60 each); latency of a frame =
            that of the last consumer to hold it. Median and p90 over frames all 8 got.
@@ -18,6 +19,8 @@ Transports:
   fshm         Writer.loan()/commit(); Reader.wait_latest (view60), wait_next (tiny),
                read_latest(copy=False) in a loop (poll480)
   fshm-nospin  as fshm with Reader(spin=False)
+  fshm-ring    as fshm with Reader(queue=False): frames by seq from the header ring, the
+               latest_seq futex as the doorbell (no descriptor queue)
   iox2         iceoryx2 (PyPI package `iceoryx2`, the `bench` extra): publish-subscribe of a
                uint8 slice, loan_slice_uninit + send; view60 adds an event service
                (Notifier.notify / Listener.timed_wait) since a subscriber cannot block;
@@ -48,7 +51,7 @@ import numpy as np
 CASES = {
     "view60": dict(shape=(1080, 1920, 3), fps=60, frames=240, warmup=30,
                    transports=("fshm", "fshm-nospin", "iox2", "pipe")),
-    "tiny": dict(shape=(64,), fps=0, transports=("fshm", "iox2")),
+    "tiny": dict(shape=(64,), fps=0, nslots=64, transports=("fshm", "fshm-ring", "iox2")),
     "poll480": dict(shape=(480, 640, 3), fps=30, frames=120, warmup=15, transports=("fshm", "iox2")),
     "fanout8": dict(shape=(1080, 1920, 3), fps=30, frames=120, warmup=15, consumers=8,
                     transports=("fshm", "fshm-nospin", "iox2")),
@@ -72,7 +75,7 @@ def _iox2_service(case, cfg):
     n = case.get("consumers", 1)
     svc = (node.service_builder(name).publish_subscribe(iox2.Slice[ctypes.c_uint8])
            .max_publishers(1).max_subscribers(n + 1).history_size(0)
-           .subscriber_max_buffer_size(NSLOTS if case["fps"] else 16)
+           .subscriber_max_buffer_size(case.get("nslots", NSLOTS))
            .subscriber_max_borrowed_samples(2).enable_safe_overflow(True).open_or_create())
     ev = (node.service_builder(iox2.ServiceName.new(cfg["stream"] + "/ev")).event()
           .max_listeners(n + 1).open_or_create())
@@ -90,7 +93,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
         if transport.startswith("fshm"):
             import frameshm
 
-            w = frameshm.Writer(cfg["stream"], shape=shape, dtype="uint8", nslots=NSLOTS)
+            w = frameshm.Writer(cfg["stream"], shape=shape, dtype="uint8", nslots=case.get("nslots", NSLOTS))
             keep.append(w)
             flat = src.reshape(shape)
 
@@ -211,7 +214,8 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
 
             poll = cname == "poll480"
             r = frameshm.Reader(cfg["stream"], consumer=None if poll else f"bench{idx}",
-                                spin=transport == "fshm", subscribe=not poll)
+                                spin=transport != "fshm-nospin", subscribe=not poll,
+                                **({"queue": False} if transport == "fshm-ring" else {}))
             keep.append(r)
             _count(sync["ready"])
             cpu0 = time.process_time()

@@ -36,19 +36,21 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"name", "stream_id", "consumer", "base_dir", "namespace", "spin",
                              "subscribe", "max_rate_hz", "driver", "publish_mode", "client_id",
-                             "lease_events", "frame_type", "dtypes", "foreign", "array_type", NULL};
+                             "lease_events", "frame_type", "dtypes", "foreign", "array_type", "queue",
+                             NULL};
     PyObject *name = Py_None, *consumer = Py_None, *base = Py_None, *ns = Py_None;
     PyObject *driver = Py_None, *pmode = Py_None, *frame_type = Py_None, *dtypes = Py_None;
     PyObject *array_type = Py_None;
     unsigned long sid = 0, rate = 0, client = 0;
-    int spin = 1, subscribe = 1, lease_events = 0, foreign = 0;
+    int spin = 1, subscribe = 1, lease_events = 0, foreign = 0, queue = 1;
     if (self->r) {
         PyErr_SetString(fshm_exc_state, "Reader already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppkOOkpOOpO", kwlist, &name, &sid, &consumer,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppkOOkpOOpOp", kwlist, &name, &sid, &consumer,
                                      &base, &ns, &spin, &subscribe, &rate, &driver, &pmode, &client,
-                                     &lease_events, &frame_type, &dtypes, &foreign, &array_type))
+                                     &lease_events, &frame_type, &dtypes, &foreign, &array_type,
+                                     &queue))
         return -1;
     if (fshm_frame_maker_set(&self->frames, frame_type, dtypes, array_type))
         return -1;
@@ -61,6 +63,7 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
         return -1;
     cfg.spin = spin;
     cfg.passive = !subscribe;
+    cfg.no_queue = !queue;
     if (rate > 1000000) {
         PyErr_SetString(fshm_exc_invalid, "max_rate_hz must be between 0 (unlimited) and 1000000");
         return -1;

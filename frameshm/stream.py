@@ -388,6 +388,11 @@ class Reader:
     superblocks, frames by following the header ring (polling, at most ~2 ms behind), and
     ``producer`` comes from the superblock's activity time. No control bytes, no
     registration (docs/wire-format.md §9).
+    ``queue=False`` registers without a descriptor queue: frames are taken from the header
+    ring by seq, with no system call per frame while the reader keeps up, and the reader
+    sleeps on the newest seq's futex, which the producer wakes once per frame for all such
+    readers. Losses are counted as with a queue (``skipped``, ``overruns``); it also uses
+    none of the system's message queues.
     """
 
     def __init__(
@@ -406,6 +411,7 @@ class Reader:
         client_id: int = 0,
         lease_events: bool = False,
         foreign: bool = False,
+        queue: bool = True,
     ):
         self._r = _core.Reader(
             name,
@@ -424,6 +430,7 @@ class Reader:
             dtypes=_DTYPE_TABLE,
             foreign=foreign,
             array_type=np.ndarray,
+            queue=queue,
         )
         self.driver = driver
         self.name = name if name is not None else f"stream-{self._r.stream_id}"
