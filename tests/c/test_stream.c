@@ -626,6 +626,41 @@ static void test_spin_rests_when_it_does_not_pay_off(void **state)
     fshm_writer_close(w, 1);
 }
 
+/* no_queue = 1: registered without a queue by choice; process-all takes every frame of a
+ * paced stream from the ring, in order, woken by the futex; none is sent as a descriptor. */
+static void test_no_queue_reader_by_choice(void **state)
+{
+    (void)state;
+    const char *name = "st-noqueue";
+    fshm_writer *w = tu_writer(name, 64, 4096);
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+    rc.addr.name = name;
+    rc.no_queue = 1;
+    fshm_reader *r;
+    assert_int_equal(fshm_reader_open(&rc, &r), 0);
+    assert_string_equal(fshm_reader_queue_name(r), "");
+    paced_writer pw = {.w = w, .frames = 40, .period_ms = 2, .rc = 0};
+    uint64_t first = fshm_writer_next_seq(w);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, paced_main, &pw), 0);
+    fshm_frame f = frame_zero();
+    for (uint64_t want = first; want < first + 40; want++) {
+        int rc2 = fshm_reader_wait_next(r, 10 * SEC, &f);
+        if (rc2) {
+            pthread_join(t, NULL);
+            fail_msg("wait_next: %d (%s)", rc2, fshm_last_error());
+        }
+        assert_int_equal(f.seq, want);
+        assert_int_equal(f.skipped, 0);
+        expect_frame(&f, want, 1, 256);
+    }
+    pthread_join(t, NULL);
+    assert_int_equal(pw.rc, 0);
+    assert_int_equal(fshm_reader_overruns(r), 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
 /* ---- timeouts and dead producers ---- */
 
 static void test_timeout_producer_alive(void **state)
@@ -2090,6 +2125,7 @@ int main(void)
         cmocka_unit_test(test_spin_reader_steady_stream),
         cmocka_unit_test(test_spin_off_when_consumers_outnumber_cpus),
         cmocka_unit_test(test_spin_rests_when_it_does_not_pay_off),
+        cmocka_unit_test(test_no_queue_reader_by_choice),
         cmocka_unit_test(test_timeout_producer_alive),
         cmocka_unit_test(test_timeout_producer_dead),
         cmocka_unit_test(test_second_writer_busy),
