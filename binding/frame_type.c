@@ -221,18 +221,26 @@ static PyObject *build_array(PyObject *array_type, FshmFrame *self)
  * with an exception set. Frames of a slot share the array, not the object they hand out. */
 static PyObject *slot_array(fshm_frame_maker *fm, FshmFrame *self)
 {
-    fshm_slot_view *v = NULL;
+    /* Only while the Reader is open: after close() the cache must not keep regions mapped. */
+    if (!fshm_reader_handle(self->reader))
+        return build_array(fm->array_type, self);
     for (unsigned i = 0; i < FSHM_SLOT_VIEWS; i++) {
         fshm_slot_view *e = &fm->views[i];
         if (e->array && e->buffer == self->buffer && e->offset == self->offset &&
             e->shape == self->shape && e->strides == self->strides && e->dtype == self->dtype)
             return Py_NewRef(e->array);
-        if (!v && !e->array)
-            v = e;
     }
     PyObject *a = build_array(fm->array_type, self);
     if (!a)
         return NULL;
+    /* Checked again and the entry chosen only now: building may have let another thread
+     * run (close the Reader, fill an entry). */
+    if (!fshm_reader_handle(self->reader))
+        return a;
+    fshm_slot_view *v = NULL;
+    for (unsigned i = 0; i < FSHM_SLOT_VIEWS && !v; i++)
+        if (!fm->views[i].array)
+            v = &fm->views[i];
     if (!v) {
         v = &fm->views[fm->views_next++ % FSHM_SLOT_VIEWS];
         slot_view_clear(v);
@@ -256,9 +264,8 @@ static PyObject *frame_array(FshmFrame *self, void *unused)
         return NULL;
     }
     PyObject *a;
-    /* Cached only over a mapping (a copy is the frame's own) and while the Reader is open:
-     * after close() the cache must not keep regions mapped. */
-    if (PyObject_TypeCheck(self->buffer, &FshmMappingType) && fshm_reader_handle(self->reader)) {
+    /* Cached only over a mapping: a copy is the frame's own. */
+    if (PyObject_TypeCheck(self->buffer, &FshmMappingType)) {
         PyObject *base = slot_array(fm, self);
         if (!base)
             return NULL;
