@@ -661,6 +661,33 @@ static void test_no_queue_reader_by_choice(void **state)
     fshm_writer_close(w, 1);
 }
 
+/* A big publish() (streaming stores past 1 MiB) from a misaligned source with a length
+ * that is not a multiple of 64: every byte arrives. */
+static void test_big_publish_copies_every_byte(void **state)
+{
+    (void)state;
+    const char *name = "st-bigfill";
+    const size_t n = (2u << 20) + 37, cap = 3u << 20;
+    fshm_writer *w = tu_writer(name, 2, (uint32_t)cap);
+    fshm_reader *r = tu_reader(name);
+    uint8_t *buf = malloc(n + 3);
+    assert_non_null(buf);
+    fshm_tensor t = tu_u8_tensor((uint32_t)n);
+    for (int round = 0; round < 3; round++) {
+        for (size_t i = 0; i < n; i++)
+            buf[3 + i] = (uint8_t)(i * 31 + (size_t)round);
+        assert_int_equal(fshm_writer_publish(w, buf + 3, n, &t, 0), 0);
+        fshm_frame f = frame_zero();
+        assert_int_equal(fshm_reader_wait_next(r, 5 * SEC, &f), 0);
+        assert_int_equal(f.nbytes, n);
+        assert_memory_equal(f.data, buf + 3, n);
+        assert_true(fshm_frame_valid(r, &f));
+    }
+    free(buf);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
 /* ---- timeouts and dead producers ---- */
 
 static void test_timeout_producer_alive(void **state)
@@ -2126,6 +2153,7 @@ int main(void)
         cmocka_unit_test(test_spin_off_when_consumers_outnumber_cpus),
         cmocka_unit_test(test_spin_rests_when_it_does_not_pay_off),
         cmocka_unit_test(test_no_queue_reader_by_choice),
+        cmocka_unit_test(test_big_publish_copies_every_byte),
         cmocka_unit_test(test_timeout_producer_alive),
         cmocka_unit_test(test_timeout_producer_dead),
         cmocka_unit_test(test_second_writer_busy),
