@@ -69,17 +69,33 @@ PyObject *fshm_frame_dlpack_device(FshmFrame *self, PyObject *unused);
 /* How a Reader makes its frames: the class (NULL = _core.Frame), the dtype table and the
  * last frame's shape/strides tuples, which frames of the same layout share. Zeroed = no
  * class or table set. */
+/* One array over a slot's bytes, which the slot's later frames view instead of building
+ * their own: keyed by everything the array was built from (held, so no key is recycled). */
+typedef struct {
+    PyObject *buffer, *shape, *strides, *dtype;
+    Py_ssize_t offset;
+    PyObject *array;     /* NULL = free entry */
+} fshm_slot_view;
+#define FSHM_SLOT_VIEWS 32
 typedef struct {
     PyTypeObject *type;
     PyObject *dtypes;            /* tuple indexed by dtype code, or NULL: dtype = the code */
     PyObject *shape, *strides;
     uint8_t ndims;
     int32_t layout_dims[FSHM_MAX_DIMS], layout_strides[FSHM_MAX_DIMS];   /* what they hold */
+    PyObject *array_type;        /* Frame.array's factory (numpy.ndarray), or NULL: no .array */
+    fshm_slot_view views[FSHM_SLOT_VIEWS];
+    unsigned views_next;         /* round-robin victim */
 } fshm_frame_maker;
-/* Sets the class (None = _core.Frame, else a subclass of it) and the dtype table (None, or
- * a sequence indexed by dtype code). 0, or -1 with an exception set. */
-int fshm_frame_maker_set(fshm_frame_maker *fm, PyObject *type, PyObject *dtypes);
+/* Sets the class (None = _core.Frame, else a subclass of it), the dtype table (None, or
+ * a sequence indexed by dtype code) and the array type (None, or a callable taking
+ * (shape, dtype, buffer, offset, strides) positionally). 0, or -1 with an exception set. */
+int fshm_frame_maker_set(fshm_frame_maker *fm, PyObject *type, PyObject *dtypes,
+                         PyObject *array_type);
 void fshm_frame_maker_clear(fshm_frame_maker *fm);
+/* Drops the cached slot arrays over `buffer` (NULL: all of them), so they no longer keep
+ * its region mapped. */
+void fshm_frame_maker_forget(fshm_frame_maker *fm, PyObject *buffer);
 /* A new frame for f: its bytes are at `offset` in `buffer` (the Mapping of f->map, or a
  * private copy), `ring` the Mapping of its header ring; it keeps them and reader alive. */
 PyObject *fshm_frame_new(fshm_frame_maker *fm, PyObject *reader, PyObject *buffer,
@@ -88,6 +104,8 @@ PyObject *fshm_frame_new(fshm_frame_maker *fm, PyObject *reader, PyObject *buffe
 int fshm_frame_type_ready(PyObject *module);
 /* reader_type.c: the handle of a _core.Reader, NULL once it is closed. */
 fshm_reader *fshm_reader_handle(PyObject *reader);
+/* reader_type.c: how a _core.Reader makes its frames (they ask it for their arrays). */
+fshm_frame_maker *fshm_reader_frames(PyObject *reader);
 
 /* Raises the Python exception matching a negative frameshm code; returns NULL. */
 PyObject *fshm_raise(int code);

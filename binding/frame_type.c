@@ -11,11 +11,16 @@
 
 /* ---- the Reader's frame factory ---- */
 
-int fshm_frame_maker_set(fshm_frame_maker *fm, PyObject *type, PyObject *dtypes)
+int fshm_frame_maker_set(fshm_frame_maker *fm, PyObject *type, PyObject *dtypes,
+                         PyObject *array_type)
 {
     if (type != Py_None &&
         (!PyType_Check(type) || !PyType_IsSubtype((PyTypeObject *)type, &FshmFrameType))) {
         PyErr_SetString(PyExc_TypeError, "frame_type must be frameshm._core.Frame or a subclass");
+        return -1;
+    }
+    if (array_type != Py_None && !PyCallable_Check(array_type)) {
+        PyErr_SetString(PyExc_TypeError, "array_type must be callable (numpy.ndarray)");
         return -1;
     }
     PyObject *table = NULL;
@@ -24,17 +29,37 @@ int fshm_frame_maker_set(fshm_frame_maker *fm, PyObject *type, PyObject *dtypes)
         if (!table)
             return -1;
     }
+    fshm_frame_maker_forget(fm, NULL);
     Py_XSETREF(fm->type, type == Py_None ? NULL : (PyTypeObject *)Py_NewRef(type));
     Py_XSETREF(fm->dtypes, table);
+    Py_XSETREF(fm->array_type, array_type == Py_None ? NULL : Py_NewRef(array_type));
     return 0;
+}
+
+static void slot_view_clear(fshm_slot_view *v)
+{
+    Py_CLEAR(v->array);
+    Py_CLEAR(v->buffer);
+    Py_CLEAR(v->shape);
+    Py_CLEAR(v->strides);
+    Py_CLEAR(v->dtype);
+}
+
+void fshm_frame_maker_forget(fshm_frame_maker *fm, PyObject *buffer)
+{
+    for (unsigned i = 0; i < FSHM_SLOT_VIEWS; i++)
+        if (fm->views[i].array && (!buffer || fm->views[i].buffer == buffer))
+            slot_view_clear(&fm->views[i]);
 }
 
 void fshm_frame_maker_clear(fshm_frame_maker *fm)
 {
+    fshm_frame_maker_forget(fm, NULL);
     Py_CLEAR(fm->type);
     Py_CLEAR(fm->dtypes);
     Py_CLEAR(fm->shape);
     Py_CLEAR(fm->strides);
+    Py_CLEAR(fm->array_type);
     fm->ndims = 0;
 }
 
@@ -180,6 +205,95 @@ static PyObject *frame_repr(FshmFrame *self)
                                 self->skipped);
 }
 
+/* An array over the frame's bytes, built positionally (ndarray() parses keywords slowly). */
+static PyObject *build_array(PyObject *array_type, FshmFrame *self)
+{
+    PyObject *off = PyLong_FromSsize_t(self->offset);
+    if (!off)
+        return NULL;
+    PyObject *args[] = {self->shape, self->dtype, self->buffer, off, self->strides};
+    PyObject *a = PyObject_Vectorcall(array_type, args, 5, NULL);
+    Py_DECREF(off);
+    return a;
+}
+
+/* The slot's array from the Reader's cache (built on the first frame in the slot), or NULL
+ * with an exception set. Frames of a slot share the array, not the object they hand out. */
+static PyObject *slot_array(fshm_frame_maker *fm, FshmFrame *self)
+{
+    /* Only while the Reader is open: after close() the cache must not keep regions mapped. */
+    if (!fshm_reader_handle(self->reader))
+        return build_array(fm->array_type, self);
+    for (unsigned i = 0; i < FSHM_SLOT_VIEWS; i++) {
+        fshm_slot_view *e = &fm->views[i];
+        if (e->array && e->buffer == self->buffer && e->offset == self->offset &&
+            e->shape == self->shape && e->strides == self->strides && e->dtype == self->dtype)
+            return Py_NewRef(e->array);
+    }
+    PyObject *a = build_array(fm->array_type, self);
+    if (!a)
+        return NULL;
+    /* Checked again and the entry chosen only now: building may have let another thread
+     * run (close the Reader, fill an entry). */
+    if (!fshm_reader_handle(self->reader))
+        return a;
+    fshm_slot_view *v = NULL;
+    for (unsigned i = 0; i < FSHM_SLOT_VIEWS && !v; i++)
+        if (!fm->views[i].array)
+            v = &fm->views[i];
+    if (!v) {
+        v = &fm->views[fm->views_next++ % FSHM_SLOT_VIEWS];
+        slot_view_clear(v);
+    }
+    v->buffer = Py_NewRef(self->buffer);
+    v->shape = Py_NewRef(self->shape);
+    v->strides = Py_NewRef(self->strides);
+    v->dtype = Py_NewRef(self->dtype);
+    v->offset = self->offset;
+    v->array = Py_NewRef(a);
+    return a;
+}
+
+static PyObject *frame_array(FshmFrame *self, void *unused)
+{
+    if (self->array)
+        return Py_NewRef(self->array);
+    fshm_frame_maker *fm = self->reader ? fshm_reader_frames(self->reader) : NULL;
+    if (!fm || !fm->array_type) {
+        PyErr_SetString(PyExc_AttributeError, "this frame's Reader was given no array_type");
+        return NULL;
+    }
+    PyObject *a;
+    /* Cached only over a mapping: a copy is the frame's own. */
+    if (PyObject_TypeCheck(self->buffer, &FshmMappingType)) {
+        PyObject *base = slot_array(fm, self);
+        if (!base)
+            return NULL;
+        /* A view of it per frame: whatever a caller sets on its array (shape, dtype) stays
+         * off the shared one. */
+        static PyObject *view_name;
+        if (!view_name && !(view_name = PyUnicode_InternFromString("view"))) {
+            Py_DECREF(base);
+            return NULL;
+        }
+        a = PyObject_CallMethodNoArgs(base, view_name);
+        Py_DECREF(base);
+    } else {
+        a = build_array(fm->array_type, self);
+    }
+    if (!a)
+        return NULL;
+    Py_XSETREF(self->array, Py_NewRef(a));
+    return a;
+}
+
+static PyGetSetDef frame_getset[] = {
+    {"array", (getter)frame_array, NULL,
+     "Read-only numpy view of the frame in shared memory (no copy); a read_copy() frame's "
+     "is over its private copy.", NULL},
+    {NULL},
+};
+
 static PyMethodDef frame_methods[] = {
     {"valid", (PyCFunction)frame_valid, METH_NOARGS,
      "valid() -> bool: True if the slot still holds this frame (seqlock re-check after using "
@@ -232,6 +346,7 @@ PyTypeObject FshmFrameType = {
     .tp_clear = (inquiry)frame_clear,
     .tp_methods = frame_methods,
     .tp_members = frame_members,
+    .tp_getset = frame_getset,
 };
 
 int fshm_frame_type_ready(PyObject *module)

@@ -36,20 +36,23 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"name", "stream_id", "consumer", "base_dir", "namespace", "spin",
                              "subscribe", "max_rate_hz", "driver", "publish_mode", "client_id",
-                             "lease_events", "frame_type", "dtypes", "foreign", NULL};
+                             "lease_events", "frame_type", "dtypes", "foreign", "array_type", "queue",
+                             NULL};
     PyObject *name = Py_None, *consumer = Py_None, *base = Py_None, *ns = Py_None;
     PyObject *driver = Py_None, *pmode = Py_None, *frame_type = Py_None, *dtypes = Py_None;
+    PyObject *array_type = Py_None;
     unsigned long sid = 0, rate = 0, client = 0;
-    int spin = 1, subscribe = 1, lease_events = 0, foreign = 0;
+    int spin = 1, subscribe = 1, lease_events = 0, foreign = 0, queue = 1;
     if (self->r) {
         PyErr_SetString(fshm_exc_state, "Reader already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppkOOkpOOp", kwlist, &name, &sid, &consumer,
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kOOOppkOOkpOOpOp", kwlist, &name, &sid, &consumer,
                                      &base, &ns, &spin, &subscribe, &rate, &driver, &pmode, &client,
-                                     &lease_events, &frame_type, &dtypes, &foreign))
+                                     &lease_events, &frame_type, &dtypes, &foreign, &array_type,
+                                     &queue))
         return -1;
-    if (fshm_frame_maker_set(&self->frames, frame_type, dtypes))
+    if (fshm_frame_maker_set(&self->frames, frame_type, dtypes, array_type))
         return -1;
     fshm_reader_config cfg = FSHM_READER_CONFIG_INIT;
     if (fshm_parse_driver(driver, pmode, client, &cfg.driver, &cfg.publish_mode, &cfg.client_id))
@@ -60,6 +63,7 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
         return -1;
     cfg.spin = spin;
     cfg.passive = !subscribe;
+    cfg.no_queue = !queue;
     if (rate > 1000000) {
         PyErr_SetString(fshm_exc_invalid, "max_rate_hz must be between 0 (unlimited) and 1000000");
         return -1;
@@ -85,6 +89,7 @@ static int reader_init(FshmReader *self, PyObject *args, PyObject *kw)
 
 static void clear_cache(FshmReader *self)
 {
+    fshm_frame_maker_forget(&self->frames, NULL);
     for (unsigned i = 0; i < MAP_CACHE; i++) {
         self->cache_key[i] = NULL;
         Py_CLEAR(self->cache_obj[i]);
@@ -105,6 +110,11 @@ fshm_reader *fshm_reader_handle(PyObject *reader)
     return ((FshmReader *)reader)->r;
 }
 
+fshm_frame_maker *fshm_reader_frames(PyObject *reader)
+{
+    return &((FshmReader *)reader)->frames;
+}
+
 /* The Mapping object for a frame's pool: one Python object per mapping, so views
  * of the same pool share it. */
 static PyObject *mapping_for(FshmReader *self, fshm_map *m)
@@ -118,6 +128,9 @@ static PyObject *mapping_for(FshmReader *self, fshm_map *m)
     if (!obj)
         return NULL;
     unsigned slot = self->cache_next++ % MAP_CACHE;
+    /* The slot arrays over an evicted mapping go with it: they would keep it mapped. */
+    if (self->cache_obj[slot])
+        fshm_frame_maker_forget(&self->frames, self->cache_obj[slot]);
     Py_XDECREF(self->cache_obj[slot]);
     self->cache_key[slot] = m;
     self->cache_obj[slot] = obj;

@@ -321,21 +321,13 @@ class Frame(_core.Frame):
     newer frames; :meth:`valid` tells whether it still holds this frame. Use
     :meth:`copy` (or ``Reader.read_latest(copy=True)``) for data guaranteed untorn.
 
-    Readers create frames (the metadata attributes and ``valid()`` are the C type's);
-    a frame keeps the memory of its view mapped for as long as it or the view lives.
+    Readers create frames (the metadata attributes, ``array`` and ``valid()`` are the C
+    type's); a frame keeps the memory of its view mapped for as long as it or the view
+    lives. ``array`` is a view of an array the Reader keeps per slot, so a frame builds
+    no array of its own.
     """
 
     __slots__ = ()
-
-    @property
-    def array(self) -> np.ndarray:
-        """Read-only numpy view of the frame in shared memory (no copy)."""
-        a = self._array
-        if a is None:
-            # Positional: ndarray() parses keywords slowly (~1.2 us more per frame).
-            a = np.ndarray(self.shape, self.dtype, self._buffer, self._offset, self.strides)
-            self._array = a
-        return a
 
     def copy(self) -> np.ndarray:
         """A private copy, checked untorn; raises Overrun if the slot was overwritten."""
@@ -396,6 +388,11 @@ class Reader:
     superblocks, frames by following the header ring (polling, at most ~2 ms behind), and
     ``producer`` comes from the superblock's activity time. No control bytes, no
     registration (docs/wire-format.md §9).
+    ``queue=False`` registers without a descriptor queue: frames are taken from the header
+    ring by seq, with no system call per frame while the reader keeps up, and the reader
+    sleeps on the newest seq's futex, which the producer wakes once per frame for all such
+    readers. Losses are counted as with a queue (``skipped``, ``overruns``); it also uses
+    none of the system's message queues.
     """
 
     def __init__(
@@ -414,6 +411,7 @@ class Reader:
         client_id: int = 0,
         lease_events: bool = False,
         foreign: bool = False,
+        queue: bool = True,
     ):
         self._r = _core.Reader(
             name,
@@ -431,6 +429,8 @@ class Reader:
             frame_type=Frame,
             dtypes=_DTYPE_TABLE,
             foreign=foreign,
+            array_type=np.ndarray,
+            queue=queue,
         )
         self.driver = driver
         self.name = name if name is not None else f"stream-{self._r.stream_id}"

@@ -248,8 +248,10 @@ static int attach_ctl(fshm_reader *r)
         goto fail;
     }
     char *field = fshm_ctl_queue_field(r->ctl, idx);
-    rc = fshm_queue_create(r->queue, &r->q, field);
-    if (fshm_queue_unavailable(rc)) {
+    rc = r->no_queue ? 0 : fshm_queue_create(r->queue, &r->q, field);
+    if (r->no_queue) {
+        memset(field, 0, 32);
+    } else if (fshm_queue_unavailable(rc)) {
         /* The system's queue limit (or this user's) is reached, maybe by someone else:
          * go on without a queue rather than fail (waits watch latest_seq instead). */
         memset(field, 0, 32);
@@ -417,6 +419,7 @@ static int reader_open(const fshm_reader_config *cfg, fshm_reader **out)
         snprintf(r->consumer, sizeof r->consumer, "pid-%d", (int)getpid());
     }
     r->passive = cfg->passive;
+    r->no_queue = cfg->no_queue && !cfg->passive;   /* asked for; else set if none is left */
     r->max_rate_hz = cfg->max_rate_hz;
     if (cfg->foreign) {
         if (cfg->driver && *cfg->driver) {

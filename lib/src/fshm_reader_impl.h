@@ -43,6 +43,13 @@ struct fshm_reader {
     uint64_t last_arrival_ns;  /* producer commit time of the last frame taken */
     uint64_t interval_ns;    /* EWMA of the time between frames this reader saw */
     uint32_t attach_gen;     /* bumped when a new control region is attached */
+    /* adaptive spinning (fshm_reader_wait.c): off while the stream's consumers and its
+     * producer outnumber our CPUs, and for a while after spins that did not pay off */
+    int spin_cpus;           /* CPUs we may run on, 0 = not counted yet */
+    uint32_t spin_gen;       /* consumers_gen + 1 when spin_crowded was counted, 0 = never */
+    int spin_crowded;
+    uint16_t spin_tries, spin_hits;   /* this round of windows */
+    uint32_t spin_rest;      /* frames to wait without spinning before the next round */
     /* driver model */
     int driver_mode;
     int lease_events;        /* report a lost lease instead of silently re-attaching */

@@ -181,6 +181,45 @@ static inline void cpu_relax(void)
 
 #define SPIN_MIN_INTERVAL_NS 2000000ull   /* below 2 ms between frames, blocking keeps up */
 #define SPIN_LEAD_MAX_NS 500000ull
+#define SPIN_ROUND 16        /* windows judged together */
+#define SPIN_REST 64         /* frames without spinning after a round that did not pay off */
+
+/* Whether spinning can pay off on this machine: each spinning consumer holds a CPU
+ * through its window, and the frame it waits for needs the producer on a CPU too. With
+ * more of them than CPUs (8 consumers of one stream on 2 vCPUs) they only delay one
+ * another and the producer. Counted again only when the consumer table changes. */
+static int spin_crowded(fshm_reader *r)
+{
+    uint32_t gen = LOAD_ACQ(&r->ctl->consumers_gen);
+    if (r->spin_gen == gen + 1)
+        return r->spin_crowded;
+    if (!r->spin_cpus) {
+        cpu_set_t set;
+        int n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
+        r->spin_cpus = n > 0 ? n : 1;
+    }
+    int consumers = 0;
+    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++)
+        if (CONS_KIND(LOAD_RLX(&ctl_consumer(r->ctl, i)->state)) == CONS_ACTIVE)
+            consumers++;
+    r->spin_gen = gen + 1;
+    r->spin_crowded = consumers + 1 > r->spin_cpus;
+    return r->spin_crowded;
+}
+
+/* Scores one spin window (hit: the frame came while we polled). A round in which fewer
+ * than half the windows caught their frame (a jittery producer, a busy machine) costs
+ * CPU for nothing: rest for SPIN_REST frames, then try again. */
+static void spin_scored(fshm_reader *r, int hit)
+{
+    r->spin_tries++;
+    r->spin_hits += hit != 0;
+    if (r->spin_tries < SPIN_ROUND)
+        return;
+    if (r->spin_hits * 2 < r->spin_tries)
+        r->spin_rest = SPIN_REST;
+    r->spin_tries = r->spin_hits = 0;
+}
 
 /* Predictive wait: a sleeping consumer takes a cross-CPU wake-up (~25-100 us on a
  * VM) per frame. When frames come at a steady rate, sleep on the queue until just
@@ -195,6 +234,12 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
     if (r->max_rate_hz)
         return 0;   /* spinning on latest_seq would see every frame, not our share */
     if (!r->spin || !r->epoch || iv < SPIN_MIN_INTERVAL_NS || !r->last_arrival_ns)
+        return 0;
+    if (r->spin_rest) {
+        r->spin_rest--;
+        return 0;
+    }
+    if (spin_crowded(r))
         return 0;
     uint64_t lead = iv / 16 < SPIN_LEAD_MAX_NS ? iv / 16 : SPIN_LEAD_MAX_NS;
     uint64_t expected = r->last_arrival_ns + iv;
@@ -211,12 +256,16 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
     }
     uint64_t end = expected + lead < deadline ? expected + lead : deadline;
     for (unsigned i = 0;; i++) {
-        if (LOAD_ACQ(&r->ctl->latest_seq) > floor)
+        if (LOAD_ACQ(&r->ctl->latest_seq) > floor) {
+            spin_scored(r, 1);
             return 1;
+        }
         cpu_relax();
         if ((i & 63) == 0) {
-            if (fshm_now_ns() >= end)
+            if (fshm_now_ns() >= end) {
+                spin_scored(r, 0);
                 return 0;
+            }
             /* The producer may share our CPU: let it run, or the frame we wait for
              * cannot be published until the window closes. */
             sched_yield();

@@ -709,6 +709,43 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     return 0;
 }
 
+#if defined(__x86_64__)
+#include <emmintrin.h>
+#define STREAM_FILL_MIN (1u << 20)
+
+/* A big frame's fill lands on a slot last written nslots frames ago, which a busy machine
+ * has long evicted: plain stores read every destination line in before overwriting it.
+ * Streaming stores skip that read and leave the caches to the consumers (bench/fill.c:
+ * 0.83-0.95 ms instead of 1.18-1.32 ms for 6.2 MB in a 4-slot ring, and no slower for a
+ * reader touching the frame afterwards). */
+static void fill_slot(void *dst, const void *src, size_t n)
+{
+    if (n < STREAM_FILL_MIN) {
+        memcpy(dst, src, n);
+        return;
+    }
+    uint8_t *d = dst;
+    const uint8_t *s = src;
+    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
+    memcpy(d, s, head);
+    d += head, s += head, n -= head;
+    size_t blocks = n / 64;
+    for (size_t i = 0; i < blocks; i++, d += 64, s += 64) {
+        __m128i a = _mm_loadu_si128((const __m128i *)s), b = _mm_loadu_si128((const __m128i *)s + 1);
+        __m128i c = _mm_loadu_si128((const __m128i *)s + 2), e = _mm_loadu_si128((const __m128i *)s + 3);
+        _mm_stream_si128((__m128i *)d, a);
+        _mm_stream_si128((__m128i *)d + 1, b);
+        _mm_stream_si128((__m128i *)d + 2, c);
+        _mm_stream_si128((__m128i *)d + 3, e);
+    }
+    memcpy(d, s, n % 64);
+    /* Streaming stores are weakly ordered: they must be visible before the commit's release. */
+    _mm_sfence();
+}
+#else
+static void fill_slot(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+#endif
+
 int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fshm_tensor *t,
                         uint64_t timestamp_ns)
 {
@@ -720,7 +757,7 @@ int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fs
     }
     if ((rc = fshm_writer_loan(w, nbytes, &l)))
         return rc;
-    memcpy(l.data, src, nbytes);
+    fill_slot(l.data, src, nbytes);
     return fshm_writer_commit(w, t, nbytes, timestamp_ns);
 }
 

@@ -5,6 +5,7 @@
  * Children created with fork() never return into cmocka: they use the raw API and
  * report through their exit status or a pipe. */
 #include "fshm_test_util.h"
+#include "fshm_reader_impl.h"   /* the adaptive-spin tests look at the reader's state */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -506,6 +507,183 @@ static void test_spin_reader_steady_stream(void **state)
             print_message("    (wait_next lost %llu of 60 frames: host too loaded?)\n",
                           (unsigned long long)skipped);
     }
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* Reads `frames` frames of a paced stream with wait_latest (so predictive spinning runs),
+ * calling look(r) after each; the writer thread alternates the two periods. */
+typedef struct jitter_writer {
+    fshm_writer *w;
+    int frames, ms_a, ms_b, rc;
+} jitter_writer;
+
+static void *jitter_main(void *arg)
+{
+    jitter_writer *p = arg;
+    for (int i = 0; i < p->frames && !p->rc; i++) {
+        p->rc = tu_publish(p->w, 256);
+        tu_sleep_ms(i & 1 ? p->ms_b : p->ms_a);
+    }
+    return NULL;
+}
+
+static void read_paced(fshm_writer *w, fshm_reader *r, int frames, int ms_a, int ms_b,
+                       void (*look)(fshm_reader *, void *), void *arg)
+{
+    jitter_writer jw = {.w = w, .frames = frames, .ms_a = ms_a, .ms_b = ms_b};
+    uint64_t last_seq = fshm_writer_next_seq(w) + (uint64_t)frames - 1;
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, jitter_main, &jw), 0);
+    fshm_frame f = frame_zero();
+    do {
+        int rc = fshm_reader_wait_latest(r, 5 * SEC, &f);
+        if (rc) {
+            pthread_join(t, NULL);
+            fail_msg("wait_latest: %d (%s)", rc, fshm_last_error());
+        }
+        if (look)
+            look(r, arg);
+    } while (f.seq < last_seq);
+    pthread_join(t, NULL);
+    assert_int_equal(jw.rc, 0);
+}
+
+static void open_spinning(const char *name, fshm_reader **r)
+{
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+    rc.addr.name = name;
+    rc.spin = 1;
+    assert_int_equal(fshm_reader_open(&rc, r), 0);
+    tu_track(*r);
+}
+
+/* Spinning is off while the stream's consumers and producer outnumber the CPUs we may
+ * run on (counted from our affinity), and on again once they do not. */
+static void test_spin_off_when_consumers_outnumber_cpus(void **state)
+{
+    (void)state;
+    const char *name = "st-spin-crowd";
+    cpu_set_t all, one;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    int first = 0;
+    while (!CPU_ISSET(first, &all))
+        first++;
+    CPU_ZERO(&one);
+    CPU_SET(first, &one);
+    fshm_writer *w = tu_writer(name, 8, 4096);
+    fshm_reader *r;
+    open_spinning(name, &r);
+    /* One CPU: this consumer and the producer are two. */
+    assert_int_equal(sched_setaffinity(0, sizeof one, &one), 0);
+    read_paced(w, r, 12, 3, 3, NULL, NULL);
+    assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
+    assert_int_equal(r->spin_cpus, 1);
+    assert_int_equal(r->spin_crowded, 1);
+    fshm_reader_close(r);
+    if (CPU_COUNT(&all) >= 2) {
+        open_spinning(name, &r);
+        read_paced(w, r, 12, 3, 3, NULL, NULL);
+        assert_int_equal(r->spin_crowded, 0);
+        /* More consumers than CPUs: the table changed, so it is counted again. */
+        fshm_reader *more[2];
+        for (int i = 0; i < 2; i++)
+            more[i] = tu_reader(name);
+        r->spin_cpus = 2;   /* as on a 2-CPU machine, whatever this one has */
+        read_paced(w, r, 12, 3, 3, NULL, NULL);
+        assert_int_equal(r->spin_crowded, 1);
+        for (int i = 0; i < 2; i++)
+            fshm_reader_close(more[i]);
+        read_paced(w, r, 12, 3, 3, NULL, NULL);
+        assert_int_equal(r->spin_crowded, 0);
+        fshm_reader_close(r);
+    }
+    fshm_writer_close(w, 1);
+}
+
+static void note_rest(fshm_reader *r, void *arg)
+{
+    uint32_t *most = arg;
+    if (r->spin_rest > *most)
+        *most = r->spin_rest;
+}
+
+/* Windows that keep missing their frame (a producer that alternates 4 and 12 ms periods,
+ * so every frame comes well before or well after the predicted one) stop the spinning
+ * for a while; a steady producer's windows keep it on. */
+static void test_spin_rests_when_it_does_not_pay_off(void **state)
+{
+    (void)state;
+    const char *name = "st-spin-payoff";
+    fshm_writer *w = tu_writer(name, 8, 4096);
+    fshm_reader *r;
+    open_spinning(name, &r);
+    r->spin_cpus = 64;   /* never crowded here: only the pay-off rule is under test */
+    uint32_t most = 0;
+    read_paced(w, r, 80, 4, 12, note_rest, &most);
+    assert_true(most > 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* no_queue = 1: registered without a queue by choice; process-all takes every frame of a
+ * paced stream from the ring, in order, woken by the futex; none is sent as a descriptor. */
+static void test_no_queue_reader_by_choice(void **state)
+{
+    (void)state;
+    const char *name = "st-noqueue";
+    fshm_writer *w = tu_writer(name, 64, 4096);
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+    rc.addr.name = name;
+    rc.no_queue = 1;
+    fshm_reader *r;
+    assert_int_equal(fshm_reader_open(&rc, &r), 0);
+    assert_string_equal(fshm_reader_queue_name(r), "");
+    paced_writer pw = {.w = w, .frames = 40, .period_ms = 2, .rc = 0};
+    uint64_t first = fshm_writer_next_seq(w);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, paced_main, &pw), 0);
+    fshm_frame f = frame_zero();
+    for (uint64_t want = first; want < first + 40; want++) {
+        int rc2 = fshm_reader_wait_next(r, 10 * SEC, &f);
+        if (rc2) {
+            pthread_join(t, NULL);
+            fail_msg("wait_next: %d (%s)", rc2, fshm_last_error());
+        }
+        assert_int_equal(f.seq, want);
+        assert_int_equal(f.skipped, 0);
+        expect_frame(&f, want, 1, 256);
+    }
+    pthread_join(t, NULL);
+    assert_int_equal(pw.rc, 0);
+    assert_int_equal(fshm_reader_overruns(r), 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* A big publish() (streaming stores past 1 MiB) from a misaligned source with a length
+ * that is not a multiple of 64: every byte arrives. */
+static void test_big_publish_copies_every_byte(void **state)
+{
+    (void)state;
+    const char *name = "st-bigfill";
+    const size_t n = (2u << 20) + 37, cap = 3u << 20;
+    fshm_writer *w = tu_writer(name, 2, (uint32_t)cap);
+    fshm_reader *r = tu_reader(name);
+    uint8_t *buf = malloc(n + 3);
+    assert_non_null(buf);
+    fshm_tensor t = tu_u8_tensor((uint32_t)n);
+    for (int round = 0; round < 3; round++) {
+        for (size_t i = 0; i < n; i++)
+            buf[3 + i] = (uint8_t)(i * 31 + (size_t)round);
+        assert_int_equal(fshm_writer_publish(w, buf + 3, n, &t, 0), 0);
+        fshm_frame f = frame_zero();
+        assert_int_equal(fshm_reader_wait_next(r, 5 * SEC, &f), 0);
+        assert_int_equal(f.nbytes, n);
+        assert_memory_equal(f.data, buf + 3, n);
+        assert_true(fshm_frame_valid(r, &f));
+    }
+    free(buf);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
 }
@@ -2006,6 +2184,10 @@ int main(void)
         cmocka_unit_test(test_wait_next_overrun_lapped),
         cmocka_unit_test(test_reader_in_child_process),
         cmocka_unit_test(test_spin_reader_steady_stream),
+        cmocka_unit_test(test_spin_off_when_consumers_outnumber_cpus),
+        cmocka_unit_test(test_spin_rests_when_it_does_not_pay_off),
+        cmocka_unit_test(test_no_queue_reader_by_choice),
+        cmocka_unit_test(test_big_publish_copies_every_byte),
         cmocka_unit_test(test_timeout_producer_alive),
         cmocka_unit_test(test_timeout_producer_dead),
         cmocka_unit_test(test_second_writer_busy),

@@ -92,7 +92,7 @@ def _public(cls):
         if n.startswith("_"):
             continue
         attr = inspect.getattr_static(cls, n)
-        if isinstance(attr, property):
+        if isinstance(attr, property) or inspect.isgetsetdescriptor(attr):   # Python or C
             props.append(n)
         elif inspect.ismemberdescriptor(attr):
             slots.append(n)
@@ -172,8 +172,9 @@ def test_reader_signature():
     params = list(sig.parameters.values())[1:]
     assert [p.name for p in params] == ["name", "consumer", "stream_id", "base_dir", "namespace", "spin", "subscribe",
                                         "max_rate_hz", "driver", "publish_mode", "client_id", "lease_events",
-                                        "foreign"]
+                                        "foreign", "queue"]
     assert sig.parameters["foreign"].default is False
+    assert sig.parameters["queue"].default is True
     assert sig.parameters["foreign"].kind is inspect.Parameter.KEYWORD_ONLY
     assert sig.parameters["spin"].default is True
     assert sig.parameters["subscribe"].default is True
@@ -181,7 +182,7 @@ def test_reader_signature():
     assert sig.parameters["driver"].default is None
     assert sig.parameters["lease_events"].default is False
     for kw in ("stream_id", "base_dir", "namespace", "spin", "subscribe", "max_rate_hz", "driver",
-               "publish_mode", "client_id", "lease_events"):
+               "publish_mode", "client_id", "lease_events", "queue"):
         assert sig.parameters[kw].kind is inspect.Parameter.KEYWORD_ONLY
 
 

@@ -126,6 +126,44 @@ def test_a_frame_alone_keeps_its_memory_mapped(name, shm_base):
     assert mapped_paths_under(shm_base) == []
 
 
+def test_slot_arrays_are_reused_but_each_frame_has_its_own_view(name, shm_base):
+    """The Reader keeps one array per slot: later frames of the slot view it (no array of
+    their own), a caller's reshape stays on its own view, and close() lets go of the slot
+    arrays while the Reader object lives on."""
+    w = frameshm.Writer(name, shape=(4, 6), nslots=2)
+    r = frameshm.Reader(name)
+    arrays = []
+    for i in range(5):
+        w.publish(_pattern((4, 6), seed=i))
+        f = r.wait_next(timeout=5)
+        a = f.array
+        assert f.array is a  # one view per frame
+        np.testing.assert_array_equal(a, _pattern((4, 6), seed=i))
+        assert not a.flags.writeable
+        with pytest.raises(ValueError):
+            a.flags.writeable = True
+        arrays.append((f.slot, a))
+        del f
+    (s0, a0), (s2, a2) = arrays[0], arrays[2]
+    assert s0 == s2 and a0 is not a2
+    assert a0.__array_interface__["data"][0] == a2.__array_interface__["data"][0]
+    a2.shape = (24,)  # the caller's view only
+    w.publish(_pattern((4, 6), seed=9))
+    w.publish(_pattern((4, 6), seed=10))
+    assert r.wait_next(timeout=5).seq == 5
+    f = r.wait_next(timeout=5)
+    assert f.seq == 6 and f.slot == s0 and f.array.shape == (4, 6)
+    np.testing.assert_array_equal(f.array, _pattern((4, 6), seed=10))
+    del arrays, a0, a2, a, f
+    w.close()
+    del w
+    gc.collect()
+    r.close()  # still referenced: close() alone must drop what maps the regions
+    gc.collect()
+    assert mapped_paths_under(shm_base) == []
+    del r
+
+
 def test_frame_in_a_reference_cycle_is_collected(name, shm_base):
     with frameshm.Writer(name, shape=(8,)) as w, frameshm.Reader(name) as r:
         w.publish(np.arange(8, dtype=np.uint8))

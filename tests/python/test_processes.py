@@ -493,3 +493,46 @@ print("DONE", i, flush=True)
     finally:
         stop.touch()
         producer.expect("DONE")
+
+
+def test_queueless_process_all_consumer_that_keeps_up_loses_nothing(name, spawn):
+    """Reader(queue=False): frames come from the header ring by seq, the futex wakes it; a
+    consumer that keeps up (256 slots of slack at 500 frames/s) gets every frame in order,
+    and no descriptor is sent to it."""
+    n = 200
+    with frameshm.Reader(name, consumer="ringer", queue=False) as r:
+        assert r._r.queue_name == ""
+        producer = spawn(producer_code(name, nslots=256, period=0.002, limit=n), label="producer")
+        producer.expect("READY")
+        for want in range(n):
+            f = r.wait_next(timeout=10)
+            assert (f.seq, f.skipped) == (want, 0)
+            assert frame_seq_ok(f.array) == want
+            del f
+        assert r.overruns == 0
+        (entry,) = frameshm.stream_info(name)["consumers"]
+        assert entry["queue"] == "" and entry["delivered"] == 0 and entry["last_seq_plus1"] == n
+        producer.expect("DONE")
+        with pytest.raises(frameshm.Timeout):
+            r.wait_next(timeout=0.2)
+    assert producer.stop() == 0
+
+
+def test_queueless_process_all_consumer_that_falls_behind_counts_what_it_lost(name, spawn):
+    """50 frames into 8 slots while the queue-less consumer is away: it resumes at the
+    oldest frame the ring still holds, the 42 before it counted as skipped and overruns,
+    then takes the rest in order."""
+    with frameshm.Reader(name, consumer="ringer", queue=False) as r:
+        producer = spawn(producer_code(name, nslots=8, period=0, limit=50), label="producer")
+        producer.expect("READY")
+        producer.expect("DONE")
+        f = r.wait_next(timeout=10)
+        assert (f.seq, f.skipped) == (42, 42) and frame_seq_ok(f.array) == 42
+        for want in range(43, 50):
+            f = r.wait_next(timeout=10)
+            assert (f.seq, f.skipped) == (want, 0)
+        assert r.overruns == 42
+        del f
+        with pytest.raises(frameshm.Timeout):
+            r.wait_next(timeout=0.2)
+    assert producer.stop() == 0

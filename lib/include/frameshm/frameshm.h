@@ -236,6 +236,11 @@ typedef struct fshm_reader_config {
                              * epoch from the directory layout and superblocks, follow the
                              * header ring by seq (docs/wire-format.md §9). No queue, no
                              * registration, no control bytes. */
+    int no_queue;           /* 1: register without a descriptor queue: frames are taken from
+                             * the header ring by seq (no syscall per frame while the reader
+                             * keeps up), and it sleeps on latest_seq's futex, which the
+                             * producer wakes once per commit for all such consumers
+                             * (docs/wire-format.md §7). Losses count as with a queue. */
 } fshm_reader_config;
 
 typedef struct fshm_frame {
