@@ -748,6 +748,10 @@ def test_sigterm_shutdown_notifies_and_cleans_up(make_driver, shm_base):
         assert m.reason == P.ShutdownReason.NORMAL and "SIGTERM" in m.error_message
         assert c.eof()
         c.close()
+    # Wait for the exit this SIGTERM started: d.stop() would send a second one, which
+    # kills a driver that has already put its handlers back and is still exiting (seen
+    # on a loaded machine: rc -15 after a complete shutdown).
+    assert d.proc.wait(timeout=30) == 0
     assert d.stop() == 0
     assert not stream_dirs(shm_base)
     assert not os.path.exists(d.sock)
