@@ -306,6 +306,8 @@ class BridgeConfig:
     process_all: bool = _opt(_boolean, False, "every frame in order with back-pressure (false: latest "
                              "frame, a slow link drops at the sender)")
     jpeg_quality: int = _opt(_integer(1, 100), 90, "JPEG quality of the 'jpeg' encoding")
+    jpeg_subsampling: str = _opt(_choice("420", "422", "444"), "420", "chroma subsampling of the 'jpeg' "
+                                 "encoding ('444': full colour resolution, ~1.6x the CPU)")
     key_prefix: str = _opt(_key_prefix, "frameshm", "Zenoh keys are '<key_prefix>/<stream>/...'")
     zenoh_config: str = _opt(_path_or_empty, "", "a Zenoh JSON5 configuration file (TLS, access control), "
                              "the keys above applied on top")

@@ -23,6 +23,7 @@ def bridge_from_config(cfg: PipelineConfig, base_dir: Optional[str] = None,
     b = cfg.bridge
     return Bridge(b.listen, b.connect, exports=b.exports, imports=b.imports, key_prefix=b.key_prefix,
                   mode=b.mode, scouting=b.scouting, process_all=b.process_all, jpeg_quality=b.jpeg_quality,
+                  jpeg_subsampling=b.jpeg_subsampling,
                   consumer=b.consumer, zenoh_config=b.zenoh_config or None,
                   metrics=cfg.metrics_stream("bridge"), base_dir=base_dir, namespace=namespace,
                   driver=cfg.driver)

@@ -501,6 +501,8 @@ def test_bridge_errors_are_frameshm_errors(tmp_path):
         frameshm.Bridge(listen=[f"tcp/127.0.0.1:{port}"])
     with pytest.raises(frameshm.BridgeError, match="named twice"):
         frameshm.Bridge(exports=["cam0"], imports=["cam0"])
+    with pytest.raises(frameshm.BridgeError, match="jpeg_subsampling must be one of 420, 422, 444"):
+        frameshm.Bridge(exports=["a:jpeg"], jpeg_subsampling="411")
     with pytest.raises(frameshm.BridgeError, match="unknown encoding"):
         frameshm.Bridge(exports=["cam0:png"])
     with pytest.raises(frameshm.BridgeError, match="the encoding is the exporter's"):
