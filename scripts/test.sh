@@ -14,15 +14,25 @@ echo "== libframeshm and devices (cmocka) =="
 make -s check
 
 echo "== Python (pytest, $("$FRAMESHM_PY" -c 'import sys, numpy; print(f"Python {sys.version.split()[0]}, numpy {numpy.__version__}")')) =="
+t0=$SECONDS
 set +e
-# FRAMESHM_TEST_WORKERS=2 runs the files on two pytest-xdist workers (one file per
-# worker). Serial by default: a worker that dies makes xdist wait forever (seen), and a
-# serial run fails loudly instead.
+# The files run on FRAMESHM_TEST_WORKERS pytest-xdist workers (3 by default: most tests wait
+# on real processes, sockets and browsers, so three keep two cores busy), one whole file per
+# worker at a time, the slowest files first (tests/python/conftest.py). FRAMESHM_TEST_WORKERS=0
+# runs serially. A worker that crashes can leave xdist waiting forever (seen with
+# --dist loadfile), so the run as a whole has a deadline and fails loudly past it.
 workers=()
-[ "${FRAMESHM_TEST_WORKERS:-0}" -gt 1 ] && workers=(-n "$FRAMESHM_TEST_WORKERS" --dist loadfile)
-"$FRAMESHM_PY" -m pytest -q -p no:cacheprovider -rs --durations=30 "${workers[@]}" tests/python "$@"
+nworkers="${FRAMESHM_TEST_WORKERS:-3}"
+[ "$nworkers" -gt 1 ] && workers=(-n "$nworkers" --dist loadfile)
+timeout --kill-after=30 "${FRAMESHM_TEST_DEADLINE:-2700}" \
+  "$FRAMESHM_PY" -m pytest -q -p no:cacheprovider -rs --durations=30 "${workers[@]}" tests/python "$@"
 rc=$?
 set -e
+echo "pytest: exit $rc after $((SECONDS - t0)) s"
+if [ "$rc" = 124 ] || [ "$rc" = 137 ]; then
+  echo "pytest did not finish within ${FRAMESHM_TEST_DEADLINE:-2700} s: failing" >&2
+  exit 1
+fi
 if [ "$rc" = 5 ]; then
   echo "pytest collected no tests: failing" >&2
   exit 1

@@ -28,9 +28,10 @@ MIX = textwrap.dedent(
 
     PRODUCER = '''
     import sys, time, numpy as np, frameshm
-    name, secs = sys.argv[1], float(sys.argv[2])
+    import os
+    name, secs, stop_file = sys.argv[1], float(sys.argv[2]), sys.argv[3]
     end, i = time.monotonic() + secs, 0
-    while time.monotonic() < end:
+    while time.monotonic() < end and not os.path.exists(stop_file):
         with frameshm.Writer(name, shape=(64, 64), nslots=2) as w:
             for k in range(3):
                 w.publish(np.full((64, 64), i % 251, np.uint8))
@@ -101,12 +102,21 @@ MIX = textwrap.dedent(
 
     # The producer is another process restarting as fast as it can (three frames per
     # epoch, 2 slots): every restart remaps the Reader under the other threads' calls.
-    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, name, str(seconds)])
+    # Runs for `seconds`, then on until every kind of call has run enough times (a loaded
+    # machine gives the threads fewer turns), within a generous bound.
+    stop_file = sys.argv[3]
+    producer = subprocess.Popen([sys.executable, "-c", PRODUCER, name, "90", stop_file])
     threads = [threading.Thread(target=guarded(f)) for f in (waiter, peeker, checker, holder)]
     for t in threads:
         t.start()
+    start = time.monotonic()
     time.sleep(seconds)
+    while time.monotonic() - start < 60 and not stop.is_set() and not (
+            counts["frames"] >= 2 and counts["peeks"] > 10 and counts["valid"] > 10
+            and counts["producer"] > 10 and len(counts["epochs"]) >= 2):
+        time.sleep(0.1)
     stop.set()
+    open(stop_file, "w").close()
     for t in threads:
         t.join(30)
     if producer.wait(30) != 0:
@@ -122,7 +132,7 @@ MIX = textwrap.dedent(
 def test_reader_shared_by_threads_across_epoch_changes(name, tmp_path):
     script = tmp_path / "mix.py"
     script.write_text(MIX)
-    p = subprocess.run([sys.executable, str(script), name, "4"], env=child_env(),
+    p = subprocess.run([sys.executable, str(script), name, "4", str(tmp_path / "stop")], env=child_env(),
                        capture_output=True, text=True, timeout=120)
     assert p.returncode == 0, (
         f"child exited with {p.returncode}"
