@@ -130,16 +130,16 @@ def producer_main(cname, transport, cfg, sync, out_q):
             keep.append(w)
             flat = src.reshape(shape)
 
-            def handoff(i):
-                v = w.loan()
-                v[...] = flat
-                w.commit(timestamp_ns=time.monotonic_ns())
-
             if transport == "fshm-pub":
                 publish = w.publish
 
-                def handoff(i):   # noqa: F811 -- timestamp 0: the commit's clock, after the fill
+                def handoff(i):   # timestamp 0: the commit's clock, after the fill
                     publish(flat)
+            else:
+                def handoff(i):
+                    v = w.loan()
+                    v[...] = flat
+                    w.commit(timestamp_ns=time.monotonic_ns())
 
             def tiny(i):
                 w.loan()
