@@ -42,6 +42,7 @@ typedef struct shared {
     uint32_t ready;
     uint32_t done;
     int error;
+    double cons_cpu;   /* the consumer's CPU seconds in its loop (setup excluded) */
     char msg[200];
     uint64_t t0[MAXN];
     uint64_t lat[MAXN];
@@ -114,6 +115,19 @@ static int cmp_u64(const void *a, const void *b)
 }
 
 static char g_stream[2][64];
+static double g_loop_cpu0 = -1;   /* the producer's CPU at the start of its loop */
+
+/* CPU per sample counts the loops only: not the forks, opens, pool zero-fills, source fills. */
+static void loop_starts(void)
+{
+    g_loop_cpu0 = cpu_s(RUSAGE_SELF);
+}
+
+static void consumer_exit(shared *sh, double c0)
+{
+    sh->cons_cpu = cpu_s(RUSAGE_SELF) - c0;
+    _exit(0);
+}
 
 /* ---- futex floor ---- */
 
@@ -121,6 +135,7 @@ static void futex60_child(shared *sh, long n)
 {
     store(&sh->ready, 1);
     futex_wake(&sh->ready);
+    double c0 = cpu_s(RUSAGE_SELF);
     uint32_t seen = 0;
     while (seen < (uint32_t)n) {
         uint32_t v = wait_change(&sh->ping, seen);
@@ -128,7 +143,7 @@ static void futex60_child(shared *sh, long n)
         sh->lat[v - 1] = t1 - sh->t0[v - 1];
         seen = v;
     }
-    _exit(0);
+    consumer_exit(sh, c0);
 }
 
 static void futex60_parent(shared *sh, long n)
@@ -147,13 +162,14 @@ static void futexpp_child(shared *sh, long n)
 {
     store(&sh->ready, 1);
     futex_wake(&sh->ready);
+    double c0 = cpu_s(RUSAGE_SELF);
     uint32_t seen = 0;
     while (seen < (uint32_t)n) {
         seen = wait_change(&sh->ping, seen);
         store(&sh->pong, seen);
         futex_wake(&sh->pong);
     }
-    _exit(0);
+    consumer_exit(sh, c0);
 }
 
 static void futexpp_parent(shared *sh, long n)
@@ -198,6 +214,7 @@ static void view60_child(shared *sh, long n, int ring)
         return fail(sh, "reader_open"), _exit(1);
     store(&sh->ready, 1);
     futex_wake(&sh->ready);
+    double c0 = cpu_s(RUSAGE_SELF);
     for (;;) {
         fshm_frame f;
         int e = fshm_reader_wait_latest(r, 250000000, &f);
@@ -215,6 +232,7 @@ static void view60_child(shared *sh, long n, int ring)
             break;
         }
     }
+    sh->cons_cpu = cpu_s(RUSAGE_SELF) - c0;
     fshm_reader_close(r);
     _exit(0);
 }
@@ -235,6 +253,7 @@ static int view60_parent(shared *sh, long n)
     uint64_t period = 1000000000ull / 60;
     uint64_t start = now_ns() + period;
     int rc = 0;
+    loop_starts();
     for (long i = 0; i < n; i++) {
         sleep_until(start + (uint64_t)i * period);
         fshm_loan l;
@@ -276,6 +295,7 @@ static void pingpong_child(shared *sh, long n, int ring)
     fshm_tensor t = {.dtype = FSHM_DTYPE_UINT8, .major_order = FSHM_ORDER_ROW, .ndims = 1};
     t.dims[0] = TINY;
     uint8_t buf[TINY] = {0};
+    double c0 = cpu_s(RUSAGE_SELF);
     for (long got = 0; got < n;) {
         fshm_frame f;
         int e = fshm_reader_wait_next(r, 250000000, &f);
@@ -291,6 +311,7 @@ static void pingpong_child(shared *sh, long n, int ring)
             break;
         }
     }
+    sh->cons_cpu = cpu_s(RUSAGE_SELF) - c0;
     fshm_writer_close(w, 1);
     fshm_reader_close(r);
     _exit(0);
@@ -316,6 +337,7 @@ static int pingpong_parent(shared *sh, long n, int ring)
     t.dims[0] = TINY;
     uint8_t buf[TINY] = {0};
     int rc = 0;
+    loop_starts();
     for (long i = 0; i < n && rc == 0; i++) {
         uint64_t t0 = now_ns();
         if (fshm_writer_publish(w, buf, sizeof buf, &t, t0)) {
@@ -383,7 +405,7 @@ int main(int argc, char **argv)
         kill(pid, SIGKILL);
         return 1;
     }
-    double p0 = cpu_s(RUSAGE_SELF);
+    loop_starts();   /* the fshm modes restart it after their setup */
     int rc = 0;
     if (!strcmp(mode, "futex60"))
         futex60_parent(sh, n);
@@ -393,10 +415,10 @@ int main(int argc, char **argv)
         rc = view60_parent(sh, n);
     else
         rc = pingpong_parent(sh, n, ring);
-    double prod = cpu_s(RUSAGE_SELF) - p0;
+    double prod = cpu_s(RUSAGE_SELF) - g_loop_cpu0;
     int st;
     waitpid(pid, &st, 0);   /* already reaped by the fshm modes: harmless ECHILD */
-    double cons = cpu_s(RUSAGE_CHILDREN);
+    double cons = sh->cons_cpu;
     if (sh->error) {
         fprintf(stderr, "consumer: %s\n", sh->msg);
         return 1;
