@@ -43,7 +43,7 @@ Transports:
                the readers with no_queue = 1 (as Reader(queue=False))
   futex60, futexpp   the floor case's two measurements (C)
 
-    python bench/peers.py                       # every case, one run, ~1 minute
+    python bench/peers.py                       # every case, one run, ~2.5 minutes
     python bench/peers.py --cases view60,tiny --runs 2 --json out.json
     python bench/peers.py --cases flood,floodl3 --seconds 5
 """
