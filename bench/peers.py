@@ -14,21 +14,38 @@ Cases:
   poll480  640x480 RGB at 30 fps, the consumer busy-polls (no sleep). Latency as view60.
   fanout8  1080p RGB at 30 fps to 8 blocking consumers (as view60 each); latency of a frame =
            that of the last consumer to hold it. Median and p90 over frames all 8 got.
+  pingpong 64-byte ping-pong over two streams, both sides blocking: half the round trip
+           (median, p90) over --pings round trips after 30 warm-up ones.
+  flood    1080p RGB, producer unthrottled for --seconds (fill + hand-off as view60), one
+           blocking consumer that holds a view of the newest frame: fps delivered (frames the
+           consumer got / the producer's seconds), fps sent, median latency.
+  floodl3  flood with a cache-thrashing neighbour process: a numpy loop streaming over a
+           buffer twice the L3 size (read from sysfs), same priority, running for the case.
+  floor    the futex-wake floor between two processes in C (bench/peers_c.c): one-way wake
+           at 60 Hz (futex60) and half a futex ping-pong round trip (futexpp).
 
 Transports:
   fshm         Writer.loan()/commit(); Reader.wait_latest (view60), wait_next (tiny),
                read_latest(copy=False) in a loop (poll480)
   fshm-nospin  as fshm with Reader(spin=False)
+  fshm-pub     as fshm with Writer.publish(array) (one copy, streaming stores) for the fill
   fshm-ring    as fshm with Reader(queue=False): frames by seq from the header ring, the
                latest_seq futex as the doorbell (no descriptor queue)
   iox2         iceoryx2 (PyPI package `iceoryx2`, the `bench` extra): publish-subscribe of a
                uint8 slice, loan_slice_uninit + send; view60 adds an event service
                (Notifier.notify / Listener.timed_wait) since a subscriber cannot block;
                tiny and poll480 busy-poll Subscriber.receive()
-  pipe         multiprocessing.shared_memory slots + Pipe (view60 only)
+  pipe         multiprocessing.shared_memory slots + Pipe (view60); a duplex Pipe (pingpong)
+  zmq          pyzmq PAIR sockets over ipc:// (pingpong)
+  c, c-ring    frameshm's public C API (bench/peers_c.c, built with `make -C bench peers_c`
+               against the library's static archive): view60 = loan, memcpy, commit /
+               fshm_reader_wait_latest; pingpong = publish / fshm_reader_wait_next; c-ring opens
+               the readers with no_queue = 1 (as Reader(queue=False))
+  futex60, futexpp   the floor case's two measurements (C)
 
-    python bench/peers.py                       # every case, one run, ~1 minute
+    python bench/peers.py                       # every case, one run, ~2.5 minutes
     python bench/peers.py --cases view60,tiny --runs 2 --json out.json
+    python bench/peers.py --cases flood,floodl3 --seconds 5
 """
 
 from __future__ import annotations
@@ -41,6 +58,7 @@ import os
 import queue as queue_mod
 import statistics
 import struct
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,12 +68,27 @@ import numpy as np
 
 CASES = {
     "view60": dict(shape=(1080, 1920, 3), fps=60, frames=240, warmup=30,
-                   transports=("fshm", "fshm-nospin", "iox2", "pipe")),
+                   transports=("fshm", "fshm-nospin", "fshm-pub", "iox2", "pipe")),
     "tiny": dict(shape=(64,), fps=0, nslots=64, transports=("fshm", "fshm-ring", "iox2")),
     "poll480": dict(shape=(480, 640, 3), fps=30, frames=120, warmup=15, transports=("fshm", "iox2")),
     "fanout8": dict(shape=(1080, 1920, 3), fps=30, frames=120, warmup=15, consumers=8,
                     transports=("fshm", "fshm-nospin", "iox2")),
+    "pingpong": dict(shape=(64,), fps=0, pingpong=True, warmup=30,
+                     transports=("fshm", "fshm-ring", "iox2", "pipe", "zmq", "c", "c-ring")),
+    "flood": dict(shape=(1080, 1920, 3), fps=0, warmup=10,
+                  transports=("fshm", "fshm-pub", "fshm-ring", "iox2")),
+    "floodl3": dict(shape=(1080, 1920, 3), fps=0, warmup=10, thrash=True,
+                    transports=("fshm", "fshm-pub", "fshm-ring", "iox2")),
+    "floor": dict(transports=("futex60", "futexpp")),
 }
+# Transports run by the C helper (bench/peers_c.c): its mode and arguments per case.
+C_MODES = {("view60", "c"): ["view60"], ("view60", "c-ring"): ["view60", None, "ring"],
+           ("pingpong", "c"): ["pingpong"], ("pingpong", "c-ring"): ["pingpong", None, "ring"],
+           ("floor", "futex60"): ["futex60"], ("floor", "futexpp"): ["futexpp"]}
+CASES["view60"]["transports"] += ("c", "c-ring")
+THROUGHPUT = ("tiny", "flood", "floodl3")   # cases whose figure is a rate (higher is better)
+PEERS = ("iox2", "pipe", "zmq")
+BENCH = os.path.dirname(os.path.abspath(__file__))
 NSLOTS = 4
 HDR = struct.Struct("<qq")   # seq, t0; written into the first 16 bytes of iceoryx2/pipe payloads
 
@@ -66,18 +99,18 @@ def _pace(i, start, period):
         time.sleep(d / 1e9)
 
 
-def _iox2_service(case, cfg):
+def _iox2_service(case, cfg, suffix=""):
     import iceoryx2 as iox2
 
     iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
     node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
-    name = iox2.ServiceName.new(cfg["stream"])
+    name = iox2.ServiceName.new(cfg["stream"] + suffix)
     n = case.get("consumers", 1)
     svc = (node.service_builder(name).publish_subscribe(iox2.Slice[ctypes.c_uint8])
            .max_publishers(1).max_subscribers(n + 1).history_size(0)
            .subscriber_max_buffer_size(case.get("nslots", NSLOTS))
            .subscriber_max_borrowed_samples(2).enable_safe_overflow(True).open_or_create())
-    ev = (node.service_builder(iox2.ServiceName.new(cfg["stream"] + "/ev")).event()
+    ev = (node.service_builder(iox2.ServiceName.new(cfg["stream"] + suffix + "/ev")).event()
           .max_listeners(n + 1).open_or_create())
     return iox2, node, svc, ev
 
@@ -97,10 +130,16 @@ def producer_main(cname, transport, cfg, sync, out_q):
             keep.append(w)
             flat = src.reshape(shape)
 
-            def handoff(i):
-                v = w.loan()
-                v[...] = flat
-                w.commit(timestamp_ns=time.monotonic_ns())
+            if transport == "fshm-pub":
+                publish = w.publish
+
+                def handoff(i):   # timestamp 0: the commit's clock, after the fill
+                    publish(flat)
+            else:
+                def handoff(i):
+                    v = w.loan()
+                    v[...] = flat
+                    w.commit(timestamp_ns=time.monotonic_ns())
 
             def tiny(i):
                 w.loan()
@@ -110,7 +149,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
             pub = svc.publisher_builder().initial_max_slice_len(nbytes).create()
             notifier = ev.notifier_builder().create()
             keep += [node, svc, ev, pub, notifier]
-            notify = cname in ("view60", "fanout8")
+            notify = cname in ("view60", "fanout8", "flood", "floodl3")
 
             def handoff(i):
                 s = pub.loan_slice_uninit(nbytes)
@@ -162,15 +201,18 @@ def producer_main(cname, transport, cfg, sync, out_q):
                 handoff(i)
             out["sent"] = total
         else:
-            end = time.monotonic() + cfg["seconds"]
+            op, batch = (tiny, 256) if cname == "tiny" else (handoff, 4)
+            t_start = time.monotonic()
+            end = t_start + cfg["seconds"]
             i = 0
             while True:
-                for _ in range(256):
-                    tiny(i)
+                for _ in range(batch):
+                    op(i)
                     i += 1
                 if time.monotonic() >= end:
                     break
             out["sent"] = i
+            out["elapsed_s"] = time.monotonic() - t_start
         out["cpu_s"] = time.process_time() - cpu0
         sync["sent"].value = out["sent"]
         sync["producer_done"].set()
@@ -207,7 +249,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
             raise RuntimeError("producer never became ready")
         shape = case["shape"]
         nbytes = int(np.prod(shape))
-        last = case.get("warmup", 0) + cfg.get("frames", 0) - 1
+        last = case.get("warmup", 0) + cfg.get("frames", 0) - 1 if case["fps"] else float("inf")
         done = sync["producer_done"].is_set
         if transport.startswith("fshm"):
             import frameshm
@@ -287,7 +329,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
                     del s
                 lost = sync["sent"].value - got
             else:
-                blocking = cname in ("view60", "fanout8")
+                blocking = cname in ("view60", "fanout8", "flood", "floodl3")
                 tmo = iox2.Duration.from_millis(250)
                 seq = -1
                 while seq < last:
@@ -353,9 +395,216 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
         out_q.put(out)
 
 
+def _pingpong_ends(transport, cfg, role, keep):
+    """Opens one end of the ping-pong and returns (send, recv): send() hands 64 bytes to the
+    other side, recv(timeout) blocks for the other side's message (False on a timeout)."""
+    mine, theirs = ("-ping", "-pong") if role == "pinger" else ("-pong", "-ping")
+    if transport.startswith("fshm"):
+        import frameshm
+
+        r = frameshm.Reader(cfg["stream"] + theirs, consumer="pp",
+                            **({"queue": False} if transport == "fshm-ring" else {}))
+        keep.append(r)
+        if role == "ponger":   # the pinger's reader exists: see the note in pingpong_main
+            cfg["sync"]["producer_ready"].wait(30)
+        w = frameshm.Writer(cfg["stream"] + mine, shape=(64,), dtype="uint8", nslots=8)
+        keep.append(w)
+        loan, commit, wait_next, Timeout = w.loan, w.commit, r.wait_next, frameshm.Timeout
+
+        def send():
+            loan()
+            commit()
+
+        def recv(timeout):
+            try:
+                wait_next(timeout)
+                return True
+            except Timeout:
+                return False
+        return send, recv
+    if transport == "iox2":
+        case = CASES["pingpong"]
+        iox2, node, svc_out, ev_out = _iox2_service(case, cfg, mine)
+        _, node2, svc_in, ev_in = _iox2_service(case, cfg, theirs)
+        pub = svc_out.publisher_builder().initial_max_slice_len(64).create()
+        notifier = ev_out.notifier_builder().create()
+        sub = svc_in.subscriber_builder().create()
+        listener = ev_in.listener_builder().create()
+        keep += [node, node2, svc_out, ev_out, svc_in, ev_in, pub, notifier, sub, listener]
+        receive, timed_wait, ms = sub.receive, listener.timed_wait, iox2.Duration.from_millis
+
+        def send():
+            pub.loan_slice_uninit(64).assume_init().send()
+            notifier.notify()
+
+        def recv(timeout):
+            end = time.monotonic() + timeout
+            while True:
+                s = receive()
+                if s is not None:
+                    del s
+                    return True
+                left = end - time.monotonic()
+                if left <= 0:
+                    return False
+                timed_wait(ms(max(1, int(left * 1e3))))
+        return send, recv
+    if transport == "pipe":
+        conn = cfg["conn"]
+        msg = bytes(64)
+
+        def send():
+            conn.send_bytes(msg)
+
+        def recv(timeout):
+            if not conn.poll(timeout):
+                return False
+            conn.recv_bytes()
+            return True
+        return send, recv
+    if transport == "zmq":
+        import zmq
+
+        zctx = zmq.Context()
+        sock = zctx.socket(zmq.PAIR)
+        sock.setsockopt(zmq.LINGER, 0)
+        if role == "pinger":
+            sock.bind(cfg["ipc"])
+        else:
+            sock.connect(cfg["ipc"])
+        keep.append(zctx.term)
+        keep.append(sock)
+        msg = bytes(64)
+
+        def send():
+            sock.send(msg, copy=True)
+
+        def recv(timeout):
+            if not sock.poll(int(timeout * 1e3)):
+                return False
+            sock.recv(copy=True)
+            return True
+        return send, recv
+    raise ValueError(transport)
+
+
+def pingpong_main(role, transport, cfg, sync, out_q):
+    """Pinger (role "producer" in the results) or ponger ("consumer0"). The ponger opens its
+    end once the pinger has opened its own (producer_ready), so that every reader exists
+    before the first message; the pinger starts once the ponger is ready."""
+    out = {"role": "producer" if role == "pinger" else "consumer0"}
+    keep, lat, got = [], [], 0
+    cpu0 = None
+    cfg = dict(cfg, sync=sync)
+    now = time.monotonic_ns
+    try:
+        warmup, n = CASES["pingpong"]["warmup"], cfg["pings"]
+        if role == "ponger" and not transport.startswith("fshm"):
+            if not sync["producer_ready"].wait(30):
+                raise RuntimeError("the pinger never became ready")
+        send, recv = _pingpong_ends(transport, cfg, role, keep)
+        if role == "pinger":
+            sync["producer_ready"].set()
+            until = time.monotonic() + 30
+            while sync["ready"].value < 1:
+                if time.monotonic() > until:
+                    raise RuntimeError("the ponger never became ready")
+                time.sleep(0.01)
+            time.sleep(0.2)
+            cpu0 = time.process_time()
+            for i in range(warmup + n):
+                t0 = now()
+                send()
+                if not recv(5.0):
+                    raise RuntimeError(f"no pong for ping {i}")
+                if i >= warmup:
+                    lat.append((now() - t0) // 2)
+            got = warmup + n
+            out["sent"] = got
+            sync["producer_done"].set()
+        else:
+            _count(sync["ready"])
+            cpu0 = time.process_time()
+            done = sync["producer_done"].is_set
+            while got < warmup + n:
+                if recv(0.25):
+                    got += 1
+                    send()
+                elif done():
+                    break
+    except BaseException:
+        out["error"] = traceback.format_exc()
+        sync["producer_done"].set()
+        sync["producer_ready"].set()
+    finally:
+        if role == "ponger":
+            _count(sync["ready"])
+            _count(sync["finished"])
+        else:   # the ponger's last pong must not meet a closed stream
+            until = time.monotonic() + 10
+            while sync["finished"].value < 1 and time.monotonic() < until:
+                time.sleep(0.01)
+        for k in reversed(keep):
+            if callable(k):
+                k()
+            elif hasattr(k, "close"):
+                k.close()
+        out.update(got=got, lost=0, lat=lat, seqs=[],
+                   cpu_s=time.process_time() - cpu0 if cpu0 is not None else 0.0)
+        out_q.put(out)
+
+
+def thrash_main(nbytes, stop):
+    """The cache-thrashing neighbour: streams over nbytes (read + write) until stop is set."""
+    buf = np.ones(nbytes // 8)
+    while not stop.is_set():
+        np.add(buf, 1.0, out=buf)
+
+
+def l3_bytes():
+    """Size of the largest level-3 cache in sysfs (0 if none is listed)."""
+    import glob
+
+    best = 0
+    for d in glob.glob("/sys/devices/system/cpu/cpu*/cache/index*"):
+        try:
+            with open(d + "/level") as fh:
+                if fh.read().strip() != "3":
+                    continue
+            with open(d + "/size") as fh:
+                txt = fh.read().strip()
+        except OSError:
+            continue
+        mult = {"K": 1 << 10, "M": 1 << 20, "G": 1 << 30}.get(txt[-1:], 1)
+        best = max(best, int(txt.rstrip("KMG")) * mult)
+    return best
+
+
+def run_c(cname, transport, args):
+    """One run of the C helper: it forks its own producer and consumer."""
+    mode = list(C_MODES[(cname, transport)])
+    n = args.pings if cname == "pingpong" else (args.frames or CASES.get(cname, {}).get("frames", 240))
+    if cname == "floor":
+        n = args.pings if transport == "futexpp" else (args.frames or 240)
+    mode[1:2] = [str(n)]
+    exe = os.path.join(BENCH, "peers_c")
+    try:
+        p = subprocess.run([exe] + mode, capture_output=True, text=True, timeout=120)
+    except (OSError, subprocess.TimeoutExpired) as e:
+        return {"error": f"peers_c: {e}"}
+    if p.returncode != 0:
+        return {"error": f"peers_c {' '.join(mode)}: rc {p.returncode}: {p.stderr.strip()}"}
+    r = json.loads(p.stdout)
+    return {"sent": r["sent"], "got": r["n"], "lost": 0, "prod_cpu_us": r["prod_cpu_us"],
+            "cons_cpu_us": r["cons_cpu_us"], "median_us": r["median_us"], "p90_us": r["p90_us"]}
+
+
 def run_pair(ctx, cname, transport, args, tag):
+    if (cname, transport) in C_MODES:
+        return run_c(cname, transport, args)
     cfg = {"stream": f"peers-{os.getpid()}-{tag}", "shm": f"peers-{os.getpid()}-{tag}",
-           "frames": args.frames or CASES[cname].get("frames", 0), "seconds": args.seconds}
+           "frames": args.frames or CASES[cname].get("frames", 0), "seconds": args.seconds,
+           "pings": args.pings, "ipc": f"ipc://{os.environ['FRAMESHM_DIR']}/zmq-{tag}"}
     n = CASES[cname].get("consumers", 1)
     sync = {k: ctx.Event() for k in ("producer_ready", "producer_done")}
     sync["sent"] = ctx.Value("q", 0, lock=False)
@@ -363,12 +612,22 @@ def run_pair(ctx, cname, transport, args, tag):
     sync["finished"] = ctx.Value("i", 0)
     out_q = ctx.Queue()
     pcfg, ccfg = dict(cfg), dict(cfg)
+    pingpong = CASES[cname].get("pingpong", False)
     if transport == "pipe":
-        rx, tx = ctx.Pipe(duplex=False)
+        rx, tx = ctx.Pipe(duplex=pingpong)
         pcfg["conn"], ccfg["conn"] = tx, rx
-    procs = [ctx.Process(target=consumer_main, args=(cname, transport, ccfg, sync, out_q, i))
-             for i in range(n)]
-    procs.append(ctx.Process(target=producer_main, args=(cname, transport, pcfg, sync, out_q)))
+    if pingpong:
+        procs = [ctx.Process(target=pingpong_main, args=("ponger", transport, ccfg, sync, out_q)),
+                 ctx.Process(target=pingpong_main, args=("pinger", transport, pcfg, sync, out_q))]
+    else:
+        procs = [ctx.Process(target=consumer_main, args=(cname, transport, ccfg, sync, out_q, i))
+                 for i in range(n)]
+        procs.append(ctx.Process(target=producer_main, args=(cname, transport, pcfg, sync, out_q)))
+    stop = None
+    if CASES[cname].get("thrash"):
+        stop = ctx.Event()
+        procs.append(ctx.Process(target=thrash_main, args=(2 * (l3_bytes() or 32 << 20), stop),
+                                 daemon=True))
     for p in procs:
         p.start()
     res = {}
@@ -380,6 +639,8 @@ def run_pair(ctx, cname, transport, args, tag):
         except queue_mod.Empty:
             if not any(p.is_alive() for p in procs):
                 break
+    if stop is not None:
+        stop.set()
     for p in procs:
         p.join(10)
         if p.is_alive():
@@ -396,7 +657,14 @@ def run_pair(ctx, cname, transport, args, tag):
            "cons_cpu_us": sum(c["cpu_s"] for c in cons) / max(pr["sent"], 1) * 1e6}
     if cname == "tiny":
         row["msgs_per_s"] = cons[0]["got"] / args.seconds
-    else:
+    elif cname in THROUGHPUT:   # flood: rates over the producer's own seconds
+        row["fps"] = cons[0]["got"] / pr["elapsed_s"]
+        row["fps_sent"] = pr["sent"] / pr["elapsed_s"]
+    if cname == "pingpong":
+        lat = sorted(res["producer"]["lat"])
+        row["median_us"] = statistics.median(lat) / 1e3
+        row["p90_us"] = lat[int(0.9 * (len(lat) - 1))] / 1e3
+    elif cname != "tiny":
         if n == 1:
             lat = cons[0]["lat"]
         else:   # per frame, the last consumer to hold it; frames every consumer got
@@ -411,54 +679,95 @@ def run_pair(ctx, cname, transport, args, tag):
     return row
 
 
+def _line(row, cname, t, run):
+    head = f"run {run} {cname:8s} {t:12s}"
+    if "error" in row:
+        return f"{head} ERROR\n{row['error']}"
+    if cname == "tiny":
+        return (f"{head} {row['msgs_per_s'] / 1e3:9.1f} k msg/s  lost {row['lost']} of {row['sent']}  "
+                f"cpu/msg prod {row['prod_cpu_us']:.2f} us cons {row['cons_cpu_us']:.2f} us")
+    if cname in THROUGHPUT:
+        return (f"{head} {row['fps']:8.1f} fps delivered  {row['fps_sent']:8.1f} sent  "
+                f"median {row.get('median_us', 0):8.1f} us  cpu/frame prod {row['prod_cpu_us']:.0f} us "
+                f"cons {row['cons_cpu_us']:.0f} us")
+    what = "half rtt" if cname in ("pingpong",) or t == "futexpp" else "median"
+    return (f"{head} {what} {row.get('median_us', 0):8.1f} us  p90 {row.get('p90_us', 0):8.1f} us  "
+            f"got {row['got']}/{row['sent']}  cpu/{'msg' if cname == 'pingpong' else 'frame'} "
+            f"prod {row['prod_cpu_us']:.1f} us cons {row['cons_cpu_us']:.1f} us")
+
+
+def summary(results, cases):
+    """Per case and run: each frameshm transport's figure ÷ the best peer's (and ÷ iceoryx2's)
+    in the same run; view60 also ÷ the futex-wake floor of the same run."""
+    lines = []
+    key_of = {"tiny": "msgs_per_s", "flood": "fps", "floodl3": "fps"}
+    runs = sorted({r["run"] for r in results})
+    for cname in cases:
+        if cname == "floor":
+            continue
+        key = key_of.get(cname, "median_us")
+        higher = cname in THROUGHPUT
+        for run in runs:
+            rows = {r["transport"]: r[key] for r in results
+                    if r["case"] == cname and r["run"] == run and key in r}
+            peers = {t: v for t, v in rows.items() if t in PEERS}
+            if not peers:
+                continue
+            best_t = (max if higher else min)(peers, key=peers.get)
+            for t, v in rows.items():
+                if t in PEERS:
+                    continue
+                txt = (f"{cname:8s} run {run} {t:12s} / best peer ({best_t}) = {v / peers[best_t]:.2f}"
+                       + (f"   / iox2 = {v / peers['iox2']:.2f}" if "iox2" in peers and best_t != "iox2" else ""))
+                floor = [r["median_us"] for r in results if r["case"] == "floor" and r["run"] == run
+                         and r["transport"] == "futex60" and "median_us" in r]
+                if cname == "view60" and floor:
+                    txt += f"   / futex floor = {v / floor[0]:.2f}"
+                lines.append(txt)
+    return lines
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--cases", default=",".join(CASES))
     ap.add_argument("--transports", default="")
     ap.add_argument("--runs", type=int, default=1)
     ap.add_argument("--frames", type=int, default=0, help="measured frames of paced cases")
-    ap.add_argument("--seconds", type=float, default=3.0, help="duration of the tiny case")
+    ap.add_argument("--seconds", type=float, default=3.0, help="duration of the tiny and flood cases")
+    ap.add_argument("--pings", type=int, default=2000, help="measured round trips of pingpong")
     ap.add_argument("--json")
     args = ap.parse_args()
     only = set(filter(None, args.transports.split(",")))
+    cases = args.cases.split(",")
+    plan = [(c, t) for c in cases for t in CASES[c]["transports"] if not only or t in only]
+    if any(k in C_MODES for k in plan):
+        # The C helper links the library's static archive, built from this checkout.
+        subprocess.run(["make", "-s", "-C", BENCH, "peers_c"], check=True, stdout=subprocess.DEVNULL)
     shm_dir = tempfile.mkdtemp(prefix="fshm-peers-", dir="/dev/shm")
     os.environ["FRAMESHM_DIR"] = shm_dir
     ctx = mp.get_context("spawn")
     results = []
-    print(f"load average {os.getloadavg()[0]:.2f}; {os.cpu_count()} CPUs", flush=True)
+    rev = subprocess.run(["git", "-C", BENCH, "rev-parse", "--short", "HEAD"], capture_output=True,
+                         text=True).stdout.strip()
+    if subprocess.run(["git", "-C", BENCH, "diff", "--quiet", "HEAD", "--", "../lib", "../binding",
+                       "../frameshm", "."]).returncode:
+        rev += "+dirty"
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
+          f"L3 {l3_bytes() >> 20} MiB; commit {rev}", flush=True)
     try:
         for run in range(args.runs):
-            for cname in args.cases.split(","):
-                for t in CASES[cname]["transports"]:
-                    if only and t not in only:
-                        continue
-                    row = run_pair(ctx, cname, t, args, f"{run}-{cname}-{t}")
-                    row.update(run=run, case=cname, transport=t, load=os.getloadavg()[0])
-                    results.append(row)
-                    if "error" in row:
-                        print(f"run {run} {cname:8s} {t:12s} ERROR\n{row['error']}", flush=True)
-                    elif cname == "tiny":
-                        print(f"run {run} {cname:8s} {t:12s} {row['msgs_per_s'] / 1e3:9.1f} k msg/s  "
-                              f"lost {row['lost']} of {row['sent']}  cpu/msg prod "
-                              f"{row['prod_cpu_us']:.2f} us cons {row['cons_cpu_us']:.2f} us", flush=True)
-                    else:
-                        print(f"run {run} {cname:8s} {t:12s} median {row.get('median_us', 0):8.1f} us  "
-                              f"p90 {row.get('p90_us', 0):8.1f} us  got {row['got']}/{row['sent']}  "
-                              f"cpu/frame prod {row['prod_cpu_us']:.0f} us cons {row['cons_cpu_us']:.0f} us",
-                              flush=True)
+            for cname, t in plan:
+                row = run_pair(ctx, cname, t, args, f"{run}-{cname}-{t}")
+                row.update(run=run, case=cname, transport=t, load=os.getloadavg()[0])
+                results.append(row)
+                print(_line(row, cname, t, run), flush=True)
     finally:
         import shutil
 
         shutil.rmtree(shm_dir, ignore_errors=True)
-    for cname in args.cases.split(","):
-        rows = [r for r in results if r["case"] == cname and "error" not in r]
-        key = "msgs_per_s" if cname == "tiny" else "median_us"
-        iox = [r[key] for r in rows if r["transport"] == "iox2" and key in r]
-        for t in CASES[cname]["transports"]:
-            mine = [r[key] for r in rows if r["transport"] == t and key in r]
-            if mine and iox and t != "iox2":
-                ratios = [m / i for m, i in zip(mine, iox)]
-                print(f"{cname:8s} {t:12s} / iox2 = " + ", ".join(f"{x:.2f}" for x in ratios))
+    for line in summary(results, cases):
+        print(line)
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)
