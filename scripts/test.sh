@@ -23,7 +23,7 @@ set +e
 # --dist loadfile), so the run as a whole has a deadline and fails loudly past it.
 workers=()
 nworkers="${FRAMESHM_TEST_WORKERS:-3}"
-[ "$nworkers" -gt 1 ] && workers=(-n "$nworkers" --dist loadfile)
+[ "$nworkers" -gt 1 ] && workers=(-n "$nworkers" --dist loadfile --no-loadscope-reorder)
 timeout --kill-after=30 "${FRAMESHM_TEST_DEADLINE:-2700}" \
   "$FRAMESHM_PY" -m pytest -q -p no:cacheprovider -rs --durations=30 "${workers[@]}" tests/python "$@"
 rc=$?

@@ -43,9 +43,11 @@ def pytest_configure(config):
         config.addinivalue_line("markers", "timeout(seconds): per-test timeout (needs pytest-timeout)")
 
 
-# The files that take longest, longest first. Under pytest-xdist (`--dist loadfile`, what
-# scripts/test.sh runs) files are handed to workers in collection order, so starting these
-# first keeps one of them from being the run's tail; serially the order does not matter.
+# The files that take longest, longest first. Under pytest-xdist with `--dist loadfile
+# --no-loadscope-reorder` (what scripts/test.sh runs) files are handed to workers in
+# collection order, so starting these first keeps one of them from being the run's tail
+# (xdist's own order, most tests first, left test_wheel.py's builds to the end); serially
+# the order does not matter.
 SLOW_FILES_FIRST = (
     "test_wheel.py", "test_build.py", "test_shutdown.py", "test_bridge_link.py", "test_bridge.py",
     "test_gateway_browser.py", "test_notebook_view.py", "test_record_replay.py", "test_fuzz.py",
