@@ -68,6 +68,13 @@ struct fshm_reader {
     uint64_t sb_pid, sb_start;   /* the mapped epoch's producer, as its superblock names it */
 };
 
+/* Sealed transport: the control region came read-only (the driver writes our entry,
+ * sets control bytes for us): nothing may be stored through r->ctl. */
+static inline int fshm_reader_ctl_ro(const fshm_reader *r)
+{
+    return r->ch.map && !r->ch.map->writable;
+}
+
 /* Drops the mapped epoch (frames handed out keep their own references). */
 void fshm_reader_unmap(fshm_reader *r);
 /* The seqlock read of frame `seq` from the mapped epoch: 0, -EAGAIN when the slot no

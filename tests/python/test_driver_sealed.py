@@ -2,11 +2,16 @@
 driver (root), a real producer (root) and a real consumer running as another user
 (`nobody`, admitted through the socket's group), and a hostile `nobody` client that
 speaks the driver protocol itself and gets the descriptors a consumer gets. It must not
-be able to write the ring or the pools (mmap/mprotect PROT_WRITE, re-opening through
-/proc/self/fd, write, ftruncate), nor resize the control region; as an admitted producer
-of another stream it cannot resize its own regions either. Nothing lies in the base
-directory to truncate. Meanwhile the producer and the consumer keep running and every
-frame the consumer copies is the producer's."""
+be able to write the ring, the pools or the control region (mmap/mprotect PROT_WRITE,
+re-opening through /proc/self/fd, write, ftruncate): consumers' entries and the control
+bytes are written by the driver (ShmConsumerRegister, ShmSetControl), which refuses a
+queue another process created and control bytes from a uid its policy does not name. As
+an admitted producer of another stream it cannot resize its own regions either. Nothing
+lies in the base directory to truncate. Meanwhile the producer and the consumer keep
+running and every frame the consumer copies is the producer's. A second test runs
+consumers and the pipeline's mode controller: entries appear when consumers attach and go
+when they close or are SIGKILLed; the controller's mode reaches the stream through the
+driver."""
 
 from __future__ import annotations
 
@@ -111,7 +116,7 @@ import array, ctypes, errno, fcntl, json, mmap, os, pathlib, socket, struct, sys
 from frameshm.driver import protocol as P
 {drop}
 
-sock_path, base = sys.argv[1], sys.argv[2]
+sock_path, base, viewer_pid = sys.argv[1], sys.argv[2], int(sys.argv[3])
 libc = ctypes.CDLL(None, use_errno=True)
 libc.mmap.restype = ctypes.c_void_p
 libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_long]
@@ -158,21 +163,45 @@ def attacks(fd):
         "seals": fcntl.fcntl(fd, F_GET_SEALS),
     }
 
+def request(s, msg):
+    s.send(P.encode(msg))
+    while True:  # announces and the like may come first
+        m = P.decode(s.recv(P.MAX_MESSAGE))
+        if isinstance(m, P.ControlResponse) and m.correlation_id == msg.correlation_id:
+            return {"code": int(m.code), "value": m.value, "text": m.error_message}
+
+def table(m):
+    # ACTIVE consumer entries (state 2) of the control region mapped at m
+    out = []
+    for i in range(64):
+        off = 4096 + 128 * i
+        state, _flags, pid = struct.unpack_from("<IIQ", m, off)
+        if state == 2:
+            out.append({"index": i, "pid": pid, "name": m[off + 64:off + 96].rstrip(bytes(1)).decode()})
+    return out
+
 out = {}
 resp, fds = attach(1001, P.Role.CONSUMER, 0x7001)
 out["consumer"] = {"code": int(resp.code), "nfds": len(fds)}
 ctl, regions = fds[0], fds[1:]
 out["regions"] = [attacks(fd) for fd in regions]
-size = os.fstat(ctl).st_size
-out["ctl"] = {"shrink": err(lambda: os.ftruncate(ctl, 0)), "grow": err(lambda: os.ftruncate(ctl, size * 2)),
-              "seals": fcntl.fcntl(ctl, F_GET_SEALS)}
-# The control region is writable by consumers: claim a later epoch in its epoch word and
-# its announce. Under the sealed transport nobody follows the control region's epoch.
-m = mmap.mmap(ctl, size, mmap.MAP_SHARED, mmap.PROT_READ | mmap.PROT_WRITE)
-epoch = struct.unpack_from("<Q", m, 16)[0]
-struct.pack_into("<Q", m, 16, epoch + 5)
-struct.pack_into("<Q", m, 192, epoch + 5)
-out["ctl"]["epoch"] = epoch
+# The control region as well: the consumer table, latest_seq, the producer's liveness and
+# the control bytes are out of reach of every consumer.
+out["ctl"] = attacks(ctl)
+m = mmap.mmap(ctl, os.fstat(ctl).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+out["table_before"] = table(m)
+s, lease = held[-1], resp.lease_id
+# What it can still ask the driver for: a control byte (refused: producer_uids = [0]
+# and no control_uids), an entry naming a queue of another process (the viewer's pid),
+# and an entry of its own.
+out["set_control"] = request(s, P.SetControl(11, lease, 1001, 0, 0x5A))
+forged = f"/fshm-{viewer_pid:x}-0-1"
+out["forged_queue"] = request(s, P.ConsumerRegister(12, lease, 1001, 0x7001, 0, 0, "forged", forged))
+out["own"] = request(s, P.ConsumerRegister(13, lease, 1001, 0x7001, P.CONSUMER_FLAG_NO_QUEUE, 0, "hostile", ""))
+out["again"] = request(s, P.ConsumerRegister(14, lease, 1001, 0x7001, P.CONSUMER_FLAG_NO_QUEUE, 0, "hostile", ""))
+out["table_after"] = table(m)
+out["control0"] = m[120]
+out["me"] = os.getpid()
 resp, fds = attach(1001, P.Role.PRODUCER, 0x7002)
 out["producer_1001"] = {"code": int(resp.code), "nfds": len(fds)}
 resp, fds = attach(1002, P.Role.PRODUCER, 0x7003)
@@ -234,7 +263,7 @@ def test_another_user_cannot_write_or_resize_sealed_regions(shared_dir):
 
         epochs_1001 = lambda: (shared_dir / "driver.log").read_text().count("stream 1001 now at epoch")
         before = epochs_1001()
-        hostile = _python(HOSTILE, sock, base, env=env, as_nobody=ids)
+        hostile = _python(HOSTILE, sock, base, consumer.pid, env=env, as_nobody=ids)
         out, errs = hostile.communicate(timeout=60)
         assert hostile.returncode == 0, errs
         res = json.loads(out)
@@ -248,8 +277,21 @@ def test_another_user_cannot_write_or_resize_sealed_regions(shared_dir):
             assert r["reopen_rw"] == "EACCES" and r["write"] == "EBADF", r
             assert r["truncate"] in ("EINVAL", "EBADF"), r
             assert r["seals"] & 0x7 == 0x7, r  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW
-        # The control region is writable (registration) but its size is sealed.
-        assert res["ctl"]["shrink"] == "EPERM" and res["ctl"]["grow"] == "EPERM", res["ctl"]
+        # The control region likewise (read-only description), and its size is sealed.
+        c = res["ctl"]
+        assert c["mmap_write"] == "EACCES" and c["mprotect_write"] == "EACCES", c
+        assert c["reopen_rw"] == "EACCES" and c["write"] == "EBADF", c
+        assert c["truncate"] in ("EINVAL", "EBADF") and c["seals"] & 0x7 == 0x7, c
+        # The viewer's entry, written by the driver with the viewer's own pid.
+        assert [(e["name"], e["pid"]) for e in res["table_before"]] == [("viewer", consumer.pid)], res
+        assert res["set_control"]["code"] == 3 and "control bytes" in res["set_control"]["text"], res
+        assert res["control0"] == 0, res
+        assert res["forged_queue"]["code"] == 3, res  # a queue named for the viewer's pid
+        # Its own entry: one per lease (registering again replaces it), with its pid.
+        assert res["own"]["code"] == 0 and res["again"]["code"] == 0, res
+        mine = [e for e in res["table_after"] if e["name"] == "hostile"]
+        assert mine == [{"index": res["again"]["value"], "pid": res["me"], "name": "hostile"}], res
+        assert [e for e in res["table_after"] if e["name"] == "viewer"] == res["table_before"], res
         assert res["producer_1001"] == {"code": 3, "nfds": 0}  # REJECTED by producer_uids
         p2 = res["producer_1002"]
         assert p2["code"] == 0 and p2["nfds"] == 4 and all(p2["writable"]), p2
@@ -259,8 +301,8 @@ def test_another_user_cannot_write_or_resize_sealed_regions(shared_dir):
         # Both kept running: the consumer still gets the producer's frames, all intact.
         time.sleep(1.0)  # frames after the attacks
         assert producer.poll() is None and consumer.poll() is None
-        # The forged epoch moved nobody: no re-attach, so no new epoch of 1001.
-        assert res["ctl"]["epoch"] >= 1 and epochs_1001() == before, (shared_dir / "driver.log").read_text()
+        # The hostile client's requests moved nobody: no re-attach, so no new epoch of 1001.
+        assert epochs_1001() == before, (shared_dir / "driver.log").read_text()
         stop.touch()
         pout, perr = producer.communicate(timeout=30)
         cout, cerr = consumer.communicate(timeout=30)

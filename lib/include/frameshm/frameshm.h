@@ -379,6 +379,18 @@ FSHM_API int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profi
 FSHM_API int fshm_provision_epoch_sealed(const fshm_stream_addr *addr, const fshm_profile *p,
                                          uint64_t min_epoch, int *ctl_fd, fshm_grant *out,
                                          int *region_fds);
+/* The sealed control region's consumer table, written by the driver only (consumers map
+ * it read-only): registers process pid (the peer's SO_PEERCRED) under `consumer`, with
+ * its descriptor queue (named for pid; "" with no_queue), and returns the entry index;
+ * FSHM_E_LIMIT when the table is full, -EINVAL for a queue another process created.
+ * consumer_remove frees entry idx if it still names pid and queue (1 freed, 0 not ours
+ * any more); set_control writes control byte `index`. ctl_fd: the driver's read-write
+ * control region descriptor. */
+FSHM_API int fshm_sealed_consumer_add(int ctl_fd, int64_t pid, const char *consumer,
+                                      const char *queue, int no_queue, int process_all,
+                                      uint32_t max_rate_hz);
+FSHM_API int fshm_sealed_consumer_remove(int ctl_fd, int idx, int64_t pid, const char *queue);
+FSHM_API int fshm_sealed_set_control(int ctl_fd, unsigned index, uint8_t value);
 /* Removes the stream directory entirely: 1 if removed, 0 if there was none. */
 FSHM_API int fshm_provision_remove(const fshm_stream_addr *addr);
 /* Current epoch of an existing stream; -ENOENT (epoch 0) if it has no control region. */
