@@ -322,3 +322,144 @@ def test_another_user_cannot_write_or_resize_sealed_regions(shared_dir):
         rc = driver.wait(timeout=15)
         log.close()
     assert rc == 0, (shared_dir / "driver.log").read_text()
+
+
+# A nobody client that maps the control region the way consumers get it (read-only) and
+# prints its consumer table and control bytes on every line it reads.
+INSPECTOR = """
+import array, json, mmap, os, socket, struct, sys
+from frameshm.driver import protocol as P
+{drop}
+s = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+s.connect(sys.argv[1])
+s.send(P.encode(P.AttachRequest(0x7101, 1001, 0x7101, P.Role.CONSUMER)))
+data, anc, _f, _a = s.recvmsg(P.MAX_MESSAGE, socket.CMSG_SPACE(16 * 4))
+fds = []
+for level, kind, raw in anc:
+    fds += array.array("i", raw[: len(raw) - len(raw) % 4])
+m = mmap.mmap(fds[0], os.fstat(fds[0]).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
+for _line in sys.stdin:
+    entries = []
+    for i in range(64):
+        off = 4096 + 128 * i
+        state, _flags, pid = struct.unpack_from("<IIQ", m, off)
+        if state != 0:
+            entries.append([m[off + 64:off + 96].rstrip(bytes(1)).decode(), pid, state])
+    print(json.dumps({"entries": sorted(entries), "control": list(m[120:128])}), flush=True)
+"""
+
+VIEWER = """
+import pathlib, sys
+import frameshm
+{drop}
+r = frameshm.Reader(stream_id=1001, driver=sys.argv[1], consumer=sys.argv[3])
+stop = pathlib.Path(sys.argv[2])
+first = True
+while not stop.exists():
+    try:
+        r.wait_latest(timeout=0.5)
+    except frameshm.Timeout:
+        continue
+    if first:
+        print("reading", flush=True)
+        first = False
+r.close()
+print("closed", flush=True)
+"""
+
+# The pipeline's controller: a Reader that does not subscribe, and roles.mode, as
+# frameshm.roles.controller does.
+CONTROLLER = """
+import sys
+import frameshm
+from frameshm.roles import mode
+{drop}
+r = frameshm.Reader(stream_id=1001, driver=sys.argv[1], subscribe=False)
+try:
+    mode.write_state(r, "Tracking")
+    mode.write_mode(r, mode.MODE_ALARMED)
+    print("ok", mode.read_mode(r), mode.read_state(r), flush=True)
+except frameshm.FrameshmError as e:
+    print(type(e).__name__, mode.read_mode(r), flush=True)
+r.close()
+"""
+
+
+def test_driver_registers_consumers_frees_their_entries_and_sets_the_mode(shared_dir):
+    nobody = pwd.getpwnam("nobody")
+    gid = nobody.pw_gid
+    ids = {"uid": nobody.pw_uid, "gid": gid}
+    base, sock, stop = shared_dir / "shm", shared_dir / "driver.sock", shared_dir / "stop"
+    config = shared_dir / "driver.toml"
+    config.write_text(CONFIG.format(sock=sock, base=base, gid=gid))
+    env = _env(base)
+    log = open(shared_dir / "driver.log", "wb")
+    driver = subprocess.Popen([sys.executable, "-m", "frameshm", "driver", "--config", str(config)],
+                              env=env, stdout=log, stderr=subprocess.STDOUT)
+    procs = []
+    try:
+        wait_until(lambda: sock.exists() or driver.poll() is not None, 15, what="driver socket")
+        assert driver.poll() is None, (shared_dir / "driver.log").read_text()
+        producer = _python(PRODUCER, sock, stop, env=env)
+        procs.append(producer)
+        assert producer.stdout.readline().strip() == "ready", producer.stderr.read()
+        viewers = {}
+        for name in ("a", "b"):
+            v = _python(VIEWER, sock, stop, name, env=env, as_nobody=ids)
+            procs.append(v)
+            viewers[name] = v
+        for v in viewers.values():
+            assert v.stdout.readline().strip() == "reading", v.stderr.read()
+        inspector = _python(INSPECTOR, sock, env=env, as_nobody=ids, stdin=subprocess.PIPE)
+        procs.append(inspector)
+
+        def look():
+            inspector.stdin.write("\n")
+            inspector.stdin.flush()
+            line = inspector.stdout.readline()
+            assert line, inspector.stderr.read()
+            return json.loads(line)
+
+        ACTIVE = 2
+        want = sorted([["a", viewers["a"].pid, ACTIVE], ["b", viewers["b"].pid, ACTIVE]])
+        assert look()["entries"] == want
+
+        # A nobody controller is refused (producer_uids = [0]: only root may steer 1001);
+        # root's, the pipeline's, sets the mode and the state through the driver. Both
+        # register nothing (passive) and leave the table as it was.
+        c = _python(CONTROLLER, sock, env=env, as_nobody=ids)
+        out, err = c.communicate(timeout=60)
+        assert out.split() == ["DriverRejected", "0"], (out, err)
+        c = _python(CONTROLLER, sock, env=env)
+        out, err = c.communicate(timeout=60)
+        assert out.split() == ["ok", "1", "Tracking"], (out, err)
+        state = look()
+        assert state["control"][:2] == [1, 3] and state["entries"] == want, state
+
+        # A viewer SIGKILLed: the driver sees its socket close and frees its entry.
+        viewers["a"].kill()
+        viewers["a"].wait()
+        wait_until(lambda: look()["entries"] == want[1:], 30, what="the killed viewer's entry freed")
+        # A third viewer attaches, then every viewer closes cleanly: the table empties.
+        v = _python(VIEWER, sock, stop, "c", env=env, as_nobody=ids)
+        procs.append(v)
+        assert v.stdout.readline().strip() == "reading", v.stderr.read()
+        assert [e[0] for e in look()["entries"]] == ["b", "c"]
+        stop.touch()
+        for v in (viewers["b"], v):
+            vout, verr = v.communicate(timeout=30)
+            assert v.returncode == 0 and "closed" in vout, verr
+        wait_until(lambda: look()["entries"] == [], 30, what="the closed viewers' entries freed")
+        pout, perr = producer.communicate(timeout=30)
+        assert producer.returncode == 0, perr
+    finally:
+        stop.touch()
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+        if driver.poll() is None:
+            driver.send_signal(signal.SIGTERM)
+        rc = driver.wait(timeout=15)
+        log.close()
+    assert rc == 0, (shared_dir / "driver.log").read_text()
