@@ -200,6 +200,16 @@ out["forged_queue"] = request(s, P.ConsumerRegister(12, lease, 1001, 0x7001, 0, 
 out["own"] = request(s, P.ConsumerRegister(13, lease, 1001, 0x7001, P.CONSUMER_FLAG_NO_QUEUE, 0, "hostile", ""))
 out["again"] = request(s, P.ConsumerRegister(14, lease, 1001, 0x7001, P.CONSUMER_FLAG_NO_QUEUE, 0, "hostile", ""))
 out["table_after"] = table(m)
+# Filling the table: one user's consumers (the viewer, the entry above, and more leases)
+# hold at most 16 of the 64 entries; the rest stays for others.
+fill = []
+for i in range(16):
+    r, _fds = attach(1001, P.Role.CONSUMER, 0x7200 + i)
+    for fd in _fds:
+        os.close(fd)
+    fill.append(request(held[-1], P.ConsumerRegister(20 + i, r.lease_id, 1001, 0x7200 + i,
+                                                      P.CONSUMER_FLAG_NO_QUEUE, 0, f"fill{i}", "")))
+out["fill"] = [(f["code"], f["value"]) for f in fill]
 out["control0"] = m[120]
 out["me"] = os.getpid()
 resp, fds = attach(1001, P.Role.PRODUCER, 0x7002)
@@ -292,6 +302,9 @@ def test_another_user_cannot_write_or_resize_sealed_regions(shared_dir):
         mine = [e for e in res["table_after"] if e["name"] == "hostile"]
         assert mine == [{"index": res["again"]["value"], "pid": res["me"], "name": "hostile"}], res
         assert [e for e in res["table_after"] if e["name"] == "viewer"] == res["table_before"], res
+        # nobody's viewer and hostile entry, then 14 more: 16, and no further.
+        assert [code for code, _index in res["fill"][:14]] == [0] * 14, res["fill"]
+        assert res["fill"][14:] == [[3, -1004]] * 2, res["fill"]
         assert res["producer_1001"] == {"code": 3, "nfds": 0}  # REJECTED by producer_uids
         p2 = res["producer_1002"]
         assert p2["code"] == 0 and p2["nfds"] == 4 and all(p2["writable"]), p2
@@ -349,7 +362,7 @@ for _line in sys.stdin:
 """
 
 VIEWER = """
-import pathlib, sys
+import json, pathlib, sys
 import frameshm
 {drop}
 r = frameshm.Reader(stream_id=1001, driver=sys.argv[1], consumer=sys.argv[3])
@@ -361,7 +374,13 @@ while not stop.exists():
     except frameshm.Timeout:
         continue
     if first:
-        print("reading", flush=True)
+        # How the library mapped the stream: every memfd region, the control region
+        # included, readable and shared, never writable.
+        maps = {}
+        for line in open("/proc/self/maps"):
+            if "/memfd:fshm-" in line:
+                maps[line.split("/memfd:")[1].split()[0]] = line.split()[1]
+        print("reading", json.dumps(maps), flush=True)
         first = False
 r.close()
 print("closed", flush=True)
@@ -409,7 +428,11 @@ def test_driver_registers_consumers_frees_their_entries_and_sets_the_mode(shared
             procs.append(v)
             viewers[name] = v
         for v in viewers.values():
-            assert v.stdout.readline().strip() == "reading", v.stderr.read()
+            word, _, maps = v.stdout.readline().partition(" ")
+            assert word == "reading", v.stderr.read()
+            maps = json.loads(maps)
+            assert "fshm-1001-frameshm.ctl" in maps and "fshm-header.ring" in maps, maps
+            assert set(maps.values()) == {"r--s"}, maps
         inspector = _python(INSPECTOR, sock, env=env, as_nobody=ids, stdin=subprocess.PIPE)
         procs.append(inspector)
 
@@ -443,7 +466,7 @@ def test_driver_registers_consumers_frees_their_entries_and_sets_the_mode(shared
         # A third viewer attaches, then every viewer closes cleanly: the table empties.
         v = _python(VIEWER, sock, stop, "c", env=env, as_nobody=ids)
         procs.append(v)
-        assert v.stdout.readline().strip() == "reading", v.stderr.read()
+        assert v.stdout.readline().startswith("reading "), v.stderr.read()
         assert [e[0] for e in look()["entries"]] == ["b", "c"]
         stop.touch()
         for v in (viewers["b"], v):
