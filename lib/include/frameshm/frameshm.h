@@ -294,7 +294,9 @@ FSHM_API int fshm_reader_producer_state(fshm_reader *r, int64_t *pid);
  * Its value 0..255, or -EINVAL for a bad index. */
 FSHM_API int fshm_reader_control(fshm_reader *r, unsigned index);
 /* Sets control byte `index`: 0, -EINVAL for a bad index, or the error that kept the reader
- * from following a replaced control region (the write never lands in the old one). */
+ * from following a replaced control region (the write never lands in the old one). Under
+ * a driver's sealed transport the driver sets it (the reader's control region is
+ * read-only): FSHM_E_REJECTED when its policy refuses us, FSHM_E_LEASE without a lease. */
 FSHM_API int fshm_reader_set_control(fshm_reader *r, unsigned index, uint8_t value);
 FSHM_API uint64_t fshm_reader_epoch(const fshm_reader *r);
 /* 1 unless the next call may first re-attach through the driver (bindings release their
