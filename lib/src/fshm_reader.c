@@ -253,8 +253,12 @@ static int sealed_register(fshm_reader *r)
         return -EAGAIN;
     int idx = fshm_lease_register_consumer(r->lease, r->consumer, r->queue,
                                            r->no_queue ? CONS_FLAG_NO_QUEUE : 0, r->max_rate_hz);
-    if (idx < 0)
+    if (idx < 0) {
+        /* Ask again in a second, not on every environment check: a refusal (the table
+         * or our user's share full) is logged by the driver each time. */
+        r->next_register_ns = fshm_now_ns() + 1000000000ull;
         return idx;
+    }
     if (idx >= FSHM_MAX_CONSUMERS)
         return fshm_set_error(FSHM_E_CORRUPT, "the driver registered us at entry %d", idx);
     r->entry = idx;
@@ -395,7 +399,6 @@ int fshm_reader_check_environment(fshm_reader *r, int force)
     if (!force && now < r->next_check_ns)
         return sync_epoch(r);
     r->next_check_ns = now + ENV_CHECK_NS;
-    int rc_ro;
     int ours = 1;
     if (!r->passive) {
         fshm_ctl_consumer *e = r->entry >= 0 ? ctl_consumer(r->ctl, (unsigned)r->entry) : NULL;
@@ -422,9 +425,8 @@ int fshm_reader_check_environment(fshm_reader *r, int force)
         ours = r->passive;
     }
     if (fshm_reader_ctl_ro(r)) {
-        if (!ours && (rc_ro = sealed_register(r)) && rc_ro != -EAGAIN)
-            return rc_ro;
-        return sync_epoch(r);
+        int rc = !ours && now >= r->next_register_ns ? sealed_register(r) : 0;
+        return rc && rc != -EAGAIN ? rc : sync_epoch(r);
     }
     if (!ctl_current(r)) {
         fshm_ctl_handle nh;

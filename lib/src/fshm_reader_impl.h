@@ -62,6 +62,8 @@ struct fshm_reader {
     fshm_grant grant;        /* the lease's grant: the epoch it names must be announced as granted */
     int sealed;              /* the driver passes sealed memfds: regions come with the lease */
     int new_ctl_fd;          /* sealed: the control region of the newest lease, until mapped */
+    uint64_t next_register_ns;  /* sealed, read-only control region: after a refused
+                                 * registration, the earliest next request to the driver */
     /* foreign mode (no control region; see fshm_foreign.c) */
     int foreign;
     uint64_t follow;         /* next seq to look for in the mapped ring */
