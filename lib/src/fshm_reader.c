@@ -663,7 +663,7 @@ int fshm_reader_set_control(fshm_reader *r, unsigned index, uint8_t value)
     int rc = fshm_reader_check_environment(r, 1);
     if (fshm_reader_ctl_ro(r)) {
         /* Sealed: the driver writes control bytes, for the clients its policy lets
-         * (docs/driver.md "Control bytes"). */
+         * (docs/driver.md "Whom the control region trusts"). */
         if (!r->lease)
             return rc ? rc : fshm_set_error(FSHM_E_LEASE, "stream %u: no lease: the driver "
                                             "is unreachable", r->paths.stream_id);
@@ -677,6 +677,9 @@ int fshm_reader_set_control(fshm_reader *r, unsigned index, uint8_t value)
 }
 int fshm_reader_lease_ok(const fshm_reader *r)
 {
+    /* A sealed consumer without its entry asks the driver for one on its next call. */
+    if (fshm_reader_ctl_ro(r) && !r->passive && r->entry < 0)
+        return 0;
     return !r->driver_mode || (r->lease && fshm_lease_state(r->lease, NULL) == FSHM_LEASE_ACTIVE);
 }
 uint64_t fshm_reader_epoch(const fshm_reader *r) { return r->epoch; }
