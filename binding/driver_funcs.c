@@ -298,7 +298,23 @@ static PyObject *mod_driver_set_control(PyObject *self, PyObject *args, PyObject
     Py_RETURN_NONE;
 }
 
+static PyObject *mod_driver_prune(PyObject *self, PyObject *arg)
+{
+    int fd = PyLong_AsLong(arg) == -1 && PyErr_Occurred() ? -2 : (int)PyLong_AsLong(arg);
+    if (fd == -2)
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_sealed_prune(fd);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return fshm_raise(rc);
+    return PyLong_FromLong(rc);
+}
+
 static PyMethodDef driver_methods[] = {
+    {"driver_prune", mod_driver_prune, METH_O,
+     "driver_prune(ctl_fd) -> int: frees a sealed control region's dead consumers' entries."},
     {"driver_consumer_add", (PyCFunction)(void (*)(void))mod_driver_consumer_add,
      METH_VARARGS | METH_KEYWORDS,
      "driver_consumer_add(ctl_fd, pid, consumer, queue, no_queue=False, process_all=False, "

@@ -711,6 +711,13 @@ class Driver:
             return
         idx, queue = lease.entry
         lease.entry = None
+        if lease.conn.closed and _pid_alive(lease.conn.pid, lease.conn.pid_start):
+            # The socket closed without a detach: the process is most likely exiting
+            # (SIGKILL closes its files before it is a zombie) and its queue still exists.
+            # Pruning (ours on every pid poll, the producer's) frees the entry and removes
+            # the queue once the process is dead; freeing it now would leave the queue
+            # named nowhere.
+            return
         try:
             _core.driver_consumer_remove(st.ctl_fd, idx, lease.conn.pid, queue)
         except FrameshmError as exc:
@@ -806,6 +813,14 @@ class Driver:
         for conn in list(self.conns.values()):
             if conn.leases and not _pid_alive(conn.pid, conn.pid_start):
                 self._schedule_close(conn, f"process {conn.pid} exited")
+        # Sealed control regions: the entries of consumers that died (left by _free_entry,
+        # or whose producer is not running to prune them) go, with their queues.
+        for st in self.streams.values():
+            if st.ctl_fd >= 0:
+                try:
+                    _core.driver_prune(st.ctl_fd)
+                except FrameshmError as exc:
+                    self.log(f"stream {st.stream_id}: cannot prune consumers: {exc}")
 
     def _announce_all(self) -> None:
         for sid in sorted(self.streams):

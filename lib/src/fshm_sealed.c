@@ -147,3 +147,14 @@ int fshm_sealed_set_control(int ctl_fd, unsigned index, uint8_t value)
     fshm_map_unref(m);
     return 0;
 }
+
+int fshm_sealed_prune(int ctl_fd)
+{
+    fshm_map *m;
+    int rc = with_ctl(ctl_fd, &m);
+    if (rc)
+        return rc;
+    rc = fshm_ctl_prune(m->base);
+    fshm_map_unref(m);
+    return rc;
+}

@@ -352,13 +352,15 @@ for level, kind, raw in anc:
     fds += array.array("i", raw[: len(raw) - len(raw) % 4])
 m = mmap.mmap(fds[0], os.fstat(fds[0]).st_size, mmap.MAP_SHARED, mmap.PROT_READ)
 for _line in sys.stdin:
-    entries = []
+    entries, queues = [], {}
     for i in range(64):
         off = 4096 + 128 * i
         state, _flags, pid = struct.unpack_from("<IIQ", m, off)
         if state != 0:
-            entries.append([m[off + 64:off + 96].rstrip(bytes(1)).decode(), pid, state])
-    print(json.dumps({"entries": sorted(entries), "control": list(m[120:128])}), flush=True)
+            name = m[off + 64:off + 96].rstrip(bytes(1)).decode()
+            entries.append([name, pid, state])
+            queues[name] = m[off + 96:off + 128].rstrip(bytes(1)).decode()
+    print(json.dumps({"entries": sorted(entries), "queues": queues, "control": list(m[120:128])}), flush=True)
 """
 
 VIEWER = """
@@ -404,6 +406,22 @@ r.close()
 """
 
 
+def _queue_exists(name):
+    """Whether POSIX message queue `name` exists (we are root: any user's)."""
+    import ctypes
+    import errno
+
+    rt = ctypes.CDLL("librt.so.1", use_errno=True)
+    rt.mq_open.restype = ctypes.c_int
+    rt.mq_open.argtypes = [ctypes.c_char_p, ctypes.c_int]
+    fd = rt.mq_open(name.encode(), os.O_RDONLY)
+    if fd >= 0:
+        rt.mq_close(fd)
+        return True
+    assert ctypes.get_errno() == errno.ENOENT, os.strerror(ctypes.get_errno())
+    return False
+
+
 def test_driver_registers_consumers_frees_their_entries_and_sets_the_mode(shared_dir):
     nobody = pwd.getpwnam("nobody")
     gid = nobody.pw_gid
@@ -445,7 +463,10 @@ def test_driver_registers_consumers_frees_their_entries_and_sets_the_mode(shared
 
         ACTIVE = 2
         want = sorted([["a", viewers["a"].pid, ACTIVE], ["b", viewers["b"].pid, ACTIVE]])
-        assert look()["entries"] == want
+        first = look()
+        assert first["entries"] == want
+        queues = first["queues"]
+        assert all(_queue_exists(q) for q in queues.values()), queues
 
         # A nobody controller is refused (producer_uids = [0]: only root may steer 1001);
         # root's, the pipeline's, sets the mode and the state through the driver. Both
@@ -459,10 +480,12 @@ def test_driver_registers_consumers_frees_their_entries_and_sets_the_mode(shared
         state = look()
         assert state["control"][:2] == [1, 3] and state["entries"] == want, state
 
-        # A viewer SIGKILLed: the driver sees its socket close and frees its entry.
+        # A viewer SIGKILLed: the driver sees its socket close and, once the process is
+        # dead, frees its entry and removes its queue (the driver runs as root here).
         viewers["a"].kill()
         viewers["a"].wait()
         wait_until(lambda: look()["entries"] == want[1:], 30, what="the killed viewer's entry freed")
+        assert not _queue_exists(queues["a"]) and _queue_exists(queues["b"]), queues
         # A third viewer attaches, then every viewer closes cleanly: the table empties.
         v = _python(VIEWER, sock, stop, "c", env=env, as_nobody=ids)
         procs.append(v)
@@ -473,6 +496,7 @@ def test_driver_registers_consumers_frees_their_entries_and_sets_the_mode(shared
             vout, verr = v.communicate(timeout=30)
             assert v.returncode == 0 and "closed" in vout, verr
         wait_until(lambda: look()["entries"] == [], 30, what="the closed viewers' entries freed")
+        assert not _queue_exists(queues["b"]), queues
         pout, perr = producer.communicate(timeout=30)
         assert producer.returncode == 0, perr
     finally:

@@ -393,6 +393,9 @@ FSHM_API int fshm_sealed_consumer_add(int ctl_fd, int64_t pid, const char *consu
                                       uint32_t max_rate_hz);
 FSHM_API int fshm_sealed_consumer_remove(int ctl_fd, int idx, int64_t pid, const char *queue);
 FSHM_API int fshm_sealed_set_control(int ctl_fd, unsigned index, uint8_t value);
+/* Frees the entries of consumers whose process died, with their queues where we may
+ * remove them (the pruning producers do): how many were freed. */
+FSHM_API int fshm_sealed_prune(int ctl_fd);
 /* Removes the stream directory entirely: 1 if removed, 0 if there was none. */
 FSHM_API int fshm_provision_remove(const fshm_stream_addr *addr);
 /* Current epoch of an existing stream; -ENOENT (epoch 0) if it has no control region. */
