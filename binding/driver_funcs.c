@@ -247,7 +247,84 @@ static PyObject *mod_shm_room(PyObject *self, PyObject *arg)
     return Py_BuildValue("(KK)", (unsigned long long)room, (unsigned long long)fs_free);
 }
 
+/* The sealed control region's consumer table and control bytes, which only the driver
+ * writes (consumers map it read-only; they ask over their lease). */
+static PyObject *mod_driver_consumer_add(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ctl_fd", "pid", "consumer", "queue", "no_queue", "process_all",
+                             "max_rate_hz", NULL};
+    int fd, no_queue = 0, process_all = 0;
+    long long pid;
+    const char *consumer, *queue;
+    unsigned long rate = 0;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iLss|ppk", kwlist, &fd, &pid, &consumer, &queue,
+                                     &no_queue, &process_all, &rate))
+        return NULL;
+    if (rate > UINT32_MAX)
+        return fshm_raise_invalid("max_rate_hz must fit in 32 bits");
+    int rc = fshm_sealed_consumer_add(fd, (int64_t)pid, consumer, queue, no_queue, process_all,
+                                      (uint32_t)rate);
+    if (rc < 0)
+        return fshm_raise(rc);
+    return PyLong_FromLong(rc);
+}
+
+static PyObject *mod_driver_consumer_remove(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ctl_fd", "index", "pid", "queue", NULL};
+    int fd, idx;
+    long long pid;
+    const char *queue;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iiLs", kwlist, &fd, &idx, &pid, &queue))
+        return NULL;
+    int rc = fshm_sealed_consumer_remove(fd, idx, (int64_t)pid, queue);
+    if (rc < 0)
+        return fshm_raise(rc);
+    return PyBool_FromLong(rc);
+}
+
+static PyObject *mod_driver_set_control(PyObject *self, PyObject *args, PyObject *kw)
+{
+    static char *kwlist[] = {"ctl_fd", "index", "value", NULL};
+    int fd;
+    unsigned int idx, value;
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "iII", kwlist, &fd, &idx, &value))
+        return NULL;
+    if (value > 255)
+        return fshm_raise_invalid("a control byte is 0..255");
+    int rc = fshm_sealed_set_control(fd, idx, (uint8_t)value);
+    if (rc < 0)
+        return fshm_raise(rc);
+    Py_RETURN_NONE;
+}
+
+static PyObject *mod_driver_prune(PyObject *self, PyObject *arg)
+{
+    int fd = PyLong_AsLong(arg) == -1 && PyErr_Occurred() ? -2 : (int)PyLong_AsLong(arg);
+    if (fd == -2)
+        return NULL;
+    int rc;
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_sealed_prune(fd);
+    Py_END_ALLOW_THREADS
+    if (rc < 0)
+        return fshm_raise(rc);
+    return PyLong_FromLong(rc);
+}
+
 static PyMethodDef driver_methods[] = {
+    {"driver_prune", mod_driver_prune, METH_O,
+     "driver_prune(ctl_fd) -> int: frees a sealed control region's dead consumers' entries."},
+    {"driver_consumer_add", (PyCFunction)(void (*)(void))mod_driver_consumer_add,
+     METH_VARARGS | METH_KEYWORDS,
+     "driver_consumer_add(ctl_fd, pid, consumer, queue, no_queue=False, process_all=False, "
+     "max_rate_hz=0) -> entry index: writes a sealed consumer's entry."},
+    {"driver_consumer_remove", (PyCFunction)(void (*)(void))mod_driver_consumer_remove,
+     METH_VARARGS | METH_KEYWORDS,
+     "driver_consumer_remove(ctl_fd, index, pid, queue) -> bool: frees it if still that consumer's."},
+    {"driver_set_control", (PyCFunction)(void (*)(void))mod_driver_set_control,
+     METH_VARARGS | METH_KEYWORDS,
+     "driver_set_control(ctl_fd, index, value): writes a sealed stream's control byte."},
     {"shm_room", mod_shm_room, METH_O,
      "shm_room(dir) -> (room, fs_free): bytes new regions can take in dir (on tmpfs capped by "
      "the memory available) and the file system's own free space"},

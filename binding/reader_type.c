@@ -401,7 +401,10 @@ static PyObject *reader_set_control(FshmReader *self, PyObject *const *args, Py_
         return NULL;
     int rc;
     ENTER(self, r);
-    LEASE_AWARE(r, rc = fshm_reader_set_control(r, i, v));
+    /* Under the sealed transport this is a round trip to the driver: never with the GIL. */
+    Py_BEGIN_ALLOW_THREADS
+    rc = fshm_reader_set_control(r, i, v);
+    Py_END_ALLOW_THREADS
     LEAVE(self);
     if (rc)
         return fshm_raise(rc);

@@ -484,7 +484,9 @@ class Reader:
 
     def set_control(self, index: int, value: int) -> None:
         """Sets control byte ``index`` (0..7) to ``value`` (0..255); a stream removed and
-        created anew is followed first, so the write reaches its new control region."""
+        created anew is followed first, so the write reaches its new control region. Under
+        a driver's sealed transport (``transport = "memfd"``) the driver sets it for us, if
+        its ``control_uids`` name our user (else :class:`DriverRejected`)."""
         self._r.set_control(index, value)
 
     @property

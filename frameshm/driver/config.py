@@ -188,6 +188,14 @@ class StreamRule:
     name: Optional[str] = None
     producer_uids: List[int] = field(default_factory=list)
     ids: Optional[Tuple[int, ...]] = None  # a list of ids (sorted); None: every id in lo..hi
+    # Who may set the stream's control bytes under the sealed transport (the driver writes
+    # them): these uids; empty: whoever may produce it (producer_uids; empty too: every
+    # admitted client, who could as well produce it). The driver's uid and root always may.
+    control_uids: List[int] = field(default_factory=list)
+
+    def may_control(self, uid: int) -> bool:
+        allowed = self.control_uids or self.producer_uids
+        return not allowed or uid in allowed
 
     def matches(self, stream_id: int) -> bool:
         if self.ids is not None:
@@ -218,6 +226,8 @@ class StreamRule:
         else:
             what = f"streams {self.lo}..{self.hi}"
         extra = f", producers: uids {self.producer_uids}" if self.producer_uids else ""
+        if self.control_uids:
+            extra += f", control bytes: uids {self.control_uids}"
         return f"{what} -> profile {self.profile}{extra}"
 
 
@@ -228,6 +238,7 @@ _STREAM_KEYS = {
     "name": "stream name (id derived as the core does)",
     "profile": "profile name",
     "producer_uids": "uids (or user names) allowed to produce",
+    "control_uids": "uids (or user names) allowed to set control bytes (transport = \"memfd\")",
 }
 _ID_KEYS = ("id_range", "ids", "id", "name")
 
@@ -283,7 +294,8 @@ def _rule(i: int, table: Any, profiles: Dict[str, Profile], where: str) -> Strea
             f"{w} profile: no profile {prof!r}{_suggest(prof, profiles)}; defined: {', '.join(profiles) or 'none'}"
         )
     uids = [_uid(u, f"{w} producer_uids") for u in _list(table.get("producer_uids", []), f"{w} producer_uids")]
-    return StreamRule(i, lo, hi, prof, name, uids, ids)
+    cuids = [_uid(u, f"{w} control_uids") for u in _list(table.get("control_uids", []), f"{w} control_uids")]
+    return StreamRule(i, lo, hi, prof, name, uids, ids, cuids)
 
 
 # ---- the whole file -------------------------------------------------------------------------

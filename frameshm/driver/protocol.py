@@ -85,6 +85,13 @@ T_KEEPALIVE = 5
 T_SHUTDOWN = 6
 T_REVOKED = 7
 T_POOL_ANNOUNCE = 1  # schema 900
+# frameshm's extensions (not in the SHM Driver Model Spec; docs/driver-protocol.md): under
+# the sealed transport consumers map the control region read-only and ask the driver to
+# write their consumer-table entry and the stream's control bytes. Template ids far above
+# the spec's keep clear of its future ones; a driver without them answers UNSUPPORTED.
+T_CONSUMER_REGISTER = 101
+T_SET_CONTROL = 102
+T_CONTROL_RESPONSE = 103
 
 HEADER = struct.Struct("<HHHH")
 GROUP = struct.Struct("<HH")
@@ -99,6 +106,12 @@ KEEPALIVE = struct.Struct("<QIIBQ")  # 25
 SHUTDOWN = struct.Struct("<QB")  # 9
 REVOKED = struct.Struct("<QQIIBB")  # 26
 POOL_ANNOUNCE = struct.Struct("<IIQQBIIH")  # 35
+CONSUMER_REGISTER = struct.Struct("<qQIIII")  # 32: corr, lease, stream, client, flags, maxRateHz
+SET_CONTROL = struct.Struct("<qQIBB")  # 22: corr, lease, stream, index, value
+CONTROL_RESPONSE = struct.Struct("<qii")  # 16: corr, code, value
+# ShmConsumerRegister.flags (the consumer table's CONS_FLAG_*)
+CONSUMER_FLAG_PROCESS_ALL = 1
+CONSUMER_FLAG_NO_QUEUE = 2
 
 assert (ATTACH_REQUEST.size, ATTACH_RESPONSE.size, DETACH_REQUEST.size, DETACH_RESPONSE.size) == (24, 51, 25, 12)
 assert (KEEPALIVE.size, SHUTDOWN.size, REVOKED.size, POOL_ANNOUNCE.size, POOL_ENTRY.size) == (25, 9, 26, 35, 10)
@@ -218,8 +231,38 @@ class PoolAnnounce:
     clock_domain: int = ClockDomain.MONOTONIC
 
 
+@dataclass
+class ConsumerRegister:
+    correlation_id: int
+    lease_id: int
+    stream_id: int
+    client_id: int
+    flags: int = 0
+    max_rate_hz: int = 0
+    consumer_name: str = ""
+    queue_name: str = ""
+
+
+@dataclass
+class SetControl:
+    correlation_id: int
+    lease_id: int
+    stream_id: int
+    index: int
+    value: int
+
+
+@dataclass
+class ControlResponse:
+    correlation_id: int
+    code: int
+    value: int = 0  # ShmConsumerRegister: the entry index; on refusal, frameshm's error code
+    error_message: str = ""
+
+
 Message = Union[
-    AttachRequest, AttachResponse, DetachRequest, DetachResponse, LeaseKeepalive, DriverShutdown, LeaseRevoked, PoolAnnounce
+    AttachRequest, AttachResponse, DetachRequest, DetachResponse, LeaseKeepalive, DriverShutdown, LeaseRevoked,
+    PoolAnnounce, ConsumerRegister, SetControl, ControlResponse,
 ]
 
 # ---- encoding ----------------------------------------------------------------------
@@ -305,6 +348,24 @@ def encode(msg: Message) -> bytes:
             + _pools(msg.pools)
             + _var(msg.header_uri)
         )
+    elif isinstance(msg, ConsumerRegister):
+        out = (
+            _hdr(CONSUMER_REGISTER, T_CONSUMER_REGISTER)
+            + CONSUMER_REGISTER.pack(msg.correlation_id, msg.lease_id, msg.stream_id, msg.client_id, msg.flags,
+                                     msg.max_rate_hz)
+            + _var(msg.consumer_name)
+            + _var(msg.queue_name)
+        )
+    elif isinstance(msg, SetControl):
+        out = _hdr(SET_CONTROL, T_SET_CONTROL) + SET_CONTROL.pack(
+            msg.correlation_id, msg.lease_id, msg.stream_id, msg.index, msg.value
+        )
+    elif isinstance(msg, ControlResponse):
+        out = (
+            _hdr(CONTROL_RESPONSE, T_CONTROL_RESPONSE)
+            + CONTROL_RESPONSE.pack(msg.correlation_id, msg.code, msg.value)
+            + _var(_error_text(msg.error_message))
+        )
     else:
         raise TypeError(f"not a driver message: {msg!r}")
     if len(out) > MAX_MESSAGE:
@@ -365,7 +426,13 @@ _NAMES = {
     (DRIVER_SCHEMA_ID, T_SHUTDOWN): ("ShmDriverShutdown", SHUTDOWN),
     (DRIVER_SCHEMA_ID, T_REVOKED): ("ShmLeaseRevoked", REVOKED),
     (ANNOUNCE_SCHEMA_ID, T_POOL_ANNOUNCE): ("ShmPoolAnnounce", POOL_ANNOUNCE),
+    (DRIVER_SCHEMA_ID, T_CONSUMER_REGISTER): ("ShmConsumerRegister", CONSUMER_REGISTER),
+    (DRIVER_SCHEMA_ID, T_SET_CONTROL): ("ShmSetControl", SET_CONTROL),
+    (DRIVER_SCHEMA_ID, T_CONTROL_RESPONSE): ("ShmControlResponse", CONTROL_RESPONSE),
 }
+
+# Requests whose answer echoes their correlationId (first 8 block bytes).
+REQUESTS = (T_ATTACH_REQUEST, T_DETACH_REQUEST, T_CONSUMER_REGISTER, T_SET_CONTROL)
 
 
 def peek_header(data: bytes) -> Optional[Tuple[int, int, int, int]]:
@@ -381,7 +448,7 @@ def correlation_of(data: bytes) -> Optional[int]:
     if hdr is None:
         return None
     _block, tid, schema, _version = hdr
-    if schema == DRIVER_SCHEMA_ID and tid in (T_ATTACH_REQUEST, T_DETACH_REQUEST) and len(data) >= HEADER.size + 8:
+    if schema == DRIVER_SCHEMA_ID and tid in REQUESTS and len(data) >= HEADER.size + 8:
         return struct.unpack_from("<q", data, HEADER.size)[0]
     return None
 
@@ -433,6 +500,12 @@ def decode(data: bytes) -> Message:
         return LeaseKeepalive(*v)
     if tid == T_SHUTDOWN:
         return DriverShutdown(*v, error_message=r.text("errorMessage", optional=True))
+    if tid == T_CONSUMER_REGISTER:
+        return ConsumerRegister(*v, consumer_name=r.text("consumerName"), queue_name=r.text("queueName"))
+    if tid == T_SET_CONTROL:
+        return SetControl(*v)
+    if tid == T_CONTROL_RESPONSE:
+        return ControlResponse(*v, error_message=r.text("errorMessage", optional=True))
     return LeaseRevoked(*v, error_message=r.text("errorMessage", optional=True))
 
 
@@ -446,4 +519,7 @@ def message_name(msg: Message) -> str:
         DriverShutdown: "ShmDriverShutdown",
         LeaseRevoked: "ShmLeaseRevoked",
         PoolAnnounce: "ShmPoolAnnounce",
+        ConsumerRegister: "ShmConsumerRegister",
+        SetControl: "ShmSetControl",
+        ControlResponse: "ShmControlResponse",
     }[type(msg)]

@@ -34,6 +34,12 @@ MAX_DIMS = 8
 MAX_BAD_MESSAGES = 16
 PID_POLL_NS = 500_000_000
 READS_PER_WAKEUP = 64
+# Sealed transport: consumer-table entries (64 per stream) one uid other than the
+# driver's may hold per stream, so that one user cannot fill the table for the others.
+MAX_ENTRIES_PER_UID = 16
+# ShmControlResponse.value of a refused registration the client reports as ResourceLimit
+# (the library's FSHM_E_LIMIT).
+LIMIT_CODE = -1004
 URI_PREFIX = "shm:file?path="
 
 
@@ -114,6 +120,9 @@ class Lease:
     role: int
     conn: Conn
     expiry_ns: int
+    # Sealed transport: the consumer-table entry the driver wrote for this lease
+    # (index, queue name), freed when the lease ends.
+    entry: Optional[Tuple[int, str]] = None
 
 
 @dataclass(eq=False)
@@ -129,6 +138,7 @@ class Stream:
     # read-only descriptions of the same for consumers. The driver holds them for as long
     # as the epoch is current: they are the only way to the memory.
     ctl_fd: int = -1
+    ro_ctl_fd: int = -1  # the control region as consumers get it: read-only
     region_fds: List[int] = field(default_factory=list)
     ro_fds: List[int] = field(default_factory=list)
 
@@ -142,16 +152,22 @@ class Stream:
         if self.ctl_fd >= 0:
             os.close(self.ctl_fd)
             self.ctl_fd = -1
+        if self.ro_ctl_fd >= 0:
+            os.close(self.ro_ctl_fd)
+            self.ro_ctl_fd = -1
 
     def fds_for(self, role: int) -> List[int]:
         """What an attach response carries: control region, header ring, pools. Consumers
-        get read-only descriptions of the ring and pools (they cannot map them writable,
-        nor, being another user than the driver, re-open them writable: mode 0600); the
-        control region is read-write for everyone (their registration is there) but,
-        sealed, nobody can truncate it."""
+        get read-only descriptions of all three (they cannot map them writable, nor, being
+        another user than the driver, re-open them writable: mode 0600): the driver writes
+        their consumer-table entries and the control bytes for them (ShmConsumerRegister,
+        ShmSetControl), so no consumer can write what the producer or another consumer
+        reads. Sealed, nobody can truncate any of them."""
         if self.ctl_fd < 0:
             return []
-        return [self.ctl_fd] + (self.region_fds if role == P.Role.PRODUCER else self.ro_fds)
+        if role == P.Role.PRODUCER:
+            return [self.ctl_fd] + self.region_fds
+        return [self.ro_ctl_fd] + self.ro_fds
 
 
 def _readonly(fd: int) -> int:
@@ -336,6 +352,8 @@ class Driver:
             st.ctl_fd = g.pop("ctl_fd")
             st.region_fds = g.pop("region_fds")
             try:
+                if st.ro_ctl_fd < 0:
+                    st.ro_ctl_fd = _readonly(st.ctl_fd)
                 for fd in st.region_fds:
                     st.ro_fds.append(_readonly(fd))
             except OSError as exc:  # out of descriptors: grant nothing rather than write access
@@ -422,6 +440,8 @@ class Driver:
     def _reply_error(self, conn: Conn, code: int, text: str, corr: Optional[int], tid: Optional[int]) -> None:
         if tid == P.T_DETACH_REQUEST and corr is not None:
             self._send(conn, P.DetachResponse(corr, code, text))
+        elif tid in (P.T_CONSUMER_REGISTER, P.T_SET_CONTROL) and corr is not None:
+            self._send(conn, P.ControlResponse(corr, code, 0, text))
         else:
             self._send(conn, P.AttachResponse(corr if corr is not None and tid == P.T_ATTACH_REQUEST else 0, code,
                                               error_message=text))
@@ -538,6 +558,10 @@ class Driver:
             self._detach(conn, msg)
         elif isinstance(msg, P.LeaseKeepalive):
             self._keepalive(conn, msg)
+        elif isinstance(msg, P.ConsumerRegister):
+            self._register(conn, msg)
+        elif isinstance(msg, P.SetControl):
+            self._set_control(conn, msg)
         else:
             self._bad(conn, P.DecodeError(
                 P.Code.INVALID_PARAMS, f"{P.message_name(msg)} is sent by the driver, not to it"))
@@ -637,6 +661,7 @@ class Driver:
         lease.conn.leases.discard(lease.lease_id)
         st = self.streams[lease.stream_id]
         st.leases.discard(lease.lease_id)
+        self._free_entry(st, lease)
         notice = P.LeaseRevoked(_mono(), lease.lease_id, lease.stream_id, lease.client_id, lease.role, reason, why)
         targets = [lease.conn]
         if lease.role == P.Role.PRODUCER:
@@ -661,6 +686,95 @@ class Driver:
             return
         self._end_lease(lease, P.RevokeReason.DETACHED, "detached by the client")
         self._send(conn, P.DetachResponse(req.correlation_id, P.Code.OK))
+
+    # ---- the sealed control region, written for consumers (frameshm's extensions) ----
+
+    def _sealed_lease(self, conn: Conn, corr: int, lease_id: int, stream_id: int, what: str):
+        """The (lease, sealed stream) of one of conn's leases, or (None, None) after
+        answering with the refusal."""
+        lease = self.leases.get(lease_id)
+        if lease is None or lease.conn is not conn or lease.stream_id != stream_id:
+            self._send(conn, P.ControlResponse(corr, P.Code.REJECTED, 0,
+                                               f"{what}: unknown lease {lease_id} for stream {stream_id} "
+                                               f"on this connection"))
+            return None, None
+        st = self.streams[lease.stream_id]
+        if st.ctl_fd < 0:
+            self._send(conn, P.ControlResponse(corr, P.Code.UNSUPPORTED, 0,
+                                               f"{what}: stream {stream_id} uses the file transport, whose "
+                                               f"clients write the control file themselves"))
+            return None, None
+        return lease, st
+
+    def _free_entry(self, st: Stream, lease: Lease) -> None:
+        if lease.entry is None or st.ctl_fd < 0:
+            return
+        idx, queue = lease.entry
+        lease.entry = None
+        if lease.conn.closed and _pid_alive(lease.conn.pid, lease.conn.pid_start):
+            # The socket closed without a detach: the process is most likely exiting
+            # (SIGKILL closes its files before it is a zombie) and its queue still exists.
+            # Pruning (ours on every pid poll, the producer's) frees the entry and removes
+            # the queue once the process is dead; freeing it now would leave the queue
+            # named nowhere.
+            return
+        try:
+            _core.driver_consumer_remove(st.ctl_fd, idx, lease.conn.pid, queue)
+        except FrameshmError as exc:
+            self.log(f"stream {st.stream_id}: cannot free consumer entry {idx}: {exc}")
+
+    def _register(self, conn: Conn, req: P.ConsumerRegister) -> None:
+        lease, st = self._sealed_lease(conn, req.correlation_id, req.lease_id, req.stream_id,
+                                       "ShmConsumerRegister")
+        if lease is None:
+            return
+
+        def refuse(code: P.Code, text: str, value: int = 0) -> None:
+            self._send(conn, P.ControlResponse(req.correlation_id, code, value, text))
+            self.log(f"consumer registration refused: stream {req.stream_id} lease {req.lease_id} "
+                     f"({conn.label()}): {text}")
+
+        if lease.role != P.Role.CONSUMER or lease.client_id != req.client_id:
+            return refuse(P.Code.REJECTED, f"lease {req.lease_id} is not consumer client {req.client_id}'s")
+        known = P.CONSUMER_FLAG_PROCESS_ALL | P.CONSUMER_FLAG_NO_QUEUE
+        if req.flags & ~known:
+            return refuse(P.Code.INVALID_PARAMS, f"unknown consumer flags {req.flags:#x}")
+        # A re-registration (the consumer saw its entry gone, or re-attached) replaces
+        # the lease's entry: one entry per lease.
+        self._free_entry(st, lease)
+        if conn.uid != self.my_uid:
+            held = sum(1 for lid in st.leases if self.leases[lid].entry is not None
+                       and self.leases[lid].conn.uid == conn.uid)
+            if held >= MAX_ENTRIES_PER_UID:
+                return refuse(P.Code.REJECTED, f"uid {conn.uid} already holds {held} consumer entries of "
+                              f"stream {req.stream_id} (at most {MAX_ENTRIES_PER_UID} per user)", LIMIT_CODE)
+        try:
+            idx = _core.driver_consumer_add(
+                st.ctl_fd, conn.pid, req.consumer_name, req.queue_name,
+                no_queue=bool(req.flags & P.CONSUMER_FLAG_NO_QUEUE),
+                process_all=bool(req.flags & P.CONSUMER_FLAG_PROCESS_ALL), max_rate_hz=req.max_rate_hz)
+        except FrameshmError as exc:
+            text = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+            return refuse(P.Code.REJECTED, text, LIMIT_CODE if isinstance(exc, ResourceLimit) else 0)
+        lease.entry = (idx, req.queue_name)
+        self._send(conn, P.ControlResponse(req.correlation_id, P.Code.OK, idx))
+
+    def _set_control(self, conn: Conn, req: P.SetControl) -> None:
+        lease, st = self._sealed_lease(conn, req.correlation_id, req.lease_id, req.stream_id, "ShmSetControl")
+        if lease is None:
+            return
+        if conn.uid != self.my_uid and not st.rule.may_control(conn.uid):
+            allowed = st.rule.control_uids or st.rule.producer_uids
+            text = f"uid {conn.uid} may not set stream {req.stream_id}'s control bytes (uids {allowed})"
+            self.log(f"set control refused ({conn.label()}): {text}")
+            self._send(conn, P.ControlResponse(req.correlation_id, P.Code.REJECTED, 0, text))
+            return
+        try:
+            _core.driver_set_control(st.ctl_fd, req.index, req.value)
+        except FrameshmError as exc:
+            self._send(conn, P.ControlResponse(req.correlation_id, P.Code.INVALID_PARAMS, 0, str(exc)))
+            return
+        self._send(conn, P.ControlResponse(req.correlation_id, P.Code.OK, 0))
 
     def _keepalive(self, conn: Conn, ka: P.LeaseKeepalive) -> None:
         lease = self.leases.get(ka.lease_id)
@@ -699,6 +813,14 @@ class Driver:
         for conn in list(self.conns.values()):
             if conn.leases and not _pid_alive(conn.pid, conn.pid_start):
                 self._schedule_close(conn, f"process {conn.pid} exited")
+        # Sealed control regions: the entries of consumers that died (left by _free_entry,
+        # or whose producer is not running to prune them) go, with their queues.
+        for st in self.streams.values():
+            if st.ctl_fd >= 0:
+                try:
+                    _core.driver_prune(st.ctl_fd)
+                except FrameshmError as exc:
+                    self.log(f"stream {st.stream_id}: cannot prune consumers: {exc}")
 
     def _announce_all(self) -> None:
         for sid in sorted(self.streams):

@@ -30,7 +30,11 @@ static int map_ctl_fd(int fd, const fshm_paths *p, fshm_ctl_handle *h)
     if ((size_t)st.st_size != FSHM_CTL_BYTES)
         return fshm_set_error(FSHM_E_CORRUPT, "control region %s is %lld bytes, expected %u", p->ctl,
                               (long long)st.st_size, FSHM_CTL_BYTES);
-    int rc = fshm_map_create(fd, FSHM_CTL_BYTES, 1, 0, &h->map);
+    /* A read-only descriptor (a sealed consumer's: the driver writes its entry) maps
+     * read-only: nothing this process does can write the region others read. */
+    int acc = fcntl(fd, F_GETFL);
+    int writable = acc >= 0 && (acc & O_ACCMODE) == O_RDWR;
+    int rc = fshm_map_create(fd, FSHM_CTL_BYTES, writable, 0, &h->map);
     if (rc)
         return rc;
     h->fd = fd;
@@ -413,4 +417,56 @@ int fshm_ctl_read_announce(const fshm_ctl *c, fshm_announce *a)
         return 0;
     }
     return fshm_set_error(-EAGAIN, "announce kept changing while being read");
+}
+
+/* ---- the driver's consumer table (sealed transport) ----
+ * Under the sealed transport consumers map the control region read-only: the driver
+ * writes their entries from what it knows of the peer (SO_PEERCRED pid, the lease) and
+ * frees them when the lease ends. The claim names the driver (CLAIMING|driver pid) until
+ * the entry is complete, so a driver killed in between leaves a slot pruning reclaims. */
+int fshm_ctl_register_peer(fshm_ctl *c, int64_t pid, const char *consumer, const char *queue,
+                           uint32_t flags, uint32_t max_rate_hz)
+{
+    if (pid <= 0 || (uint64_t)pid >= CONS_PID_LIMIT)
+        return fshm_set_error(-EINVAL, "pid %lld does not fit a consumer slot", (long long)pid);
+    if (flags & ~(uint32_t)(CONS_FLAG_NEXT | CONS_FLAG_NO_QUEUE))
+        return fshm_set_error(-EINVAL, "unknown consumer flags 0x%x", flags);
+    if (queue[0] ? !queue_name_ok(queue) || !fshm_queue_named_for(queue, (uint64_t)pid)
+                 : !(flags & CONS_FLAG_NO_QUEUE))
+        return fshm_set_error(-EINVAL, "queue '%.31s' is not one process %lld created", queue,
+                              (long long)pid);
+    uint64_t start = fshm_proc_start_time(pid);
+    if (!start)
+        return fshm_set_error(-ESRCH, "process %lld is gone", (long long)pid);
+    int idx = fshm_ctl_claim(c, consumer, max_rate_hz);
+    if (idx < 0)
+        return idx;
+    fshm_ctl_consumer *e = ctl_consumer(c, (unsigned)idx);
+    STORE_RLX(&e->pid_start, start);
+    STORE_REL(&e->pid, (uint64_t)pid);
+    snprintf(e->queue, sizeof e->queue, "%s", queue);
+    e->flags = flags;
+    STORE_REL(&e->state, CONS_ACTIVE);
+    __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
+    return idx;
+}
+
+int fshm_ctl_release_peer(fshm_ctl *c, int idx, int64_t pid, const char *queue)
+{
+    if (idx < 0 || idx >= FSHM_MAX_CONSUMERS || (uint64_t)getpid() >= CONS_PID_LIMIT)
+        return 0;
+    fshm_ctl_consumer *e = ctl_consumer(c, (unsigned)idx);
+    uint32_t st = LOAD_ACQ(&e->state);
+    /* Pruned (the producer saw the consumer die first) and maybe reused: not ours. */
+    if (st != CONS_ACTIVE || LOAD_RLX(&e->pid) != (uint64_t)pid ||
+        strncmp(e->queue, queue, sizeof e->queue) != 0)
+        return 0;
+    if (!__atomic_compare_exchange_n(&e->state, &st, CONS_STATE(CONS_PRUNING, (uint32_t)getpid()),
+                                     0, __ATOMIC_ACQ_REL, __ATOMIC_RELAXED))
+        return 0;
+    /* A dead consumer's queue goes with its entry when we may remove it (same user, or
+     * root); another user's is left to its owner's `frameshm gc` (named for a dead pid).
+     * A live one's (lease expired while it stalled) stays: it re-registers with it. */
+    slot_free(c, e, !fshm_pid_alive(pid, LOAD_RLX(&e->pid_start)), (uint64_t)pid);
+    return 1;
 }

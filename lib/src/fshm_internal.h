@@ -308,6 +308,13 @@ int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue, uint
  * PRUNING|pid, unlinks the queue when unlink_queue (before the slot is freed, so a kill in
  * between leaves a slot that names both), then frees it. */
 void fshm_ctl_release(fshm_ctl *c, int idx, const char *queue, int unlink_queue);
+/* Sealed transport: the driver writes a consumer's entry for process pid (its peer's
+ * SO_PEERCRED) and frees it when the lease ends; the queue must be named for pid (or ""
+ * with CONS_FLAG_NO_QUEUE). Returns the index or <0. release_peer frees entry idx only if
+ * it still names pid and queue (1 if freed). */
+int fshm_ctl_register_peer(fshm_ctl *c, int64_t pid, const char *consumer, const char *queue,
+                           uint32_t flags, uint32_t max_rate_hz);
+int fshm_ctl_release_peer(fshm_ctl *c, int idx, int64_t pid, const char *queue);
 int fshm_ctl_producer_state(const fshm_ctl *c, int64_t *pid);
 typedef struct fshm_announce {
     uint64_t epoch;
@@ -363,6 +370,12 @@ int fshm_sealed_check(int fd, size_t size, int writable, const char *what);
 int fshm_sealed_map(int fd, size_t size, int writable, const char *what, fshm_map **out);
 /* A read-only description of the same memfd (through /proc/self/fd); <0 on error. */
 int fshm_sealed_readonly(int fd);
+/* Sealed consumers' requests to the driver over their lease's socket (frameshm's
+ * extension messages, docs/driver-protocol.md): register in the consumer table (returns
+ * the entry index), set a control byte. The lease's thread delivers the answer. */
+int fshm_lease_register_consumer(fshm_lease *l, const char *consumer, const char *queue,
+                                 uint32_t flags, uint32_t max_rate_hz);
+int fshm_lease_set_control(fshm_lease *l, unsigned index, uint8_t value);
 
 /* ---- waiting without a queue (fshm_queue.c) ----
  * A consumer that could not get a queue waits on the low 32 bits of the control region's

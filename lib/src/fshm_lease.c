@@ -14,6 +14,7 @@
 #include <sys/socket.h>
 #include <sys/stat.h>
 #include <sys/un.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "fshm_internal.h"
@@ -26,6 +27,9 @@
 enum {
     T_ATTACH_REQ = 1, T_ATTACH_RESP = 2, T_DETACH_REQ = 3, T_DETACH_RESP = 4,
     T_KEEPALIVE = 5, T_SHUTDOWN = 6, T_REVOKED = 7,
+    /* frameshm's extensions (sealed transport; docs/driver-protocol.md): a consumer's
+     * requests the driver applies to the control region consumers map read-only. */
+    T_CONSUMER_REGISTER = 101, T_SET_CONTROL = 102, T_CONTROL_RESP = 103,
 };
 enum { T_POOL_ANNOUNCE = 1 };   /* in the wire spec's schema (900) */
 
@@ -33,7 +37,9 @@ enum { T_POOL_ANNOUNCE = 1 };   /* in the wire spec's schema (900) */
 enum {
     B_ATTACH_REQ = 24, B_ATTACH_RESP = 51, B_DETACH_REQ = 25, B_DETACH_RESP = 12,
     B_KEEPALIVE = 25, B_SHUTDOWN = 9, B_REVOKED = 26, B_ANNOUNCE = 35, B_POOL_ENTRY = 10,
+    B_CONSUMER_REGISTER = 32, B_SET_CONTROL = 22, B_CONTROL_RESP = 16,
 };
+#define REQUEST_TIMEOUT_NS 5000000000ull
 
 struct fshm_lease {
     int fd;
@@ -55,6 +61,14 @@ struct fshm_lease {
      * region, header ring, pools), until the writer or reader takes them. */
     int fds[FSHM_LEASE_MAX_FDS];
     unsigned nfds;
+    /* One request in flight at a time (req_mu); the thread fills in its answer. */
+    pthread_mutex_t req_mu;
+    pthread_mutex_t resp_mu;
+    pthread_cond_t resp_cv;
+    int64_t resp_corr;
+    int resp_done;
+    int32_t resp_code, resp_value;
+    char resp_msg[160];
 };
 
 /* ---- byte-level codec ---- */
@@ -393,6 +407,13 @@ static int lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_gra
     l->fd = -1;
     l->wake[0] = l->wake[1] = -1;
     pthread_mutex_init(&l->send_mu, NULL);
+    pthread_mutex_init(&l->req_mu, NULL);
+    pthread_mutex_init(&l->resp_mu, NULL);
+    pthread_condattr_t ca;
+    pthread_condattr_init(&ca);
+    pthread_condattr_setclock(&ca, CLOCK_MONOTONIC);
+    pthread_cond_init(&l->resp_cv, &ca);
+    pthread_condattr_destroy(&ca);
     l->stream_id = cfg->stream_id;
     l->role = cfg->role;
     l->client_id = cfg->client_id ? cfg->client_id : fshm_lease_new_client_id();
@@ -519,6 +540,9 @@ static void end_lease(fshm_lease *l, int state, int reason, const char *fmt, con
     snprintf(l->message, sizeof l->message, fmt, detail);
     STORE_RLX(&l->reason, reason);
     STORE_REL(&l->state, state);
+    pthread_mutex_lock(&l->resp_mu);
+    pthread_cond_broadcast(&l->resp_cv);   /* a request in flight gets no answer now */
+    pthread_mutex_unlock(&l->resp_mu);
 }
 
 static const char *reason_name(int r)
@@ -565,6 +589,22 @@ static void handle_push(fshm_lease *l, const uint8_t *msg, size_t len)
         } else if (stream == l->stream_id && role == FSHM_ROLE_PRODUCER) {
             ADD_RLX(&l->producer_revokes, 1);
         }
+    } else if (tid == T_CONTROL_RESP && block >= B_CONTROL_RESP) {
+        const uint8_t *b = take(&c, block);
+        if (!b)
+            return;
+        char err[160] = "";
+        if (c.off < len)
+            take_str(&c, err, sizeof err);
+        pthread_mutex_lock(&l->resp_mu);
+        if ((int64_t)ld64(b) == l->resp_corr && !l->resp_done) {
+            l->resp_code = (int32_t)ld32(b + 8);
+            l->resp_value = (int32_t)ld32(b + 12);
+            snprintf(l->resp_msg, sizeof l->resp_msg, "%s", err);
+            l->resp_done = 1;
+            pthread_cond_broadcast(&l->resp_cv);
+        }
+        pthread_mutex_unlock(&l->resp_mu);
     } else if (tid == T_SHUTDOWN && block >= B_SHUTDOWN) {
         const uint8_t *b = take(&c, block);
         if (b)
@@ -621,6 +661,96 @@ static void *lease_thread(void *arg)
         }
     }
     return NULL;
+}
+
+/* ---- requests (frameshm's extensions) ---- */
+
+/* Sends req (its correlation id at byte 8) and waits for the thread to hand over the
+ * ShmControlResponse: the entry index (or 0) on OK; the driver's refusal otherwise. */
+static int lease_request(fshm_lease *l, uint8_t *req, size_t n, const char *what)
+{
+    if (!l->thread_running || LOAD_ACQ(&l->state) != FSHM_LEASE_ACTIVE)
+        return fshm_set_error(FSHM_E_LEASE, "%s: no active lease", what);
+    pthread_mutex_lock(&l->req_mu);
+    int64_t corr = next_correlation();
+    st64(req + 8, (uint64_t)corr);
+    pthread_mutex_lock(&l->resp_mu);
+    l->resp_corr = corr;
+    l->resp_done = 0;
+    pthread_mutex_unlock(&l->resp_mu);
+    int rc = send_msg(l, req, n);
+    if (rc < 0) {
+        pthread_mutex_unlock(&l->req_mu);
+        return fshm_set_error(rc, "%s: cannot send to the driver: %s", what, strerror(-rc));
+    }
+    struct timespec dl;
+    clock_gettime(CLOCK_MONOTONIC, &dl);
+    dl.tv_sec += REQUEST_TIMEOUT_NS / 1000000000ull;
+    pthread_mutex_lock(&l->resp_mu);
+    while (!l->resp_done && LOAD_ACQ(&l->state) == FSHM_LEASE_ACTIVE &&
+           pthread_cond_timedwait(&l->resp_cv, &l->resp_mu, &dl) != ETIMEDOUT)
+        ;
+    int done = l->resp_done;
+    int32_t code = l->resp_code, value = l->resp_value;
+    char msg[160];
+    snprintf(msg, sizeof msg, "%s", l->resp_msg);
+    l->resp_corr = 0;
+    pthread_mutex_unlock(&l->resp_mu);
+    pthread_mutex_unlock(&l->req_mu);
+    if (!done)
+        return LOAD_ACQ(&l->state) != FSHM_LEASE_ACTIVE
+                   ? fshm_set_error(FSHM_E_LEASE, "%s: the lease ended (%s)", what, l->message)
+                   : fshm_set_error(-ETIMEDOUT, "%s: the driver did not answer (a driver "
+                                    "older than this library does not know the request)", what);
+    if (code == FSHM_RESP_OK)
+        return value < 0 ? 0 : value;
+    /* The driver says which of our errors it was when it is one a caller tells apart
+     * (a full consumer table: FSHM_E_LIMIT); anything else is a refusal. */
+    int err = value == FSHM_E_LIMIT ? FSHM_E_LIMIT : FSHM_E_REJECTED;
+    return fshm_set_error(err, "%s: the driver refused (%s): %s", what, code_name(code), msg);
+}
+
+static void put_str(uint8_t **p, const char *s)
+{
+    uint32_t n = (uint32_t)strlen(s);
+    st32(*p, n);
+    memcpy(*p + 4, s, n);
+    *p += 4 + n;
+}
+
+int fshm_lease_register_consumer(fshm_lease *l, const char *consumer, const char *queue,
+                                 uint32_t flags, uint32_t max_rate_hz)
+{
+    uint8_t req[8 + B_CONSUMER_REGISTER + 4 + 64 + 4 + 32];
+    size_t cn = strnlen(consumer, 64), qn = strnlen(queue, 32);
+    if (cn >= 64 || qn >= 32)
+        return fshm_set_error(-EINVAL, "consumer or queue name too long");
+    memset(req, 0, sizeof req);
+    put_header(req, B_CONSUMER_REGISTER, T_CONSUMER_REGISTER, DRIVER_SCHEMA_ID);
+    uint8_t *b = req + 8;
+    st64(b + 8, l->lease_id);
+    st32(b + 16, l->stream_id);
+    st32(b + 20, l->client_id);
+    st32(b + 24, flags);
+    st32(b + 28, max_rate_hz);
+    uint8_t *p = b + B_CONSUMER_REGISTER;
+    put_str(&p, consumer);
+    put_str(&p, queue);
+    return lease_request(l, req, (size_t)(p - req), "consumer registration");
+}
+
+int fshm_lease_set_control(fshm_lease *l, unsigned index, uint8_t value)
+{
+    uint8_t req[8 + B_SET_CONTROL];
+    memset(req, 0, sizeof req);
+    put_header(req, B_SET_CONTROL, T_SET_CONTROL, DRIVER_SCHEMA_ID);
+    uint8_t *b = req + 8;
+    st64(b + 8, l->lease_id);
+    st32(b + 16, l->stream_id);
+    b[20] = (uint8_t)index;
+    b[21] = value;
+    int rc = lease_request(l, req, sizeof req, "setting a control byte");
+    return rc < 0 ? rc : 0;
 }
 
 /* ---- queries and detach ---- */
@@ -691,5 +821,8 @@ void fshm_lease_close(fshm_lease *l, int detach)
     if (l->wake[1] >= 0)
         close(l->wake[1]);
     pthread_mutex_destroy(&l->send_mu);
+    pthread_mutex_destroy(&l->req_mu);
+    pthread_mutex_destroy(&l->resp_mu);
+    pthread_cond_destroy(&l->resp_cv);
     free(l);
 }

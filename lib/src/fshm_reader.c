@@ -224,10 +224,45 @@ static int open_ctl(fshm_reader *r, fshm_ctl_handle *h)
     if (!r->sealed)
         /* Under a driver only the driver creates files (spec §2.3). */
         return fshm_ctl_open(&r->paths, !r->driver_mode, h);
-    int rc = fshm_sealed_check(r->new_ctl_fd, FSHM_CTL_BYTES, 1, "control region");
+    /* Read-only for consumers since the driver writes their entries (a read-write one
+     * from an older driver is mapped read-write, and used as before). */
+    int rc = fshm_sealed_check(r->new_ctl_fd, FSHM_CTL_BYTES, 0, "control region");
     if (!rc && !(rc = fshm_ctl_map_fd(r->new_ctl_fd, &r->paths, h)))
         r->new_ctl_fd = -1;   /* the handle owns it */
     return rc;
+}
+
+/* Sealed transport, read-only control region: the driver writes our entry for us (from
+ * our socket's SO_PEERCRED and the lease) and frees it when the lease ends, so no consumer
+ * can write another's. Our queue is created first (kept across re-registrations): a kill
+ * before the driver names it leaves a queue named for a dead pid, which `frameshm gc`
+ * removes; after, the driver frees the entry when our socket closes. */
+static int sealed_register(fshm_reader *r)
+{
+    r->entry = -1;
+    if (!r->no_queue && r->q == (mqd_t)-1) {
+        int rc = fshm_queue_create(r->queue, &r->q, NULL);
+        if (fshm_queue_unavailable(rc)) {
+            memset(r->queue, 0, sizeof r->queue);
+            r->no_queue = 1;
+        } else if (rc) {
+            return rc;
+        }
+    }
+    if (!r->lease)
+        return -EAGAIN;
+    int idx = fshm_lease_register_consumer(r->lease, r->consumer, r->queue,
+                                           r->no_queue ? CONS_FLAG_NO_QUEUE : 0, r->max_rate_hz);
+    if (idx < 0) {
+        /* Ask again in a second, not on every environment check: a refusal (the table
+         * or our user's share full) is logged by the driver each time. */
+        r->next_register_ns = fshm_now_ns() + 1000000000ull;
+        return idx;
+    }
+    if (idx >= FSHM_MAX_CONSUMERS)
+        return fshm_set_error(FSHM_E_CORRUPT, "the driver registered us at entry %d", idx);
+    r->entry = idx;
+    return 0;
 }
 
 static int attach_ctl(fshm_reader *r)
@@ -236,10 +271,17 @@ static int attach_ctl(fshm_reader *r)
     if (rc)
         return rc;
     r->ctl = r->ch.ctl;
-    fshm_ctl_prune(r->ctl);
+    int ro = fshm_reader_ctl_ro(r);
+    if (!ro)
+        fshm_ctl_prune(r->ctl);   /* read-only: the driver frees what its leases held */
     r->start_seq = LOAD_ACQ(&r->ctl->latest_seq);
     if (r->passive)
         return 0;
+    if (ro) {
+        if ((rc = sealed_register(r)))
+            goto fail;
+        return 0;
+    }
     /* Slot first, then the queue it names (see fshm_ctl_claim): a kill anywhere in here
      * leaves a slot whose owner is dead, which pruning empties along with its queue. */
     int idx = fshm_ctl_claim(r->ctl, r->consumer, r->max_rate_hz);
@@ -302,6 +344,14 @@ static int lease_attach(fshm_reader *r)
     r->grant = g;
     r->lease_reported = 0;
     r->next_check_ns = 0;
+    /* Read-only control region: our entry went with the lease the driver replaced; in the
+     * same region, register again at once (no frames missed while an epoch turns over).
+     * A new region is registered with when it is mapped (fshm_reader_check_environment). */
+    if (fshm_reader_ctl_ro(r) && !r->passive) {
+        r->entry = -1;
+        if (ctl_current(r))
+            sealed_register(r);   /* on failure, the next environment check retries */
+    }
     return 0;
 }
 
@@ -317,6 +367,8 @@ static int lease_check(fshm_reader *r)
         snprintf(why, sizeof why, "%s", fshm_lease_message(r->lease));
         fshm_lease_close(r->lease, 0);
         r->lease = NULL;
+        if (fshm_reader_ctl_ro(r))
+            r->entry = -1;   /* the driver frees the entries of ended leases */
         fshm_reader_unmap(r);
         r->last_arrival_ns = r->interval_ns = 0;
         r->next_lease_try_ns = 0;
@@ -349,9 +401,32 @@ int fshm_reader_check_environment(fshm_reader *r, int force)
     r->next_check_ns = now + ENV_CHECK_NS;
     int ours = 1;
     if (!r->passive) {
-        fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
-        ours = LOAD_ACQ(&e->state) == CONS_ACTIVE && LOAD_RLX(&e->pid) == (uint64_t)getpid() &&
+        fshm_ctl_consumer *e = r->entry >= 0 ? ctl_consumer(r->ctl, (unsigned)r->entry) : NULL;
+        ours = e && LOAD_ACQ(&e->state) == CONS_ACTIVE && LOAD_RLX(&e->pid) == (uint64_t)getpid() &&
                strncmp(e->queue, r->queue, sizeof e->queue) == 0;
+    }
+    if (!ctl_current(r) && r->sealed && fshm_reader_ctl_ro(r)) {
+        /* A new read-only control region (the driver restarted): the driver registers
+         * us in it through the lease that brought it; the old entry went with the old
+         * lease. */
+        fshm_ctl_handle nh;
+        int rc = open_ctl(r, &nh);
+        if (rc)
+            return rc;
+        fshm_ctl_close(&r->ch);
+        fshm_reader_unmap(r);
+        r->ch = nh;
+        r->ctl = nh.ctl;
+        r->entry = -1;
+        r->last_plus1 = 0;
+        r->start_seq = LOAD_ACQ(&nh.ctl->latest_seq);
+        r->last_arrival_ns = r->interval_ns = 0;
+        r->attach_gen++;
+        ours = r->passive;
+    }
+    if (fshm_reader_ctl_ro(r)) {
+        int rc = !ours && now >= r->next_register_ns ? sealed_register(r) : 0;
+        return rc && rc != -EAGAIN ? rc : sync_epoch(r);
     }
     if (!ctl_current(r)) {
         fshm_ctl_handle nh;
@@ -586,6 +661,14 @@ int fshm_reader_set_control(fshm_reader *r, unsigned index, uint8_t value)
     if (r->foreign)
         return no_control_region(r);
     int rc = fshm_reader_check_environment(r, 1);
+    if (fshm_reader_ctl_ro(r)) {
+        /* Sealed: the driver writes control bytes, for the clients its policy lets
+         * (docs/driver.md "Whom the control region trusts"). */
+        if (!r->lease)
+            return rc ? rc : fshm_set_error(FSHM_E_LEASE, "stream %u: no lease: the driver "
+                                            "is unreachable", r->paths.stream_id);
+        return fshm_lease_set_control(r->lease, index, value);
+    }
     /* Only an error that left us on a replaced control region stops the write. */
     if (rc && !ctl_current(r))
         return rc;
@@ -594,6 +677,9 @@ int fshm_reader_set_control(fshm_reader *r, unsigned index, uint8_t value)
 }
 int fshm_reader_lease_ok(const fshm_reader *r)
 {
+    /* A sealed consumer without its entry asks the driver for one on its next call. */
+    if (fshm_reader_ctl_ro(r) && !r->passive && r->entry < 0)
+        return 0;
     return !r->driver_mode || (r->lease && fshm_lease_state(r->lease, NULL) == FSHM_LEASE_ACTIVE);
 }
 uint64_t fshm_reader_epoch(const fshm_reader *r) { return r->epoch; }
@@ -608,7 +694,9 @@ void fshm_reader_close(fshm_reader *r)
         return;
     if (r->q != (mqd_t)-1)
         mq_close(r->q);
-    if (r->ctl) {
+    if (r->ctl && fshm_reader_ctl_ro(r)) {
+        /* The queue goes (below) before the lease whose end frees our entry. */
+    } else if (r->ctl) {
         /* The queue goes before the slot that names it (fshm_ctl_release). */
         fshm_ctl_release(r->ctl, r->entry, r->queue, 1);
         fshm_ctl_prune(r->ctl);   /* nobody else may be left to unlink dead consumers' queues */

@@ -62,11 +62,20 @@ struct fshm_reader {
     fshm_grant grant;        /* the lease's grant: the epoch it names must be announced as granted */
     int sealed;              /* the driver passes sealed memfds: regions come with the lease */
     int new_ctl_fd;          /* sealed: the control region of the newest lease, until mapped */
+    uint64_t next_register_ns;  /* sealed, read-only control region: after a refused
+                                 * registration, the earliest next request to the driver */
     /* foreign mode (no control region; see fshm_foreign.c) */
     int foreign;
     uint64_t follow;         /* next seq to look for in the mapped ring */
     uint64_t sb_pid, sb_start;   /* the mapped epoch's producer, as its superblock names it */
 };
+
+/* Sealed transport: the control region came read-only (the driver writes our entry,
+ * sets control bytes for us): nothing may be stored through r->ctl. */
+static inline int fshm_reader_ctl_ro(const fshm_reader *r)
+{
+    return r->ch.map && !r->ch.map->writable;
+}
 
 /* Drops the mapped epoch (frames handed out keep their own references). */
 void fshm_reader_unmap(fshm_reader *r);

@@ -43,7 +43,8 @@ static void took(fshm_reader *r, fshm_frame *f)
         uint64_t iv = 1000000000ull / r->max_rate_hz;
         r->next_due_ns = fshm_now_ns() + iv - iv / 10;
     }
-    if (r->entry >= 0)
+    /* Read-only (sealed): progress is ours to know; the table shows none. */
+    if (r->entry >= 0 && !fshm_reader_ctl_ro(r))
         STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->last_seq, f->seq + 1);
 }
 
@@ -360,8 +361,9 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         return passive_error(r);
     uint64_t deadline = deadline_for(timeout_ns);
     r->corrupt_seen = 0;
-    __atomic_fetch_or(&ctl_consumer(r->ctl, (unsigned)r->entry)->flags, CONS_FLAG_NEXT,
-                      __ATOMIC_RELAXED);
+    if (r->entry >= 0 && !fshm_reader_ctl_ro(r))   /* informational: `frameshm ls` */
+        __atomic_fetch_or(&ctl_consumer(r->ctl, (unsigned)r->entry)->flags, CONS_FLAG_NEXT,
+                          __ATOMIC_RELAXED);
     int rc = fshm_reader_check_environment(r, 0);
     if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
         return rc;

@@ -91,3 +91,70 @@ int fshm_sealed_readonly(int fd)
                               strerror(errno));
     return ro;
 }
+
+/* ---- the driver's side of the consumer table ----
+ * One short mapping per call: registrations and control writes are rare (attach, a mode
+ * change), and keeping nothing mapped leaves the driver's state in its descriptors. */
+static int with_ctl(int ctl_fd, fshm_map **m)
+{
+    int rc = fshm_sealed_check(ctl_fd, FSHM_CTL_BYTES, 1, "control region");
+    if (rc)
+        return rc;
+    rc = fshm_map_create(ctl_fd, FSHM_CTL_BYTES, 1, 0, m);
+    if (!rc && LOAD_RLX(&((fshm_ctl *)(*m)->base)->magic) != FSHM_CTL_MAGIC) {
+        fshm_map_unref(*m);
+        rc = fshm_set_error(FSHM_E_CORRUPT, "the control region is not initialised");
+    }
+    return rc;
+}
+
+int fshm_sealed_consumer_add(int ctl_fd, int64_t pid, const char *consumer, const char *queue,
+                             int no_queue, int process_all, uint32_t max_rate_hz)
+{
+    if (!consumer || !queue || strlen(consumer) > FSHM_CONSUMER_NAME_MAX || strlen(queue) > 31)
+        return fshm_set_error(-EINVAL, "consumer or queue name too long");
+    fshm_map *m;
+    int rc = with_ctl(ctl_fd, &m);
+    if (rc)
+        return rc;
+    uint32_t flags = (no_queue ? CONS_FLAG_NO_QUEUE : 0) | (process_all ? CONS_FLAG_NEXT : 0);
+    rc = fshm_ctl_register_peer(m->base, pid, consumer, queue, flags, max_rate_hz);
+    fshm_map_unref(m);
+    return rc;
+}
+
+int fshm_sealed_consumer_remove(int ctl_fd, int idx, int64_t pid, const char *queue)
+{
+    fshm_map *m;
+    int rc = with_ctl(ctl_fd, &m);
+    if (rc)
+        return rc;
+    rc = fshm_ctl_release_peer(m->base, idx, pid, queue ? queue : "");
+    fshm_map_unref(m);
+    return rc;
+}
+
+int fshm_sealed_set_control(int ctl_fd, unsigned index, uint8_t value)
+{
+    if (index >= FSHM_CONTROL_BYTES)
+        return fshm_set_error(-EINVAL, "control byte %u does not exist (0..%d)", index,
+                              FSHM_CONTROL_BYTES - 1);
+    fshm_map *m;
+    int rc = with_ctl(ctl_fd, &m);
+    if (rc)
+        return rc;
+    STORE_REL(&((fshm_ctl *)m->base)->control[index], value);
+    fshm_map_unref(m);
+    return 0;
+}
+
+int fshm_sealed_prune(int ctl_fd)
+{
+    fshm_map *m;
+    int rc = with_ctl(ctl_fd, &m);
+    if (rc)
+        return rc;
+    rc = fshm_ctl_prune(m->base);
+    fshm_map_unref(m);
+    return rc;
+}

@@ -15,6 +15,7 @@
 #include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/statvfs.h>
+#include <sys/wait.h>
 #include <unistd.h>
 
 #define KIB 1024ull
@@ -601,6 +602,85 @@ static void test_sealed_provision(void **state)
     close(ctl);
 }
 
+/* The sealed control region's consumer table, which only the driver writes: an entry for
+ * a peer's pid (queue named for that pid only), mapped read-only by consumers; freed only
+ * while it still names that consumer; control bytes set through the driver's descriptor. */
+static void test_sealed_consumer_table(void **state)
+{
+    (void)state;
+    fshm_profile p = profile2(8, 4096, 65536);
+    fshm_stream_addr a = addr_id(1078);
+    fshm_grant g;
+    int ctl = -1, fds[1 + FSHM_MAX_POOLS];
+    if (fshm_provision_epoch_sealed(&a, &p, 0, &ctl, &g, fds))
+        fail_msg("provision: %s", fshm_last_error());
+    for (unsigned i = 0; i < 1 + g.npools; i++)
+        close(fds[i]);
+    pid_t child = fork();   /* a live consumer process other than us */
+    assert_true(child >= 0);
+    if (child == 0) {
+        pause();
+        _exit(0);
+    }
+    char mine[32], theirs[32];
+    snprintf(mine, sizeof mine, "/fshm-%x-1-1", (unsigned)child);
+    snprintf(theirs, sizeof theirs, "/fshm-%x-1-1", (unsigned)getpid());
+    /* A queue of another process, no queue without the flag, and a bad index: refused. */
+    assert_int_equal(fshm_sealed_consumer_add(ctl, child, "v", theirs, 0, 0, 0), -EINVAL);
+    assert_int_equal(fshm_sealed_consumer_add(ctl, child, "v", "", 0, 0, 0), -EINVAL);
+    assert_int_equal(fshm_sealed_set_control(ctl, FSHM_CONTROL_BYTES, 1), -EINVAL);
+    int idx = fshm_sealed_consumer_add(ctl, child, "viewer", mine, 0, 1, 30);
+    assert_true(idx >= 0 && idx < FSHM_MAX_CONSUMERS);
+    int nq = fshm_sealed_consumer_add(ctl, child, "futex", "", 1, 0, 0);
+    assert_true(nq >= 0 && nq != idx);
+    assert_int_equal(fshm_sealed_set_control(ctl, 3, 0xA5), 0);
+
+    /* As a consumer sees it: read-only, the entry its own pid's, ACTIVE. */
+    int ro = fshm_sealed_readonly(ctl);
+    assert_true(ro >= 0);
+    fshm_paths paths;
+    fshm_ctl_handle h;
+    assert_int_equal(fshm_resolve(&a, 0, &paths), 0);
+    assert_int_equal(fshm_ctl_map_fd(ro, &paths, &h), 0);
+    assert_false(h.map->writable);
+    fshm_ctl_consumer *e = ctl_consumer(h.ctl, (unsigned)idx);
+    assert_int_equal(LOAD_ACQ(&e->state), CONS_ACTIVE);
+    assert_int_equal(e->pid, (uint64_t)child);
+    assert_true(e->pid_start != 0 && e->pid_start == fshm_proc_start_time(child));
+    assert_string_equal(e->queue, mine);
+    assert_string_equal(e->name, "viewer");
+    assert_int_equal(e->flags, CONS_FLAG_NEXT);
+    assert_int_equal(e->max_rate_hz, 30);
+    assert_int_equal(ctl_consumer(h.ctl, (unsigned)nq)->flags, CONS_FLAG_NO_QUEUE);
+    assert_int_equal(h.ctl->control[3], 0xA5);
+    assert_int_equal(fshm_ctl_live_consumers(h.ctl), 2);
+
+    /* Freed only while it names that consumer and queue. */
+    assert_int_equal(fshm_sealed_consumer_remove(ctl, idx, getpid(), mine), 0);
+    assert_int_equal(fshm_sealed_consumer_remove(ctl, idx, child, "/fshm-1-1-1"), 0);
+    assert_int_equal(LOAD_ACQ(&e->state), CONS_ACTIVE);
+    assert_int_equal(fshm_sealed_consumer_remove(ctl, idx, child, mine), 1);
+    assert_int_equal(LOAD_ACQ(&e->state), CONS_FREE);
+    assert_int_equal(fshm_sealed_consumer_remove(ctl, idx, child, mine), 0);
+    /* The consumer dies: pruning (the producer's) reclaims its entry; the driver's later
+     * release finds it gone and leaves the slot alone. */
+    kill(child, SIGKILL);
+    assert_int_equal(waitpid(child, NULL, 0), child);
+    int w = open(paths.ctl, O_RDONLY);   /* no file: the sealed region has none */
+    assert_int_equal(w, -1);
+    fshm_map *rw;
+    assert_int_equal(fshm_sealed_map(ctl, FSHM_CTL_BYTES, 1, "control region", &rw), 0);
+    assert_int_equal(fshm_ctl_prune(rw->base), 1);
+    assert_int_equal(fshm_sealed_consumer_remove(ctl, nq, child, ""), 0);
+    assert_int_equal(fshm_ctl_live_consumers(h.ctl), 0);
+    /* A process that is gone gets no entry. */
+    assert_int_equal(fshm_sealed_consumer_add(ctl, child, "late", "", 1, 0, 0), -ESRCH);
+    fshm_map_unref(rw);
+    fshm_ctl_close(&h);
+    close(ctl);
+    fshm_provision_remove(&a);
+}
+
 /* A memfd the driver forgot to seal, or a plain file, is refused. */
 static void test_sealed_check_refuses_unsealed(void **state)
 {
@@ -631,6 +711,7 @@ int main(void)
         cmocka_unit_test(test_reader_maps_provisioned_epoch),
         cmocka_unit_test(test_sealed_provision),
         cmocka_unit_test(test_sealed_check_refuses_unsealed),
+        cmocka_unit_test(test_sealed_consumer_table),
     };
     return cmocka_run_group_tests(tests, tu_group_setup, tu_group_teardown);
 }

@@ -32,6 +32,11 @@ SAMPLES = [
     P.DriverShutdown(1000, 0, "driver shutting down (SIGTERM)"),
     P.LeaseRevoked(1000, 3, 1001, 77, 1, 2, "no keepalive for 300 ms"),
     P.PoolAnnounce(1001, 77, 3, 1000, 1, 16, 256, POOLS, HDR_URI),
+    P.ConsumerRegister(13, 3, 1001, 77, P.CONSUMER_FLAG_NO_QUEUE, 30, "viewer", ""),
+    P.ConsumerRegister(14, 3, 1001, 77, 0, 0, "viewer", "/fshm-1f-2a-3"),
+    P.SetControl(15, 3, 1001, 0, 255),
+    P.ControlResponse(13, 0, 5),
+    P.ControlResponse(15, 3, 0, "uid 65534 may not set stream 1001's control bytes"),
 ]
 
 
@@ -85,6 +90,21 @@ def test_byte_layouts():
     an = P.encode(P.PoolAnnounce(1001, 77, 3, 1000, 1, 16, 256, POOLS, HDR_URI))
     assert struct.unpack_from("<HHHH", an) == (35, 1, 900, 1)
     assert struct.unpack_from("<IIQQBIIH", an, 8) == (1001, 77, 3, 1000, 1, 1, 16, 256)
+    # frameshm's extensions (sealed transport): template ids 101..103, as
+    # lib/src/fshm_lease.c encodes and decodes them.
+    cr = P.encode(P.ConsumerRegister(13, 3, 1001, 77, 2, 30, "viewer", "/fshm-1f-2a-3"))
+    assert struct.unpack_from("<HHHH", cr) == (32, 101, 901, 1)
+    assert struct.unpack_from("<qQIIII", cr, 8) == (13, 3, 1001, 77, 2, 30)
+    assert struct.unpack_from("<I", cr, 40)[0] == 6 and cr[44:50] == b"viewer"
+    assert struct.unpack_from("<I", cr, 50)[0] == 13 and cr[54:] == b"/fshm-1f-2a-3"
+    sc = P.encode(P.SetControl(15, 3, 1001, 7, 200))
+    assert struct.unpack_from("<HHHH", sc) == (22, 102, 901, 1) and len(sc) == 30
+    assert struct.unpack_from("<qQIBB", sc, 8) == (15, 3, 1001, 7, 200)
+    resp = P.encode(P.ControlResponse(15, 3, -1004, "full"))
+    assert struct.unpack_from("<HHHH", resp) == (16, 103, 901, 1)
+    assert struct.unpack_from("<qiiI", resp, 8) == (15, 3, -1004, 4) and resp[28:] == b"full"
+    # Their refusals echo the correlation id, so the client matches them to its request.
+    assert P.correlation_of(cr) == 13 and P.correlation_of(sc) == 15
 
 
 def test_forward_compatible_block():

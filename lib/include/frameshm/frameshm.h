@@ -294,7 +294,9 @@ FSHM_API int fshm_reader_producer_state(fshm_reader *r, int64_t *pid);
  * Its value 0..255, or -EINVAL for a bad index. */
 FSHM_API int fshm_reader_control(fshm_reader *r, unsigned index);
 /* Sets control byte `index`: 0, -EINVAL for a bad index, or the error that kept the reader
- * from following a replaced control region (the write never lands in the old one). */
+ * from following a replaced control region (the write never lands in the old one). Under
+ * a driver's sealed transport the driver sets it (the reader's control region is
+ * read-only): FSHM_E_REJECTED when its policy refuses us, FSHM_E_LEASE without a lease. */
 FSHM_API int fshm_reader_set_control(fshm_reader *r, unsigned index, uint8_t value);
 FSHM_API uint64_t fshm_reader_epoch(const fshm_reader *r);
 /* 1 unless the next call may first re-attach through the driver (bindings release their
@@ -379,6 +381,21 @@ FSHM_API int fshm_provision_epoch(const fshm_stream_addr *addr, const fshm_profi
 FSHM_API int fshm_provision_epoch_sealed(const fshm_stream_addr *addr, const fshm_profile *p,
                                          uint64_t min_epoch, int *ctl_fd, fshm_grant *out,
                                          int *region_fds);
+/* The sealed control region's consumer table, written by the driver only (consumers map
+ * it read-only): registers process pid (the peer's SO_PEERCRED) under `consumer`, with
+ * its descriptor queue (named for pid; "" with no_queue), and returns the entry index;
+ * FSHM_E_LIMIT when the table is full, -EINVAL for a queue another process created.
+ * consumer_remove frees entry idx if it still names pid and queue (1 freed, 0 not ours
+ * any more); set_control writes control byte `index`. ctl_fd: the driver's read-write
+ * control region descriptor. */
+FSHM_API int fshm_sealed_consumer_add(int ctl_fd, int64_t pid, const char *consumer,
+                                      const char *queue, int no_queue, int process_all,
+                                      uint32_t max_rate_hz);
+FSHM_API int fshm_sealed_consumer_remove(int ctl_fd, int idx, int64_t pid, const char *queue);
+FSHM_API int fshm_sealed_set_control(int ctl_fd, unsigned index, uint8_t value);
+/* Frees the entries of consumers whose process died, with their queues where we may
+ * remove them (the pruning producers do): how many were freed. */
+FSHM_API int fshm_sealed_prune(int ctl_fd);
 /* Removes the stream directory entirely: 1 if removed, 0 if there was none. */
 FSHM_API int fshm_provision_remove(const fshm_stream_addr *addr);
 /* Current epoch of an existing stream; -ENOENT (epoch 0) if it has no control region. */
