@@ -30,6 +30,22 @@ void tu_rmtree(const char *dir)
         fshm_remove_tree(dir);   /* the core's own, compiled into every test binary */
 }
 
+static int list_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
+{
+    (void)ftw;
+    fprintf(stderr, "    left: %s (%s, mode %o, uid %u)\n", path, flag == FTW_D ? "dir" : "file",
+            (unsigned)(sb->st_mode & 07777), (unsigned)sb->st_uid);
+    return 0;
+}
+
+int tu_gone(const char *path)
+{
+    if (!tu_path_exists(path))
+        return 1;
+    nftw(path, list_entry, 16, FTW_PHYS);
+    return 0;
+}
+
 static int files_seen, files_verbose;
 static int count_entry(const char *path, const struct stat *sb, int flag, struct FTW *ftw)
 {

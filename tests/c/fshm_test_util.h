@@ -32,6 +32,9 @@ void tu_rmtree(const char *dir);
 int tu_count_files_v(const char *dir, int verbose);
 #define tu_count_files(dir) tu_count_files_v((dir), 1)
 int tu_path_exists(const char *path);
+/* 1 when path does not exist; else 0, after listing what is still there on stderr (so a
+ * failed "nothing left behind" assertion says what was left). */
+int tu_gone(const char *path);
 
 /* A real small file system for room checks: mounts a fresh tmpfs of `size` (mount(8)
  * syntax, e.g. "64m") on a new directory under /tmp and writes its path to dir (PATH_MAX

@@ -620,7 +620,10 @@ static void test_spin_rests_when_it_does_not_pay_off(void **state)
     open_spinning(name, &r);
     r->spin_cpus = 64;   /* never crowded here: only the pay-off rule is under test */
     uint32_t most = 0;
-    read_paced(w, r, 80, 4, 12, note_rest, &most);
+    /* A loaded machine skips windows (the frame is already late: plain blocking), and
+     * only windows are scored: give it more rounds rather than a fixed 80 frames. */
+    for (int round = 0; round < 6 && most == 0; round++)
+        read_paced(w, r, 80, 4, 12, note_rest, &most);
     assert_true(most > 0);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
@@ -1973,7 +1976,7 @@ static void test_stream_gc_report(void **state)
     assert_false(queue_exists(q));
     char user[PATH_MAX];
     tu_user_dir(user, sizeof user);
-    assert_false(tu_path_exists(user));   /* it was the last stream of the namespace */
+    assert_true(tu_gone(user));   /* it was the last stream of the namespace */
 
     /* Leftovers without a control region. */
     fshm_paths paths;
@@ -1982,7 +1985,7 @@ static void test_stream_gc_report(void **state)
     assert_int_equal(g->reason, FSHM_GC_NO_CONTROL);
     assert_true(tu_path_exists(dir));
     assert_int_equal(fshm_stream_gc_report(&a, 0, g), 1);
-    assert_false(tu_path_exists(user));
+    assert_true(tu_gone(user));
     free(g);
 }
 
@@ -2111,7 +2114,7 @@ static void test_namespace_dirs_race_with_new_streams(void **state)
     assert_true(WIFEXITED(st) && WEXITSTATUS(st) == 0);
     char user[PATH_MAX];
     tu_user_dir(user, sizeof user);
-    assert_false(tu_path_exists(user));
+    assert_true(tu_gone(user));
 }
 
 /* ---- a full base directory ---- */

@@ -386,7 +386,10 @@ def test_seed_example_runs_and_every_processed_frame_is_traced(tmp_path, shm_bas
         text = text.replace("[driver]", f'[driver]\nbase_dir = "{shm_base}"', 1)
     cfg.write_text(text)
     res = subprocess.run([sys.executable, str(ROOT / "docs/examples/driver_pipeline.py"), "--config", str(cfg),
-                          "--seconds", "4", "--fps", "8"], capture_output=True, text=True, timeout=120)
+                          # each of the 7 processes times its own run from its start, which
+                          # a loaded machine delays by seconds: a run long enough for >= 5
+                          # frames of 8 per second whatever the start-up costs
+                          "--seconds", "8", "--fps", "8"], capture_output=True, text=True, timeout=150)
     assert res.returncode == 0, res.stdout[-3000:] + res.stderr[-3000:]
     summary = json.loads(res.stdout.strip().splitlines()[-1])
     assert summary["driver_exit"] == 0
