@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from typing import Optional
@@ -235,6 +236,14 @@ def _command_of(argv) -> Optional[str]:
     return None
 
 
+# Commands whose process ends without the interpreter's teardown once the command has
+# closed everything it made. The bridge's Zenoh session leaves Rust runtime threads behind
+# its close; one that calls into Python while the interpreter finalizes is made to
+# pthread_exit, and that forced unwind through Rust frames aborts the process ("FATAL:
+# exception not rethrown", SIGABRT after a clean stop: seen under load).
+EXIT_WITHOUT_TEARDOWN = frozenset({"bridge"})
+
+
 def main(argv=None) -> int:
     from ._signals import StopRequested, startup_stops, stopped_while_starting
 
@@ -270,6 +279,16 @@ def main(argv=None) -> int:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
         gc.freeze()
+        if _command_of(argv) in EXIT_WITHOUT_TEARDOWN:
+            import logging
+
+            logging.shutdown()
+            for f in (sys.stdout, sys.stderr):
+                try:
+                    f.flush()
+                except (OSError, ValueError):
+                    pass
+            os._exit(rc if isinstance(rc, int) else 1)
     return rc
 
 
