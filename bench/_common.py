@@ -71,6 +71,27 @@ def machine_info() -> dict:
     return info
 
 
+def cpu_ticks() -> Optional[list]:
+    """The machine's CPU time counters (/proc/stat's "cpu" line: user nice system idle iowait
+    irq softirq steal ...), to tell how much of a run's wall time the hypervisor took."""
+    try:
+        with open("/proc/stat") as f:
+            return [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+
+
+def steal_pct(t0: Optional[list], t1: Optional[list]) -> Optional[float]:
+    """Share of the CPU time between two cpu_ticks() that was stolen (a virtual machine's
+    CPUs given to other guests): on these VMs it reached 40-58 % during a run, which halves
+    what the run could do however quiet the load average says the machine is."""
+    if not t0 or not t1 or len(t0) < 8 or len(t1) < 8:
+        return None
+    d = [b - a for a, b in zip(t0, t1)]
+    total = sum(d[:8])
+    return 100.0 * d[7] / total if total > 0 else None
+
+
 def stats_ns(samples: Sequence[int]) -> dict:
     """Latency statistics in microseconds from nanosecond samples."""
     a = np.asarray(samples, dtype=np.float64)

@@ -40,7 +40,7 @@ from typing import List, Optional
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from _common import (cleanup_shm_dir, header_line, machine_info, markdown_table,  # noqa: E402
+from _common import (cleanup_shm_dir, cpu_ticks, steal_pct, header_line, machine_info, markdown_table,  # noqa: E402
                      private_shm_dir, write_results)
 
 SIZES = {"640x480": (480, 640, 3), "1920x1080": (1080, 1920, 3)}
@@ -283,6 +283,7 @@ def run_bridge_case(size: str, encoding: str, seconds: float, link: Link, shm: s
             from frameshm.roles import read_metrics
 
             m0 = read_metrics("bench.bridge", base_dir=shm, namespace="a")
+            i0 = read_metrics("bench.bridge", base_dir=shm, namespace="b")
             lat, skipped = [], 0
             t0 = time.monotonic()
             while time.monotonic() - t0 < seconds:
@@ -293,9 +294,11 @@ def run_bridge_case(size: str, encoding: str, seconds: float, link: Link, shm: s
             cpu1 = (cpu_s(a.pid), cpu_s(b.pid))
             rx1 = link.rx_bytes()
             m1 = read_metrics("bench.bridge", base_dir=shm, namespace="a")
+            i1 = read_metrics("bench.bridge", base_dir=shm, namespace="b")
         finally:
             r.close()
         n = len(lat)
+        ex, im = m1["streams"]["bench"], i1["streams"]["bench"]
         sent = m1["streams"]["bench"]["frames"] - m0["streams"]["bench"]["frames"]
         wire = None
         if sent:
@@ -303,7 +306,13 @@ def run_bridge_case(size: str, encoding: str, seconds: float, link: Link, shm: s
             wire = m1["streams"]["bench"]["bytes_per_s"] / max(m1["streams"]["bench"]["fps"], 1e-9) * n / dt
         lat_ms = np.asarray(lat) / 1e6
         return {"case": f"{size}-{encoding}", "kind": "bridge", "size": size, "encoding": encoding,
-                "fps": n / dt, "skipped": skipped, "median_ms": float(np.median(lat_ms)),
+                "fps": n / dt, "skipped": skipped,
+                # where the frames the reader missed went: dropped by the exporter (newest
+                # wins at the sender), by the importer (a newer one arrived before it wrote
+                # this one), or published by the importer but superseded before the reader
+                "export_drops": ex["drops"] - m0["streams"]["bench"]["drops"],
+                "import_drops": im["drops"] - i0["streams"]["bench"]["drops"],
+                "imported": im["frames"] - i0["streams"]["bench"]["frames"], "median_ms": float(np.median(lat_ms)),
                 "p99_ms": float(np.percentile(lat_ms, 99)),
                 # a backlog shows as latency growing over the window
                 "drift_ms": float(np.median(lat_ms[-(n // 3):]) - np.median(lat_ms[: n // 3])) if n >= 3 else None,
@@ -439,9 +448,11 @@ def main() -> int:
             for case, fn in plan:
                 if wanted and case not in wanted:
                     continue
+                t0 = cpu_ticks()
                 res = fn()
                 if res is None:
                     continue
+                res["steal_pct"] = steal_pct(t0, cpu_ticks())
                 results.append(res)
                 print(json.dumps(res), flush=True)
     finally:
@@ -452,10 +463,11 @@ def main() -> int:
     print(f"\n{FPS} fps, {args.seconds:.0f} s per case, {link.desc}; "
           f"loadavg {info.get('loadavg_at_start')} at start, {info['loadavg_at_end']} at end\n")
     print(markdown_table(
-        ["case", "delivered fps", "median ms", "p99 ms", "drift ms", "CPU ms/frame sender", "CPU ms/frame receiver",
-         "wire MB/s", "link MB/s"],
-        [[r["case"], r["fps"], r["median_ms"], r["p99_ms"], r.get("drift_ms"), r["cpu_ms_per_frame_export"],
-          r["cpu_ms_per_frame_import"], r["wire_MBps"], r["link_MBps"]] for r in results]))
+        ["case", "delivered fps", "missed (sender / importer)", "median ms", "p99 ms", "drift ms",
+         "CPU ms/frame sender", "CPU ms/frame receiver", "wire MB/s", "link MB/s", "steal %"],
+        [[r["case"], r["fps"], f"{r['skipped']} ({r['export_drops']} / {r['import_drops']})" if "export_drops" in r
+          else r.get("skipped", "–"), r["median_ms"], r["p99_ms"], r.get("drift_ms"), r["cpu_ms_per_frame_export"],
+          r["cpu_ms_per_frame_import"], r["wire_MBps"], r["link_MBps"], r.get("steal_pct")] for r in results]))
     path = write_results("bridge", {"machine": info, "link": link.desc, "seconds": args.seconds, "results": results})
     print(f"\nresults: {path}")
     return 0

@@ -62,6 +62,11 @@ DEFAULT_LISTEN = "tcp/127.0.0.1:7447"   # loopback only unless told otherwise
 WAIT_S = 0.25            # bounded waits: the stop flag is checked at least this often
 CONTROL_ECHO_S = 2.0     # how long a control byte sent back waits for the source to echo it
 PROCESS_ALL_QUEUE = 8    # frames an importer holds in process-all mode before pushing back
+# Latest mode: frames an importer holds while it writes an earlier one. TCP hands frames over in
+# bursts after a retransmission (a lost packet holds up everything behind it for a round
+# trip); a burst's frames are still whole and in order, so they are written unless the
+# importer has fallen behind the producer's pace (see _Importer._next_latest).
+LATEST_HOLD = 4
 
 MAGIC = b"FSHB"
 VERSION = 1
@@ -74,6 +79,8 @@ _ENC_CODES = {name: i for i, name in enumerate(ENCODINGS)}
 #   source nslots, source's largest pool (bytes), the source's 8 control bytes,
 #   shape (MAX_DIMS uint32, ndim used).
 HEADER = struct.Struct(f"<4sBBBBB3xQQQQQqQQ16sII8s{_core.MAX_DIMS}I")
+_HEADER_TS = struct.Struct("<Q")
+_HEADER_TS_AT = struct.calcsize("<4sBBBBB3xQQ")   # the producer's capture timestamp
 _CONTROL = struct.Struct("<BB")   # control byte index, value (importer -> exporter)
 
 _CODE_DTYPE = {}
@@ -532,7 +539,7 @@ class _Importer:
         self.im = im
         self.name = im.name
         self.cv = threading.Condition()
-        self.latest = None                     # newest undelivered sample (latest mode)
+        self.held: deque = deque()             # undelivered samples, oldest first (latest mode)
         self.fifo: "queue.Queue" = queue.Queue(PROCESS_ALL_QUEUE)
         self.live: Dict[int, bool] = {}        # exporter instance -> token present
         self.gone = set()                      # instances whose token went: their late frames are dropped
@@ -562,9 +569,10 @@ class _Importer:
                 self.cv.notify()
             return
         with self.cv:
-            if self.latest is not None:
-                self.im.stat.drops += 1        # newest wins: the one we had not delivered yet goes
-            self.latest = item
+            self.held.append(item)
+            if len(self.held) > LATEST_HOLD:
+                self.held.popleft()
+                self.im.stat.drops += 1        # newest wins: far behind, the oldest goes
             self.cv.notify()
 
     def on_liveliness(self, sample) -> None:
@@ -590,9 +598,9 @@ class _Importer:
         try:
             while not self.b._stop.is_set():
                 with self.cv:
-                    if self.latest is None and not self.events and self.fifo.empty():
+                    if not self.held and not self.events and self.fifo.empty():
                         self.cv.wait(WAIT_S)
-                    item, self.latest = self.latest, None
+                    item = self._next_latest()
                     events, self.events = self.events, []
                 for instance, alive in events:
                     self._liveliness(instance, alive)
@@ -616,6 +624,29 @@ class _Importer:
                     _core.stream_gc(self.name, **self.b._addr)
                 except FrameshmError:
                     pass
+
+    def _next_latest(self) -> Optional[tuple]:
+        """The held sample to write next (under self.cv): the oldest one, unless it has waited
+        here longer than the producer's interval to its successor, which means writing it
+        would leave this importer behind the stream's pace; it is dropped then. A burst that
+        TCP releases at once is written whole (its frames have barely waited) while a
+        persistently slow importer still converges to the newest frame, and no frame waits
+        more than one producer interval: latency stays bounded by the link + one frame."""
+        now = time.monotonic_ns()
+        held = self.held
+        while held:
+            item = held.popleft()
+            if not held:
+                return item
+            try:
+                gap = _HEADER_TS.unpack_from(held[0][0], _HEADER_TS_AT)[0] - _HEADER_TS.unpack_from(
+                    item[0], _HEADER_TS_AT)[0]
+            except struct.error:
+                return item                   # _deliver validates and counts it
+            if 0 < gap and now - item[2] <= gap:
+                return item
+            self.im.stat.drops += 1           # newest wins: a newer one is here and this is late
+        return None
 
     def _liveliness(self, instance: int, alive: bool) -> None:
         if alive:

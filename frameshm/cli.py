@@ -249,7 +249,8 @@ def main(argv=None) -> int:
 
     program = argv is None  # the process's own command line (not a call from Python code)
     argv = sys.argv[1:] if argv is None else list(argv)
-    long_running = _command_of(argv) in LONG_RUNNING
+    command = _command_of(argv)
+    long_running = command in LONG_RUNNING
     try:
         with startup_stops() if long_running else contextlib.nullcontext():
             args = build_parser().parse_args(argv)
@@ -279,7 +280,7 @@ def main(argv=None) -> int:
         for s in (signal.SIGINT, signal.SIGTERM):
             signal.signal(s, signal.SIG_IGN)
         gc.freeze()
-        if _command_of(argv) in EXIT_WITHOUT_TEARDOWN:
+        if command in EXIT_WITHOUT_TEARDOWN:
             import logging
 
             logging.shutdown()

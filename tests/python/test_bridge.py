@@ -693,3 +693,41 @@ def test_driver_streams_are_exported_and_imported(spawn, bridges, tmp_path, shm_
     finally:
         for d in drivers:
             assert d.stop() == 0, d.text()
+
+
+def test_importer_writes_a_burst_whole_and_drops_only_what_is_late():
+    """Latest mode at the importer: frames that TCP releases together after a retransmission
+    are all written, in order; a frame that has waited longer than the producer's interval
+    to its successor is dropped (counted), so a slow importer converges to the newest
+    frame; at most LATEST_HOLD frames are held."""
+    from collections import deque
+
+    from frameshm import bridge as fb
+
+    class _Im:
+        stat = fb._Stat()
+
+    w = object.__new__(fb._Importer)
+    w.held, w.im = deque(), _Im()
+    w.b = type("B", (), {"process_all": False})()
+    w.cv = threading.Condition()
+    interval = 33_000_000
+
+    def sample(seq, recv_ns):
+        hdr = bytearray(fb.HEADER.size)
+        fb._HEADER_TS.pack_into(hdr, fb._HEADER_TS_AT, 1_000_000_000 + seq * interval)
+        return (bytes(hdr), seq, recv_ns)
+
+    now = time.monotonic_ns()
+    w.held.extend(sample(s, now) for s in (1, 2, 3))          # a burst, just arrived
+    assert [w._next_latest()[1] for _ in range(3)] == [1, 2, 3]
+    assert w._next_latest() is None and w.im.stat.drops == 0
+
+    old = now - 2 * interval                                      # waited past its successor's interval
+    w.held.extend([sample(4, old), sample(5, old), sample(6, time.monotonic_ns())])
+    assert w._next_latest()[1] == 6
+    assert w.im.stat.drops == 2
+
+    for s in range(7, 7 + fb.LATEST_HOLD + 3):                    # far behind: the oldest go on arrival
+        w.on_frame(type("S", (), {"attachment": None, "payload": s})())
+    assert len(w.held) == fb.LATEST_HOLD and w.im.stat.drops == 5

@@ -345,6 +345,15 @@ def test_pattern_accepts_only_what_an_overwrite_leaves(monkeypatch):
     frame[424, 341:] = later[424, 341:]   # the overwrite began mid-row
     assert pattern.check_frame(frame, "RGB3", "YUYV", tolerance=1)[0] == 7
     assert pattern.OVERWRITTEN and pattern.OVERWRITTEN[0][0] == 7
+    # an overwrite that began inside the counter barcode: its middle row mixes two counters
+    torn = pattern.expected("RGB3", "YUYV", 640, 480, 7, 1234).copy()
+    torn[13:] = later[13:]
+    torn[12, 30:] = later[12, 30:]          # bit 2 from frame 7, bit 3 from 11: reads 15
+    assert pattern.decode(torn, "RGB3")[0] not in (7, 11)
+    assert pattern.check_frame(torn, "RGB3", "YUYV", tolerance=1)[0] == 7
+    torn[13:, :, 0] = 255 - torn[13:, :, 0]   # ... but not when the rest is not a frame
+    with pytest.raises(AssertionError, match="bytes differ"):
+        pattern.check_frame(torn, "RGB3", "YUYV", tolerance=1)
     for spoil in (lambda f: f.__setitem__((slice(424, None),), 0),             # zeros
                   lambda f: f.__setitem__((slice(424, None),), f[424:, ::-1]),  # mirrored rows
                   lambda f: f.__setitem__((slice(300, 301), slice(0, 20)), 1)):  # a few bytes
