@@ -61,6 +61,7 @@ ENCODINGS = ("raw", "jpeg", "zstd")
 DEFAULT_LISTEN = "tcp/127.0.0.1:7447"   # loopback only unless told otherwise
 WAIT_S = 0.25            # bounded waits: the stop flag is checked at least this often
 CONTROL_ECHO_S = 2.0     # how long a control byte sent back waits for the source to echo it
+MODES = ("peer", "client", "router")   # Zenoh's session modes
 PROCESS_ALL_QUEUE = 8    # frames an importer holds in process-all mode before pushing back
 # Latest mode: frames an importer holds while it writes an earlier one. TCP hands frames over in
 # bursts after a retransmission (a lost packet holds up everything behind it for a round
@@ -209,7 +210,8 @@ class Bridge:
     ``exports`` / ``imports``: stream names, an export optionally ``NAME:jpeg`` (8-bit
     frames JPEG-compressed on the wire) or ``NAME:zstd`` (lossless, any dtype); default
     ``raw``, bit-exact. ``mode``: Zenoh's
-    ``peer`` (default) or ``client`` (through a ``zenohd`` router). ``scouting``: find
+    ``peer`` (default), ``client`` (through a router) or ``router`` (a Zenoh router that
+    other bridges connect to as clients; it may bridge streams of its own or none). ``scouting``: find
     peers by UDP multicast on the LAN (off by default). ``zenoh_config``: a Zenoh JSON5
     configuration file (TLS, access control) that the settings above are applied on top
     of. ``metrics``: name of a metrics stream (``frameshm ls``), None for none.
@@ -225,8 +227,8 @@ class Bridge:
                  zenoh_config: Optional[str] = None,
                  metrics: Optional[str] = None, base_dir: Optional[str] = None,
                  namespace: Optional[str] = None, driver: Optional[str] = None):
-        if mode not in ("peer", "client"):
-            raise BridgeError(f"mode must be 'peer' or 'client', not {mode!r}")
+        if mode not in MODES:
+            raise BridgeError(f"mode must be one of {', '.join(MODES)}, not {mode!r}")
         if not key_prefix or any(c in key_prefix for c in "*$?#") or key_prefix.strip("/") != key_prefix:
             raise BridgeError(f"key_prefix {key_prefix!r}: a Zenoh key without wildcards or outer '/'")
         if not 1 <= int(jpeg_quality) <= 100:
@@ -248,8 +250,9 @@ class Bridge:
             _jpeg()   # missing: said now, not by a stream's thread later
         if any(e.encoding == "zstd" for e in self.exports):
             _zstd()
-        if not self.exports and not self.imports:
-            raise BridgeError("nothing to bridge: give at least one stream to export or import")
+        if not self.exports and not self.imports and mode != "router":
+            raise BridgeError("nothing to bridge: give at least one stream to export or import "
+                              "(or run it as a router: mode 'router')")
         if mode == "client" and not connect and not scouting:
             raise BridgeError("mode 'client' needs a router to connect to (connect) or scouting")
         self.listen = list(listen) if listen or connect or mode == "client" else [DEFAULT_LISTEN]
@@ -303,6 +306,9 @@ class Bridge:
             raise BridgeError("this bridge was closed: a new Bridge starts again")
         zenoh = _zenoh()
         conf = self._config()
+        # Zenoh's own log (a peer refused for its certificate, a link lost) when RUST_LOG
+        # asks for it, e.g. RUST_LOG=warn: silent otherwise, as Zenoh's binding is.
+        zenoh.try_init_log_from_env()
         try:
             self._session = zenoh.open(conf)
         except zenoh.ZError as exc:

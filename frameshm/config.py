@@ -301,7 +301,8 @@ class BridgeConfig:
     exports: List[str] = _opt(_bridged, [], "local streams sent to the other side, each 'NAME' or "
                               "'NAME:ENCODING' (raw, jpeg)")
     imports: List[str] = _opt(_bridged, [], "remote streams written here as local streams of the same name")
-    mode: str = _opt(_choice("peer", "client"), "peer", "Zenoh mode: 'peer', or 'client' of a zenohd router")
+    mode: str = _opt(_choice("peer", "client", "router"), "peer", "Zenoh mode: 'peer', 'client' of a router, or "
+                     "'router' (other bridges connect to it as clients; streams of its own optional)")
     scouting: bool = _opt(_boolean, False, "find peers by UDP multicast on the LAN")
     process_all: bool = _opt(_boolean, False, "every frame in order with back-pressure (false: latest "
                              "frame, a slow link drops at the sender)")

@@ -54,7 +54,9 @@ def add_parser(sub) -> None:
                    help="local stream to send, encoding raw (default), jpeg or zstd (repeatable)")
     p.add_argument("--import", action="append", dest="imports", metavar="NAME",
                    help="remote stream to write here as a local stream (repeatable)")
-    p.add_argument("--mode", choices=["peer", "client"], help="Zenoh mode (client: through a zenohd router)")
+    p.add_argument("--mode", choices=["peer", "client", "router"],
+                   help="Zenoh mode (client: through a router; router: the router others connect to, "
+                        "with or without streams of its own)")
     p.add_argument("--scouting", action="store_true", default=None, help="find peers by UDP multicast on the LAN")
     p.add_argument("--process-all", action="store_true", default=None,
                    help="every frame in order with back-pressure (default: latest frame, drops at the sender)")

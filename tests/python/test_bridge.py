@@ -38,7 +38,8 @@ class BridgeProc:
     """`frameshm --namespace NS bridge ...` with its log in a file; `prefix` runs it through
     another command (`ip netns exec NETNS`)."""
 
-    def __init__(self, tmp_path, ns: str, *args: str, label: Optional[str] = None, prefix: Sequence[str] = ()):
+    def __init__(self, tmp_path, ns: str, *args: str, label: Optional[str] = None, prefix: Sequence[str] = (),
+                 env_extra: Optional[dict] = None):
         self.ns = ns
         self.args = args
         self.log = tmp_path / f"bridge-{label or ns}-{time.monotonic_ns()}.log"
@@ -46,7 +47,7 @@ class BridgeProc:
             self.proc = subprocess.Popen([*prefix, sys.executable, "-m", "frameshm", "--namespace", ns, "bridge",
                                           "--log-level", "debug", *args],
                                          stdin=subprocess.DEVNULL, stdout=logf, stderr=subprocess.STDOUT,
-                                         env=child_env())
+                                         env=child_env(env_extra))
         self.expect("zenoh session")
 
     def text(self) -> str:
@@ -85,8 +86,8 @@ def name(request):
 def bridges(tmp_path):
     made: List[BridgeProc] = []
 
-    def start(ns, *args, label=None, prefix=()):
-        b = BridgeProc(tmp_path, ns, *args, label=label, prefix=prefix)
+    def start(ns, *args, label=None, prefix=(), env_extra=None):
+        b = BridgeProc(tmp_path, ns, *args, label=label, prefix=prefix, env_extra=env_extra)
         made.append(b)
         return b
 
@@ -501,6 +502,10 @@ def test_bridge_errors_are_frameshm_errors(tmp_path):
         frameshm.Bridge(listen=[f"tcp/127.0.0.1:{port}"])
     with pytest.raises(frameshm.BridgeError, match="named twice"):
         frameshm.Bridge(exports=["cam0"], imports=["cam0"])
+    with pytest.raises(frameshm.BridgeError, match="mode must be one of peer, client, router"):
+        frameshm.Bridge(exports=["cam0"], mode="server")
+    with frameshm.Bridge(listen=[f"tcp/127.0.0.1:{port}"], mode="router") as router:   # no stream: allowed
+        assert router.stats()["streams"] == {}
     with pytest.raises(frameshm.BridgeError, match="jpeg_subsampling must be one of 420, 422, 444"):
         frameshm.Bridge(exports=["a:jpeg"], jpeg_subsampling="411")
     with pytest.raises(frameshm.BridgeError, match="unknown encoding"):
