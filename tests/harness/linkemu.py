@@ -222,10 +222,11 @@ def _pdeathsig():
     ctypes.CDLL(None, use_errno=True).prctl(1, signal.SIGTERM)   # PR_SET_PDEATHSIG
 
 
-def sweep_stale() -> None:
-    """Removes the namespaces of emulated links whose process is gone (a run killed hard)."""
+def sweep_stale(prefix: str = PREFIX) -> None:
+    """Removes the network namespaces named ``<prefix>-<pid>-<n>-<host>`` whose process is
+    gone (a run killed hard): the emulated links' and the test networks' (netstar.py)."""
     out = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, text=True).stdout
-    for m in re.finditer(rf"^({PREFIX}-(\d+)-\d+-[ab])\b", out, re.M):
+    for m in re.finditer(rf"^({prefix}-(\d+)-\d+-\w+)\b", out, re.M):
         try:
             os.kill(int(m.group(2)), 0)
         except ProcessLookupError:

@@ -14,9 +14,10 @@ from __future__ import annotations
 
 import json
 import os
-import re
 import subprocess
 from typing import Dict, List, Sequence
+
+from linkemu import sweep_stale
 
 PREFIX = "fshm-st"
 
@@ -26,17 +27,6 @@ def _run(*cmd: str) -> str:
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stdout.strip()}")
     return r.stdout
-
-
-def sweep_stale() -> None:
-    out = subprocess.run(["ip", "netns", "list"], stdout=subprocess.PIPE, text=True).stdout
-    for m in re.finditer(rf"^({PREFIX}-(\d+)-\d+-\w+)\b", out, re.M):
-        try:
-            os.kill(int(m.group(2)), 0)
-        except ProcessLookupError:
-            subprocess.run(["ip", "netns", "del", m.group(1)], stderr=subprocess.DEVNULL)
-        except PermissionError:
-            pass
 
 
 class Star:
@@ -57,7 +47,7 @@ class Star:
         short = f"{os.getpid() % 100000}{n % 10}"
         self._dev = {leaf: (f"fst{short}{i}h", f"fst{short}{i}l") for i, leaf in enumerate(self.leaves)}
         self._made: List[str] = []
-        sweep_stale()
+        sweep_stale(PREFIX)
         try:
             self._build()
         except BaseException:
