@@ -19,8 +19,10 @@ A bridge is one Zenoh session carrying any number of streams each way:
 Latest-frame semantics end to end (the default): the exporter drains its queue to the
 newest frame and puts it with Zenoh's ``CongestionControl.BLOCK``, so a slow link holds
 the exporter for one whole frame and the frames produced meanwhile are dropped at the
-sender (it takes the newest next), never queued; the importer keeps only the newest frame
-received while it was busy. ``process_all=True`` instead reads every frame in order and
+sender (it takes the newest next), never queued; the importer writes what arrives in order
+but drops a frame that waited longer than the producer's interval to its successor (a burst
+that TCP releases after a retransmission is written whole; a slow importer converges to the
+newest frame). ``process_all=True`` instead reads every frame in order and
 applies back-pressure through a bounded receive queue: for links that can carry the
 stream.
 
