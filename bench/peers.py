@@ -23,10 +23,21 @@ Cases:
            buffer twice the L3 size (read from sysfs), same priority, running for the case.
   floor    the futex-wake floor between two processes in C (bench/peers_c.c): one-way wake
            at 60 Hz (futex60) and half a futex ping-pong round trip (futexpp).
+  lossless64  64-byte messages carrying (seq, window, the window's first and last seq), the
+           producer paced at an offered rate for --window seconds per rate (catching up on its
+           schedule when the scheduler runs it late; the largest catch-up burst is reported),
+           one process-all consumer that counts gaps in the seqs it reads. Offered rates double
+           from --start-rate while a window is lossless (up to --max-rate), then --refine
+           geometric bisection steps; a rate that loses is tried once more before it counts as
+           lossy (same rule for every transport). Per transport: the highest lossless rate
+           (target and achieved), producer and consumer CPU per message in that window, the
+           next rate's losses, and whether the limit was the consumer's, the producer's (it
+           achieved < 95 % of the rate) or --max-rate. 64 slots / a 64-sample subscriber
+           buffer (safe overflow) for every transport.
 
 Transports:
-  fshm         Writer.loan()/commit(); Reader.wait_latest (view60), wait_next (tiny),
-               read_latest(copy=False) in a loop (poll480)
+  fshm         Writer.loan()/commit(); Reader.wait_latest (view60), wait_next (tiny,
+               lossless64), read_latest(copy=False) in a loop (poll480)
   fshm-nospin  as fshm with Reader(spin=False)
   fshm-pub     as fshm with Writer.publish(array) (one copy, streaming stores) for the fill
   fshm-ring    as fshm with Reader(queue=False): frames by seq from the header ring, the
@@ -34,18 +45,25 @@ Transports:
   iox2         iceoryx2 (PyPI package `iceoryx2`, the `bench` extra): publish-subscribe of a
                uint8 slice, loan_slice_uninit + send; view60 adds an event service
                (Notifier.notify / Listener.timed_wait) since a subscriber cannot block;
-               tiny and poll480 busy-poll Subscriber.receive()
+               tiny, poll480 and lossless64 busy-poll Subscriber.receive()
+  iox2-event   lossless64: iceoryx2 as above plus Notifier.notify after every send; the
+               consumer blocks in Listener.timed_wait, then receives every sample there is
   pipe         multiprocessing.shared_memory slots + Pipe (view60); a duplex Pipe (pingpong)
   zmq          pyzmq PAIR sockets over ipc:// (pingpong)
   c, c-ring    frameshm's public C API (bench/peers_c.c, built with `make -C bench peers_c`
                against the library's static archive): view60 = loan, memcpy, commit /
-               fshm_reader_wait_latest; pingpong = publish / fshm_reader_wait_next; c-ring opens
-               the readers with no_queue = 1 (as Reader(queue=False))
+               fshm_reader_wait_latest; pingpong = publish / fshm_reader_wait_next;
+               lossless64 = publish paced / fshm_reader_wait_next (same search, in C); c-ring
+               opens the readers with no_queue = 1 (as Reader(queue=False))
   futex60, futexpp   the floor case's two measurements (C)
 
     python bench/peers.py                       # every case, one run, ~2.5 minutes
     python bench/peers.py --cases view60,tiny --runs 2 --json out.json
     python bench/peers.py --cases flood,floodl3 --seconds 5
+    python bench/peers.py --cases lossless64 --runs 2      # ~2.5 min a run
+
+The header and the last line give the load average and the hypervisor's CPU steal over the
+invocation (/proc/stat); every row its own steal.
 """
 
 from __future__ import annotations
@@ -83,12 +101,13 @@ CASES = {
                     transports=("fshm", "fshm-pub", "fshm-ring", "iox2")),
     "floor": dict(transports=("futex60", "futexpp")),
     "lossless64": dict(shape=(64,), fps=0, nslots=64, lossless=True,
-                       transports=("fshm", "fshm-ring", "iox2", "iox2-event")),
+                       transports=("fshm", "fshm-ring", "iox2", "iox2-event", "c", "c-ring")),
 }
 # Transports run by the C helper (bench/peers_c.c): its mode and arguments per case.
 C_MODES = {("view60", "c"): ["view60"], ("view60", "c-ring"): ["view60", None, "ring"],
            ("pingpong", "c"): ["pingpong"], ("pingpong", "c-ring"): ["pingpong", None, "ring"],
-           ("floor", "futex60"): ["futex60"], ("floor", "futexpp"): ["futexpp"]}
+           ("floor", "futex60"): ["futex60"], ("floor", "futexpp"): ["futexpp"],
+           ("lossless64", "c"): ["lossless64"], ("lossless64", "c-ring"): ["lossless64", "ring"]}
 CASES["view60"]["transports"] += ("c", "c-ring")
 THROUGHPUT = ("tiny", "flood", "floodl3", "lossless64")   # cases whose figure is a rate (higher is better)
 PEERS = ("iox2", "iox2-event", "pipe", "zmq")
@@ -853,6 +872,16 @@ def l3_bytes():
 def run_c(cname, transport, args):
     """One run of the C helper: it forks its own producer and consumer."""
     mode = list(C_MODES[(cname, transport)])
+    if cname == "lossless64":   # peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE [ring]
+        mode[1:1] = [str(args.window), str(args.start_rate), str(args.max_rate), str(args.refine)]
+        try:
+            p = subprocess.run([os.path.join(BENCH, "peers_c")] + mode, capture_output=True,
+                               text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return {"error": f"peers_c: {e}"}
+        if p.returncode != 0:
+            return {"error": f"peers_c {' '.join(mode)}: rc {p.returncode}: {p.stderr.strip()}"}
+        return _lossless_row(json.loads(p.stdout))
     n = args.pings if cname == "pingpong" else (args.frames or CASES.get(cname, {}).get("frames", 240))
     if cname == "floor":
         n = args.pings if transport == "futexpp" else (args.frames or 240)
