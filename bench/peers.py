@@ -24,16 +24,20 @@ Cases:
   floor    the futex-wake floor between two processes in C (bench/peers_c.c): one-way wake
            at 60 Hz (futex60) and half a futex ping-pong round trip (futexpp).
   lossless64  64-byte messages carrying (seq, window, the window's first and last seq), the
-           producer paced at an offered rate for --window seconds per rate (catching up on its
-           schedule when the scheduler runs it late; the largest catch-up burst is reported),
+           producer paced at an offered rate for --window seconds per rate (sleeping until the
+           next message is due; run late by the scheduler, it catches up with at most
+           --max-burst messages back to back and its schedule slips by the rest, reported as
+           "late"; the achieved rate counts the slip),
            one process-all consumer that counts gaps in the seqs it reads. Offered rates double
            from --start-rate while a window is lossless (up to --max-rate), then --refine
            geometric bisection steps; a rate that loses is tried once more before it counts as
-           lossy (same rule for every transport). Per transport: the highest lossless rate
-           (target and achieved), producer and consumer CPU per message in that window, the
-           next rate's losses, and whether the limit was the consumer's, the producer's (it
-           achieved < 95 % of the rate) or --max-rate. 64 slots / a 64-sample subscriber
-           buffer (safe overflow) for every transport.
+           lossy (same rule for every transport). Per transport: the highest rate the producer
+           achieved in a lossless window (and its target; SHORT if < 95 % of it), producer and
+           consumer CPU per message in that window, the lowest lossy target's losses, and
+           whether the limit was the consumer's (it lost while the producer held >= 95 % of the
+           rate), the producer's (it fell short there) or --max-rate; the summary adds CPU per
+           message of every transport at the highest rate all of them got without loss.
+           64 slots / a 64-sample subscriber buffer (safe overflow) for every transport.
 
 Transports:
   fshm         Writer.loan()/commit(); Reader.wait_latest (view60), wait_next (tiny,
@@ -584,14 +588,18 @@ MAXW = 64                      # windows per (case, transport) at most
 WFIELDS = 4                    # per window, written by the consumer: got, lost, bad, cpu_ns
 
 
+def _lossless(w):
+    return w["acked"] and w["lost"] == 0 and w["bad"] == 0 and w["got"] == w["n"]
+
+
 def lossless_producer(transport, cfg, sync, out_q):
     """Sends windows of 64-byte messages, each paced at one offered rate, and chooses the next
     rate from what the consumer counted in the last window (its gaps in the sequence numbers
     inside the payloads): doubling from --start-rate while a window is lossless, then
     --refine geometric bisection steps between the highest lossless rate and the lowest lossy
     one. A rate that loses is tried once more (the same rule for every transport) before it
-    counts as lost; a window whose achieved offered rate falls 5 % short of the target is the
-    producer's limit, not the consumer's."""
+    counts as lost. Each window records the rate the producer achieved (_lossless_row tells
+    a consumer's limit from a producer that could not offer the rate)."""
     case = CASES["lossless64"]
     out = {"role": "producer"}
     keep, windows = [], []
@@ -631,7 +639,9 @@ def lossless_producer(transport, cfg, sync, out_q):
         time.sleep(0.2)
         wres, acked, ended = sync["wres"], sync["acked"], sync["ended"]
         clock, sleep = time.monotonic_ns, time.sleep
+        ctypes.CDLL(None).prctl(29, 1, 0, 0, 0)   # PR_SET_TIMERSLACK 1 ns: sleeps end on time
         nxt = 0
+        cap = cfg["max_burst"]
 
         def window(rate):
             nonlocal nxt
@@ -642,17 +652,21 @@ def lossless_producer(transport, cfg, sync, out_q):
             first, last = nxt, nxt + n - 1
             nxt += n
             c0 = time.process_time()
-            t0 = clock()
-            i = burst = 0
+            t0 = base = clock()
+            i = burst = late = 0
             while i < n:
-                due = min(n, (clock() - t0) * rate // 1_000_000_000 + 1)   # messages due by now
+                due = min(n, (clock() - base) * rate // 1_000_000_000 + 1)   # messages due by now
+                if cap and due - i > cap:   # run late by the scheduler: the schedule slips
+                    late += due - i - cap
+                    base += (due - i - cap) * 1_000_000_000 // rate
+                    due = i + cap
                 if due - i > burst:
                     burst = due - i
                 while i < due:
                     send(first + i, k, first, last)
                     i += 1
                 if i < n:   # ahead of the schedule: sleep until message i is due
-                    d = t0 + i * 1_000_000_000 // rate - clock()
+                    d = base + i * 1_000_000_000 // rate - clock()
                     if d > 0:
                         sleep(d / 1e9)
             t1 = clock()
@@ -664,52 +678,46 @@ def lossless_producer(transport, cfg, sync, out_q):
             got, lost, bad, cpu_ns = wres[k * WFIELDS:(k + 1) * WFIELDS]
             prev = wres[(k - 1) * WFIELDS + 3] if k else sync["cons_cpu0"].value
             row = {"rate": rate, "n": n, "achieved": (n - 1) * 1e9 / max(t1 - t0, 1),
-                   "max_burst": int(burst), "acked": acked.value >= k, "got": got, "lost": lost,
+                   "max_burst": int(burst), "late": int(late), "acked": acked.value >= k, "got": got, "lost": lost,
                    "bad": bad, "prod_cpu_us": cpu / n * 1e6,
                    "cons_cpu_us": (cpu_ns - prev) / 1e3 / n if acked.value >= k else None}
             windows.append(row)
             return row
 
         def trial(rate):
-            """'pass', 'fail' (lost in two windows) or 'producer' (could not offer the rate)."""
+            """True if one of two windows at this rate was lossless (the same rule for every
+            transport: a single loss may be a scheduling hiccup, two in a row is a limit)."""
             for _ in range(2):
-                row = window(rate)
-                if row["achieved"] < 0.95 * rate:
-                    return "producer"
-                if row["acked"] and row["lost"] == 0 and row["bad"] == 0 and row["got"] == row["n"]:
-                    return "pass"
-            return "fail"
+                if _lossless(window(rate)):
+                    return True
+            return False
 
-        best, fail, limit = None, None, None
+        best, fail = None, None
         rate = cfg["start_rate"]
         while True:   # doubling
-            v = trial(rate)
-            if v == "pass":
+            if trial(rate):
                 best = rate
                 if rate * 2 > cfg["max_rate"]:
-                    limit = "cap"
                     break
                 rate *= 2
             else:
-                fail, limit = rate, ("producer" if v == "producer" else "consumer")
+                fail = rate
                 break
         while best is None and rate > 1000:   # even the start rate lost: halve
             rate //= 2
-            v = trial(rate)
-            if v == "pass":
+            if trial(rate):
                 best = rate
             else:
-                fail, limit = rate, ("producer" if v == "producer" else "consumer")
+                fail = rate
         for _ in range(cfg["refine"] if best is not None and fail is not None else 0):
             mid = int(round((best * fail) ** 0.5, -2))
             if mid <= best or mid >= fail:
                 break
-            v = trial(mid)
-            if v == "pass":
+            if trial(mid):
                 best = mid
             else:
-                fail, limit = mid, ("producer" if v == "producer" else "consumer")
-        out.update(best=best, fail=fail, limit=limit, windows=windows, sent=nxt)
+                fail = mid
+        out.update(best=best, fail=fail, windows=windows, sent=nxt)
         sync["producer_done"].set()
         until = time.monotonic() + 20
         while sync["finished"].value < 1 and time.monotonic() < until:
@@ -872,8 +880,9 @@ def l3_bytes():
 def run_c(cname, transport, args):
     """One run of the C helper: it forks its own producer and consumer."""
     mode = list(C_MODES[(cname, transport)])
-    if cname == "lossless64":   # peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE [ring]
-        mode[1:1] = [str(args.window), str(args.start_rate), str(args.max_rate), str(args.refine)]
+    if cname == "lossless64":   # peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST [ring]
+        mode[1:1] = [str(args.window), str(args.start_rate), str(args.max_rate), str(args.refine),
+                     str(args.max_burst)]
         try:
             p = subprocess.run([os.path.join(BENCH, "peers_c")] + mode, capture_output=True,
                                text=True, timeout=300)
@@ -905,7 +914,7 @@ def run_pair(ctx, cname, transport, args, tag):
            "frames": args.frames or CASES[cname].get("frames", 0), "seconds": args.seconds,
            "pings": args.pings, "ipc": f"ipc://{os.environ['FRAMESHM_DIR']}/zmq-{tag}",
            "window": args.window, "start_rate": args.start_rate, "max_rate": args.max_rate,
-           "refine": args.refine}
+           "refine": args.refine, "max_burst": args.max_burst}
     n = CASES[cname].get("consumers", 1)
     sync = {k: ctx.Event() for k in ("producer_ready", "producer_done")}
     sync["sent"] = ctx.Value("q", 0, lock=False)
@@ -992,21 +1001,30 @@ def run_pair(ctx, cname, transport, args, tag):
 
 
 def _lossless_row(pr):
-    """lossless64's row: the highest offered rate with a lossless window (its target and the
-    rate the producer achieved), CPU per message in that window, the lowest lossy rate."""
+    """lossless64's row. The figure is the highest rate the producer achieved in a lossless
+    window (with its target, CPU per message, largest burst and slip). limit: "consumer" when
+    the lowest lossy target lost in windows the producer offered at >= 95 % of the target;
+    "producer" when it fell short there too (it ran late: the loss may be the slip's bursts);
+    "cap" when --max-rate was lossless. short: the best window itself was offered below 95 %."""
     ws = pr["windows"]
-    row = {"sent": pr["sent"], "limit": pr["limit"], "fail_rate": pr["fail"], "windows": ws,
-           "best_rate": pr["best"]}
-    if pr["best"] is not None:
-        w = [x for x in ws if x["rate"] == pr["best"] and x["lost"] == 0 and x["acked"]
-             and x["got"] == x["n"] and x["bad"] == 0][-1]
-        row.update(max_lossless=w["achieved"], prod_cpu_us=w["prod_cpu_us"],
-                   cons_cpu_us=w["cons_cpu_us"], max_burst=w["max_burst"])
+    ok = [x for x in ws if _lossless(x)]
+    row = {"sent": pr["sent"], "fail_rate": pr["fail"], "windows": ws, "best_rate": pr["best"],
+           "producer_max": max(x["achieved"] for x in ws) if ws else None}
+    if ok:
+        w = max(ok, key=lambda x: x["achieved"])
+        row.update(best_rate=w["rate"], max_lossless=w["achieved"], prod_cpu_us=w["prod_cpu_us"],
+                   cons_cpu_us=w["cons_cpu_us"], max_burst=w["max_burst"], late=w["late"],
+                   short=w["achieved"] < 0.95 * w["rate"])
     if pr["fail"] is not None:
         fw = [x for x in ws if x["rate"] == pr["fail"]]
         row["fail_lost"] = [(x["lost"], x["n"]) for x in fw]
         row["fail_achieved"] = [x["achieved"] for x in fw]
         row["fail_max_burst"] = [x["max_burst"] for x in fw]
+        row["fail_late"] = [x["late"] for x in fw]
+        row["limit"] = ("consumer" if any(x["achieved"] >= 0.95 * x["rate"] for x in fw)
+                        else "producer")
+    else:
+        row["limit"] = "cap"
     return row
 
 
@@ -1019,18 +1037,21 @@ def _line(row, cname, t, run):
         if row.get("max_lossless") is None:
             txt = f"{head} no lossless window"
         else:
-            txt = (f"{head} max lossless {row['best_rate'] / 1e3:7.1f} k msg/s offered "
-                   f"(achieved {row['max_lossless'] / 1e3:7.1f} k, max burst {row['max_burst']})  "
+            txt = (f"{head} max lossless {row['max_lossless'] / 1e3:7.1f} k msg/s (target "
+                   f"{row['best_rate'] / 1e3:.1f} k{', SHORT' if row['short'] else ''}; max burst "
+                   f"{row['max_burst']}, late {row['late']})  "
                    f"cpu/msg prod {row['prod_cpu_us']:.2f} us cons {row['cons_cpu_us']:.2f} us")
         if row.get("fail_rate") is not None:
             lost = ", ".join(f"{a} of {b}" for a, b in row["fail_lost"])
             ach = ", ".join(f"{a / 1e3:.1f} k" for a in row["fail_achieved"])
             txt += (f"\n{'':31s}next {row['fail_rate'] / 1e3:.1f} k msg/s: lost {lost} "
-                    f"(achieved {ach}; max burst {', '.join(map(str, row['fail_max_burst']))}); "
+                    f"(achieved {ach}; max burst {', '.join(map(str, row['fail_max_burst']))}; "
+                    f"late {', '.join(map(str, row['fail_late']))}); "
                     f"limit: {row['limit']}")
         elif row.get("limit") == "cap":
             txt += f"\n{'':31s}lossless up to --max-rate (limit: cap)"
-        return txt + f"  ({len(row['windows'])} windows){steal}"
+        return (txt + f"\n{'':31s}producer's best window {row['producer_max'] / 1e3:.1f} k msg/s; "
+                f"{len(row['windows'])} windows{steal}")
     if cname == "tiny":
         return (f"{head} {row['msgs_per_s'] / 1e3:9.1f} k msg/s  lost {row['lost']} of {row['sent']}  "
                 f"cpu/msg prod {row['prod_cpu_us']:.2f} us cons {row['cons_cpu_us']:.2f} us")
@@ -1044,6 +1065,29 @@ def _line(row, cname, t, run):
             f"prod {row['prod_cpu_us']:.1f} us cons {row['cons_cpu_us']:.1f} us")
 
 
+def _lossless_common(results, runs):
+    """lossless64: CPU per message of every transport at the same offered rate, the highest
+    one that every transport of the run passed (a lossless window at >= 95 % of the target)."""
+    lines = []
+    for run in runs:
+        rows = [r for r in results if r["case"] == "lossless64" and r["run"] == run and "windows" in r]
+        per = []
+        for r in rows:
+            ok = {}
+            for w in r["windows"]:
+                if _lossless(w) and w["achieved"] >= 0.95 * w["rate"]:
+                    ok.setdefault(w["rate"], w)
+            per.append((r["transport"], ok))
+        common = set.intersection(*(set(ok) for _, ok in per)) if per else set()
+        if not common:
+            continue
+        rate = max(common)
+        lines.append(f"lossless64 run {run} at {rate / 1e3:.1f} k msg/s (lossless for all), cpu/msg "
+                     "cons / prod: " + ", ".join(f"{t} {ok[rate]['cons_cpu_us']:.2f} / "
+                                                 f"{ok[rate]['prod_cpu_us']:.2f} us" for t, ok in per))
+    return lines
+
+
 def summary(results, cases):
     """Per case and run: each frameshm transport's figure ÷ the best peer's (and ÷ iceoryx2's)
     in the same run; view60 also ÷ the futex-wake floor of the same run."""
@@ -1053,6 +1097,8 @@ def summary(results, cases):
     for cname in cases:
         if cname == "floor":
             continue
+        if cname == "lossless64":
+            lines += _lossless_common(results, runs)
         key = key_of.get(cname, "median_us")
         higher = cname in THROUGHPUT
         for run in runs:
@@ -1088,6 +1134,9 @@ def main():
     ap.add_argument("--start-rate", type=int, default=5000, help="first offered rate, msg/s (lossless64)")
     ap.add_argument("--max-rate", type=int, default=320000, help="highest offered rate (lossless64)")
     ap.add_argument("--refine", type=int, default=3, help="bisection steps after doubling (lossless64)")
+    ap.add_argument("--max-burst", type=int, default=16,
+                    help="lossless64: most messages the producer sends back to back when it runs late; "
+                         "beyond that its schedule slips (0: catch up in full)")
     ap.add_argument("--json")
     args = ap.parse_args()
     only = set(filter(None, args.transports.split(",")))

@@ -10,12 +10,14 @@
  *                             fshm_reader_wait_latest records now - timestamp_ns.
  *   peers_c pingpong N [ring] 64 B ping-pong over two streams (wait_next, publish); half
  *                             round trip.
- *   peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE [ring]
+ *   peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST [ring]
  *                             64 B messages (seq, window, window's first and last seq in the
  *                             payload) published at an offered rate per window of WINDOW_S
  *                             seconds; the consumer (fshm_reader_wait_next) counts the gaps.
  *                             Doubling from START_RATE while lossless, then REFINE bisection
- *                             steps, as peers.py's lossless64; prints the windows as JSON.
+ *                             steps; run late, the producer sends at most MAX_BURST back to
+ *                             back and its schedule slips (0: no limit), as peers.py's
+ *                             lossless64; prints the windows as JSON.
  * "ring" opens the readers with no_queue = 1 (Reader(queue=False)). The first WARMUP
  * samples are dropped. Prints one JSON object: median_us, p90_us, n, cpu per sample.
  * FRAMESHM_DIR is honoured (peers.py sets it to a private directory).
@@ -32,6 +34,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -460,7 +463,7 @@ static void lossless_child(shared *sh, int ring)
 }
 
 typedef struct ll_window {
-    long rate, n, max_burst, acked;
+    long rate, n, max_burst, late, acked;
     double achieved, prod_cpu_us, cons_cpu_us;
     int64_t got, lost, bad;
 } ll_window;
@@ -468,6 +471,8 @@ typedef struct ll_window {
 static ll_window g_w[LL_MAXW];
 static int g_nw;
 static uint64_t g_next;
+
+static long g_cap;   /* most messages back to back when run late (0: catch up in full) */
 
 static int ll_window_run(fshm_writer *w, long rate, double window_s)
 {
@@ -486,12 +491,17 @@ static int ll_window_run(fshm_writer *w, long rate, double window_s)
     uint64_t buf[TINY / 8] = {0};
     buf[1] = (uint64_t)k, buf[2] = first, buf[3] = last;
     double c0 = cpu_s(RUSAGE_SELF);
-    uint64_t t0 = now_ns();
-    long i = 0, burst = 0;
+    uint64_t t0 = now_ns(), base = t0;
+    long i = 0, burst = 0, late = 0;
     while (i < n) {
-        long due = (long)((now_ns() - t0) * (unsigned __int128)rate / 1000000000u) + 1;
+        long due = (long)((now_ns() - base) * (unsigned __int128)rate / 1000000000u) + 1;
         if (due > n)
             due = n;
+        if (g_cap && due - i > g_cap) {   /* run late by the scheduler: the schedule slips */
+            late += due - i - g_cap;
+            base += (uint64_t)((unsigned __int128)(due - i - g_cap) * 1000000000u / (uint64_t)rate);
+            due = i + g_cap;
+        }
         if (due - i > burst)
             burst = due - i;
         for (; i < due; i++) {
@@ -500,7 +510,7 @@ static int ll_window_run(fshm_writer *w, long rate, double window_s)
                 return fprintf(stderr, "publish: %s\n", fshm_last_error()), -1;
         }
         if (i < n)   /* ahead of the schedule: sleep until message i is due */
-            sleep_until(t0 + (uint64_t)((unsigned __int128)i * 1000000000u / (uint64_t)rate));
+            sleep_until(base + (uint64_t)((unsigned __int128)i * 1000000000u / (uint64_t)rate));
     }
     uint64_t t1 = now_ns();
     double cpu = cpu_s(RUSAGE_SELF) - c0;
@@ -509,7 +519,7 @@ static int ll_window_run(fshm_writer *w, long rate, double window_s)
     while (load64(&ll->acked) < k && now_ns() < until)
         usleep(500);
     x->acked = load64(&ll->acked) >= k;
-    x->rate = rate, x->n = n, x->max_burst = burst;
+    x->rate = rate, x->n = n, x->max_burst = burst, x->late = late;
     x->achieved = (double)(n - 1) * 1e9 / (double)(t1 - t0 ? t1 - t0 : 1);
     x->got = ll->res[k][0], x->lost = ll->res[k][1], x->bad = ll->res[k][2];
     x->prod_cpu_us = cpu / (double)n * 1e6;
@@ -518,7 +528,7 @@ static int ll_window_run(fshm_writer *w, long rate, double window_s)
     return k;
 }
 
-/* 0 pass, 1 lost in two windows, 2 the producer could not offer the rate, -1 error */
+/* 0: one of two windows at this rate was lossless, 1: both lost, -1: error */
 static int ll_trial(fshm_writer *w, long rate, double window_s)
 {
     for (int a = 0; a < 2; a++) {
@@ -526,8 +536,6 @@ static int ll_trial(fshm_writer *w, long rate, double window_s)
         if (k < 0)
             return -1;
         ll_window *x = &g_w[k];
-        if (x->achieved < 0.95 * (double)rate)
-            return 2;
         if (x->acked && x->lost == 0 && x->bad == 0 && x->got == x->n)
             return 0;
     }
@@ -541,21 +549,19 @@ static int lossless_parent(shared *sh, double window_s, long start, long max_rat
     if (open_writer(g_stream[0], 64, TINY, &w))
         return fprintf(stderr, "writer_open: %s\n", fshm_last_error()), -1;
     usleep(200000);   /* the reader maps the new epoch */
+    prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);   /* sleeps end on time (as peers.py) */
     long best = -1, fail_rate = -1, rate = start;
-    const char *limit = "consumer";
     int v;
     for (;;) {
         if ((v = ll_trial(w, rate, window_s)) < 0)
             goto out;
         if (v == 0) {
             best = rate;
-            if (rate * 2 > max_rate) {
-                limit = "cap";
+            if (rate * 2 > max_rate)
                 break;
-            }
             rate *= 2;
         } else {
-            fail_rate = rate, limit = v == 2 ? "producer" : "consumer";
+            fail_rate = rate;
             break;
         }
     }
@@ -566,7 +572,7 @@ static int lossless_parent(shared *sh, double window_s, long start, long max_rat
         if (v == 0)
             best = rate;
         else
-            fail_rate = rate, limit = v == 2 ? "producer" : "consumer";
+            fail_rate = rate;
     }
     for (int s = 0; s < refine && best > 0 && fail_rate > 0; s++) {
         long mid = (long)(sqrt((double)best * (double)fail_rate) / 100.0 + 0.5) * 100;
@@ -577,7 +583,7 @@ static int lossless_parent(shared *sh, double window_s, long start, long max_rat
         if (v == 0)
             best = mid;
         else
-            fail_rate = mid, limit = v == 2 ? "producer" : "consumer";
+            fail_rate = mid;
     }
     v = 0;
 out:
@@ -591,12 +597,12 @@ out:
     best > 0 ? printf("%ld", best) : printf("null");
     printf(", \"fail\": ");
     fail_rate > 0 ? printf("%ld", fail_rate) : printf("null");
-    printf(", \"limit\": \"%s\", \"windows\": [", limit);
+    printf(", \"windows\": [");
     for (int k = 0; k < g_nw; k++) {
         ll_window *x = &g_w[k];
-        printf("%s{\"rate\": %ld, \"n\": %ld, \"achieved\": %.1f, \"max_burst\": %ld, \"acked\": %s, "
+        printf("%s{\"rate\": %ld, \"n\": %ld, \"achieved\": %.1f, \"max_burst\": %ld, \"late\": %ld, \"acked\": %s, "
                "\"got\": %lld, \"lost\": %lld, \"bad\": %lld, \"prod_cpu_us\": %.3f, \"cons_cpu_us\": ",
-               k ? ", " : "", x->rate, x->n, x->achieved, x->max_burst, x->acked ? "true" : "false",
+               k ? ", " : "", x->rate, x->n, x->achieved, x->max_burst, x->late, x->acked ? "true" : "false",
                (long long)x->got, (long long)x->lost, (long long)x->bad, x->prod_cpu_us);
         x->cons_cpu_us >= 0 ? printf("%.3f}", x->cons_cpu_us) : printf("null}");
     }
@@ -606,12 +612,14 @@ out:
 
 static int lossless_main(int argc, char **argv)
 {
-    if (argc < 6)
-        return fprintf(stderr, "usage: %s lossless64 WINDOW_S START_RATE MAX_RATE REFINE [ring]\n", argv[0]), 2;
+    if (argc < 7)
+        return fprintf(stderr, "usage: %s lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST [ring]\n",
+                       argv[0]), 2;
     double window_s = atof(argv[2]);
     long start = atol(argv[3]), max_rate = atol(argv[4]);
     int refine = atoi(argv[5]);
-    int ring = argc > 6 && strcmp(argv[6], "ring") == 0;
+    g_cap = atol(argv[6]);
+    int ring = argc > 7 && strcmp(argv[7], "ring") == 0;
     if (window_s <= 0 || start < 1 || max_rate < start)
         return fprintf(stderr, "bad arguments\n"), 2;
     shared *sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
