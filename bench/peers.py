@@ -25,7 +25,8 @@ Cases:
            at 60 Hz (futex60) and half a futex ping-pong round trip (futexpp).
   lossless64  64-byte messages carrying (seq, window, the window's first and last seq), the
            producer paced at an offered rate for --window seconds per rate (sleeping until the
-           next message is due; run late by the scheduler, it catches up with at most
+           next batch is due: --pace-us of schedule, at most --max-burst/2 messages, 1 at low
+           rates; --pace-us 0: every message; run late by the scheduler, it catches up with at most
            --max-burst messages back to back and its schedule slips by the rest, reported as
            "late"; the achieved rate counts the slip),
            one process-all consumer that counts gaps in the seqs it reads. Offered rates double
@@ -651,6 +652,9 @@ def lossless_producer(transport, cfg, sync, out_q):
             n = max(2, int(rate * cfg["window"]))
             first, last = nxt, nxt + n - 1
             nxt += n
+            # Sleep until a batch of q messages is due (at most pace_us of schedule, at most
+            # half the burst cap): q = 1 sleeps before every message.
+            q = max(1, min(cap // 2 if cap else n, rate * cfg["pace_us"] // 1_000_000))
             c0 = time.process_time()
             t0 = base = clock()
             i = burst = late = 0
@@ -665,8 +669,8 @@ def lossless_producer(transport, cfg, sync, out_q):
                 while i < due:
                     send(first + i, k, first, last)
                     i += 1
-                if i < n:   # ahead of the schedule: sleep until message i is due
-                    d = base + i * 1_000_000_000 // rate - clock()
+                if i < n:   # ahead of the schedule: sleep until message i + q - 1 is due
+                    d = base + (min(i + q, n) - 1) * 1_000_000_000 // rate - clock()
                     if d > 0:
                         sleep(d / 1e9)
             t1 = clock()
@@ -880,9 +884,9 @@ def l3_bytes():
 def run_c(cname, transport, args):
     """One run of the C helper: it forks its own producer and consumer."""
     mode = list(C_MODES[(cname, transport)])
-    if cname == "lossless64":   # peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST [ring]
+    if cname == "lossless64":   # peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US [ring]
         mode[1:1] = [str(args.window), str(args.start_rate), str(args.max_rate), str(args.refine),
-                     str(args.max_burst)]
+                     str(args.max_burst), str(args.pace_us)]
         try:
             p = subprocess.run([os.path.join(BENCH, "peers_c")] + mode, capture_output=True,
                                text=True, timeout=300)
@@ -914,7 +918,7 @@ def run_pair(ctx, cname, transport, args, tag):
            "frames": args.frames or CASES[cname].get("frames", 0), "seconds": args.seconds,
            "pings": args.pings, "ipc": f"ipc://{os.environ['FRAMESHM_DIR']}/zmq-{tag}",
            "window": args.window, "start_rate": args.start_rate, "max_rate": args.max_rate,
-           "refine": args.refine, "max_burst": args.max_burst}
+           "refine": args.refine, "max_burst": args.max_burst, "pace_us": args.pace_us}
     n = CASES[cname].get("consumers", 1)
     sync = {k: ctx.Event() for k in ("producer_ready", "producer_done")}
     sync["sent"] = ctx.Value("q", 0, lock=False)
@@ -1137,6 +1141,9 @@ def main():
     ap.add_argument("--max-burst", type=int, default=16,
                     help="lossless64: most messages the producer sends back to back when it runs late; "
                          "beyond that its schedule slips (0: catch up in full)")
+    ap.add_argument("--pace-us", type=int, default=200,
+                    help="lossless64: the producer sleeps until a batch of messages is due, at most this "
+                         "much of its schedule and at most --max-burst/2 messages (0: before every message)")
     ap.add_argument("--json")
     args = ap.parse_args()
     only = set(filter(None, args.transports.split(",")))

@@ -10,13 +10,14 @@
  *                             fshm_reader_wait_latest records now - timestamp_ns.
  *   peers_c pingpong N [ring] 64 B ping-pong over two streams (wait_next, publish); half
  *                             round trip.
- *   peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST [ring]
+ *   peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US [ring]
  *                             64 B messages (seq, window, window's first and last seq in the
  *                             payload) published at an offered rate per window of WINDOW_S
  *                             seconds; the consumer (fshm_reader_wait_next) counts the gaps.
  *                             Doubling from START_RATE while lossless, then REFINE bisection
- *                             steps; run late, the producer sends at most MAX_BURST back to
- *                             back and its schedule slips (0: no limit), as peers.py's
+ *                             steps; it sleeps until a batch of PACE_US of schedule (at most
+ *                             MAX_BURST/2 messages) is due; run late, it sends at most
+ *                             MAX_BURST back to back and its schedule slips, as peers.py's
  *                             lossless64; prints the windows as JSON.
  * "ring" opens the readers with no_queue = 1 (Reader(queue=False)). The first WARMUP
  * samples are dropped. Prints one JSON object: median_us, p90_us, n, cpu per sample.
@@ -473,6 +474,7 @@ static int g_nw;
 static uint64_t g_next;
 
 static long g_cap;   /* most messages back to back when run late (0: catch up in full) */
+static long g_pace_us;   /* sleep until a batch of this much schedule is due (0: every message) */
 
 static int ll_window_run(fshm_writer *w, long rate, double window_s)
 {
@@ -490,6 +492,13 @@ static int ll_window_run(fshm_writer *w, long rate, double window_s)
     t.dims[0] = TINY;
     uint64_t buf[TINY / 8] = {0};
     buf[1] = (uint64_t)k, buf[2] = first, buf[3] = last;
+    /* Sleep until a batch of q messages is due (at most g_pace_us of schedule and half the
+     * burst cap): q = 1 sleeps before every message. */
+    long q = (long)((unsigned __int128)rate * (uint64_t)g_pace_us / 1000000u);
+    if (q > (g_cap ? g_cap / 2 : n))
+        q = g_cap ? g_cap / 2 : n;
+    if (q < 1)
+        q = 1;
     double c0 = cpu_s(RUSAGE_SELF);
     uint64_t t0 = now_ns(), base = t0;
     long i = 0, burst = 0, late = 0;
@@ -509,8 +518,10 @@ static int ll_window_run(fshm_writer *w, long rate, double window_s)
             if (fshm_writer_publish(w, buf, sizeof buf, &t, 0))
                 return fprintf(stderr, "publish: %s\n", fshm_last_error()), -1;
         }
-        if (i < n)   /* ahead of the schedule: sleep until message i is due */
-            sleep_until(base + (uint64_t)((unsigned __int128)i * 1000000000u / (uint64_t)rate));
+        if (i < n) {   /* ahead of the schedule: sleep until message i + q - 1 is due */
+            long j = i + q < n ? i + q - 1 : n - 1;
+            sleep_until(base + (uint64_t)((unsigned __int128)j * 1000000000u / (uint64_t)rate));
+        }
     }
     uint64_t t1 = now_ns();
     double cpu = cpu_s(RUSAGE_SELF) - c0;
@@ -612,14 +623,15 @@ out:
 
 static int lossless_main(int argc, char **argv)
 {
-    if (argc < 7)
-        return fprintf(stderr, "usage: %s lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST [ring]\n",
+    if (argc < 8)
+        return fprintf(stderr, "usage: %s lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US [ring]\n",
                        argv[0]), 2;
     double window_s = atof(argv[2]);
     long start = atol(argv[3]), max_rate = atol(argv[4]);
     int refine = atoi(argv[5]);
     g_cap = atol(argv[6]);
-    int ring = argc > 7 && strcmp(argv[7], "ring") == 0;
+    g_pace_us = atol(argv[7]);
+    int ring = argc > 8 && strcmp(argv[8], "ring") == 0;
     if (window_s <= 0 || start < 1 || max_rate < start)
         return fprintf(stderr, "bad arguments\n"), 2;
     shared *sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
