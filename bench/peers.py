@@ -23,10 +23,26 @@ Cases:
            buffer twice the L3 size (read from sysfs), same priority, running for the case.
   floor    the futex-wake floor between two processes in C (bench/peers_c.c): one-way wake
            at 60 Hz (futex60) and half a futex ping-pong round trip (futexpp).
+  lossless64  64-byte messages carrying (seq, window, the window's first and last seq), the
+           producer paced at an offered rate for --window seconds per rate (sleeping until the
+           next batch is due: --pace-us of schedule, at most --max-burst/2 messages, 1 at low
+           rates; --pace-us 0: every message; run late by the scheduler, it catches up with at most
+           --max-burst messages back to back and its schedule slips by the rest, reported as
+           "late"; the achieved rate counts the slip),
+           one process-all consumer that counts gaps in the seqs it reads. Offered rates double
+           from --start-rate while a window is lossless (up to --max-rate), then --refine
+           geometric bisection steps; a rate that loses is tried once more before it counts as
+           lossy (same rule for every transport). Per transport: the highest rate the producer
+           achieved in a lossless window (and its target; SHORT if < 95 % of it), producer and
+           consumer CPU per message in that window, the lowest lossy target's losses, and
+           whether the limit was the consumer's (it lost while the producer held >= 95 % of the
+           rate), the producer's (it fell short there) or --max-rate; the summary adds CPU per
+           message of every transport at the highest rate all of them got without loss.
+           64 slots / a 64-sample subscriber buffer (safe overflow) for every transport.
 
 Transports:
-  fshm         Writer.loan()/commit(); Reader.wait_latest (view60), wait_next (tiny),
-               read_latest(copy=False) in a loop (poll480)
+  fshm         Writer.loan()/commit(); Reader.wait_latest (view60), wait_next (tiny,
+               lossless64), read_latest(copy=False) in a loop (poll480)
   fshm-nospin  as fshm with Reader(spin=False)
   fshm-pub     as fshm with Writer.publish(array) (one copy, streaming stores) for the fill
   fshm-ring    as fshm with Reader(queue=False): frames by seq from the header ring, the
@@ -34,18 +50,25 @@ Transports:
   iox2         iceoryx2 (PyPI package `iceoryx2`, the `bench` extra): publish-subscribe of a
                uint8 slice, loan_slice_uninit + send; view60 adds an event service
                (Notifier.notify / Listener.timed_wait) since a subscriber cannot block;
-               tiny and poll480 busy-poll Subscriber.receive()
+               tiny, poll480 and lossless64 busy-poll Subscriber.receive()
+  iox2-event   lossless64: iceoryx2 as above plus Notifier.notify after every send; the
+               consumer blocks in Listener.timed_wait, then receives every sample there is
   pipe         multiprocessing.shared_memory slots + Pipe (view60); a duplex Pipe (pingpong)
   zmq          pyzmq PAIR sockets over ipc:// (pingpong)
   c, c-ring    frameshm's public C API (bench/peers_c.c, built with `make -C bench peers_c`
                against the library's static archive): view60 = loan, memcpy, commit /
-               fshm_reader_wait_latest; pingpong = publish / fshm_reader_wait_next; c-ring opens
-               the readers with no_queue = 1 (as Reader(queue=False))
+               fshm_reader_wait_latest; pingpong = publish / fshm_reader_wait_next;
+               lossless64 = publish paced / fshm_reader_wait_next (same search, in C); c-ring
+               opens the readers with no_queue = 1 (as Reader(queue=False))
   futex60, futexpp   the floor case's two measurements (C)
 
     python bench/peers.py                       # every case, one run, ~2.5 minutes
     python bench/peers.py --cases view60,tiny --runs 2 --json out.json
     python bench/peers.py --cases flood,floodl3 --seconds 5
+    python bench/peers.py --cases lossless64 --runs 2      # ~2.5 min a run
+
+The header and the last line give the load average and the hypervisor's CPU steal over the
+invocation (/proc/stat); every row its own steal.
 """
 
 from __future__ import annotations
@@ -66,6 +89,8 @@ import traceback
 
 import numpy as np
 
+from _common import cpu_ticks, steal_pct
+
 CASES = {
     "view60": dict(shape=(1080, 1920, 3), fps=60, frames=240, warmup=30,
                    transports=("fshm", "fshm-nospin", "fshm-pub", "iox2", "pipe")),
@@ -80,14 +105,17 @@ CASES = {
     "floodl3": dict(shape=(1080, 1920, 3), fps=0, warmup=10, thrash=True,
                     transports=("fshm", "fshm-pub", "fshm-ring", "iox2")),
     "floor": dict(transports=("futex60", "futexpp")),
+    "lossless64": dict(shape=(64,), fps=0, nslots=64, lossless=True,
+                       transports=("fshm", "fshm-ring", "iox2", "iox2-event", "c", "c-ring")),
 }
 # Transports run by the C helper (bench/peers_c.c): its mode and arguments per case.
 C_MODES = {("view60", "c"): ["view60"], ("view60", "c-ring"): ["view60", None, "ring"],
            ("pingpong", "c"): ["pingpong"], ("pingpong", "c-ring"): ["pingpong", None, "ring"],
-           ("floor", "futex60"): ["futex60"], ("floor", "futexpp"): ["futexpp"]}
+           ("floor", "futex60"): ["futex60"], ("floor", "futexpp"): ["futexpp"],
+           ("lossless64", "c"): ["lossless64"], ("lossless64", "c-ring"): ["lossless64", "ring"]}
 CASES["view60"]["transports"] += ("c", "c-ring")
-THROUGHPUT = ("tiny", "flood", "floodl3")   # cases whose figure is a rate (higher is better)
-PEERS = ("iox2", "pipe", "zmq")
+THROUGHPUT = ("tiny", "flood", "floodl3", "lossless64")   # cases whose figure is a rate (higher is better)
+PEERS = ("iox2", "iox2-event", "pipe", "zmq")
 BENCH = os.path.dirname(os.path.abspath(__file__))
 NSLOTS = 4
 HDR = struct.Struct("<qq")   # seq, t0; written into the first 16 bytes of iceoryx2/pipe payloads
@@ -554,6 +582,279 @@ def pingpong_main(role, transport, cfg, sync, out_q):
         out_q.put(out)
 
 
+# --- lossless64: the highest paced rate a process-all consumer keeps up with -----------------
+
+P64 = struct.Struct("<qqqq")   # seq, window, first seq of the window, last seq of the window
+MAXW = 64                      # windows per (case, transport) at most
+WFIELDS = 4                    # per window, written by the consumer: got, lost, bad, cpu_ns
+
+
+def _lossless(w):
+    return w["acked"] and w["lost"] == 0 and w["bad"] == 0 and w["got"] == w["n"]
+
+
+def lossless_producer(transport, cfg, sync, out_q):
+    """Sends windows of 64-byte messages, each paced at one offered rate, and chooses the next
+    rate from what the consumer counted in the last window (its gaps in the sequence numbers
+    inside the payloads): doubling from --start-rate while a window is lossless, then
+    --refine geometric bisection steps between the highest lossless rate and the lowest lossy
+    one. A rate that loses is tried once more (the same rule for every transport) before it
+    counts as lost. Each window records the rate the producer achieved (_lossless_row tells
+    a consumer's limit from a producer that could not offer the rate)."""
+    case = CASES["lossless64"]
+    out = {"role": "producer"}
+    keep, windows = [], []
+    try:
+        if transport.startswith("fshm"):
+            import frameshm
+
+            w = frameshm.Writer(cfg["stream"], shape=(64,), dtype="uint8", nslots=case["nslots"])
+            keep.append(w)
+            loan, commit, pack_into = w.loan, w.commit, P64.pack_into
+
+            def send(seq, win, first, last):
+                pack_into(loan(), 0, seq, win, first, last)
+                commit()
+        elif transport in ("iox2", "iox2-event"):
+            iox2, node, svc, ev = _iox2_service(case, cfg)
+            pub = svc.publisher_builder().initial_max_slice_len(64).create()
+            notifier = ev.notifier_builder().create()
+            keep += [node, svc, ev, pub, notifier]
+            loan_slice, memmove, pack = pub.loan_slice_uninit, ctypes.memmove, P64.pack
+            notify = notifier.notify if transport == "iox2-event" else None
+
+            def send(seq, win, first, last):
+                s = loan_slice(64)
+                memmove(s.payload_ptr, pack(seq, win, first, last), 32)
+                s.assume_init().send()
+                if notify is not None:
+                    notify()
+        else:
+            raise ValueError(transport)
+        sync["producer_ready"].set()
+        until = time.monotonic() + 30
+        while sync["ready"].value < 1:
+            if time.monotonic() > until:
+                raise RuntimeError("the consumer never became ready")
+            time.sleep(0.01)
+        time.sleep(0.2)
+        wres, acked, ended = sync["wres"], sync["acked"], sync["ended"]
+        clock, sleep = time.monotonic_ns, time.sleep
+        ctypes.CDLL(None).prctl(29, 1, 0, 0, 0)   # PR_SET_TIMERSLACK 1 ns: sleeps end on time
+        nxt = 0
+        cap = cfg["max_burst"]
+
+        def window(rate):
+            nonlocal nxt
+            k = len(windows)
+            if k >= MAXW:
+                raise RuntimeError("too many windows")
+            n = max(2, int(rate * cfg["window"]))
+            first, last = nxt, nxt + n - 1
+            nxt += n
+            # Sleep until a batch of q messages is due (at most pace_us of schedule, at most
+            # half the burst cap): q = 1 sleeps before every message.
+            q = max(1, min(cap // 2 if cap else n, rate * cfg["pace_us"] // 1_000_000))
+            c0 = time.process_time()
+            t0 = base = clock()
+            i = burst = late = 0
+            while i < n:
+                due = min(n, (clock() - base) * rate // 1_000_000_000 + 1)   # messages due by now
+                if cap and due - i > cap:   # run late by the scheduler: the schedule slips
+                    late += due - i - cap
+                    base += (due - i - cap) * 1_000_000_000 // rate
+                    due = i + cap
+                if due - i > burst:
+                    burst = due - i
+                while i < due:
+                    send(first + i, k, first, last)
+                    i += 1
+                if i < n:   # ahead of the schedule: sleep until message i + q - 1 is due
+                    d = base + (min(i + q, n) - 1) * 1_000_000_000 // rate - clock()
+                    if d > 0:
+                        sleep(d / 1e9)
+            t1 = clock()
+            cpu = time.process_time() - c0
+            ended.value = k
+            until = time.monotonic() + 2.0
+            while acked.value < k and time.monotonic() < until:
+                sleep(0.0005)
+            got, lost, bad, cpu_ns = wres[k * WFIELDS:(k + 1) * WFIELDS]
+            prev = wres[(k - 1) * WFIELDS + 3] if k else sync["cons_cpu0"].value
+            row = {"rate": rate, "n": n, "achieved": (n - 1) * 1e9 / max(t1 - t0, 1),
+                   "max_burst": int(burst), "late": int(late), "acked": acked.value >= k, "got": got, "lost": lost,
+                   "bad": bad, "prod_cpu_us": cpu / n * 1e6,
+                   "cons_cpu_us": (cpu_ns - prev) / 1e3 / n if acked.value >= k else None}
+            windows.append(row)
+            return row
+
+        def trial(rate):
+            """True if one of two windows at this rate was lossless (the same rule for every
+            transport: a single loss may be a scheduling hiccup, two in a row is a limit)."""
+            for _ in range(2):
+                if _lossless(window(rate)):
+                    return True
+            return False
+
+        best, fail = None, None
+        rate = cfg["start_rate"]
+        while True:   # doubling
+            if trial(rate):
+                best = rate
+                if rate * 2 > cfg["max_rate"]:
+                    break
+                rate *= 2
+            else:
+                fail = rate
+                break
+        while best is None and rate > 1000:   # even the start rate lost: halve
+            rate //= 2
+            if trial(rate):
+                best = rate
+            else:
+                fail = rate
+        for _ in range(cfg["refine"] if best is not None and fail is not None else 0):
+            mid = int(round((best * fail) ** 0.5, -2))
+            if mid <= best or mid >= fail:
+                break
+            if trial(mid):
+                best = mid
+            else:
+                fail = mid
+        out.update(best=best, fail=fail, windows=windows, sent=nxt)
+        sync["producer_done"].set()
+        until = time.monotonic() + 20
+        while sync["finished"].value < 1 and time.monotonic() < until:
+            time.sleep(0.01)
+    except BaseException:
+        out["error"] = traceback.format_exc()
+        sync["producer_done"].set()
+    finally:
+        for k in reversed(keep):
+            if hasattr(k, "close"):
+                k.close()
+        out_q.put(out)
+
+
+def lossless_consumer(transport, cfg, sync, out_q):
+    """Process-all consumer of lossless64: reads the sequence number, window and the window's
+    first/last seq from every message's payload and counts per window what it got, what the
+    gaps in the sequence lost (including a lost tail), and messages out of order. A window is
+    closed when its last message arrives, or when the consumer, idle, has seen the producer
+    mark the window ended and then found nothing more to read."""
+    out = {"role": "consumer0"}
+    keep = []
+    got = 0
+    try:
+        if not sync["producer_ready"].wait(30):
+            raise RuntimeError("producer never became ready")
+        wres, acked, ended = sync["wres"], sync["acked"], sync["ended"]
+        done = sync["producer_done"].is_set
+        unpack_from, cpu_ns = P64.unpack_from, time.process_time_ns
+        st = {"win": -1, "open": False, "expect": 0, "last": 0, "got": 0, "lost": 0, "bad": 0,
+              "end_seen": -1}
+
+        def close():
+            k = st["win"]
+            lost = st["lost"] + max(0, st["last"] + 1 - st["expect"])   # a lost tail
+            wres[k * WFIELDS:(k + 1) * WFIELDS] = [st["got"], lost, st["bad"], cpu_ns()]
+            st["open"] = False
+            acked.value = k
+
+        def on(seq, win, first, last):
+            if win != st["win"]:
+                if st["open"]:
+                    close()
+                st.update(win=win, open=True, expect=first, last=last, got=0, lost=0, bad=0)
+            if seq >= st["expect"] and st["open"]:
+                st["lost"] += seq - st["expect"]   # the gap before this message
+                st["expect"] = seq + 1
+                st["got"] += 1
+                if seq == last:
+                    close()
+            else:
+                st["bad"] += 1   # duplicate, out of order, or after its window was closed
+
+        def idle():
+            """True when the case is over. Closes a window whose end the producer marked and
+            after which a whole read attempt found nothing (its tail was lost)."""
+            if st["open"]:
+                if st["end_seen"] == st["win"]:
+                    close()
+                elif ended.value >= st["win"]:
+                    st["end_seen"] = st["win"]
+                return False
+            return done()
+
+        if transport.startswith("fshm"):
+            import frameshm
+
+            r = frameshm.Reader(cfg["stream"], consumer="bench0",
+                                **({"queue": False} if transport == "fshm-ring" else {}))
+            keep.append(r)
+            wait_next, Timeout = r.wait_next, frameshm.Timeout
+            sync["cons_cpu0"].value = cpu_ns()
+            _count(sync["ready"])
+            while True:
+                try:
+                    f = wait_next(0.01)
+                except Timeout:
+                    if idle():
+                        break
+                    continue
+                on(*unpack_from(f.array, 0))
+                got += 1
+                del f
+        elif transport in ("iox2", "iox2-event"):
+            iox2, node, svc, ev = _iox2_service(CASES["lossless64"], cfg)
+            sub = svc.subscriber_builder().create()
+            listener = ev.listener_builder().create()
+            keep += [node, svc, ev, sub, listener]
+            receive, string_at = sub.receive, ctypes.string_at
+            sync["cons_cpu0"].value = cpu_ns()
+            _count(sync["ready"])
+            if transport == "iox2":   # busy-poll, as tiny
+                empty = 0
+                while True:
+                    s = receive()
+                    if s is None:
+                        empty += 1
+                        if empty >= 1000:
+                            empty = 0
+                            if idle():
+                                break
+                        continue
+                    on(*unpack_from(string_at(s.payload_ptr, 32), 0))
+                    got += 1
+                    del s
+            else:   # block on the event service, then take every sample there is
+                timed_wait, tmo = listener.timed_wait, iox2.Duration.from_millis(10)
+                while True:
+                    timed_wait(tmo)
+                    n0 = got
+                    while True:
+                        s = receive()
+                        if s is None:
+                            break
+                        on(*unpack_from(string_at(s.payload_ptr, 32), 0))
+                        got += 1
+                        del s
+                    if got == n0 and idle():
+                        break
+        else:
+            raise ValueError(transport)
+    except BaseException:
+        out["error"] = traceback.format_exc()
+    finally:
+        _count(sync["ready"])
+        _count(sync["finished"])
+        for k in reversed(keep):
+            if hasattr(k, "close"):
+                k.close()
+        out.update(got=got)
+        out_q.put(out)
+
+
 def thrash_main(nbytes, stop):
     """The cache-thrashing neighbour: streams over nbytes (read + write) until stop is set."""
     buf = np.ones(nbytes // 8)
@@ -583,6 +884,17 @@ def l3_bytes():
 def run_c(cname, transport, args):
     """One run of the C helper: it forks its own producer and consumer."""
     mode = list(C_MODES[(cname, transport)])
+    if cname == "lossless64":   # peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US [ring]
+        mode[1:1] = [str(args.window), str(args.start_rate), str(args.max_rate), str(args.refine),
+                     str(args.max_burst), str(args.pace_us)]
+        try:
+            p = subprocess.run([os.path.join(BENCH, "peers_c")] + mode, capture_output=True,
+                               text=True, timeout=300)
+        except (OSError, subprocess.TimeoutExpired) as e:
+            return {"error": f"peers_c: {e}"}
+        if p.returncode != 0:
+            return {"error": f"peers_c {' '.join(mode)}: rc {p.returncode}: {p.stderr.strip()}"}
+        return _lossless_row(json.loads(p.stdout))
     n = args.pings if cname == "pingpong" else (args.frames or CASES.get(cname, {}).get("frames", 240))
     if cname == "floor":
         n = args.pings if transport == "futexpp" else (args.frames or 240)
@@ -604,19 +916,30 @@ def run_pair(ctx, cname, transport, args, tag):
         return run_c(cname, transport, args)
     cfg = {"stream": f"peers-{os.getpid()}-{tag}", "shm": f"peers-{os.getpid()}-{tag}",
            "frames": args.frames or CASES[cname].get("frames", 0), "seconds": args.seconds,
-           "pings": args.pings, "ipc": f"ipc://{os.environ['FRAMESHM_DIR']}/zmq-{tag}"}
+           "pings": args.pings, "ipc": f"ipc://{os.environ['FRAMESHM_DIR']}/zmq-{tag}",
+           "window": args.window, "start_rate": args.start_rate, "max_rate": args.max_rate,
+           "refine": args.refine, "max_burst": args.max_burst, "pace_us": args.pace_us}
     n = CASES[cname].get("consumers", 1)
     sync = {k: ctx.Event() for k in ("producer_ready", "producer_done")}
     sync["sent"] = ctx.Value("q", 0, lock=False)
     sync["ready"] = ctx.Value("i", 0)
     sync["finished"] = ctx.Value("i", 0)
+    lossless = CASES[cname].get("lossless", False)
+    if lossless:
+        sync["wres"] = ctx.Array("q", MAXW * WFIELDS, lock=False)
+        sync["acked"] = ctx.Value("i", -1, lock=False)
+        sync["ended"] = ctx.Value("i", -1, lock=False)
+        sync["cons_cpu0"] = ctx.Value("q", 0, lock=False)
     out_q = ctx.Queue()
     pcfg, ccfg = dict(cfg), dict(cfg)
     pingpong = CASES[cname].get("pingpong", False)
     if transport == "pipe":
         rx, tx = ctx.Pipe(duplex=pingpong)
         pcfg["conn"], ccfg["conn"] = tx, rx
-    if pingpong:
+    if lossless:
+        procs = [ctx.Process(target=lossless_consumer, args=(transport, ccfg, sync, out_q)),
+                 ctx.Process(target=lossless_producer, args=(transport, pcfg, sync, out_q))]
+    elif pingpong:
         procs = [ctx.Process(target=pingpong_main, args=("ponger", transport, ccfg, sync, out_q)),
                  ctx.Process(target=pingpong_main, args=("pinger", transport, pcfg, sync, out_q))]
     else:
@@ -631,7 +954,7 @@ def run_pair(ctx, cname, transport, args, tag):
     for p in procs:
         p.start()
     res = {}
-    deadline = time.monotonic() + 120
+    deadline = time.monotonic() + (300 if lossless else 120)
     while len(res) < n + 1 and time.monotonic() < deadline:
         try:
             r = out_q.get(timeout=1)
@@ -651,6 +974,8 @@ def run_pair(ctx, cname, transport, args, tag):
         return {"error": "\n".join(errs) or "a process died"}
     cons = [res[f"consumer{i}"] for i in range(n)]
     pr = res["producer"]
+    if lossless:
+        return _lossless_row(pr)
     row = {"sent": pr["sent"], "got": min(c["got"] for c in cons), "lost": sum(c["lost"] for c in cons),
            # CPU per frame handed off: the producer's, and all consumers' together
            "prod_cpu_us": pr["cpu_s"] / max(pr["sent"], 1) * 1e6,
@@ -679,10 +1004,58 @@ def run_pair(ctx, cname, transport, args, tag):
     return row
 
 
+def _lossless_row(pr):
+    """lossless64's row. The figure is the highest rate the producer achieved in a lossless
+    window (with its target, CPU per message, largest burst and slip). limit: "consumer" when
+    the lowest lossy target lost in windows the producer offered at >= 95 % of the target;
+    "producer" when it fell short there too (it ran late: the loss may be the slip's bursts);
+    "cap" when --max-rate was lossless. short: the best window itself was offered below 95 %."""
+    ws = pr["windows"]
+    ok = [x for x in ws if _lossless(x)]
+    row = {"sent": pr["sent"], "fail_rate": pr["fail"], "windows": ws, "best_rate": pr["best"],
+           "producer_max": max(x["achieved"] for x in ws) if ws else None}
+    if ok:
+        w = max(ok, key=lambda x: x["achieved"])
+        row.update(best_rate=w["rate"], max_lossless=w["achieved"], prod_cpu_us=w["prod_cpu_us"],
+                   cons_cpu_us=w["cons_cpu_us"], max_burst=w["max_burst"], late=w["late"],
+                   short=w["achieved"] < 0.95 * w["rate"])
+    if pr["fail"] is not None:
+        fw = [x for x in ws if x["rate"] == pr["fail"]]
+        row["fail_lost"] = [(x["lost"], x["n"]) for x in fw]
+        row["fail_achieved"] = [x["achieved"] for x in fw]
+        row["fail_max_burst"] = [x["max_burst"] for x in fw]
+        row["fail_late"] = [x["late"] for x in fw]
+        row["limit"] = ("consumer" if any(x["achieved"] >= 0.95 * x["rate"] for x in fw)
+                        else "producer")
+    else:
+        row["limit"] = "cap"
+    return row
+
+
 def _line(row, cname, t, run):
     head = f"run {run} {cname:8s} {t:12s}"
     if "error" in row:
         return f"{head} ERROR\n{row['error']}"
+    if cname == "lossless64":
+        steal = f"  steal {row['steal_pct']:.1f} %" if row.get("steal_pct") is not None else ""
+        if row.get("max_lossless") is None:
+            txt = f"{head} no lossless window"
+        else:
+            txt = (f"{head} max lossless {row['max_lossless'] / 1e3:7.1f} k msg/s (target "
+                   f"{row['best_rate'] / 1e3:.1f} k{', SHORT' if row['short'] else ''}; max burst "
+                   f"{row['max_burst']}, late {row['late']})  "
+                   f"cpu/msg prod {row['prod_cpu_us']:.2f} us cons {row['cons_cpu_us']:.2f} us")
+        if row.get("fail_rate") is not None:
+            lost = ", ".join(f"{a} of {b}" for a, b in row["fail_lost"])
+            ach = ", ".join(f"{a / 1e3:.1f} k" for a in row["fail_achieved"])
+            txt += (f"\n{'':31s}next {row['fail_rate'] / 1e3:.1f} k msg/s: lost {lost} "
+                    f"(achieved {ach}; max burst {', '.join(map(str, row['fail_max_burst']))}; "
+                    f"late {', '.join(map(str, row['fail_late']))}); "
+                    f"limit: {row['limit']}")
+        elif row.get("limit") == "cap":
+            txt += f"\n{'':31s}lossless up to --max-rate (limit: cap)"
+        return (txt + f"\n{'':31s}producer's best window {row['producer_max'] / 1e3:.1f} k msg/s; "
+                f"{len(row['windows'])} windows{steal}")
     if cname == "tiny":
         return (f"{head} {row['msgs_per_s'] / 1e3:9.1f} k msg/s  lost {row['lost']} of {row['sent']}  "
                 f"cpu/msg prod {row['prod_cpu_us']:.2f} us cons {row['cons_cpu_us']:.2f} us")
@@ -696,15 +1069,41 @@ def _line(row, cname, t, run):
             f"prod {row['prod_cpu_us']:.1f} us cons {row['cons_cpu_us']:.1f} us")
 
 
+def _lossless_common(results, runs):
+    """lossless64: CPU per message of every transport at the same target rate, the highest
+    one at which every transport of the run had a lossless window (with the rate achieved)."""
+    lines = []
+    for run in runs:
+        rows = [r for r in results if r["case"] == "lossless64" and r["run"] == run and "windows" in r]
+        per = []
+        for r in rows:
+            ok = {}
+            for w in r["windows"]:
+                if _lossless(w):
+                    ok.setdefault(w["rate"], w)
+            per.append((r["transport"], ok))
+        common = set.intersection(*(set(ok) for _, ok in per)) if per else set()
+        if not common:
+            continue
+        rate = max(common)
+        lines.append(f"lossless64 run {run} at target {rate / 1e3:.1f} k msg/s (lossless for all), "
+                     "cpu/msg cons / prod (achieved): " + ", ".join(
+                         f"{t} {ok[rate]['cons_cpu_us']:.2f} / {ok[rate]['prod_cpu_us']:.2f} us "
+                         f"({ok[rate]['achieved'] / 1e3:.1f} k)" for t, ok in per))
+    return lines
+
+
 def summary(results, cases):
     """Per case and run: each frameshm transport's figure ÷ the best peer's (and ÷ iceoryx2's)
     in the same run; view60 also ÷ the futex-wake floor of the same run."""
     lines = []
-    key_of = {"tiny": "msgs_per_s", "flood": "fps", "floodl3": "fps"}
+    key_of = {"tiny": "msgs_per_s", "flood": "fps", "floodl3": "fps", "lossless64": "max_lossless"}
     runs = sorted({r["run"] for r in results})
     for cname in cases:
         if cname == "floor":
             continue
+        if cname == "lossless64":
+            lines += _lossless_common(results, runs)
         key = key_of.get(cname, "median_us")
         higher = cname in THROUGHPUT
         for run in runs:
@@ -718,7 +1117,8 @@ def summary(results, cases):
                 if t in PEERS:
                     continue
                 txt = (f"{cname:8s} run {run} {t:12s} / best peer ({best_t}) = {v / peers[best_t]:.2f}"
-                       + (f"   / iox2 = {v / peers['iox2']:.2f}" if "iox2" in peers and best_t != "iox2" else ""))
+                       + "".join(f"   / {p} = {v / peers[p]:.2f}" for p in ("iox2", "iox2-event")
+                                 if p in peers and best_t != p))
                 floor = [r["median_us"] for r in results if r["case"] == "floor" and r["run"] == run
                          and r["transport"] == "futex60" and "median_us" in r]
                 if cname == "view60" and floor:
@@ -735,6 +1135,16 @@ def main():
     ap.add_argument("--frames", type=int, default=0, help="measured frames of paced cases")
     ap.add_argument("--seconds", type=float, default=3.0, help="duration of the tiny and flood cases")
     ap.add_argument("--pings", type=int, default=2000, help="measured round trips of pingpong")
+    ap.add_argument("--window", type=float, default=2.0, help="seconds per offered rate (lossless64)")
+    ap.add_argument("--start-rate", type=int, default=5000, help="first offered rate, msg/s (lossless64)")
+    ap.add_argument("--max-rate", type=int, default=320000, help="highest offered rate (lossless64)")
+    ap.add_argument("--refine", type=int, default=3, help="bisection steps after doubling (lossless64)")
+    ap.add_argument("--max-burst", type=int, default=16,
+                    help="lossless64: most messages the producer sends back to back when it runs late; "
+                         "beyond that its schedule slips (0: catch up in full)")
+    ap.add_argument("--pace-us", type=int, default=200,
+                    help="lossless64: the producer sleeps until a batch of messages is due, at most this "
+                         "much of its schedule and at most --max-burst/2 messages (0: before every message)")
     ap.add_argument("--json")
     args = ap.parse_args()
     only = set(filter(None, args.transports.split(",")))
@@ -753,12 +1163,16 @@ def main():
                        "../frameshm", "."]).returncode:
         rev += "+dirty"
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
-          f"L3 {l3_bytes() >> 20} MiB; commit {rev}", flush=True)
+          f"L3 {l3_bytes() >> 20} MiB; commit {rev}; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
+          flush=True)
+    ticks0 = cpu_ticks()
     try:
         for run in range(args.runs):
             for cname, t in plan:
+                t0 = cpu_ticks()
                 row = run_pair(ctx, cname, t, args, f"{run}-{cname}-{t}")
-                row.update(run=run, case=cname, transport=t, load=os.getloadavg()[0])
+                row.update(run=run, case=cname, transport=t, load=os.getloadavg()[0],
+                           steal_pct=steal_pct(t0, cpu_ticks()))
                 results.append(row)
                 print(_line(row, cname, t, run), flush=True)
     finally:
@@ -767,7 +1181,10 @@ def main():
         shutil.rmtree(shm_dir, ignore_errors=True)
     for line in summary(results, cases):
         print(line)
-    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end", flush=True)
+    steal = steal_pct(ticks0, cpu_ticks())
+    print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())} at the end; CPU steal over "
+          f"the invocation {'-' if steal is None else f'{steal:.1f} %'}; "
+          f"{time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}", flush=True)
     if args.json:
         with open(args.json, "w") as fh:
             json.dump(results, fh, indent=1)

@@ -10,6 +10,15 @@
  *                             fshm_reader_wait_latest records now - timestamp_ns.
  *   peers_c pingpong N [ring] 64 B ping-pong over two streams (wait_next, publish); half
  *                             round trip.
+ *   peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US [ring]
+ *                             64 B messages (seq, window, window's first and last seq in the
+ *                             payload) published at an offered rate per window of WINDOW_S
+ *                             seconds; the consumer (fshm_reader_wait_next) counts the gaps.
+ *                             Doubling from START_RATE while lossless, then REFINE bisection
+ *                             steps; it sleeps until a batch of PACE_US of schedule (at most
+ *                             MAX_BURST/2 messages) is due; run late, it sends at most
+ *                             MAX_BURST back to back and its schedule slips, as peers.py's
+ *                             lossless64; prints the windows as JSON.
  * "ring" opens the readers with no_queue = 1 (Reader(queue=False)). The first WARMUP
  * samples are dropped. Prints one JSON object: median_us, p90_us, n, cpu per sample.
  * FRAMESHM_DIR is honoured (peers.py sets it to a private directory).
@@ -19,12 +28,14 @@
 #endif
 #include <errno.h>
 #include <linux/futex.h>
+#include <math.h>
 #include <signal.h>
 #include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/mman.h>
+#include <sys/prctl.h>
 #include <sys/resource.h>
 #include <sys/syscall.h>
 #include <sys/wait.h>
@@ -366,10 +377,291 @@ static int pingpong_parent(shared *sh, long n, int ring)
     return rc;
 }
 
+/* ---- lossless64: the highest paced rate a process-all consumer gets with no gap ---- */
+
+#define LL_MAXW 64
+
+typedef struct ll_shared {
+    int64_t ended;   /* last window the producer finished sending */
+    int64_t acked;   /* last window the consumer closed */
+    double cpu0;     /* the consumer's CPU when it became ready */
+    int64_t res[LL_MAXW][4];   /* per window: got, lost, bad, consumer CPU (ns) at close */
+} ll_shared;
+
+static ll_shared *g_ll;
+
+static int64_t load64(int64_t *w)
+{
+    return __atomic_load_n(w, __ATOMIC_ACQUIRE);
+}
+
+/* Consumer: payload = seq, window, first seq of the window, last seq (uint64 each), as the
+ * Python transports. A window closes at its last message, or when, idle, the consumer has
+ * seen the producer end it and then found nothing more to read (its tail was lost). */
+static void lossless_child(shared *sh, int ring)
+{
+    ll_shared *ll = g_ll;
+    fshm_reader *r;
+    if (open_reader(g_stream[0], ring, &r))
+        return fail(sh, "reader_open"), _exit(1);
+    ll->cpu0 = cpu_s(RUSAGE_SELF);
+    store(&sh->ready, 1);
+    futex_wake(&sh->ready);
+    int64_t win = -1, end_seen = -1;
+    int open = 0;
+    uint64_t expect = 0, last = 0, got = 0, lost = 0, bad = 0;
+#define LL_CLOSE()                                                                          \
+    do {                                                                                    \
+        ll->res[win][0] = (int64_t)got;                                                     \
+        ll->res[win][1] = (int64_t)(lost + (last + 1 > expect ? last + 1 - expect : 0));   \
+        ll->res[win][2] = (int64_t)bad;                                                     \
+        ll->res[win][3] = (int64_t)(cpu_s(RUSAGE_SELF) * 1e9);                              \
+        open = 0;                                                                           \
+        __atomic_store_n(&ll->acked, win, __ATOMIC_RELEASE);                                \
+    } while (0)
+    for (;;) {
+        fshm_frame f;
+        int e = fshm_reader_wait_next(r, 10000000, &f);
+        if (e == 0) {
+            uint64_t p[4];
+            memcpy(p, f.data, sizeof p);
+            if ((int64_t)p[1] != win) {
+                if (open)
+                    LL_CLOSE();
+                if (p[1] >= LL_MAXW) {
+                    fail(sh, "window out of range");
+                    break;
+                }
+                win = (int64_t)p[1], open = 1, expect = p[2], last = p[3], got = lost = bad = 0;
+            }
+            if (open && p[0] >= expect) {
+                lost += p[0] - expect;
+                expect = p[0] + 1;
+                got++;
+                if (p[0] == last)
+                    LL_CLOSE();
+            } else {
+                bad++;
+            }
+        } else if (e == -ETIMEDOUT || e == FSHM_E_PRODUCER_DEAD) {
+            if (open) {
+                if (end_seen == win)
+                    LL_CLOSE();
+                else if (load64(&ll->ended) >= win)
+                    end_seen = win;
+            } else if (load(&sh->done)) {
+                break;
+            }
+        } else if (e != -EINTR) {
+            fail(sh, "wait_next");
+            break;
+        }
+    }
+#undef LL_CLOSE
+    sh->cons_cpu = cpu_s(RUSAGE_SELF) - ll->cpu0;
+    fshm_reader_close(r);
+    _exit(0);
+}
+
+typedef struct ll_window {
+    long rate, n, max_burst, late, acked;
+    double achieved, prod_cpu_us, cons_cpu_us;
+    int64_t got, lost, bad;
+} ll_window;
+
+static ll_window g_w[LL_MAXW];
+static int g_nw;
+static uint64_t g_next;
+
+static long g_cap;   /* most messages back to back when run late (0: catch up in full) */
+static long g_pace_us;   /* sleep until a batch of this much schedule is due (0: every message) */
+
+static int ll_window_run(fshm_writer *w, long rate, double window_s)
+{
+    ll_shared *ll = g_ll;
+    if (g_nw >= LL_MAXW)
+        return -1;
+    int k = g_nw++;
+    ll_window *x = &g_w[k];
+    long n = (long)((double)rate * window_s);
+    if (n < 2)
+        n = 2;
+    uint64_t first = g_next, last = g_next + (uint64_t)n - 1;
+    g_next += (uint64_t)n;
+    fshm_tensor t = {.dtype = FSHM_DTYPE_UINT8, .major_order = FSHM_ORDER_ROW, .ndims = 1};
+    t.dims[0] = TINY;
+    uint64_t buf[TINY / 8] = {0};
+    buf[1] = (uint64_t)k, buf[2] = first, buf[3] = last;
+    /* Sleep until a batch of q messages is due (at most g_pace_us of schedule and half the
+     * burst cap): q = 1 sleeps before every message. */
+    long q = (long)((unsigned __int128)rate * (uint64_t)g_pace_us / 1000000u);
+    if (q > (g_cap ? g_cap / 2 : n))
+        q = g_cap ? g_cap / 2 : n;
+    if (q < 1)
+        q = 1;
+    double c0 = cpu_s(RUSAGE_SELF);
+    uint64_t t0 = now_ns(), base = t0;
+    long i = 0, burst = 0, late = 0;
+    while (i < n) {
+        long due = (long)((now_ns() - base) * (unsigned __int128)rate / 1000000000u) + 1;
+        if (due > n)
+            due = n;
+        if (g_cap && due - i > g_cap) {   /* run late by the scheduler: the schedule slips */
+            late += due - i - g_cap;
+            base += (uint64_t)((unsigned __int128)(due - i - g_cap) * 1000000000u / (uint64_t)rate);
+            due = i + g_cap;
+        }
+        if (due - i > burst)
+            burst = due - i;
+        for (; i < due; i++) {
+            buf[0] = first + (uint64_t)i;
+            if (fshm_writer_publish(w, buf, sizeof buf, &t, 0))
+                return fprintf(stderr, "publish: %s\n", fshm_last_error()), -1;
+        }
+        if (i < n) {   /* ahead of the schedule: sleep until message i + q - 1 is due */
+            long j = i + q < n ? i + q - 1 : n - 1;
+            sleep_until(base + (uint64_t)((unsigned __int128)j * 1000000000u / (uint64_t)rate));
+        }
+    }
+    uint64_t t1 = now_ns();
+    double cpu = cpu_s(RUSAGE_SELF) - c0;
+    __atomic_store_n(&ll->ended, k, __ATOMIC_RELEASE);
+    uint64_t until = now_ns() + 2000000000ull;
+    while (load64(&ll->acked) < k && now_ns() < until)
+        usleep(500);
+    x->acked = load64(&ll->acked) >= k;
+    x->rate = rate, x->n = n, x->max_burst = burst, x->late = late;
+    x->achieved = (double)(n - 1) * 1e9 / (double)(t1 - t0 ? t1 - t0 : 1);
+    x->got = ll->res[k][0], x->lost = ll->res[k][1], x->bad = ll->res[k][2];
+    x->prod_cpu_us = cpu / (double)n * 1e6;
+    double prev = k ? (double)ll->res[k - 1][3] / 1e9 : ll->cpu0;
+    x->cons_cpu_us = x->acked ? ((double)ll->res[k][3] / 1e9 - prev) / (double)n * 1e6 : -1;
+    return k;
+}
+
+/* 0: one of two windows at this rate was lossless, 1: both lost, -1: error */
+static int ll_trial(fshm_writer *w, long rate, double window_s)
+{
+    for (int a = 0; a < 2; a++) {
+        int k = ll_window_run(w, rate, window_s);
+        if (k < 0)
+            return -1;
+        ll_window *x = &g_w[k];
+        if (x->acked && x->lost == 0 && x->bad == 0 && x->got == x->n)
+            return 0;
+    }
+    return 1;
+}
+
+/* The producer: the same search as peers.py's lossless_producer. */
+static int lossless_parent(shared *sh, double window_s, long start, long max_rate, int refine)
+{
+    fshm_writer *w;
+    if (open_writer(g_stream[0], 64, TINY, &w))
+        return fprintf(stderr, "writer_open: %s\n", fshm_last_error()), -1;
+    usleep(200000);   /* the reader maps the new epoch */
+    prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);   /* sleeps end on time (as peers.py) */
+    long best = -1, fail_rate = -1, rate = start;
+    int v;
+    for (;;) {
+        if ((v = ll_trial(w, rate, window_s)) < 0)
+            goto out;
+        if (v == 0) {
+            best = rate;
+            if (rate * 2 > max_rate)
+                break;
+            rate *= 2;
+        } else {
+            fail_rate = rate;
+            break;
+        }
+    }
+    while (best < 0 && rate > 1000) {
+        rate /= 2;
+        if ((v = ll_trial(w, rate, window_s)) < 0)
+            goto out;
+        if (v == 0)
+            best = rate;
+        else
+            fail_rate = rate;
+    }
+    for (int s = 0; s < refine && best > 0 && fail_rate > 0; s++) {
+        long mid = (long)(sqrt((double)best * (double)fail_rate) / 100.0 + 0.5) * 100;
+        if (mid <= best || mid >= fail_rate)
+            break;
+        if ((v = ll_trial(w, mid, window_s)) < 0)
+            goto out;
+        if (v == 0)
+            best = mid;
+        else
+            fail_rate = mid;
+    }
+    v = 0;
+out:
+    store(&sh->done, 1);
+    int st;
+    wait(&st);
+    fshm_writer_close(w, 1);
+    if (v < 0 || sh->error)
+        return fprintf(stderr, "consumer: %s\n", sh->msg), -1;
+    printf("{\"mode\": \"lossless64\", \"sent\": %llu, \"best\": ", (unsigned long long)g_next);
+    best > 0 ? printf("%ld", best) : printf("null");
+    printf(", \"fail\": ");
+    fail_rate > 0 ? printf("%ld", fail_rate) : printf("null");
+    printf(", \"windows\": [");
+    for (int k = 0; k < g_nw; k++) {
+        ll_window *x = &g_w[k];
+        printf("%s{\"rate\": %ld, \"n\": %ld, \"achieved\": %.1f, \"max_burst\": %ld, \"late\": %ld, \"acked\": %s, "
+               "\"got\": %lld, \"lost\": %lld, \"bad\": %lld, \"prod_cpu_us\": %.3f, \"cons_cpu_us\": ",
+               k ? ", " : "", x->rate, x->n, x->achieved, x->max_burst, x->late, x->acked ? "true" : "false",
+               (long long)x->got, (long long)x->lost, (long long)x->bad, x->prod_cpu_us);
+        x->cons_cpu_us >= 0 ? printf("%.3f}", x->cons_cpu_us) : printf("null}");
+    }
+    printf("]}\n");
+    return 0;
+}
+
+static int lossless_main(int argc, char **argv)
+{
+    if (argc < 8)
+        return fprintf(stderr, "usage: %s lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US [ring]\n",
+                       argv[0]), 2;
+    double window_s = atof(argv[2]);
+    long start = atol(argv[3]), max_rate = atol(argv[4]);
+    int refine = atoi(argv[5]);
+    g_cap = atol(argv[6]);
+    g_pace_us = atol(argv[7]);
+    int ring = argc > 8 && strcmp(argv[8], "ring") == 0;
+    if (window_s <= 0 || start < 1 || max_rate < start)
+        return fprintf(stderr, "bad arguments\n"), 2;
+    shared *sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    g_ll = mmap(NULL, sizeof *g_ll, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
+    if (sh == MAP_FAILED || g_ll == MAP_FAILED)
+        return perror("mmap"), 1;
+    g_ll->ended = g_ll->acked = -1;
+    snprintf(g_stream[0], sizeof g_stream[0], "peersc-%d-a", (int)getpid());
+    pid_t pid = fork();   /* the reader opens first, as in view60 */
+    if (pid < 0)
+        return perror("fork"), 1;
+    if (pid == 0)
+        lossless_child(sh, ring);
+    uint32_t v;
+    while ((v = load(&sh->ready)) == 0)
+        futex_wait(&sh->ready, v);
+    if (sh->error) {
+        fprintf(stderr, "consumer: %s\n", sh->msg);
+        kill(pid, SIGKILL);
+        return 1;
+    }
+    return lossless_parent(sh, window_s, start, max_rate, refine) ? 1 : 0;
+}
+
 int main(int argc, char **argv)
 {
+    if (argc > 1 && strcmp(argv[1], "lossless64") == 0)
+        return lossless_main(argc, argv);
     if (argc < 3) {
-        fprintf(stderr, "usage: %s futex60|futexpp|view60|pingpong N [ring]\n", argv[0]);
+        fprintf(stderr, "usage: %s futex60|futexpp|view60|pingpong N [ring] | lossless64 ...\n", argv[0]);
         return 2;
     }
     const char *mode = argv[1];
