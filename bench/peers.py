@@ -67,6 +67,10 @@ Transports:
     python bench/peers.py --cases flood,floodl3 --seconds 5
     python bench/peers.py --cases lossless64 --runs 2      # ~2.5 min a run
 
+The lossless64 case lives in bench/peers_lossless.py (its worker mains, its row, line and
+summary helpers, its options and the C helper's lossless64 mode); this script runs it and holds
+the helpers the cases share (_count, _pace, _iox2_service, _await_consumers, _finish, ...).
+
 The header and the last line give the load average and the hypervisor's CPU steal over the
 invocation (/proc/stat); every row its own steal.
 """
@@ -89,6 +93,7 @@ import traceback
 
 import numpy as np
 
+import peers_lossless   # the lossless64 case (it imports this module for the shared helpers)
 from _common import cpu_ticks, steal_pct
 
 CASES = {
@@ -141,6 +146,50 @@ def _iox2_service(case, cfg, suffix=""):
     ev = (node.service_builder(iox2.ServiceName.new(cfg["stream"] + suffix + "/ev")).event()
           .max_listeners(n + 1).open_or_create())
     return iox2, node, svc, ev
+
+
+def _count(v):
+    with v.get_lock():
+        v.value += 1
+
+
+def _await_consumers(sync, n, who):
+    """A producer's start: waits until n consumers are ready (RuntimeError after 30 s), then
+    0.2 s more."""
+    until = time.monotonic() + 30
+    while sync["ready"].value < n:
+        if time.monotonic() > until:
+            raise RuntimeError(f"{who} never became ready")
+        time.sleep(0.01)
+    time.sleep(0.2)
+
+
+def _await_finished(sync, n, seconds=20):
+    """A producer's end: waits (at most seconds) until n consumers are finished, so that none
+    meets a closed stream."""
+    until = time.monotonic() + seconds
+    while sync["finished"].value < n and time.monotonic() < until:
+        time.sleep(0.01)
+
+
+def _finish(out_q, out, keep, sync=None, *, cpu0=False, **fields):
+    """The `finally:` of every worker main. A consumer (sync given) counts itself ready, so
+    that a producer still waiting goes on, and finished. Then what keep holds is closed, last
+    first (a callable is called instead), out gets fields (with cpu0, a time.process_time()
+    or None, also cpu_s: the CPU seconds since then, taken after the closes; 0.0 for None)
+    and goes to out_q."""
+    if sync is not None:
+        _count(sync["ready"])
+        _count(sync["finished"])
+    for k in reversed(keep):
+        if callable(k):
+            k()
+        elif hasattr(k, "close"):
+            k.close()
+    if cpu0 is not False:
+        fields["cpu_s"] = time.process_time() - cpu0 if cpu0 is not None else 0.0
+    out.update(fields)
+    out_q.put(out)
 
 
 def producer_main(cname, transport, cfg, sync, out_q):
@@ -213,12 +262,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
         else:
             raise ValueError(transport)
         sync["producer_ready"].set()
-        until = time.monotonic() + 30
-        while sync["ready"].value < case.get("consumers", 1):
-            if time.monotonic() > until:
-                raise RuntimeError("the consumers never became ready")
-            time.sleep(0.01)
-        time.sleep(0.2)
+        _await_consumers(sync, case.get("consumers", 1), "the consumers")
         cpu0 = time.process_time()
         if case["fps"]:
             period = int(1e9 / case["fps"])
@@ -244,24 +288,12 @@ def producer_main(cname, transport, cfg, sync, out_q):
         out["cpu_s"] = time.process_time() - cpu0
         sync["sent"].value = out["sent"]
         sync["producer_done"].set()
-        until = time.monotonic() + 20
-        while sync["finished"].value < case.get("consumers", 1) and time.monotonic() < until:
-            time.sleep(0.01)
+        _await_finished(sync, case.get("consumers", 1))
     except BaseException:
         out["error"] = traceback.format_exc()
         sync["producer_done"].set()
     finally:
-        for k in reversed(keep):
-            if callable(k):
-                k()
-            elif hasattr(k, "close"):
-                k.close()
-        out_q.put(out)
-
-
-def _count(v):
-    with v.get_lock():
-        v.value += 1
+        _finish(out_q, out, keep)
 
 
 def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
@@ -413,14 +445,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
     except BaseException:
         out["error"] = traceback.format_exc()
     finally:
-        _count(sync["ready"])
-        _count(sync["finished"])
-        for k in reversed(keep):
-            if hasattr(k, "close"):
-                k.close()
-        out.update(got=got, lost=lost, lat=lat, seqs=seqs,
-                   cpu_s=time.process_time() - cpu0 if cpu0 is not None else 0.0)
-        out_q.put(out)
+        _finish(out_q, out, keep, sync, cpu0=cpu0, got=got, lost=lost, lat=lat, seqs=seqs)
 
 
 def _pingpong_ends(transport, cfg, role, keep):
@@ -533,12 +558,7 @@ def pingpong_main(role, transport, cfg, sync, out_q):
         send, recv = _pingpong_ends(transport, cfg, role, keep)
         if role == "pinger":
             sync["producer_ready"].set()
-            until = time.monotonic() + 30
-            while sync["ready"].value < 1:
-                if time.monotonic() > until:
-                    raise RuntimeError("the ponger never became ready")
-                time.sleep(0.01)
-            time.sleep(0.2)
+            _await_consumers(sync, 1, "the ponger")
             cpu0 = time.process_time()
             for i in range(warmup + n):
                 t0 = now()
@@ -565,294 +585,10 @@ def pingpong_main(role, transport, cfg, sync, out_q):
         sync["producer_done"].set()
         sync["producer_ready"].set()
     finally:
-        if role == "ponger":
-            _count(sync["ready"])
-            _count(sync["finished"])
-        else:   # the ponger's last pong must not meet a closed stream
-            until = time.monotonic() + 10
-            while sync["finished"].value < 1 and time.monotonic() < until:
-                time.sleep(0.01)
-        for k in reversed(keep):
-            if callable(k):
-                k()
-            elif hasattr(k, "close"):
-                k.close()
-        out.update(got=got, lost=0, lat=lat, seqs=[],
-                   cpu_s=time.process_time() - cpu0 if cpu0 is not None else 0.0)
-        out_q.put(out)
-
-
-# --- lossless64: the highest paced rate a process-all consumer keeps up with -----------------
-
-P64 = struct.Struct("<qqqq")   # seq, window, first seq of the window, last seq of the window
-MAXW = 64                      # windows per (case, transport) at most
-WFIELDS = 4                    # per window, written by the consumer: got, lost, bad, cpu_ns
-
-
-def _lossless(w):
-    return w["acked"] and w["lost"] == 0 and w["bad"] == 0 and w["got"] == w["n"]
-
-
-def lossless_producer(transport, cfg, sync, out_q):
-    """Sends windows of 64-byte messages, each paced at one offered rate, and chooses the next
-    rate from what the consumer counted in the last window (its gaps in the sequence numbers
-    inside the payloads): doubling from --start-rate while a window is lossless, then
-    --refine geometric bisection steps between the highest lossless rate and the lowest lossy
-    one. A rate that loses is tried once more (the same rule for every transport) before it
-    counts as lost. Each window records the rate the producer achieved (_lossless_row tells
-    a consumer's limit from a producer that could not offer the rate)."""
-    case = CASES["lossless64"]
-    out = {"role": "producer"}
-    keep, windows = [], []
-    try:
-        if transport.startswith("fshm"):
-            import frameshm
-
-            w = frameshm.Writer(cfg["stream"], shape=(64,), dtype="uint8", nslots=case["nslots"])
-            keep.append(w)
-            loan, commit, pack_into = w.loan, w.commit, P64.pack_into
-
-            def send(seq, win, first, last):
-                pack_into(loan(), 0, seq, win, first, last)
-                commit()
-        elif transport in ("iox2", "iox2-event"):
-            iox2, node, svc, ev = _iox2_service(case, cfg)
-            pub = svc.publisher_builder().initial_max_slice_len(64).create()
-            notifier = ev.notifier_builder().create()
-            keep += [node, svc, ev, pub, notifier]
-            loan_slice, memmove, pack = pub.loan_slice_uninit, ctypes.memmove, P64.pack
-            notify = notifier.notify if transport == "iox2-event" else None
-
-            def send(seq, win, first, last):
-                s = loan_slice(64)
-                memmove(s.payload_ptr, pack(seq, win, first, last), 32)
-                s.assume_init().send()
-                if notify is not None:
-                    notify()
-        else:
-            raise ValueError(transport)
-        sync["producer_ready"].set()
-        until = time.monotonic() + 30
-        while sync["ready"].value < 1:
-            if time.monotonic() > until:
-                raise RuntimeError("the consumer never became ready")
-            time.sleep(0.01)
-        time.sleep(0.2)
-        wres, acked, ended = sync["wres"], sync["acked"], sync["ended"]
-        clock, sleep = time.monotonic_ns, time.sleep
-        ctypes.CDLL(None).prctl(29, 1, 0, 0, 0)   # PR_SET_TIMERSLACK 1 ns: sleeps end on time
-        nxt = 0
-        cap = cfg["max_burst"]
-
-        def window(rate):
-            nonlocal nxt
-            k = len(windows)
-            if k >= MAXW:
-                raise RuntimeError("too many windows")
-            n = max(2, int(rate * cfg["window"]))
-            first, last = nxt, nxt + n - 1
-            nxt += n
-            # Sleep until a batch of q messages is due (at most pace_us of schedule, at most
-            # half the burst cap): q = 1 sleeps before every message.
-            q = max(1, min(cap // 2 if cap else n, rate * cfg["pace_us"] // 1_000_000))
-            c0 = time.process_time()
-            t0 = base = clock()
-            i = burst = late = 0
-            while i < n:
-                due = min(n, (clock() - base) * rate // 1_000_000_000 + 1)   # messages due by now
-                if cap and due - i > cap:   # run late by the scheduler: the schedule slips
-                    late += due - i - cap
-                    base += (due - i - cap) * 1_000_000_000 // rate
-                    due = i + cap
-                if due - i > burst:
-                    burst = due - i
-                while i < due:
-                    send(first + i, k, first, last)
-                    i += 1
-                if i < n:   # ahead of the schedule: sleep until message i + q - 1 is due
-                    d = base + (min(i + q, n) - 1) * 1_000_000_000 // rate - clock()
-                    if d > 0:
-                        sleep(d / 1e9)
-            t1 = clock()
-            cpu = time.process_time() - c0
-            ended.value = k
-            until = time.monotonic() + 2.0
-            while acked.value < k and time.monotonic() < until:
-                sleep(0.0005)
-            got, lost, bad, cpu_ns = wres[k * WFIELDS:(k + 1) * WFIELDS]
-            prev = wres[(k - 1) * WFIELDS + 3] if k else sync["cons_cpu0"].value
-            row = {"rate": rate, "n": n, "achieved": (n - 1) * 1e9 / max(t1 - t0, 1),
-                   "max_burst": int(burst), "late": int(late), "acked": acked.value >= k, "got": got, "lost": lost,
-                   "bad": bad, "prod_cpu_us": cpu / n * 1e6,
-                   "cons_cpu_us": (cpu_ns - prev) / 1e3 / n if acked.value >= k else None}
-            windows.append(row)
-            return row
-
-        def trial(rate):
-            """True if one of two windows at this rate was lossless (the same rule for every
-            transport: a single loss may be a scheduling hiccup, two in a row is a limit)."""
-            for _ in range(2):
-                if _lossless(window(rate)):
-                    return True
-            return False
-
-        best, fail = None, None
-        rate = cfg["start_rate"]
-        while True:   # doubling
-            if trial(rate):
-                best = rate
-                if rate * 2 > cfg["max_rate"]:
-                    break
-                rate *= 2
-            else:
-                fail = rate
-                break
-        while best is None and rate > 1000:   # even the start rate lost: halve
-            rate //= 2
-            if trial(rate):
-                best = rate
-            else:
-                fail = rate
-        for _ in range(cfg["refine"] if best is not None and fail is not None else 0):
-            mid = int(round((best * fail) ** 0.5, -2))
-            if mid <= best or mid >= fail:
-                break
-            if trial(mid):
-                best = mid
-            else:
-                fail = mid
-        out.update(best=best, fail=fail, windows=windows, sent=nxt)
-        sync["producer_done"].set()
-        until = time.monotonic() + 20
-        while sync["finished"].value < 1 and time.monotonic() < until:
-            time.sleep(0.01)
-    except BaseException:
-        out["error"] = traceback.format_exc()
-        sync["producer_done"].set()
-    finally:
-        for k in reversed(keep):
-            if hasattr(k, "close"):
-                k.close()
-        out_q.put(out)
-
-
-def lossless_consumer(transport, cfg, sync, out_q):
-    """Process-all consumer of lossless64: reads the sequence number, window and the window's
-    first/last seq from every message's payload and counts per window what it got, what the
-    gaps in the sequence lost (including a lost tail), and messages out of order. A window is
-    closed when its last message arrives, or when the consumer, idle, has seen the producer
-    mark the window ended and then found nothing more to read."""
-    out = {"role": "consumer0"}
-    keep = []
-    got = 0
-    try:
-        if not sync["producer_ready"].wait(30):
-            raise RuntimeError("producer never became ready")
-        wres, acked, ended = sync["wres"], sync["acked"], sync["ended"]
-        done = sync["producer_done"].is_set
-        unpack_from, cpu_ns = P64.unpack_from, time.process_time_ns
-        st = {"win": -1, "open": False, "expect": 0, "last": 0, "got": 0, "lost": 0, "bad": 0,
-              "end_seen": -1}
-
-        def close():
-            k = st["win"]
-            lost = st["lost"] + max(0, st["last"] + 1 - st["expect"])   # a lost tail
-            wres[k * WFIELDS:(k + 1) * WFIELDS] = [st["got"], lost, st["bad"], cpu_ns()]
-            st["open"] = False
-            acked.value = k
-
-        def on(seq, win, first, last):
-            if win != st["win"]:
-                if st["open"]:
-                    close()
-                st.update(win=win, open=True, expect=first, last=last, got=0, lost=0, bad=0)
-            if seq >= st["expect"] and st["open"]:
-                st["lost"] += seq - st["expect"]   # the gap before this message
-                st["expect"] = seq + 1
-                st["got"] += 1
-                if seq == last:
-                    close()
-            else:
-                st["bad"] += 1   # duplicate, out of order, or after its window was closed
-
-        def idle():
-            """True when the case is over. Closes a window whose end the producer marked and
-            after which a whole read attempt found nothing (its tail was lost)."""
-            if st["open"]:
-                if st["end_seen"] == st["win"]:
-                    close()
-                elif ended.value >= st["win"]:
-                    st["end_seen"] = st["win"]
-                return False
-            return done()
-
-        if transport.startswith("fshm"):
-            import frameshm
-
-            r = frameshm.Reader(cfg["stream"], consumer="bench0",
-                                **({"queue": False} if transport == "fshm-ring" else {}))
-            keep.append(r)
-            wait_next, Timeout = r.wait_next, frameshm.Timeout
-            sync["cons_cpu0"].value = cpu_ns()
-            _count(sync["ready"])
-            while True:
-                try:
-                    f = wait_next(0.01)
-                except Timeout:
-                    if idle():
-                        break
-                    continue
-                on(*unpack_from(f.array, 0))
-                got += 1
-                del f
-        elif transport in ("iox2", "iox2-event"):
-            iox2, node, svc, ev = _iox2_service(CASES["lossless64"], cfg)
-            sub = svc.subscriber_builder().create()
-            listener = ev.listener_builder().create()
-            keep += [node, svc, ev, sub, listener]
-            receive, string_at = sub.receive, ctypes.string_at
-            sync["cons_cpu0"].value = cpu_ns()
-            _count(sync["ready"])
-            if transport == "iox2":   # busy-poll, as tiny
-                empty = 0
-                while True:
-                    s = receive()
-                    if s is None:
-                        empty += 1
-                        if empty >= 1000:
-                            empty = 0
-                            if idle():
-                                break
-                        continue
-                    on(*unpack_from(string_at(s.payload_ptr, 32), 0))
-                    got += 1
-                    del s
-            else:   # block on the event service, then take every sample there is
-                timed_wait, tmo = listener.timed_wait, iox2.Duration.from_millis(10)
-                while True:
-                    timed_wait(tmo)
-                    n0 = got
-                    while True:
-                        s = receive()
-                        if s is None:
-                            break
-                        on(*unpack_from(string_at(s.payload_ptr, 32), 0))
-                        got += 1
-                        del s
-                    if got == n0 and idle():
-                        break
-        else:
-            raise ValueError(transport)
-    except BaseException:
-        out["error"] = traceback.format_exc()
-    finally:
-        _count(sync["ready"])
-        _count(sync["finished"])
-        for k in reversed(keep):
-            if hasattr(k, "close"):
-                k.close()
-        out.update(got=got)
-        out_q.put(out)
+        if role == "pinger":   # the ponger's last pong must not meet a closed stream
+            _await_finished(sync, 1, 10)
+        _finish(out_q, out, keep, sync if role == "ponger" else None, cpu0=cpu0,
+                got=got, lost=0, lat=lat, seqs=[])
 
 
 def thrash_main(nbytes, stop):
@@ -881,32 +617,32 @@ def l3_bytes():
     return best
 
 
-def run_c(cname, transport, args):
-    """One run of the C helper: it forks its own producer and consumer."""
-    mode = list(C_MODES[(cname, transport)])
-    if cname == "lossless64":   # peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US [ring]
-        mode[1:1] = [str(args.window), str(args.start_rate), str(args.max_rate), str(args.refine),
-                     str(args.max_burst), str(args.pace_us)]
-        try:
-            p = subprocess.run([os.path.join(BENCH, "peers_c")] + mode, capture_output=True,
-                               text=True, timeout=300)
-        except (OSError, subprocess.TimeoutExpired) as e:
-            return {"error": f"peers_c: {e}"}
-        if p.returncode != 0:
-            return {"error": f"peers_c {' '.join(mode)}: rc {p.returncode}: {p.stderr.strip()}"}
-        return _lossless_row(json.loads(p.stdout))
-    n = args.pings if cname == "pingpong" else (args.frames or CASES.get(cname, {}).get("frames", 240))
-    if cname == "floor":
-        n = args.pings if transport == "futexpp" else (args.frames or 240)
-    mode[1:2] = [str(n)]
-    exe = os.path.join(BENCH, "peers_c")
+def _peers_c(mode, timeout):
+    """Runs the C helper with these arguments: the JSON object it prints, or {"error": ...}."""
     try:
-        p = subprocess.run([exe] + mode, capture_output=True, text=True, timeout=120)
+        p = subprocess.run([os.path.join(BENCH, "peers_c")] + mode, capture_output=True, text=True,
+                           timeout=timeout)
     except (OSError, subprocess.TimeoutExpired) as e:
         return {"error": f"peers_c: {e}"}
     if p.returncode != 0:
         return {"error": f"peers_c {' '.join(mode)}: rc {p.returncode}: {p.stderr.strip()}"}
-    r = json.loads(p.stdout)
+    return json.loads(p.stdout)
+
+
+def run_c(cname, transport, args):
+    """One run of the C helper: it forks its own producer and consumer."""
+    mode = list(C_MODES[(cname, transport)])
+    if cname == "lossless64":   # peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US [ring]
+        mode[1:1] = peers_lossless.c_args(args)
+        r = _peers_c(mode, 300)
+        return r if "error" in r else peers_lossless.lossless_row(r)
+    n = args.pings if cname == "pingpong" else (args.frames or CASES.get(cname, {}).get("frames", 240))
+    if cname == "floor":
+        n = args.pings if transport == "futexpp" else (args.frames or 240)
+    mode[1:2] = [str(n)]
+    r = _peers_c(mode, 120)
+    if "error" in r:
+        return r
     return {"sent": r["sent"], "got": r["n"], "lost": 0, "prod_cpu_us": r["prod_cpu_us"],
             "cons_cpu_us": r["cons_cpu_us"], "median_us": r["median_us"], "p90_us": r["p90_us"]}
 
@@ -917,8 +653,7 @@ def run_pair(ctx, cname, transport, args, tag):
     cfg = {"stream": f"peers-{os.getpid()}-{tag}", "shm": f"peers-{os.getpid()}-{tag}",
            "frames": args.frames or CASES[cname].get("frames", 0), "seconds": args.seconds,
            "pings": args.pings, "ipc": f"ipc://{os.environ['FRAMESHM_DIR']}/zmq-{tag}",
-           "window": args.window, "start_rate": args.start_rate, "max_rate": args.max_rate,
-           "refine": args.refine, "max_burst": args.max_burst, "pace_us": args.pace_us}
+           **peers_lossless.worker_cfg(args)}
     n = CASES[cname].get("consumers", 1)
     sync = {k: ctx.Event() for k in ("producer_ready", "producer_done")}
     sync["sent"] = ctx.Value("q", 0, lock=False)
@@ -926,10 +661,7 @@ def run_pair(ctx, cname, transport, args, tag):
     sync["finished"] = ctx.Value("i", 0)
     lossless = CASES[cname].get("lossless", False)
     if lossless:
-        sync["wres"] = ctx.Array("q", MAXW * WFIELDS, lock=False)
-        sync["acked"] = ctx.Value("i", -1, lock=False)
-        sync["ended"] = ctx.Value("i", -1, lock=False)
-        sync["cons_cpu0"] = ctx.Value("q", 0, lock=False)
+        peers_lossless.add_sync(ctx, sync)
     out_q = ctx.Queue()
     pcfg, ccfg = dict(cfg), dict(cfg)
     pingpong = CASES[cname].get("pingpong", False)
@@ -937,8 +669,8 @@ def run_pair(ctx, cname, transport, args, tag):
         rx, tx = ctx.Pipe(duplex=pingpong)
         pcfg["conn"], ccfg["conn"] = tx, rx
     if lossless:
-        procs = [ctx.Process(target=lossless_consumer, args=(transport, ccfg, sync, out_q)),
-                 ctx.Process(target=lossless_producer, args=(transport, pcfg, sync, out_q))]
+        procs = [ctx.Process(target=peers_lossless.lossless_consumer, args=(transport, ccfg, sync, out_q)),
+                 ctx.Process(target=peers_lossless.lossless_producer, args=(transport, pcfg, sync, out_q))]
     elif pingpong:
         procs = [ctx.Process(target=pingpong_main, args=("ponger", transport, ccfg, sync, out_q)),
                  ctx.Process(target=pingpong_main, args=("pinger", transport, pcfg, sync, out_q))]
@@ -975,7 +707,7 @@ def run_pair(ctx, cname, transport, args, tag):
     cons = [res[f"consumer{i}"] for i in range(n)]
     pr = res["producer"]
     if lossless:
-        return _lossless_row(pr)
+        return peers_lossless.lossless_row(pr)
     row = {"sent": pr["sent"], "got": min(c["got"] for c in cons), "lost": sum(c["lost"] for c in cons),
            # CPU per frame handed off: the producer's, and all consumers' together
            "prod_cpu_us": pr["cpu_s"] / max(pr["sent"], 1) * 1e6,
@@ -1004,58 +736,12 @@ def run_pair(ctx, cname, transport, args, tag):
     return row
 
 
-def _lossless_row(pr):
-    """lossless64's row. The figure is the highest rate the producer achieved in a lossless
-    window (with its target, CPU per message, largest burst and slip). limit: "consumer" when
-    the lowest lossy target lost in windows the producer offered at >= 95 % of the target;
-    "producer" when it fell short there too (it ran late: the loss may be the slip's bursts);
-    "cap" when --max-rate was lossless. short: the best window itself was offered below 95 %."""
-    ws = pr["windows"]
-    ok = [x for x in ws if _lossless(x)]
-    row = {"sent": pr["sent"], "fail_rate": pr["fail"], "windows": ws, "best_rate": pr["best"],
-           "producer_max": max(x["achieved"] for x in ws) if ws else None}
-    if ok:
-        w = max(ok, key=lambda x: x["achieved"])
-        row.update(best_rate=w["rate"], max_lossless=w["achieved"], prod_cpu_us=w["prod_cpu_us"],
-                   cons_cpu_us=w["cons_cpu_us"], max_burst=w["max_burst"], late=w["late"],
-                   short=w["achieved"] < 0.95 * w["rate"])
-    if pr["fail"] is not None:
-        fw = [x for x in ws if x["rate"] == pr["fail"]]
-        row["fail_lost"] = [(x["lost"], x["n"]) for x in fw]
-        row["fail_achieved"] = [x["achieved"] for x in fw]
-        row["fail_max_burst"] = [x["max_burst"] for x in fw]
-        row["fail_late"] = [x["late"] for x in fw]
-        row["limit"] = ("consumer" if any(x["achieved"] >= 0.95 * x["rate"] for x in fw)
-                        else "producer")
-    else:
-        row["limit"] = "cap"
-    return row
-
-
 def _line(row, cname, t, run):
     head = f"run {run} {cname:8s} {t:12s}"
     if "error" in row:
         return f"{head} ERROR\n{row['error']}"
     if cname == "lossless64":
-        steal = f"  steal {row['steal_pct']:.1f} %" if row.get("steal_pct") is not None else ""
-        if row.get("max_lossless") is None:
-            txt = f"{head} no lossless window"
-        else:
-            txt = (f"{head} max lossless {row['max_lossless'] / 1e3:7.1f} k msg/s (target "
-                   f"{row['best_rate'] / 1e3:.1f} k{', SHORT' if row['short'] else ''}; max burst "
-                   f"{row['max_burst']}, late {row['late']})  "
-                   f"cpu/msg prod {row['prod_cpu_us']:.2f} us cons {row['cons_cpu_us']:.2f} us")
-        if row.get("fail_rate") is not None:
-            lost = ", ".join(f"{a} of {b}" for a, b in row["fail_lost"])
-            ach = ", ".join(f"{a / 1e3:.1f} k" for a in row["fail_achieved"])
-            txt += (f"\n{'':31s}next {row['fail_rate'] / 1e3:.1f} k msg/s: lost {lost} "
-                    f"(achieved {ach}; max burst {', '.join(map(str, row['fail_max_burst']))}; "
-                    f"late {', '.join(map(str, row['fail_late']))}); "
-                    f"limit: {row['limit']}")
-        elif row.get("limit") == "cap":
-            txt += f"\n{'':31s}lossless up to --max-rate (limit: cap)"
-        return (txt + f"\n{'':31s}producer's best window {row['producer_max'] / 1e3:.1f} k msg/s; "
-                f"{len(row['windows'])} windows{steal}")
+        return peers_lossless.lossless_line(row, head)
     if cname == "tiny":
         return (f"{head} {row['msgs_per_s'] / 1e3:9.1f} k msg/s  lost {row['lost']} of {row['sent']}  "
                 f"cpu/msg prod {row['prod_cpu_us']:.2f} us cons {row['cons_cpu_us']:.2f} us")
@@ -1069,30 +755,6 @@ def _line(row, cname, t, run):
             f"prod {row['prod_cpu_us']:.1f} us cons {row['cons_cpu_us']:.1f} us")
 
 
-def _lossless_common(results, runs):
-    """lossless64: CPU per message of every transport at the same target rate, the highest
-    one at which every transport of the run had a lossless window (with the rate achieved)."""
-    lines = []
-    for run in runs:
-        rows = [r for r in results if r["case"] == "lossless64" and r["run"] == run and "windows" in r]
-        per = []
-        for r in rows:
-            ok = {}
-            for w in r["windows"]:
-                if _lossless(w):
-                    ok.setdefault(w["rate"], w)
-            per.append((r["transport"], ok))
-        common = set.intersection(*(set(ok) for _, ok in per)) if per else set()
-        if not common:
-            continue
-        rate = max(common)
-        lines.append(f"lossless64 run {run} at target {rate / 1e3:.1f} k msg/s (lossless for all), "
-                     "cpu/msg cons / prod (achieved): " + ", ".join(
-                         f"{t} {ok[rate]['cons_cpu_us']:.2f} / {ok[rate]['prod_cpu_us']:.2f} us "
-                         f"({ok[rate]['achieved'] / 1e3:.1f} k)" for t, ok in per))
-    return lines
-
-
 def summary(results, cases):
     """Per case and run: each frameshm transport's figure ÷ the best peer's (and ÷ iceoryx2's)
     in the same run; view60 also ÷ the futex-wake floor of the same run."""
@@ -1103,7 +765,7 @@ def summary(results, cases):
         if cname == "floor":
             continue
         if cname == "lossless64":
-            lines += _lossless_common(results, runs)
+            lines += peers_lossless.lossless_common(results, runs)
         key = key_of.get(cname, "median_us")
         higher = cname in THROUGHPUT
         for run in runs:
@@ -1135,16 +797,7 @@ def main():
     ap.add_argument("--frames", type=int, default=0, help="measured frames of paced cases")
     ap.add_argument("--seconds", type=float, default=3.0, help="duration of the tiny and flood cases")
     ap.add_argument("--pings", type=int, default=2000, help="measured round trips of pingpong")
-    ap.add_argument("--window", type=float, default=2.0, help="seconds per offered rate (lossless64)")
-    ap.add_argument("--start-rate", type=int, default=5000, help="first offered rate, msg/s (lossless64)")
-    ap.add_argument("--max-rate", type=int, default=320000, help="highest offered rate (lossless64)")
-    ap.add_argument("--refine", type=int, default=3, help="bisection steps after doubling (lossless64)")
-    ap.add_argument("--max-burst", type=int, default=16,
-                    help="lossless64: most messages the producer sends back to back when it runs late; "
-                         "beyond that its schedule slips (0: catch up in full)")
-    ap.add_argument("--pace-us", type=int, default=200,
-                    help="lossless64: the producer sleeps until a batch of messages is due, at most this "
-                         "much of its schedule and at most --max-burst/2 messages (0: before every message)")
+    peers_lossless.add_args(ap)
     ap.add_argument("--json")
     args = ap.parse_args()
     only = set(filter(None, args.transports.split(",")))
