@@ -17,8 +17,8 @@
  *                             Doubling from START_RATE while lossless, then REFINE bisection
  *                             steps; it sleeps until a batch of PACE_US of schedule (at most
  *                             MAX_BURST/2 messages) is due; run late, it sends at most
- *                             MAX_BURST back to back and its schedule slips, as peers.py's
- *                             lossless64; prints the windows as JSON.
+ *                             MAX_BURST back to back and its schedule slips, as
+ *                             peers_lossless.py's producer; prints the windows as JSON.
  * "ring" opens the readers with no_queue = 1 (Reader(queue=False)). The first WARMUP
  * samples are dropped. Prints one JSON object: median_us, p90_us, n, cpu per sample.
  * FRAMESHM_DIR is honoured (peers.py sets it to a private directory).
@@ -138,6 +138,21 @@ static void consumer_exit(shared *sh, double c0)
 {
     sh->cons_cpu = cpu_s(RUSAGE_SELF) - c0;
     _exit(0);
+}
+
+/* The parent's wait for the forked consumer (child pid) to set itself up: 0 once it is
+ * ready; -1 if it failed (its message printed, the child killed). */
+static int consumer_ready(shared *sh, pid_t pid)
+{
+    uint32_t v;
+    while ((v = load(&sh->ready)) == 0)
+        futex_wait(&sh->ready, v);
+    if (sh->error) {
+        fprintf(stderr, "consumer: %s\n", sh->msg);
+        kill(pid, SIGKILL);
+        return -1;
+    }
+    return 0;
 }
 
 /* ---- futex floor ---- */
@@ -553,48 +568,46 @@ static int ll_trial(fshm_writer *w, long rate, double window_s)
     return 1;
 }
 
-/* The producer: the same search as peers.py's lossless_producer. */
+/* One trial at this rate, which becomes best (one of its windows lossless) or fail_rate (both
+ * lost): 0 lossless, 1 lossy, -1 error. */
+static int ll_step(fshm_writer *w, long rate, double window_s, long *best, long *fail_rate)
+{
+    int v = ll_trial(w, rate, window_s);
+    if (v == 0)
+        *best = rate;
+    else if (v > 0)
+        *fail_rate = rate;
+    return v;
+}
+
+/* The producer: the same search as peers_lossless.py's lossless_producer. */
 static int lossless_parent(shared *sh, double window_s, long start, long max_rate, int refine)
 {
     fshm_writer *w;
     if (open_writer(g_stream[0], 64, TINY, &w))
         return fprintf(stderr, "writer_open: %s\n", fshm_last_error()), -1;
     usleep(200000);   /* the reader maps the new epoch */
-    prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);   /* sleeps end on time (as peers.py) */
+    prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);   /* sleeps end on time (as peers_lossless.py) */
     long best = -1, fail_rate = -1, rate = start;
     int v;
-    for (;;) {
-        if ((v = ll_trial(w, rate, window_s)) < 0)
+    for (;;) {   /* doubling while lossless */
+        if ((v = ll_step(w, rate, window_s, &best, &fail_rate)) < 0)
             goto out;
-        if (v == 0) {
-            best = rate;
-            if (rate * 2 > max_rate)
-                break;
-            rate *= 2;
-        } else {
-            fail_rate = rate;
+        if (v > 0 || rate * 2 > max_rate)
             break;
-        }
+        rate *= 2;
     }
-    while (best < 0 && rate > 1000) {
+    while (best < 0 && rate > 1000) {   /* even the start rate lost: halve */
         rate /= 2;
-        if ((v = ll_trial(w, rate, window_s)) < 0)
+        if ((v = ll_step(w, rate, window_s, &best, &fail_rate)) < 0)
             goto out;
-        if (v == 0)
-            best = rate;
-        else
-            fail_rate = rate;
     }
     for (int s = 0; s < refine && best > 0 && fail_rate > 0; s++) {
         long mid = (long)(sqrt((double)best * (double)fail_rate) / 100.0 + 0.5) * 100;
         if (mid <= best || mid >= fail_rate)
             break;
-        if ((v = ll_trial(w, mid, window_s)) < 0)
+        if ((v = ll_step(w, mid, window_s, &best, &fail_rate)) < 0)
             goto out;
-        if (v == 0)
-            best = mid;
-        else
-            fail_rate = mid;
     }
     v = 0;
 out:
@@ -645,14 +658,8 @@ static int lossless_main(int argc, char **argv)
         return perror("fork"), 1;
     if (pid == 0)
         lossless_child(sh, ring);
-    uint32_t v;
-    while ((v = load(&sh->ready)) == 0)
-        futex_wait(&sh->ready, v);
-    if (sh->error) {
-        fprintf(stderr, "consumer: %s\n", sh->msg);
-        kill(pid, SIGKILL);
+    if (consumer_ready(sh, pid))
         return 1;
-    }
     return lossless_parent(sh, window_s, start, max_rate, refine) ? 1 : 0;
 }
 
@@ -689,14 +696,8 @@ int main(int argc, char **argv)
             view60_child(sh, n, ring);
         pingpong_child(sh, n, ring);
     }
-    uint32_t v;
-    while ((v = load(&sh->ready)) == 0)
-        futex_wait(&sh->ready, v);
-    if (sh->error) {
-        fprintf(stderr, "consumer: %s\n", sh->msg);
-        kill(pid, SIGKILL);
+    if (consumer_ready(sh, pid))
         return 1;
-    }
     loop_starts();   /* the fshm modes restart it after their setup */
     int rc = 0;
     if (!strcmp(mode, "futex60"))
