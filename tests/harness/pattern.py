@@ -145,7 +145,9 @@ def _overwrite_explains(a: np.ndarray, fmt: str, native: str, n: int, bad: np.nd
 
 def check_frame(frame, fmt: str, native: str, tolerance: int = 0) -> Tuple[int, int]:
     """Checks a delivered frame against the camera's pattern; returns (counter, ts_us)."""
-    a = np.asarray(frame)
+    # One snapshot: a zero-copy view of a buffer the emulation rewrites (see below) could
+    # change between two reads of it (the pattern check, then the raw counter).
+    a = np.array(frame, copy=True)
     n, ts_us = decode(a, fmt)
     h, w = a.shape[0], a.shape[1]
     want = expected(fmt, native, w, h, n, ts_us)
