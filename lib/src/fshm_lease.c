@@ -2,7 +2,8 @@
  *
  * A lease is attached synchronously; then a background thread owns the socket: it sends
  * ShmLeaseKeepalive well before the lease would expire and reads what the driver pushes
- * (ShmLeaseRevoked, ShmPoolAnnounce, ShmDriverShutdown). Writers and readers only look
+ * (ShmLeaseRevoked, ShmPoolAnnounce, ShmDriverShutdown, and the ShmControlResponse to a
+ * sealed consumer's request: fshm_lease_requests.c). Writers and readers only look
  * at the lease's atomic state on their own schedule, so the hot path never touches the
  * socket. Encoding: docs/driver-protocol.md. */
 #include <fcntl.h>
@@ -17,63 +18,11 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "fshm_internal.h"
-
-#define DRIVER_SCHEMA_ID 901u
-#define DRIVER_SCHEMA_VERSION 1u
-#define ANNOUNCE_SCHEMA_ID 900u
-#define MSG_MAX 4096u
-
-enum {
-    T_ATTACH_REQ = 1, T_ATTACH_RESP = 2, T_DETACH_REQ = 3, T_DETACH_RESP = 4,
-    T_KEEPALIVE = 5, T_SHUTDOWN = 6, T_REVOKED = 7,
-    /* frameshm's extensions (sealed transport; docs/driver-protocol.md): a consumer's
-     * requests the driver applies to the control region consumers map read-only. */
-    T_CONSUMER_REGISTER = 101, T_SET_CONTROL = 102, T_CONTROL_RESP = 103,
-};
-enum { T_POOL_ANNOUNCE = 1 };   /* in the wire spec's schema (900) */
-
-/* Fixed block sizes (docs/driver-protocol.md). */
-enum {
-    B_ATTACH_REQ = 24, B_ATTACH_RESP = 51, B_DETACH_REQ = 25, B_DETACH_RESP = 12,
-    B_KEEPALIVE = 25, B_SHUTDOWN = 9, B_REVOKED = 26, B_ANNOUNCE = 35, B_POOL_ENTRY = 10,
-    B_CONSUMER_REGISTER = 32, B_SET_CONTROL = 22, B_CONTROL_RESP = 16,
-};
-#define REQUEST_TIMEOUT_NS 5000000000ull
-
-struct fshm_lease {
-    int fd;
-    int wake[2];              /* pipe: tells the thread to stop */
-    pthread_t thread;
-    int thread_running;
-    pthread_mutex_t send_mu;  /* keepalives (thread) and detach (caller) share the socket */
-    uint32_t stream_id;
-    uint32_t client_id;
-    int role;
-    uint64_t lease_id;
-    uint64_t interval_ns;
-    int state;                /* atomic: FSHM_LEASE_* */
-    int reason;               /* atomic: revoke reason / shutdown reason */
-    uint64_t announced_epoch; /* atomic: newest ShmPoolAnnounce epoch for our stream */
-    uint32_t producer_revokes; /* atomic: producer leases of our stream that ended */
-    char message[160];        /* why the lease ended (written once, before state) */
-    /* Sealed transport: the descriptors that came with the attach response (control
-     * region, header ring, pools), until the writer or reader takes them. */
-    int fds[FSHM_LEASE_MAX_FDS];
-    unsigned nfds;
-    /* One request in flight at a time (req_mu); the thread fills in its answer. */
-    pthread_mutex_t req_mu;
-    pthread_mutex_t resp_mu;
-    pthread_cond_t resp_cv;
-    int64_t resp_corr;
-    int resp_done;
-    int32_t resp_code, resp_value;
-    char resp_msg[160];
-};
+#include "fshm_lease_impl.h"
 
 /* ---- byte-level codec ---- */
 
-static void put_header(uint8_t *p, uint16_t block, uint16_t tid, uint16_t schema)
+void fshm_lease_put_header(uint8_t *p, uint16_t block, uint16_t tid, uint16_t schema)
 {
     st16(p, block);
     st16(p + 2, tid);
@@ -137,7 +86,7 @@ static uint64_t now_ns(void) { return fshm_now_ns(); }
 
 /* ---- socket helpers ---- */
 
-static int send_msg(fshm_lease *l, const uint8_t *buf, size_t n)
+int fshm_lease_send(fshm_lease *l, const uint8_t *buf, size_t n)
 {
     pthread_mutex_lock(&l->send_mu);
     ssize_t r = send(l->fd, buf, n, MSG_NOSIGNAL | MSG_DONTWAIT);
@@ -265,7 +214,7 @@ static int connect_driver(const char *path, int *fd_out)
 
 /* ---- attach ---- */
 
-static int64_t next_correlation(void)
+int64_t fshm_lease_next_correlation(void)
 {
     static int64_t ctr;
     return ((int64_t)getpid() << 24) + __atomic_add_fetch(&ctr, 1, __ATOMIC_RELAXED);
@@ -280,7 +229,7 @@ uint32_t fshm_lease_new_client_id(void)
     return (((uint32_t)getpid() & 0x3fffff) << 10) | (n & 0x3ff) | 0x80000000u;
 }
 
-static const char *code_name(int32_t code)
+const char *fshm_lease_code_name(int32_t code)
 {
     switch (code) {
     case FSHM_RESP_OK: return "OK";
@@ -339,8 +288,8 @@ static int decode_attach_response(const uint8_t *msg, size_t len, int64_t corr, 
     if (c.off < len)
         take_str(&c, err, sizeof err);
     if (code != FSHM_RESP_OK) {
-        return fshm_set_error(FSHM_E_REJECTED, "the driver refused the attach (%s): %s", code_name(code),
-                              err[0] ? err : "no message");
+        return fshm_set_error(FSHM_E_REJECTED, "the driver refused the attach (%s): %s",
+                              fshm_lease_code_name(code), err[0] ? err : "no message");
     }
     if (c.bad)
         return fshm_set_error(FSHM_E_CORRUPT, "driver sent a malformed ShmAttachResponse");
@@ -423,9 +372,9 @@ static int lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_gra
 
     uint8_t req[8 + B_ATTACH_REQ];
     memset(req, 0, sizeof req);
-    put_header(req, B_ATTACH_REQ, T_ATTACH_REQ, DRIVER_SCHEMA_ID);
+    fshm_lease_put_header(req, B_ATTACH_REQ, T_ATTACH_REQ, DRIVER_SCHEMA_ID);
     uint8_t *b = req + 8;
-    int64_t corr = next_correlation();
+    int64_t corr = fshm_lease_next_correlation();
     st64(b, (uint64_t)corr);
     st32(b + 8, cfg->stream_id);
     st32(b + 12, l->client_id);
@@ -434,7 +383,7 @@ static int lease_attach(const fshm_lease_config *cfg, fshm_lease **out, fshm_gra
     b[21] = FSHM_MAX_DIMS;
     b[22] = (uint8_t)pm;
     b[23] = 0;   /* requireHugepages FALSE */
-    if ((rc = send_msg(l, req, sizeof req)) < 0) {
+    if ((rc = fshm_lease_send(l, req, sizeof req)) < 0) {
         rc = fshm_set_error(rc, "cannot send ShmAttachRequest to %s: %s", cfg->socket_path,
                             strerror(-rc));
         goto fail;
@@ -596,15 +545,7 @@ static void handle_push(fshm_lease *l, const uint8_t *msg, size_t len)
         char err[160] = "";
         if (c.off < len)
             take_str(&c, err, sizeof err);
-        pthread_mutex_lock(&l->resp_mu);
-        if ((int64_t)ld64(b) == l->resp_corr && !l->resp_done) {
-            l->resp_code = (int32_t)ld32(b + 8);
-            l->resp_value = (int32_t)ld32(b + 12);
-            snprintf(l->resp_msg, sizeof l->resp_msg, "%s", err);
-            l->resp_done = 1;
-            pthread_cond_broadcast(&l->resp_cv);
-        }
-        pthread_mutex_unlock(&l->resp_mu);
+        fshm_lease_deliver_response(l, b, err);
     } else if (tid == T_SHUTDOWN && block >= B_SHUTDOWN) {
         const uint8_t *b = take(&c, block);
         if (b)
@@ -622,13 +563,13 @@ static void *lease_thread(void *arg)
         if (now >= next_ka) {
             if (LOAD_ACQ(&l->state) == FSHM_LEASE_ACTIVE) {
                 uint8_t ka[8 + B_KEEPALIVE];
-                put_header(ka, B_KEEPALIVE, T_KEEPALIVE, DRIVER_SCHEMA_ID);
+                fshm_lease_put_header(ka, B_KEEPALIVE, T_KEEPALIVE, DRIVER_SCHEMA_ID);
                 st64(ka + 8, l->lease_id);
                 st32(ka + 16, l->stream_id);
                 st32(ka + 20, l->client_id);
                 ka[24] = (uint8_t)l->role;
                 st64(ka + 25, now);
-                int rc = send_msg(l, ka, sizeof ka);
+                int rc = fshm_lease_send(l, ka, sizeof ka);
                 /* Spec §4.4: a failed keepalive send is fatal for the lease. */
                 if (rc < 0 && rc != -EAGAIN)
                     end_lease(l, FSHM_LEASE_DRIVER_GONE, 0, "keepalive failed: %s", strerror(-rc));
@@ -661,96 +602,6 @@ static void *lease_thread(void *arg)
         }
     }
     return NULL;
-}
-
-/* ---- requests (frameshm's extensions) ---- */
-
-/* Sends req (its correlation id at byte 8) and waits for the thread to hand over the
- * ShmControlResponse: the entry index (or 0) on OK; the driver's refusal otherwise. */
-static int lease_request(fshm_lease *l, uint8_t *req, size_t n, const char *what)
-{
-    if (!l->thread_running || LOAD_ACQ(&l->state) != FSHM_LEASE_ACTIVE)
-        return fshm_set_error(FSHM_E_LEASE, "%s: no active lease", what);
-    pthread_mutex_lock(&l->req_mu);
-    int64_t corr = next_correlation();
-    st64(req + 8, (uint64_t)corr);
-    pthread_mutex_lock(&l->resp_mu);
-    l->resp_corr = corr;
-    l->resp_done = 0;
-    pthread_mutex_unlock(&l->resp_mu);
-    int rc = send_msg(l, req, n);
-    if (rc < 0) {
-        pthread_mutex_unlock(&l->req_mu);
-        return fshm_set_error(rc, "%s: cannot send to the driver: %s", what, strerror(-rc));
-    }
-    struct timespec dl;
-    clock_gettime(CLOCK_MONOTONIC, &dl);
-    dl.tv_sec += REQUEST_TIMEOUT_NS / 1000000000ull;
-    pthread_mutex_lock(&l->resp_mu);
-    while (!l->resp_done && LOAD_ACQ(&l->state) == FSHM_LEASE_ACTIVE &&
-           pthread_cond_timedwait(&l->resp_cv, &l->resp_mu, &dl) != ETIMEDOUT)
-        ;
-    int done = l->resp_done;
-    int32_t code = l->resp_code, value = l->resp_value;
-    char msg[160];
-    snprintf(msg, sizeof msg, "%s", l->resp_msg);
-    l->resp_corr = 0;
-    pthread_mutex_unlock(&l->resp_mu);
-    pthread_mutex_unlock(&l->req_mu);
-    if (!done)
-        return LOAD_ACQ(&l->state) != FSHM_LEASE_ACTIVE
-                   ? fshm_set_error(FSHM_E_LEASE, "%s: the lease ended (%s)", what, l->message)
-                   : fshm_set_error(-ETIMEDOUT, "%s: the driver did not answer (a driver "
-                                    "older than this library does not know the request)", what);
-    if (code == FSHM_RESP_OK)
-        return value < 0 ? 0 : value;
-    /* The driver says which of our errors it was when it is one a caller tells apart
-     * (a full consumer table: FSHM_E_LIMIT); anything else is a refusal. */
-    int err = value == FSHM_E_LIMIT ? FSHM_E_LIMIT : FSHM_E_REJECTED;
-    return fshm_set_error(err, "%s: the driver refused (%s): %s", what, code_name(code), msg);
-}
-
-static void put_str(uint8_t **p, const char *s)
-{
-    uint32_t n = (uint32_t)strlen(s);
-    st32(*p, n);
-    memcpy(*p + 4, s, n);
-    *p += 4 + n;
-}
-
-int fshm_lease_register_consumer(fshm_lease *l, const char *consumer, const char *queue,
-                                 uint32_t flags, uint32_t max_rate_hz)
-{
-    uint8_t req[8 + B_CONSUMER_REGISTER + 4 + 64 + 4 + 32];
-    size_t cn = strnlen(consumer, 64), qn = strnlen(queue, 32);
-    if (cn >= 64 || qn >= 32)
-        return fshm_set_error(-EINVAL, "consumer or queue name too long");
-    memset(req, 0, sizeof req);
-    put_header(req, B_CONSUMER_REGISTER, T_CONSUMER_REGISTER, DRIVER_SCHEMA_ID);
-    uint8_t *b = req + 8;
-    st64(b + 8, l->lease_id);
-    st32(b + 16, l->stream_id);
-    st32(b + 20, l->client_id);
-    st32(b + 24, flags);
-    st32(b + 28, max_rate_hz);
-    uint8_t *p = b + B_CONSUMER_REGISTER;
-    put_str(&p, consumer);
-    put_str(&p, queue);
-    return lease_request(l, req, (size_t)(p - req), "consumer registration");
-}
-
-int fshm_lease_set_control(fshm_lease *l, unsigned index, uint8_t value)
-{
-    uint8_t req[8 + B_SET_CONTROL];
-    memset(req, 0, sizeof req);
-    put_header(req, B_SET_CONTROL, T_SET_CONTROL, DRIVER_SCHEMA_ID);
-    uint8_t *b = req + 8;
-    st64(b + 8, l->lease_id);
-    st32(b + 16, l->stream_id);
-    b[20] = (uint8_t)index;
-    b[21] = value;
-    int rc = lease_request(l, req, sizeof req, "setting a control byte");
-    return rc < 0 ? rc : 0;
 }
 
 /* ---- queries and detach ---- */
@@ -791,14 +642,14 @@ void fshm_lease_close(fshm_lease *l, int detach)
     stop_thread(l);
     if (detach && l->fd >= 0 && LOAD_ACQ(&l->state) == FSHM_LEASE_ACTIVE) {
         uint8_t req[8 + B_DETACH_REQ];
-        put_header(req, B_DETACH_REQ, T_DETACH_REQ, DRIVER_SCHEMA_ID);
-        int64_t corr = next_correlation();
+        fshm_lease_put_header(req, B_DETACH_REQ, T_DETACH_REQ, DRIVER_SCHEMA_ID);
+        int64_t corr = fshm_lease_next_correlation();
         st64(req + 8, (uint64_t)corr);
         st64(req + 16, l->lease_id);
         st32(req + 24, l->stream_id);
         st32(req + 28, l->client_id);
         req[32] = (uint8_t)l->role;
-        if (send_msg(l, req, sizeof req) == 0) {
+        if (fshm_lease_send(l, req, sizeof req) == 0) {
             /* Best effort (spec §4.9): wait briefly for the answer so the driver has
              * acted on it (e.g. bumped the epoch) before we return. */
             uint8_t buf[MSG_MAX];

@@ -2,8 +2,6 @@
  * fshm_provision.c, or granted by a driver; either way mapped the same), loan/commit
  * (spec §8.3) and descriptor fan-out. The producer never blocks on a consumer. */
 #include <fcntl.h>
-#include <pthread.h>
-#include <signal.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/file.h>
@@ -11,105 +9,15 @@
 #include <time.h>
 #include <unistd.h>
 
-#include "fshm_internal.h"
+#include "fshm_writer_impl.h"
 
 #define PRUNE_INTERVAL_NS 500000000ull
-
-typedef struct writer_pool {
-    fshm_map *map;
-    uint32_t stride;
-    uint16_t id;
-} writer_pool;
-
-typedef struct writer_consumer {
-    mqd_t q;
-    int open;
-    uint64_t pid;
-    uint64_t min_interval_ns;  /* from the consumer's max_rate_hz; 0 = every frame */
-    uint64_t next_send_ns;
-    char queue[32];
-} writer_consumer;
-
-struct fshm_writer {
-    fshm_paths paths;
-    fshm_ctl_handle ch;
-    fshm_ctl *ctl;
-    uint64_t epoch;
-    char epoch_dir[FSHM_PATH_MAX + 32];
-    fshm_map *ring;
-    uint32_t nslots;
-    uint32_t npools;
-    writer_pool pools[FSHM_MAX_POOLS];
-    uint64_t next_seq;
-    int loan_active;
-    fshm_loan loan;
-    uint64_t ref_plus1;      /* applied to the next commit, then cleared */
-    uint32_t known_gen;
-    int wake_no_queue;       /* some consumer has no queue: futex-wake latest_seq on commit */
-    uint64_t next_prune_ns;
-    uint64_t start_ns;
-    writer_consumer cons[FSHM_MAX_CONSUMERS];
-    fshm_writer *next_live;  /* registry of open writers, for fork handling and liveness */
-    int tracked;             /* under live_mu: in live_writers */
-    int ticking;             /* under live_mu: the liveness ticker may refresh our regions */
-    int lock_fd;             /* holds the producer flock; never mmapped (see below) */
-    /* driver model */
-    fshm_lease *lease;       /* NULL: we own the regions ourselves */
-    fshm_lease_config lease_cfg;
-    char driver_path[108];
-    char base_dir[FSHM_PATH_MAX];
-    uint32_t attach_gen;     /* bumped whenever the regions were re-mapped (reattach) */
-    int driver_mode;
-    int sealed;              /* the driver's memfd transport: regions came as descriptors */
-};
-
-/* The producer lock is a flock on an open file description, which a fork()ed child
- * shares (Python's multiprocessing forks by default). Were the child to keep it, a
- * crashed producer's restart would see "busy" for as long as the child lives. So the
- * lock lives on a descriptor of its own — never mmapped, since a mapping inherited by
- * the child would pin the description too — and children close it right after fork. */
-static pthread_mutex_t live_mu = PTHREAD_MUTEX_INITIALIZER;
-static fshm_writer *live_writers;
-static pthread_once_t atfork_once = PTHREAD_ONCE_INIT;
-
-static void atfork_prepare(void) { pthread_mutex_lock(&live_mu); }
-static void atfork_parent(void) { pthread_mutex_unlock(&live_mu); }
-/* Spec §7.1/§15.14: the producer refreshes activity_timestamp_ns periodically, frames
- * or not; other implementations unmap a stream whose timestamp went stale (3-5x the
- * announce period). Publishing must stay free of syscalls and timers, and an idle
- * application may never call heartbeat(), so one thread per process does it for every
- * open writer: every LIVENESS_TICK_NS it stores the time into the superblocks of the
- * regions each writer has mapped. It touches nothing else of a writer (no consumer
- * table, no control region: there activity_ns stays "last commit", which readers time
- * frames by), and the writer hands its mappings over under live_mu. It exits when no
- * writer is left. */
-#define LIVENESS_TICK_NS 500000000ull
-static int ticker_running;   /* under live_mu */
-static pthread_cond_t ticker_cv;
-static pthread_once_t ticker_cv_once = PTHREAD_ONCE_INIT;
-
-static void ticker_cv_init(void)
-{
-    pthread_condattr_t a;
-    pthread_condattr_init(&a);
-    pthread_condattr_setclock(&a, CLOCK_MONOTONIC);
-    pthread_cond_init(&ticker_cv, &a);
-    pthread_condattr_destroy(&a);
-}
-
-static void refresh_activity(fshm_writer *w, uint64_t now)
-{
-    __atomic_store_n((uint64_t *)((uint8_t *)w->ring->base + SB_ACTIVITY_NS), now, __ATOMIC_RELAXED);
-    for (unsigned i = 0; i < w->npools; i++)
-        __atomic_store_n((uint64_t *)((uint8_t *)w->pools[i].map->base + SB_ACTIVITY_NS), now,
-                         __ATOMIC_RELAXED);
-}
 
 /* Whether the driver moved the stream past our epoch. Sealed, only the driver's word
  * counts (our lease and the announces on our socket): every consumer can write the
  * control region, and none may make the producer drop frames or re-attach (each attach
  * is a new epoch for everyone). With files it is the control region's epoch word. */
-static int moved_on(const fshm_writer *w)
+int fshm_writer_moved_on(const fshm_writer *w)
 {
     if (!w->driver_mode)
         return 0;
@@ -119,104 +27,9 @@ static int moved_on(const fshm_writer *w)
     return LOAD_ACQ(&w->ctl->epoch) != w->epoch;
 }
 
-static void *ticker_main(void *arg)
-{
-    (void)arg;
-    pthread_mutex_lock(&live_mu);
-    while (live_writers) {
-        uint64_t now = fshm_now_ns();
-        for (fshm_writer *w = live_writers; w; w = w->next_live)
-            /* A driver-mode writer whose lease ended (the driver moved the stream on)
-             * must not vouch for regions that are no longer its own; ctl stays mapped
-             * while ticking (it is closed only after release_regions). */
-            if (w->ticking && !moved_on(w))
-                refresh_activity(w, now);
-        uint64_t until = now + LIVENESS_TICK_NS;
-        struct timespec ts = {(time_t)(until / 1000000000ull), (long)(until % 1000000000ull)};
-        pthread_cond_timedwait(&ticker_cv, &live_mu, &ts);
-    }
-    ticker_running = 0;
-    pthread_mutex_unlock(&live_mu);
-    return NULL;
-}
-
-/* Under live_mu. A ticker that cannot start leaves liveness to commits and heartbeat(),
- * as before; the next writer to open tries again. */
-static void ticker_start_locked(void)
-{
-    if (ticker_running)
-        return;
-    pthread_attr_t a;
-    pthread_t t;
-    sigset_t all, old;
-    if (pthread_attr_init(&a) != 0)
-        return;
-    pthread_attr_setdetachstate(&a, PTHREAD_CREATE_DETACHED);
-    /* The application's signal handlers must never run on our thread. */
-    sigfillset(&all);
-    pthread_sigmask(SIG_SETMASK, &all, &old);
-    if (pthread_create(&t, &a, ticker_main, NULL) == 0)
-        ticker_running = 1;
-    pthread_sigmask(SIG_SETMASK, &old, NULL);
-    pthread_attr_destroy(&a);
-}
-
-/* Lets the ticker refresh w's mapped regions (on) or stops it (off) before they are
- * unmapped or replaced. */
-static void set_ticking(fshm_writer *w, int on)
-{
-    pthread_mutex_lock(&live_mu);
-    w->ticking = on && w->tracked && w->ring != NULL;
-    if (w->ticking)
-        refresh_activity(w, fshm_now_ns());
-    pthread_mutex_unlock(&live_mu);
-}
-
-static void atfork_child(void)
-{
-    for (fshm_writer *w = live_writers; w; w = w->next_live) {
-        if (w->lock_fd >= 0) {
-            close(w->lock_fd);
-            w->lock_fd = -1;
-        }
-        w->ticking = 0;   /* the parent's producer, not ours to vouch for */
-    }
-    ticker_running = 0;   /* the thread did not survive the fork */
-    ticker_cv_init();     /* nor its wait: start from a fresh condition variable */
-    pthread_mutex_unlock(&live_mu);
-}
-static void atfork_init(void)
-{
-    pthread_once(&ticker_cv_once, ticker_cv_init);
-    pthread_atfork(atfork_prepare, atfork_parent, atfork_child);
-}
-
-static void track_writer(fshm_writer *w, int add)
-{
-    pthread_once(&atfork_once, atfork_init);
-    pthread_mutex_lock(&live_mu);
-    if (add) {
-        w->next_live = live_writers;
-        live_writers = w;
-        w->tracked = 1;
-        w->ticking = w->ring != NULL;
-        ticker_start_locked();
-    } else {
-        w->tracked = w->ticking = 0;
-        for (fshm_writer **pp = &live_writers; *pp; pp = &(*pp)->next_live)
-            if (*pp == w) {
-                *pp = w->next_live;
-                break;
-            }
-        if (!live_writers)
-            pthread_cond_signal(&ticker_cv);   /* let it exit now rather than on its next tick */
-    }
-    pthread_mutex_unlock(&live_mu);
-}
-
 static void release_regions(fshm_writer *w)
 {
-    set_ticking(w, 0);
+    fshm_writer_set_ticking(w, 0);
     for (unsigned i = 0; i < w->npools; i++)
         if (w->pools[i].map) {
             fshm_map_unref(w->pools[i].map);
@@ -360,7 +173,7 @@ static int attach_via_driver(fshm_writer *w)
     w->epoch_dir[0] = 0;   /* not ours to remove */
     become_producer(w);
     w->attach_gen++;
-    set_ticking(w, 1);   /* a re-attach (the first attach is enabled by track_writer) */
+    fshm_writer_set_ticking(w, 1);   /* a re-attach (the first attach is enabled by fshm_writer_track) */
     return 0;
 fail:
     drop_driver_attachment(w);
@@ -371,7 +184,7 @@ fail:
 
 int fshm_writer_lease_ok(const fshm_writer *w)
 {
-    return !w->driver_mode || (w->lease && w->ctl && !moved_on(w) &&
+    return !w->driver_mode || (w->lease && w->ctl && !fshm_writer_moved_on(w) &&
                                fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE);
 }
 
@@ -386,7 +199,7 @@ static int check_lease(fshm_writer *w)
                                   fshm_last_error());
         return 0;
     }
-    if (!moved_on(w) && fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE)
+    if (!fshm_writer_moved_on(w) && fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE)
         return 0;
     char why[200];
     snprintf(why, sizeof why, "%s", fshm_lease_state(w->lease, NULL) == FSHM_LEASE_ACTIVE
@@ -426,7 +239,7 @@ static int writer_open_driver(const fshm_writer_config *cfg, fshm_writer **out)
         free(w);
         return rc;
     }
-    track_writer(w, 1);
+    fshm_writer_track(w, 1);
     *out = w;
     return 0;
 }
@@ -523,7 +336,7 @@ static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
         goto fail_epoch;
     become_producer(w);
     fshm_epoch_publish(&w->paths, w->ctl, &e);
-    track_writer(w, 1);
+    fshm_writer_track(w, 1);
     *out = w;
     return 0;
 
@@ -588,7 +401,7 @@ static void housekeeping(fshm_writer *w, uint64_t now)
     w->next_prune_ns = now + PRUNE_INTERVAL_NS;
     if (fshm_ctl_prune(w->ctl))
         refresh_consumers(w);
-    refresh_activity(w, now);
+    fshm_writer_refresh_activity(w, now);
 }
 
 int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out)
@@ -648,7 +461,7 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     }
     uint64_t now = fshm_now_ns();
     uint64_t seq = w->loan.seq;
-    if (moved_on(w)) {
+    if (fshm_writer_moved_on(w)) {
         /* Our lease ended while the frame was being written (e.g. we were stopped past
          * expiry): the stream belongs to another epoch now, whose counters we must not
          * touch. The frame is dropped like any frame nobody reads; the next loan
@@ -779,7 +592,7 @@ int fshm_writer_skip_to(fshm_writer *w, uint64_t seq)
 void fshm_writer_heartbeat(fshm_writer *w)
 {
     /* A driver-mode writer whose lease ended must not vouch for its successor. */
-    if (!w->ctl || moved_on(w))
+    if (!w->ctl || fshm_writer_moved_on(w))
         return;
     uint64_t now = fshm_now_ns();
     STORE_RLX(&w->ctl->activity_ns, now);
@@ -843,7 +656,7 @@ void fshm_writer_close(fshm_writer *w, int unlink_files)
 {
     if (!w)
         return;
-    track_writer(w, 0);
+    fshm_writer_track(w, 0);
     if (w->driver_mode) {
         /* The driver owns the files: mark the stream closed, then detach so it moves the
          * stream to a new epoch; never unlink anything. */

@@ -91,7 +91,7 @@ def test_byte_layouts():
     assert struct.unpack_from("<HHHH", an) == (35, 1, 900, 1)
     assert struct.unpack_from("<IIQQBIIH", an, 8) == (1001, 77, 3, 1000, 1, 1, 16, 256)
     # frameshm's extensions (sealed transport): template ids 101..103, as
-    # lib/src/fshm_lease.c encodes and decodes them.
+    # lib/src/fshm_lease_requests.c encodes and decodes them.
     cr = P.encode(P.ConsumerRegister(13, 3, 1001, 77, 2, 30, "viewer", "/fshm-1f-2a-3"))
     assert struct.unpack_from("<HHHH", cr) == (32, 101, 901, 1)
     assert struct.unpack_from("<qQIIII", cr, 8) == (13, 3, 1001, 77, 2, 30)

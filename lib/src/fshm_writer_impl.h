@@ -1,0 +1,66 @@
+/* The producer's state, shared by the producer (fshm_writer.c) and the per-process
+ * registry of open writers with its liveness ticker (fshm_liveness.c). */
+#ifndef FSHM_WRITER_IMPL_H
+#define FSHM_WRITER_IMPL_H
+
+#include "fshm_internal.h"
+
+typedef struct writer_pool {
+    fshm_map *map;
+    uint32_t stride;
+    uint16_t id;
+} writer_pool;
+
+typedef struct writer_consumer {
+    mqd_t q;
+    int open;
+    uint64_t pid;
+    uint64_t min_interval_ns;  /* from the consumer's max_rate_hz; 0 = every frame */
+    uint64_t next_send_ns;
+    char queue[32];
+} writer_consumer;
+
+struct fshm_writer {
+    fshm_paths paths;
+    fshm_ctl_handle ch;
+    fshm_ctl *ctl;
+    uint64_t epoch;
+    char epoch_dir[FSHM_PATH_MAX + 32];
+    fshm_map *ring;
+    uint32_t nslots;
+    uint32_t npools;
+    writer_pool pools[FSHM_MAX_POOLS];
+    uint64_t next_seq;
+    int loan_active;
+    fshm_loan loan;
+    uint64_t ref_plus1;      /* applied to the next commit, then cleared */
+    uint32_t known_gen;
+    int wake_no_queue;       /* some consumer has no queue: futex-wake latest_seq on commit */
+    uint64_t next_prune_ns;
+    uint64_t start_ns;
+    writer_consumer cons[FSHM_MAX_CONSUMERS];
+    fshm_writer *next_live;  /* registry of open writers, for fork handling and liveness */
+    int tracked;             /* under live_mu: in live_writers */
+    int ticking;             /* under live_mu: the liveness ticker may refresh our regions */
+    int lock_fd;             /* holds the producer flock; never mmapped (fshm_liveness.c) */
+    /* driver model */
+    fshm_lease *lease;       /* NULL: we own the regions ourselves */
+    fshm_lease_config lease_cfg;
+    char driver_path[108];
+    char base_dir[FSHM_PATH_MAX];
+    uint32_t attach_gen;     /* bumped whenever the regions were re-mapped (reattach) */
+    int driver_mode;
+    int sealed;              /* the driver's memfd transport: regions came as descriptors */
+};
+
+/* fshm_writer.c: whether the driver moved the stream past our epoch. */
+int fshm_writer_moved_on(const fshm_writer *w);
+
+/* fshm_liveness.c: adds w to the registry of open writers (starting the ticker) or
+ * removes it; lets the ticker refresh w's mapped regions or stops it; stores now into
+ * the activity_timestamp_ns of every region w has mapped. */
+void fshm_writer_track(fshm_writer *w, int add);
+void fshm_writer_set_ticking(fshm_writer *w, int on);
+void fshm_writer_refresh_activity(fshm_writer *w, uint64_t now);
+
+#endif
