@@ -276,6 +276,9 @@ class Bridge:
         self._threads: List[threading.Thread] = []
         self._session = None
         self._metrics = None
+        self._callbacks = 0                        # Zenoh callbacks handed out (see _callback)
+        self._callbacks_lock = threading.Lock()
+        self._released: "queue.SimpleQueue" = queue.SimpleQueue()   # ... and the threads that ran them
         self._boot = _boot_id()
         self.started_ns = 0
         self.failed: Optional[str] = None   # the stream whose thread failed, if one did
@@ -351,6 +354,34 @@ class Bridge:
             self.failed = label
             self._stop.set()
 
+    def _callback(self, fn):
+        """``fn`` as a Zenoh callback whose release close() can wait for.
+
+        Zenoh runs a Python callback in a thread of its own ("pyo3-closure"), created by
+        the thread that declared the subscriber and so a daemon like the bridge's threads:
+        the interpreter does not wait for it at exit. Undeclaring ends that thread only
+        later, and if the interpreter is finalizing when it takes the GIL back inside
+        Zenoh's code, CPython ends it with pthread_exit, whose unwinding through Rust aborts
+        the whole process ("FATAL: exception not rethrown", after a clean stop: 1 in ~100
+        runs of docs/bridge.md's example on a loaded machine, core dump read). The drop
+        hook runs in that thread as its last act; close() joins the thread it names."""
+        with self._callbacks_lock:
+            self._callbacks += 1
+        return _zenoh().handlers.Callback(fn, drop=lambda: self._released.put(threading.current_thread()))
+
+    def _join_callbacks(self, timeout: float = 5.0) -> None:
+        deadline = time.monotonic() + timeout
+        while self._callbacks:
+            try:
+                t = self._released.get(timeout=max(0.0, deadline - time.monotonic()))
+            except queue.Empty:
+                log.warning("%d Zenoh callback thread(s) not released within %.0f s", self._callbacks, timeout)
+                return
+            with self._callbacks_lock:
+                self._callbacks -= 1
+            if t is not threading.current_thread():
+                t.join(max(0.0, deadline - time.monotonic()))
+
     def _run_metrics(self, _arg) -> None:
         while not self._stop.wait(WAIT_S):
             self._publish_metrics()
@@ -381,6 +412,7 @@ class Bridge:
             except Exception as exc:  # noqa: BLE001
                 log.warning("closing the zenoh session: %s", exc)
             self._session = None
+        self._join_callbacks()
 
     def __enter__(self) -> "Bridge":
         return self.start() if self._session is None else self
@@ -461,7 +493,7 @@ class Bridge:
                     control.set_control(index, value)
                 log.info("%s: control byte %d set to %d by a remote importer", e.name, index, value)
 
-        ctl_sub = s.declare_subscriber(self._key(e.name, "control"), on_control)
+        ctl_sub = s.declare_subscriber(self._key(e.name, "control"), self._callback(on_control))
         token = None
         instance = 0
         wait = reader.wait_next if self.process_all else reader.wait_latest
@@ -598,9 +630,9 @@ class _Importer:
     def run(self) -> None:
         s = self.b._session
         zenoh = _zenoh()
-        sub = s.declare_subscriber(self.b._key(self.name, "frames"), self.on_frame)
-        lsub = s.liveliness().declare_subscriber(self.b._key(self.name, "exporter/*"), self.on_liveliness,
-                                                 history=True)
+        sub = s.declare_subscriber(self.b._key(self.name, "frames"), self.b._callback(self.on_frame))
+        lsub = s.liveliness().declare_subscriber(self.b._key(self.name, "exporter/*"),
+                                                 self.b._callback(self.on_liveliness), history=True)
         ctl_pub = s.declare_publisher(self.b._key(self.name, "control"), congestion_control=zenoh.CongestionControl.BLOCK,
                                       priority=zenoh.Priority.INTERACTIVE_HIGH, express=True)
         try:
