@@ -299,11 +299,11 @@ def run_bridge_case(size: str, encoding: str, seconds: float, link: Link, shm: s
             r.close()
         n = len(lat)
         ex, im = m1["streams"]["bench"], i1["streams"]["bench"]
-        sent = m1["streams"]["bench"]["frames"] - m0["streams"]["bench"]["frames"]
+        sent = ex["frames"] - m0["streams"]["bench"]["frames"]
         wire = None
         if sent:
             # bytes_per_s is over the metrics window; the mean size per frame is steadier
-            wire = m1["streams"]["bench"]["bytes_per_s"] / max(m1["streams"]["bench"]["fps"], 1e-9) * n / dt
+            wire = ex["bytes_per_s"] / max(ex["fps"], 1e-9) * n / dt
         lat_ms = np.asarray(lat) / 1e6
         return {"case": f"{size}-{encoding}", "kind": "bridge", "size": size, "encoding": encoding,
                 "fps": n / dt, "skipped": skipped,

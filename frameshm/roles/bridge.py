@@ -12,7 +12,7 @@ import logging
 import threading
 from typing import Optional
 
-from ..bridge import Bridge
+from ..bridge import MODES, Bridge
 from ..config import PipelineConfig
 
 log = logging.getLogger("frameshm.bridge")
@@ -54,7 +54,7 @@ def add_parser(sub) -> None:
                    help="local stream to send, encoding raw (default), jpeg or zstd (repeatable)")
     p.add_argument("--import", action="append", dest="imports", metavar="NAME",
                    help="remote stream to write here as a local stream (repeatable)")
-    p.add_argument("--mode", choices=["peer", "client", "router"],
+    p.add_argument("--mode", choices=MODES,
                    help="Zenoh mode (client: through a router; router: the router others connect to, "
                         "with or without streams of its own)")
     p.add_argument("--scouting", action="store_true", default=None, help="find peers by UDP multicast on the LAN")

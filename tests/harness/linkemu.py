@@ -210,10 +210,11 @@ def _queue_main(args) -> int:
 PREFIX = "fshm-le"
 
 
-def _run(*cmd: str) -> None:
+def _run(*cmd: str) -> str:
     r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     if r.returncode:
         raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stdout.strip()}")
+    return r.stdout
 
 
 def _pdeathsig():

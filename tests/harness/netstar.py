@@ -17,16 +17,9 @@ import os
 import subprocess
 from typing import Dict, List, Sequence
 
-from linkemu import sweep_stale
+from linkemu import _run, sweep_stale
 
 PREFIX = "fshm-st"
-
-
-def _run(*cmd: str) -> str:
-    r = subprocess.run(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    if r.returncode:
-        raise RuntimeError(f"{' '.join(cmd)}: exit {r.returncode}: {r.stdout.strip()}")
-    return r.stdout
 
 
 class Star:
