@@ -55,6 +55,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
+from ._choices import BRIDGE_MODES as MODES, JPEG_SUBSAMPLING   # shared with config.py
 from .errors import DriverUnavailable, FrameshmError, InvalidArgument, LeaseLost, ProducerDead, Timeout
 
 log = logging.getLogger("frameshm.bridge")
@@ -63,7 +64,6 @@ ENCODINGS = ("raw", "jpeg", "zstd")
 DEFAULT_LISTEN = "tcp/127.0.0.1:7447"   # loopback only unless told otherwise
 WAIT_S = 0.25            # bounded waits: the stop flag is checked at least this often
 CONTROL_ECHO_S = 2.0     # how long a control byte sent back waits for the source to echo it
-MODES = ("peer", "client", "router")   # Zenoh's session modes
 PROCESS_ALL_QUEUE = 8    # frames an importer holds in process-all mode before pushing back
 # Latest mode: frames an importer holds while it writes an earlier one. TCP hands frames over in
 # bursts after a retransmission (a lost packet holds up everything behind it for a round
@@ -109,12 +109,6 @@ def _zenoh():
         raise BridgeError("the bridge needs Eclipse Zenoh's Python package: pip install 'frameshm[bridge]'") \
             from None
     return zenoh
-
-
-# Chroma subsampling of the 'jpeg' encoding. 4:2:0 (what cameras and browsers use) halves
-# libjpeg-turbo's work against 4:4:4 at 1080p (encode 15 -> 9 ms, decode 15 -> 9 ms here) for
-# ~1 dB of PSNR, which is what lets 1080p at 30 fps fit two cores' worth of sender + receiver.
-JPEG_SUBSAMPLING = ("420", "422", "444")
 
 
 def _jpeg():

@@ -19,6 +19,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
+from ._choices import BRIDGE_MODES, JPEG_SUBSAMPLING
 from .errors import InvalidArgument
 
 try:
@@ -191,12 +192,13 @@ def _bridged(v):
     return list(v)
 
 
-def _choice(*options):
+def _choice(options: Tuple[str, ...]) -> Callable[[Any], str]:
     def check(v):
         if v not in options:
             raise ValueError(f"expected one of {', '.join(map(repr, options))}, got {v!r}")
         return v
 
+    check.options = options  # type: ignore[attr-defined]  (tests check it is the owner's tuple)
     return check
 
 
@@ -301,13 +303,13 @@ class BridgeConfig:
     exports: List[str] = _opt(_bridged, [], "local streams sent to the other side, each 'NAME' or "
                               "'NAME:ENCODING' (raw, jpeg)")
     imports: List[str] = _opt(_bridged, [], "remote streams written here as local streams of the same name")
-    mode: str = _opt(_choice("peer", "client", "router"), "peer", "Zenoh mode: 'peer', 'client' of a router, or "
+    mode: str = _opt(_choice(BRIDGE_MODES), "peer", "Zenoh mode: 'peer', 'client' of a router, or "
                      "'router' (other bridges connect to it as clients; streams of its own optional)")
     scouting: bool = _opt(_boolean, False, "find peers by UDP multicast on the LAN")
     process_all: bool = _opt(_boolean, False, "every frame in order with back-pressure (false: latest "
                              "frame, a slow link drops at the sender)")
     jpeg_quality: int = _opt(_integer(1, 100), 90, "JPEG quality of the 'jpeg' encoding")
-    jpeg_subsampling: str = _opt(_choice("420", "422", "444"), "420", "chroma subsampling of the 'jpeg' "
+    jpeg_subsampling: str = _opt(_choice(JPEG_SUBSAMPLING), "420", "chroma subsampling of the 'jpeg' "
                                  "encoding ('444': full colour resolution, ~1.6x the CPU)")
     key_prefix: str = _opt(_key_prefix, "frameshm", "Zenoh keys are '<key_prefix>/<stream>/...'")
     zenoh_config: str = _opt(_path_or_empty, "", "a Zenoh JSON5 configuration file (TLS, access control), "

@@ -1,6 +1,7 @@
 """The pipeline TOML: defaults, the shipped example, and clear errors for unknown keys and
 bad values — through the library and through the role subcommands."""
 
+import ast
 import pathlib
 import subprocess
 import sys
@@ -164,3 +165,37 @@ def test_role_commands_report_config_errors_without_traceback(argv, message):
     assert proc.returncode == 1, (proc.stdout, proc.stderr)
     assert message in proc.stderr
     assert "Traceback" not in proc.stderr
+
+
+def test_bridge_choices_are_the_bridges_own():
+    """[bridge] mode and jpeg_subsampling accept exactly what frameshm.Bridge accepts: one
+    tuple each (frameshm/_choices.py), not copies that can drift apart."""
+    from dataclasses import fields
+
+    from frameshm import bridge
+
+    checks = {f.name: f.metadata["check"] for f in fields(config.BridgeConfig)}
+    assert checks["mode"].options is bridge.MODES
+    assert checks["jpeg_subsampling"].options is bridge.JPEG_SUBSAMPLING
+    defaults = PipelineConfig().bridge
+    assert defaults.mode in bridge.MODES and defaults.jpeg_subsampling in bridge.JPEG_SUBSAMPLING
+    for mode in bridge.MODES:
+        PipelineConfig().set("bridge.mode", mode)
+    with pytest.raises(ConfigError, match=r"\[bridge\] jpeg_subsampling: expected one of '420', '422', '444'"):
+        PipelineConfig().set("bridge.jpeg_subsampling", "411")
+
+
+def test_config_alone_loads_neither_the_bridge_nor_numpy():
+    """config.py is read early by every role: by itself (without frameshm/__init__.py, which
+    loads the whole transport) it imports no frameshm.bridge, Zenoh or numpy."""
+    code = (
+        "import sys, types\n"
+        f"pkg = types.ModuleType('frameshm'); pkg.__path__ = [{str(pathlib.Path(config.__file__).parent)!r}]\n"
+        "sys.modules['frameshm'] = pkg\n"
+        "import frameshm.config\n"
+        "print(sorted(m for m in sys.modules if m.startswith(('frameshm', 'zenoh', 'numpy', 'simplejpeg'))))\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr
+    loaded = ast.literal_eval(out.stdout)
+    assert not [m for m in loaded if m in ("frameshm.bridge", "frameshm.stream") or m.startswith(("zenoh", "numpy"))], loaded
