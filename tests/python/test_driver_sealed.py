@@ -247,94 +247,122 @@ def _python(code, *args, env, as_nobody=None, **kw):
                             env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
 
 
-def test_another_user_cannot_write_or_resize_sealed_regions(shared_dir):
-    nobody = pwd.getpwnam("nobody")
-    gid = nobody.pw_gid
-    assert grp.getgrgid(gid)  # the socket's group: nobody's own
-    ids = {"uid": nobody.pw_uid, "gid": gid}
-    base, sock = shared_dir / "shm", shared_dir / "driver.sock"
-    stop, attacked = shared_dir / "stop", shared_dir / "attacked"
+class _Sealed:
+    """The driver a test runs on CONFIG, and the clients it starts through :meth:`start`."""
+
+    def __init__(self, shared_dir):
+        nobody = pwd.getpwnam("nobody")
+        self.gid = nobody.pw_gid
+        self.ids = {"uid": nobody.pw_uid, "gid": self.gid}
+        self.dir = shared_dir
+        self.base, self.sock, self.stop = shared_dir / "shm", shared_dir / "driver.sock", shared_dir / "stop"
+        self.env = _env(self.base)
+        self.procs = []
+        self.driver = None
+
+    def log(self):
+        return (self.dir / "driver.log").read_text()
+
+    def start(self, code, *args, as_nobody=False, **kw):
+        """A Python client (as nobody if `as_nobody`), killed at teardown if still running."""
+        p = _python(code, *args, env=self.env, as_nobody=self.ids if as_nobody else None, **kw)
+        self.procs.append(p)
+        return p
+
+    def start_producer(self):
+        """PRODUCER (root) on stream 1001, once it is publishing."""
+        p = self.start(PRODUCER, self.sock, self.stop)
+        assert p.stdout.readline().strip() == "ready", p.stderr.read()
+        return p
+
+
+@pytest.fixture
+def sealed(shared_dir):
+    """`frameshm driver` (root) on CONFIG in shared_dir; at teardown every client still
+    running is killed, the driver is stopped with SIGTERM and must exit 0."""
+    s = _Sealed(shared_dir)
     config = shared_dir / "driver.toml"
-    config.write_text(CONFIG.format(sock=sock, base=base, gid=gid))
-    env = _env(base)
+    config.write_text(CONFIG.format(sock=s.sock, base=s.base, gid=s.gid))
     log = open(shared_dir / "driver.log", "wb")
-    driver = subprocess.Popen([sys.executable, "-m", "frameshm", "driver", "--config", str(config)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    procs = []
+    s.driver = subprocess.Popen([sys.executable, "-m", "frameshm", "driver", "--config", str(config)],
+                                env=s.env, stdout=log, stderr=subprocess.STDOUT)
     try:
-        wait_until(lambda: sock.exists() or driver.poll() is not None, 15, what="driver socket")
-        assert driver.poll() is None, (shared_dir / "driver.log").read_text()
-        producer = _python(PRODUCER, sock, stop, env=env)
-        procs.append(producer)
-        assert producer.stdout.readline().strip() == "ready", producer.stderr.read()
-        consumer = _python(CONSUMER, sock, stop, attacked, env=env, as_nobody=ids)
-        procs.append(consumer)
-        assert consumer.stdout.readline().strip() == "reading", consumer.stderr.read()
-
-        epochs_1001 = lambda: (shared_dir / "driver.log").read_text().count("stream 1001 now at epoch")
-        before = epochs_1001()
-        hostile = _python(HOSTILE, sock, base, consumer.pid, env=env, as_nobody=ids)
-        out, errs = hostile.communicate(timeout=60)
-        assert hostile.returncode == 0, errs
-        res = json.loads(out)
-        attacked.touch()
-
-        assert res["consumer"] == {"code": 0, "nfds": 4}  # control region, ring, two pools
-        for r in res["regions"]:
-            # Read-only descriptions: no writable mapping, now or later, no write, no
-            # truncation; mode 0600 keeps /proc/self/fd from re-opening them writable.
-            assert r["mmap_write"] == "EACCES" and r["mprotect_write"] == "EACCES", r
-            assert r["reopen_rw"] == "EACCES" and r["write"] == "EBADF", r
-            assert r["truncate"] in ("EINVAL", "EBADF"), r
-            assert r["seals"] & 0x7 == 0x7, r  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW
-        # The control region likewise (read-only description), and its size is sealed.
-        c = res["ctl"]
-        assert c["mmap_write"] == "EACCES" and c["mprotect_write"] == "EACCES", c
-        assert c["reopen_rw"] == "EACCES" and c["write"] == "EBADF", c
-        assert c["truncate"] in ("EINVAL", "EBADF") and c["seals"] & 0x7 == 0x7, c
-        # The viewer's entry, written by the driver with the viewer's own pid.
-        assert [(e["name"], e["pid"]) for e in res["table_before"]] == [("viewer", consumer.pid)], res
-        assert res["set_control"]["code"] == 3 and "control bytes" in res["set_control"]["text"], res
-        assert res["control0"] == 0, res
-        assert res["forged_queue"]["code"] == 3, res  # a queue named for the viewer's pid
-        # Its own entry: one per lease (registering again replaces it), with its pid.
-        assert res["own"]["code"] == 0 and res["again"]["code"] == 0, res
-        mine = [e for e in res["table_after"] if e["name"] == "hostile"]
-        assert mine == [{"index": res["again"]["value"], "pid": res["me"], "name": "hostile"}], res
-        assert [e for e in res["table_after"] if e["name"] == "viewer"] == res["table_before"], res
-        # nobody's viewer and hostile entry, then 14 more: 16, and no further.
-        assert [code for code, _index in res["fill"][:14]] == [0] * 14, res["fill"]
-        assert res["fill"][14:] == [[3, -1004]] * 2, res["fill"]
-        assert res["producer_1001"] == {"code": 3, "nfds": 0}  # REJECTED by producer_uids
-        p2 = res["producer_1002"]
-        assert p2["code"] == 0 and p2["nfds"] == 4 and all(p2["writable"]), p2
-        assert p2["truncate"] == ["EPERM"] * 4 and p2["grow"] == ["EPERM"] * 4, p2
-        assert res["files"] == []  # nothing in the base directory to truncate or write
-
-        # Both kept running: the consumer still gets the producer's frames, all intact.
-        time.sleep(1.0)  # frames after the attacks
-        assert producer.poll() is None and consumer.poll() is None
-        # The hostile client's requests moved nobody: no re-attach, so no new epoch of 1001.
-        assert epochs_1001() == before, (shared_dir / "driver.log").read_text()
-        stop.touch()
-        pout, perr = producer.communicate(timeout=30)
-        cout, cerr = consumer.communicate(timeout=30)
-        assert producer.returncode == 0, perr
-        assert consumer.returncode == 0, cerr
-        stats = json.loads(cout.strip().splitlines()[-1])
-        assert stats["bad"] == 0 and stats["after"] >= 5, stats
-        assert driver.poll() is None
+        wait_until(lambda: s.sock.exists() or s.driver.poll() is not None, 15, what="driver socket")
+        assert s.driver.poll() is None, s.log()
+        yield s
     finally:
-        stop.touch()
-        for p in procs:
+        s.stop.touch()
+        for p in s.procs:
             if p.poll() is None:
                 p.kill()
             p.communicate()
-        if driver.poll() is None:
-            driver.send_signal(signal.SIGTERM)
-        rc = driver.wait(timeout=15)
+        if s.driver.poll() is None:
+            s.driver.send_signal(signal.SIGTERM)
+        rc = s.driver.wait(timeout=15)
         log.close()
-    assert rc == 0, (shared_dir / "driver.log").read_text()
+    assert rc == 0, s.log()
+
+
+def test_another_user_cannot_write_or_resize_sealed_regions(sealed, shared_dir):
+    assert grp.getgrgid(sealed.gid)  # the socket's group: nobody's own
+    attacked = shared_dir / "attacked"
+    producer = sealed.start_producer()
+    consumer = sealed.start(CONSUMER, sealed.sock, sealed.stop, attacked, as_nobody=True)
+    assert consumer.stdout.readline().strip() == "reading", consumer.stderr.read()
+
+    epochs_1001 = lambda: sealed.log().count("stream 1001 now at epoch")
+    before = epochs_1001()
+    hostile = sealed.start(HOSTILE, sealed.sock, sealed.base, consumer.pid, as_nobody=True)
+    out, errs = hostile.communicate(timeout=60)
+    assert hostile.returncode == 0, errs
+    res = json.loads(out)
+    attacked.touch()
+
+    assert res["consumer"] == {"code": 0, "nfds": 4}  # control region, ring, two pools
+    for r in res["regions"]:
+        # Read-only descriptions: no writable mapping, now or later, no write, no
+        # truncation; mode 0600 keeps /proc/self/fd from re-opening them writable.
+        assert r["mmap_write"] == "EACCES" and r["mprotect_write"] == "EACCES", r
+        assert r["reopen_rw"] == "EACCES" and r["write"] == "EBADF", r
+        assert r["truncate"] in ("EINVAL", "EBADF"), r
+        assert r["seals"] & 0x7 == 0x7, r  # F_SEAL_SEAL | F_SEAL_SHRINK | F_SEAL_GROW
+    # The control region likewise (read-only description), and its size is sealed.
+    c = res["ctl"]
+    assert c["mmap_write"] == "EACCES" and c["mprotect_write"] == "EACCES", c
+    assert c["reopen_rw"] == "EACCES" and c["write"] == "EBADF", c
+    assert c["truncate"] in ("EINVAL", "EBADF") and c["seals"] & 0x7 == 0x7, c
+    # The viewer's entry, written by the driver with the viewer's own pid.
+    assert [(e["name"], e["pid"]) for e in res["table_before"]] == [("viewer", consumer.pid)], res
+    assert res["set_control"]["code"] == 3 and "control bytes" in res["set_control"]["text"], res
+    assert res["control0"] == 0, res
+    assert res["forged_queue"]["code"] == 3, res  # a queue named for the viewer's pid
+    # Its own entry: one per lease (registering again replaces it), with its pid.
+    assert res["own"]["code"] == 0 and res["again"]["code"] == 0, res
+    mine = [e for e in res["table_after"] if e["name"] == "hostile"]
+    assert mine == [{"index": res["again"]["value"], "pid": res["me"], "name": "hostile"}], res
+    assert [e for e in res["table_after"] if e["name"] == "viewer"] == res["table_before"], res
+    # nobody's viewer and hostile entry, then 14 more: 16, and no further.
+    assert [code for code, _index in res["fill"][:14]] == [0] * 14, res["fill"]
+    assert res["fill"][14:] == [[3, -1004]] * 2, res["fill"]
+    assert res["producer_1001"] == {"code": 3, "nfds": 0}  # REJECTED by producer_uids
+    p2 = res["producer_1002"]
+    assert p2["code"] == 0 and p2["nfds"] == 4 and all(p2["writable"]), p2
+    assert p2["truncate"] == ["EPERM"] * 4 and p2["grow"] == ["EPERM"] * 4, p2
+    assert res["files"] == []  # nothing in the base directory to truncate or write
+
+    # Both kept running: the consumer still gets the producer's frames, all intact.
+    time.sleep(1.0)  # frames after the attacks
+    assert producer.poll() is None and consumer.poll() is None
+    # The hostile client's requests moved nobody: no re-attach, so no new epoch of 1001.
+    assert epochs_1001() == before, sealed.log()
+    sealed.stop.touch()
+    pout, perr = producer.communicate(timeout=30)
+    cout, cerr = consumer.communicate(timeout=30)
+    assert producer.returncode == 0, perr
+    assert consumer.returncode == 0, cerr
+    stats = json.loads(cout.strip().splitlines()[-1])
+    assert stats["bad"] == 0 and stats["after"] >= 5, stats
+    assert sealed.driver.poll() is None
 
 
 # A nobody client that maps the control region the way consumers get it (read-only) and
@@ -422,91 +450,59 @@ def _queue_exists(name):
     return False
 
 
-def test_driver_registers_consumers_frees_their_entries_and_sets_the_mode(shared_dir):
-    nobody = pwd.getpwnam("nobody")
-    gid = nobody.pw_gid
-    ids = {"uid": nobody.pw_uid, "gid": gid}
-    base, sock, stop = shared_dir / "shm", shared_dir / "driver.sock", shared_dir / "stop"
-    config = shared_dir / "driver.toml"
-    config.write_text(CONFIG.format(sock=sock, base=base, gid=gid))
-    env = _env(base)
-    log = open(shared_dir / "driver.log", "wb")
-    driver = subprocess.Popen([sys.executable, "-m", "frameshm", "driver", "--config", str(config)],
-                              env=env, stdout=log, stderr=subprocess.STDOUT)
-    procs = []
-    try:
-        wait_until(lambda: sock.exists() or driver.poll() is not None, 15, what="driver socket")
-        assert driver.poll() is None, (shared_dir / "driver.log").read_text()
-        producer = _python(PRODUCER, sock, stop, env=env)
-        procs.append(producer)
-        assert producer.stdout.readline().strip() == "ready", producer.stderr.read()
-        viewers = {}
-        for name in ("a", "b"):
-            v = _python(VIEWER, sock, stop, name, env=env, as_nobody=ids)
-            procs.append(v)
-            viewers[name] = v
-        for v in viewers.values():
-            word, _, maps = v.stdout.readline().partition(" ")
-            assert word == "reading", v.stderr.read()
-            maps = json.loads(maps)
-            assert "fshm-1001-frameshm.ctl" in maps and "fshm-header.ring" in maps, maps
-            assert set(maps.values()) == {"r--s"}, maps
-        inspector = _python(INSPECTOR, sock, env=env, as_nobody=ids, stdin=subprocess.PIPE)
-        procs.append(inspector)
+def test_driver_registers_consumers_frees_their_entries_and_sets_the_mode(sealed):
+    sock, stop = sealed.sock, sealed.stop
+    producer = sealed.start_producer()
+    viewers = {name: sealed.start(VIEWER, sock, stop, name, as_nobody=True) for name in ("a", "b")}
+    for v in viewers.values():
+        word, _, maps = v.stdout.readline().partition(" ")
+        assert word == "reading", v.stderr.read()
+        maps = json.loads(maps)
+        assert "fshm-1001-frameshm.ctl" in maps and "fshm-header.ring" in maps, maps
+        assert set(maps.values()) == {"r--s"}, maps
+    inspector = sealed.start(INSPECTOR, sock, as_nobody=True, stdin=subprocess.PIPE)
 
-        def look():
-            inspector.stdin.write("\n")
-            inspector.stdin.flush()
-            line = inspector.stdout.readline()
-            assert line, inspector.stderr.read()
-            return json.loads(line)
+    def look():
+        inspector.stdin.write("\n")
+        inspector.stdin.flush()
+        line = inspector.stdout.readline()
+        assert line, inspector.stderr.read()
+        return json.loads(line)
 
-        ACTIVE = 2
-        want = sorted([["a", viewers["a"].pid, ACTIVE], ["b", viewers["b"].pid, ACTIVE]])
-        first = look()
-        assert first["entries"] == want
-        queues = first["queues"]
-        assert all(_queue_exists(q) for q in queues.values()), queues
+    ACTIVE = 2
+    want = sorted([["a", viewers["a"].pid, ACTIVE], ["b", viewers["b"].pid, ACTIVE]])
+    first = look()
+    assert first["entries"] == want
+    queues = first["queues"]
+    assert all(_queue_exists(q) for q in queues.values()), queues
 
-        # A nobody controller is refused (producer_uids = [0]: only root may steer 1001);
-        # root's, the pipeline's, sets the mode and the state through the driver. Both
-        # register nothing (passive) and leave the table as it was.
-        c = _python(CONTROLLER, sock, env=env, as_nobody=ids)
-        out, err = c.communicate(timeout=60)
-        assert out.split() == ["DriverRejected", "0"], (out, err)
-        c = _python(CONTROLLER, sock, env=env)
-        out, err = c.communicate(timeout=60)
-        assert out.split() == ["ok", "1", "Tracking"], (out, err)
-        state = look()
-        assert state["control"][:2] == [1, 3] and state["entries"] == want, state
+    # A nobody controller is refused (producer_uids = [0]: only root may steer 1001);
+    # root's, the pipeline's, sets the mode and the state through the driver. Both
+    # register nothing (passive) and leave the table as it was.
+    c = sealed.start(CONTROLLER, sock, as_nobody=True)
+    out, err = c.communicate(timeout=60)
+    assert out.split() == ["DriverRejected", "0"], (out, err)
+    c = sealed.start(CONTROLLER, sock)
+    out, err = c.communicate(timeout=60)
+    assert out.split() == ["ok", "1", "Tracking"], (out, err)
+    state = look()
+    assert state["control"][:2] == [1, 3] and state["entries"] == want, state
 
-        # A viewer SIGKILLed: the driver sees its socket close and, once the process is
-        # dead, frees its entry and removes its queue (the driver runs as root here).
-        viewers["a"].kill()
-        viewers["a"].wait()
-        wait_until(lambda: look()["entries"] == want[1:], 30, what="the killed viewer's entry freed")
-        assert not _queue_exists(queues["a"]) and _queue_exists(queues["b"]), queues
-        # A third viewer attaches, then every viewer closes cleanly: the table empties.
-        v = _python(VIEWER, sock, stop, "c", env=env, as_nobody=ids)
-        procs.append(v)
-        assert v.stdout.readline().startswith("reading "), v.stderr.read()
-        assert [e[0] for e in look()["entries"]] == ["b", "c"]
-        stop.touch()
-        for v in (viewers["b"], v):
-            vout, verr = v.communicate(timeout=30)
-            assert v.returncode == 0 and "closed" in vout, verr
-        wait_until(lambda: look()["entries"] == [], 30, what="the closed viewers' entries freed")
-        assert not _queue_exists(queues["b"]), queues
-        pout, perr = producer.communicate(timeout=30)
-        assert producer.returncode == 0, perr
-    finally:
-        stop.touch()
-        for p in procs:
-            if p.poll() is None:
-                p.kill()
-            p.communicate()
-        if driver.poll() is None:
-            driver.send_signal(signal.SIGTERM)
-        rc = driver.wait(timeout=15)
-        log.close()
-    assert rc == 0, (shared_dir / "driver.log").read_text()
+    # A viewer SIGKILLed: the driver sees its socket close and, once the process is
+    # dead, frees its entry and removes its queue (the driver runs as root here).
+    viewers["a"].kill()
+    viewers["a"].wait()
+    wait_until(lambda: look()["entries"] == want[1:], 30, what="the killed viewer's entry freed")
+    assert not _queue_exists(queues["a"]) and _queue_exists(queues["b"]), queues
+    # A third viewer attaches, then every viewer closes cleanly: the table empties.
+    v = sealed.start(VIEWER, sock, stop, "c", as_nobody=True)
+    assert v.stdout.readline().startswith("reading "), v.stderr.read()
+    assert [e[0] for e in look()["entries"]] == ["b", "c"]
+    stop.touch()
+    for v in (viewers["b"], v):
+        vout, verr = v.communicate(timeout=30)
+        assert v.returncode == 0 and "closed" in vout, verr
+    wait_until(lambda: look()["entries"] == [], 30, what="the closed viewers' entries freed")
+    assert not _queue_exists(queues["b"]), queues
+    pout, perr = producer.communicate(timeout=30)
+    assert producer.returncode == 0, perr
