@@ -1,7 +1,9 @@
-"""Helpers shared by the frameshm benchmarks: machine info, statistics, tables, temp dirs."""
+"""Helpers shared by the frameshm benchmarks: machine info, statistics, tables, temp dirs, and
+the worker-process plumbing of peers.py and peers_lossless.py."""
 
 from __future__ import annotations
 
+import ctypes
 import datetime as _dt
 import json
 import os
@@ -9,6 +11,7 @@ import platform
 import shutil
 import subprocess
 import sys
+import time
 from typing import Dict, Iterable, List, Optional, Sequence
 
 import numpy as np
@@ -192,6 +195,73 @@ def is_tmpfs(path: str) -> bool:
     except OSError:
         return False
     return fstype == "tmpfs"
+
+
+# ---- peers.py and peers_lossless.py: their spawned producer and consumer processes ----
+# sync is the dict of multiprocessing objects peers.run_pair makes: "ready" and "finished"
+# (locked Values, counts of consumers), the Events "producer_ready" and "producer_done", ...
+
+
+def iox2_service(cfg, nslots, consumers=1, suffix=""):
+    """The iceoryx2 node, publish-subscribe service (a uint8 slice; nslots samples per
+    subscriber, safe overflow) and event service of stream cfg["stream"] + suffix."""
+    import iceoryx2 as iox2
+
+    iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
+    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
+    name = iox2.ServiceName.new(cfg["stream"] + suffix)
+    svc = (node.service_builder(name).publish_subscribe(iox2.Slice[ctypes.c_uint8])
+           .max_publishers(1).max_subscribers(consumers + 1).history_size(0)
+           .subscriber_max_buffer_size(nslots)
+           .subscriber_max_borrowed_samples(2).enable_safe_overflow(True).open_or_create())
+    ev = (node.service_builder(iox2.ServiceName.new(cfg["stream"] + suffix + "/ev")).event()
+          .max_listeners(consumers + 1).open_or_create())
+    return iox2, node, svc, ev
+
+
+def incr(v):
+    """v.value += 1 under v's lock."""
+    with v.get_lock():
+        v.value += 1
+
+
+def await_consumers(sync, n, who):
+    """A producer's start: waits until n consumers are ready (RuntimeError after 30 s), then
+    0.2 s more."""
+    until = time.monotonic() + 30
+    while sync["ready"].value < n:
+        if time.monotonic() > until:
+            raise RuntimeError(f"{who} never became ready")
+        time.sleep(0.01)
+    time.sleep(0.2)
+
+
+def await_finished(sync, n, seconds=20):
+    """A producer's end: waits (at most seconds) until n consumers are finished, so that none
+    meets a closed stream."""
+    until = time.monotonic() + seconds
+    while sync["finished"].value < n and time.monotonic() < until:
+        time.sleep(0.01)
+
+
+def finish_worker(out_q, out, keep, sync=None, *, cpu0=False, **fields):
+    """The `finally:` of every worker main. A consumer (sync given) counts itself ready, so
+    that a producer still waiting goes on, and finished. Then what keep holds is closed, last
+    first (a callable is called instead), out gets fields (with cpu0, a time.process_time()
+    or None, also cpu_s: the CPU seconds since then, taken after the closes; 0.0 for None)
+    and goes to out_q."""
+    if sync is not None:
+        incr(sync["ready"])
+        incr(sync["finished"])
+    for k in reversed(keep):
+        if callable(k):
+            k()
+        elif hasattr(k, "close"):
+            k.close()
+    if cpu0 is not False:
+        fields["cpu_s"] = time.process_time() - cpu0 if cpu0 is not None else 0.0
+    out.update(fields)
+    out_q.put(out)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -67,9 +67,10 @@ Transports:
     python bench/peers.py --cases flood,floodl3 --seconds 5
     python bench/peers.py --cases lossless64 --runs 2      # ~2.5 min a run
 
-The lossless64 case lives in bench/peers_lossless.py (its worker mains, its row, line and
-summary helpers, its options and the C helper's lossless64 mode); this script runs it and holds
-the helpers the cases share (_count, _pace, _iox2_service, _await_consumers, _finish, ...).
+The lossless64 case lives in bench/peers_lossless.py (its CASES entry, worker mains, row, line
+and summary helpers, options and the C helper's lossless64 mode); this script runs it. The worker
+plumbing both use (iox2_service, incr, await_consumers, await_finished, finish_worker) is in
+bench/_common.py.
 
 The header and the last line give the load average and the hypervisor's CPU steal over the
 invocation (/proc/stat); every row its own steal.
@@ -93,8 +94,8 @@ import traceback
 
 import numpy as np
 
-import peers_lossless   # the lossless64 case (it imports this module for the shared helpers)
-from _common import cpu_ticks, steal_pct
+import peers_lossless   # the lossless64 case
+from _common import await_consumers, await_finished, cpu_ticks, finish_worker, incr, iox2_service, steal_pct
 
 CASES = {
     "view60": dict(shape=(1080, 1920, 3), fps=60, frames=240, warmup=30,
@@ -110,8 +111,7 @@ CASES = {
     "floodl3": dict(shape=(1080, 1920, 3), fps=0, warmup=10, thrash=True,
                     transports=("fshm", "fshm-pub", "fshm-ring", "iox2")),
     "floor": dict(transports=("futex60", "futexpp")),
-    "lossless64": dict(shape=(64,), fps=0, nslots=64, lossless=True,
-                       transports=("fshm", "fshm-ring", "iox2", "iox2-event", "c", "c-ring")),
+    "lossless64": peers_lossless.CASE,
 }
 # Transports run by the C helper (bench/peers_c.c): its mode and arguments per case.
 C_MODES = {("view60", "c"): ["view60"], ("view60", "c-ring"): ["view60", None, "ring"],
@@ -133,63 +133,7 @@ def _pace(i, start, period):
 
 
 def _iox2_service(case, cfg, suffix=""):
-    import iceoryx2 as iox2
-
-    iox2.set_log_level_from_env_or(iox2.LogLevel.Error)
-    node = iox2.NodeBuilder.new().create(iox2.ServiceType.Ipc)
-    name = iox2.ServiceName.new(cfg["stream"] + suffix)
-    n = case.get("consumers", 1)
-    svc = (node.service_builder(name).publish_subscribe(iox2.Slice[ctypes.c_uint8])
-           .max_publishers(1).max_subscribers(n + 1).history_size(0)
-           .subscriber_max_buffer_size(case.get("nslots", NSLOTS))
-           .subscriber_max_borrowed_samples(2).enable_safe_overflow(True).open_or_create())
-    ev = (node.service_builder(iox2.ServiceName.new(cfg["stream"] + suffix + "/ev")).event()
-          .max_listeners(n + 1).open_or_create())
-    return iox2, node, svc, ev
-
-
-def _count(v):
-    with v.get_lock():
-        v.value += 1
-
-
-def _await_consumers(sync, n, who):
-    """A producer's start: waits until n consumers are ready (RuntimeError after 30 s), then
-    0.2 s more."""
-    until = time.monotonic() + 30
-    while sync["ready"].value < n:
-        if time.monotonic() > until:
-            raise RuntimeError(f"{who} never became ready")
-        time.sleep(0.01)
-    time.sleep(0.2)
-
-
-def _await_finished(sync, n, seconds=20):
-    """A producer's end: waits (at most seconds) until n consumers are finished, so that none
-    meets a closed stream."""
-    until = time.monotonic() + seconds
-    while sync["finished"].value < n and time.monotonic() < until:
-        time.sleep(0.01)
-
-
-def _finish(out_q, out, keep, sync=None, *, cpu0=False, **fields):
-    """The `finally:` of every worker main. A consumer (sync given) counts itself ready, so
-    that a producer still waiting goes on, and finished. Then what keep holds is closed, last
-    first (a callable is called instead), out gets fields (with cpu0, a time.process_time()
-    or None, also cpu_s: the CPU seconds since then, taken after the closes; 0.0 for None)
-    and goes to out_q."""
-    if sync is not None:
-        _count(sync["ready"])
-        _count(sync["finished"])
-    for k in reversed(keep):
-        if callable(k):
-            k()
-        elif hasattr(k, "close"):
-            k.close()
-    if cpu0 is not False:
-        fields["cpu_s"] = time.process_time() - cpu0 if cpu0 is not None else 0.0
-    out.update(fields)
-    out_q.put(out)
+    return iox2_service(cfg, case.get("nslots", NSLOTS), case.get("consumers", 1), suffix)
 
 
 def producer_main(cname, transport, cfg, sync, out_q):
@@ -262,7 +206,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
         else:
             raise ValueError(transport)
         sync["producer_ready"].set()
-        _await_consumers(sync, case.get("consumers", 1), "the consumers")
+        await_consumers(sync, case.get("consumers", 1), "the consumers")
         cpu0 = time.process_time()
         if case["fps"]:
             period = int(1e9 / case["fps"])
@@ -288,12 +232,12 @@ def producer_main(cname, transport, cfg, sync, out_q):
         out["cpu_s"] = time.process_time() - cpu0
         sync["sent"].value = out["sent"]
         sync["producer_done"].set()
-        _await_finished(sync, case.get("consumers", 1))
+        await_finished(sync, case.get("consumers", 1))
     except BaseException:
         out["error"] = traceback.format_exc()
         sync["producer_done"].set()
     finally:
-        _finish(out_q, out, keep)
+        finish_worker(out_q, out, keep)
 
 
 def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
@@ -319,7 +263,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
                                 spin=transport != "fshm-nospin", subscribe=not poll,
                                 **({"queue": False} if transport == "fshm-ring" else {}))
             keep.append(r)
-            _count(sync["ready"])
+            incr(sync["ready"])
             cpu0 = time.process_time()
             if cname == "tiny":
                 while True:
@@ -373,7 +317,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
             sub = svc.subscriber_builder().create()
             listener = ev.listener_builder().create()
             keep += [node, svc, ev, sub, listener]
-            _count(sync["ready"])
+            incr(sync["ready"])
             cpu0 = time.process_time()
             receive = sub.receive
             if cname == "tiny":
@@ -425,7 +369,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
                 resource_tracker.register = reg
             conn = cfg["conn"]
             buf = shm.buf
-            _count(sync["ready"])
+            incr(sync["ready"])
             cpu0 = time.process_time()
             seq = -1
             while seq < last:
@@ -445,7 +389,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
     except BaseException:
         out["error"] = traceback.format_exc()
     finally:
-        _finish(out_q, out, keep, sync, cpu0=cpu0, got=got, lost=lost, lat=lat, seqs=seqs)
+        finish_worker(out_q, out, keep, sync, cpu0=cpu0, got=got, lost=lost, lat=lat, seqs=seqs)
 
 
 def _pingpong_ends(transport, cfg, role, keep):
@@ -558,7 +502,7 @@ def pingpong_main(role, transport, cfg, sync, out_q):
         send, recv = _pingpong_ends(transport, cfg, role, keep)
         if role == "pinger":
             sync["producer_ready"].set()
-            _await_consumers(sync, 1, "the ponger")
+            await_consumers(sync, 1, "the ponger")
             cpu0 = time.process_time()
             for i in range(warmup + n):
                 t0 = now()
@@ -571,7 +515,7 @@ def pingpong_main(role, transport, cfg, sync, out_q):
             out["sent"] = got
             sync["producer_done"].set()
         else:
-            _count(sync["ready"])
+            incr(sync["ready"])
             cpu0 = time.process_time()
             done = sync["producer_done"].is_set
             while got < warmup + n:
@@ -586,8 +530,8 @@ def pingpong_main(role, transport, cfg, sync, out_q):
         sync["producer_ready"].set()
     finally:
         if role == "pinger":   # the ponger's last pong must not meet a closed stream
-            _await_finished(sync, 1, 10)
-        _finish(out_q, out, keep, sync if role == "ponger" else None, cpu0=cpu0,
+            await_finished(sync, 1, 10)
+        finish_worker(out_q, out, keep, sync if role == "ponger" else None, cpu0=cpu0,
                 got=got, lost=0, lat=lat, seqs=[])
 
 

@@ -1,11 +1,10 @@
 """bench/peers.py's lossless64 case: the highest paced rate a process-all consumer keeps up with.
 
 peers.py runs it (`python bench/peers.py --cases lossless64`; the case, its options and its
-transports are described there). This module holds the case's producer and consumer mains
-(spawned by peers.run_pair), its row, line and summary helpers, and the C helper's lossless64
-arguments. It shares peers.py's helpers (_count, _iox2_service, _await_consumers,
-_finish, CASES) by importing that module: run as a script, peers.py is imported once more
-under its module name here, in the parent and in every spawned child.
+transports are described there). This module holds the case's entry in peers.CASES, its
+producer and consumer mains (spawned by peers.run_pair), its row, line and summary helpers, and
+the C helper's lossless64 arguments. The worker plumbing it shares with peers.py comes from
+bench/_common.py (it does not import peers.py).
 """
 
 from __future__ import annotations
@@ -15,8 +14,10 @@ import struct
 import time
 import traceback
 
-import peers
+from _common import await_consumers, await_finished, finish_worker, incr, iox2_service
 
+CASE = dict(shape=(64,), fps=0, nslots=64, lossless=True,
+            transports=("fshm", "fshm-ring", "iox2", "iox2-event", "c", "c-ring"))   # peers.CASES["lossless64"]
 P64 = struct.Struct("<qqqq")   # seq, window, first seq of the window, last seq of the window
 MAXW = 64                      # windows per (case, transport) at most
 WFIELDS = 4                    # per window, written by the consumer: got, lost, bad, cpu_ns
@@ -61,14 +62,13 @@ def lossless_producer(transport, cfg, sync, out_q):
     one. A rate that loses is tried once more (the same rule for every transport) before it
     counts as lost. Each window records the rate the producer achieved (lossless_row tells a
     consumer's limit from a producer that could not offer the rate)."""
-    case = peers.CASES["lossless64"]
     out = {"role": "producer"}
     keep, windows = [], []
     try:
         if transport.startswith("fshm"):
             import frameshm
 
-            w = frameshm.Writer(cfg["stream"], shape=(64,), dtype="uint8", nslots=case["nslots"])
+            w = frameshm.Writer(cfg["stream"], shape=(64,), dtype="uint8", nslots=CASE["nslots"])
             keep.append(w)
             loan, commit, pack_into = w.loan, w.commit, P64.pack_into
 
@@ -76,7 +76,7 @@ def lossless_producer(transport, cfg, sync, out_q):
                 pack_into(loan(), 0, seq, win, first, last)
                 commit()
         elif transport in ("iox2", "iox2-event"):
-            iox2, node, svc, ev = peers._iox2_service(case, cfg)
+            iox2, node, svc, ev = iox2_service(cfg, CASE["nslots"])
             pub = svc.publisher_builder().initial_max_slice_len(64).create()
             notifier = ev.notifier_builder().create()
             keep += [node, svc, ev, pub, notifier]
@@ -92,7 +92,7 @@ def lossless_producer(transport, cfg, sync, out_q):
         else:
             raise ValueError(transport)
         sync["producer_ready"].set()
-        peers._await_consumers(sync, 1, "the consumer")
+        await_consumers(sync, 1, "the consumer")
         wres, acked, ended = sync["wres"], sync["acked"], sync["ended"]
         clock, sleep = time.monotonic_ns, time.sleep
         ctypes.CDLL(None).prctl(29, 1, 0, 0, 0)   # PR_SET_TIMERSLACK 1 ns: sleeps end on time
@@ -178,12 +178,12 @@ def lossless_producer(transport, cfg, sync, out_q):
                 fail = mid
         out.update(best=best, fail=fail, windows=windows, sent=nxt)
         sync["producer_done"].set()
-        peers._await_finished(sync, 1)
+        await_finished(sync, 1)
     except BaseException:
         out["error"] = traceback.format_exc()
         sync["producer_done"].set()
     finally:
-        peers._finish(out_q, out, keep)
+        finish_worker(out_q, out, keep)
 
 
 def lossless_consumer(transport, cfg, sync, out_q):
@@ -244,7 +244,7 @@ def lossless_consumer(transport, cfg, sync, out_q):
             keep.append(r)
             wait_next, Timeout = r.wait_next, frameshm.Timeout
             sync["cons_cpu0"].value = cpu_ns()
-            peers._count(sync["ready"])
+            incr(sync["ready"])
             while True:
                 try:
                     f = wait_next(0.01)
@@ -256,13 +256,13 @@ def lossless_consumer(transport, cfg, sync, out_q):
                 got += 1
                 del f
         elif transport in ("iox2", "iox2-event"):
-            iox2, node, svc, ev = peers._iox2_service(peers.CASES["lossless64"], cfg)
+            iox2, node, svc, ev = iox2_service(cfg, CASE["nslots"])
             sub = svc.subscriber_builder().create()
             listener = ev.listener_builder().create()
             keep += [node, svc, ev, sub, listener]
             receive, string_at = sub.receive, ctypes.string_at
             sync["cons_cpu0"].value = cpu_ns()
-            peers._count(sync["ready"])
+            incr(sync["ready"])
             if transport == "iox2":   # busy-poll, as tiny
                 empty = 0
                 while True:
@@ -296,7 +296,7 @@ def lossless_consumer(transport, cfg, sync, out_q):
     except BaseException:
         out["error"] = traceback.format_exc()
     finally:
-        peers._finish(out_q, out, keep, sync, got=got)
+        finish_worker(out_q, out, keep, sync, got=got)
 
 
 def c_args(args):
