@@ -366,16 +366,21 @@ fail:
  * word in FUTEX_WAIT. With a full fence on each side between the two, at least one of us
  * sees the other's store: either we see it asleep and wake it, or its FUTEX_WAIT sees the
  * new seq and returns at once. A consumer that keeps up never sleeps, so its frames cost
- * neither side a system call. A corrupt `sleeping` only costs a spurious wake. */
+ * neither side a system call. We lower the bell we answer: the commits that follow while
+ * the woken consumer is still being scheduled (a burst) would otherwise each ring again,
+ * for nobody. A corrupt `sleeping` only costs a spurious wake. */
 static int doorbell_rung(fshm_writer *w)
 {
     if (!w->nbells)
         return 0;
     __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    for (uint32_t k = 0; k < w->nbells; k++)
-        if (LOAD_RLX(&ctl_consumer(w->ctl, w->bells[k])->sleeping))
-            return 1;
-    return 0;
+    int rung = 0;
+    for (uint32_t k = 0; k < w->nbells; k++) {
+        uint32_t *bell = &ctl_consumer(w->ctl, w->bells[k])->sleeping;
+        if (LOAD_RLX(bell) && __atomic_exchange_n(bell, 0, __ATOMIC_RELAXED))
+            rung = 1;   /* one FUTEX_WAKE wakes every sleeper: lower every bell */
+    }
+    return rung;
 }
 
 static void refresh_consumers(fshm_writer *w)
