@@ -287,6 +287,7 @@ int fshm_ctl_claim(fshm_ctl *c, const char *consumer, uint32_t max_rate_hz)
         STORE_RLX(&e->pid_start, fshm_self_start_time());
         STORE_REL(&e->pid, (uint64_t)getpid());
         e->flags = 0;
+        STORE_RLX(&e->sleeping, 0);
         e->attach_ns = fshm_now_ns();
         e->delivered = e->queue_full = e->last_seq = 0;
         e->max_rate_hz = max_rate_hz;
@@ -304,8 +305,9 @@ char *fshm_ctl_queue_field(fshm_ctl *c, int idx) { return ctl_consumer(c, (unsig
 int fshm_ctl_activate(fshm_ctl *c, int idx, int no_queue)
 {
     fshm_ctl_consumer *e = ctl_consumer(c, (unsigned)idx);
+    /* The consumer itself activates its entry, so it can write `sleeping`: doorbell. */
     if (no_queue)
-        __atomic_fetch_or(&e->flags, CONS_FLAG_NO_QUEUE, __ATOMIC_RELAXED);
+        __atomic_fetch_or(&e->flags, CONS_FLAG_NO_QUEUE | CONS_FLAG_DOORBELL, __ATOMIC_RELAXED);
     uint32_t st = CONS_STATE(CONS_CLAIMING, (uint32_t)getpid());
     if (!__atomic_compare_exchange_n(&e->state, &st, CONS_ACTIVE, 0, __ATOMIC_ACQ_REL,
                                      __ATOMIC_RELAXED))

@@ -102,8 +102,11 @@ enum { CONS_FREE = 0, CONS_CLAIMING = 1, CONS_ACTIVE = 2, CONS_PRUNING = 3 };
 #define CONS_PID(s) ((uint32_t)(s) >> 8)
 #define CONS_STATE(kind, pid) ((uint32_t)(kind) | (uint32_t)(pid) << 8)
 #define CONS_PID_LIMIT (1u << 24)
-/* Consumer flags (fshm_ctl_consumer.flags, set by the consumer with atomic OR). */
-enum { CONS_FLAG_NEXT = 1u, CONS_FLAG_NO_QUEUE = 2u };
+/* Consumer flags (fshm_ctl_consumer.flags, set by the consumer with atomic OR).
+ * DOORBELL (with NO_QUEUE): the consumer raises `sleeping` before each futex sleep and
+ * wants a wake only then; a NO_QUEUE entry without it (an older library, or a sealed
+ * consumer that cannot write its entry) is woken on every commit. */
+enum { CONS_FLAG_NEXT = 1u, CONS_FLAG_NO_QUEUE = 2u, CONS_FLAG_DOORBELL = 4u };
 
 typedef struct fshm_ctl_pool {
     uint16_t pool_id;
@@ -155,7 +158,7 @@ typedef struct fshm_ctl_consumer {
     uint64_t queue_full;        /* 40: written by the producer */
     uint64_t last_seq;          /* 48: written by the consumer: newest seq taken + 1 */
     uint32_t max_rate_hz;       /* 56: 0 = every frame */
-    uint32_t reserved;          /* 60 */
+    uint32_t sleeping;          /* 60: DOORBELL consumers: nonzero around a futex sleep (atomic) */
     char name[32];              /* 64 */
     char queue[32];             /* 96 */
 } fshm_ctl_consumer;
@@ -167,6 +170,7 @@ _Static_assert(offsetof(fshm_ctl, control) == 120 && FSHM_CONTROL_BYTES == 8, "c
 _Static_assert(offsetof(fshm_ctl, name) == 128, "ctl name offset");
 _Static_assert(offsetof(fshm_ctl, announce_epoch) == 192, "announce offset");
 _Static_assert(offsetof(fshm_ctl, pools) == 720, "pools offset");
+_Static_assert(offsetof(fshm_ctl_consumer, sleeping) == 60, "consumer doorbell word offset");
 
 static inline fshm_ctl_consumer *ctl_consumer(void *ctl_base, unsigned i)
 {

@@ -48,6 +48,16 @@ static void took(fshm_reader *r, fshm_frame *f)
         STORE_RLX(&ctl_consumer(r->ctl, (unsigned)r->entry)->last_seq, f->seq + 1);
 }
 
+/* Our entry's `sleeping` word when the producer wakes us only on request (we registered
+ * it with CONS_FLAG_DOORBELL and can write it); NULL: it wakes us on every commit. */
+static uint32_t *doorbell(fshm_reader *r)
+{
+    if (r->entry < 0 || fshm_reader_ctl_ro(r))
+        return NULL;
+    fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
+    return LOAD_RLX(&e->flags) & CONS_FLAG_DOORBELL ? &e->sleeping : NULL;
+}
+
 /* receive() for a reader without a queue: never a descriptor (0), but the same wake-ups:
  * once the control region shows a seq >= *newer_than (and a max_rate_hz reader's turn has
  * come), the stream moved, or the deadline passed. Sleeps on latest_seq's futex, each
@@ -65,13 +75,24 @@ static int receive_no_queue(fshm_reader *r, uint64_t deadline, const uint64_t *n
         if (now >= deadline)
             return 0;
         uint64_t until = deadline, latest = LOAD_ACQ(&r->ctl->latest_seq);
+        uint32_t *bell = NULL;
         if (r->max_rate_hz && now < r->next_due_ns) {
-            until = r->next_due_ns < deadline ? r->next_due_ns : deadline;
+            until = r->next_due_ns < deadline ? r->next_due_ns : deadline;   /* a timed sleep */
         } else if (r->epoch && latest > *newer_than) {
             return 0;
+        } else {
+            bell = doorbell(r);
         }
         uint64_t slice = until - now < NO_QUEUE_SLICE_NS ? until - now : NO_QUEUE_SLICE_NS;
+        if (bell) {
+            /* The other half of the producer's doorbell_rung(): `sleeping` is visible
+             * before FUTEX_WAIT's own load of latest_seq. */
+            STORE_RLX(bell, 1);
+            __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        }
         fshm_futex_wait(&r->ctl->latest_seq, latest, slice);
+        if (bell)
+            STORE_RLX(bell, 0);
         int rc = fshm_reader_check_environment(r, 0);
         if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
             return rc;

@@ -360,6 +360,29 @@ fail:
     return rc;
 }
 
+/* Whether a queueless consumer with a doorbell is asleep (or about to sleep) on
+ * latest_seq's futex. Dekker's pattern with the consumer (receive_no_queue): we store
+ * latest_seq, then load `sleeping`; it stores `sleeping`, then the kernel loads the futex
+ * word in FUTEX_WAIT. With a full fence on each side between the two, at least one of us
+ * sees the other's store: either we see it asleep and wake it, or its FUTEX_WAIT sees the
+ * new seq and returns at once. A consumer that keeps up never sleeps, so its frames cost
+ * neither side a system call. We lower the bell we answer: the commits that follow while
+ * the woken consumer is still being scheduled (a burst) would otherwise each ring again,
+ * for nobody. A corrupt `sleeping` only costs a spurious wake. */
+static int doorbell_rung(fshm_writer *w)
+{
+    if (!w->nbells)
+        return 0;
+    __atomic_thread_fence(__ATOMIC_SEQ_CST);
+    int rung = 0;
+    for (uint32_t k = 0; k < w->nbells; k++) {
+        uint32_t *bell = &ctl_consumer(w->ctl, w->bells[k])->sleeping;
+        if (LOAD_RLX(bell) && __atomic_exchange_n(bell, 0, __ATOMIC_RELAXED))
+            rung = 1;   /* one FUTEX_WAKE wakes every sleeper: lower every bell */
+    }
+    return rung;
+}
+
 static void refresh_consumers(fshm_writer *w)
 {
     uint32_t gen = LOAD_ACQ(&w->ctl->consumers_gen);
@@ -367,12 +390,18 @@ static void refresh_consumers(fshm_writer *w)
         return;
     w->known_gen = gen;
     w->wake_no_queue = 0;
+    w->nbells = 0;
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
         fshm_ctl_consumer *e = ctl_consumer(w->ctl, i);
         writer_consumer *lc = &w->cons[i];
         int active = LOAD_ACQ(&e->state) == CONS_ACTIVE;
-        if (active && (LOAD_RLX(&e->flags) & CONS_FLAG_NO_QUEUE))
-            w->wake_no_queue = 1;
+        uint32_t fl = LOAD_RLX(&e->flags);
+        if (active && (fl & CONS_FLAG_NO_QUEUE)) {
+            if (fl & CONS_FLAG_DOORBELL)
+                w->bells[w->nbells++] = (uint8_t)i;
+            else
+                w->wake_no_queue = 1;
+        }
         char q[32];
         memcpy(q, e->queue, sizeof q);
         q[31] = 0;
@@ -482,12 +511,16 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     STORE_RLX(&c->activity_ns, now);   /* before latest_seq: readers pair the two */
     STORE_REL(&c->latest_seq, seq + 1);
     STORE_RLX(&c->frames, LOAD_RLX(&c->frames) + 1);
-    if (w->wake_no_queue)
-        fshm_futex_wake(&c->latest_seq);   /* as seen at the last consumer-table change */
+    refresh_consumers(w);   /* one load unless the table changed: a new sleeper gets its wake */
+    if (w->wake_no_queue || doorbell_rung(w)) {
+        fshm_futex_wake(&c->latest_seq);
+        w->futex_wakes++;
+    }
 
-    if (now >= w->next_prune_ns)
+    if (now >= w->next_prune_ns) {
         housekeeping(w, now);
-    refresh_consumers(w);
+        refresh_consumers(w);
+    }
     uint8_t msg[FSHM_DESC_BYTES];
     fshm_desc_encode(msg, w->paths.stream_id, w->epoch, seq, now);
     uint64_t sent = 0, dropped = 0;

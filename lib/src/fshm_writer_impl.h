@@ -35,7 +35,10 @@ struct fshm_writer {
     fshm_loan loan;
     uint64_t ref_plus1;      /* applied to the next commit, then cleared */
     uint32_t known_gen;
-    int wake_no_queue;       /* some consumer has no queue: futex-wake latest_seq on commit */
+    int wake_no_queue;       /* a queueless consumer without a doorbell: futex-wake every commit */
+    uint32_t nbells;         /* queueless consumers with a doorbell: entries in bells[] */
+    uint8_t bells[FSHM_MAX_CONSUMERS];
+    uint64_t futex_wakes;    /* FUTEX_WAKEs issued (the tests count them) */
     uint64_t next_prune_ns;
     uint64_t start_ns;
     writer_consumer cons[FSHM_MAX_CONSUMERS];

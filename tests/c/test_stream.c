@@ -6,6 +6,7 @@
  * report through their exit status or a pipe. */
 #include "fshm_test_util.h"
 #include "fshm_reader_impl.h"   /* the adaptive-spin tests look at the reader's state */
+#include "fshm_writer_impl.h"   /* the doorbell test counts the producer's futex wakes */
 
 #include <errno.h>
 #include <fcntl.h>
@@ -660,6 +661,78 @@ static void test_no_queue_reader_by_choice(void **state)
     pthread_join(t, NULL);
     assert_int_equal(pw.rc, 0);
     assert_int_equal(fshm_reader_overruns(r), 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+typedef struct doorbell_wait {
+    fshm_reader *r;
+    fshm_frame f;
+    int rc;
+} doorbell_wait;
+
+static void *doorbell_wait_main(void *arg)
+{
+    doorbell_wait *d = arg;
+    d->rc = fshm_reader_wait_next(d->r, 30 * SEC, &d->f);
+    return NULL;
+}
+
+/* A queueless consumer with a doorbell costs the producer no FUTEX_WAKE while it keeps up
+ * (the frames are there when it asks), gets exactly one when it has gone to sleep, and an
+ * entry without the doorbell (an older library's) is woken on every commit. */
+static void test_no_queue_doorbell_wakes_only_a_sleeper(void **state)
+{
+    (void)state;
+    const char *name = "st-doorbell";
+    fshm_writer *w = tu_writer(name, 64, 4096);
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+    rc.addr.name = name;
+    rc.no_queue = 1;
+    fshm_reader *r;
+    assert_int_equal(fshm_reader_open(&rc, &r), 0);
+    fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
+    assert_int_equal(LOAD_RLX(&e->flags) & (CONS_FLAG_NO_QUEUE | CONS_FLAG_DOORBELL),
+                     CONS_FLAG_NO_QUEUE | CONS_FLAG_DOORBELL);
+    fshm_frame f = frame_zero();
+    uint64_t first = fshm_writer_next_seq(w), wakes = w->futex_wakes;
+    for (uint64_t want = first; want < first + 50; want++) {
+        assert_int_equal(tu_publish(w, 16), 0);
+        assert_int_equal(fshm_reader_wait_next(r, 5 * SEC, &f), 0);
+        assert_int_equal(f.seq, want);
+    }
+    assert_int_equal(w->futex_wakes, wakes);
+    assert_int_equal(LOAD_RLX(&e->sleeping), 0);
+
+    /* Asleep in wait_next: the next commit rings. */
+    doorbell_wait d = {.r = r, .f = frame_zero(), .rc = 1};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, doorbell_wait_main, &d), 0);
+    for (int i = 0; i < 10000 && !LOAD_ACQ(&e->sleeping); i++)
+        tu_sleep_ms(1);
+    assert_int_equal(LOAD_ACQ(&e->sleeping), 1);
+    assert_int_equal(tu_publish(w, 16), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(d.rc, 0);
+    assert_int_equal(d.f.seq, first + 50);
+    assert_int_equal(w->futex_wakes, wakes + 1);
+    assert_int_equal(LOAD_RLX(&e->sleeping), 0);
+    /* Rung and not yet running (as when a burst follows the first frame): the producer
+     * lowered the bell with its wake, so the rest of the burst rings for nobody. */
+    STORE_RLX(&e->sleeping, 1);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(tu_publish(w, 16), 0);
+    assert_int_equal(w->futex_wakes, wakes + 2);
+    assert_int_equal(LOAD_RLX(&e->sleeping), 0);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(fshm_reader_wait_next(r, 5 * SEC, &f), 0);
+
+    /* The same entry as an older library writes it: no doorbell, a wake per commit. */
+    __atomic_fetch_and(&e->flags, ~CONS_FLAG_DOORBELL, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&r->ctl->consumers_gen, 1, __ATOMIC_RELEASE);
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(tu_publish(w, 16), 0);
+    assert_int_equal(w->futex_wakes, wakes + 2 + 5);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
 }
@@ -2190,6 +2263,7 @@ int main(void)
         cmocka_unit_test(test_spin_off_when_consumers_outnumber_cpus),
         cmocka_unit_test(test_spin_rests_when_it_does_not_pay_off),
         cmocka_unit_test(test_no_queue_reader_by_choice),
+        cmocka_unit_test(test_no_queue_doorbell_wakes_only_a_sleeper),
         cmocka_unit_test(test_big_publish_copies_every_byte),
         cmocka_unit_test(test_timeout_producer_alive),
         cmocka_unit_test(test_timeout_producer_dead),

@@ -14,10 +14,12 @@
 
 from __future__ import annotations
 
+import fcntl
 import gc
 import os
 import re
 import sys
+import tempfile
 
 import pytest
 
@@ -90,6 +92,18 @@ def shm_base(tmp_path, monkeypatch, request):
                     frameshm.gc(str(base), ns.name)
                 except Exception:
                     pass
+
+
+@pytest.fixture
+def queue_sweep():
+    """Held by each test that sweeps this user's message queues (`frameshm gc` unlinks the
+    queue of every dead process on the machine, not only its namespace's) or that needs a
+    dead consumer's queue to stay until it looks: one such test at a time, across xdist
+    workers and test runs sharing the machine."""
+    path = os.path.join(tempfile.gettempdir(), f"frameshm-tests-queue-sweep-{os.getuid()}.lock")
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
 
 
 @pytest.fixture

@@ -115,7 +115,7 @@ def test_cli_reports_errors_without_traceback():
     assert err.startswith("frameshm: ") and "absolute" in err and "Traceback" not in err
 
 
-def test_gc_removes_dead_streams_and_keeps_live_ones(spawn, shm_base):
+def test_gc_removes_dead_streams_and_keeps_live_ones(spawn, shm_base, queue_sweep):
     dead, live, watched = "dead-stream", "live-stream", "watched-stream"
     # A producer and its consumer, both SIGKILLed.
     producer = spawn(f"""
@@ -180,7 +180,7 @@ time.sleep(600)
     assert frameshm.list_streams() == []
 
 
-def test_gc_removes_closed_and_corrupt_streams(name):
+def test_gc_removes_closed_and_corrupt_streams(name, queue_sweep):
     w = frameshm.Writer(name, shape=(1,), unlink_on_close=False)
     w.close()
     w2 = frameshm.Writer("corrupt-stream", shape=(1,), unlink_on_close=False)
@@ -202,7 +202,7 @@ def test_gc_removes_closed_and_corrupt_streams(name):
     assert not stream_dir(name).exists() and not stream_dir("corrupt-stream").exists()
 
 
-def test_gc_api_matches_cli(name):
+def test_gc_api_matches_cli(name, queue_sweep):
     w = frameshm.Writer(name, shape=(1,), unlink_on_close=False)
     sid = w.stream_id
     w.close()

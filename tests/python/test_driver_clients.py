@@ -429,7 +429,7 @@ def test_driver_graceful_restart_removes_files_and_clients_come_back(driver, shm
         assert r.epoch == w.epoch
 
 
-def test_ls_marks_driver_streams_and_gc_leaves_them_to_a_live_driver(driver, shm_base):
+def test_ls_marks_driver_streams_and_gc_leaves_them_to_a_live_driver(driver, shm_base, queue_sweep):
     with frameshm.Writer(stream_id=1001, driver=driver.sock, shape=(8,)) as w:
         w.publish(np.zeros(8, np.uint8))
         info = frameshm.stream_info(stream_id=1001)

@@ -30,7 +30,7 @@ def _mqueue_mounted() -> bool:
 
 
 @pytest.fixture
-def gc_cli(tmp_path):
+def gc_cli(tmp_path, queue_sweep):
     """gc_cli(*args) -> (rc, stdout, stderr) of `frameshm gc ...` where queues can be listed."""
     prefix = []
     if not _mqueue_mounted():
