@@ -98,13 +98,15 @@ def test_the_emulated_link_delays_and_loses():
 
 
 def test_stream_through_delay_and_loss_keeps_flowing_without_backlog(spawn, bridges, name):  # noqa: F811
-    """30 fps of 640x480 RGB (27 MB/s raw) through 20 ms each way and 1 % loss: frames keep
+    """30 fps of 320x240 RGB (6.9 MB/s raw) through 20 ms each way and 1 % loss: frames keep
     arriving whole and in order, their latency (capture -> the reader on the other side)
     is at least the link's delay and bounded by delay + one frame (+ margin for a loaded
     machine), and it does not grow over the run (no backlog). The emulator's counts show
-    the loss was real."""
+    the loss was real. Not 640x480: every packet crosses the emulator's user-space queue,
+    and at 27 MB/s a machine loaded on both cores delivered 8.2 fps (one run of five); the
+    rates of larger frames are bench/bridge.py's to measure."""
     with EmulatedLink(DELAY_MS, 0.01, seed=3) as link:
-        prod = producer(spawn, name, fps=30)
+        prod = producer(spawn, name, shape=(240, 320, 3), fps=30)
         port = 7447
         a = bridges("a", "--listen", f"tcp/{link.a_host}:{port}", "--export", name, "--frames", name,
                     prefix=link.prefix("a"))
@@ -136,7 +138,7 @@ def test_stream_through_delay_and_loss_keeps_flowing_without_backlog(spawn, brid
           f"link {link.counts}")
     # The frame crossed the link (no path around it): at least the one-way delay.
     assert med >= DELAY_MS, med
-    # Delay + one frame, + 100 ms for a loaded 2-core machine (the frame's own 0.9 MB on
+    # Delay + one frame, + 100 ms for a loaded 2-core machine (the frame's own bytes on
     # the wire, the retransmissions of the 1 % lost, scheduling of four busy processes:
     # medians of 67-70 ms were seen at load 8, 30-58 ms in bench/bridge.py at load 7-10).
     assert med < DELAY_MS + FRAME_MS + 100, (med, sorted(lat))
