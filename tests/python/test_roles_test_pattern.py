@@ -135,12 +135,15 @@ def test_read_times_out_and_checks_the_buffer():
 
 def test_person_cycle_schedule():
     src = opened("test:?width=320&height=240&fps=50&person=cycle&off_s=0.3&on_s=0.3")
-    flags = [read_stamp(buf).person for _, buf in read(src, 60)]
-    # off for 15 frames, on for 15, off, on (50 fps): at least three changes in order
-    changes = [i for i in range(1, len(flags)) if flags[i] != flags[i - 1]]
+    stamps = [read_stamp(buf) for _, buf in read(src, 60)]
+    flags = [st.person for st in stamps]
+    # off for 15 frames, on for 15, off, on (50 fps): at least three changes in order. The
+    # runs are counted in the source's frame numbers, not in frames read: a loaded machine
+    # makes the realtime source skip frames (runs of 11 and 9 frames read were seen at load 10).
+    changes = [stamps[i].frame_no for i in range(1, len(flags)) if flags[i] != flags[i - 1]]
     assert flags[0] is False and len(changes) >= 3
     runs = np.diff(changes)
-    assert all(12 <= r <= 18 for r in runs), runs
+    assert all(12 <= r <= 18 for r in runs), (runs, [(st.frame_no, st.person) for st in stamps])
 
 
 def test_person_appears_on_command(tmp_path):

@@ -290,7 +290,12 @@ def test_frameshm_v4l2_capture_reads_it_back(pw, producer, vcam):
     assert rc == 0, err[-3000:]
     res = json.loads(next(line for line in out.splitlines() if line.startswith("RESULT "))[7:])
     nos = res["nos"]
-    assert all(b == a + 1 for a, b in zip(nos[5:], nos[6:])), nos     # steady state: none lost
+    # Steady state: in order, each once, and no frame lost beyond what a starved machine
+    # loses (a live camera drops when its client is not scheduled for several frames:
+    # once at load 11 on 2 cores). A path that drops frames by itself loses many more.
+    steady = list(zip(nos[5:], nos[6:]))
+    assert all(b > a for a, b in steady), nos
+    assert sum(b - a - 1 for a, b in steady) <= 2, nos
     assert sorted(res["lat"])[len(res["lat"]) // 2] < 50e6, res["lat"]   # median: fresh frames
 
 
