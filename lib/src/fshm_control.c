@@ -197,9 +197,35 @@ static void slot_free(fshm_ctl *c, fshm_ctl_consumer *e, int unlink_queue, uint6
     memcpy(q, e->queue, sizeof q);
     if (unlink_queue && queue_name_ok(q) && fshm_queue_named_for(q, owner))
         mq_unlink(q);
+    /* Only now do pid and queue go: a remover killed before this line leaves them for
+     * the next pruner (queue_owner), after it the queue is gone already. */
     memset((uint8_t *)e + 4, 0, FSHM_CONSUMER_BYTES - 4);
     STORE_REL(&e->state, CONS_FREE);
     __atomic_fetch_add(&c->consumers_gen, 1, __ATOMIC_RELEASE);
+}
+
+/* Whose queue a slot being pruned names, for slot_free: its owner's (slot_owner), except
+ * when the slot is a dead remover's. A pruner (another consumer opening or closing, the
+ * producer, gc) takes a dead consumer's slot by CAS to PRUNING|pruner, and then unlinks
+ * the queue: killed between the two, it leaves a slot whose state word names the dead
+ * pruner while its pid and queue fields still name the consumer it was pruning. The next
+ * pruner's owner is then that pruner, the queue (named for the consumer) is not named
+ * for it, and freeing the slot without unlinking left a queue no entry names, which only
+ * a machine-wide `frameshm gc` would find (test_crash_lifecycle.py saw one in ~1200
+ * kills under load). So the queue of the entry's own process (the pid field) goes too,
+ * but only when the queue's name says its creator is dead: the name carries the
+ * creator's pid and start time (fshm_queue_create), which a forged entry cannot change,
+ * so a slot forged to name a live consumer's queue still does not get it unlinked
+ * (test_prune_leaves_a_queue_a_forged_entry_names). The same covers a sealed driver
+ * killed while releasing a dead peer's entry (PRUNING|driver, pid = the peer). */
+static uint64_t queue_owner(const char q[32], uint64_t owner, uint64_t pid)
+{
+    int64_t qpid;
+    uint64_t qstart;
+    if (pid == 0 || pid == owner || !queue_name_ok(q) || fshm_queue_owner(q, &qpid, &qstart) != 0 ||
+        (uint64_t)qpid != pid || fshm_pid_alive(qpid, qstart))
+        return owner;
+    return pid;
 }
 
 static int self_pid_ok(void)
@@ -247,7 +273,7 @@ int fshm_ctl_prune_report(fshm_ctl *c, int dry_run, fshm_gc_queue *out, uint32_t
         pruned++;
         if (dry_run)
             continue;
-        slot_free(c, e, 1, owner);
+        slot_free(c, e, 1, queue_owner(q, owner, pid));
         ADD_RLX(&c->pruned, 1);
     }
     return pruned;

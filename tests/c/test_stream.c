@@ -1133,6 +1133,65 @@ static void test_prune_reclaims_half_done_transitions(void **state)
     fshm_reader_close(r);
 }
 
+/* A pruner killed between taking a dead consumer's entry (PRUNING | pruner) and unlinking
+ * its queue leaves the entry naming the dead pruner in its state word and the consumer in
+ * its pid and queue fields. The next pruner removes that queue with the entry (before,
+ * it freed the entry and left the queue, named for neither, where no entry named it:
+ * test_crash_lifecycle.py, 1 of ~6 loaded runs). An entry forged the same way around a
+ * live consumer's queue still leaves that queue alone: its name carries a live owner. */
+static void test_prune_finishes_a_dead_pruners_work(void **state)
+{
+    (void)state;
+    const char *name = "st-prune-pruner";
+    fshm_reader *r = tu_reader(name);
+    const char *victim = fshm_reader_queue_name(r);
+    assert_true(victim[0] != 0 && queue_exists(victim));
+    pid_t dead[2];
+    for (int i = 0; i < 2; i++) {   /* [0] the consumer, [1] the pruner killed mid-prune */
+        dead[i] = fork();
+        assert_true(dead[i] >= 0);
+        if (dead[i] == 0)
+            _exit(0);
+        assert_int_equal(waitpid(dead[i], NULL, 0), dead[i]);
+    }
+    fshm_stream_addr a = {.name = name};
+    fshm_paths p;
+    fshm_ctl_handle h;
+    assert_int_equal(fshm_resolve(&a, 0, &p), 0);
+    assert_int_equal(fshm_ctl_open(&p, 0, &h), 0);
+    char q1[32], q2[32];   /* with a start time, and in the older pid-only form */
+    snprintf(q1, sizeof q1, "/fshm-%x-1-00bb01", (unsigned)dead[0]);
+    snprintf(q2, sizeof q2, "/fshm-%x-00bb0002", (unsigned)dead[0]);
+    struct mq_attr at = {.mq_maxmsg = 1, .mq_msgsize = 64};
+    const char *qs[2] = {q1, q2};
+    for (int i = 0; i < 2; i++) {
+        mqd_t m = mq_open(qs[i], O_RDONLY | O_CREAT | O_EXCL, 0600, &at);
+        assert_true(m != (mqd_t)-1);
+        mq_close(m);
+        /* 30, 31: the dead consumer's active entry, taken by the pruner that died */
+        fshm_ctl_consumer *e = ctl_consumer(h.ctl, 30 + (unsigned)i);
+        e->pid = (uint64_t)dead[0];
+        e->pid_start = 1;
+        snprintf(e->queue, sizeof e->queue, "%s", qs[i]);
+        e->state = CONS_STATE(CONS_PRUNING, dead[1]);
+    }
+    /* 32: forged around the live reader's queue: a dead pruner, our pid, a bogus start */
+    fshm_ctl_consumer *f = ctl_consumer(h.ctl, 32);
+    f->pid = (uint64_t)getpid();
+    f->pid_start = 1;
+    snprintf(f->queue, sizeof f->queue, "%s", victim);
+    f->state = CONS_STATE(CONS_PRUNING, dead[1]);
+    assert_int_equal(fshm_ctl_prune(h.ctl), 3);
+    for (unsigned i = 30; i <= 32; i++)
+        assert_int_equal(ctl_consumer(h.ctl, i)->state, CONS_FREE);
+    assert_false(queue_exists(q1));
+    assert_false(queue_exists(q2));
+    assert_true(queue_exists(victim));
+    fshm_ctl_close(&h);
+    fshm_reader_close(r);
+    assert_false(queue_exists(victim));   /* its owner still removes it */
+}
+
 /* Every consumer can write the consumer table: an entry forged with a dead pid and the
  * queue of a live consumer (the reader's) is pruned without removing that queue. */
 static void test_prune_leaves_a_queue_a_forged_entry_names(void **state)
@@ -2273,6 +2332,7 @@ int main(void)
         cmocka_unit_test(test_prune_by_writer_heartbeat),
         cmocka_unit_test(test_prune_by_new_reader),
         cmocka_unit_test(test_prune_reclaims_half_done_transitions),
+        cmocka_unit_test(test_prune_finishes_a_dead_pruners_work),
         cmocka_unit_test(test_prune_leaves_a_queue_a_forged_entry_names),
         cmocka_unit_test(test_consumer_table_full),
         cmocka_unit_test(test_corrupt_region_new_reader),

@@ -6,7 +6,9 @@ children open and close Readers in a loop and are SIGKILLed after a random delay
 kill lands anywhere in registration, queue creation, unregistration or queue removal.
 Prints one JSON line: what the kills left (queues named after the killed pids, and
 consumer-table slots not free) before anything cleaned up, after the producer's own
-pruning, after `frameshm gc`, and how many consumers fit afterwards.
+pruning, after `frameshm gc`, and how many consumers fit afterwards; and every queue a
+kill left orphaned: named by no slot right after the kill, so that no pruning can ever
+find it (only gc's machine-wide scan), with the slot that named it one kill earlier.
 """
 
 from __future__ import annotations
@@ -62,6 +64,21 @@ def busy_slots(stream: str) -> list:
     return out
 
 
+def slot_queues(stream: str) -> dict:
+    """queue name (as listed in the mqueue fs) -> [index, kind, pid in the state word, pid
+    field] of the busy slot naming it."""
+    with open(ctl_path(stream), "rb") as f:
+        data = f.read()
+    out = {}
+    for i in range(MAX_CONSUMERS):
+        off = CTL_HEADER + i * CONSUMER_BYTES
+        state, _flags, pid = struct.unpack_from("<IIQ", data, off)
+        q = data[off + 96:off + 128].split(b"\0", 1)[0].decode(errors="replace").lstrip("/")
+        if state and q:
+            out[q] = [i, state & 0xFF, state >> 8, pid]
+    return out
+
+
 def queue_pid(name: str) -> int:
     parts = name.lstrip("/").split("-")
     return int(parts[1], 16) if len(parts) >= 3 and parts[0] == "fshm" else -1
@@ -92,7 +109,8 @@ def main() -> None:
         # tallied right after the kill): entries by kind (1 claiming, 2 active,
         # 3 releasing) and queues.
         left = {"claiming": 0, "active": 0, "releasing": 0, "queue": 0}
-        for _ in range(trials):
+        orphaned, named_before, killed_before = [], {}, None
+        for trial in range(trials):
             pid = os.fork()
             if pid == 0:
                 churn(stream)
@@ -107,6 +125,15 @@ def main() -> None:
                 if kind and (state >> 8 == pid or _pid == pid):
                     left[kind] += 1
             left["queue"] += len(queues_of(mqdir, {pid}))
+            # Slots first, then queues: nobody but the (pruning) producer is alive, and a
+            # pruner unlinks a queue before freeing the slot naming it, so a queue listed
+            # now that no slot named a moment ago is one no pruning will ever find.
+            named = slot_queues(stream)
+            for q in queues_of(mqdir, killed):
+                if q not in named and not any(o["queue"] == q for o in orphaned):
+                    orphaned.append({"trial": trial, "queue": q, "killed": pid, "killed_before": killed_before,
+                                     "slot_before": named_before.get(q)})
+            named_before, killed_before = named, pid
         before = {"queues": len(queues_of(mqdir, killed)), "slots": busy_slots(stream)}
         # The producer prunes every 0.5 s while it publishes: give it a generous while.
         deadline = time.monotonic() + 10
@@ -127,7 +154,8 @@ def main() -> None:
         for r in readers:
             r.close()
         print(json.dumps({"trials": trials, "left_by_kills": left, "before": before, "after_prune": after_prune,
-                          "after_gc": after_gc, "fit": fit, "refused": refused}), flush=True)
+                          "after_gc": after_gc, "fit": fit, "refused": refused,
+                          "orphaned": orphaned}), flush=True)
     finally:
         prod.kill()
         prod.wait()
