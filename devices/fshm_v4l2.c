@@ -1215,14 +1215,19 @@ static int next_frame(fshm_v4l2_cam *c, int64_t timeout_ns, uint32_t *index)
             if (bad) {
                 c->stats.errors++;
             } else if (c->min_interval_ns && !cb->rate_ok) {
-                /* Keep a frame when it is at most a quarter interval early, then advance
-                 * the due time in phase; more than one interval late restarts the phase. */
+                /* Keep a frame when it is at most a quarter interval early. A frame on time
+                 * or early advances the due time in phase (exact decimation of a jittery
+                 * camera); a late one restarts the phase from itself. Either way the next
+                 * due time is at least one interval after the frame kept, so no two frames
+                 * delivered are closer than 3/4 of the interval: keeping the phase after a
+                 * late frame (the camera lost the ones before it, a starved consumer) let
+                 * the next frame through half an interval later. */
                 uint64_t slack = c->min_interval_ns / 4, ts = cb->ts_ns;
                 if (c->next_due_ns && ts + slack < c->next_due_ns) {
                     drop = 1;
                     c->stats.rate_dropped++;
                 } else {
-                    c->next_due_ns = c->next_due_ns && c->next_due_ns + c->min_interval_ns > ts
+                    c->next_due_ns = c->next_due_ns && ts <= c->next_due_ns
                                          ? c->next_due_ns + c->min_interval_ns
                                          : ts + c->min_interval_ns;
                 }

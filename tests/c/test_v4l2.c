@@ -560,6 +560,29 @@ static void test_rate_control_in_software(void **state)
     fshm_v4l2_close(c);
 }
 
+/* A late frame (the camera lost the ones before it: nobody queued a buffer for 55 ms)
+ * restarts the software rate's phase, so the frames after it keep the spacing too. Kept
+ * in phase, the frame 10 ms after it went through (loaded CI, a starved consumer). */
+static void test_rate_control_after_lost_frames(void **state)
+{
+    (void)state;
+    configure("path=/dev/video0 formats=GREY:32x16@100 timeperframe=0");
+    fshm_v4l2_cam *c = start_cam("/dev/video0", GREY, 32, 16, 25, 2);
+    fshm_v4l2_buf prev, b;
+    assert_int_equal(fshm_v4l2_dequeue(c, 2 * SEC, &prev), 0);
+    tu_sleep_ms(55);   /* holding it: the other buffer fills, then frames are lost */
+    fshm_v4l2_requeue(c, prev.index);
+    for (int i = 0; i < 4; i++) {
+        assert_int_equal(fshm_v4l2_dequeue(c, 2 * SEC, &b), 0);
+        uint64_t d = b.timestamp_ns - prev.timestamp_ns;
+        if (d + 10 * MS < 40 * MS)
+            fail_msg("frame %d: %llu ns after the one before, rate limit 40 ms", i, (unsigned long long)d);
+        fshm_v4l2_requeue(c, b.index);
+        prev = b;
+    }
+    fshm_v4l2_close(c);
+}
+
 static void test_flush_discards_old_frames(void **state)
 {
     (void)state;
@@ -762,6 +785,7 @@ int main(void)
         cmocka_unit_test(test_unplug_while_waiting),
         cmocka_unit_test(test_rate_control_by_the_device),
         cmocka_unit_test(test_rate_control_in_software),
+        cmocka_unit_test(test_rate_control_after_lost_frames),
         cmocka_unit_test(test_flush_discards_old_frames),
         cmocka_unit_test(test_errored_buffers_are_skipped),
         cmocka_unit_test(test_gray8_from_yuyv),
