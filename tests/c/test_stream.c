@@ -630,6 +630,16 @@ static void test_spin_rests_when_it_does_not_pay_off(void **state)
     fshm_writer_close(w, 1);
 }
 
+static fshm_reader *open_no_queue(const char *name)
+{
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+    rc.addr.name = name;
+    rc.no_queue = 1;
+    fshm_reader *r;
+    assert_int_equal(fshm_reader_open(&rc, &r), 0);
+    return r;
+}
+
 /* no_queue = 1: registered without a queue by choice; process-all takes every frame of a
  * paced stream from the ring, in order, woken by the futex; none is sent as a descriptor. */
 static void test_no_queue_reader_by_choice(void **state)
@@ -637,11 +647,7 @@ static void test_no_queue_reader_by_choice(void **state)
     (void)state;
     const char *name = "st-noqueue";
     fshm_writer *w = tu_writer(name, 64, 4096);
-    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
-    rc.addr.name = name;
-    rc.no_queue = 1;
-    fshm_reader *r;
-    assert_int_equal(fshm_reader_open(&rc, &r), 0);
+    fshm_reader *r = open_no_queue(name);
     assert_string_equal(fshm_reader_queue_name(r), "");
     paced_writer pw = {.w = w, .frames = 40, .period_ms = 2, .rc = 0};
     uint64_t first = fshm_writer_next_seq(w);
@@ -686,11 +692,7 @@ static void test_no_queue_doorbell_wakes_only_a_sleeper(void **state)
     (void)state;
     const char *name = "st-doorbell";
     fshm_writer *w = tu_writer(name, 64, 4096);
-    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
-    rc.addr.name = name;
-    rc.no_queue = 1;
-    fshm_reader *r;
-    assert_int_equal(fshm_reader_open(&rc, &r), 0);
+    fshm_reader *r = open_no_queue(name);
     fshm_ctl_consumer *e = ctl_consumer(r->ctl, (unsigned)r->entry);
     assert_int_equal(LOAD_RLX(&e->flags) & (CONS_FLAG_NO_QUEUE | CONS_FLAG_DOORBELL),
                      CONS_FLAG_NO_QUEUE | CONS_FLAG_DOORBELL);
