@@ -11,3 +11,7 @@ BRIDGE_MODES = ("peer", "client", "router")
 # (encode 15 -> 9 ms, decode 15 -> 9 ms here) for ~1 dB of PSNR, which is what lets 1080p at
 # 30 fps fit two cores' worth of sender + receiver.
 JPEG_SUBSAMPLING = ("420", "422", "444")
+
+# frameshm.bridge, [bridge] exports 'NAME:ENCODING': how a frame crosses the link. The order is
+# on the wire: an encoding is sent as its index here, so new ones go at the end.
+BRIDGE_ENCODINGS = ("raw", "jpeg", "zstd")

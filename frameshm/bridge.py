@@ -55,12 +55,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
-from ._choices import BRIDGE_MODES as MODES, JPEG_SUBSAMPLING   # shared with config.py
+from ._choices import BRIDGE_ENCODINGS as ENCODINGS, BRIDGE_MODES as MODES, JPEG_SUBSAMPLING  # shared with config.py
 from .errors import DriverUnavailable, FrameshmError, InvalidArgument, LeaseLost, ProducerDead, Timeout
 
 log = logging.getLogger("frameshm.bridge")
 
-ENCODINGS = ("raw", "jpeg", "zstd")
 DEFAULT_LISTEN = "tcp/127.0.0.1:7447"   # loopback only unless told otherwise
 WAIT_S = 0.25            # bounded waits: the stop flag is checked at least this often
 CONTROL_ECHO_S = 2.0     # how long a control byte sent back waits for the source to echo it

@@ -19,7 +19,7 @@ import re
 from dataclasses import dataclass, field, fields
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
-from ._choices import BRIDGE_MODES, JPEG_SUBSAMPLING
+from ._choices import BRIDGE_ENCODINGS, BRIDGE_MODES, JPEG_SUBSAMPLING
 from .errors import InvalidArgument
 
 try:
@@ -301,7 +301,7 @@ class BridgeConfig:
                              "'tcp/127.0.0.1:7447', loopback only)")
     connect: List[str] = _opt(_endpoints, [], "Zenoh endpoints of other bridges or a router to connect to")
     exports: List[str] = _opt(_bridged, [], "local streams sent to the other side, each 'NAME' or "
-                              "'NAME:ENCODING' (raw, jpeg)")
+                              f"'NAME:ENCODING' ({', '.join(BRIDGE_ENCODINGS)})")
     imports: List[str] = _opt(_bridged, [], "remote streams written here as local streams of the same name")
     mode: str = _opt(_choice(BRIDGE_MODES), "peer", "Zenoh mode: 'peer', 'client' of a router, or "
                      "'router' (other bridges connect to it as clients; streams of its own optional)")

@@ -172,7 +172,7 @@ def test_bridge_choices_are_the_bridges_own():
     tuple each (frameshm/_choices.py), not copies that can drift apart."""
     from dataclasses import fields
 
-    from frameshm import bridge
+    from frameshm import _choices, bridge
 
     checks = {f.name: f.metadata["check"] for f in fields(config.BridgeConfig)}
     assert checks["mode"].options is bridge.MODES
@@ -183,6 +183,10 @@ def test_bridge_choices_are_the_bridges_own():
         PipelineConfig().set("bridge.mode", mode)
     with pytest.raises(ConfigError, match=r"\[bridge\] jpeg_subsampling: expected one of '420', '422', '444'"):
         PipelineConfig().set("bridge.jpeg_subsampling", "411")
+    # the exports' help names every encoding the bridge knows
+    assert bridge.ENCODINGS is _choices.BRIDGE_ENCODINGS
+    exports_help = next(f for f in fields(config.BridgeConfig) if f.name == "exports").metadata["doc"]
+    assert all(enc in exports_help for enc in bridge.ENCODINGS), exports_help
 
 
 def test_config_alone_loads_neither_the_bridge_nor_numpy():
