@@ -178,7 +178,12 @@ def build_parser() -> argparse.ArgumentParser:
     ls.add_argument("--json", action="store_true")
     ls.add_argument("--sample", type=float, default=0.5, help="seconds to sample fps over (0: skip)")
     ls.set_defaults(func=cmd_ls)
-    g = sub.add_parser("gc", help="remove dead streams and dead consumers' message queues; says what went")
+    g = sub.add_parser("gc", help="remove dead streams and dead consumers' message queues; says what went",
+                       description="Removes the namespace's streams whose producer is gone and that no "
+                       "live consumer uses, and takes dead consumers out of every stream's table. Then it "
+                       "unlinks the message queues of your dead consumers that no table names any more: "
+                       "those of every namespace and base directory on this machine (a queue's name, not "
+                       "a stream, records its owner), so it also cleans up after other runs of yours.")
     g.add_argument("--dry-run", action="store_true", help="list what would be removed, remove nothing")
     g.add_argument("--json", action="store_true", help="the report as JSON")
     g.add_argument("-v", "--verbose", action="store_true", help="also list the streams kept, and why")
