@@ -197,7 +197,15 @@ def test_sentry_pipeline_end_to_end(spawn, tmp_path):
     latency = np.array([(arr - ts) / 1e6 for _, _, ts, arr in alarmed_dets])
     print(f"e2e detections latency while alarmed: median {np.median(latency):.0f} ms, "
           f"p90 {np.percentile(latency, 90):.0f} ms, max {latency.max():.0f} ms")
-    assert np.median(latency) < 250 and np.percentile(latency, 90) < 400 and latency.max() < 1000, latency
+    # Bounded by the inference time of the same windows, not by a wall-clock figure: a loaded
+    # machine slows the detector itself (267 ms per frame instead of ~90 ms at load 6), and
+    # that is no backlog. What may come on top is the frame's age at pick-up (about a frame
+    # period) and the delivery to this process.
+    infer_mean = float(np.mean([m["infer_ms"]["mean"] for _, m in during]))
+    infer_peak = max(m["infer_ms"]["max"] for _, m in during)
+    print(f"e2e inference time while alarmed: mean {infer_mean:.0f} ms, max {infer_peak:.0f} ms")
+    assert np.median(latency) < infer_mean + 150, (infer_mean, latency)
+    assert np.percentile(latency, 90) < infer_peak + 250 and latency.max() < infer_peak + 700, (infer_peak, latency)
     # the frame each detection was computed from was the newest or nearly: its age at
     # pick-up is the latency minus the inference time, not a growing backlog
     ages = [m["latency_ms"]["mean"] - m["infer_ms"]["mean"] for _, m in during]
