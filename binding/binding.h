@@ -76,7 +76,9 @@ typedef struct {
     Py_ssize_t offset;
     PyObject *array;     /* NULL = free entry */
 } fshm_slot_view;
-#define FSHM_SLOT_VIEWS 32
+/* One entry per ring slot (direct-mapped by slot index), up to this many: a round-robin
+ * cache smaller than the ring missed on every frame of a ring read in order. */
+#define FSHM_SLOT_VIEWS_MAX 1024
 typedef struct {
     PyTypeObject *type;
     PyObject *dtypes;            /* tuple indexed by dtype code, or NULL: dtype = the code */
@@ -84,8 +86,8 @@ typedef struct {
     uint8_t ndims;
     int32_t layout_dims[FSHM_MAX_DIMS], layout_strides[FSHM_MAX_DIMS];   /* what they hold */
     PyObject *array_type;        /* Frame.array's factory (numpy.ndarray), or NULL: no .array */
-    fshm_slot_view views[FSHM_SLOT_VIEWS];
-    unsigned views_next;         /* round-robin victim */
+    fshm_slot_view *views;       /* nviews entries (a power of two), or NULL */
+    unsigned nviews;
 } fshm_frame_maker;
 /* Sets the class (None = _core.Frame, else a subclass of it), the dtype table (None, or
  * a sequence indexed by dtype code) and the array type (None, or a callable taking

@@ -162,10 +162,10 @@ int fshm_parse_timeout(PyObject *obj, int64_t *out)
         return 0;
     }
     double t = PyFloat_AsDouble(obj);
-    if (t == -1.0 && PyErr_Occurred())
-        return -1;
-    if (t < 0 || t != t) {
-        PyErr_SetString(exc_invalid, "timeout must be None or a non-negative number of seconds");
+    if ((t == -1.0 && PyErr_Occurred()) || t < 0 || t != t) {
+        /* The one error for every bad timeout, a string as much as a negative number. */
+        PyErr_Clear();
+        PyErr_Format(exc_invalid, "timeout must be None or seconds >= 0, not %R", obj);
         return -1;
     }
     *out = t > 9.2e9 ? -1 : (int64_t)(t * 1e9);
@@ -279,14 +279,14 @@ int fshm_run_sliced(void *obj, fshm_guard *g, void *const *handle, const char *w
         PyErr_Format(exc_state, "re-entrant blocking call on a %s from inside one of its calls", what);
         return INT_MIN;
     }
-    uint64_t deadline = timeout < 0 ? 0 : fshm_now_ns() + (uint64_t)timeout;
+    /* One clock read per slice: a frame that is already there costs no second one. */
+    uint64_t now = timeout < 0 ? 0 : fshm_now_ns();
+    uint64_t deadline = now + (uint64_t)(timeout < 0 ? 0 : timeout);
     int rc, closed = 0;
     for (;;) {
         int64_t left = timeout;
-        if (timeout >= 0) {
-            uint64_t now = fshm_now_ns();
+        if (timeout >= 0)
             left = now >= deadline ? 0 : (int64_t)(deadline - now);
-        }
         int64_t slice = left < 0 || left > slice_ns ? slice_ns : left;
         Py_BEGIN_ALLOW_THREADS
         fshm_guard_enter_nogil(g);
@@ -306,6 +306,8 @@ int fshm_run_sliced(void *obj, fshm_guard *g, void *const *handle, const char *w
             break;
         if (PyErr_CheckSignals() < 0)
             return INT_MIN;
+        if (timeout >= 0)
+            now = fshm_now_ns();
     }
     return rc;
 }

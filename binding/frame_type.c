@@ -47,7 +47,7 @@ static void slot_view_clear(fshm_slot_view *v)
 
 void fshm_frame_maker_forget(fshm_frame_maker *fm, PyObject *buffer)
 {
-    for (unsigned i = 0; i < FSHM_SLOT_VIEWS; i++)
+    for (unsigned i = 0; i < fm->nviews; i++)
         if (fm->views[i].array && (!buffer || fm->views[i].buffer == buffer))
             slot_view_clear(&fm->views[i]);
 }
@@ -55,6 +55,9 @@ void fshm_frame_maker_forget(fshm_frame_maker *fm, PyObject *buffer)
 void fshm_frame_maker_clear(fshm_frame_maker *fm)
 {
     fshm_frame_maker_forget(fm, NULL);
+    PyMem_Free(fm->views);
+    fm->views = NULL;
+    fm->nviews = 0;
     Py_CLEAR(fm->type);
     Py_CLEAR(fm->dtypes);
     Py_CLEAR(fm->shape);
@@ -217,6 +220,26 @@ static PyObject *build_array(PyObject *array_type, FshmFrame *self)
     return a;
 }
 
+/* The cache entry of a slot: grown (rarely, and never past FSHM_SLOT_VIEWS_MAX) to the
+ * next power of two above the highest slot seen, so every slot of a ring has its own. */
+static fshm_slot_view *slot_entry(fshm_frame_maker *fm, unsigned slot)
+{
+    if (slot >= fm->nviews && fm->nviews < FSHM_SLOT_VIEWS_MAX) {
+        unsigned n = fm->nviews ? fm->nviews : 4;
+        while (n <= slot && n < FSHM_SLOT_VIEWS_MAX)
+            n *= 2;
+        fshm_slot_view *v = PyMem_Realloc(fm->views, n * sizeof *v);
+        if (!v) {
+            PyErr_NoMemory();
+            return NULL;
+        }
+        memset(v + fm->nviews, 0, (n - fm->nviews) * sizeof *v);
+        fm->views = v;
+        fm->nviews = n;
+    }
+    return &fm->views[slot & (fm->nviews - 1)];
+}
+
 /* The slot's array from the Reader's cache (built on the first frame in the slot), or NULL
  * with an exception set. Frames of a slot share the array, not the object they hand out. */
 static PyObject *slot_array(fshm_frame_maker *fm, FshmFrame *self)
@@ -224,33 +247,30 @@ static PyObject *slot_array(fshm_frame_maker *fm, FshmFrame *self)
     /* Only while the Reader is open: after close() the cache must not keep regions mapped. */
     if (!fshm_reader_handle(self->reader))
         return build_array(fm->array_type, self);
-    for (unsigned i = 0; i < FSHM_SLOT_VIEWS; i++) {
-        fshm_slot_view *e = &fm->views[i];
-        if (e->array && e->buffer == self->buffer && e->offset == self->offset &&
-            e->shape == self->shape && e->strides == self->strides && e->dtype == self->dtype)
-            return Py_NewRef(e->array);
-    }
+    fshm_slot_view *e = slot_entry(fm, self->slot);
+    if (!e)
+        return NULL;
+    if (e->array && e->buffer == self->buffer && e->offset == self->offset &&
+        e->shape == self->shape && e->strides == self->strides && e->dtype == self->dtype)
+        return Py_NewRef(e->array);
     PyObject *a = build_array(fm->array_type, self);
     if (!a)
         return NULL;
-    /* Checked again and the entry chosen only now: building may have let another thread
-     * run (close the Reader, fill an entry). */
+    /* Looked up again: building may have let another thread run (close the Reader, fill
+     * or grow the cache). */
     if (!fshm_reader_handle(self->reader))
         return a;
-    fshm_slot_view *v = NULL;
-    for (unsigned i = 0; i < FSHM_SLOT_VIEWS && !v; i++)
-        if (!fm->views[i].array)
-            v = &fm->views[i];
-    if (!v) {
-        v = &fm->views[fm->views_next++ % FSHM_SLOT_VIEWS];
-        slot_view_clear(v);
+    if (!(e = slot_entry(fm, self->slot))) {
+        Py_DECREF(a);
+        return NULL;
     }
-    v->buffer = Py_NewRef(self->buffer);
-    v->shape = Py_NewRef(self->shape);
-    v->strides = Py_NewRef(self->strides);
-    v->dtype = Py_NewRef(self->dtype);
-    v->offset = self->offset;
-    v->array = Py_NewRef(a);
+    slot_view_clear(e);
+    e->buffer = Py_NewRef(self->buffer);
+    e->shape = Py_NewRef(self->shape);
+    e->strides = Py_NewRef(self->strides);
+    e->dtype = Py_NewRef(self->dtype);
+    e->offset = self->offset;
+    e->array = Py_NewRef(a);
     return a;
 }
 

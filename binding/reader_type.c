@@ -208,12 +208,25 @@ static int wait_slice(void *obj, int64_t slice_ns, void *arg)
     return rc;
 }
 
-static PyObject *do_wait(FshmReader *self, PyObject *args, PyObject *kw, int latest)
+/* (timeout=None), parsed by hand: the keyword parser costs a good part of a wait that
+ * finds its frame already there. */
+static PyObject *do_wait(FshmReader *self, PyObject *const *args, Py_ssize_t nargs,
+                         PyObject *kwnames, int latest)
 {
-    static char *kwlist[] = {"timeout", NULL};
+    const char *name = latest ? "wait_latest" : "wait_next";
+    Py_ssize_t nkw = kwnames ? PyTuple_GET_SIZE(kwnames) : 0;
     PyObject *tobj = Py_None;
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O", kwlist, &tobj))
-        return NULL;
+    if (nargs + nkw > 1)
+        return PyErr_Format(PyExc_TypeError, "%s() takes at most 1 argument (timeout)", name);
+    if (nargs == 1)
+        tobj = args[0];
+    if (nkw == 1) {
+        PyObject *key = PyTuple_GET_ITEM(kwnames, 0);
+        if (!PyUnicode_Check(key) || PyUnicode_CompareWithASCIIString(key, "timeout") != 0)
+            return PyErr_Format(PyExc_TypeError, "%s() got an unexpected keyword argument %R",
+                                name, key);
+        tobj = args[nargs];
+    }
     wait_arg a = {.latest = latest};
     int64_t timeout;
     int rc = fshm_run_sliced(self, &self->guard, (void *const *)&self->r, "Reader", tobj,
@@ -227,14 +240,16 @@ static PyObject *do_wait(FshmReader *self, PyObject *args, PyObject *kw, int lat
     return frame_view(self, &a.h);
 }
 
-static PyObject *reader_wait_latest(FshmReader *self, PyObject *args, PyObject *kw)
+static PyObject *reader_wait_latest(FshmReader *self, PyObject *const *args, Py_ssize_t nargs,
+                                    PyObject *kwnames)
 {
-    return do_wait(self, args, kw, 1);
+    return do_wait(self, args, nargs, kwnames, 1);
 }
 
-static PyObject *reader_wait_next(FshmReader *self, PyObject *args, PyObject *kw)
+static PyObject *reader_wait_next(FshmReader *self, PyObject *const *args, Py_ssize_t nargs,
+                                  PyObject *kwnames)
 {
-    return do_wait(self, args, kw, 0);
+    return do_wait(self, args, nargs, kwnames, 0);
 }
 
 /* Runs stmt on r (the guard held), without the GIL when the reader may first have to
@@ -436,9 +451,9 @@ static PyObject *reader_queue(FshmReader *self, void *c)
 static PyObject *reader_closed(FshmReader *self, void *c) { return PyBool_FromLong(self->r == NULL); }
 
 static PyMethodDef reader_methods[] = {
-    {"wait_latest", (PyCFunction)(void (*)(void))reader_wait_latest, METH_VARARGS | METH_KEYWORDS,
+    {"wait_latest", (PyCFunction)(void (*)(void))reader_wait_latest, METH_FASTCALL | METH_KEYWORDS,
      "wait_latest(timeout=None) -> Frame"},
-    {"wait_next", (PyCFunction)(void (*)(void))reader_wait_next, METH_VARARGS | METH_KEYWORDS,
+    {"wait_next", (PyCFunction)(void (*)(void))reader_wait_next, METH_FASTCALL | METH_KEYWORDS,
      "wait_next(timeout=None) -> Frame"},
     {"peek_latest", (PyCFunction)reader_peek_latest, METH_NOARGS, "newest Frame (a view) or None"},
     {"read_copy", (PyCFunction)reader_read_copy, METH_NOARGS,

@@ -275,6 +275,37 @@ static PyObject *writer_commit(FshmWriter *self, PyObject *const *args, Py_ssize
     return PyLong_FromUnsignedLongLong(seq);
 }
 
+/* One copy of buf (C-contiguous, already checked against the layout) into the next slot,
+ * committed with self->tensor; releases buf. The new seq, or NULL with the exception set. */
+static PyObject *publish_buffer(FshmWriter *self, Py_buffer *buf, unsigned long long ts,
+                                int has_ref, unsigned long long ref)
+{
+    fshm_writer *w = fshm_guard_open(&self->guard, (void *const *)&self->w, "Writer");
+    if (!w) {
+        PyBuffer_Release(buf);
+        return NULL;
+    }
+    int rc;
+    if (has_ref)
+        fshm_writer_set_ref(w, ref);
+    self->loaned = 0;
+    if (buf->len >= 65536 || !fshm_writer_lease_ok(w)) {
+        /* Big copies, and loans that must re-attach through the driver first, run without
+         * the GIL so other threads (a camera, a UI) keep going. */
+        Py_BEGIN_ALLOW_THREADS
+        rc = fshm_writer_publish(w, buf->buf, (size_t)buf->len, &self->tensor, ts);
+        Py_END_ALLOW_THREADS
+    } else {
+        rc = fshm_writer_publish(w, buf->buf, (size_t)buf->len, &self->tensor, ts);
+    }
+    uint64_t seq = fshm_writer_next_seq(w) - 1;
+    LEAVE(self);
+    PyBuffer_Release(buf);
+    if (rc)
+        return fshm_raise(rc);
+    return PyLong_FromUnsignedLongLong(seq);
+}
+
 static PyObject *writer_publish(FshmWriter *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"data", "timestamp_ns", "ref_seq", NULL};
@@ -289,30 +320,76 @@ static PyObject *writer_publish(FshmWriter *self, PyObject *args, PyObject *kw)
     Py_buffer buf;
     if (PyObject_GetBuffer(data, &buf, PyBUF_C_CONTIGUOUS) < 0)
         return NULL;
-    fshm_writer *w = fshm_guard_open(&self->guard, (void *const *)&self->w, "Writer");
-    if (!w) {
-        PyBuffer_Release(&buf);
+    return publish_buffer(self, &buf, ts, has_ref, ref);
+}
+
+/* The wire dtype of a buffer's struct-module format when it is one little-endian or
+ * native item of a type the wire carries (what numpy exports for those dtypes), else
+ * FSHM_DTYPE_UNKNOWN. */
+static int format_dtype(const char *fmt, Py_ssize_t itemsize)
+{
+    if (!fmt)
+        return itemsize == 1 ? FSHM_DTYPE_UINT8 : FSHM_DTYPE_UNKNOWN;   /* 'B' by default */
+#if __BYTE_ORDER__ == __ORDER_LITTLE_ENDIAN__
+    if (*fmt == '@' || *fmt == '=' || *fmt == '<')
+#else
+    if (*fmt == '@' || *fmt == '=')
+#endif
+        fmt++;
+    if (!fmt[0] || fmt[1])
+        return FSHM_DTYPE_UNKNOWN;
+    static const int uints[] = {FSHM_DTYPE_UINT8, FSHM_DTYPE_UINT16, 0, FSHM_DTYPE_UINT32,
+                                0, 0, 0, FSHM_DTYPE_UINT64};
+    static const int ints[] = {FSHM_DTYPE_INT8, FSHM_DTYPE_INT16, 0, FSHM_DTYPE_INT32,
+                               0, 0, 0, FSHM_DTYPE_INT64};
+    char c = fmt[0];
+    if (c == '?')
+        return itemsize == 1 ? FSHM_DTYPE_BOOLEAN : FSHM_DTYPE_UNKNOWN;
+    if (c == 'f')
+        return itemsize == 4 ? FSHM_DTYPE_FLOAT32 : FSHM_DTYPE_UNKNOWN;
+    if (c == 'd')
+        return itemsize == 8 ? FSHM_DTYPE_FLOAT64 : FSHM_DTYPE_UNKNOWN;
+    if (itemsize < 1 || itemsize > 8)
+        return FSHM_DTYPE_UNKNOWN;
+    if (strchr("BHILQN", c))
+        return uints[itemsize - 1];
+    if (strchr("bhilqn", c))
+        return ints[itemsize - 1];
+    return FSHM_DTYPE_UNKNOWN;
+}
+
+/* publish() for the common case, without Python in between: `data` exports a C-contiguous
+ * buffer of exactly the layout set last (set_tensor: dtype and shape, default strides).
+ * Anything else (another shape or dtype, a non-contiguous or big-endian array, a list)
+ * publishes nothing and returns None, and frameshm.Writer.publish takes its full path. */
+static PyObject *writer_publish_exact(FshmWriter *self, PyObject *const *args, Py_ssize_t nargs)
+{
+    if (nargs < 1 || nargs > 3) {
+        PyErr_SetString(PyExc_TypeError, "publish_exact(data, timestamp_ns=None, ref_seq=None)");
         return NULL;
     }
-    int rc;
-    if (has_ref)
-        fshm_writer_set_ref(w, ref);
-    self->loaned = 0;
-    if (buf.len >= 65536 || !fshm_writer_lease_ok(w)) {
-        /* Big copies, and loans that must re-attach through the driver first, run without
-         * the GIL so other threads (a camera, a UI) keep going. */
-        Py_BEGIN_ALLOW_THREADS
-        rc = fshm_writer_publish(w, buf.buf, (size_t)buf.len, &self->tensor, ts);
-        Py_END_ALLOW_THREADS
-    } else {
-        rc = fshm_writer_publish(w, buf.buf, (size_t)buf.len, &self->tensor, ts);
+    CHECK_OPEN(self);
+    unsigned long long ts = 0, ref = 0;
+    /* Arguments this path does not take as they are (a numpy integer) go the full way too,
+     * which converts or rejects them as publish() always has. */
+    int has_ts = nargs >= 2 ? opt_u64(args[1], &ts) : 0;
+    int has_ref = nargs >= 3 ? opt_u64(args[2], &ref) : 0;
+    const fshm_tensor *t = &self->tensor;
+    Py_buffer buf;
+    if (has_ts < 0 || has_ref < 0 || !t->ndims ||
+        PyObject_GetBuffer(args[0], &buf, PyBUF_RECORDS_RO) < 0) {
+        PyErr_Clear();
+        Py_RETURN_NONE;
     }
-    uint64_t seq = fshm_writer_next_seq(w) - 1;
-    LEAVE(self);
-    PyBuffer_Release(&buf);
-    if (rc)
-        return fshm_raise(rc);
-    return PyLong_FromUnsignedLongLong(seq);
+    int same = buf.ndim == t->ndims && t->major_order == FSHM_ORDER_ROW &&
+               format_dtype(buf.format, buf.itemsize) == t->dtype && PyBuffer_IsContiguous(&buf, 'C');
+    for (int i = 0; same && i < t->ndims; i++)
+        same = buf.shape[i] == t->dims[i] && t->strides[i] == 0;
+    if (!same) {
+        PyBuffer_Release(&buf);
+        Py_RETURN_NONE;
+    }
+    return publish_buffer(self, &buf, ts, has_ref, ref);
 }
 
 static PyObject *writer_skip_to(FshmWriter *self, PyObject *arg)
@@ -449,6 +526,9 @@ static PyMethodDef writer_methods[] = {
      "commit(timestamp_ns=None, ref_seq=None) -> seq"},
     {"publish", (PyCFunction)(void (*)(void))writer_publish, METH_VARARGS | METH_KEYWORDS,
      "publish(data, timestamp_ns=0, ref_seq=None) -> seq: one copy of a C-contiguous buffer"},
+    {"publish_exact", (PyCFunction)(void (*)(void))writer_publish_exact, METH_FASTCALL,
+     "publish_exact(data, timestamp_ns=None, ref_seq=None) -> seq, or None (nothing published)\n"
+     "when data is not a C-contiguous buffer of exactly the layout set last"},
     {"skip_to", (PyCFunction)writer_skip_to, METH_O,
      "skip_to(seq): the next frame gets sequence number seq (>= next_seq)"},
     {"heartbeat", (PyCFunction)writer_heartbeat, METH_NOARGS, "refresh liveness while idle"},

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
@@ -57,12 +56,6 @@ def _shape(shape) -> Tuple[int, ...]:
     if any(s < 0 or s > 2**31 - 1 for s in out):
         raise InvalidArgument(f"shape {out} has a dimension outside 0..2^31-1")
     return out
-
-
-def _timeout(timeout: Optional[float]) -> Optional[float]:
-    if timeout is not None and (not isinstance(timeout, (int, float)) or timeout < 0 or math.isnan(timeout)):
-        raise InvalidArgument(f"timeout must be None or seconds >= 0, not {timeout!r}")
-    return timeout
 
 
 class Writer:
@@ -215,6 +208,12 @@ class Writer:
         ``seq``: number this frame ``seq`` instead of the next in line (forward only, else
         InvalidArgument): a relay such as :class:`frameshm.Bridge` keeps its source's
         numbering, and consumers count the gap as skipped frames."""
+        if seq is None and type(frame) is np.ndarray:
+            # An array of the layout set last goes straight through (the C side checks
+            # dtype, shape and contiguity); anything else takes the checks below.
+            done = self._w.publish_exact(frame, timestamp_ns, ref_seq)
+            if done is not None:
+                return done
         arr = np.asarray(frame)
         dt = arr.dtype
         if dt.byteorder == ">":
@@ -439,12 +438,12 @@ class Reader:
     def wait_latest(self, timeout: Optional[float] = None) -> Frame:
         """Blocks for a frame newer than the last one returned, drains the queue and
         returns the newest. ``frame.skipped`` counts frames passed over."""
-        return self._r.wait_latest(_timeout(timeout))
+        return self._r.wait_latest(timeout)
 
     def wait_next(self, timeout: Optional[float] = None) -> Frame:
         """Process-all: the next frame in order. ``frame.skipped`` counts frames lost
         (the producer lapped this consumer or its queue was full)."""
-        return self._r.wait_next(_timeout(timeout))
+        return self._r.wait_next(timeout)
 
     def read_latest(self, copy: bool = True):
         """The newest frame without waiting, or None if there is none yet.

@@ -388,6 +388,11 @@ static int lease_check(fshm_reader *r)
  * a lost registration, and follows the producer's epoch. */
 int fshm_reader_check_environment(fshm_reader *r, int force)
 {
+    return fshm_reader_check_environment_at(r, force, 0);
+}
+
+int fshm_reader_check_environment_at(fshm_reader *r, int force, uint64_t now)
+{
     if (r->driver_mode) {
         int rc = lease_check(r);
         if (rc == -EAGAIN)
@@ -395,7 +400,8 @@ int fshm_reader_check_environment(fshm_reader *r, int force)
         if (rc)
             return rc;
     }
-    uint64_t now = fshm_now_ns();
+    if (!now)
+        now = fshm_now_ns();
     if (!force && now < r->next_check_ns)
         return sync_epoch(r);
     r->next_check_ns = now + ENV_CHECK_NS;

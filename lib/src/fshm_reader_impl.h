@@ -85,6 +85,8 @@ int fshm_reader_read_frame(fshm_reader *r, uint64_t seq, fshm_frame *f);
 /* Notices a replaced control region or a lost registration and follows the producer's
  * epoch; rate-limited unless force. */
 int fshm_reader_check_environment(fshm_reader *r, int force);
+/* The same with the caller's clock reading `now` (a wait's start), saving a second one. */
+int fshm_reader_check_environment_at(fshm_reader *r, int force, uint64_t now);
 
 /* ---- foreign mode (fshm_foreign.c) ---- */
 int fshm_foreign_open(fshm_reader *r);

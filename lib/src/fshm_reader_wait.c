@@ -295,11 +295,11 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
     }
 }
 
-static uint64_t deadline_for(int64_t timeout_ns)
+static uint64_t deadline_for(int64_t timeout_ns, uint64_t now)
 {
     if (timeout_ns < 0)
         return UINT64_MAX;
-    return fshm_now_ns() + (uint64_t)timeout_ns + 1;
+    return now + (uint64_t)timeout_ns + 1;
 }
 
 static int passive_error(fshm_reader *r)
@@ -314,11 +314,12 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         return fshm_foreign_wait(r, timeout_ns, 0, f);
     if (r->passive)
         return passive_error(r);
-    uint64_t deadline = deadline_for(timeout_ns);
+    uint64_t now = fshm_now_ns();   /* the deadline's and the environment check's */
+    uint64_t deadline = deadline_for(timeout_ns, now);
     uint64_t best = 0, best_pub = 0, seq, pub, epoch;
     int have = 0, rc;
     r->corrupt_seen = 0;
-    if ((rc = fshm_reader_check_environment(r, 0)) == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
+    if ((rc = fshm_reader_check_environment_at(r, 0, now)) == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
         return rc;
     /* After the check: moving to a replaced control region restarts the seqs. */
     uint64_t floor = r->last_plus1;   /* seqs below this were taken or dropped */
@@ -380,12 +381,16 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         return fshm_foreign_wait(r, timeout_ns, 1, f);
     if (r->passive)
         return passive_error(r);
-    uint64_t deadline = deadline_for(timeout_ns);
+    uint64_t now = fshm_now_ns();   /* the deadline's and the environment check's */
+    uint64_t deadline = deadline_for(timeout_ns, now);
     r->corrupt_seen = 0;
-    if (r->entry >= 0 && !fshm_reader_ctl_ro(r))   /* informational: `frameshm ls` */
-        __atomic_fetch_or(&ctl_consumer(r->ctl, (unsigned)r->entry)->flags, CONS_FLAG_NEXT,
-                          __ATOMIC_RELAXED);
-    int rc = fshm_reader_check_environment(r, 0);
+    if (r->entry >= 0 && !fshm_reader_ctl_ro(r)) {   /* informational: `frameshm ls` */
+        /* Read first: a locked RMW on the shared entry every call costs more than the flag. */
+        uint32_t *flags = &ctl_consumer(r->ctl, (unsigned)r->entry)->flags;
+        if (!(LOAD_RLX(flags) & CONS_FLAG_NEXT))
+            __atomic_fetch_or(flags, CONS_FLAG_NEXT, __ATOMIC_RELAXED);
+    }
+    int rc = fshm_reader_check_environment_at(r, 0, now);
     if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
         return rc;
     uint64_t next_try = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;

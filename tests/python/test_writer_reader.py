@@ -99,6 +99,60 @@ def test_every_dtype_roundtrip(name, dtype):
         del f
 
 
+@pytest.mark.parametrize("dtype", SUPPORTED_DTYPES)
+def test_publish_of_the_exact_layout_skips_the_python_checks(name, dtype):
+    """Writer.publish hands an array of exactly the stream's layout to the C side, which
+    checks dtype, shape and contiguity itself; anything else publishes nothing there and
+    takes the full path (converted or rejected as before)."""
+    data = random_array((5, 7), dtype)
+    with frameshm.Writer(name, shape=(5, 7), dtype=dtype) as w, frameshm.Reader(name) as r:
+        assert w._w.publish_exact(data) == 0
+        assert w._w.publish_exact(data, 123, 9) == 1
+        f = r.wait_next(timeout=5)
+        assert f.seq == 0 and f.dtype == np.dtype(dtype) and f.array.tobytes() == data.tobytes()
+        f = r.wait_next(timeout=5)
+        assert (f.seq, f.timestamp_ns, f.ref_seq) == (1, 123, 9)
+        other = np.int16 if np.dtype(dtype) != np.int16 else np.uint16
+        wrongs = [data[:4], data.reshape(35), data.reshape(1, 5, 7), data.astype(other),
+                  np.asfortranarray(data), data.tolist(), data.tobytes()]
+        if np.dtype(dtype).itemsize > 1:   # one byte has no byte order
+            wrongs.append(data.astype(np.dtype(dtype).newbyteorder(">")))
+        for wrong in wrongs:
+            assert w._w.publish_exact(wrong) is None, wrong
+        assert w._w.publish_exact(data, "now") is None, "a timestamp it cannot take: the full path decides"
+        assert w.publish(np.asfortranarray(data)) == 2, "the full path publishes what it always did"
+        f = r.wait_next(timeout=5)
+        assert f.seq == 2 and f.array.tobytes() == data.tobytes()
+        del f
+
+
+def test_frames_of_a_slot_share_its_array_on_a_long_ring(name):
+    """Frame.array is a view of one array per ring slot, built on the slot's first frame:
+    also on a ring longer than a small cache, read in order (the 32-entry round-robin
+    cache this replaced built an array for every frame of a 64-slot ring)."""
+    built = []
+
+    def array_type(*args):   # what the Reader calls to build a slot's array
+        built.append(np.ndarray(*args))
+        return built[-1]
+
+    with frameshm.Writer(name, shape=(4,), dtype="uint32", nslots=128) as w:
+        r = frameshm._core.Reader(name, queue=False, dtypes=frameshm.stream._DTYPE_TABLE,
+                                  array_type=array_type)
+        try:
+            for lap in range(3):
+                for i in range(128):
+                    w.publish(np.full(4, lap * 128 + i, np.uint32))
+                    f = r.wait_next(5.0)
+                    a = f.array
+                    assert f.slot == i and a[0] == lap * 128 + i and not a.flags.writeable
+                    assert a is not built[i] and f.array is a, "each frame gets its own view"
+            assert len(built) == 128, "one array per slot"
+            del f, a
+        finally:
+            r.close()
+
+
 def test_large_frame_roundtrip(name):
     data = random_array((1080, 1920, 3), "uint8")
     with frameshm.Writer(name, shape=data.shape, nslots=2) as w, frameshm.Reader(name) as r:
