@@ -36,13 +36,17 @@ int fshm_frame_maker_set(fshm_frame_maker *fm, PyObject *type, PyObject *dtypes,
     return 0;
 }
 
+/* Empties an entry before letting go of what it held: a release can run Python code (an
+ * array_type's objects), which may fill or grow the cache and so move `v`. */
 static void slot_view_clear(fshm_slot_view *v)
 {
-    Py_CLEAR(v->array);
-    Py_CLEAR(v->buffer);
-    Py_CLEAR(v->shape);
-    Py_CLEAR(v->strides);
-    Py_CLEAR(v->dtype);
+    fshm_slot_view old = *v;
+    memset(v, 0, sizeof *v);
+    Py_XDECREF(old.array);
+    Py_XDECREF(old.buffer);
+    Py_XDECREF(old.shape);
+    Py_XDECREF(old.strides);
+    Py_XDECREF(old.dtype);
 }
 
 void fshm_frame_maker_forget(fshm_frame_maker *fm, PyObject *buffer)
@@ -264,13 +268,14 @@ static PyObject *slot_array(fshm_frame_maker *fm, FshmFrame *self)
         Py_DECREF(a);
         return NULL;
     }
-    slot_view_clear(e);
+    fshm_slot_view old = *e;   /* released only once the entry is whole again (see above) */
     e->buffer = Py_NewRef(self->buffer);
     e->shape = Py_NewRef(self->shape);
     e->strides = Py_NewRef(self->strides);
     e->dtype = Py_NewRef(self->dtype);
     e->offset = self->offset;
     e->array = Py_NewRef(a);
+    slot_view_clear(&old);
     return a;
 }
 
