@@ -388,10 +388,11 @@ class Reader:
     ``producer`` comes from the superblock's activity time. No control bytes, no
     registration (docs/wire-format.md §9).
     ``queue=False`` registers without a descriptor queue: frames are taken from the header
-    ring by seq, with no system call per frame while the reader keeps up, and the reader
-    sleeps on the newest seq's futex, which the producer wakes once per frame for all such
-    readers. Losses are counted as with a queue (``skipped``, ``overruns``); it also uses
-    none of the system's message queues.
+    ring by seq, with no system call per frame on either side while the reader keeps up;
+    an idle reader sleeps on the newest seq's futex, and the producer wakes it only while
+    it sleeps (a doorbell in its consumer entry). Losses are counted as with a queue
+    (``skipped``, ``overruns``), ``publish_ns`` is 0 (it travels in the descriptors), and
+    it uses none of the system's message queues.
     """
 
     def __init__(
