@@ -267,3 +267,12 @@ def finish_worker(out_q, out, keep, sync=None, *, cpu0=False, **fields):
 if __name__ == "__main__":  # pragma: no cover
     print(json.dumps(machine_info(), indent=2))
     sys.exit(0)
+
+
+def pace(i: int, start_ns: int, period_ns: int) -> None:
+    """Sleeps until message i of a schedule that began at start_ns (CLOCK_MONOTONIC) is
+    due, one every period_ns; a period of 0 never sleeps."""
+    if period_ns:
+        d = start_ns + i * period_ns - time.monotonic_ns()
+        if d > 0:
+            time.sleep(d / 1e9)

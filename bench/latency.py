@@ -20,7 +20,7 @@ Unthrottled runs also give the sustained rate: frames/s the producer handed off 
 frames/s the consumer received.
 
     python bench/latency.py                      # everything, ~2 minutes
-    python bench/latency.py --frames 300 --frames-unthrottled 1000 --cases frameshm
+    python bench/latency.py --frames 300 --frames-unthrottled 1000 --cases fshm
 """
 
 from __future__ import annotations
@@ -80,13 +80,6 @@ def make_cases(include_zmq: bool):
 
 # ---------------------------------------------------------------------------------------
 # producer side
-
-
-def _pace(i: int, start_ns: int, period_ns: int) -> None:
-    if period_ns:
-        d = start_ns + i * period_ns - time.monotonic_ns()
-        if d > 0:
-            time.sleep(d / 1e9)
 
 
 def producer_main(case, cfg, ev, final_seq, results):
@@ -181,7 +174,7 @@ def producer_main(case, cfg, ev, final_seq, results):
             last = i == total - 1 or (i >= warmup and time.monotonic_ns() >= deadline)
             if last:
                 final_seq.value = i
-            _pace(i, start, period)
+            _common.pace(i, start, period)
             if i == warmup:
                 measured_start = time.monotonic_ns()
             handoff(i)

@@ -95,7 +95,7 @@ import traceback
 import numpy as np
 
 import peers_lossless   # the lossless64 case
-from _common import await_consumers, await_finished, cpu_ticks, finish_worker, incr, iox2_service, steal_pct
+from _common import await_consumers, await_finished, cpu_ticks, finish_worker, incr, iox2_service, pace, steal_pct
 
 CASES = {
     "view60": dict(shape=(1080, 1920, 3), fps=60, frames=240, warmup=30,
@@ -124,12 +124,6 @@ PEERS = ("iox2", "iox2-event", "pipe", "zmq")
 BENCH = os.path.dirname(os.path.abspath(__file__))
 NSLOTS = 4
 HDR = struct.Struct("<qq")   # seq, t0; written into the first 16 bytes of iceoryx2/pipe payloads
-
-
-def _pace(i, start, period):
-    d = start + i * period - time.monotonic_ns()
-    if d > 0:
-        time.sleep(d / 1e9)
 
 
 def _iox2_service(case, cfg, suffix=""):
@@ -213,7 +207,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
             total = case["warmup"] + cfg["frames"]
             start = time.monotonic_ns() + period
             for i in range(total):
-                _pace(i, start, period)
+                pace(i, start, period)
                 handoff(i)
             out["sent"] = total
         else:
