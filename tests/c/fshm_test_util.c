@@ -315,6 +315,18 @@ int tu_publish(fshm_writer *w, size_t n)
     return rc;
 }
 
+pid_t tu_dead_pid(void)
+{
+    fflush(stdout);
+    fflush(stderr);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0)
+        _exit(0);
+    assert_int_equal(waitpid(pid, NULL, 0), pid);
+    return pid;
+}
+
 pid_t tu_fork(void)
 {
     fflush(stdout);

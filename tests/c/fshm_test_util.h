@@ -82,6 +82,9 @@ pid_t tu_fork(void);   /* flushes stdio first */
 void tu_signal_ready(int fd, const void *msg, size_t len);
 /* Reads exactly len bytes from fd with a timeout; 0 on success. */
 int tu_wait_ready(int fd, void *msg, size_t len, int timeout_ms);
+/* The pid of a child that exited at once and was reaped: a process id known to be dead
+ * (until the kernel hands it out again, which a test's few forks do not reach). */
+pid_t tu_dead_pid(void);
 /* SIGKILLs and reaps a child. */
 void tu_kill_child(pid_t pid);
 /* Waits for a child to exit and returns its exit status (or 128+signal). */

@@ -1083,11 +1083,7 @@ static void test_prune_reclaims_half_done_transitions(void **state)
     (void)state;
     const char *name = "st-prune-half";
     fshm_reader *r = tu_reader(name);
-    pid_t dead = fork();
-    assert_true(dead >= 0);
-    if (dead == 0)
-        _exit(0);
-    assert_int_equal(waitpid(dead, NULL, 0), dead);
+    pid_t dead = tu_dead_pid();
     fshm_stream_addr a = {.name = name};
     fshm_paths p;
     fshm_ctl_handle h;
@@ -1148,14 +1144,7 @@ static void test_prune_finishes_a_dead_pruners_work(void **state)
     fshm_reader *r = tu_reader(name);
     const char *victim = fshm_reader_queue_name(r);
     assert_true(victim[0] != 0 && queue_exists(victim));
-    pid_t dead[2];
-    for (int i = 0; i < 2; i++) {   /* [0] the consumer, [1] the pruner killed mid-prune */
-        dead[i] = fork();
-        assert_true(dead[i] >= 0);
-        if (dead[i] == 0)
-            _exit(0);
-        assert_int_equal(waitpid(dead[i], NULL, 0), dead[i]);
-    }
+    pid_t dead[2] = {tu_dead_pid(), tu_dead_pid()};   /* the consumer; the pruner killed mid-prune */
     fshm_stream_addr a = {.name = name};
     fshm_paths p;
     fshm_ctl_handle h;
@@ -1203,11 +1192,7 @@ static void test_prune_leaves_a_queue_a_forged_entry_names(void **state)
     fshm_reader *r = tu_reader(name);
     const char *victim = fshm_reader_queue_name(r);
     assert_true(victim[0] != 0 && queue_exists(victim));
-    pid_t dead = fork();
-    assert_true(dead >= 0);
-    if (dead == 0)
-        _exit(0);
-    assert_int_equal(waitpid(dead, NULL, 0), dead);
+    pid_t dead = tu_dead_pid();
     fshm_stream_addr a = {.name = name};
     fshm_paths p;
     fshm_ctl_handle h;
