@@ -20,11 +20,12 @@ import json
 import os
 import subprocess
 import sys
-import tempfile
 import timeit
 
-CASES = ["publish", "publish+wait_next", "publish+wait_next+array", "publish+wait_latest+array",
-         "1080p read_latest(copy=False)+array"]
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+
+import _common  # noqa: E402
 
 
 def measure(number: int, repeat: int) -> dict:
@@ -92,20 +93,24 @@ def main() -> int:
     results = {b or "(default)": [] for b in builds}
     with open("/proc/loadavg") as f:
         load0 = f.read().split()[0]
-    for _ in range(args.rounds):
-        for b in builds:
-            env = dict(os.environ, FRAMESHM_DIR=tempfile.mkdtemp(prefix="fshm-calls-"))
-            if b:
-                env["PYTHONPATH"] = os.path.abspath(b) + os.pathsep + env.get("PYTHONPATH", "")
-            run = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
-                                  "--number", str(args.number), "--repeat", str(args.repeat)],
-                                 env=env, capture_output=True, text=True, timeout=600, check=True)
-            results[b or "(default)"].append(json.loads(run.stdout))
+    shm_dir = _common.private_shm_dir("calls")   # streams on a tmpfs, removed afterwards
+    try:
+        for _ in range(args.rounds):
+            for b in builds:
+                env = dict(os.environ, FRAMESHM_DIR=shm_dir)
+                if b:
+                    env["PYTHONPATH"] = os.path.abspath(b) + os.pathsep + env.get("PYTHONPATH", "")
+                run = subprocess.run([sys.executable, os.path.abspath(__file__), "--worker",
+                                      "--number", str(args.number), "--repeat", str(args.repeat)],
+                                     env=env, capture_output=True, text=True, timeout=600, check=True)
+                results[b or "(default)"].append(json.loads(run.stdout))
+    finally:
+        _common.cleanup_shm_dir(shm_dir)
     with open("/proc/loadavg") as f:
         load1 = f.read().split()[0]
     print(f"ns per call, min of {args.repeat} loops of {args.number}; one column per round; "
           f"load {load0} -> {load1}")
-    for case in CASES:
+    for case in next(iter(results.values()))[0]:   # in the order measure() ran them
         for b, runs in results.items():
             print(f"{case:36s} {b:20s} " + "  ".join(f"{r[case]:7.0f}" for r in runs))
     if args.json:
