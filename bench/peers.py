@@ -79,6 +79,7 @@ invocation (/proc/stat); every row its own steal.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import json
 import multiprocessing as mp
@@ -95,7 +96,8 @@ import traceback
 import numpy as np
 
 import peers_lossless   # the lossless64 case
-from _common import await_consumers, await_finished, cpu_ticks, finish_worker, incr, iox2_service, pace, steal_pct
+from _common import (await_consumers, await_finished, cpu_ticks, cpus_kept_awake, finish_worker, incr, iox2_service,
+                     pace, steal_pct)
 
 CASES = {
     "view60": dict(shape=(1080, 1920, 3), fps=60, frames=240, warmup=30,
@@ -736,6 +738,10 @@ def main():
     ap.add_argument("--seconds", type=float, default=3.0, help="duration of the tiny and flood cases")
     ap.add_argument("--pings", type=int, default=2000, help="measured round trips of pingpong")
     peers_lossless.add_args(ap)
+    ap.add_argument("--awake", action="store_true",
+                    help="keep every vCPU out of halt with a SCHED_IDLE busy loop per CPU (see "
+                         "_common.cpus_kept_awake): wake-heavy cases otherwise measure the hypervisor's "
+                         "halt exits, counted as steal; adds the loops' count to the load average")
     ap.add_argument("--json")
     args = ap.parse_args()
     only = set(filter(None, args.transports.split(",")))
@@ -757,7 +763,11 @@ def main():
           f"L3 {l3_bytes() >> 20} MiB; commit {rev}; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
           flush=True)
     ticks0 = cpu_ticks()
+    stack = contextlib.ExitStack()
     try:
+        spinners = stack.enter_context(cpus_kept_awake(args.awake))
+        if spinners:
+            print(f"SCHED_IDLE busy loops keep the CPUs awake: pids {' '.join(map(str, spinners))}", flush=True)
         for run in range(args.runs):
             for cname, t in plan:
                 t0 = cpu_ticks()
@@ -767,6 +777,7 @@ def main():
                 results.append(row)
                 print(_line(row, cname, t, run), flush=True)
     finally:
+        stack.close()
         import shutil
 
         shutil.rmtree(shm_dir, ignore_errors=True)
