@@ -287,9 +287,14 @@ def cpus_kept_awake(enabled: bool = True):
     if not enabled:
         yield []
         return
+    # Each loop also ends when its parent is gone (a benchmark killed by a signal runs no
+    # finally clause).
     code = ("import os\n"
+            "parent = os.getppid()\n"
             "os.sched_setscheduler(0, os.SCHED_IDLE, os.sched_param(0))\n"
-            "while True:\n    pass\n")
+            "while os.getppid() == parent:\n"
+            "    for _ in range(1000000):\n"
+            "        pass\n")
     procs = [subprocess.Popen([sys.executable, "-c", code]) for _ in range(os.cpu_count() or 1)]
     try:
         yield [p.pid for p in procs]
