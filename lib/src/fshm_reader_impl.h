@@ -50,7 +50,6 @@ struct fshm_reader {
     int spin_crowded;
     uint16_t spin_tries, spin_hits;   /* this round of windows */
     uint32_t spin_rest;      /* frames to wait without spinning before the next round */
-    uint32_t spin_no_yield;  /* windows left to spin without sched_yield (a yield was lost) */
     /* driver model */
     int driver_mode;
     int lease_events;        /* report a lost lease instead of silently re-attaching */

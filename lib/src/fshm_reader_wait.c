@@ -205,8 +205,6 @@ static inline void cpu_relax(void)
 #define SPIN_LEAD_MAX_NS 500000ull
 #define SPIN_ROUND 16        /* windows judged together */
 #define SPIN_REST 64         /* frames without spinning after a round that did not pay off */
-#define SPIN_YIELD_LOST_NS 500000ull   /* normal: a few us between two clock checks */
-#define SPIN_NO_YIELD 64     /* windows spun without yielding after a yield was lost */
 
 /* Whether spinning can pay off on this machine: each spinning consumer holds a CPU
  * through its window, and the frame it waits for needs the producer on a CPU too. With
@@ -279,34 +277,20 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
         }
     }
     uint64_t end = expected + lead < deadline ? expected + lead : deadline;
-    uint64_t yielded_at = 0;
-    if (r->spin_no_yield)
-        r->spin_no_yield--;
     for (unsigned i = 0;; i++) {
         if (LOAD_ACQ(&r->ctl->latest_seq) > floor) {
             spin_scored(r, 1);
             return 1;
         }
         cpu_relax();
-        if ((i & 63) == 0) {
-            uint64_t t = fshm_now_ns();
-            /* Off the CPU this long after a yield, and still no frame: the yield went to
-             * some other task, which (under EEVDF, even at SCHED_IDLE priority) keeps the
-             * CPU until its slice or the tick ends: 4 ms for a tenth of the frames beside
-             * a busy loop. Stop yielding for a while. */
-            if (yielded_at && t - yielded_at > SPIN_YIELD_LOST_NS)
-                r->spin_no_yield = SPIN_NO_YIELD;
-            yielded_at = 0;
-            if (t >= end) {
-                spin_scored(r, 0);
-                return 0;
-            }
-            if (!r->spin_no_yield) {
-                /* The producer may share our CPU: let it run, or the frame we wait for
-                 * cannot be published until the window closes (it need not preempt us). */
-                yielded_at = t;
-                sched_yield();
-            }
+        /* No sched_yield() here: under CFS/EEVDF a yield hands the CPU to any other
+         * runnable task, even a SCHED_IDLE or niced one, and nothing gives it back before
+         * the next tick (4 ms at HZ=250): with a busy loop beside it the spin cost a tenth
+         * of the frames 4 ms. A producer woken on our CPU preempts us (it slept, we did
+         * not), and the window is at most 2 * SPIN_LEAD_MAX_NS long. */
+        if ((i & 63) == 0 && fshm_now_ns() >= end) {
+            spin_scored(r, 0);
+            return 0;
         }
     }
 }
