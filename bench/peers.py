@@ -105,7 +105,7 @@ CASES = {
     "tiny": dict(shape=(64,), fps=0, nslots=64, transports=("fshm", "fshm-ring", "iox2")),
     "poll480": dict(shape=(480, 640, 3), fps=30, frames=120, warmup=15, transports=("fshm", "iox2")),
     "fanout8": dict(shape=(1080, 1920, 3), fps=30, frames=120, warmup=15, consumers=8,
-                    transports=("fshm", "fshm-nospin", "iox2")),
+                    transports=("fshm", "fshm-nospin", "iox2", "pipe")),
     "pingpong": dict(shape=(64,), fps=0, pingpong=True, warmup=30,
                      transports=("fshm", "fshm-ring", "iox2", "pipe", "zmq", "c", "c-ring")),
     "flood": dict(shape=(1080, 1920, 3), fps=0, warmup=10,
@@ -186,12 +186,14 @@ def producer_main(cname, transport, cfg, sync, out_q):
             shm = shared_memory.SharedMemory(name=cfg["shm"], create=True, size=NSLOTS * nbytes)
             slots = np.ndarray((NSLOTS, nbytes), np.uint8, buffer=shm.buf)
             slots[:] = 0
-            conn = cfg["conn"]
+            conns = cfg["conns"]   # one pipe per consumer (fanout8: 8, in turn)
 
             def handoff(i):
                 s = i % NSLOTS
                 slots[s] = src
-                conn.send_bytes(HDR.pack(i, time.monotonic_ns()))
+                msg = HDR.pack(i, time.monotonic_ns())
+                for conn in conns:
+                    conn.send_bytes(msg)
 
             def release():
                 nonlocal slots
@@ -379,6 +381,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
                 got += 1
                 if seq >= case["warmup"]:
                     lat.append(t1 - t0)
+                    seqs.append(seq)
                 del a
             del buf
             keep.append(shm)
@@ -604,10 +607,15 @@ def run_pair(ctx, cname, transport, args, tag):
         peers_lossless.add_sync(ctx, sync)
     out_q = ctx.Queue()
     pcfg, ccfg = dict(cfg), dict(cfg)
+    ccfgs = [ccfg] + [dict(cfg) for _ in range(n - 1)]   # one per consumer
     pingpong = CASES[cname].get("pingpong", False)
     if transport == "pipe":
-        rx, tx = ctx.Pipe(duplex=pingpong)
-        pcfg["conn"], ccfg["conn"] = tx, rx
+        pcfg["conns"] = []
+        for c in ccfgs:
+            rx, tx = ctx.Pipe(duplex=pingpong)
+            c["conn"] = rx
+            pcfg["conns"].append(tx)
+        pcfg["conn"] = pcfg["conns"][0]   # pingpong's and lossless64's one peer
     if lossless:
         procs = [ctx.Process(target=peers_lossless.lossless_consumer, args=(transport, ccfg, sync, out_q)),
                  ctx.Process(target=peers_lossless.lossless_producer, args=(transport, pcfg, sync, out_q))]
@@ -615,7 +623,7 @@ def run_pair(ctx, cname, transport, args, tag):
         procs = [ctx.Process(target=pingpong_main, args=("ponger", transport, ccfg, sync, out_q)),
                  ctx.Process(target=pingpong_main, args=("pinger", transport, pcfg, sync, out_q))]
     else:
-        procs = [ctx.Process(target=consumer_main, args=(cname, transport, ccfg, sync, out_q, i))
+        procs = [ctx.Process(target=consumer_main, args=(cname, transport, ccfgs[i], sync, out_q, i))
                  for i in range(n)]
         procs.append(ctx.Process(target=producer_main, args=(cname, transport, pcfg, sync, out_q)))
     stop = None

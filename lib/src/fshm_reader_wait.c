@@ -283,11 +283,11 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
             return 1;
         }
         cpu_relax();
-        /* No sched_yield() here: under CFS/EEVDF a yield hands the CPU to any other
-         * runnable task, even a SCHED_IDLE or niced one, and nothing gives it back before
-         * the next tick (4 ms at HZ=250): with a busy loop beside it the spin cost a tenth
-         * of the frames 4 ms. A producer woken on our CPU preempts us (it slept, we did
-         * not), and the window is at most 2 * SPIN_LEAD_MAX_NS long. */
+        /* No sched_yield() here: under EEVDF a yield hands the CPU to any other runnable
+         * task, even a SCHED_IDLE one, and nothing gives it back before that task's slice
+         * or the tick ends: beside a busy loop a tenth of the frames came 4 ms late. A
+         * producer that shares our CPU waits at most the window (2 * SPIN_LEAD_MAX_NS);
+         * the windows it makes miss count against spinning (spin_scored). */
         if ((i & 63) == 0 && fshm_now_ns() >= end) {
             spin_scored(r, 0);
             return 0;
