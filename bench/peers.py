@@ -13,7 +13,8 @@ Cases:
            Messages/s the consumer read, how many it lost, CPU per message.
   poll480  640x480 RGB at 30 fps, the consumer busy-polls (no sleep). Latency as view60.
   fanout8  1080p RGB at 30 fps to 8 blocking consumers (as view60 each); latency of a frame =
-           that of the last consumer to hold it. Median and p90 over frames all 8 got.
+           that of the last consumer to hold it. Median and p90 over frames all 8 got. The
+           Pipe producer writes one message to each consumer's pipe in turn.
   pingpong 64-byte ping-pong over two streams, both sides blocking: half the round trip
            (median, p90) over --pings round trips after 30 warm-up ones.
   flood    1080p RGB, producer unthrottled for --seconds (fill + hand-off as view60), one
@@ -66,6 +67,7 @@ Transports:
     python bench/peers.py --cases view60,tiny --runs 2 --json out.json
     python bench/peers.py --cases flood,floodl3 --seconds 5
     python bench/peers.py --cases lossless64 --runs 2      # ~2.5 min a run
+    python bench/peers.py --awake --runs 2     # vCPUs kept out of halt (see --awake)
 
 The lossless64 case lives in bench/peers_lossless.py (its CASES entry, worker mains, row, line
 and summary helpers, options and the C helper's lossless64 mode); this script runs it. The worker
