@@ -317,10 +317,7 @@ int tu_publish(fshm_writer *w, size_t n)
 
 pid_t tu_dead_pid(void)
 {
-    fflush(stdout);
-    fflush(stderr);
-    pid_t pid = fork();
-    assert_true(pid >= 0);
+    pid_t pid = tu_fork();
     if (pid == 0)
         _exit(0);
     assert_int_equal(waitpid(pid, NULL, 0), pid);
