@@ -81,7 +81,6 @@ invocation (/proc/stat); every row its own steal.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import ctypes
 import json
 import multiprocessing as mp
@@ -773,21 +772,19 @@ def main():
           f"L3 {l3_bytes() >> 20} MiB; commit {rev}; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
           flush=True)
     ticks0 = cpu_ticks()
-    stack = contextlib.ExitStack()
     try:
-        spinners = stack.enter_context(cpus_kept_awake(args.awake))
-        if spinners:
-            print(f"SCHED_IDLE busy loops keep the CPUs awake: pids {' '.join(map(str, spinners))}", flush=True)
-        for run in range(args.runs):
-            for cname, t in plan:
-                t0 = cpu_ticks()
-                row = run_pair(ctx, cname, t, args, f"{run}-{cname}-{t}")
-                row.update(run=run, case=cname, transport=t, load=os.getloadavg()[0],
-                           steal_pct=steal_pct(t0, cpu_ticks()))
-                results.append(row)
-                print(_line(row, cname, t, run), flush=True)
+        with cpus_kept_awake(args.awake) as spinners:
+            if spinners:
+                print(f"SCHED_IDLE busy loops keep the CPUs awake: pids {' '.join(map(str, spinners))}", flush=True)
+            for run in range(args.runs):
+                for cname, t in plan:
+                    t0 = cpu_ticks()
+                    row = run_pair(ctx, cname, t, args, f"{run}-{cname}-{t}")
+                    row.update(run=run, case=cname, transport=t, load=os.getloadavg()[0],
+                               steal_pct=steal_pct(t0, cpu_ticks()))
+                    results.append(row)
+                    print(_line(row, cname, t, run), flush=True)
     finally:
-        stack.close()
         import shutil
 
         shutil.rmtree(shm_dir, ignore_errors=True)

@@ -20,13 +20,12 @@ from __future__ import annotations
 import argparse
 import multiprocessing as mp
 import os
-import statistics
 import sys
 import time
 
 import numpy as np
 
-from _common import cleanup_shm_dir, cpus_kept_awake, private_shm_dir
+from _common import cleanup_shm_dir, cpus_kept_awake, pace, private_shm_dir, stats_ns
 
 SHAPE = (1080, 1920, 3)
 
@@ -37,12 +36,10 @@ def producer(name: str, frames: int, start: "mp.synchronize.Event") -> None:
     w = frameshm.Writer(name, shape=SHAPE, dtype="uint8", nslots=4)
     src = np.random.default_rng(1).integers(0, 256, size=SHAPE, dtype=np.uint8)
     start.wait(10)
-    period = 1e9 / 60
+    period = int(1e9 / 60)
     t0 = time.monotonic_ns() + 100_000_000
     for i in range(frames):
-        d = t0 + i * period - time.monotonic_ns()
-        if d > 0:
-            time.sleep(d / 1e9)
+        pace(i, t0, period)
         v = w.loan()
         v[...] = src
         w.commit(timestamp_ns=time.monotonic_ns())
@@ -95,10 +92,10 @@ def one_run(frames: int, warmup: int, spin: bool) -> dict:
 
 
 def fmt(xs: list) -> str:
-    if not xs:
+    st = stats_ns(xs)
+    if not st["n"]:
         return "-"
-    s = sorted(xs)
-    return f"{statistics.median(s) / 1e3:.1f} us (p90 {s[int(0.9 * (len(s) - 1))] / 1e3:.1f}; n {len(s)})"
+    return f"{st['median_us']:.1f} us (p90 {st['p90_us']:.1f}; n {st['n']})"
 
 
 def main() -> int:
