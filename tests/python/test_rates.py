@@ -11,7 +11,9 @@ from frameshm.errors import InvalidArgument, Timeout
 
 PRODUCER = r"""
 name = %r
-w = frameshm.Writer(name, shape=(64,), dtype="uint8", nslots=8)
+# 64 slots, 640 ms of frames: "full" must get every frame, and a test thread starved for
+# 90 ms (seen under stress-ng beside the other xdist workers) outran an 8-slot ring.
+w = frameshm.Writer(name, shape=(64,), dtype="uint8", nslots=64)
 say("READY")
 i = 0
 t0 = time.monotonic()
