@@ -39,7 +39,8 @@ Cases:
            whether the limit was the consumer's (it lost while the producer held >= 95 % of the
            rate), the producer's (it fell short there) or --max-rate; the summary adds CPU per
            message of every transport at the highest rate all of them got without loss.
-           64 slots / a 64-sample subscriber buffer (safe overflow) for every transport.
+           64 slots / a 64-sample subscriber buffer (safe overflow) for every transport, or
+           --slots N for all of them (a longer ring rides out longer stalls of the guest).
 
 Transports:
   fshm         Writer.loan()/commit(); Reader.wait_latest (view60), wait_next (tiny,

@@ -10,7 +10,7 @@
  *                             fshm_reader_wait_latest records now - timestamp_ns.
  *   peers_c pingpong N [ring] 64 B ping-pong over two streams (wait_next, publish); half
  *                             round trip.
- *   peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US [ring]
+ *   peers_c lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US SLOTS [ring]
  *                             64 B messages (seq, window, window's first and last seq in the
  *                             payload) published at an offered rate per window of WINDOW_S
  *                             seconds; the consumer (fshm_reader_wait_next) counts the gaps.
@@ -581,10 +581,10 @@ static int ll_step(fshm_writer *w, long rate, double window_s, long *best, long 
 }
 
 /* The producer: the same search as peers_lossless.py's lossless_producer. */
-static int lossless_parent(shared *sh, double window_s, long start, long max_rate, int refine)
+static int lossless_parent(shared *sh, double window_s, long start, long max_rate, int refine, uint32_t slots)
 {
     fshm_writer *w;
-    if (open_writer(g_stream[0], 64, TINY, &w))
+    if (open_writer(g_stream[0], slots, TINY, &w))
         return fprintf(stderr, "writer_open: %s\n", fshm_last_error()), -1;
     usleep(200000);   /* the reader maps the new epoch */
     prctl(PR_SET_TIMERSLACK, 1UL, 0UL, 0UL, 0UL);   /* sleeps end on time (as peers_lossless.py) */
@@ -636,16 +636,17 @@ out:
 
 static int lossless_main(int argc, char **argv)
 {
-    if (argc < 8)
-        return fprintf(stderr, "usage: %s lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US [ring]\n",
+    if (argc < 9)
+        return fprintf(stderr, "usage: %s lossless64 WINDOW_S START_RATE MAX_RATE REFINE MAX_BURST PACE_US SLOTS [ring]\n",
                        argv[0]), 2;
     double window_s = atof(argv[2]);
     long start = atol(argv[3]), max_rate = atol(argv[4]);
     int refine = atoi(argv[5]);
     g_cap = atol(argv[6]);
     g_pace_us = atol(argv[7]);
-    int ring = argc > 8 && strcmp(argv[8], "ring") == 0;
-    if (window_s <= 0 || start < 1 || max_rate < start)
+    long slots = atol(argv[8]);
+    int ring = argc > 9 && strcmp(argv[9], "ring") == 0;
+    if (window_s <= 0 || start < 1 || max_rate < start || slots < 1 || slots > 65536)
         return fprintf(stderr, "bad arguments\n"), 2;
     shared *sh = mmap(NULL, sizeof *sh, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
     g_ll = mmap(NULL, sizeof *g_ll, PROT_READ | PROT_WRITE, MAP_SHARED | MAP_ANONYMOUS, -1, 0);
@@ -660,7 +661,7 @@ static int lossless_main(int argc, char **argv)
         lossless_child(sh, ring);
     if (consumer_ready(sh, pid))
         return 1;
-    return lossless_parent(sh, window_s, start, max_rate, refine) ? 1 : 0;
+    return lossless_parent(sh, window_s, start, max_rate, refine, (uint32_t)slots) ? 1 : 0;
 }
 
 int main(int argc, char **argv)

@@ -26,7 +26,8 @@ WFIELDS = 4                    # per window, written by the consumer: got, lost,
 def worker_cfg(args):
     """The case's part of a worker's cfg, from the command line."""
     return {"window": args.window, "start_rate": args.start_rate, "max_rate": args.max_rate,
-            "refine": args.refine, "max_burst": args.max_burst, "pace_us": args.pace_us}
+            "refine": args.refine, "max_burst": args.max_burst, "pace_us": args.pace_us,
+            "slots": args.slots}
 
 
 def add_sync(ctx, sync):
@@ -42,6 +43,9 @@ def add_args(ap):
     ap.add_argument("--start-rate", type=int, default=5000, help="first offered rate, msg/s (lossless64)")
     ap.add_argument("--max-rate", type=int, default=320000, help="highest offered rate (lossless64)")
     ap.add_argument("--refine", type=int, default=3, help="bisection steps after doubling (lossless64)")
+    ap.add_argument("--slots", type=int, default=CASE["nslots"],
+                    help="lossless64: slots of the ring (frameshm) and samples of the subscriber buffer "
+                         "(iceoryx2), every transport alike; a power of two")
     ap.add_argument("--max-burst", type=int, default=16,
                     help="lossless64: most messages the producer sends back to back when it runs late; "
                          "beyond that its schedule slips (0: catch up in full)")
@@ -68,7 +72,7 @@ def lossless_producer(transport, cfg, sync, out_q):
         if transport.startswith("fshm"):
             import frameshm
 
-            w = frameshm.Writer(cfg["stream"], shape=(64,), dtype="uint8", nslots=CASE["nslots"])
+            w = frameshm.Writer(cfg["stream"], shape=(64,), dtype="uint8", nslots=cfg["slots"])
             keep.append(w)
             loan, commit, pack_into = w.loan, w.commit, P64.pack_into
 
@@ -76,7 +80,7 @@ def lossless_producer(transport, cfg, sync, out_q):
                 pack_into(loan(), 0, seq, win, first, last)
                 commit()
         elif transport in ("iox2", "iox2-event"):
-            iox2, node, svc, ev = iox2_service(cfg, CASE["nslots"])
+            iox2, node, svc, ev = iox2_service(cfg, cfg["slots"])
             pub = svc.publisher_builder().initial_max_slice_len(64).create()
             notifier = ev.notifier_builder().create()
             keep += [node, svc, ev, pub, notifier]
@@ -256,7 +260,7 @@ def lossless_consumer(transport, cfg, sync, out_q):
                 got += 1
                 del f
         elif transport in ("iox2", "iox2-event"):
-            iox2, node, svc, ev = iox2_service(cfg, CASE["nslots"])
+            iox2, node, svc, ev = iox2_service(cfg, cfg["slots"])
             sub = svc.subscriber_builder().create()
             listener = ev.listener_builder().create()
             keep += [node, svc, ev, sub, listener]
@@ -301,9 +305,9 @@ def lossless_consumer(transport, cfg, sync, out_q):
 
 def c_args(args):
     """The C helper's lossless64 arguments after the mode: WINDOW_S START_RATE MAX_RATE REFINE
-    MAX_BURST PACE_US (peers.run_c; its JSON goes through lossless_row like the workers')."""
+    MAX_BURST PACE_US SLOTS (peers.run_c; its JSON goes through lossless_row like the workers')."""
     return [str(args.window), str(args.start_rate), str(args.max_rate), str(args.refine),
-            str(args.max_burst), str(args.pace_us)]
+            str(args.max_burst), str(args.pace_us), str(args.slots)]
 
 
 def lossless_row(pr):
