@@ -47,6 +47,7 @@ static void drop_driver_attachment(fshm_writer *w)
             mq_close(w->cons[i].q);
             w->cons[i].open = 0;
         }
+    w->nqueued = 0;
     release_regions(w);
     fshm_ctl_close(&w->ch);
     w->ctl = NULL;
@@ -391,6 +392,7 @@ static void refresh_consumers(fshm_writer *w)
     w->known_gen = gen;
     w->wake_no_queue = 0;
     w->nbells = 0;
+    w->nqueued = 0;
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
         fshm_ctl_consumer *e = ctl_consumer(w->ctl, i);
         writer_consumer *lc = &w->cons[i];
@@ -422,6 +424,8 @@ static void refresh_consumers(fshm_writer *w)
                 memcpy(lc->queue, q, sizeof q);
             }
         }
+        if (lc->open)
+            w->queued[w->nqueued++] = (uint8_t)i;
     }
 }
 
@@ -524,9 +528,10 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     uint8_t msg[FSHM_DESC_BYTES];
     fshm_desc_encode(msg, w->paths.stream_id, w->epoch, seq, now);
     uint64_t sent = 0, dropped = 0;
-    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
+    for (unsigned k = 0; k < w->nqueued; k++) {
+        unsigned i = w->queued[k];
         writer_consumer *lc = &w->cons[i];
-        if (!lc->open)
+        if (!lc->open)   /* its queue failed earlier in this generation */
             continue;
         fshm_ctl_consumer *e = ctl_consumer(c, i);
         if (lc->min_interval_ns) {

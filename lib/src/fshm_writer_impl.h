@@ -38,6 +38,11 @@ struct fshm_writer {
     int wake_no_queue;       /* a queueless consumer without a doorbell: futex-wake every commit */
     uint32_t nbells;         /* queueless consumers with a doorbell: entries in bells[] */
     uint8_t bells[FSHM_MAX_CONSUMERS];
+    /* Entries of cons[] that were open at the last refresh, in order: commit sends to these
+     * instead of scanning all FSHM_MAX_CONSUMERS (4 KiB) per frame. */
+    uint32_t nqueued;
+    uint8_t queued[FSHM_MAX_CONSUMERS];
+    _Static_assert(FSHM_MAX_CONSUMERS <= 256, "bells[] and queued[] hold consumer indices in a byte");
     uint64_t futex_wakes;    /* FUTEX_WAKEs issued (the tests count them) */
     uint64_t next_prune_ns;
     uint64_t start_ns;
