@@ -3,6 +3,12 @@
 #include "binding.h"
 
 typedef struct {
+    PyObject *array;
+    unsigned pool;
+    size_t offset;
+} loan_view;
+
+typedef struct {
     PyObject_HEAD
     fshm_writer *w;
     PyObject *maps;          /* tuple of Mapping, one per pool */
@@ -11,6 +17,16 @@ typedef struct {
     int loaned;
     fshm_guard guard;        /* held by every call into w */
     uint32_t gen;            /* fshm_writer_attach_gen when maps was built */
+    /* The stream's fixed layout (set_layout), for loan_array(): */
+    fshm_tensor layout;
+    size_t layout_bytes;
+    PyObject *array_type;    /* numpy.ndarray, or NULL: no fixed layout */
+    PyObject *layout_shape, *layout_dtype;
+    /* One writable array per slot, built on a slot's first loan: the same object comes back
+     * for every later loan of that slot while the pools stay where they are (views_gen). */
+    loan_view *views;
+    uint32_t nviews;
+    uint32_t views_gen;
 } FshmWriter;
 
 #define CHECK_OPEN(self)                                                                         \
@@ -163,12 +179,54 @@ static int writer_init(FshmWriter *self, PyObject *args, PyObject *kw)
     return 0;
 }
 
+static void clear_views(FshmWriter *self)
+{
+    for (uint32_t i = 0; i < self->nviews; i++)
+        Py_CLEAR(self->views[i].array);
+}
+
 static void writer_dealloc(FshmWriter *self)
 {
     if (self->w)
         fshm_writer_close(self->w, 1);
+    clear_views(self);
+    PyMem_Free(self->views);
+    Py_XDECREF(self->array_type);
+    Py_XDECREF(self->layout_shape);
+    Py_XDECREF(self->layout_dtype);
     Py_XDECREF(self->maps);
     Py_TYPE(self)->tp_free((PyObject *)self);
+}
+
+/* A wire layout from (dtype code, shape, strides or None, major order), or -1 with the
+ * exception set. */
+static int parse_tensor(int dtype, PyObject *shape, PyObject *strides, int order, fshm_tensor *t)
+{
+    memset(t, 0, sizeof *t);
+    if (!fshm_dtype_size(dtype)) {
+        PyErr_Format(fshm_exc_invalid, "unsupported dtype code %d", dtype);
+        return -1;
+    }
+    t->dtype = (int16_t)dtype;
+    t->major_order = (int16_t)order;
+    int n = parse_int_tuple(shape, t->dims, FSHM_MAX_DIMS, "shape");
+    if (n < 0)
+        return -1;
+    if (n == 0) {
+        PyErr_Format(fshm_exc_invalid, "0-dimensional tensors are not supported; reshape to (1,)");
+        return -1;
+    }
+    t->ndims = (uint8_t)n;
+    if (strides != Py_None) {
+        int m = parse_int_tuple(strides, t->strides, FSHM_MAX_DIMS, "strides");
+        if (m < 0)
+            return -1;
+        if (m != n) {
+            PyErr_Format(fshm_exc_invalid, "strides has %d entries, shape has %d", m, n);
+            return -1;
+        }
+    }
+    return 0;
 }
 
 static PyObject *writer_set_tensor(FshmWriter *self, PyObject *args, PyObject *kw)
@@ -179,26 +237,63 @@ static PyObject *writer_set_tensor(FshmWriter *self, PyObject *args, PyObject *k
     if (!PyArg_ParseTupleAndKeywords(args, kw, "iO|Oi", kwlist, &dtype, &shape, &strides, &order))
         return NULL;
     fshm_tensor t;
-    memset(&t, 0, sizeof t);
-    if (!fshm_dtype_size(dtype))
-        return PyErr_Format(fshm_exc_invalid, "unsupported dtype code %d", dtype);
-    t.dtype = (int16_t)dtype;
-    t.major_order = (int16_t)order;
-    int n = parse_int_tuple(shape, t.dims, FSHM_MAX_DIMS, "shape");
-    if (n < 0)
+    if (parse_tensor(dtype, shape, strides, order, &t))
         return NULL;
-    if (n == 0)
-        return PyErr_Format(fshm_exc_invalid, "0-dimensional tensors are not supported; reshape to (1,)");
-    t.ndims = (uint8_t)n;
-    if (strides != Py_None) {
-        int m = parse_int_tuple(strides, t.strides, FSHM_MAX_DIMS, "strides");
-        if (m < 0)
-            return NULL;
-        if (m != n)
-            return PyErr_Format(fshm_exc_invalid, "strides has %d entries, shape has %d", m, n);
-    }
     self->tensor = t;
     Py_RETURN_NONE;
+}
+
+/* set_layout(array_type, dtype, shape, np_dtype): the stream's fixed layout, made the
+ * current one (as set_tensor) and the one loan_array() lends; np_dtype and shape are what
+ * array_type(shape, np_dtype, buffer, offset) gets for a slot's array. */
+static PyObject *writer_set_layout(FshmWriter *self, PyObject *args)
+{
+    PyObject *atype, *shape, *npdt;
+    int dtype;
+    if (!PyArg_ParseTuple(args, "OiO!O", &atype, &dtype, &PyTuple_Type, &shape, &npdt))
+        return NULL;
+    if (!PyCallable_Check(atype))
+        return PyErr_Format(PyExc_TypeError, "array_type must be callable (numpy.ndarray)");
+    fshm_tensor t;
+    if (parse_tensor(dtype, shape, Py_None, FSHM_ORDER_ROW, &t))
+        return NULL;
+    size_t bytes = fshm_dtype_size(dtype);
+    for (int i = 0; i < t.ndims; i++) {
+        if (t.dims[i] && bytes > SIZE_MAX / (size_t)t.dims[i])
+            return PyErr_Format(fshm_exc_invalid, "a frame of this shape does not fit in memory");
+        bytes *= (size_t)t.dims[i];
+    }
+    self->tensor = self->layout = t;
+    self->layout_bytes = bytes;
+    Py_XSETREF(self->array_type, Py_NewRef(atype));
+    Py_XSETREF(self->layout_shape, Py_NewRef(shape));
+    Py_XSETREF(self->layout_dtype, Py_NewRef(npdt));
+    clear_views(self);
+    Py_RETURN_NONE;
+}
+
+/* fshm_writer_loan under the guard, without the GIL when the loan may first have to
+ * re-attach through the driver (a round trip); marks the loan outstanding. */
+static int loan_slot(FshmWriter *self, fshm_writer *w, size_t nbytes, fshm_loan *l)
+{
+    int rc;
+    if (fshm_writer_lease_ok(w)) {
+        rc = fshm_writer_loan(w, nbytes, l);
+    } else {
+        Py_BEGIN_ALLOW_THREADS
+        rc = fshm_writer_loan(w, nbytes, l);
+        Py_END_ALLOW_THREADS
+    }
+    if (rc == 0) {
+        self->loan_bytes = nbytes;
+        self->loaned = 1;
+    }
+    return rc;
+}
+
+static size_t loan_offset(fshm_writer *w, const fshm_loan *l)
+{
+    return (size_t)((uint8_t *)l->data - (uint8_t *)fshm_map_base(fshm_writer_pool_map(w, l->pool_index)));
 }
 
 static PyObject *writer_loan(FshmWriter *self, PyObject *arg)
@@ -211,30 +306,83 @@ static PyObject *writer_loan(FshmWriter *self, PyObject *arg)
         return NULL;
     }
     fshm_loan l;
-    int rc;
     ENTER(self, w);
-    if (fshm_writer_lease_ok(w)) {
-        rc = fshm_writer_loan(w, (size_t)nbytes, &l);
-    } else {
-        /* Re-attaching talks to the driver (up to its answer timeout): other threads run. */
-        Py_BEGIN_ALLOW_THREADS
-        rc = fshm_writer_loan(w, (size_t)nbytes, &l);
-        Py_END_ALLOW_THREADS
-    }
+    int rc = loan_slot(self, w, (size_t)nbytes, &l);
     if (rc) {
         LEAVE(self);
         return fshm_raise(rc);
     }
-    self->loan_bytes = (size_t)nbytes;
-    self->loaned = 1;
     PyObject *res = NULL;
-    if (refresh_maps(self) == 0) {
-        size_t off = (size_t)((uint8_t *)l.data - (uint8_t *)fshm_map_base(fshm_writer_pool_map(w, l.pool_index)));
-        res = Py_BuildValue("(InKI)", (unsigned)l.pool_index, (Py_ssize_t)off,
+    if (refresh_maps(self) == 0)
+        res = Py_BuildValue("(InKI)", (unsigned)l.pool_index, (Py_ssize_t)loan_offset(w, &l),
                             (unsigned long long)l.seq, (unsigned)self->gen);
-    }
     LEAVE(self);
     return res;
+}
+
+/* loan_array(): loan() of a frame of the fixed layout (set_layout), as the writable array
+ * over its slot. The slot's array is cached: a producer's per-frame loan is one call that
+ * builds nothing once every slot has been lent. */
+static PyObject *writer_loan_array(FshmWriter *self, PyObject *unused)
+{
+    CHECK_OPEN(self);
+    if (!self->array_type)
+        return fshm_raise_invalid("loan_array() needs a fixed layout (set_layout)");
+    fshm_loan l;
+    ENTER(self, w);
+    self->tensor = self->layout;
+    int rc = loan_slot(self, w, self->layout_bytes, &l);
+    if (rc) {
+        LEAVE(self);
+        return fshm_raise(rc);
+    }
+    if (refresh_maps(self) < 0) {
+        LEAVE(self);
+        return NULL;
+    }
+    if (self->views_gen != self->gen) {   /* re-attached through the driver: new pools */
+        clear_views(self);
+        self->views_gen = self->gen;
+    }
+    if (l.slot >= self->nviews) {
+        uint32_t n = fshm_writer_nslots(w);
+        if (n <= l.slot)
+            n = l.slot + 1;
+        loan_view *v = PyMem_Realloc(self->views, (size_t)n * sizeof *v);
+        if (!v) {
+            LEAVE(self);
+            return PyErr_NoMemory();
+        }
+        memset(v + self->nviews, 0, (size_t)(n - self->nviews) * sizeof *v);
+        self->views = v;
+        self->nviews = n;
+    }
+    loan_view *e = &self->views[l.slot];
+    size_t off = loan_offset(w, &l);
+    if (e->array && e->pool == l.pool_index && e->offset == off) {
+        PyObject *a = Py_NewRef(e->array);
+        LEAVE(self);
+        return a;
+    }
+    PyObject *map = Py_NewRef(PyTuple_GET_ITEM(self->maps, l.pool_index));
+    uint32_t gen = self->gen;
+    LEAVE(self);
+    /* Built outside the guard: array_type is Python code. The loan stays outstanding if
+     * this fails; the next loan replaces it, as after any loan that is not committed. */
+    PyObject *offobj = PyLong_FromSize_t(off), *a = NULL;
+    if (offobj) {
+        PyObject *argv[4] = {self->layout_shape, self->layout_dtype, map, offobj};
+        a = PyObject_Vectorcall(self->array_type, argv, 4, NULL);
+        Py_DECREF(offobj);
+    }
+    Py_DECREF(map);
+    if (a && self->views_gen == gen && l.slot < self->nviews) {
+        e = &self->views[l.slot];
+        Py_XSETREF(e->array, Py_NewRef(a));
+        e->pool = l.pool_index;
+        e->offset = off;
+    }
+    return a;
 }
 
 static int opt_u64(PyObject *o, unsigned long long *out)
@@ -437,6 +585,7 @@ static PyObject *writer_close(FshmWriter *self, PyObject *args, PyObject *kw)
         }
     }
     Py_CLEAR(self->maps);   /* views handed out keep their own references */
+    clear_views(self);
     Py_RETURN_NONE;
 }
 
@@ -521,7 +670,11 @@ static PyObject *writer_closed(FshmWriter *self, void *c) { return PyBool_FromLo
 static PyMethodDef writer_methods[] = {
     {"set_tensor", (PyCFunction)(void (*)(void))writer_set_tensor, METH_VARARGS | METH_KEYWORDS,
      "set_tensor(dtype, shape, strides=None, major_order=1): layout for commit/publish"},
+    {"set_layout", (PyCFunction)writer_set_layout, METH_VARARGS,
+     "set_layout(array_type, dtype, shape, np_dtype): the fixed layout, for loan_array()"},
     {"loan", (PyCFunction)writer_loan, METH_O, "loan(nbytes) -> (pool_index, offset, seq)"},
+    {"loan_array", (PyCFunction)writer_loan_array, METH_NOARGS,
+     "loan_array() -> the writable array over the next slot, in the fixed layout"},
     {"commit", (PyCFunction)(void (*)(void))writer_commit, METH_FASTCALL,
      "commit(timestamp_ns=None, ref_seq=None) -> seq"},
     {"publish", (PyCFunction)(void (*)(void))writer_publish, METH_VARARGS | METH_KEYWORDS,

@@ -138,11 +138,10 @@ class Writer:
                 )
         self._maps = self._w.mappings
         self._gen = None
-        self._views = {}
-        self._loaned = None  # shape/dtype of the outstanding loan
         self._unlink = unlink_on_close
         if self._shape is not None:
-            self._w.set_tensor(self._code, self._shape)
+            # Also the current layout; loan() of it is one C call (_core.Writer.loan_array).
+            self._w.set_layout(np.ndarray, self._code, self._shape, self._dtype)
         self._tensor_is_default = self._shape is not None
 
     # -- publishing -----------------------------------------------------------------
@@ -164,20 +163,8 @@ class Writer:
     def loan(self, shape: Optional[Sequence[int]] = None, dtype: Optional[DTypeLike] = None) -> np.ndarray:
         """A writable numpy view into the next slot (zero copy). Fill it, then commit()."""
         if shape is None and dtype is None and self._shape is not None:
-            if not self._tensor_is_default:
-                self._w.set_tensor(self._code, self._shape)
-                self._tensor_is_default = True
-            pool, off, _seq, gen = self._w.loan(self._nbytes)
-            if gen != self._gen:  # re-attached through the driver: the pools moved
-                self._maps, self._gen = self._w.mappings, gen
-                self._views.clear()
-            key = (pool, off)
-            view = self._views.get(key)
-            if view is None:
-                view = np.ndarray(self._shape, self._dtype, buffer=self._maps[pool], offset=off)
-                self._views[key] = view
-            self._loaned = True
-            return view
+            self._tensor_is_default = True   # loan_array() makes the fixed layout current
+            return self._w.loan_array()
         if shape is None:
             raise InvalidArgument("loan() on a variable-tensor stream needs a shape")
         shp = _shape(shape)
@@ -185,10 +172,8 @@ class Writer:
         self._set_layout(shp, dt, code)
         nbytes = int(np.prod(shp, dtype=np.int64)) * dt.itemsize
         pool, off, _seq, gen = self._w.loan(nbytes)
-        if gen != self._gen:
+        if gen != self._gen:  # re-attached through the driver: the pools moved
             self._maps, self._gen = self._w.mappings, gen
-            self._views.clear()
-        self._loaned = True
         return np.ndarray(shp, dt, buffer=self._maps[pool], offset=off)
 
     def commit(self, timestamp_ns: Optional[int] = None, ref_seq: Optional[int] = None) -> int:
@@ -197,9 +182,7 @@ class Writer:
         ``timestamp_ns``: capture time (CLOCK_MONOTONIC, as ``time.monotonic_ns()``);
         default: now. ``ref_seq``: seq of the frame (of another stream) this one was
         derived from, readable as ``Frame.ref_seq``."""
-        seq = self._w.commit(timestamp_ns, ref_seq)
-        self._loaned = None
-        return seq
+        return self._w.commit(timestamp_ns, ref_seq)
 
     def publish(self, frame, timestamp_ns: Optional[int] = None, ref_seq: Optional[int] = None, *,
                 seq: Optional[int] = None) -> int:
@@ -298,7 +281,6 @@ class Writer:
 
     def close(self, unlink: Optional[bool] = None) -> None:
         """Closes the stream. Loaned views stay valid memory until dropped."""
-        self._views.clear()
         self._maps = ()
         self._w.close(unlink=self._unlink if unlink is None else unlink)
 

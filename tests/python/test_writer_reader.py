@@ -67,6 +67,88 @@ def test_loan_commit_is_zero_copy(name):
         del f, f2, view, v2
 
 
+def test_loan_hands_back_each_slots_array(name):
+    """A fixed-shape Writer's loan() is one C call that returns the slot's cached array:
+    the same object every lap of the ring, one per slot, and what is written through it
+    is what readers get, in the stream's layout even after a publish of another layout
+    was refused."""
+    with frameshm.Writer(name, shape=(4, 6), dtype="uint16", nslots=4) as w, frameshm.Reader(name) as r:
+        first = []
+        for lap in range(3):
+            for k in range(4):
+                v = w.loan()
+                assert v.shape == (4, 6) and v.dtype == np.uint16 and v.flags.writeable
+                if lap == 0:
+                    first.append(v)
+                else:
+                    assert v is first[k], "a slot's array is built once"
+                v[:] = lap * 10 + k
+                seq = w.commit()
+                f = r.wait_latest(timeout=5)
+                assert f.seq == seq == lap * 4 + k
+                assert f.array.shape == (4, 6) and f.array.dtype == np.uint16
+                assert int(f.array.min()) == int(f.array.max()) == lap * 10 + k
+                del f
+        assert len({id(v) for v in first}) == 4
+        assert all(not np.shares_memory(a, b) for i, a in enumerate(first) for b in first[i + 1:])
+        with pytest.raises(frameshm.InvalidArgument):
+            w.publish(np.zeros((2, 3), np.uint16))
+        w.loan()[:] = 7
+        w.commit()
+        f = r.wait_latest(timeout=5)
+        assert f.array.shape == (4, 6) and int(f.array.sum()) == 7 * 24
+        del f, v, first
+
+
+def test_core_loan_array_restores_the_layout_and_needs_one(name):
+    """_core level: loan_array() lends in the fixed layout even after set_tensor() chose
+    another, and without set_layout() it is refused, not guessed."""
+    from frameshm import _core
+
+    w = _core.Writer(name, nslots=2, pools=[64])
+    r = frameshm.Reader(name)
+    try:
+        with pytest.raises(frameshm.InvalidArgument, match="fixed layout"):
+            w.loan_array()
+        w.set_layout(np.ndarray, 9, (2, 4), np.dtype("float32"))   # 9: float32 on the wire
+        w.set_tensor(1, (3,))
+        a = w.loan_array()
+        assert a.shape == (2, 4) and a.dtype == np.float32
+        a[:] = 1.5
+        w.commit()
+        f = r.wait_latest(timeout=5)
+        assert f.array.shape == (2, 4) and f.array.dtype == np.float32
+        assert float(f.array.sum()) == 12.0
+        with pytest.raises(TypeError):
+            w.set_layout(42, 9, (2, 4), np.dtype("float32"))
+        del f, a
+    finally:
+        r.close()
+        w.close()
+
+
+def test_writer_close_lets_go_of_lent_arrays(name, shm_base):
+    """The Writer's cache of slot arrays goes with close(): once the caller drops the
+    arrays it was lent, nothing of the stream stays mapped."""
+    import gc
+
+    from fshm_helpers import mapped_paths_under
+
+    w = frameshm.Writer(name, shape=(1000,), nslots=4)
+    lent = []
+    for i in range(6):
+        lent.append(w.loan())
+        lent[-1][:] = i
+        w.commit()
+    w.close()
+    assert lent[0] is lent[4]
+    assert int(lent[5][0]) == 5   # still memory the caller may use
+    assert mapped_paths_under(shm_base), "the lent arrays keep their pool mapped"
+    del lent
+    gc.collect()
+    assert mapped_paths_under(shm_base) == []
+
+
 @pytest.mark.parametrize(
     "shape",
     [(1,), (7,), (3, 5), (2, 3, 4), (120, 160, 3), (1,) * 8, (2, 1, 3, 1, 2, 1, 2, 1)],
