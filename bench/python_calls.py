@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import struct
 import subprocess
 import sys
 import timeit
@@ -37,6 +38,15 @@ def measure(number: int, repeat: int) -> dict:
     w = frameshm.Writer("calls64", shape=(64,), dtype=np.uint8, nslots=64)
     r = frameshm.Reader("calls64", queue=False, spin=False)
     msg = np.zeros(64, np.uint8)
+    pack_into = struct.Struct("<qqqq").pack_into   # as bench/peers_lossless.py's producer
+
+    def loan_commit():
+        pack_into(w.loan(), 0, 1, 2, 3, 4)
+        w.commit()
+
+    def loan_next_array():
+        loan_commit()
+        r.wait_next(1.0).array
 
     def pub_next():
         w.publish(msg)
@@ -50,7 +60,8 @@ def measure(number: int, repeat: int) -> dict:
         w.publish(msg)
         r.wait_latest(1.0).array
 
-    fns = {"publish": lambda: w.publish(msg), "publish+wait_next": pub_next,
+    fns = {"publish": lambda: w.publish(msg), "loan+pack_into+commit": loan_commit,
+           "loan+pack_into+commit+wait_next+array": loan_next_array, "publish+wait_next": pub_next,
            "publish+wait_next+array": pub_next_array, "publish+wait_latest+array": pub_latest_array}
     for name, fn in fns.items():
         out[name] = min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e9
@@ -112,7 +123,7 @@ def main() -> int:
           f"load {load0} -> {load1}")
     for case in next(iter(results.values()))[0]:   # in the order measure() ran them
         for b, runs in results.items():
-            print(f"{case:36s} {b:20s} " + "  ".join(f"{r[case]:7.0f}" for r in runs))
+            print(f"{case:40s} {b:20s} " + "  ".join(f"{r[case]:7.0f}" for r in runs))
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"load": [load0, load1], "results": results}, f, indent=2)
