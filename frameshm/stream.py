@@ -161,7 +161,11 @@ class Writer:
         self._tensor_is_default = False
 
     def loan(self, shape: Optional[Sequence[int]] = None, dtype: Optional[DTypeLike] = None) -> np.ndarray:
-        """A writable numpy view into the next slot (zero copy). Fill it, then commit()."""
+        """A writable numpy view into the next slot (zero copy). Fill it, then commit().
+
+        For a frame that already exists as an array, ``publish()`` is the faster copy: it
+        writes around the caches (the slot was last written ``nslots`` frames ago), while
+        ``view[:] = frame`` first reads every line of the slot in."""
         if shape is None and dtype is None and self._shape is not None:
             self._tensor_is_default = True   # loan_array() makes the fixed layout current
             return self._w.loan_array()
