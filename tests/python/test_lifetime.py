@@ -284,6 +284,42 @@ def test_open_close_300_times_leaks_nothing(name, shm_base):
     assert leaked == [], f"{len(leaked)} message queues leaked"
 
 
+def test_loans_100k_times_leak_nothing(name, shm_base):
+    """The Writer lends each slot's cached array (loan_array): 100,000 loans and commits
+    add no reference to the arrays or to the pool's mapping, and no memory."""
+    import sys
+
+    def rss_kib():
+        with open("/proc/self/status") as fh:
+            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+    with frameshm.Writer(name, shape=(16,), nslots=4) as w, frameshm.Reader(name) as r:
+        pool = w._w.mappings[0]
+        lent = []
+        for _ in range(4):
+            lent.append(w.loan())
+            w.commit()
+
+        def churn(n):
+            for i in range(n):
+                v = w.loan()
+                v[0] = i & 255
+                w.commit()
+
+        churn(10_000)   # warm up allocator and caches
+        gc.collect()
+        refs = [sys.getrefcount(a) for a in lent] + [sys.getrefcount(pool)]
+        rss0 = rss_kib()
+        churn(100_000)
+        gc.collect()
+        assert [sys.getrefcount(a) for a in lent] + [sys.getrefcount(pool)] == refs
+        assert rss_kib() - rss0 < 4096, f"RSS grew {rss_kib() - rss0} KiB over 100k loans"
+        assert int(r.wait_latest(timeout=5).array[0]) == (100_000 - 1) & 255
+        del lent, pool
+    gc.collect()
+    assert mapped_paths_under(shm_base) == []
+
+
 def test_failed_opens_leak_nothing(name, shm_base):
     def attempt():
         with pytest.raises(frameshm.StreamBusy):
