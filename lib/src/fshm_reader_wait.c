@@ -352,8 +352,9 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
             floor = best + 1;   /* never spin on a slot being rewritten (spec §15.21 rule 5) */
         }
         have = 0;
-        int got_desc;
-        rc = predictive_wait(r, deadline, floor, &seq, &pub, &epoch, &got_desc);
+        int got_desc = 0;
+        /* A poll (timeout 0) neither spins nor scores the spin: its window always misses. */
+        rc = timeout_ns ? predictive_wait(r, deadline, floor, &seq, &pub, &epoch, &got_desc) : 0;
         if (rc < 0)
             return rc;
         if (rc == 1 && !got_desc)
@@ -398,8 +399,8 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         uint64_t seq, pub, epoch;
         rc = receive(r, 0, NULL, &seq, &pub, &epoch);
         if (rc == 0) {
-            int got;
-            int p = predictive_wait(r, deadline, r->last_plus1, &seq, &pub, &epoch, &got);
+            int got = 0;
+            int p = timeout_ns ? predictive_wait(r, deadline, r->last_plus1, &seq, &pub, &epoch, &got) : 0;
             if (p < 0)
                 return p;
             if (got) {

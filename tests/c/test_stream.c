@@ -630,6 +630,46 @@ static void test_spin_rests_when_it_does_not_pay_off(void **state)
     fshm_writer_close(w, 1);
 }
 
+/* After each frame: two polls (timeout 0) that found nothing must leave the spin's score
+ * and rest as they were; counts the polls that did not. */
+static void polls_leave_spin_alone(fshm_reader *r, void *arg)
+{
+    int *scored = arg;
+    fshm_frame f = frame_zero();
+    for (int i = 0; i < 2; i++) {
+        uint16_t tries = r->spin_tries, hits = r->spin_hits;
+        uint32_t rest = r->spin_rest;
+        int rc = i ? fshm_reader_wait_latest(r, 0, &f) : fshm_reader_wait_next(r, 0, &f);
+        if (rc != 0 && (r->spin_tries != tries || r->spin_hits != hits || r->spin_rest != rest))
+            (*scored)++;
+    }
+}
+
+/* A poll (timeout 0) is no spin window: polls between frames neither score the spin (a
+ * window that cannot wait always misses, and enough misses would make spinning rest) nor
+ * use up a rest. A queueless reader reaches the spin code on a poll made early in the
+ * frame period; a queued one returns from its queue's timed receive first. */
+static void test_spin_not_scored_by_polls(void **state)
+{
+    (void)state;
+    const char *name = "st-spin-poll";
+    fshm_writer *w = tu_writer(name, 8, 4096);
+    fshm_reader_config rcfg = FSHM_READER_CONFIG_INIT;
+    rcfg.addr.name = name;
+    rcfg.spin = 1;
+    rcfg.no_queue = 1;
+    fshm_reader *r;
+    assert_int_equal(fshm_reader_open(&rcfg, &r), 0);
+    tu_track(r);
+    r->spin_cpus = 64;   /* never crowded here */
+    int scored = 0;
+    read_paced(w, r, 30, 20, 20, polls_leave_spin_alone, &scored);
+    assert_true(r->interval_ns > 0);   /* the period was known: polls reached the spin code */
+    assert_int_equal(scored, 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
 static fshm_reader *open_no_queue(const char *name)
 {
     fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
@@ -2308,6 +2348,7 @@ int main(void)
         cmocka_unit_test(test_spin_reader_steady_stream),
         cmocka_unit_test(test_spin_off_when_consumers_outnumber_cpus),
         cmocka_unit_test(test_spin_rests_when_it_does_not_pay_off),
+        cmocka_unit_test(test_spin_not_scored_by_polls),
         cmocka_unit_test(test_no_queue_reader_by_choice),
         cmocka_unit_test(test_no_queue_doorbell_wakes_only_a_sleeper),
         cmocka_unit_test(test_big_publish_copies_every_byte),
