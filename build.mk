@@ -53,5 +53,5 @@ FSHM_EXT__gige_SOURCES := binding/gige_module.c binding/gige_type.c binding/capt
 	devices/fshm_gige.c
 FSHM_EXT__gige_FEATURES := aravis
 FSHM_EXT__virtualcam_SOURCES := binding/virtualcam_module.c binding/virtualcam_type.c \
-	devices/fshm_pwcam.c
+	devices/fshm_pwcam.c devices/fshm_pwcam_layout.c devices/fshm_pwcam_serve.c
 FSHM_EXT__virtualcam_FEATURES := pipewire

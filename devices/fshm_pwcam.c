@@ -1,173 +1,11 @@
 /* The virtual camera: a frameshm stream served as a PipeWire Video/Source node
- * (fshm_pwcam.h has the contract). */
-#include "fshm_pwcam.h"
-
-#include <errno.h>
-#include <stdarg.h>
-#include <stdio.h>
-#include <stdlib.h>
-#include <string.h>
-#include <strings.h>
-
-#include <frameshm/frameshm.h>
-
-#ifdef FSHM_HAVE_PIPEWIRE
-#include <pthread.h>
-#include <stdatomic.h>
-#include <signal.h>
-#include <time.h>
-
-#include <pipewire/pipewire.h>
-#include <spa/buffer/meta.h>
-#include <spa/node/command.h>
-#include <spa/param/video/format-utils.h>
-#include <spa/utils/result.h>
-#define SPA(x) (x)
-#else
-#define SPA(x) 0
-#endif
-
-/* ---- layouts (no PipeWire needed) ---- */
-
-enum { KIND_PACKED = 0, KIND_420 = 1 };
-
-static const struct {
-    const char *name;
-    uint32_t spa;
-    int16_t dtype;
-    uint8_t channels;   /* last dimension (1: a 2-D frame) */
-    uint8_t bpp;        /* bytes per pixel of the first plane */
-    uint8_t kind;
-} formats[] = {
-    {"GRAY8", SPA(SPA_VIDEO_FORMAT_GRAY8), FSHM_DTYPE_UINT8, 1, 1, KIND_PACKED},
-    {"GRAY16", SPA(SPA_VIDEO_FORMAT_GRAY16_LE), FSHM_DTYPE_UINT16, 1, 2, KIND_PACKED},
-    {"RGB", SPA(SPA_VIDEO_FORMAT_RGB), FSHM_DTYPE_UINT8, 3, 3, KIND_PACKED},
-    {"BGR", SPA(SPA_VIDEO_FORMAT_BGR), FSHM_DTYPE_UINT8, 3, 3, KIND_PACKED},
-    {"RGBA", SPA(SPA_VIDEO_FORMAT_RGBA), FSHM_DTYPE_UINT8, 4, 4, KIND_PACKED},
-    {"BGRA", SPA(SPA_VIDEO_FORMAT_BGRA), FSHM_DTYPE_UINT8, 4, 4, KIND_PACKED},
-    {"RGBX", SPA(SPA_VIDEO_FORMAT_RGBx), FSHM_DTYPE_UINT8, 4, 4, KIND_PACKED},
-    {"BGRX", SPA(SPA_VIDEO_FORMAT_BGRx), FSHM_DTYPE_UINT8, 4, 4, KIND_PACKED},
-    {"YUYV", SPA(SPA_VIDEO_FORMAT_YUY2), FSHM_DTYPE_UINT8, 2, 2, KIND_PACKED},
-    {"UYVY", SPA(SPA_VIDEO_FORMAT_UYVY), FSHM_DTYPE_UINT8, 2, 2, KIND_PACKED},
-    {"NV12", SPA(SPA_VIDEO_FORMAT_NV12), FSHM_DTYPE_UINT8, 1, 1, KIND_420},
-    {"I420", SPA(SPA_VIDEO_FORMAT_I420), FSHM_DTYPE_UINT8, 1, 1, KIND_420},
-};
-#define NFORMATS (sizeof formats / sizeof formats[0])
-#define SUPPORTED_TEXT                                                                             \
-    "uint8 (H,W) GRAY8, (H,W,2) YUYV/UYVY, (H,W,3) RGB/BGR, (H,W,4) RGBA/BGRA/RGBX/BGRX, "          \
-    "(H*3/2,W) NV12/I420 (asked for), uint16 (H,W) GRAY16"
-
-static const char *dtype_name(int d)
-{
-    static const char *names[] = {"unknown", "uint8",   "int8",    "uint16", "int16",
-                                  "uint32",  "int32",   "uint64",  "int64",  "float32",
-                                  "float64", "bool",    "?",       "bytes"};
-    return d >= 0 && d < (int)(sizeof names / sizeof names[0]) ? names[d] : "?";
-}
-
-static void shape_text(const fshm_tensor *t, char *buf, size_t cap)
-{
-    size_t n = (size_t)snprintf(buf, cap, "(");
-    for (int i = 0; i < t->ndims && i < FSHM_MAX_DIMS && n < cap; i++)
-        n += (size_t)snprintf(buf + n, cap - n, i ? ", %d" : "%d", t->dims[i]);
-    if (n < cap)
-        snprintf(buf + n, cap - n, t->ndims == 1 ? ",)" : ")");
-}
-
-/* Row-major and packed: strides 0 (inferred) or exactly the contiguous ones. */
-static int contiguous(const fshm_tensor *t)
-{
-    if (t->major_order && t->major_order != FSHM_ORDER_ROW)
-        return 0;
-    int64_t want = fshm_dtype_size(t->dtype);
-    for (int i = t->ndims - 1; i >= 0; i--) {
-        if (t->strides[i] && t->strides[i] != want)
-            return 0;
-        want *= t->dims[i];
-    }
-    return 1;
-}
-
-/* Index in formats[] of a format name (V4L2's GREY and GStreamer's YUY2 too), -1 if none. */
-static int format_index(const char *name)
-{
-    for (unsigned i = 0; i < NFORMATS; i++)
-        if (strcasecmp(name, formats[i].name) == 0)
-            return (int)i;
-    if (strcasecmp(name, "GREY") == 0)
-        return 0;
-    if (strcasecmp(name, "YUY2") == 0)
-        return format_index("YUYV");
-    return -1;
-}
-
-int fshm_pwcam_layout_for(const fshm_tensor *t, const char *format, uint32_t width,
-                          uint32_t height, fshm_pwcam_layout *out)
-{
-    memset(out, 0, sizeof *out);
-    int fi = -1;
-    if (format && *format && (fi = format_index(format)) < 0)
-        return fshm_set_error(-EINVAL, "unknown virtual-camera format '%s' (one of GRAY8 GRAY16 "
-                              "RGB BGR RGBA BGRA RGBX BGRX YUYV UYVY NV12 I420)", format);
-    char shape[96];
-    if (!t) {
-        if (fi < 0 || !width || !height)
-            return fshm_set_error(-EINVAL, "without a frame to learn from, the virtual camera needs "
-                                  "format, width and height");
-    } else {
-        shape_text(t, shape, sizeof shape);
-        int last = t->ndims == 3 ? t->dims[2] : 1;
-        if (t->ndims < 2 || t->ndims > 3 || !contiguous(t))
-            return fshm_set_error(FSHM_E_PW_UNSUPPORTED, "frames of %s %s (%s) cannot be served as "
-                                  "video: the virtual camera serves " SUPPORTED_TEXT,
-                                  dtype_name(t->dtype), shape,
-                                  contiguous(t) ? "need 2 or 3 dimensions" : "not packed row-major");
-        if (fi < 0) {
-            for (unsigned i = 0; i < NFORMATS && fi < 0; i++)
-                if (formats[i].kind == KIND_PACKED && formats[i].dtype == t->dtype &&
-                    formats[i].channels == last)
-                    fi = (int)i;   /* the first of a group is its default: RGB, RGBA, YUYV */
-            if (fi < 0)
-                return fshm_set_error(FSHM_E_PW_UNSUPPORTED, "frames of %s %s cannot be served as "
-                                      "video: the virtual camera serves " SUPPORTED_TEXT,
-                                      dtype_name(t->dtype), shape);
-        }
-        if (formats[fi].dtype != t->dtype || formats[fi].channels != last)
-            return fshm_set_error(FSHM_E_PW_UNSUPPORTED, "format %s does not fit frames of %s %s "
-                                  "(the virtual camera serves " SUPPORTED_TEXT ")",
-                                  formats[fi].name, dtype_name(t->dtype), shape);
-        uint32_t rows = (uint32_t)t->dims[0], w = (uint32_t)t->dims[1];
-        uint32_t h = rows;
-        if (formats[fi].kind == KIND_420) {
-            if (rows % 3 || (rows / 3) % 2 || w % 2)
-                return fshm_set_error(FSHM_E_PW_UNSUPPORTED, "%s frames are (H*3/2, W) with even H "
-                                      "and W; %s is not", formats[fi].name, shape);
-            h = rows / 3 * 2;
-        }
-        if ((width && width != w) || (height && height != h))
-            return fshm_set_error(-EINVAL, "the stream's frames are %ux%u (%s), not the %ux%u asked for",
-                                  w, h, shape, width ? width : w, height ? height : h);
-        width = w;
-        height = h;
-    }
-    if (formats[fi].kind == KIND_420 && (width % 2 || height % 2))
-        return fshm_set_error(-EINVAL, "%s needs an even width and height, not %ux%u",
-                              formats[fi].name, width, height);
-    if (width > 16384 || height > 16384)
-        return fshm_set_error(-EINVAL, "%ux%u frames are too large for a virtual camera", width, height);
-    snprintf(out->format, sizeof out->format, "%s", formats[fi].name);
-    out->spa_format = formats[fi].spa;
-    out->width = width;
-    out->height = height;
-    out->stride = width * formats[fi].bpp;
-    out->frame_bytes = formats[fi].kind == KIND_420 ? width * height * 3 / 2 : out->stride * height;
-    out->dtype = formats[fi].dtype;
-    out->dims[0] = (int32_t)(formats[fi].kind == KIND_420 ? height * 3 / 2 : height);
-    out->dims[1] = (int32_t)width;
-    out->dims[2] = formats[fi].channels;
-    out->ndims = formats[fi].channels > 1 ? 3 : 2;
-    return 0;
-}
+ * (fshm_pwcam.h has the contract). This file owns the entry points (and their stubs in a
+ * build without PipeWire), the camera's lifetime (open starts the worker, close joins it and
+ * tears the node down), the event queue and the failure record, and the PipeWire side: the
+ * node (pwc_start, called by the worker) and the callbacks of its core, stream and registry,
+ * which run on PipeWire's loop thread. Layouts are in fshm_pwcam_layout.c, the worker
+ * (learning the layout and rate, reading the stream, serving frames) in fshm_pwcam_serve.c. */
+#include "fshm_pwcam_impl.h"
 
 #ifndef FSHM_HAVE_PIPEWIRE
 
@@ -200,88 +38,13 @@ void fshm_pwcam_close(fshm_pwcam *c) { (void)c; }
 
 #else /* FSHM_HAVE_PIPEWIRE */
 
-#define EVQ 64
-#define SERVE_WAIT_NS 100000000ll     /* longest frame wait: stop/idle are noticed this fast */
-#define READY_TIMEOUT_NS 10000000000ull
-#define MEASURE_NS 1000000000ull      /* rate measurement window */
-#define MEASURE_FRAMES 16
-#define FALLBACK_FPS 30
-#define STARVE_NS 1000000000ull       /* no free buffer this long: say so */
-
-typedef struct peer_node {
-    uint32_t id;
-    char name[96];
-    struct peer_node *next;
-} peer_node;
-
-typedef struct link_rec {
-    uint32_t id, peer;
-    struct link_rec *next;
-} link_rec;
-
-struct fshm_pwcam {
-    /* configuration (owned copies) */
-    char *stream_name, *base_dir, *ns, *node_name, *description, *format, *consumer, *remote;
-    char *driver;
-    fshm_stream_addr addr;
-    uint32_t want_w, want_h, fps_num, fps_den, nbuffers;
-    int64_t learn_timeout_ns;
-
-    pthread_t worker;
-    int worker_started;
-
-    /* mu guards the fields down to the event queue. Lock order: the thread loop's lock
-     * first, then mu (PipeWire callbacks run with the loop lock held and take mu); the
-     * worker never takes the loop lock while holding mu. */
-    pthread_mutex_t mu;
-    pthread_cond_t cv;
-    int stop, failed, fail_code;
-    char fail_msg[512];
-    int ready, streaming, fps_measured;
-    uint32_t node_id, clients;
-    uint64_t serial;
-    fshm_pwcam_event ev[EVQ];
-    unsigned ev_head, ev_count;
-    uint64_t ev_lost;
-
-    /* counters written by the worker, read by get_info */
-    _Atomic uint64_t served, no_buffer, torn, mismatched, last_seq, last_ts;
-
-    /* PipeWire objects: used with the thread loop's lock held */
-    struct pw_thread_loop *loop;
-    struct pw_context *context;
-    struct pw_core *core;
-    struct spa_hook core_listener;
-    struct pw_registry *registry;
-    struct spa_hook registry_listener;
-    struct pw_proxy *node_proxy;   /* our own node, to suspend it */
-    struct pw_stream *stream;
-    struct spa_hook stream_listener;
-    struct pw_buffer *held;    /* dequeued but not filled (a torn copy): used next */
-    int pw_streaming;          /* stream state, as the loop saw it */
-    peer_node *nodes;
-    link_rec *links;
-
-    /* worker only */
-    fshm_reader *reader;
-    fshm_pwcam_layout layout;
-    int producer_gone, mismatch_warned, error_warned, buffer_warned, starve_warned;
-    uint64_t starve_since;     /* first frame with no free buffer in a row, 0 = none */
-};
-
 static pthread_once_t pw_once = PTHREAD_ONCE_INIT;
 static void pw_init_once(void) { pw_init(NULL, NULL); }
 
 int fshm_pwcam_have_pipewire(void) { return 1; }
 
-static int64_t mono_left(uint64_t deadline)
-{
-    uint64_t now = fshm_now_ns();
-    return now >= deadline ? 0 : (int64_t)(deadline - now);
-}
-
 /* Absolute CLOCK_MONOTONIC time ns from now (the condition variable uses that clock). */
-static struct timespec abs_in(int64_t ns)
+struct timespec pwc_abs_in(int64_t ns)
 {
     struct timespec ts;
     clock_gettime(CLOCK_MONOTONIC, &ts);
@@ -308,7 +71,7 @@ static fshm_pwcam_event *event_slot(fshm_pwcam *c, int kind)
     return e;
 }
 
-__attribute__((format(printf, 3, 4))) static void push_event(fshm_pwcam *c, int kind, const char *fmt, ...)
+__attribute__((format(printf, 3, 4))) void pwc_push_event(fshm_pwcam *c, int kind, const char *fmt, ...)
 {
     pthread_mutex_lock(&c->mu);
     fshm_pwcam_event *e = event_slot(c, kind);
@@ -319,7 +82,7 @@ __attribute__((format(printf, 3, 4))) static void push_event(fshm_pwcam *c, int 
     pthread_mutex_unlock(&c->mu);
 }
 
-static void fail(fshm_pwcam *c, int code, const char *msg)
+void pwc_fail(fshm_pwcam *c, int code, const char *msg)
 {
     pthread_mutex_lock(&c->mu);
     if (!c->failed) {
@@ -338,7 +101,7 @@ __attribute__((format(printf, 3, 4))) static void failf(fshm_pwcam *c, int code,
     va_start(ap, fmt);
     vsnprintf(buf, sizeof buf, fmt, ap);
     va_end(ap);
-    fail(c, code, buf);
+    pwc_fail(c, code, buf);
 }
 
 /* ---- PipeWire callbacks (loop thread, loop lock held) ---- */
@@ -492,7 +255,7 @@ static void on_state_changed(void *data, enum pw_stream_state old, enum pw_strea
     if (state == PW_STREAM_STATE_ERROR)
         failf(c, FSHM_E_PW, "PipeWire stream error: %s", error ? error : "unknown");
     else if (state == PW_STREAM_STATE_UNCONNECTED && old != PW_STREAM_STATE_UNCONNECTED && !stopping)
-        fail(c, FSHM_E_PW, "PipeWire disconnected the virtual camera's node");
+        pwc_fail(c, FSHM_E_PW, "PipeWire disconnected the virtual camera's node");
 }
 
 static void on_param_changed(void *data, uint32_t id, const struct spa_pod *param)
@@ -537,7 +300,7 @@ static void on_core_error(void *data, uint32_t id, int seq, int res, const char 
     fshm_pwcam *c = data;
     (void)seq;
     if (id == PW_ID_CORE && res == -EPIPE)
-        fail(c, FSHM_E_PW, "lost the connection to PipeWire (the daemon stopped?)");
+        pwc_fail(c, FSHM_E_PW, "lost the connection to PipeWire (the daemon stopped?)");
     else if (id == PW_ID_CORE)
         failf(c, FSHM_E_PW, "PipeWire: %s (%s)", message ? message : "error", spa_strerror(res));
 }
@@ -547,130 +310,9 @@ static const struct pw_core_events core_events = {
     .error = on_core_error,
 };
 
-/* ---- worker ---- */
+/* ---- the node (on the worker thread) ---- */
 
-static int stopping(fshm_pwcam *c)
-{
-    pthread_mutex_lock(&c->mu);
-    int s = c->stop || c->failed;
-    pthread_mutex_unlock(&c->mu);
-    return s;
-}
-
-static int open_reader(fshm_pwcam *c)
-{
-    fshm_reader_config rc = {.struct_size = sizeof(fshm_reader_config), .addr = c->addr, .consumer = c->consumer, .driver = c->driver};
-    return fshm_reader_open(&rc, &c->reader);
-}
-
-static void close_reader(fshm_pwcam *c)
-{
-    if (c->reader) {
-        fshm_reader_close(c->reader);
-        c->reader = NULL;
-    }
-}
-
-/* A measured rate as the fraction V4L2/GStreamer applications expect: integers and the
- * NTSC rates (30000/1001...) exactly, anything else to a thousandth. */
-static void rate_fraction(double r, uint32_t *num, uint32_t *den)
-{
-    uint32_t n = (uint32_t)(r + 0.5);
-    if (n >= 1 && (r > n ? r - n : n - r) <= 0.01 * r) {
-        *num = n, *den = 1;
-        return;
-    }
-    uint32_t n1001 = (uint32_t)(r * 1.001 + 0.5);
-    double ntsc = n1001 / 1.001;
-    if (n1001 >= 1 && (r > ntsc ? r - ntsc : ntsc - r) <= 0.002 * r) {
-        *num = n1001 * 1000, *den = 1001;
-        return;
-    }
-    uint32_t a = (uint32_t)(r * 1000 + 0.5), b = 1000;
-    if (!a)
-        a = 1;
-    for (uint32_t x = a, y = b; y;) {   /* reduce by the gcd */
-        uint32_t t = x % y;
-        x = y, y = t;
-        if (!y)
-            a /= x, b /= x;
-    }
-    *num = a, *den = b;
-}
-
-/* Learns the layout from the stream's newest frame and the producer's rate from about a
- * second of frames, unless the configuration gives them. */
-static int learn(fshm_pwcam *c)
-{
-    int have_fps = c->fps_num && c->fps_den;
-    if (have_fps && c->format && c->want_w && c->want_h) {
-        c->fps_measured = 0;
-        return fshm_pwcam_layout_for(NULL, c->format, c->want_w, c->want_h, &c->layout);
-    }
-    int rc = open_reader(c);
-    if (rc)
-        return rc;
-    uint64_t deadline = c->learn_timeout_ns < 0 ? UINT64_MAX : fshm_now_ns() + (uint64_t)c->learn_timeout_ns;
-    fshm_frame f;
-    for (;;) {
-        if (stopping(c))
-            return -ECANCELED;
-        int64_t left = mono_left(deadline);
-        rc = fshm_reader_wait_latest(c->reader, left < SERVE_WAIT_NS ? left : SERVE_WAIT_NS, &f);
-        if (rc == 0)
-            break;
-        if (rc != -ETIMEDOUT && rc != FSHM_E_PRODUCER_DEAD && rc != -EINTR)
-            return rc;
-        if (fshm_now_ns() >= deadline)
-            return fshm_set_error(-ETIMEDOUT, "stream '%s': no frame to learn the format from "
-                                  "within %.1f s (%s); give format, width, height and fps to start "
-                                  "without one", c->stream_name, c->learn_timeout_ns / 1e9,
-                                  fshm_last_error());
-    }
-    if ((rc = fshm_pwcam_layout_for(&f.tensor, c->format, c->want_w, c->want_h, &c->layout)))
-        return fshm_set_error(rc, "stream '%s': %s", c->stream_name, fshm_last_error());
-    if (have_fps) {
-        c->fps_measured = 0;
-        close_reader(c);
-        return 0;
-    }
-    /* Rate from the producer's own timestamps and seqs (seqs count the frames this reader
-     * skipped); arrival times only if the timestamps do not advance. */
-    uint64_t seq0 = f.seq, ts0 = f.timestamp_ns, t0 = fshm_now_ns();
-    uint64_t seq1 = seq0, ts1 = ts0, t1 = t0;
-    uint64_t end = t0 + MEASURE_NS;
-    for (unsigned n = 0; n < MEASURE_FRAMES && !stopping(c);) {
-        int64_t left = mono_left(end);
-        if (!left)
-            break;
-        rc = fshm_reader_wait_latest(c->reader, left, &f);
-        if (rc == 0) {
-            if (f.epoch != fshm_reader_epoch(c->reader) || f.seq <= seq1)
-                break;
-            seq1 = f.seq, ts1 = f.timestamp_ns, t1 = fshm_now_ns();
-            n++;
-        } else if (rc != -EINTR) {
-            break;   /* timed out or the producer went: measured with what we have */
-        }
-    }
-    close_reader(c);
-    if (stopping(c))
-        return -ECANCELED;
-    double span = ts1 > ts0 ? (double)(ts1 - ts0) : (double)(t1 - t0);
-    if (seq1 > seq0 && span > 0) {
-        rate_fraction((double)(seq1 - seq0) * 1e9 / span, &c->fps_num, &c->fps_den);
-        c->fps_measured = 1;
-    } else {
-        c->fps_num = FALLBACK_FPS, c->fps_den = 1;
-        c->fps_measured = 0;
-        push_event(c, FSHM_PWCAM_EV_WARNING, "stream '%s': under two frames in %.1f s, so its rate "
-                   "could not be measured; announcing %d fps (give fps to set it)", c->stream_name,
-                   MEASURE_NS / 1e9, FALLBACK_FPS);
-    }
-    return 0;
-}
-
-static int pw_start(fshm_pwcam *c)
+int pwc_start(fshm_pwcam *c)
 {
     pthread_once(&pw_once, pw_init_once);
     c->loop = pw_thread_loop_new("fshm-virtualcam", NULL);
@@ -724,192 +366,6 @@ static int pw_start(fshm_pwcam *c)
     if (rc < 0)
         return fshm_set_error(FSHM_E_PW, "PipeWire: cannot connect the stream: %s", spa_strerror(rc));
     return 0;
-}
-
-static int frame_fits(const fshm_pwcam_layout *l, const fshm_frame *f)
-{
-    const fshm_tensor *t = &f->tensor;
-    if (t->dtype != l->dtype || t->ndims < 2 || t->ndims > 3 || t->dims[0] != l->dims[0] ||
-        t->dims[1] != l->dims[1] || (t->ndims == 3 ? t->dims[2] : 1) != (l->ndims == 3 ? l->dims[2] : 1))
-        return 0;
-    return f->nbytes >= l->frame_bytes && contiguous(t);
-}
-
-static void note_no_frame(fshm_pwcam *c, int rc)
-{
-    int gone = rc == FSHM_E_PRODUCER_DEAD;
-    if (!gone && rc == -ETIMEDOUT) {
-        int st = fshm_reader_producer_state(c->reader, NULL);
-        gone = st == FSHM_PRODUCER_CLOSED || st == FSHM_PRODUCER_NONE;
-    }
-    if (gone && !c->producer_gone) {
-        c->producer_gone = 1;
-        push_event(c, FSHM_PWCAM_EV_PRODUCER_GONE, "stream '%s' has no producer (%s); the node stays "
-                   "up and resumes when it returns", c->stream_name,
-                   rc == -ETIMEDOUT ? "not running or closed" : fshm_last_error());
-    }
-}
-
-/* One frame: the newest committed one, copied into a PipeWire buffer and sent. */
-static void serve_one(fshm_pwcam *c)
-{
-    fshm_frame f;
-    int rc = fshm_reader_wait_latest(c->reader, SERVE_WAIT_NS, &f);
-    if (rc == -ETIMEDOUT || rc == FSHM_E_PRODUCER_DEAD) {
-        note_no_frame(c, rc);
-        return;
-    }
-    if (rc == -EINTR)
-        return;
-    if (rc < 0) {
-        if (!c->error_warned) {
-            c->error_warned = 1;
-            push_event(c, FSHM_PWCAM_EV_WARNING, "stream '%s': %s (frames skipped)", c->stream_name,
-                       fshm_last_error());
-        }
-        struct timespec ts = {0, SERVE_WAIT_NS};   /* an error returns at once: do not spin */
-        nanosleep(&ts, NULL);
-        return;
-    }
-    c->error_warned = 0;
-    if (c->producer_gone) {
-        c->producer_gone = 0;
-        push_event(c, FSHM_PWCAM_EV_PRODUCER_BACK, "stream '%s' has frames again", c->stream_name);
-    }
-    if (!frame_fits(&c->layout, &f)) {
-        atomic_fetch_add_explicit(&c->mismatched, 1, memory_order_relaxed);
-        if (!c->mismatch_warned) {
-            char shape[96];
-            c->mismatch_warned = 1;
-            shape_text(&f.tensor, shape, sizeof shape);
-            push_event(c, FSHM_PWCAM_EV_WARNING, "stream '%s' now carries %s %s frames, not the %s "
-                       "%ux%u the node serves: skipped (restart the virtual camera to serve them)",
-                       c->stream_name, dtype_name(f.tensor.dtype), shape, c->layout.format,
-                       c->layout.width, c->layout.height);
-        }
-        return;
-    }
-    c->mismatch_warned = 0;
-    /* Under the loop lock: buffers are only removed by the loop thread, so the one we write
-     * into stays mapped until it is queued. */
-    pw_thread_loop_lock(c->loop);
-    if (!c->pw_streaming) {
-        pw_thread_loop_unlock(c->loop);
-        return;
-    }
-    struct pw_buffer *b = c->held ? c->held : pw_stream_dequeue_buffer(c->stream);
-    c->held = NULL;
-    if (!b) {
-        pw_thread_loop_unlock(c->loop);
-        atomic_fetch_add_explicit(&c->no_buffer, 1, memory_order_relaxed);
-        uint64_t now = fshm_now_ns();
-        if (!c->starve_since)
-            c->starve_since = now;
-        else if (now - c->starve_since > STARVE_NS && !c->starve_warned) {
-            c->starve_warned = 1;
-            push_event(c, FSHM_PWCAM_EV_WARNING, "clients have held every PipeWire buffer for %.0f s: "
-                       "frames are dropped until one comes back", STARVE_NS / 1e9);
-        }
-        return;
-    }
-    c->starve_since = 0;
-    c->starve_warned = 0;
-    struct spa_data *d = &b->buffer->datas[0];
-    if (!d->data || d->maxsize < c->layout.frame_bytes) {
-        c->held = b;
-        pw_thread_loop_unlock(c->loop);
-        if (!c->buffer_warned) {
-            c->buffer_warned = 1;
-            push_event(c, FSHM_PWCAM_EV_WARNING, "PipeWire gave %s buffers of %u bytes for %u-byte "
-                       "frames: nothing served", d->data ? "small" : "unmapped", d->maxsize,
-                       c->layout.frame_bytes);
-        }
-        return;
-    }
-    if (fshm_frame_copy(c->reader, &f, d->data, d->maxsize)) {
-        c->held = b;   /* torn: the next frame goes into it */
-        pw_thread_loop_unlock(c->loop);
-        atomic_fetch_add_explicit(&c->torn, 1, memory_order_relaxed);
-        return;
-    }
-    d->chunk->offset = 0;
-    d->chunk->size = c->layout.frame_bytes;
-    d->chunk->stride = (int32_t)c->layout.stride;
-    d->chunk->flags = 0;
-    struct spa_meta_header *h = spa_buffer_find_meta_data(b->buffer, SPA_META_Header, sizeof *h);
-    if (h) {
-        h->flags = 0;
-        h->offset = 0;
-        h->pts = (int64_t)f.timestamp_ns;
-        h->dts_offset = 0;
-        h->seq = f.seq;
-    }
-    pw_stream_queue_buffer(c->stream, b);
-    pw_stream_trigger_process(c->stream);
-    pw_thread_loop_unlock(c->loop);
-    atomic_fetch_add_explicit(&c->served, 1, memory_order_relaxed);
-    atomic_store_explicit(&c->last_seq, f.seq, memory_order_relaxed);
-    atomic_store_explicit(&c->last_ts, f.timestamp_ns, memory_order_relaxed);
-}
-
-static void serve_loop(fshm_pwcam *c)
-{
-    uint64_t ready_deadline = fshm_now_ns() + READY_TIMEOUT_NS;
-    int open_warned = 0;
-    for (;;) {
-        pthread_mutex_lock(&c->mu);
-        while (!c->stop && !c->failed && !c->streaming && !c->reader) {
-            if (!c->ready && fshm_now_ns() >= ready_deadline) {
-                pthread_mutex_unlock(&c->mu);
-                fail(c, FSHM_E_PW, "PipeWire did not publish the virtual camera's node within 10 s");
-                pthread_mutex_lock(&c->mu);
-                break;
-            }
-            struct timespec ts = abs_in(SERVE_WAIT_NS);
-            pthread_cond_timedwait(&c->cv, &c->mu, &ts);
-        }
-        int stop = c->stop || c->failed, streaming = c->streaming;
-        uint32_t clients = c->clients;
-        pthread_mutex_unlock(&c->mu);
-        if (stop)
-            return;
-        if (!streaming) {
-            close_reader(c);
-            c->producer_gone = 0;
-            c->starve_since = 0;
-            push_event(c, FSHM_PWCAM_EV_IDLE, "no client streams: stopped reading '%s'", c->stream_name);
-            continue;
-        }
-        if (!c->reader) {
-            if (open_reader(c)) {
-                if (!open_warned)
-                    push_event(c, FSHM_PWCAM_EV_WARNING, "cannot read stream '%s': %s (retrying)",
-                               c->stream_name, fshm_last_error());
-                open_warned = 1;
-                struct timespec ts = {0, 5 * SERVE_WAIT_NS};
-                nanosleep(&ts, NULL);
-                continue;
-            }
-            open_warned = 0;
-            push_event(c, FSHM_PWCAM_EV_STREAMING, "streaming: serving the newest frames of '%s' to "
-                       "%u client(s)", c->stream_name, clients);
-        }
-        serve_one(c);
-    }
-}
-
-static void *worker_main(void *arg)
-{
-    fshm_pwcam *c = arg;
-    int rc = learn(c);
-    if (rc == 0)
-        rc = pw_start(c);
-    if (rc && rc != -ECANCELED)
-        fail(c, rc, fshm_last_error());
-    if (rc == 0)
-        serve_loop(c);
-    close_reader(c);
-    return NULL;
 }
 
 static char *dup_or_null(const char *s, int *oom)
@@ -967,7 +423,7 @@ int fshm_pwcam_open(const fshm_pwcam_config *cfg, fshm_pwcam **out)
     if (cfg->node_name && (!*cfg->node_name || strlen(cfg->node_name) > 120))
         return fshm_set_error(-EINVAL, "node name must be 1..120 characters");
     fshm_pwcam_layout probe;
-    if (cfg->format && *cfg->format && format_index(cfg->format) < 0)
+    if (cfg->format && *cfg->format && pwc_format_index(cfg->format) < 0)
         return fshm_pwcam_layout_for(NULL, cfg->format, 0, 0, &probe);   /* says which exist */
     int fully_given = cfg->format && *cfg->format && cfg->width && cfg->fps_num;
     if (fully_given && (rc = fshm_pwcam_layout_for(NULL, cfg->format, cfg->width, cfg->height, &probe)))
@@ -1027,7 +483,7 @@ int fshm_pwcam_open(const fshm_pwcam_config *cfg, fshm_pwcam **out)
     sigset_t all, old;
     sigfillset(&all);
     pthread_sigmask(SIG_SETMASK, &all, &old);
-    rc = pthread_create(&c->worker, NULL, worker_main, c);
+    rc = pthread_create(&c->worker, NULL, pwc_worker_main, c);
     pthread_sigmask(SIG_SETMASK, &old, NULL);
     if (rc) {
         free_cam(c);
@@ -1042,7 +498,7 @@ int fshm_pwcam_next_event(fshm_pwcam *c, int64_t timeout_ns, fshm_pwcam_event *e
 {
     struct timespec ts;
     if (timeout_ns >= 0)
-        ts = abs_in(timeout_ns);
+        ts = pwc_abs_in(timeout_ns);
     pthread_mutex_lock(&c->mu);
     /* Events queued before a failure are still delivered first: they explain it. */
     while (!c->ev_count && !c->failed) {
