@@ -421,6 +421,16 @@ def test_bad_timeouts(name, timeout):
             r.wait_latest(timeout=timeout)
         with pytest.raises(frameshm.InvalidArgument):
             r.wait_next(timeout=timeout)
+        # ...also when a frame is already there (taken without waiting): refused before
+        # anything is read, so the frame is still there afterwards.
+        with frameshm.Writer(name, shape=(2,)) as w:
+            w.publish(np.array([1, 2], np.uint8))
+            for wait in (r.wait_latest, r.wait_next):
+                with pytest.raises(frameshm.InvalidArgument):
+                    wait(timeout=timeout)
+            f = r.wait_next(timeout=5)
+            assert f.seq == 0 and list(f.array) == [1, 2]
+            del f
 
 
 def test_frame_too_large(name):
