@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import signal
+import sys
 import threading
 from typing import Iterator, Optional
 
@@ -59,6 +60,26 @@ def _main_thread() -> bool:
 
 
 @contextlib.contextmanager
+def _swallowed_stops_quiet() -> Iterator[None]:
+    """A StopRequested raised where Python cannot pass it on (a weakref or GC callback, a
+    ``__del__``: the signal can land inside importlib's module-lock callback) is reported
+    by the interpreter as "Exception ignored" with a traceback. The request itself is not
+    lost (the start-up flag or the stop event is set before the raise), so such reports
+    are dropped while the handlers are in place; every other one goes to the previous hook."""
+    prev = sys.unraisablehook
+
+    def hook(unraisable):
+        if not isinstance(unraisable.exc_value, StopRequested):
+            prev(unraisable)
+
+    sys.unraisablehook = hook
+    try:
+        yield
+    finally:
+        sys.unraisablehook = prev
+
+
+@contextlib.contextmanager
 def startup_stops() -> Iterator[None]:
     """SIGINT/SIGTERM raise :class:`StopRequested` for the duration (main thread only),
     until :func:`stop_on_signals` takes over."""
@@ -69,7 +90,8 @@ def startup_stops() -> Iterator[None]:
     _raised_at_startup = False
     old = {s: signal.signal(s, _raise_stop) for s in STOP_SIGNALS}
     try:
-        yield
+        with _swallowed_stops_quiet():
+            yield
     finally:
         for s, h in old.items():
             signal.signal(s, h)
@@ -98,7 +120,8 @@ def stop_on_signals(stop: threading.Event) -> Iterator[threading.Event]:
     if _raised_at_startup:
         stop.set()  # a stop request that library code swallowed during the start-up is not lost
     try:
-        yield stop
+        with _swallowed_stops_quiet():
+            yield stop
     finally:
         restore_handlers(old)
 
