@@ -630,6 +630,16 @@ static void test_spin_rests_when_it_does_not_pay_off(void **state)
     fshm_writer_close(w, 1);
 }
 
+static fshm_reader *open_no_queue(const char *name)
+{
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+    rc.addr.name = name;
+    rc.no_queue = 1;
+    fshm_reader *r;
+    assert_int_equal(fshm_reader_open(&rc, &r), 0);
+    return r;
+}
+
 /* After each frame: two polls (timeout 0) that found nothing must leave the spin's score
  * and rest as they were; counts the polls that did not. */
 static void polls_leave_spin_alone(fshm_reader *r, void *arg)
@@ -654,13 +664,9 @@ static void test_spin_not_scored_by_polls(void **state)
     (void)state;
     const char *name = "st-spin-poll";
     fshm_writer *w = tu_writer(name, 8, 4096);
-    fshm_reader_config rcfg = FSHM_READER_CONFIG_INIT;
-    rcfg.addr.name = name;
-    rcfg.spin = 1;
-    rcfg.no_queue = 1;
-    fshm_reader *r;
-    assert_int_equal(fshm_reader_open(&rcfg, &r), 0);
+    fshm_reader *r = open_no_queue(name);
     tu_track(r);
+    r->spin = 1;
     r->spin_cpus = 64;   /* never crowded here */
     int scored = 0;
     read_paced(w, r, 30, 20, 20, polls_leave_spin_alone, &scored);
@@ -668,16 +674,6 @@ static void test_spin_not_scored_by_polls(void **state)
     assert_int_equal(scored, 0);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
-}
-
-static fshm_reader *open_no_queue(const char *name)
-{
-    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
-    rc.addr.name = name;
-    rc.no_queue = 1;
-    fshm_reader *r;
-    assert_int_equal(fshm_reader_open(&rc, &r), 0);
-    return r;
 }
 
 /* no_queue = 1: registered without a queue by choice; process-all takes every frame of a
