@@ -376,7 +376,9 @@ static PyObject *writer_loan_array(FshmWriter *self, PyObject *unused)
         Py_DECREF(offobj);
     }
     Py_DECREF(map);
-    if (a && self->views_gen == gen && l.slot < self->nviews) {
+    /* Cached only while nothing changed meanwhile: a close() from another thread let go
+     * of the cache, and a cached array would keep the pool mapped. */
+    if (a && self->w && self->views_gen == gen && l.slot < self->nviews) {
         e = &self->views[l.slot];
         Py_XSETREF(e->array, Py_NewRef(a));
         e->pool = l.pool_index;
