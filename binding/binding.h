@@ -181,8 +181,6 @@ int fshm_run_sliced(void *obj, fshm_guard *g, void *const *handle, const char *w
 /* Enters g for a call into *handle: NULL with StreamClosed set once it is closed, or with
  * InvalidState set for a re-entrant call; else the handle, with g held. */
 void *fshm_guard_open(fshm_guard *g, void *const *handle, const char *what);
-/* Enters g only if nobody holds it: the handle with g held, or NULL (no exception). */
-void *fshm_guard_try_open(fshm_guard *g, void *const *handle);
 /* Parses a control byte index (the library checks it against FSHM_CONTROL_BYTES) and,
  * when value is not NULL, a control byte value; -1 with an exception set if invalid. */
 int fshm_parse_control(PyObject *index, PyObject *value, unsigned *index_out, uint8_t *value_out);

@@ -261,18 +261,6 @@ void *fshm_guard_open(fshm_guard *g, void *const *handle, const char *what)
     return *handle;
 }
 
-void *fshm_guard_try_open(fshm_guard *g, void *const *handle)
-{
-    if (!*handle || !guard_try(g))
-        return NULL;
-    atomic_store_explicit(&g->owner, PyThread_get_thread_ident(), memory_order_relaxed);
-    if (!*handle) {
-        fshm_guard_leave(g);
-        return NULL;
-    }
-    return *handle;
-}
-
 int fshm_run_sliced(void *obj, fshm_guard *g, void *const *handle, const char *what,
                     PyObject *tobj, int64_t slice_ns, fshm_sliced_fn fn, void *arg,
                     int64_t *timeout_out)

@@ -229,24 +229,6 @@ static PyObject *do_wait(FshmReader *self, PyObject *const *args, Py_ssize_t nar
     }
     wait_arg a = {.latest = latest};
     int64_t timeout;
-    if (fshm_parse_timeout(tobj, &timeout))
-        return NULL;
-    /* A frame that is already there is taken with the GIL held: one poll, instead of giving
-     * the GIL up and taking it back and the slices' clock reads. Anything else (nothing
-     * yet, an error, another thread in the Reader, a lease to renew) takes the wait below,
-     * which reports it. */
-    fshm_reader *r = fshm_guard_try_open(&self->guard, (void *const *)&self->r);
-    if (r) {
-        int rc = -EAGAIN;
-        if (fshm_reader_lease_ok(r)) {
-            rc = latest ? fshm_reader_wait_latest(r, 0, &a.h.f) : fshm_reader_wait_next(r, 0, &a.h.f);
-            if (rc == 0)
-                hold_frame(r, &a.h);
-        }
-        fshm_guard_leave(&self->guard);
-        if (rc == 0)
-            return frame_view(self, &a.h);
-    }
     int rc = fshm_run_sliced(self, &self->guard, (void *const *)&self->r, "Reader", tobj,
                              READER_SLICE_NS, wait_slice, &a, &timeout);
     if (rc == INT_MIN)
