@@ -127,8 +127,12 @@ def test_show_streams_into_jupyterlab_in_chromium(shm_base, tmp_path):
                 shown1 = page.evaluate("() => Number(document.querySelector('.fshm-live').dataset.shown)")
                 rate = (shown1 - shown0) / (time.monotonic() - t0)
                 assert 2 <= rate <= 13, f"{rate:.1f} frames/s shown, capped at max_fps=10"
-                size = page.evaluate("() => { const i = document.querySelector('.fshm-live img');"
-                                     " return [i.naturalWidth, i.naturalHeight]; }")
+                # A frame's image is decoded after its src is set, and reads 0 x 0 until then
+                # (a loaded run sampled it there): the size of the first decoded one.
+                size = page.wait_for_function(
+                    "() => { const i = document.querySelector('.fshm-live img');"
+                    " return i && i.naturalWidth ? [i.naturalWidth, i.naturalHeight] : null; }",
+                    timeout=10_000).json_value()
                 assert size == [320, 240]
                 page.wait_for_function("() => document.querySelector('.fshm-live').dataset.boxes === '1'", timeout=10_000)
                 assert page.evaluate(RED_PX) > 300, "the detection box is drawn"
