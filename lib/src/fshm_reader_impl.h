@@ -33,6 +33,10 @@ struct fshm_reader {
     uint32_t npools;
     reader_pool pools[FSHM_MAX_POOLS];
     uint64_t last_plus1;     /* newest seq returned + 1 */
+    /* The newest frame wait_latest dropped as corrupt (seq + 1), and the epoch and
+     * attachment it was in: later waits skip it instead of counting it again. */
+    uint64_t corrupt_plus1, corrupt_epoch;
+    uint32_t corrupt_gen;
     uint64_t start_seq;      /* latest_seq when we registered: frames from here are ours */
     uint64_t overruns;
     uint64_t drops;

@@ -342,13 +342,24 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
             have = 1;
         }
         if (have && best >= floor) {
-            rc = fshm_reader_read_frame(r, best, f);
-            if (rc == 0) {
-                f->publish_ns = best_pub;
-                took(r, f);
-                return 0;
+            if (r->corrupt_plus1 > best && r->corrupt_epoch == r->epoch && r->corrupt_gen == r->attach_gen) {
+                /* Dropped and counted by an earlier call (or an earlier pass of this one):
+                 * still the newest, still this wait's answer if nothing newer comes. */
+                r->corrupt_seen = 1;
+            } else {
+                rc = fshm_reader_read_frame(r, best, f);
+                if (rc == 0) {
+                    f->publish_ns = best_pub;
+                    took(r, f);
+                    return 0;
+                }
+                note_drop(r, rc);
+                if (rc == FSHM_E_CORRUPT) {
+                    r->corrupt_plus1 = best + 1;
+                    r->corrupt_epoch = r->epoch;
+                    r->corrupt_gen = r->attach_gen;
+                }
             }
-            note_drop(r, rc);
             floor = best + 1;   /* never spin on a slot being rewritten (spec §15.21 rule 5) */
         }
         have = 0;

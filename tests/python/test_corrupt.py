@@ -403,3 +403,24 @@ def test_stream_directory_is_a_symlink(name, tmp_path, shm_base):
         os.unlink(sdir)
         sdir.parent.rmdir()  # made above: the writer's close had removed them
         sdir.parent.parent.rmdir()
+
+
+def test_a_corrupt_newest_frame_is_counted_once(name):
+    """wait_latest drops a newest frame whose slot header is corrupt and counts it once: a
+    second poll and a wait of 1 s (five of the binding's slices, each a call into the
+    library) raise CorruptStream again without counting it again (one wait counted it 20
+    times); the next good frame comes through."""
+    from fshm_helpers import epoch_dir, write_at
+
+    with frameshm.Writer(name, pools=[64], nslots=4) as w, frameshm.Reader(name) as r:
+        seq = w.publish(np.arange(16, dtype=np.uint8))
+        ring = epoch_dir(name, w.epoch) / "header.ring"
+        write_at(ring, 64 + 256 * (seq % 4) + 8, b"\0" * 200)   # the slot header, zeroed
+        for timeout in (0, 0, 1.0):
+            with pytest.raises(frameshm.CorruptStream):
+                r.wait_latest(timeout=timeout)
+            assert r.drops == 1
+        w.publish(np.full(16, 7, np.uint8))
+        f = r.wait_latest(timeout=5)
+        assert f.seq == seq + 1 and int(f.array.sum()) == 7 * 16 and r.drops == 1
+        del f
