@@ -161,6 +161,15 @@ def fd_count() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+def rss_kib() -> int:
+    """This process's resident set (VmRSS), KiB: the leak checks' memory probe."""
+    with open("/proc/self/status") as fh:
+        for line in fh:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    raise AssertionError("no VmRSS")
+
+
 def maps_lines() -> List[str]:
     with open("/proc/self/maps") as f:
         return f.read().splitlines()

@@ -15,8 +15,8 @@ import pytest
 import frameshm
 from fshm_helpers import (CTL_HEADER_URI, CTL_POOL0_URI, SH_HEADER_LEN, SH_MSG_HEADER, SH_PAYLOAD_OFFSET,
                           SH_PAYLOAD_SLOT, SH_POOL_ID, SH_VALUES_LEN, TH_DIMS, TH_DTYPE, TH_MAJOR, TH_NDIMS,
-                          TH_PROGRESS_UNIT, TH_STRIDES, describe_rc, result_lines,
-                          run_snippet, stream_dir)
+                          TH_PROGRESS_UNIT, TH_STRIDES, describe_rc, epoch_dir, result_lines,
+                          run_snippet, stream_dir, write_at)
 
 # A live producer (4x4 uint8 frames, 4 slots, one 64-byte pool) and two readers that have
 # already mapped the stream and taken frame 0: "attached" (drain) and "all" (process-all).
@@ -410,8 +410,6 @@ def test_a_corrupt_newest_frame_is_counted_once(name):
     second poll and a wait of 1 s (five of the binding's slices, each a call into the
     library) raise CorruptStream again without counting it again (one wait counted it 20
     times); the next good frame comes through."""
-    from fshm_helpers import epoch_dir, write_at
-
     with frameshm.Writer(name, pools=[64], nslots=4) as w, frameshm.Reader(name) as r:
         seq = w.publish(np.arange(16, dtype=np.uint8))
         ring = epoch_dir(name, w.epoch) / "header.ring"

@@ -17,7 +17,7 @@ import pytest
 import frameshm
 from frameshm import _core
 from fshm_helpers import (SUPPORTED_DTYPES, describe_rc, epoch_dir, maps_lines, mapped_paths_under,
-                          result_lines, run_snippet)
+                          result_lines, rss_kib, run_snippet)
 
 
 # numpy 1.22 has it as np._from_dlpack only (public from 1.23)
@@ -520,14 +520,6 @@ def test_consumer_deleter_releases_the_mapping(name, shm_base):
     gc.collect()
 
 
-def _rss_kib():
-    with open("/proc/self/status") as fh:
-        for line in fh:
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1])
-    raise AssertionError("no VmRSS")
-
-
 def test_exports_do_not_leak(name, shm_base):
     with frameshm.Writer(name, shape=(64, 64), dtype="uint8") as w, frameshm.Reader(name) as r:
         w.publish(pattern((64, 64), "uint8"))
@@ -544,12 +536,12 @@ def test_exports_do_not_leak(name, shm_base):
         churn(10_000)  # warm up allocator and caches
         gc.collect()
         refs = (sys.getrefcount(f), sys.getrefcount(f._buffer), sys.getrefcount(r._r))
-        rss = _rss_kib()
+        rss = rss_kib()
         churn(100_000)
         gc.collect()
         assert (sys.getrefcount(f), sys.getrefcount(f._buffer), sys.getrefcount(r._r)) == refs
         # 100,000 leaked exports would be >= 20 MB (a 4 KiB copy or a 200-byte header each)
-        assert _rss_kib() - rss < 4096, f"RSS grew {_rss_kib() - rss} KiB over 100k exports"
+        assert rss_kib() - rss < 4096, f"RSS grew {rss_kib() - rss} KiB over 100k exports"
         del f
     gc.collect()
     assert mapped_paths_under(shm_base) == [], "an export still holds a mapping reference"

@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 
 import frameshm
-from fshm_helpers import (epoch_dir, fd_count, maps_lines, mapped_paths_under, queue_exists, stream_dir,
-                          tree, unlink_queue)
+from fshm_helpers import (epoch_dir, fd_count, maps_lines, mapped_paths_under, queue_exists, rss_kib,
+                          stream_dir, tree, unlink_queue)
 
 
 def _pattern(shape=(32, 32), seed=0):
@@ -300,10 +300,6 @@ def test_loans_100k_times_leak_nothing(name, shm_base):
     """The Writer lends each slot's cached array (loan_array): 100,000 loans and commits
     add no reference to the arrays or to the pool's mapping, and no memory."""
     import sys
-
-    def rss_kib():
-        with open("/proc/self/status") as fh:
-            return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
 
     with frameshm.Writer(name, shape=(16,), nslots=4) as w, frameshm.Reader(name) as r:
         pool = w._w.mappings[0]

@@ -1,6 +1,7 @@
 """Single-process behaviour of Writer, Reader and Frame (real shared memory and queues)."""
 
 import errno
+import gc
 import os
 import stat
 import threading
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 import frameshm
-from fshm_helpers import SUPPORTED_DTYPES, SUPERBLOCK, epoch_dir, stream_dir, tree
+from fshm_helpers import SUPPORTED_DTYPES, SUPERBLOCK, epoch_dir, mapped_paths_under, stream_dir, tree
 
 RNG = np.random.default_rng(1234)
 
@@ -130,10 +131,6 @@ def test_core_loan_array_restores_the_layout_and_needs_one(name):
 def test_writer_close_lets_go_of_lent_arrays(name, shm_base):
     """The Writer's cache of slot arrays goes with close(): once the caller drops the
     arrays it was lent, nothing of the stream stays mapped."""
-    import gc
-
-    from fshm_helpers import mapped_paths_under
-
     w = frameshm.Writer(name, shape=(1000,), nslots=4)
     lent = []
     for i in range(6):
