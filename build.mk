@@ -45,7 +45,7 @@ FSHM_DEVICE_CFLAGS := -fPIC -fvisibility=hidden -Ilib/include -Idevices
 # virtual camera (PipeWire) are their own modules, loaded only when used.
 FSHM_BINDING_COMMON := binding/common.c
 FSHM_EXT__core_SOURCES := binding/module.c binding/errors.c binding/mapping_type.c \
-	binding/writer_type.c binding/reader_type.c binding/frame_type.c binding/dlpack.c \
+	binding/writer_type.c binding/reader_type.c binding/frame_type.c binding/frame_buffer.c binding/dlpack.c \
 	binding/driver_funcs.c binding/camera_type.c binding/capture_common.c devices/fshm_v4l2.c \
 	devices/fshm_v4l2_format.c devices/fshm_v4l2_frames.c
 FSHM_EXT__core_FEATURES := v4l2

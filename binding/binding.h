@@ -59,7 +59,24 @@ typedef struct {
     unsigned int slot;
     unsigned short pool_id;
     int code;            /* enum fshm_dtype */
+    /* What a buffer export of the frame points its shape and strides at (frame_buffer.c). */
+    Py_ssize_t view_shape[FSHM_MAX_DIMS], view_strides[FSHM_MAX_DIMS];
 } FshmFrame;
+/* A frame's shape and byte strides, as its tuples give them, checked to lie within its
+ * bytes: what both its buffer export (frame_buffer.c) and its DLPack export describe. */
+typedef struct {
+    int ndim;
+    size_t item;
+    int64_t dims[FSHM_MAX_DIMS];
+    int64_t byte_strides[FSHM_MAX_DIMS];
+    uint64_t count;    /* elements */
+    uint64_t extent;   /* bytes from the first element to the end of the last */
+} fshm_frame_layout;
+/* 0, or -1 with BufferError set when the layout cannot be exported or runs past the
+ * frame's bytes. item: bytes per element. */
+int fshm_frame_layout_read(FshmFrame *f, size_t item, fshm_frame_layout *l);
+/* Frame's buffer protocol (frame_buffer.c): read-only, typed, shaped. */
+extern PyBufferProcs fshm_frame_as_buffer;
 /* 1 if the frame's slot still holds it (seqlock re-check in its own ring mapping: needs no
  * Reader, so any thread may ask, also after close), 0 if overwritten. */
 int fshm_frame_check_valid(FshmFrame *self);

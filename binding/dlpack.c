@@ -166,8 +166,7 @@ static int dl_dtype(int code, DLDataType *out)
     return -1;
 }
 
-/* The frame's shape and byte strides (its tuples, as the Reader made them) and what they
- * span; BufferError when they cannot be exported or do not fit in the frame's bytes. */
+/* The frame's layout as the shared check reads it, with its DLPack type. */
 static int read_layout(FshmFrame *f, dl_layout *l)
 {
     memset(l, 0, sizeof *l);
@@ -175,47 +174,15 @@ static int read_layout(FshmFrame *f, dl_layout *l)
         PyErr_Format(PyExc_BufferError, "dtype code %d has no DLPack equivalent", f->code);
         return -1;
     }
-    l->item = l->dtype.bits / 8;
-    if (!PyTuple_Check(f->shape) || !PyTuple_Check(f->strides) ||
-        PyTuple_GET_SIZE(f->shape) != PyTuple_GET_SIZE(f->strides) ||
-        PyTuple_GET_SIZE(f->shape) < 1 || PyTuple_GET_SIZE(f->shape) > FSHM_MAX_DIMS) {
-        PyErr_SetString(PyExc_BufferError, "the frame's shape and strides do not describe a tensor");
+    fshm_frame_layout fl;
+    if (fshm_frame_layout_read(f, l->dtype.bits / 8, &fl) < 0)
         return -1;
-    }
-    l->ndim = (int)PyTuple_GET_SIZE(f->shape);
-    uint64_t count = 1, extent = l->item;
-    for (int i = 0; i < l->ndim; i++) {
-        long long d = PyLong_AsLongLong(PyTuple_GET_ITEM(f->shape, i));
-        long long s = PyLong_AsLongLong(PyTuple_GET_ITEM(f->strides, i));
-        if ((d == -1 || s == -1) && PyErr_Occurred())
-            return -1;
-        if (d < 0 || d > INT32_MAX || s < 0 || s > INT32_MAX) {
-            PyErr_Format(PyExc_BufferError, "dimension %d: size %lld, stride %lld out of range",
-                         i, d, s);
-            return -1;
-        }
-        l->dims[i] = d;
-        l->byte_strides[i] = s;
-        uint64_t step;
-        if (__builtin_mul_overflow(count, (uint64_t)d, &count) ||
-            (d > 1 && (__builtin_mul_overflow((uint64_t)(d - 1), (uint64_t)s, &step) ||
-                       __builtin_add_overflow(extent, step, &extent)))) {
-            PyErr_SetString(PyExc_BufferError, "the frame's layout overflows");
-            return -1;
-        }
-    }
-    if (!count)
-        extent = 0;
-    l->count = count;
-    l->extent = extent;
-    /* The Reader checked the layout against the slot; the export must not trust that a
-     * consumer reading it cannot run past the frame, so check again against its bytes. */
-    if (f->offset < 0 || f->nbytes < 0 || extent > (uint64_t)f->nbytes ||
-        count > (uint64_t)f->nbytes / l->item) {
-        PyErr_Format(PyExc_BufferError, "the frame's layout spans %llu bytes of %zd",
-                     (unsigned long long)extent, f->nbytes);
-        return -1;
-    }
+    l->ndim = fl.ndim;
+    l->item = fl.item;
+    memcpy(l->dims, fl.dims, sizeof l->dims);
+    memcpy(l->byte_strides, fl.byte_strides, sizeof l->byte_strides);
+    l->count = fl.count;
+    l->extent = fl.extent;
     return 0;
 }
 

@@ -372,6 +372,7 @@ PyTypeObject FshmFrameType = {
     .tp_methods = frame_methods,
     .tp_members = frame_members,
     .tp_getset = frame_getset,
+    .tp_as_buffer = &fshm_frame_as_buffer,
 };
 
 int fshm_frame_type_ready(PyObject *module)

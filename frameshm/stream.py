@@ -310,6 +310,10 @@ class Frame(_core.Frame):
     type's); a frame keeps the memory of its view mapped for as long as it or the view
     lives. ``array`` is a view of an array the Reader keeps per slot, so a frame builds
     no array of its own.
+
+    A frame is also a read-only buffer over the same bytes (``memoryview(frame)``,
+    ``struct.unpack_from(fmt, frame)``, ``bytes(frame)``, ``sock.send(frame)``): the
+    cheapest way to read a small message, with no array at all.
     """
 
     __slots__ = ()
