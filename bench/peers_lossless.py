@@ -256,7 +256,7 @@ def lossless_consumer(transport, cfg, sync, out_q):
                     if idle():
                         break
                     continue
-                on(*unpack_from(f.array, 0))
+                on(*unpack_from(f, 0))   # the frame's bytes in place, no array per message
                 got += 1
                 del f
         elif transport in ("iox2", "iox2-event"):

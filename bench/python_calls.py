@@ -48,6 +48,16 @@ def measure(number: int, repeat: int) -> dict:
         loan_commit()
         r.wait_next(1.0).array
 
+    unpack_from = struct.Struct("<qqqq").unpack_from   # as bench/peers_lossless.py's consumer
+
+    def loan_next_unpack_array():
+        loan_commit()
+        unpack_from(r.wait_next(1.0).array, 0)
+
+    def loan_next_unpack_frame():   # the frame's buffer: no ndarray per message
+        loan_commit()
+        unpack_from(r.wait_next(1.0), 0)
+
     def pub_next():
         w.publish(msg)
         r.wait_next(1.0)
@@ -61,9 +71,16 @@ def measure(number: int, repeat: int) -> dict:
         r.wait_latest(1.0).array
 
     fns = {"publish": lambda: w.publish(msg), "loan+pack_into+commit": loan_commit,
-           "loan+pack_into+commit+wait_next+array": loan_next_array, "publish+wait_next": pub_next,
+           "loan+pack_into+commit+wait_next+array": loan_next_array,
+           "...+wait_next+unpack_from(.array)": loan_next_unpack_array,
+           "...+wait_next+unpack_from(frame)": loan_next_unpack_frame, "publish+wait_next": pub_next,
            "publish+wait_next+array": pub_next_array, "publish+wait_latest+array": pub_latest_array}
     for name, fn in fns.items():
+        try:
+            fn()
+        except TypeError:   # a build whose frames are not buffers yet
+            out[name] = float("nan")
+            continue
         out[name] = min(timeit.repeat(fn, number=number, repeat=repeat)) / number * 1e9
         # publish alone laps the reader; the next case starts from the newest frame
         try:
