@@ -32,6 +32,7 @@ CASES = {
     "wait_next+.array": "lc(); wn(1.0).array",
     "unpack_from(.array)": "lc(); unpack_from(wn(1.0).array, 0)",
     "unpack_from(frame)": "lc(); unpack_from(wn(1.0), 0)",
+    "unpack_from(frame)+valid()": "lc(); f = wn(1.0); unpack_from(f, 0); f.valid()",
 }
 
 WORKER = """

@@ -440,6 +440,8 @@ static void lossless_child(shared *sh, int ring)
         if (e == 0) {
             uint64_t p[4];
             memcpy(p, f.data, sizeof p);
+            if (fshm_frame_valid(r, &f) != 1)
+                continue;   /* lapped while we read it in place: its gap counts as lost */
             if ((int64_t)p[1] != win) {
                 if (open)
                     LL_CLOSE();

@@ -247,6 +247,7 @@ def lossless_consumer(transport, cfg, sync, out_q):
                                 **({"queue": False} if transport == "fshm-ring" else {}))
             keep.append(r)
             wait_next, Timeout = r.wait_next, frameshm.Timeout
+            overwritten = 0
             sync["cons_cpu0"].value = cpu_ns()
             incr(sync["ready"])
             while True:
@@ -256,9 +257,16 @@ def lossless_consumer(transport, cfg, sync, out_q):
                     if idle():
                         break
                     continue
-                on(*unpack_from(f, 0))   # the frame's bytes in place, no array per message
-                got += 1
+                m = unpack_from(f, 0)   # the frame's bytes in place, no array per message
+                if f.valid():
+                    on(*m)
+                    got += 1
+                else:
+                    # Read in place after the producer lapped us: the bytes are a later
+                    # message's. Not counted: the gap it leaves counts as lost.
+                    overwritten += 1
                 del f
+            out["overwritten"] = overwritten
         elif transport in ("iox2", "iox2-event"):
             iox2, node, svc, ev = iox2_service(cfg, cfg["slots"])
             sub = svc.subscriber_builder().create()
