@@ -133,14 +133,10 @@ static void legacy_capsule_destructor(PyObject *cap)
 
 /* ---- the frame's layout, checked against its buffer ---- */
 
+/* The shared layout check's result (frame_buffer.c), with the DLPack type of its elements. */
 typedef struct {
-    int ndim;
-    size_t item;
+    fshm_frame_layout t;
     DLDataType dtype;
-    int64_t dims[FSHM_MAX_DIMS];
-    int64_t byte_strides[FSHM_MAX_DIMS];
-    uint64_t count;    /* elements */
-    uint64_t extent;   /* bytes from the first element to the end of the last */
 } dl_layout;
 
 static int dl_dtype(int code, DLDataType *out)
@@ -174,16 +170,7 @@ static int read_layout(FshmFrame *f, dl_layout *l)
         PyErr_Format(PyExc_BufferError, "dtype code %d has no DLPack equivalent", f->code);
         return -1;
     }
-    fshm_frame_layout fl;
-    if (fshm_frame_layout_read(f, l->dtype.bits / 8, &fl) < 0)
-        return -1;
-    l->ndim = fl.ndim;
-    l->item = fl.item;
-    memcpy(l->dims, fl.dims, sizeof l->dims);
-    memcpy(l->byte_strides, fl.byte_strides, sizeof l->byte_strides);
-    l->count = fl.count;
-    l->extent = fl.extent;
-    return 0;
+    return fshm_frame_layout_read(f, l->dtype.bits / 8, &l->t);
 }
 
 /* ---- where the bytes are ---- */
@@ -236,10 +223,10 @@ static const char *zero_copy_obstacle(const dl_source *src, const dl_layout *l)
 {
     if (!src->map)
         return "the frame's bytes are a private copy, not in shared memory";
-    if ((uintptr_t)src->data % l->item)
+    if ((uintptr_t)src->data % l->t.item)
         return "the frame's data is not aligned to its element size";
-    for (int i = 0; i < l->ndim; i++)
-        if (l->dims[i] > 1 && l->byte_strides[i] % (int64_t)l->item)
+    for (int i = 0; i < l->t.ndim; i++)
+        if (l->t.dims[i] > 1 && l->t.byte_strides[i] % (int64_t)l->t.item)
             return "a byte stride is not a multiple of the element size (DLPack strides "
                    "count elements)";
     return NULL;
@@ -274,27 +261,27 @@ static unsigned char *gather(unsigned char *dst, const unsigned char *src, int64
  * even the innermost dimension is strided, its elements are gathered. */
 static void copy_compact(unsigned char *dst, const unsigned char *src, const dl_layout *l)
 {
-    if (!l->count)
+    if (!l->t.count)
         return;
-    size_t run = l->item;
-    int k = l->ndim;
-    while (k > 0 && (l->dims[k - 1] == 1 || l->byte_strides[k - 1] == (int64_t)run))
-        run *= (size_t)l->dims[--k];
-    int inner = run == l->item && k > 0;
+    size_t run = l->t.item;
+    int k = l->t.ndim;
+    while (k > 0 && (l->t.dims[k - 1] == 1 || l->t.byte_strides[k - 1] == (int64_t)run))
+        run *= (size_t)l->t.dims[--k];
+    int inner = run == l->t.item && k > 0;
     int outer = inner ? k - 1 : k;
     int64_t idx[FSHM_MAX_DIMS] = {0};
     for (;;) {
         int64_t off = 0;
         for (int i = 0; i < outer; i++)
-            off += idx[i] * l->byte_strides[i];
+            off += idx[i] * l->t.byte_strides[i];
         if (inner) {
-            dst = gather(dst, src + off, l->dims[k - 1], l->byte_strides[k - 1], l->item);
+            dst = gather(dst, src + off, l->t.dims[k - 1], l->t.byte_strides[k - 1], l->t.item);
         } else {
             memcpy(dst, src + off, run);
             dst += run;
         }
         int i = outer - 1;
-        while (i >= 0 && ++idx[i] == l->dims[i])
+        while (i >= 0 && ++idx[i] == l->t.dims[i])
             idx[i--] = 0;
         if (i < 0)
             return;
@@ -310,7 +297,7 @@ static void copy_compact(unsigned char *dst, const unsigned char *src, const dl_
 static int copy_checked(FshmFrame *f, const dl_source *src, const dl_layout *l,
                         unsigned char *dst)
 {
-    if (l->count * l->item >= COPY_NOGIL_BYTES) {
+    if (l->t.count * l->t.item >= COPY_NOGIL_BYTES) {
         /* The frame holds its buffer, which keeps the source mapped; the seqlock check
          * below needs the GIL (the Reader's close takes it). */
         Py_BEGIN_ALLOW_THREADS
@@ -337,7 +324,7 @@ static int copy_checked(FshmFrame *f, const dl_source *src, const dl_layout *l,
 static PyObject *make_capsule(FshmFrame *f, const dl_source *src, const dl_layout *l,
                               int versioned, int copy)
 {
-    size_t data_bytes = copy ? (size_t)(l->count * l->item) : 0;
+    size_t data_bytes = copy ? (size_t)(l->t.count * l->t.item) : 0;
     void *mem;
     if (posix_memalign(&mem, EXPORT_ALIGN, EXPORT_HEAD + data_bytes))
         return PyErr_NoMemory();
@@ -346,13 +333,13 @@ static PyObject *make_capsule(FshmFrame *f, const dl_source *src, const dl_layou
     DLTensor *t = versioned ? &e->m.versioned.dl_tensor : &e->m.legacy.dl_tensor;
     t->device.device_type = kDLCPU;
     t->device.device_id = 0;
-    t->ndim = l->ndim;
+    t->ndim = l->t.ndim;
     t->dtype = l->dtype;
     t->shape = e->shape;
     t->strides = e->strides;
     t->byte_offset = 0;
-    for (int i = 0; i < l->ndim; i++)
-        e->shape[i] = l->dims[i];
+    for (int i = 0; i < l->t.ndim; i++)
+        e->shape[i] = l->t.dims[i];
     if (copy) {
         unsigned char *data = (unsigned char *)mem + EXPORT_HEAD;
         if (copy_checked(f, src, l, data) < 0) {
@@ -360,15 +347,15 @@ static PyObject *make_capsule(FshmFrame *f, const dl_source *src, const dl_layou
             return NULL;
         }
         int64_t step = 1;
-        for (int i = l->ndim - 1; i >= 0; i--) {
+        for (int i = l->t.ndim - 1; i >= 0; i--) {
             e->strides[i] = step;
-            step *= l->dims[i] ? l->dims[i] : 1;
+            step *= l->t.dims[i] ? l->t.dims[i] : 1;
         }
         t->data = data;
     } else {
-        for (int i = 0; i < l->ndim; i++)
+        for (int i = 0; i < l->t.ndim; i++)
             /* a dimension of size <= 1 is never stepped over: any stride describes it */
-            e->strides[i] = l->byte_strides[i] / (int64_t)l->item;
+            e->strides[i] = l->t.byte_strides[i] / (int64_t)l->t.item;
         t->data = (void *)src->data;
         e->map = src->map;
         fshm_map_ref(e->map);
