@@ -75,6 +75,16 @@ typedef struct {
 /* 0, or -1 with BufferError set when the layout cannot be exported or runs past the
  * frame's bytes. item: bytes per element. */
 int fshm_frame_layout_read(FshmFrame *f, size_t item, fshm_frame_layout *l);
+/* Where a frame's bytes are, checked to lie within its buffer (frame_buffer.c). */
+typedef struct {
+    const unsigned char *data;   /* the frame's first byte */
+    fshm_map *map;               /* its pool mapping, NULL for a private buffer */
+    Py_buffer view;              /* held for a private buffer */
+    int has_view;
+} fshm_frame_source;
+/* 0, or -1 with an exception set; a 0 is paired with fshm_frame_source_close. */
+int fshm_frame_source_open(FshmFrame *f, fshm_frame_source *src);
+void fshm_frame_source_close(fshm_frame_source *src);
 /* Frame's buffer protocol (frame_buffer.c): read-only, typed, shaped. */
 extern PyBufferProcs fshm_frame_as_buffer;
 /* 1 if the frame's slot still holds it (seqlock re-check in its own ring mapping: needs no

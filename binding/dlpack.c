@@ -173,53 +173,8 @@ static int read_layout(FshmFrame *f, dl_layout *l)
     return fshm_frame_layout_read(f, l->dtype.bits / 8, &l->t);
 }
 
-/* ---- where the bytes are ---- */
-
-typedef struct {
-    const unsigned char *data;   /* the frame's first byte */
-    fshm_map *map;               /* its pool mapping, NULL for a private buffer */
-    Py_buffer view;              /* held for a private buffer */
-    int has_view;
-} dl_source;
-
-static int source_open(FshmFrame *f, dl_source *src)
-{
-    memset(src, 0, sizeof *src);
-    size_t size;
-    const unsigned char *base;
-    if (Py_TYPE(f->buffer) == &FshmMappingType) {
-        src->map = ((FshmMapping *)f->buffer)->map;
-        base = fshm_map_base(src->map);
-        size = fshm_map_size(src->map);
-    } else {
-        /* a read_copy() frame: its own bytearray */
-        if (PyObject_GetBuffer(f->buffer, &src->view, PyBUF_SIMPLE) < 0)
-            return -1;
-        src->has_view = 1;
-        base = src->view.buf;
-        size = (size_t)src->view.len;
-    }
-    if ((size_t)f->offset > size || (size_t)f->nbytes > size - (size_t)f->offset) {
-        PyErr_Format(PyExc_BufferError, "the frame's %zd bytes at offset %zd run past its "
-                     "buffer of %zu bytes", f->nbytes, f->offset, size);
-        if (src->has_view)
-            PyBuffer_Release(&src->view);
-        src->has_view = 0;
-        return -1;
-    }
-    src->data = base + f->offset;
-    return 0;
-}
-
-static void source_close(dl_source *src)
-{
-    if (src->has_view)
-        PyBuffer_Release(&src->view);
-    src->has_view = 0;
-}
-
 /* Why the frame cannot be handed out in place, or NULL when it can. */
-static const char *zero_copy_obstacle(const dl_source *src, const dl_layout *l)
+static const char *zero_copy_obstacle(const fshm_frame_source *src, const dl_layout *l)
 {
     if (!src->map)
         return "the frame's bytes are a private copy, not in shared memory";
@@ -294,7 +249,7 @@ static void copy_compact(unsigned char *dst, const unsigned char *src, const dl_
 /* Copies the frame into `dst` and, for a frame in a pool, checks with the seqlock that the
  * producer did not overwrite its slot meanwhile (or before). 0, or -1 with Overrun (torn)
  * or StreamClosed (the Reader is closed: untorn cannot be known) set. */
-static int copy_checked(FshmFrame *f, const dl_source *src, const dl_layout *l,
+static int copy_checked(FshmFrame *f, const fshm_frame_source *src, const dl_layout *l,
                         unsigned char *dst)
 {
     if (l->t.count * l->t.item >= COPY_NOGIL_BYTES) {
@@ -321,7 +276,7 @@ static int copy_checked(FshmFrame *f, const dl_source *src, const dl_layout *l,
 
 /* ---- the capsule ---- */
 
-static PyObject *make_capsule(FshmFrame *f, const dl_source *src, const dl_layout *l,
+static PyObject *make_capsule(FshmFrame *f, const fshm_frame_source *src, const dl_layout *l,
                               int versioned, int copy)
 {
     size_t data_bytes = copy ? (size_t)(l->t.count * l->t.item) : 0;
@@ -491,14 +446,14 @@ PyObject *fshm_frame_dlpack(FshmFrame *self, PyObject *args, PyObject *kw)
         return NULL;
 
     dl_layout l;
-    dl_source src;
-    if (read_layout(self, &l) < 0 || source_open(self, &src) < 0)
+    fshm_frame_source src;
+    if (read_layout(self, &l) < 0 || fshm_frame_source_open(self, &src) < 0)
         return NULL;
     const char *obstacle = zero_copy_obstacle(&src, &l);
     int do_copy;
     if (!versioned) {
         if (copy == 0) {
-            source_close(&src);
+            fshm_frame_source_close(&src);
             PyErr_SetString(PyExc_BufferError,
                             "this consumer's DLPack version (< 1.0) has no read-only flag, so "
                             "frameshm does not hand it shared memory: ask max_version=(1, 0) "
@@ -510,7 +465,7 @@ PyObject *fshm_frame_dlpack(FshmFrame *self, PyObject *args, PyObject *kw)
         do_copy = 1;
     } else if (obstacle) {
         if (copy == 0) {
-            source_close(&src);
+            fshm_frame_source_close(&src);
             return PyErr_Format(PyExc_BufferError, "cannot export frame %llu without a copy: "
                                 "%s", self->seq, obstacle);
         }
@@ -519,7 +474,7 @@ PyObject *fshm_frame_dlpack(FshmFrame *self, PyObject *args, PyObject *kw)
         do_copy = copy == -1 && consumer_ignores_read_only();
     }
     PyObject *cap = make_capsule(self, &src, &l, versioned, do_copy);
-    source_close(&src);
+    fshm_frame_source_close(&src);
     return cap;
 }
 

@@ -1,5 +1,5 @@
-/* frameshm._core.Frame's bytes: its layout, checked against them (shared with the DLPack
- * export), and the buffer protocol, so memoryview(frame), struct.unpack_from(frame),
+/* frameshm._core.Frame's bytes: where they are and their layout, both checked (shared
+ * with the DLPack export), and the buffer protocol, so memoryview(frame), struct.unpack_from(frame),
  * np.frombuffer, bytes(frame) and socket.send(frame) take the frame's bytes in shared
  * memory with no array object built per frame. */
 #include "binding.h"
@@ -49,6 +49,40 @@ int fshm_frame_layout_read(FshmFrame *f, size_t item, fshm_frame_layout *l)
         return -1;
     }
     return 0;
+}
+
+int fshm_frame_source_open(FshmFrame *f, fshm_frame_source *src)
+{
+    memset(src, 0, sizeof *src);
+    size_t size;
+    const unsigned char *base;
+    if (Py_TYPE(f->buffer) == &FshmMappingType) {
+        src->map = ((FshmMapping *)f->buffer)->map;
+        base = fshm_map_base(src->map);
+        size = fshm_map_size(src->map);
+    } else {
+        /* a read_copy() frame: its own bytearray */
+        if (PyObject_GetBuffer(f->buffer, &src->view, PyBUF_SIMPLE) < 0)
+            return -1;
+        src->has_view = 1;
+        base = src->view.buf;
+        size = (size_t)src->view.len;
+    }
+    if ((size_t)f->offset > size || (size_t)f->nbytes > size - (size_t)f->offset) {
+        PyErr_Format(PyExc_BufferError, "the frame's %zd bytes at offset %zd run past its "
+                     "buffer of %zu bytes", f->nbytes, f->offset, size);
+        fshm_frame_source_close(src);
+        return -1;
+    }
+    src->data = base + f->offset;
+    return 0;
+}
+
+void fshm_frame_source_close(fshm_frame_source *src)
+{
+    if (src->has_view)
+        PyBuffer_Release(&src->view);
+    src->has_view = 0;
 }
 
 /* struct-module formats, native: the wire format is little-endian and so are the hosts
@@ -112,9 +146,7 @@ static int frame_getbuffer(FshmFrame *self, Py_buffer *view, int flags)
         return -1;
     }
     fshm_frame_layout l;
-    if (!self->buffer || fshm_frame_layout_read(self, item, &l) < 0) {
-        if (!PyErr_Occurred())
-            PyErr_SetString(PyExc_BufferError, "the frame has no bytes");
+    if (fshm_frame_layout_read(self, item, &l) < 0) {
         view->obj = NULL;
         return -1;
     }
@@ -126,44 +158,31 @@ static int frame_getbuffer(FshmFrame *self, Py_buffer *view, int flags)
         ((flags & PyBUF_ANY_CONTIGUOUS) == PyBUF_ANY_CONTIGUOUS && !c && !contiguous(&l, 'F')))
         return buffer_error(view, "the frame is not contiguous in the order asked for");
 
-    const unsigned char *base;
-    size_t size;
+    fshm_frame_source src;
+    if (!self->buffer || fshm_frame_source_open(self, &src) < 0) {
+        if (!PyErr_Occurred())
+            PyErr_SetString(PyExc_BufferError, "the frame has no bytes");
+        view->obj = NULL;
+        return -1;
+    }
     void *held;
-    if (Py_TYPE(self->buffer) == &FshmMappingType) {
-        FshmMapping *m = (FshmMapping *)self->buffer;
-        base = fshm_map_base(m->map);
-        size = fshm_map_size(m->map);
-        held = m;
-    } else {
+    if (src.has_view) {
+        /* Held for the export's life. A bytearray's release only counts its exports, so
+         * the held view may move to the heap. */
         Py_buffer *inner = PyMem_Malloc(sizeof *inner);
         if (!inner) {
+            fshm_frame_source_close(&src);
             view->obj = NULL;
             PyErr_NoMemory();
             return -1;
         }
-        if (PyObject_GetBuffer(self->buffer, inner, PyBUF_SIMPLE) < 0) {
-            PyMem_Free(inner);
-            view->obj = NULL;
-            return -1;
-        }
-        base = inner->buf;
-        size = (size_t)inner->len;
+        *inner = src.view;
         held = (void *)((uintptr_t)inner | HELD_BUFFER_TAG);
-    }
-    if ((size_t)self->offset > size || (size_t)self->nbytes > size - (size_t)self->offset) {
-        if ((uintptr_t)held & HELD_BUFFER_TAG) {
-            Py_buffer *inner = (Py_buffer *)((uintptr_t)held & ~HELD_BUFFER_TAG);
-            PyBuffer_Release(inner);
-            PyMem_Free(inner);
-        }
-        view->obj = NULL;
-        PyErr_Format(PyExc_BufferError, "the frame's %zd bytes at offset %zd run past its "
-                     "buffer of %zu bytes", self->nbytes, self->offset, size);
-        return -1;
-    }
-    if (!((uintptr_t)held & HELD_BUFFER_TAG)) {
-        Py_INCREF((PyObject *)held);
-        ((FshmMapping *)held)->exports++;
+    } else {
+        FshmMapping *m = (FshmMapping *)self->buffer;
+        Py_INCREF(m);
+        m->exports++;
+        held = m;
     }
     /* The frame is immutable, so writing the same values again while another export of it
      * is alive changes nothing that export sees. */
@@ -172,7 +191,7 @@ static int frame_getbuffer(FshmFrame *self, Py_buffer *view, int flags)
         self->view_strides[i] = (Py_ssize_t)l.byte_strides[i];
     }
     view->obj = Py_NewRef(self);
-    view->buf = (void *)(base + self->offset);
+    view->buf = (void *)src.data;
     view->len = (Py_ssize_t)(l.count * l.item);
     view->readonly = 1;
     view->itemsize = (Py_ssize_t)l.item;
