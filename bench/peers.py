@@ -14,7 +14,11 @@ Cases:
   poll480  640x480 RGB at 30 fps, the consumer busy-polls (no sleep). Latency as view60.
   fanout8  1080p RGB at 30 fps to 8 blocking consumers (as view60 each); latency of a frame =
            that of the last consumer to hold it. Median and p90 over frames all 8 got. The
-           Pipe producer writes one message to each consumer's pipe in turn.
+           Pipe producer writes one message to each consumer's pipe in turn. The producer's
+           hand-off CPU per frame (frameshm commit(); iceoryx2 send() + notify(); Pipe the
+           8 sends), timed with the thread's CPU clock around the hand-off alone, is printed
+           beside its whole CPU per frame (which the 6.2 MB fill dominates) and set against
+           the lowest peer's in the summary; view60 prints it too.
   pingpong 64-byte ping-pong over two streams, both sides blocking: half the round trip
            (median, p90) over --pings round trips after 30 warm-up ones.
   flood    1080p RGB, producer unthrottled for --seconds (fill + hand-off as view60), one
@@ -103,11 +107,11 @@ from _common import (await_consumers, await_finished, cpu_ticks, cpus_kept_awake
 
 CASES = {
     "view60": dict(shape=(1080, 1920, 3), fps=60, frames=240, warmup=30,
-                   transports=("fshm", "fshm-nospin", "fshm-pub", "iox2", "pipe")),
+                   transports=("fshm", "fshm-nospin", "fshm-pub", "fshm-ring", "iox2", "pipe")),
     "tiny": dict(shape=(64,), fps=0, nslots=64, transports=("fshm", "fshm-ring", "iox2")),
     "poll480": dict(shape=(480, 640, 3), fps=30, frames=120, warmup=15, transports=("fshm", "iox2")),
     "fanout8": dict(shape=(1080, 1920, 3), fps=30, frames=120, warmup=15, consumers=8,
-                    transports=("fshm", "fshm-nospin", "iox2", "pipe")),
+                    transports=("fshm", "fshm-nospin", "fshm-ring", "iox2", "pipe")),
     "pingpong": dict(shape=(64,), fps=0, pingpong=True, warmup=30,
                      transports=("fshm", "fshm-ring", "iox2", "pipe", "zmq", "c", "c-ring")),
     "flood": dict(shape=(1080, 1920, 3), fps=0, warmup=10,
@@ -138,6 +142,12 @@ def producer_main(cname, transport, cfg, sync, out_q):
     case = CASES[cname]
     out = {"role": "producer"}
     keep = []
+    # CPU time of the hand-off alone (what makes a filled frame the consumers'), summed over
+    # frames: the fill is the same numpy copy for every transport and dominates the producer's
+    # CPU, so a difference in the hand-off drowns in it. None where fill and hand-off are one
+    # call (fshm-pub).
+    handoff_ns = [0]
+    cpu_ns = time.thread_time_ns
     try:
         shape = case["shape"]
         nbytes = int(np.prod(shape))
@@ -151,6 +161,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
 
             if transport == "fshm-pub":
                 publish = w.publish
+                handoff_ns = None
 
                 def handoff(i):   # timestamp 0: the commit's clock, after the fill
                     publish(flat)
@@ -158,7 +169,10 @@ def producer_main(cname, transport, cfg, sync, out_q):
                 def handoff(i):
                     v = w.loan()
                     v[...] = flat
-                    w.commit(timestamp_ns=time.monotonic_ns())
+                    t0 = time.monotonic_ns()
+                    c0 = cpu_ns()
+                    w.commit(timestamp_ns=t0)
+                    handoff_ns[0] += cpu_ns() - c0
 
             def tiny(i):
                 w.loan()
@@ -175,9 +189,11 @@ def producer_main(cname, transport, cfg, sync, out_q):
                 dst = np.frombuffer((ctypes.c_uint8 * nbytes).from_address(s.payload_ptr), np.uint8)
                 dst[:] = src
                 HDR.pack_into(dst, 0, i, time.monotonic_ns())
+                c0 = cpu_ns()
                 s.assume_init().send()
                 if notify:
                     notifier.notify()
+                handoff_ns[0] += cpu_ns() - c0
 
             def tiny(i):
                 s = pub.loan_slice_uninit(nbytes)
@@ -194,8 +210,10 @@ def producer_main(cname, transport, cfg, sync, out_q):
                 s = i % NSLOTS
                 slots[s] = src
                 msg = HDR.pack(i, time.monotonic_ns())
+                c0 = cpu_ns()
                 for conn in conns:
                     conn.send_bytes(msg)
+                handoff_ns[0] += cpu_ns() - c0
 
             def release():
                 nonlocal slots
@@ -230,6 +248,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
             out["sent"] = i
             out["elapsed_s"] = time.monotonic() - t_start
         out["cpu_s"] = time.process_time() - cpu0
+        out["handoff_s"] = None if handoff_ns is None else handoff_ns[0] / 1e9
         sync["sent"].value = out["sent"]
         sync["producer_done"].set()
         await_finished(sync, case.get("consumers", 1))
@@ -662,6 +681,8 @@ def run_pair(ctx, cname, transport, args, tag):
            # CPU per frame handed off: the producer's, and all consumers' together
            "prod_cpu_us": pr["cpu_s"] / max(pr["sent"], 1) * 1e6,
            "cons_cpu_us": sum(c["cpu_s"] for c in cons) / max(pr["sent"], 1) * 1e6}
+    if pr.get("handoff_s") is not None and cname != "tiny":
+        row["handoff_cpu_us"] = pr["handoff_s"] / max(pr["sent"], 1) * 1e6
     if cname == "tiny":
         row["msgs_per_s"] = cons[0]["got"] / args.seconds
     elif cname in THROUGHPUT:   # flood: rates over the producer's own seconds
@@ -700,9 +721,10 @@ def _line(row, cname, t, run):
                 f"median {row.get('median_us', 0):8.1f} us  cpu/frame prod {row['prod_cpu_us']:.0f} us "
                 f"cons {row['cons_cpu_us']:.0f} us")
     what = "half rtt" if cname in ("pingpong",) or t == "futexpp" else "median"
+    handoff = f" (hand-off {row['handoff_cpu_us']:.1f} us)" if "handoff_cpu_us" in row else ""
     return (f"{head} {what} {row.get('median_us', 0):8.1f} us  p90 {row.get('p90_us', 0):8.1f} us  "
             f"got {row['got']}/{row['sent']}  cpu/{'msg' if cname == 'pingpong' else 'frame'} "
-            f"prod {row['prod_cpu_us']:.1f} us cons {row['cons_cpu_us']:.1f} us")
+            f"prod {row['prod_cpu_us']:.1f} us{handoff} cons {row['cons_cpu_us']:.1f} us")
 
 
 def summary(results, cases):
@@ -736,6 +758,15 @@ def summary(results, cases):
                 if cname == "view60" and floor:
                     txt += f"   / futex floor = {v / floor[0]:.2f}"
                 lines.append(txt)
+            if cname == "fanout8":   # the goal's second half: the producer's hand-off CPU
+                ho = {r["transport"]: r["handoff_cpu_us"] for r in results
+                      if r["case"] == cname and r["run"] == run and "handoff_cpu_us" in r}
+                best_ho = min((t for t in ho if t in PEERS), key=ho.get, default=None)
+                for t, v in ho.items():
+                    if best_ho and t not in PEERS:
+                        lines.append(f"{cname:8s} run {run} {t:12s} producer hand-off CPU {v:.1f} us / "
+                                     f"lowest peer's ({best_ho}, {ho[best_ho]:.1f} us) = {v / ho[best_ho]:.2f}")
+    return lines
     return lines
 
 
