@@ -145,7 +145,8 @@ typedef struct fshm_ctl {
     uint32_t npools;            /* 204 */
     char header_uri[FSHM_URI_MAX + 16]; /* 208 .. 720 */
     fshm_ctl_pool pools[FSHM_MAX_POOLS]; /* 720 .. 2768 */
-    uint8_t reserved2[FSHM_CTL_HEADER_BYTES - 2768];
+    uint32_t producer_cpu;      /* 2768: CPU of the producer's last loan + 1, 0 = unknown (atomic, a hint) */
+    uint8_t reserved2[FSHM_CTL_HEADER_BYTES - 2772];
 } fshm_ctl;
 
 typedef struct fshm_ctl_consumer {
@@ -170,6 +171,7 @@ _Static_assert(offsetof(fshm_ctl, control) == 120 && FSHM_CONTROL_BYTES == 8, "c
 _Static_assert(offsetof(fshm_ctl, name) == 128, "ctl name offset");
 _Static_assert(offsetof(fshm_ctl, announce_epoch) == 192, "announce offset");
 _Static_assert(offsetof(fshm_ctl, pools) == 720, "pools offset");
+_Static_assert(offsetof(fshm_ctl, producer_cpu) == 2768, "producer cpu hint offset");
 _Static_assert(offsetof(fshm_ctl_consumer, sleeping) == 60, "consumer doorbell word offset");
 
 static inline fshm_ctl_consumer *ctl_consumer(void *ctl_base, unsigned i)

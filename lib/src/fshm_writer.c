@@ -2,6 +2,7 @@
  * fshm_provision.c, or granted by a driver; either way mapped the same), loan/commit
  * (spec §8.3) and descriptor fan-out. The producer never blocks on a consumer. */
 #include <fcntl.h>
+#include <sched.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <sys/file.h>
@@ -461,6 +462,13 @@ int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out)
      * and its seq is spent, keeping seqs monotonic. */
     if (w->loan_active)
         seq = ++w->next_seq, idx = (uint32_t)(seq & (w->nslots - 1));
+    /* Where the fill is about to run, for consumers that spin (fshm_reader_wait.c,
+     * on_producer_cpu). Stored only when it changed: the line stays shared with the
+     * readers, and this costs a load (sched_getcpu reads the rseq area, no syscall). */
+    int cpu = sched_getcpu();
+    uint32_t cpu_plus1 = cpu >= 0 ? (uint32_t)cpu + 1 : 0;
+    if (LOAD_RLX(&w->ctl->producer_cpu) != cpu_plus1)
+        STORE_RLX(&w->ctl->producer_cpu, cpu_plus1);
     uint64_t *commit = slot_commit_word(w->ring->base, idx);
     STORE_RLX(commit, seq << 1);
     /* Orders the in-progress mark before every payload/header store that follows. */

@@ -559,6 +559,61 @@ static void open_spinning(const char *name, fshm_reader **r)
     tu_track(*r);
 }
 
+typedef struct spin_seen {
+    uint16_t most_tries;
+    uint32_t most_rest;
+} spin_seen;
+
+static void note_spin(fshm_reader *r, void *arg)
+{
+    spin_seen *s = arg;
+    if (r->spin_tries > s->most_tries)
+        s->most_tries = r->spin_tries;
+    if (r->spin_rest > s->most_rest)
+        s->most_rest = r->spin_rest;
+}
+
+/* As read_paced, with the writer thread on CPU wcpu and this thread on rcpu: the reader
+ * gives up its spin windows on the producer's CPU (on_producer_cpu), so a test of the
+ * spin keeps the two apart. */
+static void read_paced_pinned(fshm_writer *w, fshm_reader *r, int frames, int ms_a, int ms_b, int wcpu,
+                              int rcpu, void (*look)(fshm_reader *, void *), void *arg)
+{
+    cpu_set_t all, mine, theirs;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    CPU_ZERO(&mine);
+    CPU_SET(rcpu, &mine);
+    CPU_ZERO(&theirs);
+    CPU_SET(wcpu, &theirs);
+    assert_int_equal(sched_setaffinity(0, sizeof mine, &mine), 0);
+    jitter_writer jw = {.w = w, .frames = frames, .ms_a = ms_a, .ms_b = ms_b};
+    uint64_t last_seq = fshm_writer_next_seq(w) + (uint64_t)frames - 1;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    assert_int_equal(pthread_attr_setaffinity_np(&a, sizeof theirs, &theirs), 0);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, &a, jitter_main, &jw), 0);
+    pthread_attr_destroy(&a);
+    fshm_frame f = frame_zero();
+    do {
+        int rc = fshm_reader_wait_latest(r, 5 * SEC, &f);
+        if (rc) {
+            pthread_join(t, NULL);
+            fail_msg("wait_latest: %d (%s)", rc, fshm_last_error());
+        }
+        if (look)
+            look(r, arg);
+    } while (f.seq < last_seq);
+    pthread_join(t, NULL);
+    assert_int_equal(jw.rc, 0);
+    assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
+}
+/* As read_paced (periods 3 ms), with the writer thread on CPU wcpu and this thread on rcpu. */
+static void read_paced_on(fshm_writer *w, fshm_reader *r, int frames, int wcpu, int rcpu, spin_seen *seen)
+{
+    read_paced_pinned(w, r, frames, 3, 3, wcpu, rcpu, note_spin, seen);
+}
+
 /* Spinning is off while the stream's consumers and producer outnumber the CPUs we may
  * run on (counted from our affinity), and on again once they do not. */
 static void test_spin_off_when_consumers_outnumber_cpus(void **state)
@@ -620,12 +675,89 @@ static void test_spin_rests_when_it_does_not_pay_off(void **state)
     fshm_reader *r;
     open_spinning(name, &r);
     r->spin_cpus = 64;   /* never crowded here: only the pay-off rule is under test */
+    /* Writer and reader on CPUs of their own: on the writer's CPU no window is tried. */
+    cpu_set_t all;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    int cpus[2], n = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && n < 2; cpu++)
+        if (CPU_ISSET(cpu, &all))
+            cpus[n++] = cpu;
+    if (n < 2) {
+        fshm_reader_close(r);
+        fshm_writer_close(w, 1);
+        skip();
+    }
     uint32_t most = 0;
     /* A loaded machine skips windows (the frame is already late: plain blocking), and
      * only windows are scored: give it more rounds rather than a fixed 80 frames. */
     for (int round = 0; round < 6 && most == 0; round++)
-        read_paced(w, r, 80, 4, 12, note_rest, &most);
+        read_paced_pinned(w, r, 80, 4, 12, cpus[0], cpus[1], note_rest, &most);
     assert_true(most > 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* The writer notes the CPU of each loan in the control region (producer_cpu, CPU + 1),
+ * and follows a move to another CPU. */
+static void test_writer_notes_its_cpu_at_each_loan(void **state)
+{
+    (void)state;
+    const char *name = "st-prod-cpu";
+    cpu_set_t all;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    fshm_writer *w = tu_writer(name, 8, 4096);
+    fshm_reader *r = tu_reader(name);
+    int seen = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && seen < 2; cpu++) {
+        if (!CPU_ISSET(cpu, &all))
+            continue;
+        cpu_set_t one;
+        CPU_ZERO(&one);
+        CPU_SET(cpu, &one);
+        assert_int_equal(sched_setaffinity(0, sizeof one, &one), 0);
+        fshm_loan l;
+        assert_int_equal(fshm_writer_loan(w, 256, &l), 0);
+        assert_int_equal(__atomic_load_n(&r->ctl->producer_cpu, __ATOMIC_RELAXED), (uint32_t)cpu + 1);
+        fshm_tensor t = {.dtype = FSHM_DTYPE_UINT8, .major_order = FSHM_ORDER_ROW, .ndims = 1};
+        t.dims[0] = 256;
+        assert_int_equal(fshm_writer_commit(w, &t, 256, 0), 0);
+        seen++;
+    }
+    assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* A spinning reader on the CPU the producer fills its frames on gives up its window (the
+ * spin would only keep the producer off that CPU) and is not scored for it; on another
+ * CPU it spins and scores its windows, so the check below can fail. */
+static void test_spin_stays_off_the_producers_cpu(void **state)
+{
+    (void)state;
+    const char *name = "st-spin-cpu";
+    cpu_set_t all;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    int cpus[2], n = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && n < 2; cpu++)
+        if (CPU_ISSET(cpu, &all))
+            cpus[n++] = cpu;
+    fshm_writer *w = tu_writer(name, 8, 4096);
+    fshm_reader *r;
+    open_spinning(name, &r);
+    r->spin_cpus = 64;   /* never crowded here, though we pin ourselves to one CPU */
+    spin_seen same = {0};
+    read_paced_on(w, r, 40, cpus[0], cpus[0], &same);
+    assert_true(r->interval_ns > 0);   /* the period was known: windows were due */
+    assert_int_equal(same.most_tries, 0);
+    assert_int_equal(same.most_rest, 0);
+    assert_int_equal(r->spin_hits, 0);
+    if (n == 2) {
+        /* A loaded machine skips windows (the frame already late): give it more rounds. */
+        spin_seen apart = {0};
+        for (int round = 0; round < 6 && !apart.most_tries && !apart.most_rest; round++)
+            read_paced_on(w, r, 40, cpus[0], cpus[1], &apart);
+        assert_true(apart.most_tries > 0 || apart.most_rest > 0);
+    }
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
 }
@@ -2344,6 +2476,8 @@ int main(void)
         cmocka_unit_test(test_spin_reader_steady_stream),
         cmocka_unit_test(test_spin_off_when_consumers_outnumber_cpus),
         cmocka_unit_test(test_spin_rests_when_it_does_not_pay_off),
+        cmocka_unit_test(test_writer_notes_its_cpu_at_each_loan),
+        cmocka_unit_test(test_spin_stays_off_the_producers_cpu),
         cmocka_unit_test(test_spin_not_scored_by_polls),
         cmocka_unit_test(test_no_queue_reader_by_choice),
         cmocka_unit_test(test_no_queue_doorbell_wakes_only_a_sleeper),
