@@ -529,13 +529,19 @@ static void *jitter_main(void *arg)
     return NULL;
 }
 
-static void read_paced(fshm_writer *w, fshm_reader *r, int frames, int ms_a, int ms_b,
-                       void (*look)(fshm_reader *, void *), void *arg)
+/* writer_cpus: where the writer thread may run (NULL: anywhere). */
+static void read_paced_cpus(fshm_writer *w, fshm_reader *r, int frames, int ms_a, int ms_b,
+                            const cpu_set_t *writer_cpus, void (*look)(fshm_reader *, void *), void *arg)
 {
     jitter_writer jw = {.w = w, .frames = frames, .ms_a = ms_a, .ms_b = ms_b};
     uint64_t last_seq = fshm_writer_next_seq(w) + (uint64_t)frames - 1;
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    if (writer_cpus)
+        assert_int_equal(pthread_attr_setaffinity_np(&a, sizeof *writer_cpus, writer_cpus), 0);
     pthread_t t;
-    assert_int_equal(pthread_create(&t, NULL, jitter_main, &jw), 0);
+    assert_int_equal(pthread_create(&t, &a, jitter_main, &jw), 0);
+    pthread_attr_destroy(&a);
     fshm_frame f = frame_zero();
     do {
         int rc = fshm_reader_wait_latest(r, 5 * SEC, &f);
@@ -550,6 +556,12 @@ static void read_paced(fshm_writer *w, fshm_reader *r, int frames, int ms_a, int
     assert_int_equal(jw.rc, 0);
 }
 
+static void read_paced(fshm_writer *w, fshm_reader *r, int frames, int ms_a, int ms_b,
+                       void (*look)(fshm_reader *, void *), void *arg)
+{
+    read_paced_cpus(w, r, frames, ms_a, ms_b, NULL, look, arg);
+}
+
 static void open_spinning(const char *name, fshm_reader **r)
 {
     fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
@@ -557,6 +569,25 @@ static void open_spinning(const char *name, fshm_reader **r)
     rc.spin = 1;
     assert_int_equal(fshm_reader_open(&rc, r), 0);
     tu_track(*r);
+}
+
+/* The first two CPUs we may run on (fewer on a 1-CPU machine): their count. */
+static int first_cpus(int cpus[2])
+{
+    cpu_set_t all;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    int n = 0;
+    for (int cpu = 0; cpu < CPU_SETSIZE && n < 2; cpu++)
+        if (CPU_ISSET(cpu, &all))
+            cpus[n++] = cpu;
+    return n;
+}
+
+static void pin_self(cpu_set_t *mask, int cpu)
+{
+    CPU_ZERO(mask);
+    CPU_SET(cpu, mask);
+    assert_int_equal(sched_setaffinity(0, sizeof *mask, mask), 0);
 }
 
 typedef struct spin_seen {
@@ -581,33 +612,13 @@ static void read_paced_pinned(fshm_writer *w, fshm_reader *r, int frames, int ms
 {
     cpu_set_t all, mine, theirs;
     assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
-    CPU_ZERO(&mine);
-    CPU_SET(rcpu, &mine);
     CPU_ZERO(&theirs);
     CPU_SET(wcpu, &theirs);
-    assert_int_equal(sched_setaffinity(0, sizeof mine, &mine), 0);
-    jitter_writer jw = {.w = w, .frames = frames, .ms_a = ms_a, .ms_b = ms_b};
-    uint64_t last_seq = fshm_writer_next_seq(w) + (uint64_t)frames - 1;
-    pthread_attr_t a;
-    pthread_attr_init(&a);
-    assert_int_equal(pthread_attr_setaffinity_np(&a, sizeof theirs, &theirs), 0);
-    pthread_t t;
-    assert_int_equal(pthread_create(&t, &a, jitter_main, &jw), 0);
-    pthread_attr_destroy(&a);
-    fshm_frame f = frame_zero();
-    do {
-        int rc = fshm_reader_wait_latest(r, 5 * SEC, &f);
-        if (rc) {
-            pthread_join(t, NULL);
-            fail_msg("wait_latest: %d (%s)", rc, fshm_last_error());
-        }
-        if (look)
-            look(r, arg);
-    } while (f.seq < last_seq);
-    pthread_join(t, NULL);
-    assert_int_equal(jw.rc, 0);
+    pin_self(&mine, rcpu);
+    read_paced_cpus(w, r, frames, ms_a, ms_b, &theirs, look, arg);
     assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
 }
+
 /* As read_paced (periods 3 ms), with the writer thread on CPU wcpu and this thread on rcpu. */
 static void read_paced_on(fshm_writer *w, fshm_reader *r, int frames, int wcpu, int rcpu, spin_seen *seen)
 {
@@ -676,13 +687,8 @@ static void test_spin_rests_when_it_does_not_pay_off(void **state)
     open_spinning(name, &r);
     r->spin_cpus = 64;   /* never crowded here: only the pay-off rule is under test */
     /* Writer and reader on CPUs of their own: on the writer's CPU no window is tried. */
-    cpu_set_t all;
-    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
-    int cpus[2], n = 0;
-    for (int cpu = 0; cpu < CPU_SETSIZE && n < 2; cpu++)
-        if (CPU_ISSET(cpu, &all))
-            cpus[n++] = cpu;
-    if (n < 2) {
+    int cpus[2];
+    if (first_cpus(cpus) < 2) {
         fshm_reader_close(r);
         fshm_writer_close(w, 1);
         skip();
@@ -703,25 +709,19 @@ static void test_writer_notes_its_cpu_at_each_loan(void **state)
 {
     (void)state;
     const char *name = "st-prod-cpu";
-    cpu_set_t all;
+    cpu_set_t all, one;
     assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
     fshm_writer *w = tu_writer(name, 8, 4096);
     fshm_reader *r = tu_reader(name);
-    int seen = 0;
-    for (int cpu = 0; cpu < CPU_SETSIZE && seen < 2; cpu++) {
-        if (!CPU_ISSET(cpu, &all))
-            continue;
-        cpu_set_t one;
-        CPU_ZERO(&one);
-        CPU_SET(cpu, &one);
-        assert_int_equal(sched_setaffinity(0, sizeof one, &one), 0);
+    int cpus[2], n = first_cpus(cpus);
+    for (int k = 0; k < n; k++) {
+        pin_self(&one, cpus[k]);
         fshm_loan l;
         assert_int_equal(fshm_writer_loan(w, 256, &l), 0);
-        assert_int_equal(__atomic_load_n(&r->ctl->producer_cpu, __ATOMIC_RELAXED), (uint32_t)cpu + 1);
+        assert_int_equal(__atomic_load_n(&r->ctl->producer_cpu, __ATOMIC_RELAXED), (uint32_t)cpus[k] + 1);
         fshm_tensor t = {.dtype = FSHM_DTYPE_UINT8, .major_order = FSHM_ORDER_ROW, .ndims = 1};
         t.dims[0] = 256;
         assert_int_equal(fshm_writer_commit(w, &t, 256, 0), 0);
-        seen++;
     }
     assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
     fshm_reader_close(r);
@@ -735,12 +735,7 @@ static void test_spin_stays_off_the_producers_cpu(void **state)
 {
     (void)state;
     const char *name = "st-spin-cpu";
-    cpu_set_t all;
-    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
-    int cpus[2], n = 0;
-    for (int cpu = 0; cpu < CPU_SETSIZE && n < 2; cpu++)
-        if (CPU_ISSET(cpu, &all))
-            cpus[n++] = cpu;
+    int cpus[2], n = first_cpus(cpus);
     fshm_writer *w = tu_writer(name, 8, 4096);
     fshm_reader *r;
     open_spinning(name, &r);
