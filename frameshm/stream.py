@@ -362,7 +362,9 @@ class Reader:
     Each Reader registers its own descriptor queue with the producer (fan-out).
     With ``spin=True`` (default) a reader of a steady stream polls for a short window
     just before the next frame is due instead of sleeping through a wake-up: lower
-    latency for a few percent of a core. ``spin=False`` always sleeps.
+    latency for a few percent of a core. It does not spin on the CPU the producer is
+    filling the frame on, nor while the stream's consumers and producer outnumber its
+    CPUs. ``spin=False`` always sleeps.
     ``subscribe=False`` opens a passive handle: no queue and no consumer entry (so it
     costs the producer nothing and uses no system queue); it can ``read_latest()`` and
     get/set the control bytes but not wait.
