@@ -767,7 +767,6 @@ def summary(results, cases):
                         lines.append(f"{cname:8s} run {run} {t:12s} producer hand-off CPU {v:.1f} us / "
                                      f"lowest peer's ({best_ho}, {ho[best_ho]:.1f} us) = {v / ho[best_ho]:.2f}")
     return lines
-    return lines
 
 
 def main():
