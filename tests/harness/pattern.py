@@ -116,6 +116,37 @@ def expected(fmt: str, native: str, w: int, h: int, n: int, ts_us: int) -> np.nd
 # whose differing bytes are all the pattern of other frames (what an overwrite leaves) is
 # then accepted and counted in OVERWRITTEN; anything else still fails.
 EMULATION_OVERWRITES = False
+
+
+def rewritten_after_dequeue(ts_us: int, timestamp_ns: int, slack_us: int = 1000) -> bool:
+    """True when the camera captured the frame a buffer holds (its time barcode, us mod
+    2^32) more than slack_us after the buffer was dequeued (the frame's timestamp, taken at
+    VIDIOC_DQBUF): the emulation wrote that frame into the buffer after handing it out (see
+    above). The same frame then usually comes once more, from the buffer it was meant for;
+    no real driver can deliver a frame before capturing it."""
+    late = (ts_us - timestamp_ns // 1000 + (1 << 31)) % (1 << 32) - (1 << 31)
+    return late > slack_us
+
+
+def check_delivered(frame, fmt: str, native: str, timestamp_ns: int, tolerance: int = 0) -> list:
+    """check_frame for a frame delivered at timestamp_ns: [counter, capture time us,
+    rewritten]. rewritten: the emulation wrote into the buffer after handing it out, either
+    part of it (an overwrite check_frame accepted: its barcodes may then read as any
+    counter or time) or all of it (rewritten_after_dequeue)."""
+    before = len(OVERWRITTEN)
+    n, ts_us = check_frame(frame, fmt, native, tolerance)
+    return [n, ts_us, len(OVERWRITTEN) > before or rewritten_after_dequeue(ts_us, timestamp_ns)]
+
+
+def distinct_unless_rewritten(entries) -> list:
+    """entries: [counter, rewritten] per delivered frame (check_delivered). The
+    counters of the frames not rewritten after their dequeue must all differ (a frame
+    delivered twice by frameshm fails here); returns them. At most half may be rewritten
+    copies, so a capture that only ever reads overwritten buffers still fails."""
+    kept = [n for n, rewritten in entries if not rewritten]
+    assert len(kept) >= (len(entries) + 1) // 2, f"most frames were rewritten after their dequeue: {entries}"
+    assert len(set(kept)) == len(kept), f"a frame was delivered twice: {entries}"
+    return kept
 OVERWRITTEN: list = []
 _BOUNDARY_BYTES = 6   # a YUYV macropixel at an overwrite boundary converts from both frames
 _BOUNDARY_ROWS = 4
