@@ -55,6 +55,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 
 from . import _core
+from ._bridge_window import ACK, SendWindow
 from ._choices import BRIDGE_ENCODINGS as ENCODINGS, BRIDGE_MODES as MODES, JPEG_SUBSAMPLING  # shared with config.py
 from .errors import DriverUnavailable, FrameshmError, InvalidArgument, LeaseLost, ProducerDead, Timeout
 
@@ -84,6 +85,10 @@ HEADER = struct.Struct(f"<4sBBBBB3xQQQQQqQQ16sII8s{_core.MAX_DIMS}I")
 _HEADER_TS = struct.Struct("<Q")
 _HEADER_TS_AT = struct.calcsize("<4sBBBBB3xQQ")   # the producer's capture timestamp
 _CONTROL = struct.Struct("<BB")   # control byte index, value (importer -> exporter)
+_HEADER_EPOCH_SEQ = struct.Struct("<QQ")
+_HEADER_EPOCH_AT = struct.calcsize("<4sBBBBB3x")
+_HEADER_INSTANCE = struct.Struct("<Q")
+_HEADER_INSTANCE_AT = struct.calcsize("<4sBBBBB3xQQQQQqQ")
 
 _CODE_DTYPE = {}
 
@@ -187,6 +192,7 @@ class _Export:
     encoding: str
     state: str = "waiting"      # waiting (no producer yet) | live | producer-gone
     stat: _Stat = field(default_factory=_Stat)
+    window: Optional[SendWindow] = None   # latest mode, while its thread runs
 
 
 @dataclass
@@ -429,6 +435,10 @@ class Bridge:
         streams = {}
         for e in self.exports:
             streams[e.name] = {"dir": "export", "state": e.state, "encoding": e.encoding, **e.stat.snapshot(now)}
+            peers = e.window.state() if e.window is not None else {}
+            if peers:   # the send window: acknowledging importers, the smallest window (frames)
+                streams[e.name]["importers"] = len(peers)
+                streams[e.name]["window"] = min(p["window"] for p in peers.values())
         for i in self.imports:
             streams[i.name] = {"dir": "import", "state": i.state, **i.stat.snapshot(now)}
         doc = {"role": "bridge", "peers": len(self.peers()), "state": ",".join(
@@ -487,6 +497,14 @@ class Bridge:
                 log.info("%s: control byte %d set to %d by a remote importer", e.name, index, value)
 
         ctl_sub = s.declare_subscriber(self._key(e.name, "control"), self._callback(on_control))
+        # Latest mode: the next frame is taken when every importer has room for it
+        # (_bridge_window.py), not when the kernel's buffers do.
+        window = None if self.process_all else SendWindow()
+        e.window = window
+        ack_sub = None
+        if window is not None:
+            ack_sub = s.declare_subscriber(self._key(e.name, "ack"),
+                                           self._callback(lambda sample: window.on_ack(sample.payload.to_bytes())))
         token = None
         instance = 0
         wait = reader.wait_next if self.process_all else reader.wait_latest
@@ -494,6 +512,8 @@ class Bridge:
         warned_jpeg = False
         try:
             while not self._stop.is_set():
+                if window is not None and not window.wait(WAIT_S):
+                    continue
                 try:
                     f = wait(WAIT_S)
                 except Timeout as exc:
@@ -549,6 +569,9 @@ class Bridge:
                                   1 if ref is not None else 0, f.epoch, f.seq, f.timestamp_ns, ref or 0,
                                   time.monotonic_ns(), _clock_offset(), f.nbytes, instance, self._boot,
                                   nslots, max_bytes, ctl, *shape)
+                if window is not None:
+                    window.reset(instance, f.epoch)
+                    window.sending(f.seq)
                 pub.put(data, attachment=hdr)
                 e.stat.frames += 1
                 e.stat.bytes += len(data)
@@ -556,6 +579,8 @@ class Bridge:
             if token is not None:
                 token.undeclare()
             ctl_sub.undeclare()
+            if ack_sub is not None:
+                ack_sub.undeclare()
             pub.undeclare()
             reader.close()
             control.close()
@@ -585,12 +610,15 @@ class _Importer:
         self.jpeg = None
         self.zd = None
         self.refused = 0                       # frames not published in a row (no room, no driver lease)
+        self.ack_id = random.getrandbits(64)   # this importer, in the exporter's send window
+        self.ack_pub = None
 
     # Zenoh's threads --------------------------------------------------------------------
 
     def on_frame(self, sample) -> None:
         att = sample.attachment
         item = (att.to_bytes() if att is not None else b"", sample.payload, time.monotonic_ns())
+        self._ack(item[0])
         if self.b.process_all:
             while not self.b._stop.is_set():   # back-pressure: Zenoh holds the link's frames
                 try:
@@ -608,6 +636,19 @@ class _Importer:
                 self.im.stat.drops += 1        # newest wins: far behind, the oldest goes
             self.cv.notify()
 
+    def _ack(self, raw: bytes) -> None:
+        """Tells the exporter this frame is off the link (its send window): on receipt, not
+        on delivery, so that what the window measures is the path, and a frame this side
+        drops as stale still frees the room it took."""
+        if len(raw) != HEADER.size or raw[:4] != MAGIC:
+            return
+        epoch, seq = _HEADER_EPOCH_SEQ.unpack_from(raw, _HEADER_EPOCH_AT)
+        (instance,) = _HEADER_INSTANCE.unpack_from(raw, _HEADER_INSTANCE_AT)
+        try:
+            self.ack_pub.put(ACK.pack(self.ack_id, instance, epoch, seq))
+        except Exception as exc:  # noqa: BLE001 - a closing session: the exporter's stall rule covers it
+            log.debug("%s: acknowledgement not sent: %s", self.name, exc)
+
     def on_liveliness(self, sample) -> None:
         zenoh = _zenoh()
         try:
@@ -623,6 +664,11 @@ class _Importer:
     def run(self) -> None:
         s = self.b._session
         zenoh = _zenoh()
+        # DROP: an acknowledgement is 32 bytes on a direction that carries no frames, and
+        # this put runs in Zenoh's receiving thread, which must never wait; a lost one is
+        # covered by the next (they are cumulative).
+        self.ack_pub = s.declare_publisher(self.b._key(self.name, "ack"), congestion_control=zenoh.CongestionControl.DROP,
+                                           priority=zenoh.Priority.INTERACTIVE_HIGH, express=True)
         sub = s.declare_subscriber(self.b._key(self.name, "frames"), self.b._callback(self.on_frame))
         lsub = s.liveliness().declare_subscriber(self.b._key(self.name, "exporter/*"),
                                                  self.b._callback(self.on_liveliness), history=True)
@@ -649,6 +695,7 @@ class _Importer:
                     self.writer.heartbeat()
         finally:
             sub.undeclare()
+            self.ack_pub.undeclare()
             lsub.undeclare()
             ctl_pub.undeclare()
             self._close_writer(unlink=self.b.driver is None)   # a driver's files are the driver's
