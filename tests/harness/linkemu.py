@@ -262,7 +262,8 @@ class EmulatedLink:
 
     _count = 0
 
-    def __init__(self, delay_ms: float = 20.0, loss: float = 0.01, seed: Optional[int] = None):
+    def __init__(self, delay_ms: float = 20.0, loss: float = 0.01, seed: Optional[int] = None,
+                 cc: Optional[str] = None):
         EmulatedLink._count += 1
         n = EmulatedLink._count
         tag = f"{os.getpid()}-{n}"
@@ -272,8 +273,12 @@ class EmulatedLink:
         subnet = 10 + (os.getpid() + n) % 240
         self.a_host, self.b_host = f"10.231.{subnet}.1", f"10.231.{subnet}.2"
         self.delay_ms, self.loss = float(delay_ms), float(loss)
+        # TCP's congestion control in both namespaces (per namespace in Linux), None: the
+        # host's default. It decides what a lossy link carries: through 20 ms / 1 % loss
+        # BBR keeps tens of MB/s, CUBIC (the kernel's default, always built in) under 1 MB/s.
+        self.cc = cc
         self.desc = f"veth between two network namespaces, {delay_ms:g} ms each way, {loss:.1%} loss each way " \
-                    "(NFQUEUE link emulator)"
+                    "(NFQUEUE link emulator)" + (f", TCP {cc}" if cc else "")
         self._procs: List[subprocess.Popen] = []
         self.counts: List[dict] = []
         self._made: List[str] = []
@@ -294,6 +299,8 @@ class EmulatedLink:
             _run("ip", "-n", ns, "addr", "add", f"{addr}/24", "dev", dev)
             _run("ip", "-n", ns, "link", "set", dev, "up")
             _run("ip", "-n", ns, "link", "set", "lo", "up")
+            if self.cc:
+                _run("ip", "netns", "exec", ns, "sysctl", "-qw", f"net.ipv4.tcp_congestion_control={self.cc}")
             # On the way in, not out: a packet leaving a socket stays charged to it until
             # it is freed, and TCP's small-queue limit would then allow only a couple of
             # packets in the emulator per socket (netem orphans them; NFQUEUE cannot). An

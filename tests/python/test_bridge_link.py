@@ -158,6 +158,52 @@ def test_stream_through_delay_and_loss_keeps_flowing_without_backlog(spawn, brid
     assert data["queued"] > 500 and data["dropped"] > 0, link.counts
 
 
+def test_a_link_slower_than_the_stream_delivers_the_newest_frame_not_a_backlog(spawn, bridges, name):  # noqa: F811
+    """The same 6.9 MB/s stream through 20 ms / 1 % loss with TCP CUBIC, which carries well
+    under 1 MB/s there (2.5-2.8 fps of 230 KB frames): what arrives must be about the newest
+    frame when the link was free, not frames that waited in the sender's buffers. Without
+    the send window (frameshm/_bridge_window.py) the exporter filled the TCP send buffer and
+    every frame arrived seconds late (last third's median 3.1-3.8 s at 3.5-3.7 fps); with it,
+    about two delivered frames' periods (0.47-0.52 s at 3.4-3.9 fps)."""
+    with EmulatedLink(DELAY_MS, 0.01, seed=7, cc="cubic") as link:
+        prod = producer(spawn, name, shape=(240, 320, 3), fps=30)
+        a = bridges("a", "--listen", f"tcp/{link.a_host}:7447", "--export", name, "--frames", name,
+                    prefix=link.prefix("a"))
+        b = bridges("b", "--connect", f"tcp/{link.a_host}:7447", "--import", name, "--frames", name,
+                    prefix=link.prefix("b"))
+        b.expect(f"{name}: frames arriving")
+        got = []
+        with frameshm.Reader(name, namespace="b") as r:
+            r.wait_latest(30)
+            t0 = time.monotonic()
+            while time.monotonic() - t0 < 12.0:
+                f = r.wait_latest(10.0)
+                got.append((time.monotonic(), f.seq, f.latency_ns / 1e6, frame_seq_ok(f.array) == f.seq))
+        b.stop()
+        a.stop()
+        prod.stop()
+    arrivals, seqs, lat, whole = map(list, zip(*got))
+    n = len(got)
+    fps = (n - 1) / (arrivals[-1] - arrivals[0])
+    period_ms = 1000 / fps
+    med = float(np.median(lat))
+    early, late = np.median(lat[: n // 3]), np.median(lat[-(n // 3):])
+    print(f"{fps:.2f} fps, latency median {med:.0f} ms (thirds {early:.0f} / {late:.0f}), max {max(lat):.0f} ms; "
+          f"link {link.counts}")
+    assert all(whole) and seqs == sorted(seqs), "whole frames, in order"
+    assert n >= 6, f"the stream keeps flowing: {n} frames in 12 s"
+    assert fps < 20, f"{fps:.1f} fps: this link was meant to be slower than the stream (is TCP CUBIC in use?)"
+    # One frame on the way and the next taken when it is acknowledged: a frame waits at
+    # most about one delivered period for the link, then crosses it (one more period at
+    # this rate). Two periods + 200 ms of margin; a filled send buffer adds seconds.
+    # And it stays so: the last third's median too (not against the first third's: CUBIC's
+    # slow start carries more before its first loss, 33-105 ms medians were seen there).
+    assert med < 2 * period_ms + 200, (med, period_ms, sorted(lat))
+    assert late < 2 * period_ms + 300, (early, late, period_ms)
+    data = link.counts[1]
+    assert data["dropped"] > 0, link.counts
+
+
 def test_pipeline_split_over_the_emulated_link(spawn, bridges, tmp_path):  # noqa: F811
     """The whole pipeline split over two namespaces (capture on A; inference and controller
     on B), each bridge on its own side of 20 ms / 1 % loss: the person walking into A's test
