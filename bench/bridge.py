@@ -156,7 +156,7 @@ class Link:
     """Where each side runs: loopback, or two network namespaces joined by a veth pair."""
 
     def __init__(self, netns: bool, rate: Optional[str], delay: Optional[str], loss: Optional[str],
-                 netem: bool = False):
+                 netem: bool = False, cc: Optional[str] = None):
         self.netns = netns
         self.desc = "loopback"
         self.a_host = self.b_host = "127.0.0.1"
@@ -169,7 +169,7 @@ class Link:
             sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "tests", "harness"))
             from linkemu import EmulatedLink
 
-            self.emu = EmulatedLink(_ms(delay or "0ms"), _fraction(loss or "0%"))
+            self.emu = EmulatedLink(_ms(delay or "0ms"), _fraction(loss or "0%"), cc=cc)
             self.ns, self.veth = self.emu.ns, self.emu.veth
             self.a_host, self.b_host = self.emu.a_host, self.emu.b_host
             self.desc = self.emu.desc
@@ -319,7 +319,9 @@ def run_bridge_case(size: str, encoding: str, seconds: float, link: Link, shm: s
                 "cpu_ms_per_frame_export": (cpu1[0] - cpu0[0]) * 1e3 / max(n, 1),
                 "cpu_ms_per_frame_import": (cpu1[1] - cpu0[1]) * 1e3 / max(n, 1),
                 "wire_MBps": wire / 1e6 if wire else None,
-                "link_MBps": (rx1 - rx0) / dt / 1e6 if rx0 is not None else None}
+                "link_MBps": (rx1 - rx0) / dt / 1e6 if rx0 is not None else None,
+                # the exporter's send window at the end (frames) and its importer's round trips
+                "window": ex.get("window"), "rtt_min_ms": ex.get("rtt_min_ms"), "rtt_ms": ex.get("rtt_ms")}
     finally:
         _stop(procs)
 
@@ -359,7 +361,9 @@ def run_floor_case(size: str, seconds: float, link: Link) -> dict:
                 "cpu_ms_per_frame_export": (cpu1[0] - cpu0[0]) * 1e3 / max(n, 1),
                 "cpu_ms_per_frame_import": (cpu1[1] - cpu0[1]) * 1e3 / max(n, 1),
                 "wire_MBps": res["bytes"] / dt / 1e6,
-                "link_MBps": (rx1 - rx0) / dt / 1e6 if rx0 is not None else None}
+                "link_MBps": (rx1 - rx0) / dt / 1e6 if rx0 is not None else None,
+                # the exporter's send window at the end (frames) and its importer's round trips
+                "window": ex.get("window"), "rtt_min_ms": ex.get("rtt_min_ms"), "rtt_ms": ex.get("rtt_ms")}
     finally:
         _stop(procs)
 
@@ -415,6 +419,8 @@ def main() -> int:
     ap.add_argument("--delay", help="delay each way, e.g. 20ms (with --netns: the NFQUEUE link emulator)")
     ap.add_argument("--loss", help="loss each way, e.g. 1%% (with --netns: the NFQUEUE link emulator)")
     ap.add_argument("--netem", action="store_true", help="--delay/--loss through tc netem (needs sch_netem)")
+    ap.add_argument("--cc", help="TCP congestion control in both namespaces, e.g. cubic (with --delay/--loss; "
+                                 "default: the host's)")
     ap.add_argument("--no-gstreamer", action="store_true")
     args = ap.parse_args()
 
@@ -435,7 +441,9 @@ def main() -> int:
     wanted = set(filter(None, args.cases.split(",")))
     if (args.delay or args.loss) and not args.netns:
         raise SystemExit("--delay/--loss need --netns")
-    link = Link(args.netns, args.rate, args.delay, args.loss, args.netem)
+    if args.cc and not (args.netns and (args.delay or args.loss) and not args.netem):
+        raise SystemExit("--cc goes with --netns --delay/--loss (the emulated link)")
+    link = Link(args.netns, args.rate, args.delay, args.loss, args.netem, args.cc)
     shm = private_shm_dir("bridge")
     results = []
     try:

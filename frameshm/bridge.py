@@ -437,8 +437,9 @@ class Bridge:
             streams[e.name] = {"dir": "export", "state": e.state, "encoding": e.encoding, **e.stat.snapshot(now)}
             peers = e.window.state() if e.window is not None else {}
             if peers:   # the send window: acknowledging importers, the smallest window (frames)
-                streams[e.name]["importers"] = len(peers)
-                streams[e.name]["window"] = min(p["window"] for p in peers.values())
+                tight = min(peers.values(), key=lambda p: p["window"])
+                streams[e.name].update(importers=len(peers), window=tight["window"], rtt_min_ms=tight["rtt_min_ms"],
+                                       rtt_ms=tight["rtt_ms"])
         for i in self.imports:
             streams[i.name] = {"dir": "import", "state": i.state, **i.stat.snapshot(now)}
         doc = {"role": "bridge", "peers": len(self.peers()), "state": ",".join(

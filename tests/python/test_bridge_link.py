@@ -163,8 +163,9 @@ def test_a_link_slower_than_the_stream_delivers_the_newest_frame_not_a_backlog(s
     under 1 MB/s there (2.5-2.8 fps of 230 KB frames): what arrives must be about the newest
     frame when the link was free, not frames that waited in the sender's buffers. Without
     the send window (frameshm/_bridge_window.py) the exporter filled the TCP send buffer and
-    every frame arrived seconds late (last third's median 3.1-3.8 s at 3.5-3.7 fps); with it,
-    about two delivered frames' periods (0.47-0.52 s at 3.4-3.9 fps)."""
+    every frame arrived seconds late (last third's median 3.1-3.8 s at 3.5-3.7 fps, growing);
+    with it, one frame crosses while the next waits (last third's median 0.94-0.98 s at
+    3.5-3.6 fps: about 3.4 delivered periods)."""
     with EmulatedLink(DELAY_MS, 0.01, seed=7, cc="cubic") as link:
         prod = producer(spawn, name, shape=(240, 320, 3), fps=30)
         a = bridges("a", "--listen", f"tcp/{link.a_host}:7447", "--export", name, "--frames", name,
@@ -193,13 +194,14 @@ def test_a_link_slower_than_the_stream_delivers_the_newest_frame_not_a_backlog(s
     assert all(whole) and seqs == sorted(seqs), "whole frames, in order"
     assert n >= 6, f"the stream keeps flowing: {n} frames in 12 s"
     assert fps < 20, f"{fps:.1f} fps: this link was meant to be slower than the stream (is TCP CUBIC in use?)"
-    # One frame on the way and the next taken when it is acknowledged: a frame waits at
-    # most about one delivered period for the link, then crosses it (one more period at
-    # this rate). Two periods + 200 ms of margin; a filled send buffer adds seconds.
-    # And it stays so: the last third's median too (not against the first third's: CUBIC's
-    # slow start carries more before its first loss, 33-105 ms medians were seen there).
-    assert med < 2 * period_ms + 200, (med, period_ms, sorted(lat))
-    assert late < 2 * period_ms + 300, (early, late, period_ms)
+    # Two frames out at most here (the window's floor; the link's round trip is mostly the
+    # frame's own transmission): a frame waits for the one crossing, crosses, and its
+    # acknowledgement frees the next: 3-4 delivered periods. Four + 300 ms of margin; a
+    # filled send buffer adds seconds, and more the longer the run. The last third's median
+    # too (not against the first third's: CUBIC's slow start carries more before its first
+    # loss, 33-105 ms medians were seen there).
+    assert med < 4 * period_ms + 300, (med, period_ms, sorted(lat))
+    assert late < 4 * period_ms + 300, (early, late, period_ms)
     data = link.counts[1]
     assert data["dropped"] > 0, link.counts
 

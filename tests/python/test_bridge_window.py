@@ -68,46 +68,87 @@ def test_two_frames_may_be_out_at_first_and_an_acknowledgement_frees_room(win, c
     assert win.state()["0000000000000001"]["in_flight"] == 1
 
 
-def test_a_round_trip_that_grows_shrinks_the_window_to_one_frame_and_a_steady_one_grows_it(win, clock):
-    """40 ms round trips at first; then every frame takes 200 ms more (a queue filling in
-    front of the link): the window halves, once per round trip, down to one frame; when
-    the round trip is back at its minimum it grows again, by about a frame per round trip."""
-    seq = 0
+class Link:
+    """Drives the window as the exporter does: sends while there is room, then one round
+    trip later every frame out is acknowledged (the newest covers the rest)."""
 
-    def roundtrip(ms):
-        nonlocal seq
-        win.sending(seq)
-        clock.advance(ms)
-        ack(win, seq)
-        seq += 1
-        return win.state()["0000000000000001"]["window"]
+    def __init__(self, win, clock):
+        self.win, self.clock, self.seq = win, clock, 1
+        win.sending(0)                # until its first acknowledgement the importer is unknown
+        clock.advance(40)
+        ack(win, 0)
 
-    for _ in range(20):
-        w = roundtrip(40)
-    assert w > 4, w
-    shrinking = [roundtrip(240) for _ in range(12)]
-    assert shrinking[-1] == 1.0, shrinking
-    assert all(b <= a for a, b in zip(shrinking, shrinking[1:])), shrinking
-    win.sending(seq)
-    assert not room(win), "one frame out is the whole window now"
-    clock.advance(40)
-    ack(win, seq)
-    seq += 1
-    grown = [roundtrip(40) for _ in range(30)]
-    assert grown[-1] > 4, grown
-    for _ in range(5000):
-        w = roundtrip(40)
+    def window(self) -> float:
+        return self.win.state()["0000000000000001"]["window"]
+
+    def round(self, rtt_ms: float, full: bool = True) -> float:
+        sent = 0
+        while room(self.win) and (full or sent == 0):
+            self.win.sending(self.seq)
+            self.seq += 1
+            sent += 1
+        self.clock.advance(rtt_ms)
+        ack(self.win, self.seq - 1)
+        return self.window()
+
+
+def test_a_window_that_limits_grows_while_the_round_trip_stays_at_its_least(win, clock):
+    link = Link(win, clock)
+    grown = [link.round(40) for _ in range(30)]
+    assert grown[-1] > 6, grown
+    assert grown == sorted(grown), grown
+    for _ in range(3000):
+        w = link.round(40)
     assert w == WINDOW_MAX
 
 
+def test_a_window_that_does_not_limit_does_not_grow(win, clock):
+    """One frame at a time (a fast link, or a slow producer): no larger window is ever
+    earned, so none is left over when the link later slows."""
+    link = Link(win, clock)
+    assert [link.round(40, full=False) for _ in range(100)][-1] == 2.0
+
+
+def test_a_round_trip_that_grows_shrinks_the_window_to_two_frames(win, clock):
+    """40 ms round trips, then 240 ms (a queue filling in front of the link): the window
+    drops by the frames estimated queued, at most once per round trip, to its floor of two
+    (one crossing, one waiting); when the round trip is back at its least it grows again."""
+    link = Link(win, clock)
+    for _ in range(40):
+        w = link.round(40)
+    assert w > 8, w
+    shrinking = [link.round(240) for _ in range(6)]
+    assert shrinking[-1] == 2.0, shrinking
+    assert all(b <= a for a, b in zip(shrinking, shrinking[1:])), shrinking
+    assert shrinking[0] < w / 2, (w, shrinking)
+    win.sending(link.seq)
+    win.sending(link.seq + 1)
+    link.seq += 2
+    assert not room(win), "two frames out is the whole window now"
+    clock.advance(40)
+    ack(win, link.seq - 1)
+    grown = [link.round(40) for _ in range(30)]
+    assert grown[-1] > 6, grown
+
+
 def test_scheduling_noise_below_the_target_does_not_shrink_it(win, clock):
-    seq = 0
+    link = Link(win, clock)
     for i in range(200):
-        win.sending(seq)
-        clock.advance(40 + (i * 7) % 19)     # 40-58 ms: within the 20 ms tolerated
-        ack(win, seq)
-        seq += 1
-    assert win.state()["0000000000000001"]["window"] > 10
+        w = link.round(40 + (i * 7) % 19)     # 40-58 ms: within the 20 ms that are not a queue
+    assert w > 10, w
+
+
+def test_one_frame_waiting_is_the_aim(win, clock):
+    """A link whose round trip is mostly a frame's own transmission: with three out, the
+    third waits two frames (240 ms more than a lone frame's 120): the window comes down to
+    where about one waits, not lower."""
+    link = Link(win, clock)
+    for _ in range(4):
+        link.round(120)
+    for _ in range(20):
+        out = max(1, int(link.window()))
+        w = link.round(120 * out)
+    assert 2.0 <= w < 3.0, w
 
 
 def test_an_importer_that_stops_acknowledging_stops_holding_the_others(win, clock):
