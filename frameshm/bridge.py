@@ -16,10 +16,11 @@ A bridge is one Zenoh session carrying any number of streams each way:
   Each frame keeps the remote seq (gaps are the frames the link dropped, counted by
   readers as skipped), capture timestamp, ``ref_seq``, shape and dtype.
 
-Latest-frame semantics end to end (the default): the exporter drains its queue to the
-newest frame and puts it with Zenoh's ``CongestionControl.BLOCK``, so a slow link holds
-the exporter for one whole frame and the frames produced meanwhile are dropped at the
-sender (it takes the newest next), never queued; the importer writes what arrives in order
+Latest-frame semantics end to end (the default): the exporter takes the newest frame and
+puts it (Zenoh's ``CongestionControl.BLOCK``) when its send window has room: importers
+acknowledge each frame they receive, and the window (_bridge_window.py) keeps about one
+frame waiting in front of the link, whatever the buffers below would take. The frames
+produced meanwhile are dropped at the sender (it takes the newest next), never queued; the importer writes what arrives in order
 but drops a frame that waited longer than the producer's interval to its successor (a burst
 that TCP releases after a retransmission is written whole; a slow importer converges to the
 newest frame). ``process_all=True`` instead reads every frame in order and
@@ -473,9 +474,10 @@ class Bridge:
         # BLOCK in both modes: a frame is many Zenoh fragments, and DROP discards whatever
         # does not fit the transmit queue, fragments included, so on a link slower than the
         # stream every frame would be cut short and none would arrive. Blocking holds this
-        # thread while the link carries one whole frame; the newest frame is then taken and
-        # those in between are dropped here, at the sender (latest mode), or left to
-        # the source ring (process-all).
+        # thread while Zenoh's queue is full; the send window (below) holds it while the
+        # kernel's buffers would still take frames. The newest frame is then taken and those
+        # in between are dropped here, at the sender (latest mode), or left to the source
+        # ring (process-all).
         cc = zenoh.CongestionControl.BLOCK
         pub = s.declare_publisher(self._key(e.name, "frames"), congestion_control=cc,
                                   priority=zenoh.Priority.DATA, express=True)

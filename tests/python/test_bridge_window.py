@@ -117,10 +117,11 @@ def test_a_round_trip_that_grows_shrinks_the_window_to_two_frames(win, clock):
     for _ in range(40):
         w = link.round(40)
     assert w > 8, w
-    shrinking = [link.round(240) for _ in range(6)]
+    shrinking = [link.round(240) for _ in range(8)]
     assert shrinking[-1] == 2.0, shrinking
-    assert all(b <= a for a, b in zip(shrinking, shrinking[1:])), shrinking
-    assert shrinking[0] < w / 2, (w, shrinking)
+    # The first two could be retransmissions; on the third it is a queue every frame meets.
+    assert shrinking[2] < w / 2, (w, shrinking)
+    assert all(b <= a for a, b in zip(shrinking[2:], shrinking[3:])), shrinking
     win.sending(link.seq)
     win.sending(link.seq + 1)
     link.seq += 2
@@ -129,6 +130,15 @@ def test_a_round_trip_that_grows_shrinks_the_window_to_two_frames(win, clock):
     ack(win, link.seq - 1)
     grown = [link.round(40) for _ in range(30)]
     assert grown[-1] > 6, grown
+
+
+def test_a_frame_late_by_a_retransmission_now_and_then_is_not_a_queue(win, clock):
+    """1 % loss: now and then one frame comes a retransmission (a round trip or more) late
+    while the frames around it do not; the window keeps growing."""
+    link = Link(win, clock)
+    for i in range(60):
+        w = link.round(140 if i % 5 == 4 else 40)
+    assert w > 8, w
 
 
 def test_scheduling_noise_below_the_target_does_not_shrink_it(win, clock):
