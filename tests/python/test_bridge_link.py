@@ -97,6 +97,33 @@ def test_the_emulated_link_delays_and_loses():
     assert a["accepted"] + a["dropped"] == a["queued"]
 
 
+def stream_across(spawn, bridges, name, link, seconds, warm_s=0.0, wait_s=5.0):  # noqa: F811
+    """A 320x240 RGB producer at 30 fps on this side, bridge a exporting it and bridge b
+    importing it on the two sides of ``link``, and a reader here taking the newest frame for
+    ``seconds`` after ``warm_s``: (time read, seq, latency ms, whole) per frame, and when
+    the window began."""
+    prod = producer(spawn, name, shape=(240, 320, 3), fps=30)
+    a = bridges("a", "--listen", f"tcp/{link.a_host}:7447", "--export", name, "--frames", name,
+                prefix=link.prefix("a"))
+    b = bridges("b", "--connect", f"tcp/{link.a_host}:7447", "--import", name, "--frames", name,
+                prefix=link.prefix("b"))
+    b.expect(f"{name}: frames arriving")
+    got = []
+    with frameshm.Reader(name, namespace="b") as r:
+        r.wait_latest(30)
+        t_warm = time.monotonic() + warm_s
+        while time.monotonic() < t_warm:
+            r.wait_latest(wait_s)
+        t0 = time.monotonic()
+        while time.monotonic() - t0 < seconds:
+            f = r.wait_latest(wait_s)
+            got.append((time.monotonic(), f.seq, f.latency_ns / 1e6, frame_seq_ok(f.array) == f.seq))
+    b.stop()
+    a.stop()
+    prod.stop()
+    return got, t0
+
+
 def test_stream_through_delay_and_loss_keeps_flowing_without_backlog(spawn, bridges, name):  # noqa: F811
     """30 fps of 320x240 RGB (6.9 MB/s raw) through 20 ms each way and 1 % loss: frames keep
     arriving whole and in order, their latency (capture -> the reader on the other side)
@@ -106,26 +133,7 @@ def test_stream_through_delay_and_loss_keeps_flowing_without_backlog(spawn, brid
     and at 27 MB/s a machine loaded on both cores delivered 8.2 fps (one run of five); the
     rates of larger frames are bench/bridge.py's to measure."""
     with EmulatedLink(DELAY_MS, 0.01, seed=3) as link:
-        prod = producer(spawn, name, shape=(240, 320, 3), fps=30)
-        port = 7447
-        a = bridges("a", "--listen", f"tcp/{link.a_host}:{port}", "--export", name, "--frames", name,
-                    prefix=link.prefix("a"))
-        b = bridges("b", "--connect", f"tcp/{link.a_host}:{port}", "--import", name, "--frames", name,
-                    prefix=link.prefix("b"))
-        b.expect(f"{name}: frames arriving")
-        got = []
-        with frameshm.Reader(name, namespace="b") as r:
-            r.wait_latest(30)
-            t_warm = time.monotonic() + 1.0        # the TCP connection's ramp-up
-            while time.monotonic() < t_warm:
-                r.wait_latest(5.0)
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 8.0:
-                f = r.wait_latest(5.0)
-                got.append((time.monotonic(), f.seq, f.latency_ns / 1e6, frame_seq_ok(f.array) == f.seq))
-        b.stop()
-        a.stop()
-        prod.stop()
+        got, t0 = stream_across(spawn, bridges, name, link, 8.0, warm_s=1.0)   # warm: TCP's ramp-up
     arrivals, seqs, lat, whole = map(list, zip(*got))
     n = len(got)
     fps = n / (arrivals[-1] - t0)
@@ -167,22 +175,7 @@ def test_a_link_slower_than_the_stream_delivers_the_newest_frame_not_a_backlog(s
     with it, one frame crosses while the next waits (last third's median 0.94-0.98 s at
     3.5-3.6 fps: about 3.4 delivered periods)."""
     with EmulatedLink(DELAY_MS, 0.01, seed=7, cc="cubic") as link:
-        prod = producer(spawn, name, shape=(240, 320, 3), fps=30)
-        a = bridges("a", "--listen", f"tcp/{link.a_host}:7447", "--export", name, "--frames", name,
-                    prefix=link.prefix("a"))
-        b = bridges("b", "--connect", f"tcp/{link.a_host}:7447", "--import", name, "--frames", name,
-                    prefix=link.prefix("b"))
-        b.expect(f"{name}: frames arriving")
-        got = []
-        with frameshm.Reader(name, namespace="b") as r:
-            r.wait_latest(30)
-            t0 = time.monotonic()
-            while time.monotonic() - t0 < 12.0:
-                f = r.wait_latest(10.0)
-                got.append((time.monotonic(), f.seq, f.latency_ns / 1e6, frame_seq_ok(f.array) == f.seq))
-        b.stop()
-        a.stop()
-        prod.stop()
+        got, _ = stream_across(spawn, bridges, name, link, 12.0, wait_s=10.0)
     arrivals, seqs, lat, whole = map(list, zip(*got))
     n = len(got)
     fps = (n - 1) / (arrivals[-1] - arrivals[0])
