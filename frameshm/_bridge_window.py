@@ -71,7 +71,7 @@ SENT_MAX = 256          # frames remembered for round-trip samples (>= WINDOW_MA
 
 class _Peer:
     __slots__ = ("acked", "ack_ns", "window", "rtt_cur", "rtt_prev", "bucket_ns", "shrunk_ns", "rtt_last",
-                 "limited", "recent")
+                 "limited", "recent", "out_ns")
 
     def __init__(self, now: int):
         self.acked = -1              # the newest seq acknowledged, in the current epoch
@@ -83,6 +83,7 @@ class _Peer:
         self.rtt_last = None
         self.limited = False         # the window held the exporter since the last growth
         self.recent: deque = deque(maxlen=STANDING)
+        self.out_ns = None           # when the oldest frame it has not acknowledged was sent
 
     def rtt_min(self) -> Optional[int]:
         vals = [v for v in (self.rtt_cur, self.rtt_prev) if v is not None]
@@ -129,18 +130,25 @@ class SendWindow:
             if (instance, epoch) == (self._instance, self._epoch):
                 return
             self._instance, self._epoch = instance, epoch
-            self._sent.clear()
-            for p in self._peers.values():
-                p.acked = -1
+            self._forget_in_flight()
             self._cv.notify_all()
+
+    def _forget_in_flight(self) -> None:
+        self._sent.clear()
+        for p in self._peers.values():
+            p.acked, p.out_ns = -1, None
 
     def sending(self, seq: int) -> None:
         """Called just before the put of frame ``seq`` (an acknowledgement can overtake
         the put's return on a fast link)."""
         with self._cv:
             if self._sent and seq <= self._sent[-1][0]:
-                self._sent.clear()    # the numbering went back without a new epoch: start over
-            self._sent.append((seq, self._clock()))
+                self._forget_in_flight()   # the numbering went back without a new epoch: start over
+            now = self._clock()
+            self._sent.append((seq, now))
+            for p in self._peers.values():
+                if p.out_ns is None:
+                    p.out_ns = now
 
     def on_ack(self, raw: bytes) -> None:
         if len(raw) != ACK.size:
@@ -156,12 +164,14 @@ class SendWindow:
             if seq <= p.acked:
                 return
             p.acked, p.ack_ns = seq, now
+            p.out_ns = None
             for s, t in reversed(self._sent):
                 if s == seq:
                     p.sample(now - t, now)
                     break
                 if s < seq:
                     break
+                p.out_ns = t          # the oldest sent after the one acknowledged, so far
             self._cv.notify_all()
 
     def _in_flight(self, p: _Peer) -> int:
@@ -181,19 +191,19 @@ class SendWindow:
             n = self._in_flight(p)
             if n == 0 or n < int(p.window):
                 continue
-            if now - max(p.ack_ns, self._oldest_unacked(p)) > p.stall_ns():
+            if now >= self._stall_at(p):
                 continue          # stalled: it does not hold the others
             p.limited = True
             return p
         return None
 
-    def _oldest_unacked(self, p: _Peer) -> int:
-        t_old = 0
-        for s, t in reversed(self._sent):
-            if s <= p.acked:
-                break
-            t_old = t
-        return t_old
+    @staticmethod
+    def _stall_at(p: _Peer) -> int:
+        # Silent since its last acknowledgement and since the oldest frame it has not
+        # acknowledged went out. Kept per importer, not looked up among the frames sent:
+        # those roll over (SENT_MAX) while a stalled importer is left behind, and the
+        # oldest remembered would make it look recent again.
+        return max(p.ack_ns, p.out_ns if p.out_ns is not None else p.ack_ns) + p.stall_ns()
 
     def wait(self, timeout: float) -> bool:
         """Waits up to ``timeout`` s until every importer has room for one more frame;
@@ -209,8 +219,7 @@ class SendWindow:
                 if left <= 0:
                     return False
                 # Wake for the stall as well as for an acknowledgement.
-                stall_at = max(p.ack_ns, self._oldest_unacked(p)) + p.stall_ns()
-                self._cv.wait(max(0.001, min(left, stall_at - now + 1_000_000) / 1e9))
+                self._cv.wait(max(0.001, min(left, self._stall_at(p) - now + 1_000_000) / 1e9))
 
     def state(self) -> dict:
         """Per importer (hex id): frames in flight, window, round trip min/last (ms)."""

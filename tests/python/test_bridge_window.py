@@ -183,6 +183,36 @@ def test_an_importer_that_stops_acknowledging_stops_holding_the_others(win, cloc
     assert room(win) == (st["window"] >= 3)
 
 
+def test_a_stalled_importer_stays_released_however_many_frames_go_out(win, clock):
+    """More frames than the window remembers go out while one importer is silent: it must
+    not look recent again when the oldest frames remembered roll over."""
+    ack(win, 0, importer=2)                    # a second importer, keeping up
+    win.sending(0)
+    clock.advance(40)
+    ack(win, 0)
+    ack(win, 0, importer=2)
+    win.sending(1)
+    win.sending(2)
+    clock.advance(STALL_S * 1000 + 10)
+    for seq in range(3, 2000):
+        assert room(win), seq
+        win.sending(seq)
+        clock.advance(1)
+        ack(win, seq, importer=2)
+
+
+def test_numbering_that_goes_back_within_an_epoch_starts_over(win, clock):
+    win.sending(500)
+    clock.advance(40)
+    ack(win, 500)
+    win.sending(10)                             # back, same epoch
+    win.sending(11)
+    assert not room(win)
+    clock.advance(40)
+    ack(win, 11)
+    assert room(win), "its acknowledgements count again"
+
+
 def test_the_slowest_importer_sets_the_pace(win, clock):
     win.sending(0)
     ack(win, 0, importer=1)
