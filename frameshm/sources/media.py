@@ -33,6 +33,9 @@ it did not take are counted as ``dropped``. A frame's timestamp is the arrival t
 first frame plus its PTS offset (the sender's clock), re-anchored to the arrival time when
 that drifts by more than ``max_drift_ms`` (default 500) or the PTS jumps (a server
 restart), so frame spacing is the camera's and the timestamps stay on CLOCK_MONOTONIC.
+A timestamp is never in the future: frames that arrive faster than their PTS spacing
+before any arrived on time (a backlog at connection, when the server or this process was
+starved) are stamped at arrival, and the spacing is the sender's from then on.
 When the server goes away (end of stream, error, nothing for ``timeout`` seconds)
 ``read_into`` raises :class:`~frameshm.sources.SourceGone`; the capture producer closes the
 source and reopens it until the server is back.
