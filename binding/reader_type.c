@@ -187,15 +187,57 @@ typedef struct {
     int latest;
     held_frame h;
     int last_rc;        /* what the last slice's wait returned */
+    FshmReader *self;
+    int rehearse;       /* build prev's Frame and array as a spin window opens */
 } wait_arg;
+
+/* fshm_reader_on_window's hook: the frame about to come takes the path a frame takes to
+ * the caller (held mappings, the Frame object, its array view), and on a shared host that
+ * path goes cold over a frame period: 25-35 us of the 40-50 us from commit to a Python
+ * consumer holding the view, against 1-2 us when warm (docs/benchmarks.md §11). So it is
+ * walked once for the previous frame while the new one is being filled. Inside the wait
+ * (the guard held, the GIL not); nothing here calls into the reader. */
+static void rehearse(void *arg, const fshm_frame *prev)
+{
+    static PyObject *array_name;
+    wait_arg *a = arg;
+    if (!prev)
+        return;
+    held_frame h = {.f = *prev};
+    hold_frame(a->self->r, &h);
+    PyGILState_STATE st = PyGILState_Ensure();
+    PyObject *frame = frame_view(a->self, &h);   /* drops h's references */
+    if (frame && a->self->frames.array_type &&
+        (array_name || (array_name = PyUnicode_InternFromString("array"))))
+        Py_XDECREF(PyObject_GetAttr(frame, array_name));
+    Py_XDECREF(frame);
+    PyErr_Clear();   /* a failure here is the next frame's to report, if it recurs */
+    PyGILState_Release(st);
+}
+
+/* Whether the hook may take the GIL from inside the wait: only while ours is the
+ * interpreter's one thread. Another thread may hold the GIL for its whole switch interval
+ * (5 ms), and the frame would wait for that twice. And only for frames that build what a
+ * Reader of frameshm builds (an array_type of numpy's): a caller's own factory is not run
+ * for frames it never asked for. */
+static int may_rehearse(FshmReader *self)
+{
+    PyObject *at = self->frames.array_type;
+    if (at && (!PyType_Check(at) || strcmp(((PyTypeObject *)at)->tp_name, "numpy.ndarray") != 0))
+        return 0;
+    PyThreadState *head = PyInterpreterState_ThreadHead(PyThreadState_GetInterpreter(PyThreadState_Get()));
+    return head && !PyThreadState_Next(head);
+}
 
 static int wait_slice(void *obj, int64_t slice_ns, void *arg)
 {
     FshmReader *self = obj;
     wait_arg *a = arg;
     uint64_t end = fshm_now_ns() + (uint64_t)slice_ns;
+    fshm_reader_on_window(self->r, a->rehearse ? rehearse : NULL, a);
     int rc = a->latest ? fshm_reader_wait_latest(self->r, slice_ns, &a->h.f)
                        : fshm_reader_wait_next(self->r, slice_ns, &a->h.f);
+    fshm_reader_on_window(self->r, NULL, NULL);
     a->last_rc = rc;
     if (rc == 0) {
         hold_frame(self->r, &a->h);
@@ -227,7 +269,7 @@ static PyObject *do_wait(FshmReader *self, PyObject *const *args, Py_ssize_t nar
                                 name, key);
         tobj = args[nargs];
     }
-    wait_arg a = {.latest = latest};
+    wait_arg a = {.latest = latest, .self = self, .rehearse = may_rehearse(self)};
     int64_t timeout;
     int rc = fshm_run_sliced(self, &self->guard, (void *const *)&self->r, "Reader", tobj,
                              READER_SLICE_NS, wait_slice, &a, &timeout);

@@ -692,6 +692,12 @@ uint64_t fshm_reader_epoch(const fshm_reader *r) { return r->epoch; }
 uint32_t fshm_reader_stream_id(const fshm_reader *r) { return r->paths.stream_id; }
 uint64_t fshm_reader_overruns(const fshm_reader *r) { return r->overruns; }
 uint64_t fshm_reader_drops(const fshm_reader *r) { return r->drops; }
+
+void fshm_reader_on_window(fshm_reader *r, fshm_window_fn fn, void *arg)
+{
+    r->window_fn = fn;
+    r->window_arg = arg;
+}
 const char *fshm_reader_queue_name(const fshm_reader *r) { return r->queue; }
 
 void fshm_reader_close(fshm_reader *r)

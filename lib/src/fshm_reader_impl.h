@@ -54,6 +54,8 @@ struct fshm_reader {
     int spin_crowded;
     uint16_t spin_tries, spin_hits;   /* this round of windows */
     uint32_t spin_rest;      /* frames to wait without spinning before the next round */
+    fshm_window_fn window_fn;   /* fshm_reader_on_window */
+    void *window_arg;
     /* driver model */
     int driver_mode;
     int lease_events;        /* report a lost lease instead of silently re-attaching */

@@ -246,10 +246,11 @@ static void spin_scored(fshm_reader *r, int hit)
 /* Whether we run on the CPU the producer fills its frames on (it notes its CPU at each
  * loan). A spin there takes the CPU from the producer until the scheduler preempts us or
  * the window closes, so the frame we wait for comes after the window, late for both of
- * us. Blocking instead lets the producer finish, and its commit wakes us (20-30 us on a
- * 2-vCPU guest, against 40-100 us after a lost window). The scheduler puts us there often:
- * a wake-up tends to follow its waker. The field is only a hint: a bad value costs a
- * spin or a wake-up, nothing else. */
+ * us. So a window that opens there first moves us (step_off_producer_cpu), and failing
+ * that, blocks: the producer finishes and its commit wakes us (20-30 us on a 2-vCPU guest,
+ * against 40-100 us after a lost window). The scheduler puts us there often: a wake-up
+ * tends to follow its waker. The field is only a hint: a bad value costs a spin, a move or
+ * a wake-up, nothing else. */
 static int on_producer_cpu(const fshm_reader *r)
 {
     uint32_t p = LOAD_RLX(&r->ctl->producer_cpu);
@@ -257,6 +258,48 @@ static int on_producer_cpu(const fshm_reader *r)
         return 0;
     int cpu = sched_getcpu();
     return cpu >= 0 && (uint32_t)cpu + 1 == p;
+}
+
+/* Moves us off the producer's CPU by leaving it out of our affinity for the moment the
+ * move takes: sched_setaffinity migrates the calling thread before it returns, and putting
+ * the caller's mask back leaves us where we now are. Without it, blocking is all we can
+ * do there, and that keeps us there: the commit's wake-up puts a woken consumer on its
+ * waker's CPU, so after one such frame the next window opens on the same CPU again (2-vCPU
+ * VM, Python producer: 160-260 of 270 frames, 40-60 us each instead of 5-15). 1 if we
+ * moved. Not tried when we may run nowhere else, and a mask the caller changes while we
+ * hold ours wins: we never restore over a change. */
+static int step_off_producer_cpu(const fshm_reader *r)
+{
+    uint32_t p = LOAD_RLX(&r->ctl->producer_cpu);
+    cpu_set_t mine, others;
+    if (!p || p > CPU_SETSIZE || sched_getaffinity(0, sizeof mine, &mine) != 0)
+        return 0;
+    others = mine;
+    CPU_CLR((int)p - 1, &others);
+    if (CPU_COUNT(&others) == 0 || CPU_EQUAL(&others, &mine))
+        return 0;
+    if (sched_setaffinity(0, sizeof others, &others) != 0)
+        return 0;
+    cpu_set_t now;
+    if (sched_getaffinity(0, sizeof now, &now) == 0 && CPU_EQUAL(&now, &others))
+        sched_setaffinity(0, sizeof mine, &mine);
+    return !on_producer_cpu(r);
+}
+
+/* Run just before a spin window: a seqlock read of the frame we returned last, then the
+ * caller's hook (fshm_reader_on_window). Over a frame period on a shared host the path a
+ * frame takes goes cold (caches, TLB): on the 2-vCPU VMs of docs/benchmarks.md the first
+ * read after 16 ms took 18-23 us instead of 0.6-0.9 us. Doing it once here, while the
+ * frame is still being filled, keeps that off the frame's latency. The read has no effect
+ * on the reader's state; failing (its slot reused) it only skips the hook. */
+static void warm_up(fshm_reader *r)
+{
+    fshm_frame prev;
+    const fshm_frame *p = NULL;
+    if (r->last_plus1 && fshm_reader_read_frame(r, r->last_plus1 - 1, &prev) == 0)
+        p = &prev;
+    if (r->window_fn)
+        r->window_fn(r->window_arg, p);
 }
 
 /* Predictive wait: a sleeping consumer takes a cross-CPU wake-up (~25-100 us on a
@@ -291,6 +334,14 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
             *got_desc = rc;   /* a descriptor (1) or an error (<0) */
             return rc;
         }
+        /* Once per frame: a call that finds the window open (after a descriptor that was
+         * not ours to take, say) has warmed already. Moved first: warming one CPU's caches
+         * and then spinning on another would warm nothing. */
+        if (until < deadline && LOAD_ACQ(&r->ctl->latest_seq) <= floor) {
+            if (on_producer_cpu(r) && !step_off_producer_cpu(r))
+                return 0;   /* not scored: the window was not tried */
+            warm_up(r);
+        }
     }
     uint64_t end = expected + lead < deadline ? expected + lead : deadline;
     for (unsigned i = 0;; i++) {
@@ -300,7 +351,7 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
         }
         /* Not scored: the window was not tried. Checked again as we go, since either of
          * us may be moved meanwhile. */
-        if ((i & 63) == 0 && on_producer_cpu(r))
+        if ((i & 63) == 0 && on_producer_cpu(r) && (i != 0 || !step_off_producer_cpu(r)))
             return 0;
         cpu_relax();
         /* No sched_yield() here: under EEVDF a yield hands the CPU to any other runnable

@@ -306,6 +306,16 @@ FSHM_API int fshm_reader_lease_ok(const fshm_reader *r);
 FSHM_API uint32_t fshm_reader_stream_id(const fshm_reader *r);
 FSHM_API uint64_t fshm_reader_overruns(const fshm_reader *r);
 FSHM_API uint64_t fshm_reader_drops(const fshm_reader *r);   /* frames dropped by validation */
+/* Called from inside a wait when a predictive spin window opens (config.spin, frames
+ * coming steadily): the next frame is due within the window and the reader is about to
+ * poll for it. `prev` is the last frame this reader returned, read again just now (NULL
+ * when its slot is being reused). On a shared host the code and data a consumer runs on
+ * each frame go cold over a frame period, which costs the first frame after it tens of
+ * microseconds (docs/benchmarks.md §11); a caller that touches them here takes that off
+ * the frame's latency. Runs on the waiting thread, at most once per frame, while the
+ * reader is inside its wait: it must not call into r. fn NULL: none (the default). */
+typedef void (*fshm_window_fn)(void *arg, const fshm_frame *prev);
+FSHM_API void fshm_reader_on_window(fshm_reader *r, fshm_window_fn fn, void *arg);
 FSHM_API const char *fshm_reader_queue_name(const fshm_reader *r);
 FSHM_API void fshm_reader_close(fshm_reader *r);
 
