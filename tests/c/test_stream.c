@@ -757,6 +757,93 @@ static void test_spin_stays_off_the_producers_cpu(void **state)
     fshm_writer_close(w, 1);
 }
 
+/* What the window hook saw, and where the reader was put back between frames. */
+typedef struct window_seen {
+    int producer_cpu, calls, with_prev, prev_right, off_producer, mask_restored;
+    uint64_t last_seq;   /* the frame the reader returned last */
+    cpu_set_t both;
+} window_seen;
+
+static void on_window(void *arg, const fshm_frame *prev)
+{
+    window_seen *s = arg;
+    s->calls++;
+    if (prev) {
+        s->with_prev++;
+        s->prev_right += prev->seq == s->last_seq && prev->nbytes == 256;
+    }
+    s->off_producer += sched_getcpu() != s->producer_cpu;
+    cpu_set_t now;
+    s->mask_restored += sched_getaffinity(0, sizeof now, &now) == 0 && CPU_EQUAL(&now, &s->both);
+}
+
+/* After each frame: back onto the producer's CPU, with both CPUs allowed again, so that
+ * the next window opens there (pinning moves us; widening the mask does not). */
+static void back_on_producer_cpu(fshm_reader *r, void *arg)
+{
+    window_seen *s = arg;
+    cpu_set_t one;
+    s->last_seq = r->last_plus1 - 1;
+    pin_self(&one, s->producer_cpu);
+    assert_int_equal(sched_setaffinity(0, sizeof s->both, &s->both), 0);
+}
+
+/* A window that opens on the producer's CPU moves the reader off it, with the caller's
+ * affinity as it was, and then calls the window hook with the frame the reader returned
+ * last. Before the move existed the reader blocked there and the hook never ran. */
+static void test_window_moves_off_the_producers_cpu_and_calls_the_hook(void **state)
+{
+    (void)state;
+    const char *name = "st-spin-window";
+    int cpus[2];
+    if (first_cpus(cpus) < 2) {
+        print_message("    (one CPU: nothing to move to)\n");
+        return;
+    }
+    fshm_writer *w = tu_writer(name, 8, 4096);
+    fshm_reader *r;
+    open_spinning(name, &r);
+    r->spin_cpus = 64;   /* never crowded: the test is about placement */
+    cpu_set_t all;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    window_seen s = {.producer_cpu = cpus[0]};
+    CPU_ZERO(&s.both);
+    CPU_SET(cpus[0], &s.both);
+    CPU_SET(cpus[1], &s.both);
+    assert_int_equal(sched_setaffinity(0, sizeof s.both, &s.both), 0);
+    fshm_reader_on_window(r, on_window, &s);
+    cpu_set_t theirs;
+    CPU_ZERO(&theirs);
+    CPU_SET(cpus[0], &theirs);
+    /* A loaded machine skips windows (the frame already late): give it more rounds. */
+    for (int round = 0; round < 6 && s.calls < 10; round++)
+        read_paced_cpus(w, r, 40, 3, 3, &theirs, back_on_producer_cpu, &s);
+    assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
+    print_message("    (%d windows: %d off the producer's CPU, %d with the previous frame)\n", s.calls,
+                  s.off_producer, s.with_prev);
+    assert_true(s.calls >= 10);
+    assert_int_equal(s.mask_restored, s.calls);
+    assert_int_equal(s.prev_right, s.with_prev);
+    assert_true(s.with_prev * 10 >= s.calls * 9);     /* 8 slots: the last frame is still there */
+    assert_true(s.off_producer * 10 >= s.calls * 9);  /* allowing for a rebalance in between */
+    /* No hook, no call; and spin = 0 never calls it. */
+    fshm_reader_on_window(r, NULL, NULL);
+    int before = s.calls;
+    read_paced(w, r, 20, 3, 3, NULL, NULL);
+    assert_int_equal(s.calls, before);
+    fshm_reader_close(r);
+    fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+    rc.addr.name = name;
+    rc.spin = 0;
+    assert_int_equal(fshm_reader_open(&rc, &r), 0);
+    tu_track(r);
+    fshm_reader_on_window(r, on_window, &s);
+    read_paced(w, r, 20, 3, 3, NULL, NULL);
+    assert_int_equal(s.calls, before);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
 static fshm_reader *open_no_queue(const char *name)
 {
     fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
@@ -2473,6 +2560,7 @@ int main(void)
         cmocka_unit_test(test_spin_rests_when_it_does_not_pay_off),
         cmocka_unit_test(test_writer_notes_its_cpu_at_each_loan),
         cmocka_unit_test(test_spin_stays_off_the_producers_cpu),
+        cmocka_unit_test(test_window_moves_off_the_producers_cpu_and_calls_the_hook),
         cmocka_unit_test(test_spin_not_scored_by_polls),
         cmocka_unit_test(test_no_queue_reader_by_choice),
         cmocka_unit_test(test_no_queue_doorbell_wakes_only_a_sleeper),
