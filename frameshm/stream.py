@@ -362,9 +362,13 @@ class Reader:
     Each Reader registers its own descriptor queue with the producer (fan-out).
     With ``spin=True`` (default) a reader of a steady stream polls for a short window
     just before the next frame is due instead of sleeping through a wake-up: lower
-    latency for a few percent of a core. It does not spin on the CPU the producer is
-    filling the frame on, nor while the stream's consumers and producer outnumber its
-    CPUs. ``spin=False`` always sleeps.
+    latency for a few percent of a core. A window that opens on the CPU the producer is
+    filling the frame on first moves the reader's thread to another CPU it may run on
+    (its affinity stays as it was); it does not spin while the stream's consumers and
+    producer outnumber its CPUs. While the waiting thread is the interpreter's only
+    one, each window first builds the previous frame's ``Frame`` and ``array`` again
+    and drops them, so the path the new frame takes is warm (tens of microseconds on a
+    shared host). ``spin=False`` always sleeps.
     ``subscribe=False`` opens a passive handle: no queue and no consumer entry (so it
     costs the producer nothing and uses no system queue); it can ``read_latest()`` and
     get/set the control bytes but not wait.

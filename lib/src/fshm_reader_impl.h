@@ -4,6 +4,8 @@
 #ifndef FSHM_READER_IMPL_H
 #define FSHM_READER_IMPL_H
 
+#include <sched.h>
+
 #include "fshm_internal.h"
 
 #define LEASE_RETRY_NS 200000000ull   /* a driver-mode reader retries an unreachable driver */
@@ -50,8 +52,10 @@ struct fshm_reader {
     /* adaptive spinning (fshm_reader_wait.c): off while the stream's consumers and its
      * producer outnumber our CPUs, and for a while after spins that did not pay off */
     int spin_cpus;           /* CPUs we may run on, 0 = not counted yet */
-    uint32_t spin_gen;       /* consumers_gen + 1 when spin_crowded was counted, 0 = never */
-    int spin_crowded;
+    cpu_set_t spin_mask;     /* which ones (empty: unknown) */
+    uint32_t spin_gen;       /* consumers_gen + 1 when the consumers were counted, 0 = never */
+    int spin_consumers;
+    int spin_crowded;        /* the last answer of spin_crowded */
     uint16_t spin_tries, spin_hits;   /* this round of windows */
     uint32_t spin_rest;      /* frames to wait without spinning before the next round */
     fshm_window_fn window_fn;   /* fshm_reader_on_window */

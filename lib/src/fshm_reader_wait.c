@@ -209,23 +209,30 @@ static inline void cpu_relax(void)
 /* Whether spinning can pay off on this machine: each spinning consumer holds a CPU
  * through its window, and the frame it waits for needs the producer on a CPU too. With
  * more of them than CPUs (8 consumers of one stream on 2 vCPUs) they only delay one
- * another and the producer. Counted again only when the consumer table changes. */
+ * another and the producer. The consumers are counted again only when the table changes;
+ * the producer counts only while it fills on a CPU we may run on (its loan notes where),
+ * so a consumer pinned to a CPU of its own spins. */
 static int spin_crowded(fshm_reader *r)
 {
     uint32_t gen = LOAD_ACQ(&r->ctl->consumers_gen);
-    if (r->spin_gen == gen + 1)
-        return r->spin_crowded;
     if (!r->spin_cpus) {
-        cpu_set_t set;
-        int n = sched_getaffinity(0, sizeof set, &set) == 0 ? CPU_COUNT(&set) : 0;
+        int n = sched_getaffinity(0, sizeof r->spin_mask, &r->spin_mask) == 0 ? CPU_COUNT(&r->spin_mask) : 0;
+        if (n <= 0)
+            CPU_ZERO(&r->spin_mask);
         r->spin_cpus = n > 0 ? n : 1;
     }
-    int consumers = 0;
-    for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++)
-        if (CONS_KIND(LOAD_RLX(&ctl_consumer(r->ctl, i)->state)) == CONS_ACTIVE)
-            consumers++;
-    r->spin_gen = gen + 1;
-    r->spin_crowded = consumers + 1 > r->spin_cpus;
+    if (r->spin_gen != gen + 1) {
+        int consumers = 0;
+        for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++)
+            if (CONS_KIND(LOAD_RLX(&ctl_consumer(r->ctl, i)->state)) == CONS_ACTIVE)
+                consumers++;
+        r->spin_gen = gen + 1;
+        r->spin_consumers = consumers;
+    }
+    uint32_t p = LOAD_RLX(&r->ctl->producer_cpu);
+    int producer_here = !p || p > CPU_SETSIZE || CPU_COUNT(&r->spin_mask) == 0 ||
+                        CPU_ISSET((int)p - 1, &r->spin_mask);
+    r->spin_crowded = r->spin_consumers + producer_here > r->spin_cpus;
     return r->spin_crowded;
 }
 

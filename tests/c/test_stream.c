@@ -757,6 +757,36 @@ static void test_spin_stays_off_the_producers_cpu(void **state)
     fshm_writer_close(w, 1);
 }
 
+/* A consumer pinned to one CPU, its producer on another: they do not share a CPU, so its
+ * windows are tried (before, one CPU of our own counted as crowded by the producer, and a
+ * pinned consumer never spun); pinned to the producer's CPU, it is crowded. */
+static void test_spin_pinned_apart_from_the_producer(void **state)
+{
+    (void)state;
+    const char *name = "st-spin-pinned";
+    int cpus[2];
+    if (first_cpus(cpus) < 2)
+        skip();
+    fshm_writer *w = tu_writer(name, 8, 4096);
+    fshm_reader *r;
+    open_spinning(name, &r);
+    spin_seen apart = {0};
+    for (int round = 0; round < 6 && !apart.most_tries && !apart.most_rest; round++)
+        read_paced_on(w, r, 40, cpus[0], cpus[1], &apart);
+    assert_int_equal(r->spin_cpus, 1);
+    assert_int_equal(r->spin_crowded, 0);
+    assert_true(apart.most_tries > 0 || apart.most_rest > 0);
+    fshm_reader_close(r);
+    open_spinning(name, &r);
+    spin_seen same = {0};
+    read_paced_on(w, r, 20, cpus[0], cpus[0], &same);
+    assert_int_equal(r->spin_cpus, 1);
+    assert_int_equal(r->spin_crowded, 1);
+    assert_int_equal(same.most_tries, 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
 /* What the window hook saw, and where the reader was put back between frames. */
 typedef struct window_seen {
     int producer_cpu, calls, with_prev, prev_right, off_producer, mask_restored;
@@ -2560,6 +2590,7 @@ int main(void)
         cmocka_unit_test(test_spin_rests_when_it_does_not_pay_off),
         cmocka_unit_test(test_writer_notes_its_cpu_at_each_loan),
         cmocka_unit_test(test_spin_stays_off_the_producers_cpu),
+        cmocka_unit_test(test_spin_pinned_apart_from_the_producer),
         cmocka_unit_test(test_window_moves_off_the_producers_cpu_and_calls_the_hook),
         cmocka_unit_test(test_spin_not_scored_by_polls),
         cmocka_unit_test(test_no_queue_reader_by_choice),

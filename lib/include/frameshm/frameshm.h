@@ -222,8 +222,9 @@ typedef struct fshm_reader_config {
     const char *consumer;   /* label in the consumer table (fshm_stream_info_get);
                              * NULL = "pid-<pid>" */
     int spin;               /* 1: predictive spin just before a steady stream's next frame
-                             * is due (lower latency, a few % of a core; never on the CPU
-                             * the producer fills on); 0: always sleep */
+                             * is due (lower latency, a few % of a core; a window opening
+                             * on the CPU the producer fills on moves the thread off it
+                             * first, its affinity kept); 0: always sleep */
     int passive;            /* 1: no queue and no registration — for peeking at the newest
                              * frame and the control bytes without being a consumer */
     uint32_t max_rate_hz;   /* >0: the producer sends this consumer at most this many
