@@ -229,10 +229,15 @@ static int spin_crowded(fshm_reader *r)
         r->spin_gen = gen + 1;
         r->spin_consumers = consumers;
     }
+    /* Where the producer runs matters only when the consumers alone just fit: then its
+     * hint (a shared line) is read. */
+    if (r->spin_consumers != r->spin_cpus) {
+        r->spin_crowded = r->spin_consumers > r->spin_cpus;
+        return r->spin_crowded;
+    }
     uint32_t p = LOAD_RLX(&r->ctl->producer_cpu);
-    int producer_here = !p || p > CPU_SETSIZE || CPU_COUNT(&r->spin_mask) == 0 ||
-                        CPU_ISSET((int)p - 1, &r->spin_mask);
-    r->spin_crowded = r->spin_consumers + producer_here > r->spin_cpus;
+    r->spin_crowded = !p || p > CPU_SETSIZE || CPU_COUNT(&r->spin_mask) == 0 ||
+                      CPU_ISSET((int)p - 1, &r->spin_mask);
     return r->spin_crowded;
 }
 
