@@ -2,7 +2,9 @@
 # The library and the binding built with AddressSanitizer and UndefinedBehaviorSanitizer,
 # in a copy of the tree, running the tests that share handles and mappings between threads
 # and outlive them: one Reader used from several threads across epoch changes (the crash of
-# issue 14), views outliving their Reader/Writer/stream, DLPack exports. Any report fails.
+# issue 14), views outliving their Reader/Writer/stream, DLPack exports, and the Reader's
+# spin-window hook, which builds Python objects with the GIL taken inside a wait. Any
+# report fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_python.sh
@@ -23,8 +25,9 @@ export UBSAN_OPTIONS=halt_on_error=1:print_stacktrace=1
 # The copy's frameshm, not the environment's (an editable install points at the checkout).
 got="$("$FRAMESHM_PY" -c 'import frameshm._core as c; print(c.__file__)')"
 case "$got" in "$work"/*) ;; *) echo "imported $got, not the instrumented copy" >&2; exit 1;; esac
-echo "== ASan + UBSan: threads, lifetime, DLPack =="
+echo "== ASan + UBSan: threads, lifetime, DLPack, spin window =="
 # (The leak tests count mappings and bytes, which the sanitizers' allocator changes: they
 # run in the main suite.)
 "$FRAMESHM_PY" -m pytest -q -p no:cacheprovider tests/python/test_threads.py \
-    tests/python/test_lifetime.py tests/python/test_dlpack.py -k "not leak"
+    tests/python/test_lifetime.py tests/python/test_dlpack.py tests/python/test_spin_window.py \
+    -k "not leak"
