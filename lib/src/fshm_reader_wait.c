@@ -339,6 +339,9 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
     uint64_t now = fshm_now_ns();
     if (now + lead > expected + lead)   /* already past the window: plain blocking */
         return 0;
+    /* Warmed once per frame: a call that finds the window open (after a descriptor that
+     * was not ours to take, say) has warmed already. */
+    int warm = 0;
     if (now + lead < expected) {
         uint64_t until = expected - lead < deadline ? expected - lead : deadline;
         int rc = receive(r, until, &floor, seq, pub, epoch);
@@ -346,14 +349,16 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
             *got_desc = rc;   /* a descriptor (1) or an error (<0) */
             return rc;
         }
-        /* Once per frame: a call that finds the window open (after a descriptor that was
-         * not ours to take, say) has warmed already. Moved first: warming one CPU's caches
-         * and then spinning on another would warm nothing. */
-        if (until < deadline && LOAD_ACQ(&r->ctl->latest_seq) <= floor) {
-            if (on_producer_cpu(r) && !step_off_producer_cpu(r))
-                return 0;   /* not scored: the window was not tried */
+        warm = until < deadline;
+    }
+    /* A window opening on the producer's CPU moves us first, and before the warm-up:
+     * warming one CPU's caches and then spinning on another would warm nothing. Failing
+     * the move, the window is not tried, so not scored. */
+    if (LOAD_ACQ(&r->ctl->latest_seq) <= floor) {
+        if (on_producer_cpu(r) && !step_off_producer_cpu(r))
+            return 0;
+        if (warm)
             warm_up(r);
-        }
     }
     uint64_t end = expected + lead < deadline ? expected + lead : deadline;
     for (unsigned i = 0;; i++) {
@@ -363,7 +368,7 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
         }
         /* Not scored: the window was not tried. Checked again as we go, since either of
          * us may be moved meanwhile. */
-        if ((i & 63) == 0 && on_producer_cpu(r) && (i != 0 || !step_off_producer_cpu(r)))
+        if ((i & 63) == 0 && on_producer_cpu(r))
             return 0;
         cpu_relax();
         /* No sched_yield() here: under EEVDF a yield hands the CPU to any other runnable
