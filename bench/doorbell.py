@@ -7,8 +7,12 @@ Counts come from the kernel (`perf stat -e raw_syscalls:sys_enter,syscalls:sys_e
 not depend on how busy the machine is; CPU time per message and the consumer's sleeps
 (voluntary context switches) are reported beside them. Compare two builds by running
 this file with each on PYTHONPATH (the frameshm it imports is the one measured).
+Without perf (a guest whose PMU and tracepoints are not exposed) the system-call columns
+are left empty and the rest is measured as usual. The "-spin" modes read with
+`spin=True` (the Reader's default), the others with `spin=False`.
 
     python bench/doorbell.py --rates 1000,10000,50000 --seconds 3
+    python bench/doorbell.py --rates 100000,300000 --modes noqueue,noqueue-spin
 """
 
 from __future__ import annotations
@@ -63,10 +67,10 @@ def producer(stream: str, rate: int, seconds: float) -> None:
     w.close()
 
 
-def consumer(stream: str, queue: bool) -> None:
+def consumer(stream: str, queue: bool, spin: bool) -> None:
     import frameshm
 
-    r = frameshm.Reader(stream, queue=queue, spin=False)
+    r = frameshm.Reader(stream, queue=queue, spin=spin)
     print("READY", flush=True)
     got = lost = 0
     last = None
@@ -107,7 +111,7 @@ def _counts(path: str) -> dict:
     return out
 
 
-def one(rate: int, seconds: float, queue: bool) -> dict:
+def one(rate: int, seconds: float, queue: bool, spin: bool, perf: bool) -> dict:
     tmp = tempfile.mkdtemp(prefix="fshm-bell-")
     env = dict(os.environ, FRAMESHM_DIR=tmp)
     stream = f"bell{os.getpid()}"
@@ -115,29 +119,33 @@ def one(rate: int, seconds: float, queue: bool) -> dict:
     p = subprocess.Popen(me + ["--role", "producer", stream, str(rate), str(seconds)], env=env,
                          stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)
     assert p.stdout.readline().strip() == "READY"
-    c = subprocess.Popen(me + ["--role", "consumer", stream, "1" if queue else "0"], env=env,
-                         stdout=subprocess.PIPE, text=True)
+    c = subprocess.Popen(me + ["--role", "consumer", stream, "1" if queue else "0", "1" if spin else "0"],
+                         env=env, stdout=subprocess.PIPE, text=True)
     assert c.stdout.readline().strip() == "READY"
-    pp, pc = _perf(p.pid, tmp + "/p.perf"), _perf(c.pid, tmp + "/c.perf")
+    perfs = [_perf(p.pid, tmp + "/p.perf"), _perf(c.pid, tmp + "/c.perf")] if perf else []
     time.sleep(0.5)  # perf attached
     p.stdin.write("go\n")
     p.stdin.flush()
     pres = json.loads(p.stdout.readline())
     cres = json.loads(c.stdout.readline())  # after its 1 s timeout
-    for perf in (pp, pc):
-        perf.send_signal(signal.SIGINT)
-        perf.wait(timeout=30)
+    for pr in perfs:
+        pr.send_signal(signal.SIGINT)
+        pr.wait(timeout=30)
     p.stdin.write("done\n")
     p.stdin.flush()
     p.wait(timeout=30)
     c.wait(timeout=30)
-    pk, ck = _counts(tmp + "/p.perf"), _counts(tmp + "/c.perf")
+    pk, ck = (_counts(tmp + "/p.perf"), _counts(tmp + "/c.perf")) if perf else ({}, {})
     shutil.rmtree(tmp, ignore_errors=True)
     n = max(pres["sent"], 1)
+
+    def per(counts, key):
+        return counts[key] / n if key in counts else None
     return {"rate": rate, "queue": queue, "sent": pres["sent"], "got": cres["got"], "lost": cres["lost"],
-            "p_sys_per_msg": pk.get("sys_enter", 0) / n, "p_futex_per_msg": pk.get("sys_enter_futex", 0) / n,
-            "c_sys_per_msg": ck.get("sys_enter", 0) / n, "c_futex_per_msg": ck.get("sys_enter_futex", 0) / n,
-            "p_cpu_us": pres["cpu_s"] / n * 1e6, "c_sleeps_per_msg": cres["sleeps"] / n}
+            "p_sys_per_msg": per(pk, "sys_enter"), "p_futex_per_msg": per(pk, "sys_enter_futex"),
+            "c_sys_per_msg": per(ck, "sys_enter"), "c_futex_per_msg": per(ck, "sys_enter_futex"),
+            "p_cpu_us": pres["cpu_s"] / n * 1e6, "c_cpu_us": cres["cpu_s"] / n * 1e6,
+            "c_sleeps_per_msg": cres["sleeps"] / n, "p_sleeps_per_msg": pres["sleeps"] / n}
 
 
 def main() -> int:
@@ -145,30 +153,53 @@ def main() -> int:
     ap.add_argument("--role", nargs="+", help=argparse.SUPPRESS)
     ap.add_argument("--rates", default="1000,10000,50000", help="messages/s, comma separated")
     ap.add_argument("--seconds", type=float, default=3.0, help="measured window per case")
-    ap.add_argument("--modes", default="noqueue,queue", help="noqueue (Reader(queue=False)), queue")
+    ap.add_argument("--modes", default="noqueue,queue",
+                    help="noqueue (Reader(queue=False)), queue; -spin appended: spin=True")
     a = ap.parse_args()
     if a.role:
         if a.role[0] == "producer":
             producer(a.role[1], int(a.role[2]), float(a.role[3]))
         else:
-            consumer(a.role[1], a.role[2] == "1")
+            consumer(a.role[1], a.role[2] == "1", a.role[3] == "1")
         return 0
-    if not shutil.which("perf"):
-        print("needs perf (apt-get install linux-perf) with tracepoints readable", file=sys.stderr)
-        return 2
+    modes = a.modes.split(",")
+    for mode in modes:
+        if mode.removesuffix("-spin") not in ("noqueue", "queue"):
+            ap.error(f"unknown mode {mode!r}")
+    perf = _perf_works()
+    if not perf:
+        print("# perf stat with tracepoints does not work here (apt-get install linux-perf; a guest "
+              "may not expose them): system calls not counted", file=sys.stderr)
     import frameshm
 
     print(f"# frameshm {frameshm.__version__} from {os.path.dirname(frameshm.__file__)}; "
           f"load {open('/proc/loadavg').read().split()[0]}")
-    print(f"{'mode':8} {'rate':>6} {'sent':>7} {'lost':>5} {'prod sys/msg':>12} {'prod futex':>10} "
-          f"{'cons sys/msg':>12} {'cons futex':>10} {'cons sleeps':>11} {'prod CPU us':>11}")
+    print(f"{'mode':12} {'rate':>6} {'sent':>7} {'lost':>5} {'prod sys/msg':>12} {'prod futex':>10} "
+          f"{'cons sys/msg':>12} {'cons futex':>10} {'cons sleeps':>11} {'prod sleeps':>11} "
+          f"{'prod CPU us':>11} {'cons CPU us':>11}")
+
+    def num(v, w):
+        return f"{v:>{w}.2f}" if v is not None else f"{'-':>{w}}"
     for rate in (int(x) for x in a.rates.split(",")):
-        for mode in a.modes.split(","):
-            r = one(rate, a.seconds, mode == "queue")
-            print(f"{mode:8} {rate:>6} {r['sent']:>7} {r['lost']:>5} {r['p_sys_per_msg']:>12.2f} "
-                  f"{r['p_futex_per_msg']:>10.2f} {r['c_sys_per_msg']:>12.2f} {r['c_futex_per_msg']:>10.2f} "
-                  f"{r['c_sleeps_per_msg']:>11.2f} {r['p_cpu_us']:>11.2f}", flush=True)
+        for mode in modes:
+            r = one(rate, a.seconds, mode.startswith("queue"), mode.endswith("-spin"), perf)
+            print(f"{mode:12} {rate:>6} {r['sent']:>7} {r['lost']:>5} {num(r['p_sys_per_msg'], 12)} "
+                  f"{num(r['p_futex_per_msg'], 10)} {num(r['c_sys_per_msg'], 12)} {num(r['c_futex_per_msg'], 10)} "
+                  f"{r['c_sleeps_per_msg']:>11.2f} {r['p_sleeps_per_msg']:>11.2f} {r['p_cpu_us']:>11.2f} "
+                  f"{r['c_cpu_us']:>11.2f}", flush=True)
     return 0
+
+
+def _perf_works() -> bool:
+    """Whether perf can count this process's system calls (a guest may lack the events)."""
+    if not shutil.which("perf"):
+        return False
+    try:
+        rc = subprocess.run(["perf", "stat", "-x", ",", "-e", "raw_syscalls:sys_enter", "true"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        return False
+    return rc.returncode == 0 and "not supported" not in rc.stderr
 
 
 if __name__ == "__main__":

@@ -58,6 +58,7 @@ struct fshm_reader {
     int spin_crowded;        /* the last answer of spin_crowded */
     uint16_t spin_tries, spin_hits;   /* this round of windows */
     uint32_t spin_rest;      /* frames to wait without spinning before the next round */
+    uint32_t burst_span_ns;  /* a fast stream's poll before sleeping; 0 = not set yet */
     fshm_window_fn window_fn;   /* fshm_reader_on_window */
     void *window_arg;
     /* driver model */

@@ -205,6 +205,9 @@ static inline void cpu_relax(void)
 #define SPIN_LEAD_MAX_NS 500000ull
 #define SPIN_ROUND 16        /* windows judged together */
 #define SPIN_REST 64         /* frames without spinning after a round that did not pay off */
+#define BURST_MAX_INTERVAL_NS 5000ull   /* a message every 5 us or less: a fast stream */
+#define BURST_MIN_NS 4000ull    /* about what a sleep, its wake-up and the FUTEX_WAKE cost */
+#define BURST_MAX_NS 20000ull
 
 /* Whether spinning can pay off on this machine: each spinning consumer holds a CPU
  * through its window, and the frame it waits for needs the producer on a CPU too. With
@@ -314,6 +317,43 @@ static void warm_up(fshm_reader *r)
         r->window_fn(r->window_arg, p);
 }
 
+/* The wait of a fast stream's reader that has caught up (a message every few
+ * microseconds, as a rule in bursts): poll the newest seq for a while before sleeping.
+ * Each sleep costs this thread a FUTEX_WAIT and a wake-up (2-5 us on a 2-vCPU VM), and
+ * the producer a FUTEX_WAKE it would not otherwise make (it rings only a sleeper's
+ * doorbell): at these rates that is more CPU than the gap itself, on both sides. How long
+ * to poll adapts as a spinning lock's spin does: a miss halves the span (down to about
+ * the cost of the sleep it failed to avoid), a hit late in the span doubles it, so a
+ * producer that pauses between bursts for longer than BURST_MAX_NS (a Python producer
+ * pacing with sleeps) costs a few microseconds per burst, not the whole span.
+ * Never on the producer's CPU; scored like the windows. 1: a frame newer than `floor`. */
+static int burst_poll(fshm_reader *r, uint64_t deadline, uint64_t floor)
+{
+    if (LOAD_ACQ(&r->ctl->latest_seq) > floor)
+        return 1;   /* not a wait: not scored */
+    if (on_producer_cpu(r))
+        return 0;
+    if (!r->burst_span_ns)
+        r->burst_span_ns = BURST_MAX_NS;
+    uint64_t start = fshm_now_ns(), end = start + r->burst_span_ns;
+    if (end > deadline)
+        end = deadline;
+    for (unsigned i = 1;; i++) {
+        cpu_relax();
+        if (LOAD_ACQ(&r->ctl->latest_seq) > floor) {
+            if ((fshm_now_ns() - start) * 2 > r->burst_span_ns)
+                r->burst_span_ns = r->burst_span_ns * 2 > BURST_MAX_NS ? BURST_MAX_NS : r->burst_span_ns * 2;
+            spin_scored(r, 1);
+            return 1;
+        }
+        if ((i & 15) == 0 && fshm_now_ns() >= end) {
+            r->burst_span_ns = r->burst_span_ns / 2 < BURST_MIN_NS ? BURST_MIN_NS : r->burst_span_ns / 2;
+            spin_scored(r, 0);
+            return 0;
+        }
+    }
+}
+
 /* Predictive wait: a sleeping consumer takes a cross-CPU wake-up (~25-100 us on a
  * VM) per frame. When frames come at a steady rate, sleep on the queue until just
  * before the next one is due, then poll the control region's latest seq for a short
@@ -326,7 +366,8 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
     uint64_t iv = r->interval_ns;
     if (r->max_rate_hz)
         return 0;   /* spinning on latest_seq would see every frame, not our share */
-    if (!r->spin || !r->epoch || iv < SPIN_MIN_INTERVAL_NS || !r->last_arrival_ns)
+    int burst = iv && iv <= BURST_MAX_INTERVAL_NS;
+    if (!r->spin || !r->epoch || (iv < SPIN_MIN_INTERVAL_NS && !burst) || !r->last_arrival_ns)
         return 0;
     if (r->spin_rest) {
         r->spin_rest--;
@@ -334,6 +375,8 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
     }
     if (spin_crowded(r))
         return 0;
+    if (burst)
+        return burst_poll(r, deadline, floor);
     uint64_t lead = iv / 16 < SPIN_LEAD_MAX_NS ? iv / 16 : SPIN_LEAD_MAX_NS;
     uint64_t expected = r->last_arrival_ns + iv;
     uint64_t now = fshm_now_ns();

@@ -20,6 +20,7 @@
 #include <sys/mman.h>
 #include <sys/mount.h>
 #include <sys/prctl.h>
+#include <sys/resource.h>
 #include <sys/stat.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -1016,6 +1017,118 @@ static void test_no_queue_doorbell_wakes_only_a_sleeper(void **state)
         assert_int_equal(tu_publish(w, 16), 0);
     assert_int_equal(w->futex_wakes, wakes + 2 + 5);
     fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* A producer of 64 B messages in bursts, a short busy gap between bursts (no sleep, so
+ * the gaps stay microseconds long). */
+typedef struct burst_writer {
+    fshm_writer *w;
+    int bursts, per_burst, rc;
+    uint64_t gap_ns;
+} burst_writer;
+
+static void *burst_main(void *arg)
+{
+    burst_writer *b = arg;
+    for (int i = 0; i < b->bursts && !b->rc; i++) {
+        for (int k = 0; k < b->per_burst && !b->rc; k++)
+            b->rc = tu_publish(b->w, 64);
+        for (uint64_t until = tu_now_ns() + b->gap_ns; tu_now_ns() < until;)
+            ;
+    }
+    return NULL;
+}
+
+/* Reads a burst_writer's stream to its end, the writer on cpus[0] and us on cpus[1]: the
+ * FUTEX_WAKEs the writer made for us and our voluntary context switches (our sleeps). */
+static void read_bursts(fshm_writer *w, fshm_reader *r, const int cpus[2], int bursts,
+                        uint64_t *wakes, long *sleeps)
+{
+    cpu_set_t all, one;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    pin_self(&one, cpus[1]);
+    burst_writer b = {.w = w, .bursts = bursts, .per_burst = 8, .gap_ns = 1000};
+    uint64_t last = fshm_writer_next_seq(w) + (uint64_t)bursts * 8 - 1, wakes0 = w->futex_wakes;
+    struct rusage ru0, ru1;
+    getrusage(RUSAGE_THREAD, &ru0);
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    cpu_set_t theirs;
+    CPU_ZERO(&theirs);
+    CPU_SET(cpus[0], &theirs);
+    assert_int_equal(pthread_attr_setaffinity_np(&a, sizeof theirs, &theirs), 0);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, &a, burst_main, &b), 0);
+    pthread_attr_destroy(&a);
+    fshm_frame f = frame_zero();
+    do {
+        int rc = fshm_reader_wait_next(r, 10 * SEC, &f);
+        if (rc) {
+            pthread_join(t, NULL);
+            fail_msg("wait_next: %d (%s)", rc, fshm_last_error());
+        }
+    } while (f.seq < last);
+    getrusage(RUSAGE_THREAD, &ru1);
+    pthread_join(t, NULL);
+    assert_int_equal(b.rc, 0);
+    assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
+    *wakes = w->futex_wakes - wakes0;
+    *sleeps = ru1.ru_nvcsw - ru0.ru_nvcsw;
+}
+
+/* A queueless reader of a fast stream (a message every microsecond or so, in bursts)
+ * that has caught up polls before it sleeps: the producer rings no doorbell for it
+ * between bursts. Sleeping there cost the reader a futex sleep and the producer a
+ * FUTEX_WAKE per burst, more than the gap; with spin = 0 it still does. A pause longer
+ * than the poll shrinks it. */
+static void test_fast_stream_reader_polls_between_bursts(void **state)
+{
+    (void)state;
+    const char *name = "st-burst";
+    int cpus[2];
+    if (first_cpus(cpus) < 2) {
+        print_message("    (one CPU: a poll would only keep the producer off it)\n");
+        return;
+    }
+    fshm_writer *w = tu_writer(name, 4096, 4096);
+    enum { BURSTS = 2000 };
+    uint64_t wakes[2];
+    long sleeps[2];
+    for (int spin = 0; spin < 2; spin++) {
+        fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+        rc.addr.name = name;
+        rc.no_queue = 1;
+        rc.spin = spin;
+        fshm_reader *r;
+        assert_int_equal(fshm_reader_open(&rc, &r), 0);
+        tu_track(r);
+        read_bursts(w, r, cpus, BURSTS, &wakes[spin], &sleeps[spin]);
+        if (spin) {
+            /* A pause longer than any poll: each wait that polls in vain halves the
+             * poll, down to about what the sleep costs, so a producer that pauses
+             * between bursts costs ~4 us of polling per burst, not 20. The stream is
+             * made fast and the score fresh here, since a loaded machine's stall of the
+             * producer may have taught the reader otherwise by now. */
+            cpu_set_t all, one;
+            assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+            pin_self(&one, cpus[1]);
+            r->interval_ns = 1000;
+            r->spin_rest = r->spin_tries = r->spin_hits = 0;
+            fshm_frame f = frame_zero();
+            for (int k = 0; k < 6; k++)
+                assert_int_equal(fshm_reader_wait_next(r, 1000000, &f), -ETIMEDOUT);
+            assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
+            assert_int_equal(r->burst_span_ns, 4000);
+        }
+        fshm_reader_close(r);
+    }
+    print_message("    (%d bursts: %llu doorbells rung and %ld sleeps without the poll, %llu and %ld "
+                  "with it)\n", BURSTS, (unsigned long long)wakes[0], sleeps[0],
+                  (unsigned long long)wakes[1], sleeps[1]);
+    /* A loaded machine descheduling the producer still makes the poller sleep now and
+     * then; a sleep per burst is what the poll removes. */
+    assert_true(wakes[1] * 4 <= BURSTS);
     fshm_writer_close(w, 1);
 }
 
@@ -2595,6 +2708,7 @@ int main(void)
         cmocka_unit_test(test_spin_not_scored_by_polls),
         cmocka_unit_test(test_no_queue_reader_by_choice),
         cmocka_unit_test(test_no_queue_doorbell_wakes_only_a_sleeper),
+        cmocka_unit_test(test_fast_stream_reader_polls_between_bursts),
         cmocka_unit_test(test_big_publish_copies_every_byte),
         cmocka_unit_test(test_timeout_producer_alive),
         cmocka_unit_test(test_timeout_producer_dead),

@@ -224,7 +224,10 @@ typedef struct fshm_reader_config {
     int spin;               /* 1: predictive spin just before a steady stream's next frame
                              * is due (lower latency, a few % of a core; a window opening
                              * on the CPU the producer fills on moves the thread off it
-                             * first, its affinity kept); 0: always sleep */
+                             * first, its affinity kept), and on a fast stream (a message
+                             * every 5 us or less) a poll of at most 20 us, never on the
+                             * producer's CPU, before a reader that caught up sleeps;
+                             * 0: always sleep */
     int passive;            /* 1: no queue and no registration — for peeking at the newest
                              * frame and the control bytes without being a consumer */
     uint32_t max_rate_hz;   /* >0: the producer sends this consumer at most this many
