@@ -530,19 +530,26 @@ static void *jitter_main(void *arg)
     return NULL;
 }
 
+/* A thread running fn(arg), confined to `cpus` (NULL: anywhere). */
+static pthread_t start_thread_on(void *(*fn)(void *), void *arg, const cpu_set_t *cpus)
+{
+    pthread_attr_t a;
+    pthread_attr_init(&a);
+    if (cpus)
+        assert_int_equal(pthread_attr_setaffinity_np(&a, sizeof *cpus, cpus), 0);
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, &a, fn, arg), 0);
+    pthread_attr_destroy(&a);
+    return t;
+}
+
 /* writer_cpus: where the writer thread may run (NULL: anywhere). */
 static void read_paced_cpus(fshm_writer *w, fshm_reader *r, int frames, int ms_a, int ms_b,
                             const cpu_set_t *writer_cpus, void (*look)(fshm_reader *, void *), void *arg)
 {
     jitter_writer jw = {.w = w, .frames = frames, .ms_a = ms_a, .ms_b = ms_b};
     uint64_t last_seq = fshm_writer_next_seq(w) + (uint64_t)frames - 1;
-    pthread_attr_t a;
-    pthread_attr_init(&a);
-    if (writer_cpus)
-        assert_int_equal(pthread_attr_setaffinity_np(&a, sizeof *writer_cpus, writer_cpus), 0);
-    pthread_t t;
-    assert_int_equal(pthread_create(&t, &a, jitter_main, &jw), 0);
-    pthread_attr_destroy(&a);
+    pthread_t t = start_thread_on(jitter_main, &jw, writer_cpus);
     fshm_frame f = frame_zero();
     do {
         int rc = fshm_reader_wait_latest(r, 5 * SEC, &f);
@@ -1052,15 +1059,10 @@ static void read_bursts(fshm_writer *w, fshm_reader *r, const int cpus[2], int b
     uint64_t last = fshm_writer_next_seq(w) + (uint64_t)bursts * 8 - 1, wakes0 = w->futex_wakes;
     struct rusage ru0, ru1;
     getrusage(RUSAGE_THREAD, &ru0);
-    pthread_attr_t a;
-    pthread_attr_init(&a);
     cpu_set_t theirs;
     CPU_ZERO(&theirs);
     CPU_SET(cpus[0], &theirs);
-    assert_int_equal(pthread_attr_setaffinity_np(&a, sizeof theirs, &theirs), 0);
-    pthread_t t;
-    assert_int_equal(pthread_create(&t, &a, burst_main, &b), 0);
-    pthread_attr_destroy(&a);
+    pthread_t t = start_thread_on(burst_main, &b, &theirs);
     fshm_frame f = frame_zero();
     do {
         int rc = fshm_reader_wait_next(r, 10 * SEC, &f);
