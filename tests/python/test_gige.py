@@ -112,26 +112,29 @@ def test_fake_region_offset_and_errors():
         frameshm.GigECamera("")
 
 
-def _frame_interval_ms(cam, out, n=21):
-    """The camera's own frame interval: the median step of its timestamps, not frames per
-    second of wall clock. The fake fills a frame at each multiple of its period; on a
-    loaded machine it wakes late or skips a period, which makes steps longer, never
-    shorter (but for the one after a late frame)."""
+def _camera_steps_ms(cam, out, n=21):
+    """The steps between the camera's own timestamps of n frames (ms), not wall clock."""
     cts = [cam.read_frame(out, TIMEOUT)["camera_timestamp"] for _ in range(n)]
-    return float(np.median(np.diff(cts))) / 1e6
+    return np.diff(cts) / 1e6
 
 
 def test_fake_rate_control():
+    """The fake fills a frame at a multiple of its period, stamped when it fills it: a
+    starved fake wakes late or skips periods. A late frame makes its step long and the
+    next one short, so on a loaded machine the median step can fall below the period; but
+    no two frames share a period, so the mean step over n-1 steps stays >= (n-2)/(n-1) of
+    the period (0.95 at n=21). Skips lengthen steps and move the median least."""
     with frameshm.GigECamera("Fake_1", "Mono8", 64, 48, 20) as cam:
         out = np.empty(cam.shape, cam.dtype)
         assert cam.fps == pytest.approx(20)
-        slow = _frame_interval_ms(cam, out)
+        slow = _camera_steps_ms(cam, out)
         assert cam.set_rate(100) is True and cam.fps == pytest.approx(100)
         cam.flush(0)
-        fast = _frame_interval_ms(cam, out)
-        # not faster than asked, and 5x faster when asked (a starved fake skips periods:
-        # even every other one at 100 fps stays far below 20 fps)
-        assert slow >= 45 and 9 <= fast <= slow / 2, (slow, fast)
+        fast = _camera_steps_ms(cam, out)
+        # not faster than asked (mean), and 5x faster when asked (median: a starved fake
+        # that skips even every other period at 100 fps stays far below 20 fps)
+        figures = (slow.mean(), np.median(slow), fast.mean(), np.median(fast))
+        assert slow.mean() >= 45 and fast.mean() >= 9 and np.median(fast) <= np.median(slow) / 2, figures
         assert cam.set_rate(None) is True and cam.fps == pytest.approx(20)  # back to the rate asked
 
 
