@@ -112,7 +112,10 @@ class Inference:
             abandonable = abandon_on_stop(self.stop)
             while not self.stop.is_set():
                 try:
-                    f = reader.wait_latest(WAIT_S)
+                    with abandonable:  # a stop ends the wait at once, not at its timeout
+                        f = reader.wait_latest(WAIT_S)
+                except StopRequested:
+                    break
                 except Timeout as exc:
                     if isinstance(exc, ProducerDead) and not producer_gone:
                         log.warning("%s", exc)

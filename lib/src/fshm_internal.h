@@ -388,8 +388,9 @@ int fshm_lease_set_control(fshm_lease *l, unsigned index, uint8_t value);
  * latest_seq (a shared futex: the region is a MAP_SHARED file); producers wake it after
  * each commit once a consumer flagged CONS_FLAG_NO_QUEUE is registered. */
 void fshm_futex_wake(uint64_t *latest_seq);
-/* Sleeps while the word still equals (uint32_t)seen, at most timeout_ns. */
-void fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns);
+/* Sleeps while the word still equals (uint32_t)seen, at most timeout_ns: -EINTR if a
+ * signal handler ran, else 0. */
+int fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns);
 
 /* ---- message queues (fshm_queue.c) ---- */
 /* Whether queue name q was created by process pid ("/fshm-<pid hex>-..."). */

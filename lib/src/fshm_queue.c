@@ -102,11 +102,15 @@ void fshm_futex_wake(uint64_t *latest_seq)
     syscall(SYS_futex, futex_word(latest_seq), FUTEX_WAKE, INT_MAX, NULL, NULL, 0);
 }
 
-void fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns)
+int fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns)
 {
     struct timespec ts = {(time_t)(timeout_ns / 1000000000ull), (long)(timeout_ns % 1000000000ull)};
-    /* EAGAIN (changed already), EINTR and ETIMEDOUT all mean: look again. */
-    syscall(SYS_futex, futex_word(latest_seq), FUTEX_WAIT, (uint32_t)seen, &ts, NULL, 0);
+    /* EAGAIN (changed already) and ETIMEDOUT mean: look again. EINTR is the caller's: a
+     * handler without SA_RESTART ends a blocked wait, as it ends mq_timedreceive. */
+    if (syscall(SYS_futex, futex_word(latest_seq), FUTEX_WAIT, (uint32_t)seen, &ts, NULL, 0) < 0 &&
+        errno == EINTR)
+        return -EINTR;
+    return 0;
 }
 
 int fshm_queue_named_for(const char *q, uint64_t pid)

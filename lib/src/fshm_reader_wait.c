@@ -90,9 +90,11 @@ static int receive_no_queue(fshm_reader *r, uint64_t deadline, const uint64_t *n
             STORE_RLX(bell, 1);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
         }
-        fshm_futex_wait(&r->ctl->latest_seq, latest, slice);
+        int intr = fshm_futex_wait(&r->ctl->latest_seq, latest, slice);
         if (bell)
             STORE_RLX(bell, 0);
+        if (intr)
+            return intr;
         int rc = fshm_reader_check_environment(r, 0);
         if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
             return rc;

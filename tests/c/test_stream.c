@@ -14,6 +14,7 @@
 #include <mqueue.h>
 #include <pthread.h>
 #include <signal.h>
+#include <stdatomic.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sched.h>
@@ -1077,6 +1078,63 @@ static void read_bursts(fshm_writer *w, fshm_reader *r, const int cpus[2], int b
     assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
     *wakes = w->futex_wakes - wakes0;
     *sleeps = ru1.ru_nvcsw - ru0.ru_nvcsw;
+}
+
+typedef struct blocked_wait {
+    fshm_reader *r;
+    int latest;           /* wait_latest, else wait_next */
+    int rc;
+    char error[256];      /* fshm_last_error is per thread */
+    atomic_int done;
+} blocked_wait;
+
+static void *blocked_wait_main(void *arg)
+{
+    blocked_wait *b = arg;
+    fshm_frame f = frame_zero();
+    b->rc = b->latest ? fshm_reader_wait_latest(b->r, 10 * SEC, &f) : fshm_reader_wait_next(b->r, 10 * SEC, &f);
+    snprintf(b->error, sizeof b->error, "%s", fshm_last_error());
+    atomic_store(&b->done, 1);
+    return NULL;
+}
+
+static void note_signal(int sig) { (void)sig; }
+
+/* A handler installed without SA_RESTART ends a blocked wait with -EINTR, with a queue
+ * (mq_timedreceive) and without one (the futex): the documented way to cancel a wait, and
+ * how Python's Ctrl-C ends it at once. The signal is sent until the wait returns, as one
+ * that lands before the thread sleeps only runs the handler. */
+static void test_signal_ends_a_blocked_wait(void **state)
+{
+    (void)state;
+    const char *name = "st-eintr";
+    struct sigaction sa = {.sa_handler = note_signal}, old;
+    sigemptyset(&sa.sa_mask);
+    assert_int_equal(sigaction(SIGUSR1, &sa, &old), 0);
+    fshm_writer *w = tu_writer(name, 64, 4096);
+    assert_int_equal(tu_publish(w, 16), 0);
+    for (int no_queue = 0; no_queue <= 1; no_queue++)
+        for (int latest = 0; latest <= 1; latest++) {
+            fshm_reader *r = no_queue ? open_no_queue(name) : tu_reader(name);
+            fshm_frame f = frame_zero();
+            assert_int_equal(fshm_reader_wait_latest(r, 5 * SEC, &f), 0);   /* nothing newer after it */
+            blocked_wait b = {.r = r, .latest = latest, .rc = 1};
+            pthread_t t;
+            assert_int_equal(pthread_create(&t, NULL, blocked_wait_main, &b), 0);
+            uint64_t t0 = tu_now_ns();
+            while (!atomic_load(&b.done) && tu_now_ns() - t0 < 8 * SEC) {
+                pthread_kill(t, SIGUSR1);
+                tu_sleep_ms(20);
+            }
+            pthread_join(t, NULL);
+            if (b.rc != -EINTR)
+                fail_msg("%s, %s: %d (%s) after %.1f s of signals", no_queue ? "no queue" : "queue",
+                         latest ? "wait_latest" : "wait_next", b.rc, b.error,
+                         (double)(tu_now_ns() - t0) / 1e9);
+            fshm_reader_close(r);
+        }
+    fshm_writer_close(w, 1);
+    assert_int_equal(sigaction(SIGUSR1, &old, NULL), 0);
 }
 
 /* A queueless reader of a fast stream (a message every microsecond or so, in bursts)
@@ -2711,6 +2769,7 @@ int main(void)
         cmocka_unit_test(test_no_queue_reader_by_choice),
         cmocka_unit_test(test_no_queue_doorbell_wakes_only_a_sleeper),
         cmocka_unit_test(test_fast_stream_reader_polls_between_bursts),
+        cmocka_unit_test(test_signal_ends_a_blocked_wait),
         cmocka_unit_test(test_big_publish_copies_every_byte),
         cmocka_unit_test(test_timeout_producer_alive),
         cmocka_unit_test(test_timeout_producer_dead),
