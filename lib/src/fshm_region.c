@@ -187,8 +187,6 @@ int fshm_tensor_check(const fshm_tensor *t, size_t nbytes, int fill_strides, fsh
         }
         contiguous = (int64_t)r.strides[i] * (r.dims[i] ? r.dims[i] : 1);
     }
-    for (int i = r.ndims; i < FSHM_MAX_DIMS; i++)
-        r.dims[i] = r.strides[i] = 0;
     /* Extent, and no overlap: walking from the fastest dimension outwards, each
      * stride must step over everything the faster dimensions span. */
     int64_t extent = item, span = item;
@@ -212,9 +210,17 @@ int fshm_tensor_check(const fshm_tensor *t, size_t nbytes, int fill_strides, fsh
         return fshm_set_error(-EINVAL, "tensor spans %lld bytes but only %zu bytes are provided",
                               (long long)extent, nbytes);
     if (out) {
-        if (!fill_strides)
-            memcpy(r.strides, t->strides, sizeof r.strides);
-        *out = r;
+        /* Unused dimensions read as 0. Built on a zeroed struct (a fixed-size memset is a
+         * few stores): clearing the tail in a loop cost more than the whole check of a
+         * 64 B message's tensor. */
+        fshm_tensor o;
+        memset(&o, 0, sizeof o);
+        o.dtype = r.dtype, o.major_order = r.major_order, o.ndims = r.ndims;
+        for (int i = 0; i < r.ndims; i++) {
+            o.dims[i] = r.dims[i];
+            o.strides[i] = fill_strides ? r.strides[i] : t->strides[i];
+        }
+        *out = o;
     }
     return 0;
 }

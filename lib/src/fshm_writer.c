@@ -485,6 +485,8 @@ int fshm_writer_loan(fshm_writer *w, size_t nbytes, fshm_loan *out)
     return 0;
 }
 
+static int commit_checked(fshm_writer *w, const fshm_tensor *full, size_t nbytes, uint64_t timestamp_ns);
+
 int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint64_t timestamp_ns)
 {
     fshm_tensor full;
@@ -500,6 +502,13 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
         w->ref_plus1 = 0;
         return rc;
     }
+    return commit_checked(w, &full, nbytes, timestamp_ns);
+}
+
+/* The commit of the active loan, its nbytes within the loan and its tensor checked and
+ * completed (fshm_tensor_check with fill_strides). */
+static int commit_checked(fshm_writer *w, const fshm_tensor *full, size_t nbytes, uint64_t timestamp_ns)
+{
     uint64_t now = fshm_now_ns();
     uint64_t seq = w->loan.seq;
     if (fshm_writer_moved_on(w)) {
@@ -513,7 +522,7 @@ int fshm_writer_commit(fshm_writer *w, const fshm_tensor *t, size_t nbytes, uint
     }
     uint8_t *slot = (uint8_t *)w->ring->base + FSHM_SUPERBLOCK_SIZE + (size_t)w->loan.slot * FSHM_SLOT_BYTES;
     fshm_slot_header_write(slot, (uint32_t)nbytes, w->loan.slot, w->loan.pool_id,
-                           timestamp_ns ? timestamp_ns : now, &full);
+                           timestamp_ns ? timestamp_ns : now, full);
     st64(slot + SH_HEADER + 8 + TH_PAD, w->ref_plus1);
     w->ref_plus1 = 0;
     STORE_REL((uint64_t *)slot, (seq << 1) | 1);
@@ -609,7 +618,9 @@ int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fs
                         uint64_t timestamp_ns)
 {
     fshm_loan l;
-    int rc = fshm_tensor_check(t, nbytes, 0, NULL);
+    fshm_tensor full;
+    /* Checked before the loan, so that bad input costs no slot, and only then. */
+    int rc = fshm_tensor_check(t, nbytes, 1, &full);
     if (rc) {
         w->ref_plus1 = 0;
         return rc;
@@ -617,7 +628,7 @@ int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fs
     if ((rc = fshm_writer_loan(w, nbytes, &l)))
         return rc;
     fill_slot(l.data, src, nbytes);
-    return fshm_writer_commit(w, t, nbytes, timestamp_ns);
+    return commit_checked(w, &full, nbytes, timestamp_ns);
 }
 
 void fshm_writer_set_ref(fshm_writer *w, uint64_t ref_seq) { w->ref_plus1 = ref_seq + 1; }
