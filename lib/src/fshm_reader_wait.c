@@ -543,8 +543,11 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         uint64_t seq, pub, epoch;
         rc = receive(r, 0, NULL, &seq, &pub, &epoch);
         if (rc == 0) {
-            int got = 0;
-            int p = timeout_ns ? predictive_wait(r, deadline, r->last_plus1, &seq, &pub, &epoch, &got) : 0;
+            int got = 0, p = 0;
+            /* A queueless reader that is behind takes its next frame from the ring below
+             * without asking to wait: no spin bookkeeping per message while it catches up. */
+            if (timeout_ns && !(r->no_queue && r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > r->last_plus1))
+                p = predictive_wait(r, deadline, r->last_plus1, &seq, &pub, &epoch, &got);
             if (p < 0)
                 return p;
             if (got) {
