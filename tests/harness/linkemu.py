@@ -226,6 +226,20 @@ def _queue_main(args) -> int:
 
 # -- two namespaces joined by a veth pair -------------------------------------------------
 
+def loss_based_cc() -> str:
+    """A loss-based TCP congestion control a new network namespace may choose: CUBIC where
+    the host allows it, else Reno. A namespace other than the first may only pick one of
+    net.ipv4.tcp_allowed_congestion_control, and a host whose default is BBR may list
+    "reno bbr" there (seen on a 6.18 guest): both back off on loss, which is what a test
+    of a slow lossy link needs."""
+    try:
+        with open("/proc/sys/net/ipv4/tcp_allowed_congestion_control") as f:
+            allowed = f.read().split()
+    except OSError:
+        allowed = []
+    return "cubic" if "cubic" in allowed else "reno"
+
+
 PREFIX = "fshm-le"
 
 
