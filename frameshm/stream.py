@@ -368,9 +368,10 @@ class Reader:
     producer outnumber its CPUs. While the waiting thread is the interpreter's only
     one, each window first builds the previous frame's ``Frame`` and ``array`` again
     and drops them, so the path the new frame takes is warm (tens of microseconds on a
-    shared host). On a fast stream (a message every 5 µs or less) a reader that has
+    shared host). On a fast stream (a message every 50 µs or less) a reader that has
     caught up polls for at most 20 µs before it sleeps: a sleep there costs it a futex
-    wait and the producer a wake-up call per burst. ``spin=False`` always sleeps.
+    wait and the producer a wake-up call per burst, or per reply when two processes
+    exchange requests and replies. ``spin=False`` always sleeps.
     ``subscribe=False`` opens a passive handle: no queue and no consumer entry (so it
     costs the producer nothing and uses no system queue); it can ``read_latest()`` and
     get/set the control bytes but not wait.

@@ -207,7 +207,7 @@ static inline void cpu_relax(void)
 #define SPIN_LEAD_MAX_NS 500000ull
 #define SPIN_ROUND 16        /* windows judged together */
 #define SPIN_REST 64         /* frames without spinning after a round that did not pay off */
-#define BURST_MAX_INTERVAL_NS 5000ull   /* a message every 5 us or less: a fast stream */
+#define BURST_MAX_INTERVAL_NS 50000ull  /* a message every 50 us or less: a fast stream */
 #define BURST_MIN_NS 4000ull    /* about what a sleep, its wake-up and the FUTEX_WAKE cost */
 #define BURST_MAX_NS 20000ull
 
@@ -320,10 +320,13 @@ static void warm_up(fshm_reader *r)
 }
 
 /* The wait of a fast stream's reader that has caught up (a message every few
- * microseconds, as a rule in bursts): poll the newest seq for a while before sleeping.
- * Each sleep costs this thread a FUTEX_WAIT and a wake-up (2-5 us on a 2-vCPU VM), and
- * the producer a FUTEX_WAKE it would not otherwise make (it rings only a sleeper's
- * doorbell): at these rates that is more CPU than the gap itself, on both sides. How long
+ * microseconds, as a rule in bursts, or a reply to a request it just sent on another
+ * stream): poll the newest seq for a while before sleeping. Each sleep costs this thread
+ * a FUTEX_WAIT and a wake-up (2-5 us on a 2-vCPU VM; 10-15 us when it is a cross-CPU
+ * wake), and the producer a FUTEX_WAKE it would not otherwise make (it rings only a
+ * sleeper's doorbell): at these rates that is more CPU than the gap itself, on both
+ * sides. A request-reply pair whose two readers both sleep sees 25-35 us between
+ * messages; once both poll, 1-5 us (hence a fast stream is one of 50 us or less). How long
  * to poll adapts as a spinning lock's spin does: a miss halves the span (down to about
  * the cost of the sleep it failed to avoid), a hit late in the span doubles it, so a
  * producer that pauses between bursts for longer than BURST_MAX_NS (a Python producer
@@ -520,6 +523,31 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
     }
 }
 
+/* A queued reader's spin saw the commit: its descriptor follows within microseconds, sent
+ * after the commit. The producer counts what its send loop did (desc_sent, desc_dropped
+ * when a queue was full) once the loop ends, so we watch those counters in shared memory
+ * and ask the queue again only when they move: a zero-timeout receive is a system call,
+ * and polling the queue took 12 of them per message on a 100 kHz stream. When they move
+ * and the queue is still empty, the descriptor was dropped or is the next loop's: the
+ * caller then takes the frame from the ring. 200 us bounds the watch (a producer that
+ * stopped between the two). 1: a descriptor; 0: none; <0: an error. */
+static int await_descriptor(fshm_reader *r, uint64_t *seq, uint64_t *pub, uint64_t *epoch)
+{
+    const fshm_ctl *c = r->ctl;
+    uint64_t sent = LOAD_RLX(&c->desc_sent), dropped = LOAD_RLX(&c->desc_dropped);
+    int rc = receive(r, 0, NULL, seq, pub, epoch);
+    if (rc != 0)
+        return rc;
+    uint64_t until = fshm_now_ns() + 200000;
+    for (unsigned i = 1;; i++) {
+        cpu_relax();
+        if (LOAD_RLX(&c->desc_sent) != sent || LOAD_RLX(&c->desc_dropped) != dropped)
+            return receive(r, 0, NULL, seq, pub, epoch);
+        if ((i & 63) == 0 && fshm_now_ns() >= until)
+            return receive(r, 0, NULL, seq, pub, epoch);
+    }
+}
+
 int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
 {
     if (r->foreign)
@@ -544,19 +572,21 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         rc = receive(r, 0, NULL, &seq, &pub, &epoch);
         if (rc == 0) {
             int got = 0, p = 0;
-            /* A queueless reader that is behind takes its next frame from the ring below
-             * without asking to wait: no spin bookkeeping per message while it catches up. */
-            if (timeout_ns && !(r->no_queue && r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > r->last_plus1))
+            /* A frame after the last one returned is committed already and the queue is
+             * empty (a queueless reader's always is): the reader is behind, or the frame's
+             * descriptor was dropped from a full queue (or is a microsecond from being
+             * sent). Either way it is taken from the ring below without asking to wait:
+             * no spin bookkeeping per message while catching up, and no watch for a
+             * descriptor that may never come. */
+            uint64_t want = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
+            if (timeout_ns && !(r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > want))
                 p = predictive_wait(r, deadline, r->last_plus1, &seq, &pub, &epoch, &got);
             if (p < 0)
                 return p;
             if (got) {
                 rc = 1;
             } else if (p == 1 && !r->no_queue) {
-                /* Committed; its descriptor follows within microseconds. */
-                uint64_t until = fshm_now_ns() + 200000;
-                while ((rc = receive(r, 0, NULL, &seq, &pub, &epoch)) == 0 && fshm_now_ns() < until)
-                    cpu_relax();
+                rc = await_descriptor(r, &seq, &pub, &epoch);
             }
             if (rc == 0) {
                 /* Queue empty: descriptors may have been dropped (queue full). The ring

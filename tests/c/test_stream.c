@@ -1192,6 +1192,105 @@ static void test_fast_stream_reader_polls_between_bursts(void **state)
     fshm_writer_close(w, 1);
 }
 
+typedef struct replier {
+    fshm_reader *r;     /* requests */
+    fshm_writer *w;     /* replies */
+    int rounds, rc;
+    long sleeps;
+} replier;
+
+static long thread_sleeps(void)
+{
+    struct rusage ru;
+    getrusage(RUSAGE_THREAD, &ru);
+    return ru.ru_nvcsw;
+}
+
+static void *replier_main(void *arg)
+{
+    replier *p = arg;
+    fshm_frame f = frame_zero();
+    long s0 = 0;
+    for (int i = 0; i < p->rounds && !p->rc; i++) {
+        if (i == 20)
+            s0 = thread_sleeps();   /* as the requester: after 20 rounds */
+        if (!(p->rc = fshm_reader_wait_next(p->r, 10 * SEC, &f)))
+            p->rc = tu_publish(p->w, 64);
+    }
+    p->sleeps = thread_sleeps() - s0;
+    return NULL;
+}
+
+/* Two threads exchange requests and replies over two streams, each on its own CPU, the
+ * way a ping-pong between processes does. The reply comes back in microseconds, but a
+ * reader that sleeps makes it 25-35 us on a 2-vCPU VM (a cross-CPU wake-up each way), so
+ * each side slept once per message; a spinning reader polls for it instead (the stream
+ * counts as fast, a message every 50 us or less), with a queue and without one. The
+ * readers' period is set fast at the start, as a slow machine's sleeping exchange could
+ * measure more than 50 us and a loaded one's certainly does. */
+static void test_request_reply_readers_poll(void **state)
+{
+    (void)state;
+    int cpus[2];
+    if (first_cpus(cpus) < 2) {
+        print_message("    (one CPU: a poll would only keep the other side off it)\n");
+        return;
+    }
+    enum { ROUNDS = 2000 };
+    long sleeps[2][2];   /* [no_queue][spin]: both sides' sleeps */
+    for (int no_queue = 0; no_queue < 2; no_queue++)
+        for (int spin = 0; spin < 2; spin++) {
+            fshm_writer *wq = tu_writer("st-request", 64, 4096), *wp = tu_writer("st-reply", 64, 4096);
+            fshm_reader *rs[2];
+            const char *names[2] = {"st-request", "st-reply"};
+            for (int k = 0; k < 2; k++) {
+                fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+                rc.addr.name = names[k];
+                rc.no_queue = no_queue;
+                rc.spin = spin;
+                assert_int_equal(fshm_reader_open(&rc, &rs[k]), 0);
+                tu_track(rs[k]);
+            }
+            cpu_set_t all, one, theirs;
+            assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+            pin_self(&one, cpus[0]);
+            CPU_ZERO(&theirs);
+            CPU_SET(cpus[1], &theirs);
+            replier p = {.r = rs[0], .w = wp, .rounds = ROUNDS + 20};
+            pthread_t t = start_thread_on(replier_main, &p, &theirs);
+            fshm_frame f = frame_zero();
+            long s0 = 0;
+            for (int i = 0; i < ROUNDS + 20; i++) {
+                if (i == 2)
+                    rs[0]->interval_ns = rs[1]->interval_ns = 10000;   /* read once by now */
+                if (i == 20)
+                    s0 = thread_sleeps();
+                int rc = tu_publish(wq, 64);
+                if (!rc)
+                    rc = fshm_reader_wait_next(rs[1], 10 * SEC, &f);
+                if (rc) {
+                    pthread_join(t, NULL);
+                    fail_msg("round %d: %d (%s)", i, rc, fshm_last_error());
+                }
+            }
+            long mine = thread_sleeps() - s0;
+            pthread_join(t, NULL);
+            assert_int_equal(p.rc, 0);
+            assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
+            sleeps[no_queue][spin] = mine + p.sleeps;
+            fshm_reader_close(rs[0]);
+            fshm_reader_close(rs[1]);
+            fshm_writer_close(wq, 1);
+            fshm_writer_close(wp, 1);
+        }
+    print_message("    (%d exchanges, both sides' sleeps: queue %ld without the poll, %ld with it; "
+                  "no queue %ld and %ld)\n", ROUNDS, sleeps[0][0], sleeps[0][1], sleeps[1][0], sleeps[1][1]);
+    /* Without the poll each side sleeps about once per message; a loaded machine that
+     * deschedules one side still makes the other sleep now and then. */
+    assert_true(sleeps[0][1] * 4 <= 2 * ROUNDS);
+    assert_true(sleeps[1][1] * 4 <= 2 * ROUNDS);
+}
+
 /* A big publish() (streaming stores past 1 MiB) from a misaligned source with a length
  * that is not a multiple of 64: every byte arrives. */
 static void test_big_publish_copies_every_byte(void **state)
@@ -2770,6 +2869,7 @@ int main(void)
         cmocka_unit_test(test_no_queue_doorbell_wakes_only_a_sleeper),
         cmocka_unit_test(test_fast_stream_reader_polls_between_bursts),
         cmocka_unit_test(test_signal_ends_a_blocked_wait),
+        cmocka_unit_test(test_request_reply_readers_poll),
         cmocka_unit_test(test_big_publish_copies_every_byte),
         cmocka_unit_test(test_timeout_producer_alive),
         cmocka_unit_test(test_timeout_producer_dead),

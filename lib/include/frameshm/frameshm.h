@@ -225,7 +225,7 @@ typedef struct fshm_reader_config {
                              * is due (lower latency, a few % of a core; a window opening
                              * on the CPU the producer fills on moves the thread off it
                              * first, its affinity kept), and on a fast stream (a message
-                             * every 5 us or less) a poll of at most 20 us, never on the
+                             * every 50 us or less) a poll of at most 20 us, never on the
                              * producer's CPU, before a reader that caught up sleeps;
                              * 0: always sleep */
     int passive;            /* 1: no queue and no registration — for peeking at the newest
