@@ -326,7 +326,7 @@ int fshm_foreign_wait(fshm_reader *r, int64_t timeout_ns, int next, fshm_frame *
                 floor = newest;   /* never spin on a slot being rewritten */
                 continue;
             }
-            uint64_t s = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
+            uint64_t s = fshm_reader_next_wanted(r);
             if (next && s < newest) {
                 if (newest - s > r->nslots)
                     s = newest - r->nslots;   /* lapped: the oldest the ring still holds */

@@ -81,6 +81,13 @@ struct fshm_reader {
     uint64_t sb_pid, sb_start;   /* the mapped epoch's producer, as its superblock names it */
 };
 
+/* The seq a process-all wait takes next: the one after the last returned, and none
+ * committed before the reader registered (a late joiner gets no history). */
+static inline uint64_t fshm_reader_next_wanted(const fshm_reader *r)
+{
+    return r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
+}
+
 /* Sealed transport: the control region came read-only (the driver writes our entry,
  * sets control bytes for us): nothing may be stored through r->ctl. */
 static inline int fshm_reader_ctl_ro(const fshm_reader *r)

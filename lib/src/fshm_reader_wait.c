@@ -541,9 +541,8 @@ static int await_descriptor(fshm_reader *r, uint64_t *seq, uint64_t *pub, uint64
     uint64_t until = fshm_now_ns() + 200000;
     for (unsigned i = 1;; i++) {
         cpu_relax();
-        if (LOAD_RLX(&c->desc_sent) != sent || LOAD_RLX(&c->desc_dropped) != dropped)
-            return receive(r, 0, NULL, seq, pub, epoch);
-        if ((i & 63) == 0 && fshm_now_ns() >= until)
+        if (LOAD_RLX(&c->desc_sent) != sent || LOAD_RLX(&c->desc_dropped) != dropped ||
+            ((i & 63) == 0 && fshm_now_ns() >= until))
             return receive(r, 0, NULL, seq, pub, epoch);
     }
 }
@@ -566,7 +565,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
     int rc = fshm_reader_check_environment_at(r, 0, now);
     if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
         return rc;
-    uint64_t next_try = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
+    uint64_t next_try = fshm_reader_next_wanted(r);
     for (;;) {
         uint64_t seq, pub, epoch;
         rc = receive(r, 0, NULL, &seq, &pub, &epoch);
@@ -578,7 +577,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
              * sent). Either way it is taken from the ring below without asking to wait:
              * no spin bookkeeping per message while catching up, and no watch for a
              * descriptor that may never come. */
-            uint64_t want = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
+            uint64_t want = fshm_reader_next_wanted(r);
             if (timeout_ns && !(r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > want))
                 p = predictive_wait(r, deadline, r->last_plus1, &seq, &pub, &epoch, &got);
             if (p < 0)
@@ -592,10 +591,8 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
                 /* Queue empty: descriptors may have been dropped (queue full). The ring
                  * still holds up to nslots frames after the last one returned. */
                 uint64_t latest = LOAD_ACQ(&r->ctl->latest_seq);
-                if (next_try < r->last_plus1)
-                    next_try = r->last_plus1;
-                if (next_try < r->start_seq)
-                    next_try = r->start_seq;   /* a late joiner gets no history */
+                if (next_try < fshm_reader_next_wanted(r))
+                    next_try = fshm_reader_next_wanted(r);
                 if (r->epoch && latest > next_try && rate_due(r)) {
                     uint64_t s = latest - next_try > r->nslots ? latest - r->nslots : next_try;
                     for (; s < latest; s++) {
@@ -622,7 +619,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         }
         if (seq < r->last_plus1)
             continue;
-        uint64_t want = r->last_plus1 > r->start_seq ? r->last_plus1 : r->start_seq;
+        uint64_t want = fshm_reader_next_wanted(r);
         if (seq > want && !r->max_rate_hz) {
             /* Descriptors between were dropped (our queue was full) while their frames may
              * still be in the ring: take those first, in order, rather than jump to this
