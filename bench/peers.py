@@ -51,6 +51,7 @@ Transports:
                lossless64), read_latest(copy=False) in a loop (poll480)
   fshm-nospin  as fshm with Reader(spin=False)
   fshm-pub     as fshm with Writer.publish(array) (one copy, streaming stores) for the fill
+  fshm-pub2    as fshm-pub with Writer(fill_threads=2): publish copies with a helper thread
   fshm-ring    as fshm with Reader(queue=False): frames by seq from the header ring, the
                latest_seq futex as the doorbell (no descriptor queue)
   iox2         iceoryx2 (PyPI package `iceoryx2`, the `bench` extra): publish-subscribe of a
@@ -115,9 +116,9 @@ CASES = {
     "pingpong": dict(shape=(64,), fps=0, pingpong=True, warmup=30,
                      transports=("fshm", "fshm-ring", "iox2", "pipe", "zmq", "c", "c-ring")),
     "flood": dict(shape=(1080, 1920, 3), fps=0, warmup=10,
-                  transports=("fshm", "fshm-pub", "fshm-ring", "iox2")),
+                  transports=("fshm", "fshm-pub", "fshm-pub2", "fshm-ring", "iox2")),
     "floodl3": dict(shape=(1080, 1920, 3), fps=0, warmup=10, thrash=True,
-                    transports=("fshm", "fshm-pub", "fshm-ring", "iox2")),
+                    transports=("fshm", "fshm-pub", "fshm-pub2", "fshm-ring", "iox2")),
     "floor": dict(transports=("futex60", "futexpp")),
     "lossless64": peers_lossless.CASE,
 }
@@ -145,7 +146,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
     # CPU time of the hand-off alone (what makes a filled frame the consumers'), summed over
     # frames: the fill is the same numpy copy for every transport and dominates the producer's
     # CPU, so a difference in the hand-off drowns in it. None where fill and hand-off are one
-    # call (fshm-pub).
+    # call (fshm-pub, fshm-pub2).
     handoff_ns = [0]
     cpu_ns = time.thread_time_ns
     try:
@@ -155,11 +156,12 @@ def producer_main(cname, transport, cfg, sync, out_q):
         if transport.startswith("fshm"):
             import frameshm
 
-            w = frameshm.Writer(cfg["stream"], shape=shape, dtype="uint8", nslots=case.get("nslots", NSLOTS))
+            w = frameshm.Writer(cfg["stream"], shape=shape, dtype="uint8", nslots=case.get("nslots", NSLOTS),
+                                fill_threads=2 if transport == "fshm-pub2" else 0)
             keep.append(w)
             flat = src.reshape(shape)
 
-            if transport == "fshm-pub":
+            if transport in ("fshm-pub", "fshm-pub2"):
                 publish = w.publish
                 handoff_ns = None
 

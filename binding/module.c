@@ -258,6 +258,7 @@ PyMODINIT_FUNC PyInit__core(void)
         PyModule_AddIntConstant(m, "MIN_STRIDE", FSHM_MIN_STRIDE) ||
         PyModule_AddIntConstant(m, "MAX_STRIDE", FSHM_MAX_STRIDE) ||
         PyModule_AddIntConstant(m, "MAX_CONSUMERS", FSHM_MAX_CONSUMERS) ||
+        PyModule_AddIntConstant(m, "MAX_FILL_THREADS", FSHM_MAX_FILL_THREADS) ||
         PyModule_AddIntConstant(m, "CONTROL_BYTES", FSHM_CONTROL_BYTES) ||
         PyModule_AddIntConstant(m, "VERSION", fshm_version(NULL, NULL, NULL)) ||
         PyModule_AddStringConstant(m, "VERSION_STRING", fshm_version_string()) ||

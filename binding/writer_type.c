@@ -105,18 +105,24 @@ static int refresh_maps(FshmWriter *self)
 static int writer_init(FshmWriter *self, PyObject *args, PyObject *kw)
 {
     static char *kwlist[] = {"name", "stream_id", "nslots", "pools", "base_dir", "namespace",
-                             "file_mode", "driver", "publish_mode", "client_id", NULL};
+                             "file_mode", "driver", "publish_mode", "client_id", "fill_threads", NULL};
     PyObject *name = Py_None, *pools = NULL, *base = Py_None, *ns = Py_None;
     PyObject *driver = Py_None, *pmode = Py_None;
     unsigned long sid = 0, nslots = 4, client = 0;
+    int fill_threads = 0;
     unsigned int mode = 0600;
     if (self->w) {
         PyErr_SetString(fshm_exc_state, "Writer already initialised");
         return -1;
     }
-    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kkOOOIOOk", kwlist, &name, &sid, &nslots, &pools,
-                                     &base, &ns, &mode, &driver, &pmode, &client))
+    if (!PyArg_ParseTupleAndKeywords(args, kw, "|O$kkOOOIOOki", kwlist, &name, &sid, &nslots, &pools,
+                                     &base, &ns, &mode, &driver, &pmode, &client, &fill_threads))
         return -1;
+    if (fill_threads < 0 || fill_threads > FSHM_MAX_FILL_THREADS) {
+        PyErr_Format(fshm_exc_invalid, "fill_threads must be 0 (the default: the publishing thread alone) "
+                     "to %d, not %d", FSHM_MAX_FILL_THREADS, fill_threads);
+        return -1;
+    }
     fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     if (fshm_parse_driver(driver, pmode, client, &cfg.driver, &cfg.publish_mode, &cfg.client_id))
         return -1;
@@ -128,6 +134,7 @@ static int writer_init(FshmWriter *self, PyObject *args, PyObject *kw)
     }
     cfg.nslots = (uint32_t)nslots;
     cfg.file_mode = mode;
+    cfg.fill_threads = (uint32_t)fill_threads;
     if (!pools) {
         PyErr_SetString(PyExc_TypeError, "pools (a sequence of slot sizes in bytes) is required");
         return -1;

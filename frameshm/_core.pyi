@@ -8,6 +8,7 @@ MAX_NSLOTS: int
 MIN_STRIDE: int
 MAX_STRIDE: int
 MAX_CONSUMERS: int
+MAX_FILL_THREADS: int
 CONTROL_BYTES: int
 
 # Element types: the wire spec's Dtype enum (enum fshm_dtype).
@@ -102,6 +103,7 @@ class Writer:
         driver: Optional[str] = ...,
         publish_mode: Optional[str] = ...,  # 'existing_or_create' | 'require_existing'
         client_id: int = ...,
+        fill_threads: int = ...,
     ) -> None: ...
     def set_tensor(self, dtype: int, shape: Sequence[int], strides: Optional[Sequence[int]] = ..., major_order: int = ...) -> None: ...
     def set_layout(self, array_type: Any, dtype: int, shape: Tuple[int, ...], np_dtype: Any) -> None: ...

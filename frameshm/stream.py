@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import operator
 import time
 from typing import Iterator, Optional, Sequence, Tuple, Union
 
@@ -58,6 +59,16 @@ def _shape(shape) -> Tuple[int, ...]:
     return out
 
 
+def _fill_threads(n) -> int:
+    try:
+        value = operator.index(n) if not isinstance(n, bool) else None
+    except TypeError:
+        value = None
+    if value is None or not 0 <= value <= _core.MAX_FILL_THREADS:
+        raise InvalidArgument(f"fill_threads must be an integer from 0 to {_core.MAX_FILL_THREADS}, not {n!r}")
+    return value
+
+
 class Writer:
     """Producer of a stream: creates (or re-attaches to) the stream and publishes frames.
 
@@ -72,6 +83,14 @@ class Writer:
     thread and re-attaches by itself when the driver revokes it or restarts — raising
     :class:`LeaseLost` only if that fails. ``publish_mode="require_existing"`` refuses a
     stream the driver has not provisioned.
+
+    ``fill_threads=N`` (2 to 8) lets ``publish()`` copy frames of 1 MiB and more with N
+    threads: the caller and N - 1 helper threads the writer starts at its first such
+    publish and ends at ``close()``. A 1080p RGB frame then takes ~130 us instead of ~220
+    on a 2-vCPU EPYC guest, for ~20 % more CPU; but where no CPU is spare for the helper
+    (a consumer or another busy process on the other cores) it is slower. The default, 0,
+    copies in the calling thread alone. ``loan()`` fills are the application's and never
+    use the helpers.
     """
 
     def __init__(
@@ -91,6 +110,7 @@ class Writer:
         driver: Optional[str] = None,
         publish_mode: Optional[str] = None,
         client_id: int = 0,
+        fill_threads: int = 0,
     ):
         self._dtype, self._code = _dtype(dtype)
         if shape is not None:
@@ -113,6 +133,7 @@ class Writer:
             sizes = [1]
         if not isinstance(nslots, int) or nslots < 1 or nslots & (nslots - 1):
             raise InvalidArgument(f"nslots must be a power of two >= 1, not {nslots!r}")
+        fill_threads = _fill_threads(fill_threads)
         self._w = _core.Writer(
             name,
             stream_id=stream_id,
@@ -124,6 +145,7 @@ class Writer:
             driver=driver,
             publish_mode=publish_mode,
             client_id=client_id,
+            fill_threads=fill_threads,
         )
         self.driver = driver
         self.name = name if name is not None else f"stream-{self._w.stream_id}"

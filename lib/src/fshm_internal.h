@@ -66,6 +66,16 @@ enum {
 /* FrameDescriptor offsets (after the 8-byte message header). */
 enum { FD_STREAM_ID = 0, FD_EPOCH = 4, FD_SEQ = 12, FD_TIMESTAMP = 20, FD_META = 28, FD_TRACE = 32 };
 
+/* A spin-wait step: tells the core (and an SMT sibling) that we only wait. */
+static inline void cpu_relax(void)
+{
+#if defined(__x86_64__) || defined(__i386__)
+    __builtin_ia32_pause();
+#elif defined(__aarch64__)
+    __asm__ __volatile__("yield");
+#endif
+}
+
 static inline uint16_t ld16(const uint8_t *p) { uint16_t v; memcpy(&v, p, 2); return v; }
 static inline uint32_t ld32(const uint8_t *p) { uint32_t v; memcpy(&v, p, 4); return v; }
 static inline uint64_t ld64(const uint8_t *p) { uint64_t v; memcpy(&v, p, 8); return v; }
@@ -411,5 +421,18 @@ int fshm_queue_owner(const char *name, int64_t *pid, uint64_t *start);
 /* Where an mqueue file system is mounted (/dev/mqueue preferred); -ENOENT with a message
  * when none is. */
 int fshm_mqueue_dir(char *out, size_t cap);
+
+/* fshm_fill.c: how publish() copies a payload into its slot. fill_alone: the calling
+ * thread only (streaming stores from FSHM_FILL_TEAM_MIN up). A fill team: the caller plus
+ * helper threads, for payloads of FSHM_FILL_TEAM_MIN and more (below, a helper's wake-up
+ * costs more than the pieces it could take over). */
+#define FSHM_FILL_TEAM_MIN (1u << 20)
+typedef struct fshm_fill_team fshm_fill_team;
+void fshm_fill_alone(void *dst, const void *src, size_t n);
+int fshm_fill_team_start(unsigned nthreads, fshm_fill_team **out);
+void fshm_fill_copy(fshm_fill_team *t, void *dst, const void *src, size_t n);
+void fshm_fill_team_stop(fshm_fill_team *t);         /* joins the helpers, frees t */
+void fshm_fill_team_forget(fshm_fill_team *t);       /* in a fork()ed child: frees t */
+uint64_t fshm_fill_team_helper_pieces(const fshm_fill_team *t);
 
 #endif

@@ -112,6 +112,11 @@ static void atfork_child(void)
             w->lock_fd = -1;
         }
         w->ticking = 0;   /* the parent's producer, not ours to vouch for */
+        /* The fill team's helpers stayed in the parent; the child's first big publish
+         * starts its own. */
+        fshm_fill_team_forget(w->fill);
+        w->fill = NULL;
+        w->fill_failed = 0;
     }
     ticker_running = 0;   /* the thread did not survive the fork */
     ticker_cv_init();     /* nor its wait: start from a fresh condition variable */

@@ -194,15 +194,6 @@ static int timeout_result(fshm_reader *r)
                           r->paths.name, (long long)pid);
 }
 
-static inline void cpu_relax(void)
-{
-#if defined(__x86_64__) || defined(__i386__)
-    __builtin_ia32_pause();
-#elif defined(__aarch64__)
-    __asm__ __volatile__("yield");
-#endif
-}
-
 #define SPIN_MIN_INTERVAL_NS 2000000ull   /* below 2 ms between frames, blocking keeps up */
 #define SPIN_LEAD_MAX_NS 500000ull
 #define SPIN_ROUND 16        /* windows judged together */

@@ -224,6 +224,7 @@ static int writer_open_driver(const fshm_writer_config *cfg, fshm_writer **out)
         return fshm_set_error(-ENOMEM, "out of memory");
     w->ch.fd = -1;
     w->lock_fd = -1;
+    w->fill_threads = cfg->fill_threads;
     uint32_t id = cfg->addr.stream_id;
     if (!id && cfg->addr.name)
         id = fshm_stream_id_for_name(cfg->addr.name);
@@ -253,7 +254,12 @@ int fshm_writer_open(const fshm_writer_config *user_cfg, fshm_writer **out)
     fshm_writer_config cfg;
     *out = NULL;
     int rc = fshm_config_copy(&cfg, sizeof cfg, user_cfg, offsetof(fshm_writer_config, publish_mode) + sizeof(int), "fshm_writer_config");
-    return rc ? rc : writer_open(&cfg, out);
+    if (rc)
+        return rc;
+    if (cfg.fill_threads > FSHM_MAX_FILL_THREADS)
+        return fshm_set_error(-EINVAL, "fill_threads %u: at most %u threads fill a frame", cfg.fill_threads,
+                              FSHM_MAX_FILL_THREADS);
+    return writer_open(&cfg, out);
 }
 
 static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
@@ -271,6 +277,7 @@ static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
         return fshm_set_error(-ENOMEM, "out of memory");
     w->ch.fd = -1;
     w->lock_fd = -1;
+    w->fill_threads = cfg->fill_threads;
     rc = fshm_resolve(&cfg->addr, 1, &w->paths);
     if (rc)
         goto fail;
@@ -577,43 +584,6 @@ static int commit_checked(fshm_writer *w, const fshm_tensor *full, size_t nbytes
     return 0;
 }
 
-#if defined(__x86_64__)
-#include <emmintrin.h>
-#define STREAM_FILL_MIN (1u << 20)
-
-/* A big frame's fill lands on a slot last written nslots frames ago, which a busy machine
- * has long evicted: plain stores read every destination line in before overwriting it.
- * Streaming stores skip that read and leave the caches to the consumers (bench/fill.c:
- * 0.83-0.95 ms instead of 1.18-1.32 ms for 6.2 MB in a 4-slot ring, and no slower for a
- * reader touching the frame afterwards). */
-static void fill_slot(void *dst, const void *src, size_t n)
-{
-    if (n < STREAM_FILL_MIN) {
-        memcpy(dst, src, n);
-        return;
-    }
-    uint8_t *d = dst;
-    const uint8_t *s = src;
-    size_t head = (16 - ((uintptr_t)d & 15)) & 15;
-    memcpy(d, s, head);
-    d += head, s += head, n -= head;
-    size_t blocks = n / 64;
-    for (size_t i = 0; i < blocks; i++, d += 64, s += 64) {
-        __m128i a = _mm_loadu_si128((const __m128i *)s), b = _mm_loadu_si128((const __m128i *)s + 1);
-        __m128i c = _mm_loadu_si128((const __m128i *)s + 2), e = _mm_loadu_si128((const __m128i *)s + 3);
-        _mm_stream_si128((__m128i *)d, a);
-        _mm_stream_si128((__m128i *)d + 1, b);
-        _mm_stream_si128((__m128i *)d + 2, c);
-        _mm_stream_si128((__m128i *)d + 3, e);
-    }
-    memcpy(d, s, n % 64);
-    /* Streaming stores are weakly ordered: they must be visible before the commit's release. */
-    _mm_sfence();
-}
-#else
-static void fill_slot(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
-#endif
-
 int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fshm_tensor *t,
                         uint64_t timestamp_ns)
 {
@@ -627,7 +597,13 @@ int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fs
     }
     if ((rc = fshm_writer_loan(w, nbytes, &l)))
         return rc;
-    fill_slot(l.data, src, nbytes);
+    if (w->fill_threads > 1 && nbytes >= FSHM_FILL_TEAM_MIN && !w->fill && !w->fill_failed &&
+        fshm_fill_team_start(w->fill_threads, &w->fill))
+        w->fill_failed = 1;   /* no threads to be had: fill alone, and do not ask every frame */
+    if (w->fill && nbytes >= FSHM_FILL_TEAM_MIN)
+        fshm_fill_copy(w->fill, l.data, src, nbytes);
+    else
+        fshm_fill_alone(l.data, src, nbytes);
     return commit_checked(w, &full, nbytes, timestamp_ns);
 }
 
@@ -714,6 +690,7 @@ void fshm_writer_close(fshm_writer *w, int unlink_files)
     if (!w)
         return;
     fshm_writer_track(w, 0);
+    fshm_fill_team_stop(w->fill);
     if (w->driver_mode) {
         /* The driver owns the files: mark the stream closed, then detach so it moves the
          * stream to a new epoch; never unlink anything. */

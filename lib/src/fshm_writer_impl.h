@@ -44,6 +44,9 @@ struct fshm_writer {
     uint8_t queued[FSHM_MAX_CONSUMERS];
     _Static_assert(FSHM_MAX_CONSUMERS <= 256, "bells[] and queued[] hold consumer indices in a byte");
     uint64_t futex_wakes;    /* FUTEX_WAKEs issued (the tests count them) */
+    uint32_t fill_threads;   /* threads that copy a big publish() (1 = the caller alone) */
+    int fill_failed;         /* no helper thread could be started: fill alone from now on */
+    fshm_fill_team *fill;    /* started by the first big publish(); NULL until then */
     uint64_t next_prune_ns;
     uint64_t start_ns;
     writer_consumer cons[FSHM_MAX_CONSUMERS];

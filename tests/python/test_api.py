@@ -153,14 +153,15 @@ def test_writer_signature():
     params = list(sig.parameters.values())[1:]
     assert [p.name for p in params] == [
         "name", "shape", "dtype", "nslots", "stream_id", "max_bytes", "pools", "base_dir",
-        "namespace", "file_mode", "unlink_on_close", "driver", "publish_mode", "client_id",
+        "namespace", "file_mode", "unlink_on_close", "driver", "publish_mode", "client_id", "fill_threads",
     ]
     kinds = {p.name: p.kind for p in params}
     for positional in ("name", "shape", "dtype", "nslots"):
         assert kinds[positional] is inspect.Parameter.POSITIONAL_OR_KEYWORD
     for kw in ("stream_id", "max_bytes", "pools", "base_dir", "namespace", "file_mode", "unlink_on_close",
-               "driver", "publish_mode", "client_id"):
+               "driver", "publish_mode", "client_id", "fill_threads"):
         assert kinds[kw] is inspect.Parameter.KEYWORD_ONLY
+    assert sig.parameters["fill_threads"].default == 0
     assert sig.parameters["dtype"].default == "uint8"
     assert sig.parameters["nslots"].default == 4
     assert sig.parameters["file_mode"].default == 0o600

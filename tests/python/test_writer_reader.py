@@ -1145,3 +1145,91 @@ def test_mode_write_right_after_replacement_is_not_lost(name):
             if time.monotonic() - t_check > 0.09:
                 pytest.skip("too slow to land inside the 100 ms window on this run")
             assert w2.mode == frameshm.MODE_ALARMED, "the alarm went to the old control region"
+
+
+def _fill_helpers():
+    """Threads of this process named like a writer's fill helpers (native threads: not in
+    threading.enumerate)."""
+    n = 0
+    for tid in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{tid}/comm") as f:
+                n += f.read() == "fshm-fill\n"
+        except FileNotFoundError:
+            pass  # ended since listdir
+    return n
+
+
+@pytest.mark.parametrize("fill_threads", [2, 4])
+def test_fill_threads_publish_the_same_bytes(name, fill_threads):
+    """publish() with helper threads hands readers exactly the array published, for frames
+    of every size around the 1 MiB the helpers start at, contiguous or not; the helpers
+    start with the first big publish and end with close()."""
+    rng = np.random.default_rng(fill_threads)
+    frames = [rng.integers(0, 256, size=(1080, 1920, 3), dtype=np.uint8),
+              rng.integers(0, 2**31, size=(512, 513), dtype=np.int32),      # 1 MiB + 2 KiB
+              rng.integers(0, 256, size=(1 << 20,), dtype=np.uint8),         # exactly 1 MiB
+              rng.random((1000, 1000))[:, ::2],                              # strided, 4 MB
+              rng.integers(0, 256, size=(1000,), dtype=np.uint8)]            # small: no helpers
+    assert _fill_helpers() == 0
+    with frameshm.Writer(name, max_bytes=8 << 20, fill_threads=fill_threads) as w, \
+            frameshm.Reader(name) as r:
+        w.publish(frames[-1])
+        assert r.wait_next(timeout=5).shape == frames[-1].shape
+        assert _fill_helpers() == 0
+        for _ in range(3):
+            for a in frames:
+                w.publish(a)
+                f = r.wait_next(timeout=5)
+                assert f.shape == a.shape and f.dtype == a.dtype
+                np.testing.assert_array_equal(f.array, a)
+                del f
+        assert _fill_helpers() == fill_threads - 1
+    assert _fill_helpers() == 0
+
+
+def test_fill_threads_default_and_one_start_no_thread(name):
+    data = np.zeros((1080, 1920, 3), np.uint8)
+    for kwargs in ({}, {"fill_threads": 0}, {"fill_threads": 1}):
+        with frameshm.Writer(name, shape=data.shape, **kwargs) as w:
+            w.publish(data)
+            assert _fill_helpers() == 0
+
+
+def test_fill_threads_across_processes(name, spawn):
+    """A producer process filling with a helper thread; this process checks every frame
+    (as many as the ring holds, so that none is overwritten before it is checked)."""
+    child = spawn(f"""
+with frameshm.Writer({name!r}, shape=(1080, 1920, 3), nslots=8, fill_threads=2) as w:
+    say("READY")
+    deadline = time.monotonic() + 20
+    while not frameshm.stream_info({name!r})["consumers"] and time.monotonic() < deadline:
+        time.sleep(0.01)
+    for i in range(8):
+        w.publish(np.random.default_rng(i).integers(0, 256, size=(1080, 1920, 3), dtype=np.uint8))
+    say("SENT")
+    while not stopped():   # until the test has read them: close() would end the stream
+        time.sleep(0.01)
+""")
+    child.expect("READY")
+    with frameshm.Reader(name) as r:
+        for i in range(8):
+            f = r.wait_next(timeout=10)
+            assert f.skipped == 0
+            want = np.random.default_rng(i).integers(0, 256, size=(1080, 1920, 3), dtype=np.uint8)
+            np.testing.assert_array_equal(f.array, want)
+            del f
+        child.expect("SENT")
+    assert child.stop(20) == 0
+
+
+@pytest.mark.parametrize("bad", [-1, 9, 2**40, "2", 2.0, None, True])
+def test_bad_fill_threads(name, bad):
+    with pytest.raises(frameshm.InvalidArgument, match="fill_threads"):
+        frameshm.Writer(name, shape=(2,), fill_threads=bad)
+    assert not stream_dir(name).exists()
+    if bad is True:
+        return   # the extension module takes a bool for an int, as Python does
+    with pytest.raises((frameshm.InvalidArgument, TypeError, OverflowError)):
+        frameshm._core.Writer(name, pools=[64], fill_threads=bad)
+    assert not stream_dir(name).exists()

@@ -51,6 +51,7 @@ FSHM_API const char *fshm_version_string(void);
 #define FSHM_MIN_STRIDE 64u
 #define FSHM_MAX_STRIDE 0x80000000u
 #define FSHM_MAX_CONSUMERS 64
+#define FSHM_MAX_FILL_THREADS 8   /* fshm_writer_config.fill_threads */
 #define FSHM_NAME_MAX 63          /* stream, namespace and consumer names */
 /* Control bytes: a small area of every stream's control region that libframeshm carries
  * but never interprets, for the application (e.g. a controller steering the rate of the
@@ -146,6 +147,12 @@ typedef struct fshm_writer_config {
     const char *driver;
     uint32_t client_id;                    /* 0 = generated */
     int publish_mode;                      /* 0 = EXISTING_OR_CREATE */
+    /* Threads that copy a payload of 1 MiB or more in fshm_writer_publish: the caller and
+     * fill_threads - 1 helper threads the writer starts at its first such publish and
+     * joins at close. 0 = 2 where the process may run on two or more CPUs, else 1;
+     * 1 = the caller alone (streaming stores); at most FSHM_MAX_FILL_THREADS. Loans are
+     * filled by the application and never use them. */
+    uint32_t fill_threads;
 } fshm_writer_config;
 
 typedef struct fshm_loan {

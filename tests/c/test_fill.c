@@ -1,0 +1,295 @@
+/* publish()'s fill team (lib/src/fshm_fill.c): the bytes a reader gets are the bytes
+ * published, however the pieces were shared out; a frame is committed only once every
+ * piece is copied; the helper threads exist only for writers that asked for them, and
+ * end with the writer; a fork()ed child fills without its parent's helpers. */
+#include "fshm_test_util.h"
+#include "fshm_writer_impl.h"
+
+#include <dirent.h>
+#include <pthread.h>
+#include <signal.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/wait.h>
+#include <unistd.h>
+
+#define SEC 1000000000ll
+#define FRAME_1080P 6220800u
+
+static fshm_writer *fill_writer(const char *name, uint32_t pool_bytes, uint32_t fill_threads)
+{
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
+    cfg.addr.name = name;
+    cfg.nslots = 4;
+    cfg.npools = 1;
+    cfg.pool_bytes[0] = pool_bytes;
+    cfg.fill_threads = fill_threads;
+    fshm_writer *w = NULL;
+    int rc = fshm_writer_open(&cfg, &w);
+    if (rc)
+        fail_msg("fshm_writer_open(%s): %d %s", name, rc, fshm_last_error());
+    return w;
+}
+
+static fshm_tensor bytes_tensor(size_t n)
+{
+    fshm_tensor t;
+    memset(&t, 0, sizeof t);
+    t.dtype = FSHM_DTYPE_UINT8;
+    t.major_order = FSHM_ORDER_ROW;
+    t.ndims = 1;
+    t.dims[0] = (int32_t)n;
+    return t;
+}
+
+/* Bytes that differ at every offset and from frame to frame, so a piece copied to the
+ * wrong place, twice, or not at all shows. */
+static void pattern(uint8_t *p, size_t n, uint64_t frame)
+{
+    uint64_t x = 0x9e3779b97f4a7c15ull * (frame + 1);
+    for (size_t i = 0; i < n; i++) {
+        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
+        p[i] = (uint8_t)x;
+    }
+}
+
+/* Threads of this process named like the writer's helpers. */
+static int helper_threads(void)
+{
+    DIR *d = opendir("/proc/self/task");
+    assert_non_null(d);
+    int n = 0;
+    for (struct dirent *e; (e = readdir(d));) {
+        if (e->d_name[0] == '.')
+            continue;
+        char path[300], comm[32] = "";
+        snprintf(path, sizeof path, "/proc/self/task/%s/comm", e->d_name);
+        FILE *f = fopen(path, "r");
+        if (!f)
+            continue;   /* ended since readdir */
+        if (fgets(comm, sizeof comm, f))
+            n += strcmp(comm, "fshm-fill\n") == 0;
+        fclose(f);
+    }
+    closedir(d);
+    return n;
+}
+
+/* Sizes around the piece size and the team's threshold, from an unaligned source; each
+ * frame read back through a reader and compared byte for byte. Published until the
+ * helpers took part at least once (they may be slow to wake on a loaded machine: the
+ * caller then copies alone, which is also a correct fill). */
+static void test_team_copies_every_byte(void **state)
+{
+    (void)state;
+    const size_t sizes[] = {FSHM_FILL_TEAM_MIN, 3u * (1u << 20) + 17, FRAME_1080P, (1u << 20) + (128u << 10) - 1};
+    const uint32_t teams[] = {2, 4};
+    uint8_t *src = malloc(FRAME_1080P + 1), *want = malloc(FRAME_1080P);
+    assert_non_null(src);
+    assert_non_null(want);
+    for (unsigned ti = 0; ti < 2; ti++) {
+        fshm_writer *w = fill_writer("fill-bytes", 8u << 20, teams[ti]);
+        fshm_reader *r = tu_reader("fill-bytes");
+        uint64_t frame = 0;
+        for (unsigned si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
+            size_t n = sizes[si];
+            fshm_tensor t = bytes_tensor(n);
+            uint64_t until = fshm_now_ns() + 5 * (uint64_t)SEC, helped_before = fshm_fill_team_helper_pieces(w->fill);
+            int rounds = 0;
+            do {
+                pattern(src + 1, n, frame);
+                assert_int_equal(fshm_writer_publish(w, src + 1, n, &t, 0), 0);
+                fshm_frame f;
+                memset(&f, 0, sizeof f);
+                assert_int_equal(fshm_reader_wait_next(r, 2 * SEC, &f), 0);
+                assert_int_equal(f.nbytes, n);
+                pattern(want, n, frame);
+                if (memcmp(f.data, want, n) != 0) {
+                    size_t i = 0;
+                    while (((const uint8_t *)f.data)[i] == want[i])
+                        i++;
+                    fail_msg("%u threads, %zu bytes, frame %llu: first wrong byte at %zu (piece %zu)", teams[ti], n,
+                             (unsigned long long)frame, i, i / (128u << 10));
+                }
+                assert_true(fshm_frame_valid(r, &f));
+                frame++;
+                rounds++;
+            } while ((rounds < 4 || fshm_fill_team_helper_pieces(w->fill) == helped_before) &&
+                     fshm_now_ns() < until);
+            if (fshm_fill_team_helper_pieces(w->fill) == helped_before)
+                fail_msg("%u threads, %zu bytes: no helper copied a piece in 5 s (%d frames)", teams[ti], n, rounds);
+        }
+        fshm_reader_close(r);
+        fshm_writer_close(w, 1);
+    }
+    free(src);
+    free(want);
+}
+
+/* A reader racing a producer that publishes back to back with its team: every frame it
+ * is handed, and finds still valid after looking at it, is entirely one frame's bytes
+ * (the seqlock covers the helpers' stores too). A commit that does not wait for the
+ * helpers' last pieces is caught by test_team_copies_every_byte, which compares at
+ * once, not here: a reader woken by the commit is slower than a helper's last piece. */
+typedef struct racing_reader {
+    fshm_reader *r;
+    volatile int stop;
+    uint64_t checked, mixed;
+    int rc;
+} racing_reader;
+
+static void *racing_main(void *arg)
+{
+    racing_reader *rr = arg;
+    fshm_reader *r = rr->r;
+    while (!rr->stop) {
+        fshm_frame f;
+        memset(&f, 0, sizeof f);
+        int rc = fshm_reader_wait_latest(r, SEC / 10, &f);
+        if (rc == -ETIMEDOUT)
+            continue;
+        if (rc) {
+            rr->rc = rc;
+            break;
+        }
+        const uint8_t *p = f.data;
+        uint8_t first = p[0];
+        int same = 1;
+        for (size_t i = 0; i < f.nbytes && same; i += 64)
+            same = p[i] == first && p[f.nbytes - 1 - i] == first;
+        if (!fshm_frame_valid(r, &f))
+            continue;   /* overwritten while we looked: the seqlock says so, as it must */
+        rr->checked++;
+        rr->mixed += !same;
+    }
+    return NULL;
+}
+
+static void test_commit_waits_for_every_piece(void **state)
+{
+    (void)state;
+    fshm_writer *w = fill_writer("fill-race", FRAME_1080P, 2);
+    racing_reader rr = {.r = tu_reader("fill-race")};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, racing_main, &rr), 0);
+    uint8_t *src = malloc(FRAME_1080P);
+    assert_non_null(src);
+    fshm_tensor tn = bytes_tensor(FRAME_1080P);
+    for (int i = 0; i < 400; i++) {
+        memset(src, i & 0xff, FRAME_1080P);
+        assert_int_equal(fshm_writer_publish(w, src, FRAME_1080P, &tn, 0), 0);
+    }
+    usleep(50000);
+    rr.stop = 1;
+    pthread_join(t, NULL);
+    print_message("    %llu frames checked whole, %llu mixed; helpers copied %llu pieces\n",
+                  (unsigned long long)rr.checked, (unsigned long long)rr.mixed,
+                  (unsigned long long)fshm_fill_team_helper_pieces(w->fill));
+    assert_int_equal(rr.rc, 0);
+    assert_true(rr.checked > 0);
+    assert_int_equal(rr.mixed, 0);
+    free(src);
+    fshm_reader_close(rr.r);
+    fshm_writer_close(w, 1);
+}
+
+/* Helpers are started by the first publish that uses them, only for writers that asked,
+ * only for payloads of FSHM_FILL_TEAM_MIN and more, and are joined by close. */
+static void test_helper_threads_come_and_go(void **state)
+{
+    (void)state;
+    uint8_t *src = calloc(1, FRAME_1080P);
+    assert_non_null(src);
+    fshm_tensor big = bytes_tensor(FRAME_1080P), small = bytes_tensor(FSHM_FILL_TEAM_MIN - 1);
+    for (uint32_t ft = 0; ft <= 3; ft++) {
+        fshm_writer *w = fill_writer("fill-threads", FRAME_1080P, ft);
+        assert_int_equal(helper_threads(), 0);
+        assert_int_equal(fshm_writer_publish(w, src, FSHM_FILL_TEAM_MIN - 1, &small, 0), 0);
+        assert_int_equal(helper_threads(), 0);
+        assert_int_equal(fshm_writer_publish(w, src, FRAME_1080P, &big, 0), 0);
+        assert_int_equal(helper_threads(), ft > 1 ? (int)ft - 1 : 0);
+        fshm_writer_close(w, 1);
+        assert_int_equal(helper_threads(), 0);
+    }
+    free(src);
+}
+
+static void test_fill_threads_limit(void **state)
+{
+    (void)state;
+    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
+    cfg.addr.name = "fill-limit";
+    cfg.nslots = 4;
+    cfg.npools = 1;
+    cfg.pool_bytes[0] = 4096;
+    cfg.fill_threads = FSHM_MAX_FILL_THREADS + 1;
+    fshm_writer *w = NULL;
+    assert_int_equal(fshm_writer_open(&cfg, &w), -EINVAL);
+    assert_null(w);
+    assert_non_null(strstr(fshm_last_error(), "fill_threads"));
+    char dir[PATH_MAX];
+    tu_stream_dir(fshm_stream_id_for_name("fill-limit"), dir, sizeof dir);
+    assert_false(tu_path_exists(dir));
+    /* A caller built against an older header (its struct ends before fill_threads) gets
+     * the default. */
+    cfg.fill_threads = 0;
+    cfg.struct_size = offsetof(fshm_writer_config, fill_threads);
+    assert_int_equal(fshm_writer_open(&cfg, &w), 0);
+    assert_int_equal(w->fill_threads, 0);
+    fshm_writer_close(w, 1);
+}
+
+/* The child of a fork() has none of the parent's helper threads: its first big publish
+ * must not wait for them, and the parent's team goes on working. */
+static void test_fork_child_fills_without_parent_helpers(void **state)
+{
+    (void)state;
+    fshm_writer *w = fill_writer("fill-fork", FRAME_1080P, 2);
+    fshm_reader *r = tu_reader("fill-fork");
+    uint8_t *src = malloc(FRAME_1080P), *want = malloc(FRAME_1080P);
+    assert_non_null(src);
+    assert_non_null(want);
+    fshm_tensor t = bytes_tensor(FRAME_1080P);
+    pattern(src, FRAME_1080P, 1);
+    assert_int_equal(fshm_writer_publish(w, src, FRAME_1080P, &t, 0), 0);
+    assert_non_null(w->fill);
+    fflush(NULL);
+    pid_t pid = fork();
+    assert_true(pid >= 0);
+    if (pid == 0) {
+        alarm(20);   /* a child waiting for helpers it does not have would hang: fail instead */
+        int ok = w->fill == NULL && fshm_writer_publish(w, src, FRAME_1080P, &t, 0) == 0;
+        _exit(ok ? 0 : 1);
+    }
+    int status = 0;
+    assert_int_equal(waitpid(pid, &status, 0), pid);
+    assert_true(WIFEXITED(status));
+    assert_int_equal(WEXITSTATUS(status), 0);
+    fshm_frame f;
+    memset(&f, 0, sizeof f);
+    assert_int_equal(fshm_reader_wait_latest(r, 2 * SEC, &f), 0);
+    /* The child used the seq that came next for its copy of the writer too: the parent's
+     * next frame takes the one after, through the parent's own team. */
+    assert_int_equal(fshm_writer_skip_to(w, fshm_writer_next_seq(w) + 1), 0);
+    pattern(src, FRAME_1080P, 2);
+    assert_int_equal(fshm_writer_publish(w, src, FRAME_1080P, &t, 0), 0);
+    assert_int_equal(fshm_reader_wait_latest(r, 2 * SEC, &f), 0);
+    pattern(want, FRAME_1080P, 2);
+    assert_memory_equal(f.data, want, FRAME_1080P);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+    free(src);
+    free(want);
+}
+
+int main(void)
+{
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_team_copies_every_byte),
+        cmocka_unit_test(test_commit_waits_for_every_piece),
+        cmocka_unit_test(test_helper_threads_come_and_go),
+        cmocka_unit_test(test_fill_threads_limit),
+        cmocka_unit_test(test_fork_child_fills_without_parent_helpers),
+    };
+    return cmocka_run_group_tests(tests, tu_group_setup, tu_group_teardown);
+}
