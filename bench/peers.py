@@ -72,6 +72,7 @@ Transports:
     python bench/peers.py                       # every case, one run, ~2.5 minutes
     python bench/peers.py --cases view60,tiny --runs 2 --json out.json
     python bench/peers.py --cases flood,floodl3 --seconds 5
+    python bench/peers.py --cases flood,floodl3 --ring 2   # every transport's ring: 2 slots
     python bench/peers.py --cases lossless64 --runs 2      # ~2.5 min a run
     python bench/peers.py --awake --runs 2     # vCPUs kept out of halt (see --awake)
 
@@ -131,12 +132,12 @@ CASES["view60"]["transports"] += ("c", "c-ring")
 THROUGHPUT = ("tiny", "flood", "floodl3", "lossless64")   # cases whose figure is a rate (higher is better)
 PEERS = ("iox2", "iox2-event", "pipe", "zmq")
 BENCH = os.path.dirname(os.path.abspath(__file__))
-NSLOTS = 4
+NSLOTS = 4   # the frame cases' ring (frameshm nslots, iceoryx2 subscriber buffer, pipe slots); --ring
 HDR = struct.Struct("<qq")   # seq, t0; written into the first 16 bytes of iceoryx2/pipe payloads
 
 
 def _iox2_service(case, cfg, suffix=""):
-    return iox2_service(cfg, case.get("nslots", NSLOTS), case.get("consumers", 1), suffix)
+    return iox2_service(cfg, case.get("nslots", cfg.get("ring", NSLOTS)), case.get("consumers", 1), suffix)
 
 
 def producer_main(cname, transport, cfg, sync, out_q):
@@ -156,7 +157,7 @@ def producer_main(cname, transport, cfg, sync, out_q):
         if transport.startswith("fshm"):
             import frameshm
 
-            w = frameshm.Writer(cfg["stream"], shape=shape, dtype="uint8", nslots=case.get("nslots", NSLOTS),
+            w = frameshm.Writer(cfg["stream"], shape=shape, dtype="uint8", nslots=case.get("nslots", cfg.get("ring", NSLOTS)),
                                 fill_threads=2 if transport == "fshm-pub2" else 0)
             keep.append(w)
             flat = src.reshape(shape)
@@ -202,13 +203,14 @@ def producer_main(cname, transport, cfg, sync, out_q):
         elif transport == "pipe":
             from multiprocessing import shared_memory
 
-            shm = shared_memory.SharedMemory(name=cfg["shm"], create=True, size=NSLOTS * nbytes)
-            slots = np.ndarray((NSLOTS, nbytes), np.uint8, buffer=shm.buf)
+            ring = cfg.get("ring", NSLOTS)
+            shm = shared_memory.SharedMemory(name=cfg["shm"], create=True, size=ring * nbytes)
+            slots = np.ndarray((ring, nbytes), np.uint8, buffer=shm.buf)
             slots[:] = 0
             conns = cfg["conns"]   # one pipe per consumer (fanout8: 8, in turn)
 
             def handoff(i):
-                s = i % NSLOTS
+                s = i % ring
                 slots[s] = src
                 c0 = cpu_ns()
                 msg = HDR.pack(i, time.monotonic_ns())
@@ -398,7 +400,7 @@ def consumer_main(cname, transport, cfg, sync, out_q, idx=0):
                         break
                     continue
                 seq, t0 = HDR.unpack(conn.recv_bytes())
-                a = np.ndarray(shape, np.uint8, buffer=buf, offset=(seq % NSLOTS) * nbytes)
+                a = np.ndarray(shape, np.uint8, buffer=buf, offset=(seq % cfg.get("ring", NSLOTS)) * nbytes)
                 t1 = now()
                 got += 1
                 if seq >= case["warmup"]:
@@ -617,7 +619,7 @@ def run_pair(ctx, cname, transport, args, tag):
         return run_c(cname, transport, args)
     cfg = {"stream": f"peers-{os.getpid()}-{tag}", "shm": f"peers-{os.getpid()}-{tag}",
            "frames": args.frames or CASES[cname].get("frames", 0), "seconds": args.seconds,
-           "pings": args.pings, "ipc": f"ipc://{os.environ['FRAMESHM_DIR']}/zmq-{tag}",
+           "pings": args.pings, "ipc": f"ipc://{os.environ['FRAMESHM_DIR']}/zmq-{tag}", "ring": args.ring,
            **peers_lossless.worker_cfg(args)}
     n = CASES[cname].get("consumers", 1)
     sync = {k: ctx.Event() for k in ("producer_ready", "producer_done")}
@@ -778,6 +780,9 @@ def main():
     ap.add_argument("--frames", type=int, default=0, help="measured frames of paced cases")
     ap.add_argument("--seconds", type=float, default=3.0, help="duration of the tiny and flood cases")
     ap.add_argument("--pings", type=int, default=2000, help="measured round trips of pingpong")
+    ap.add_argument("--ring", type=int, default=NSLOTS,
+                    help="slots of the frame cases' ring for every transport: frameshm nslots (a power of "
+                         "two), the iceoryx2 subscriber buffer, the pipe's slots (default %(default)s)")
     peers_lossless.add_args(ap)
     ap.add_argument("--awake", action="store_true",
                     help="keep every vCPU out of halt with a SCHED_IDLE busy loop per CPU (see "
@@ -801,7 +806,8 @@ def main():
                        "../frameshm", "."]).returncode:
         rev += "+dirty"
     print(f"load average {' '.join(f'{x:.2f}' for x in os.getloadavg())}; {os.cpu_count()} CPUs; "
-          f"L3 {l3_bytes() >> 20} MiB; commit {rev}; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}",
+          f"L3 {l3_bytes() >> 20} MiB; commit {rev}; {time.strftime('%Y-%m-%d %H:%M:%S UTC', time.gmtime())}"
+          + (f"; frame cases' ring {args.ring} slots" if args.ring != NSLOTS else ""),
           flush=True)
     ticks0 = cpu_ticks()
     try:
