@@ -1,11 +1,12 @@
-/* What fshm_writer_config.fill_threads buys a producer: fshm_writer_publish of a 1080p RGB
- * frame (6,220,800 bytes) into a 4-slot stream, back to back, with no consumer, for each
- * fill_threads setting in turn (rounds alternate, so machine load hits every setting alike).
- * Per setting: median and p90 wall time of a publish, and the process's CPU per frame
- * (helper threads included), over all rounds.
+/* What a producer's fshm_writer_publish of a 1080p RGB frame (6,220,800 bytes) costs, back
+ * to back with no consumer, by fshm_writer_config.fill_threads setting and ring size
+ * (nslots: the slots the fills rotate over). Settings take turns round by round, so
+ * machine load hits every one alike. Per setting: median and p90 wall time of a publish,
+ * and the process's CPU per frame (helper threads included), over all rounds.
  *
- *   make -C bench publish_fill && bench/publish_fill [rounds [frames-per-round [settings...]]]
- *   bench/publish_fill 10 200 1 2 4
+ *   make -C bench publish_fill
+ *   bench/publish_fill [-n nslots] [-r rounds] [-f frames-per-round] [fill_threads...]
+ *   bench/publish_fill -n 4 -r 10 -f 200 1 2 4
  */
 #ifndef _GNU_SOURCE
 #define _GNU_SOURCE
@@ -35,13 +36,24 @@ static int cmp_u64(const void *a, const void *b)
 
 int main(int argc, char **argv)
 {
-    int rounds = argc > 1 ? atoi(argv[1]) : 10, per = argc > 2 ? atoi(argv[2]) : 200;
+    int rounds = 10, per = 200, nslots = 4, opt;
+    while ((opt = getopt(argc, argv, "n:r:f:")) != -1) {
+        if (opt == 'n')
+            nslots = atoi(optarg);
+        else if (opt == 'r')
+            rounds = atoi(optarg);
+        else if (opt == 'f')
+            per = atoi(optarg);
+        else
+            rounds = 0;
+    }
     unsigned settings[MAX_SETTINGS] = {1, 2}, ns = 2;
-    if (argc > 3)
-        for (ns = 0; ns < MAX_SETTINGS && 3 + (int)ns < argc; ns++)
-            settings[ns] = (unsigned)atoi(argv[3 + ns]);
-    if (rounds < 1 || per < 1)
-        return fprintf(stderr, "usage: %s [rounds [frames-per-round [fill_threads...]]]\n", argv[0]), 2;
+    if (optind < argc)
+        for (ns = 0; ns < MAX_SETTINGS && optind + (int)ns < argc; ns++)
+            settings[ns] = (unsigned)atoi(argv[optind + ns]);
+    if (rounds < 1 || per < 1 || nslots < 1)
+        return fprintf(stderr, "usage: %s [-n nslots] [-r rounds] [-f frames-per-round] [fill_threads...]\n",
+                       argv[0]), 2;
     uint8_t *src = aligned_alloc(64, FRAME);
     for (size_t i = 0; i < FRAME; i++)
         src[i] = (uint8_t)(i * 7);
@@ -58,14 +70,14 @@ int main(int argc, char **argv)
         fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
         snprintf(name[s], sizeof name[s], "bench-fill-%d-%u", (int)getpid(), s);
         cfg.addr.name = name[s];
-        cfg.nslots = 4;
+        cfg.nslots = (uint32_t)nslots;
         cfg.npools = 1;
         cfg.pool_bytes[0] = FRAME;
         cfg.fill_threads = settings[s];
         if (fshm_writer_open(&cfg, &w[s]))
             return fprintf(stderr, "fshm_writer_open: %s\n", fshm_last_error()), 1;
         wall[s] = malloc(sizeof(uint64_t) * (size_t)rounds * (size_t)per);
-        for (int i = 0; i < 8; i++)   /* warm-up: helpers started, every slot touched */
+        for (int i = 0; i < 2 * nslots + 8; i++)   /* warm-up: helpers started, every slot touched */
             fshm_writer_publish(w[s], src, FRAME, &t, 0);
     }
     for (int r = 0; r < rounds; r++)
@@ -81,8 +93,8 @@ int main(int argc, char **argv)
         }
     double load[3] = {0};
     getloadavg(load, 3);
-    printf("publish of 6,220,800 bytes into a 4-slot stream, %d rounds of %d frames; libframeshm %s; load %.2f\n",
-           rounds, per, fshm_version_string(), load[0]);
+    printf("publish of 6,220,800 bytes into a %d-slot stream, %d rounds of %d frames; libframeshm %s; load %.2f\n",
+           nslots, rounds, per, fshm_version_string(), load[0]);
     size_t n = (size_t)rounds * (size_t)per;
     for (unsigned s = 0; s < ns; s++) {
         qsort(wall[s], n, sizeof(uint64_t), cmp_u64);

@@ -2,13 +2,14 @@
  * shared with helper threads (a fill team) for big payloads.
  *
  * Why a team: a 1080p frame is 6.2 MB, and the slot it lands on (payload slot = header
- * index = seq mod nslots, spec §8) was last written nslots frames ago. One core copying
- * it is bound by how many cache misses that core can keep in flight, not by the memory
- * system: on the 2-vCPU EPYC guests we measure on, one thread fills a 4-slot ring in
- * 226 us with streaming stores (302-322 us with plain ones), two threads with plain
- * stores in 89-150 us (bench/fill.c, docs/benchmarks.md). Streaming stores do not gain
- * from a second thread (223 us: they are bound by the write path to DRAM), so a team
- * uses plain stores, which also leave the frame in the shared L3 for the consumers.
+ * index = seq mod nslots, docs/wire-format.md) was last written nslots frames ago. One
+ * core copying it is bound by how many cache misses it keeps in flight more than by the
+ * memory system: on the 2-vCPU EPYC guests we measure on, one thread publishes into a
+ * 4-slot ring in 221-224 us (streaming stores; plain ones take 300 or more), the caller
+ * and one helper with plain stores in 134-139 us (bench/publish_fill, docs/benchmarks.md
+ * §11). Streaming stores gain nothing from a second thread (they are bound by the write
+ * path to DRAM), so a team uses plain stores, which also leave the frame in the shared L3
+ * for the consumers.
  *
  * How: the payload is cut into FILL_CHUNK pieces; the publishing thread and its helpers
  * claim pieces from one counter until none is left, so a helper that is slow to wake
@@ -22,6 +23,7 @@
 #include <pthread.h>
 #include <sched.h>
 #include <signal.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <sys/syscall.h>
@@ -69,14 +71,15 @@ struct fshm_fill_team {
 #if defined(__x86_64__)
 #include <emmintrin.h>
 
-/* Alone, a big frame's plain-store fill reads every destination line in before
- * overwriting it (the slot has long been evicted on a busy machine). Streaming stores skip
- * that read and leave the caches to the consumers (bench/fill.c: 0.83-0.95 ms instead of
- * 1.18-1.32 ms for 6.2 MB in a 4-slot ring, and no slower for a reader touching the frame
- * afterwards). */
-void fshm_fill_alone(void *dst, const void *src, size_t n)
+/* Alone, a big frame's plain-store fill of a ring bigger than the cache reads every
+ * destination line in before overwriting it (the slot has long been evicted). Streaming
+ * stores skip that read and leave the caches to the consumers (bench/fill.c: 0.83-0.95 ms
+ * instead of 1.18-1.32 ms for 6.2 MB in a 4-slot ring, and no slower for a reader touching
+ * the frame afterwards). A ring that fits the cache is the other way round: its slot is
+ * still there, and streaming stores would push it out to DRAM (warm = 1: plain stores). */
+void fshm_fill_alone(void *dst, const void *src, size_t n, int warm)
 {
-    if (n < FSHM_FILL_TEAM_MIN) {
+    if (n < FSHM_FILL_TEAM_MIN || warm) {
         memcpy(dst, src, n);
         return;
     }
@@ -99,9 +102,56 @@ void fshm_fill_alone(void *dst, const void *src, size_t n)
     _mm_sfence();
 }
 #else
-void fshm_fill_alone(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
+void fshm_fill_alone(void *dst, const void *src, size_t n, int warm)
+{
+    (void)warm;
+    memcpy(dst, src, n);
+}
 #endif
 
+
+/* The L3 cache (the largest level-3 entry sysfs lists for CPU 0; 0 when none is, or no
+ * sysfs): what a ring has to fit for its slots to stay cached between fills. sysfs, not
+ * cpuid: a guest's cpuid may describe the host's caches (sysconf says 320 MiB on the
+ * 32 MiB EPYC guests). */
+static size_t l3_size;
+static pthread_once_t l3_once = PTHREAD_ONCE_INIT;
+
+static void read_l3_size(void)
+{
+    for (int i = 0; i < 8; i++) {
+        char path[64], buf[32];
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/level", i);
+        FILE *f = fopen(path, "re");
+        if (!f)
+            continue;
+        int level = fgets(buf, sizeof buf, f) ? atoi(buf) : 0;
+        fclose(f);
+        if (level != 3)
+            continue;
+        snprintf(path, sizeof path, "/sys/devices/system/cpu/cpu0/cache/index%d/size", i);
+        if (!(f = fopen(path, "re")))
+            continue;
+        char *end = NULL;
+        unsigned long long v = fgets(buf, sizeof buf, f) ? strtoull(buf, &end, 10) : 0;
+        fclose(f);
+        if (end && *end == 'K')
+            v <<= 10;
+        else if (end && *end == 'M')
+            v <<= 20;
+        if (v > l3_size)
+            l3_size = (size_t)v;
+    }
+}
+
+int fshm_fill_ring_warm(size_t ring_bytes)
+{
+    pthread_once(&l3_once, read_l3_size);
+    /* Half the cache: the source frame, the consumers' reads and everything else running
+     * need the rest (a 2-slot 1080p ring, 12.4 MB, fills faster with plain stores on a
+     * 32 MiB L3; a 4-slot one, 24.9 MB, with streaming stores: docs/benchmarks.md §11). */
+    return l3_size && ring_bytes <= l3_size / 2;
+}
 
 static void futex_wait_private(uint32_t *word, uint32_t seen, uint64_t timeout_ns)
 {

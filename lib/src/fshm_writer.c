@@ -603,7 +603,7 @@ int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fs
     if (w->fill && nbytes >= FSHM_FILL_TEAM_MIN)
         fshm_fill_copy(w->fill, l.data, src, nbytes);
     else
-        fshm_fill_alone(l.data, src, nbytes);
+        fshm_fill_alone(l.data, src, nbytes, fshm_fill_ring_warm((size_t)w->nslots * l.capacity));
     return commit_checked(w, &full, nbytes, timestamp_ns);
 }
 

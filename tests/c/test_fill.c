@@ -126,6 +126,49 @@ static void test_team_copies_every_byte(void **state)
     free(want);
 }
 
+/* The caller alone: plain stores for a ring that fits half the L3, streaming stores for
+ * one that does not (fshm_fill_ring_warm). Both kinds put every byte where it belongs,
+ * from an unaligned source, with a tail that is not a whole cache line. */
+static void test_alone_fill_both_store_kinds(void **state)
+{
+    (void)state;
+    const size_t n = 3u * (1u << 20) / 2 + 13;   /* 1.5 MiB + 13: in a 2 MiB stride */
+    const uint32_t rings[] = {2, 32};           /* 4 MiB and 64 MiB of slots */
+    uint8_t *src = malloc(n + 1), *want = malloc(n);
+    assert_non_null(src);
+    assert_non_null(want);
+    fshm_tensor t = bytes_tensor(n);
+    assert_false(fshm_fill_ring_warm(SIZE_MAX));
+    for (unsigned ri = 0; ri < 2; ri++) {
+        fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
+        cfg.addr.name = "fill-alone";
+        cfg.nslots = rings[ri];
+        cfg.npools = 1;
+        cfg.pool_bytes[0] = 2u << 20;
+        cfg.fill_threads = 1;
+        fshm_writer *w = NULL;
+        assert_int_equal(fshm_writer_open(&cfg, &w), 0);
+        fshm_reader *r = tu_reader("fill-alone");
+        print_message("    %u slots of 2 MiB: %s stores\n", rings[ri],
+                      fshm_fill_ring_warm((size_t)rings[ri] << 21) ? "plain" : "streaming");
+        for (uint64_t frame = 0; frame < 3; frame++) {
+            pattern(src + 1, n, frame);
+            assert_int_equal(fshm_writer_publish(w, src + 1, n, &t, 0), 0);
+            fshm_frame f;
+            memset(&f, 0, sizeof f);
+            assert_int_equal(fshm_reader_wait_next(r, 2 * SEC, &f), 0);
+            pattern(want, n, frame);
+            assert_int_equal(f.nbytes, n);
+            assert_memory_equal(f.data, want, n);
+        }
+        assert_null(w->fill);
+        fshm_reader_close(r);
+        fshm_writer_close(w, 1);
+    }
+    free(src);
+    free(want);
+}
+
 /* A reader racing a producer that publishes back to back with its team: every frame it
  * is handed, and finds still valid after looking at it, is entirely one frame's bytes
  * (the seqlock covers the helpers' stores too). A commit that does not wait for the
@@ -286,6 +329,7 @@ int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_team_copies_every_byte),
+        cmocka_unit_test(test_alone_fill_both_store_kinds),
         cmocka_unit_test(test_commit_waits_for_every_piece),
         cmocka_unit_test(test_helper_threads_come_and_go),
         cmocka_unit_test(test_fill_threads_limit),
