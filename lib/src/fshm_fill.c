@@ -6,7 +6,7 @@
  * core copying it is bound by how many cache misses it keeps in flight more than by the
  * memory system: on the 2-vCPU EPYC guests we measure on, one thread publishes into a
  * 4-slot ring in 221-224 us (streaming stores; plain ones take 300 or more), the caller
- * and one helper with plain stores in 134-139 us (bench/publish_fill, docs/benchmarks.md
+ * and one helper with plain stores in 139-150 us (bench/publish_fill, docs/benchmarks.md
  * §11). Streaming stores gain nothing from a second thread (they are bound by the write
  * path to DRAM), so a team uses plain stores, which also leave the frame in the shared L3
  * for the consumers.

@@ -597,10 +597,13 @@ int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fs
     }
     if ((rc = fshm_writer_loan(w, nbytes, &l)))
         return rc;
-    if (w->fill_threads > 1 && nbytes >= FSHM_FILL_TEAM_MIN && !w->fill && !w->fill_failed &&
-        fshm_fill_team_start(w->fill_threads, &w->fill))
+    if (nbytes < FSHM_FILL_TEAM_MIN) {
+        memcpy(l.data, src, nbytes);
+        return commit_checked(w, &full, nbytes, timestamp_ns);
+    }
+    if (w->fill_threads > 1 && !w->fill && !w->fill_failed && fshm_fill_team_start(w->fill_threads, &w->fill))
         w->fill_failed = 1;   /* no threads to be had: fill alone, and do not ask every frame */
-    if (w->fill && nbytes >= FSHM_FILL_TEAM_MIN)
+    if (w->fill)
         fshm_fill_copy(w->fill, l.data, src, nbytes);
     else
         fshm_fill_alone(l.data, src, nbytes, fshm_fill_ring_warm((size_t)w->nslots * l.capacity));
