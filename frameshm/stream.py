@@ -86,9 +86,9 @@ class Writer:
 
     ``fill_threads=N`` (2 to 8) lets ``publish()`` copy frames of 1 MiB and more with N
     threads: the caller and N - 1 helper threads the writer starts at its first such
-    publish and ends at ``close()``. A 1080p RGB frame then takes ~130 us instead of ~220
-    on a 2-vCPU EPYC guest, for ~20 % more CPU; but where no CPU is spare for the helper
-    (a consumer or another busy process on the other cores) it is slower. The default, 0,
+    publish and ends at ``close()``. A 1080p RGB frame then takes ~140-150 us instead of
+    ~220 on a 2-vCPU EPYC guest, for ~30 % more CPU; but where no CPU is spare for the
+    helper (a consumer or another busy process on the other cores) it is slower. The default, 0,
     copies in the calling thread alone. ``loan()`` fills are the application's and never
     use the helpers.
     """

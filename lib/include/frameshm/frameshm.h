@@ -149,9 +149,9 @@ typedef struct fshm_writer_config {
     int publish_mode;                      /* 0 = EXISTING_OR_CREATE */
     /* Threads that copy a payload of 1 MiB or more in fshm_writer_publish: the caller and
      * fill_threads - 1 helper threads the writer starts at its first such publish and
-     * joins at close. 0 = 2 where the process may run on two or more CPUs, else 1;
-     * 1 = the caller alone (streaming stores); at most FSHM_MAX_FILL_THREADS. Loans are
-     * filled by the application and never use them. */
+     * joins at close (worth it only where a CPU is spare: docs/c-api.md). 0 (the default)
+     * and 1: the caller alone. At most FSHM_MAX_FILL_THREADS. Loans are filled by the
+     * application and never use them. */
     uint32_t fill_threads;
 } fshm_writer_config;
 
