@@ -13,8 +13,8 @@ FSHM_OPT := -O2
 
 # libframeshm: the transport only (regions, seqlock, descriptors, control region, lease
 # client, provisioning). Hidden visibility: only FSHM_API symbols are exported.
-FSHM_LIB_SOURCES := lib/src/fshm_admin.c lib/src/fshm_control.c lib/src/fshm_error.c lib/src/fshm_fill.c \
-	lib/src/fshm_lease.c lib/src/fshm_lease_requests.c lib/src/fshm_liveness.c \
+FSHM_LIB_SOURCES := lib/src/fshm_admin.c lib/src/fshm_control.c lib/src/fshm_error.c \
+	lib/src/fshm_fill.c lib/src/fshm_lease.c lib/src/fshm_lease_requests.c lib/src/fshm_liveness.c \
 	lib/src/fshm_path.c lib/src/fshm_proc.c lib/src/fshm_provision.c lib/src/fshm_queue.c \
 	lib/src/fshm_reader.c lib/src/fshm_reader_wait.c lib/src/fshm_foreign.c \
 	lib/src/fshm_region.c lib/src/fshm_sealed.c lib/src/fshm_writer.c

@@ -423,9 +423,9 @@ int fshm_queue_owner(const char *name, int64_t *pid, uint64_t *start);
 int fshm_mqueue_dir(char *out, size_t cap);
 
 /* fshm_fill.c: how publish() copies a payload into its slot. fill_alone: the calling
- * thread only (streaming stores from FSHM_FILL_TEAM_MIN up, unless the ring is warm). A fill team: the caller plus
- * helper threads, for payloads of FSHM_FILL_TEAM_MIN and more (below, a helper's wake-up
- * costs more than the pieces it could take over). */
+ * thread only (streaming stores from FSHM_FILL_TEAM_MIN up, unless the ring is warm). A
+ * fill team: the caller plus helper threads, for payloads of FSHM_FILL_TEAM_MIN and more
+ * (below, a helper's wake-up costs more than the pieces it could take over). */
 #define FSHM_FILL_TEAM_MIN (1u << 20)
 typedef struct fshm_fill_team fshm_fill_team;
 void fshm_fill_alone(void *dst, const void *src, size_t n, int warm);
