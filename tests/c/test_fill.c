@@ -16,30 +16,26 @@
 #define SEC 1000000000ll
 #define FRAME_1080P 6220800u
 
-static fshm_writer *fill_writer(const char *name, uint32_t pool_bytes, uint32_t fill_threads)
+static fshm_writer_config fill_config(const char *name, uint32_t nslots, uint32_t pool_bytes,
+                                      uint32_t fill_threads)
 {
     fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
     cfg.addr.name = name;
-    cfg.nslots = 4;
+    cfg.nslots = nslots;
     cfg.npools = 1;
     cfg.pool_bytes[0] = pool_bytes;
     cfg.fill_threads = fill_threads;
+    return cfg;
+}
+
+static fshm_writer *fill_writer(const char *name, uint32_t pool_bytes, uint32_t fill_threads)
+{
+    fshm_writer_config cfg = fill_config(name, 4, pool_bytes, fill_threads);
     fshm_writer *w = NULL;
     int rc = fshm_writer_open(&cfg, &w);
     if (rc)
         fail_msg("fshm_writer_open(%s): %d %s", name, rc, fshm_last_error());
     return w;
-}
-
-static fshm_tensor bytes_tensor(size_t n)
-{
-    fshm_tensor t;
-    memset(&t, 0, sizeof t);
-    t.dtype = FSHM_DTYPE_UINT8;
-    t.major_order = FSHM_ORDER_ROW;
-    t.ndims = 1;
-    t.dims[0] = (int32_t)n;
-    return t;
 }
 
 /* Bytes that differ at every offset and from frame to frame, so a piece copied to the
@@ -93,7 +89,7 @@ static void test_team_copies_every_byte(void **state)
         uint64_t frame = 0;
         for (unsigned si = 0; si < sizeof sizes / sizeof sizes[0]; si++) {
             size_t n = sizes[si];
-            fshm_tensor t = bytes_tensor(n);
+            fshm_tensor t = tu_u8_tensor(n);
             uint64_t until = fshm_now_ns() + 5 * (uint64_t)SEC, helped_before = fshm_fill_team_helper_pieces(w->fill);
             int rounds = 0;
             do {
@@ -137,15 +133,10 @@ static void test_alone_fill_both_store_kinds(void **state)
     uint8_t *src = malloc(n + 1), *want = malloc(n);
     assert_non_null(src);
     assert_non_null(want);
-    fshm_tensor t = bytes_tensor(n);
+    fshm_tensor t = tu_u8_tensor(n);
     assert_false(fshm_fill_ring_warm(SIZE_MAX));
     for (unsigned ri = 0; ri < 2; ri++) {
-        fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
-        cfg.addr.name = "fill-alone";
-        cfg.nslots = rings[ri];
-        cfg.npools = 1;
-        cfg.pool_bytes[0] = 2u << 20;
-        cfg.fill_threads = 1;
+        fshm_writer_config cfg = fill_config("fill-alone", rings[ri], 2u << 20, 1);
         fshm_writer *w = NULL;
         assert_int_equal(fshm_writer_open(&cfg, &w), 0);
         fshm_reader *r = tu_reader("fill-alone");
@@ -217,7 +208,7 @@ static void test_commit_waits_for_every_piece(void **state)
     assert_int_equal(pthread_create(&t, NULL, racing_main, &rr), 0);
     uint8_t *src = malloc(FRAME_1080P);
     assert_non_null(src);
-    fshm_tensor tn = bytes_tensor(FRAME_1080P);
+    fshm_tensor tn = tu_u8_tensor(FRAME_1080P);
     for (int i = 0; i < 400; i++) {
         memset(src, i & 0xff, FRAME_1080P);
         assert_int_equal(fshm_writer_publish(w, src, FRAME_1080P, &tn, 0), 0);
@@ -243,7 +234,7 @@ static void test_helper_threads_come_and_go(void **state)
     (void)state;
     uint8_t *src = calloc(1, FRAME_1080P);
     assert_non_null(src);
-    fshm_tensor big = bytes_tensor(FRAME_1080P), small = bytes_tensor(FSHM_FILL_TEAM_MIN - 1);
+    fshm_tensor big = tu_u8_tensor(FRAME_1080P), small = tu_u8_tensor(FSHM_FILL_TEAM_MIN - 1);
     for (uint32_t ft = 0; ft <= 3; ft++) {
         fshm_writer *w = fill_writer("fill-threads", FRAME_1080P, ft);
         assert_int_equal(helper_threads(), 0);
@@ -260,12 +251,7 @@ static void test_helper_threads_come_and_go(void **state)
 static void test_fill_threads_limit(void **state)
 {
     (void)state;
-    fshm_writer_config cfg = FSHM_WRITER_CONFIG_INIT;
-    cfg.addr.name = "fill-limit";
-    cfg.nslots = 4;
-    cfg.npools = 1;
-    cfg.pool_bytes[0] = 4096;
-    cfg.fill_threads = FSHM_MAX_FILL_THREADS + 1;
+    fshm_writer_config cfg = fill_config("fill-limit", 4, 4096, FSHM_MAX_FILL_THREADS + 1);
     fshm_writer *w = NULL;
     assert_int_equal(fshm_writer_open(&cfg, &w), -EINVAL);
     assert_null(w);
@@ -292,7 +278,7 @@ static void test_fork_child_fills_without_parent_helpers(void **state)
     uint8_t *src = malloc(FRAME_1080P), *want = malloc(FRAME_1080P);
     assert_non_null(src);
     assert_non_null(want);
-    fshm_tensor t = bytes_tensor(FRAME_1080P);
+    fshm_tensor t = tu_u8_tensor(FRAME_1080P);
     pattern(src, FRAME_1080P, 1);
     assert_int_equal(fshm_writer_publish(w, src, FRAME_1080P, &t, 0), 0);
     assert_non_null(w->fill);
