@@ -167,7 +167,7 @@ static void test_alone_fill_both_store_kinds(void **state)
  * once, not here: a reader woken by the commit is slower than a helper's last piece. */
 typedef struct racing_reader {
     fshm_reader *r;
-    volatile int stop;
+    int stop;   /* atomic */
     uint64_t checked, mixed;
     int rc;
 } racing_reader;
@@ -176,7 +176,7 @@ static void *racing_main(void *arg)
 {
     racing_reader *rr = arg;
     fshm_reader *r = rr->r;
-    while (!rr->stop) {
+    while (!__atomic_load_n(&rr->stop, __ATOMIC_RELAXED)) {
         fshm_frame f;
         memset(&f, 0, sizeof f);
         int rc = fshm_reader_wait_latest(r, SEC / 10, &f);
@@ -214,7 +214,7 @@ static void test_commit_waits_for_every_piece(void **state)
         assert_int_equal(fshm_writer_publish(w, src, FRAME_1080P, &tn, 0), 0);
     }
     usleep(50000);
-    rr.stop = 1;
+    __atomic_store_n(&rr.stop, 1, __ATOMIC_RELAXED);
     pthread_join(t, NULL);
     print_message("    %llu frames checked whole, %llu mixed; helpers copied %llu pieces\n",
                   (unsigned long long)rr.checked, (unsigned long long)rr.mixed,
