@@ -3,8 +3,8 @@
 # in a copy of the tree, running the tests that share handles and mappings between threads
 # and outlive them: one Reader used from several threads across epoch changes (the crash of
 # issue 14), views outliving their Reader/Writer/stream, DLPack exports, and the Reader's
-# spin-window hook, which builds Python objects with the GIL taken inside a wait. Any
-# report fails.
+# spin-window hook, which builds Python objects with the GIL taken inside a wait; and the
+# C library's publish fill team (helper threads) under ThreadSanitizer. Any report fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 . scripts/_python.sh
@@ -31,3 +31,6 @@ echo "== ASan + UBSan: threads, lifetime, DLPack, spin window =="
 "$FRAMESHM_PY" -m pytest -q -p no:cacheprovider tests/python/test_threads.py \
     tests/python/test_lifetime.py tests/python/test_dlpack.py tests/python/test_spin_window.py \
     -k "not leak"
+echo "== TSan: the publish fill team (tests/c test_fill) =="
+# Not under the ASan runtime preloaded above for the interpreter.
+env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS make -s -C tests/c tsan-fill
