@@ -75,14 +75,11 @@ struct fshm_fill_team {
  * destination line in before overwriting it (the slot has long been evicted). Streaming
  * stores skip that read and leave the caches to the consumers (bench/fill.c: 0.83-0.95 ms
  * instead of 1.18-1.32 ms for 6.2 MB in a 4-slot ring, and no slower for a reader touching
- * the frame afterwards). A ring that fits the cache is the other way round: its slot is
- * still there, and streaming stores would push it out to DRAM (warm = 1: plain stores). */
-void fshm_fill_alone(void *dst, const void *src, size_t n, int warm)
+ * the frame afterwards). A ring that fits the cache is the other way round
+ * (fshm_fill_ring_warm): its slot is still there, and streaming stores would push it out
+ * to DRAM. */
+void fshm_fill_stream(void *dst, const void *src, size_t n)
 {
-    if (n < FSHM_FILL_TEAM_MIN || warm) {
-        memcpy(dst, src, n);
-        return;
-    }
     uint8_t *d = dst;
     const uint8_t *s = src;
     size_t head = (16 - ((uintptr_t)d & 15)) & 15;
@@ -102,11 +99,7 @@ void fshm_fill_alone(void *dst, const void *src, size_t n, int warm)
     _mm_sfence();
 }
 #else
-void fshm_fill_alone(void *dst, const void *src, size_t n, int warm)
-{
-    (void)warm;
-    memcpy(dst, src, n);
-}
+void fshm_fill_stream(void *dst, const void *src, size_t n) { memcpy(dst, src, n); }
 #endif
 
 

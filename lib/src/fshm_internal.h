@@ -422,15 +422,15 @@ int fshm_queue_owner(const char *name, int64_t *pid, uint64_t *start);
  * when none is. */
 int fshm_mqueue_dir(char *out, size_t cap);
 
-/* fshm_fill.c: how publish() copies a payload into its slot. fill_alone: the calling
- * thread only (streaming stores from FSHM_FILL_TEAM_MIN up, unless the ring is warm). A
- * fill team: the caller plus helper threads, for payloads of FSHM_FILL_TEAM_MIN and more
- * (below, a helper's wake-up costs more than the pieces it could take over). */
+/* fshm_fill.c: how publish() copies a payload of FSHM_FILL_TEAM_MIN or more into its
+ * slot (below, plain memcpy; and a helper's wake-up would cost more than the pieces it
+ * could take over). fill_stream: the calling thread alone, with streaming stores on x86-64.
+ * A fill team: the caller plus helper threads. */
 #define FSHM_FILL_TEAM_MIN (1u << 20)
 typedef struct fshm_fill_team fshm_fill_team;
-void fshm_fill_alone(void *dst, const void *src, size_t n, int warm);
+void fshm_fill_stream(void *dst, const void *src, size_t n);
 /* 1 when a ring of ring_bytes (nslots x a pool's stride) fits the cache well enough that
- * its slots are still cached when they are filled again: fill_alone then uses plain stores. */
+ * its slots are still cached when they are filled again: plain stores, not fill_stream. */
 int fshm_fill_ring_warm(size_t ring_bytes);
 int fshm_fill_team_start(unsigned nthreads, fshm_fill_team **out);
 void fshm_fill_copy(fshm_fill_team *t, void *dst, const void *src, size_t n);

@@ -224,7 +224,6 @@ static int writer_open_driver(const fshm_writer_config *cfg, fshm_writer **out)
         return fshm_set_error(-ENOMEM, "out of memory");
     w->ch.fd = -1;
     w->lock_fd = -1;
-    w->fill_threads = cfg->fill_threads;
     uint32_t id = cfg->addr.stream_id;
     if (!id && cfg->addr.name)
         id = fshm_stream_id_for_name(cfg->addr.name);
@@ -259,7 +258,9 @@ int fshm_writer_open(const fshm_writer_config *user_cfg, fshm_writer **out)
     if (cfg.fill_threads > FSHM_MAX_FILL_THREADS)
         return fshm_set_error(-EINVAL, "fill_threads %u: at most %u threads fill a frame", cfg.fill_threads,
                               FSHM_MAX_FILL_THREADS);
-    return writer_open(&cfg, out);
+    if ((rc = writer_open(&cfg, out)) == 0)
+        (*out)->fill_threads = cfg.fill_threads;   /* used by publish only, never while opening */
+    return rc;
 }
 
 static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
@@ -277,7 +278,6 @@ static int writer_open(const fshm_writer_config *cfg, fshm_writer **out)
         return fshm_set_error(-ENOMEM, "out of memory");
     w->ch.fd = -1;
     w->lock_fd = -1;
-    w->fill_threads = cfg->fill_threads;
     rc = fshm_resolve(&cfg->addr, 1, &w->paths);
     if (rc)
         goto fail;
@@ -605,8 +605,10 @@ int fshm_writer_publish(fshm_writer *w, const void *src, size_t nbytes, const fs
         w->fill_failed = 1;   /* no threads to be had: fill alone, and do not ask every frame */
     if (w->fill)
         fshm_fill_copy(w->fill, l.data, src, nbytes);
+    else if (fshm_fill_ring_warm((size_t)w->nslots * l.capacity))
+        memcpy(l.data, src, nbytes);
     else
-        fshm_fill_alone(l.data, src, nbytes, fshm_fill_ring_warm((size_t)w->nslots * l.capacity));
+        fshm_fill_stream(l.data, src, nbytes);
     return commit_checked(w, &full, nbytes, timestamp_ns);
 }
 
