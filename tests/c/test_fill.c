@@ -15,6 +15,7 @@
 
 #define SEC 1000000000ll
 #define FRAME_1080P 6220800u
+#define FILL_PIECE (128u << 10)   /* lib/src/fshm_fill.c's FILL_CHUNK */
 
 static fshm_writer_config fill_config(const char *name, uint32_t nslots, uint32_t pool_bytes,
                                       uint32_t fill_threads)
@@ -36,17 +37,6 @@ static fshm_writer *fill_writer(const char *name, uint32_t pool_bytes, uint32_t 
     if (rc)
         fail_msg("fshm_writer_open(%s): %d %s", name, rc, fshm_last_error());
     return w;
-}
-
-/* Bytes that differ at every offset and from frame to frame, so a piece copied to the
- * wrong place, twice, or not at all shows. */
-static void pattern(uint8_t *p, size_t n, uint64_t frame)
-{
-    uint64_t x = 0x9e3779b97f4a7c15ull * (frame + 1);
-    for (size_t i = 0; i < n; i++) {
-        x ^= x << 13, x ^= x >> 7, x ^= x << 17;
-        p[i] = (uint8_t)x;
-    }
 }
 
 /* Threads of this process named like the writer's helpers. */
@@ -80,9 +70,8 @@ static void test_team_copies_every_byte(void **state)
     (void)state;
     const size_t sizes[] = {FSHM_FILL_TEAM_MIN, 3u * (1u << 20) + 17, FRAME_1080P, (1u << 20) + (128u << 10) - 1};
     const uint32_t teams[] = {2, 4};
-    uint8_t *src = malloc(FRAME_1080P + 1), *want = malloc(FRAME_1080P);
+    uint8_t *src = malloc(FRAME_1080P + 1);
     assert_non_null(src);
-    assert_non_null(want);
     for (unsigned ti = 0; ti < 2; ti++) {
         fshm_writer *w = fill_writer("fill-bytes", 8u << 20, teams[ti]);
         fshm_reader *r = tu_reader("fill-bytes");
@@ -93,19 +82,26 @@ static void test_team_copies_every_byte(void **state)
             uint64_t until = fshm_now_ns() + 5 * (uint64_t)SEC, helped_before = fshm_fill_team_helper_pieces(w->fill);
             int rounds = 0;
             do {
-                pattern(src + 1, n, frame);
+                tu_fill(src + 1, n, frame);
                 assert_int_equal(fshm_writer_publish(w, src + 1, n, &t, 0), 0);
                 fshm_frame f;
                 memset(&f, 0, sizeof f);
                 assert_int_equal(fshm_reader_wait_next(r, 2 * SEC, &f), 0);
                 assert_int_equal(f.nbytes, n);
-                pattern(want, n, frame);
-                if (memcmp(f.data, want, n) != 0) {
-                    size_t i = 0;
-                    while (((const uint8_t *)f.data)[i] == want[i])
-                        i++;
-                    fail_msg("%u threads, %zu bytes, frame %llu: first wrong byte at %zu (piece %zu)", teams[ti], n,
-                             (unsigned long long)frame, i, i / (128u << 10));
+                /* Last piece first: the pieces claimed last are the ones a commit that
+                 * did not wait for its helpers would hand out half copied. */
+                const uint8_t *got = f.data, *sent = src + 1;
+                for (size_t off = (n - 1) / FILL_PIECE * FILL_PIECE;; off -= FILL_PIECE) {
+                    size_t len = n - off < FILL_PIECE ? n - off : FILL_PIECE;
+                    if (memcmp(got + off, sent + off, len) != 0) {
+                        size_t i = off;
+                        while (got[i] == sent[i])
+                            i++;
+                        fail_msg("%u threads, %zu bytes, frame %llu: wrong byte at %zu (piece %zu)", teams[ti], n,
+                                 (unsigned long long)frame, i, i / FILL_PIECE);
+                    }
+                    if (off == 0)
+                        break;
                 }
                 assert_true(fshm_frame_valid(r, &f));
                 frame++;
@@ -119,7 +115,6 @@ static void test_team_copies_every_byte(void **state)
         fshm_writer_close(w, 1);
     }
     free(src);
-    free(want);
 }
 
 /* The caller alone: plain stores for a ring that fits half the L3, streaming stores for
@@ -143,12 +138,12 @@ static void test_alone_fill_both_store_kinds(void **state)
         print_message("    %u slots of 2 MiB: %s stores\n", rings[ri],
                       fshm_fill_ring_warm((size_t)rings[ri] << 21) ? "plain" : "streaming");
         for (uint64_t frame = 0; frame < 3; frame++) {
-            pattern(src + 1, n, frame);
+            tu_fill(src + 1, n, frame);
             assert_int_equal(fshm_writer_publish(w, src + 1, n, &t, 0), 0);
             fshm_frame f;
             memset(&f, 0, sizeof f);
             assert_int_equal(fshm_reader_wait_next(r, 2 * SEC, &f), 0);
-            pattern(want, n, frame);
+            tu_fill(want, n, frame);
             assert_int_equal(f.nbytes, n);
             assert_memory_equal(f.data, want, n);
         }
@@ -279,7 +274,7 @@ static void test_fork_child_fills_without_parent_helpers(void **state)
     assert_non_null(src);
     assert_non_null(want);
     fshm_tensor t = tu_u8_tensor(FRAME_1080P);
-    pattern(src, FRAME_1080P, 1);
+    tu_fill(src, FRAME_1080P, 1);
     assert_int_equal(fshm_writer_publish(w, src, FRAME_1080P, &t, 0), 0);
     assert_non_null(w->fill);
     fflush(NULL);
@@ -300,10 +295,10 @@ static void test_fork_child_fills_without_parent_helpers(void **state)
     /* The child used the seq that came next for its copy of the writer too: the parent's
      * next frame takes the one after, through the parent's own team. */
     assert_int_equal(fshm_writer_skip_to(w, fshm_writer_next_seq(w) + 1), 0);
-    pattern(src, FRAME_1080P, 2);
+    tu_fill(src, FRAME_1080P, 2);
     assert_int_equal(fshm_writer_publish(w, src, FRAME_1080P, &t, 0), 0);
     assert_int_equal(fshm_reader_wait_latest(r, 2 * SEC, &f), 0);
-    pattern(want, FRAME_1080P, 2);
+    tu_fill(want, FRAME_1080P, 2);
     assert_memory_equal(f.data, want, FRAME_1080P);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
