@@ -328,12 +328,14 @@ int fshm_ctl_claim(fshm_ctl *c, const char *consumer, uint32_t max_rate_hz)
 
 char *fshm_ctl_queue_field(fshm_ctl *c, int idx) { return ctl_consumer(c, (unsigned)idx)->queue; }
 
-int fshm_ctl_activate(fshm_ctl *c, int idx, int no_queue)
+int fshm_ctl_activate(fshm_ctl *c, int idx, int no_queue, uint32_t max_rate_hz)
 {
     fshm_ctl_consumer *e = ctl_consumer(c, (unsigned)idx);
     /* The consumer itself activates its entry, so it can write `sleeping`: doorbell. */
-    if (no_queue)
-        __atomic_fetch_or(&e->flags, CONS_FLAG_NO_QUEUE | CONS_FLAG_DOORBELL, __ATOMIC_RELAXED);
+    uint32_t fl = (no_queue ? CONS_FLAG_NO_QUEUE : 0) |
+                  (fshm_ctl_doorbell_for(no_queue, max_rate_hz) ? CONS_FLAG_DOORBELL : 0);
+    if (fl)
+        __atomic_fetch_or(&e->flags, fl, __ATOMIC_RELAXED);
     uint32_t st = CONS_STATE(CONS_CLAIMING, (uint32_t)getpid());
     if (!__atomic_compare_exchange_n(&e->state, &st, CONS_ACTIVE, 0, __ATOMIC_ACQ_REL,
                                      __ATOMIC_RELAXED))
@@ -350,7 +352,7 @@ int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue, uint
     if (idx < 0)
         return idx;
     snprintf(fshm_ctl_queue_field(c, idx), 32, "%s", queue);
-    int rc = fshm_ctl_activate(c, idx, no_queue);
+    int rc = fshm_ctl_activate(c, idx, no_queue, max_rate_hz);
     return rc ? rc : idx;
 }
 

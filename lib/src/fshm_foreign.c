@@ -241,7 +241,6 @@ static void deliver(fshm_reader *r, fshm_frame *f)
 {
     uint64_t from = r->last_plus1 ? r->last_plus1 : r->start_seq;
     f->skipped = f->seq > from ? f->seq - from : 0;
-    f->publish_ns = 0;   /* no descriptor: no publish time */
     r->last_plus1 = f->seq + 1;
 }
 
@@ -369,7 +368,6 @@ int fshm_foreign_peek(fshm_reader *r, fshm_frame *f)
         rc = fshm_reader_read_frame(r, newest - 1, f);
         if (rc == 0) {
             f->skipped = 0;
-            f->publish_ns = 0;
             return 0;
         }
         if (rc == FSHM_E_CORRUPT) {

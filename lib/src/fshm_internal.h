@@ -61,7 +61,10 @@ enum {
 /* TensorHeader offsets relative to the embedded message (after its 8-byte header). */
 enum {
     TH_DTYPE = 0, TH_MAJOR = 2, TH_NDIMS = 4, TH_PAD_ALIGN = 5, TH_PROGRESS_UNIT = 6,
-    TH_PROGRESS_STRIDE = 7, TH_DIMS = 11, TH_STRIDES = 43, TH_PAD = 75,
+    TH_PROGRESS_STRIDE = 7, TH_DIMS = 11, TH_STRIDES = 43,
+    /* frameshm's own fields in the block's implementation-specific padding (75..183),
+     * which other spec readers ignore: wire-format.md §3 */
+    TH_REF_SEQ = 75, TH_PUBLISH_NS = 83,
 };
 /* FrameDescriptor offsets (after the 8-byte message header). */
 enum { FD_STREAM_ID = 0, FD_EPOCH = 4, FD_SEQ = 12, FD_TIMESTAMP = 20, FD_META = 28, FD_TRACE = 32 };
@@ -113,9 +116,11 @@ enum { CONS_FREE = 0, CONS_CLAIMING = 1, CONS_ACTIVE = 2, CONS_PRUNING = 3 };
 #define CONS_STATE(kind, pid) ((uint32_t)(kind) | (uint32_t)(pid) << 8)
 #define CONS_PID_LIMIT (1u << 24)
 /* Consumer flags (fshm_ctl_consumer.flags, set by the consumer with atomic OR).
- * DOORBELL (with NO_QUEUE): the consumer raises `sleeping` before each futex sleep and
- * wants a wake only then; a NO_QUEUE entry without it (an older library, or a sealed
- * consumer that cannot write its entry) is woken on every commit. */
+ * DOORBELL: the consumer takes frames from the header ring by seq, raises `sleeping`
+ * before each sleep and wants a wake only then: a futex wake with NO_QUEUE, else one
+ * descriptor in its queue. Without it the producer wakes a NO_QUEUE consumer on every
+ * commit and sends a queued one a descriptor per frame (an older library, a sealed
+ * consumer that cannot write its entry, a queued one with max_rate_hz). */
 enum { CONS_FLAG_NEXT = 1u, CONS_FLAG_NO_QUEUE = 2u, CONS_FLAG_DOORBELL = 4u };
 
 typedef struct fshm_ctl_pool {
@@ -169,7 +174,7 @@ typedef struct fshm_ctl_consumer {
     uint64_t queue_full;        /* 40: written by the producer */
     uint64_t last_seq;          /* 48: written by the consumer: newest seq taken + 1 */
     uint32_t max_rate_hz;       /* 56: 0 = every frame */
-    uint32_t sleeping;          /* 60: DOORBELL consumers: nonzero around a futex sleep (atomic) */
+    uint32_t sleeping;          /* 60: DOORBELL consumers: nonzero around a sleep (atomic) */
     char name[32];              /* 64 */
     char queue[32];             /* 96 */
 } fshm_ctl_consumer;
@@ -314,8 +319,15 @@ int fshm_ctl_claim(fshm_ctl *c, const char *consumer, uint32_t max_rate_hz);
 /* The claimed slot's queue field: the name about to be created ("" for none). */
 char *fshm_ctl_queue_field(fshm_ctl *c, int idx);
 /* CLAIMING|pid -> ACTIVE (no_queue: the consumer waits on latest_seq, see
- * CONS_FLAG_NO_QUEUE). -ESTALE if the slot was taken from us meanwhile. */
-int fshm_ctl_activate(fshm_ctl *c, int idx, int no_queue);
+ * CONS_FLAG_NO_QUEUE; the flags follow from no_queue and max_rate_hz as
+ * fshm_ctl_doorbell_for says). -ESTALE if the slot was taken from us meanwhile. */
+int fshm_ctl_activate(fshm_ctl *c, int idx, int no_queue, uint32_t max_rate_hz);
+/* Whether a consumer that writes its own entry registers with CONS_FLAG_DOORBELL: every
+ * one but a queued consumer with max_rate_hz, whose descriptors the producer paces. */
+static inline int fshm_ctl_doorbell_for(int no_queue, uint32_t max_rate_hz)
+{
+    return no_queue || !max_rate_hz;
+}
 /* claim + queue field + activate, for a queue that exists already (moving to a replaced
  * control region, or re-registering after being pruned). */
 int fshm_ctl_register(fshm_ctl *c, const char *consumer, const char *queue, uint32_t max_rate_hz,

@@ -301,7 +301,7 @@ static int attach_ctl(fshm_reader *r)
         r->no_queue = 1;
         rc = 0;
     }
-    if (rc || (rc = fshm_ctl_activate(r->ctl, idx, r->no_queue))) {
+    if (rc || (rc = fshm_ctl_activate(r->ctl, idx, r->no_queue, r->max_rate_hz))) {
         fshm_ctl_release(r->ctl, idx, field, 1);
         goto fail;
     }
@@ -591,9 +591,11 @@ int fshm_reader_read_frame(fshm_reader *r, uint64_t seq, fshm_frame *f)
     f->map = pl->map;
     f->slot = idx;
     f->pool_id = pl->id;
-    uint64_t ref = ld64(copy + SH_HEADER + 8 + TH_PAD);
+    uint64_t ref = ld64(copy + SH_HEADER + 8 + TH_REF_SEQ);
     f->has_ref = ref != 0;
     f->ref_seq = ref ? ref - 1 : 0;
+    /* Informational only (0 from a producer that does not write it). */
+    f->publish_ns = ld64(copy + SH_HEADER + 8 + TH_PUBLISH_NS);
     return 0;
 }
 

@@ -59,6 +59,8 @@ struct fshm_reader {
     uint16_t spin_tries, spin_hits;   /* this round of windows */
     uint32_t spin_rest;      /* frames to wait without spinning before the next round */
     uint32_t burst_span_ns;  /* a fast stream's poll before sleeping; 0 = not set yet */
+    uint64_t sleeps, missed_wakes;   /* doorbell sleeps; those that ran out their slice
+                                      * with a frame there to take (the tests count them) */
     fshm_window_fn window_fn;   /* fshm_reader_on_window */
     void *window_arg;
     /* driver model */
@@ -93,6 +95,15 @@ static inline uint64_t fshm_reader_next_wanted(const fshm_reader *r)
 static inline int fshm_reader_ctl_ro(const fshm_reader *r)
 {
     return r->ch.map && !r->ch.map->writable;
+}
+
+/* Whether the producer sends us a descriptor for every frame: a queued reader that it
+ * paces (max_rate_hz) or whose entry the driver wrote (no doorbell there). Every other
+ * reader takes frames from the header ring by seq and is woken through its doorbell: by
+ * a futex wake without a queue, by one descriptor in its queue with one. */
+static inline int fshm_reader_desc_per_frame(const fshm_reader *r)
+{
+    return !r->no_queue && (!fshm_ctl_doorbell_for(0, r->max_rate_hz) || fshm_reader_ctl_ro(r));
 }
 
 /* Drops the mapped epoch (frames handed out keep their own references). */

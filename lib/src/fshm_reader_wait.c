@@ -1,6 +1,7 @@
-/* The consumer's waits: descriptors from the queue (or the control region's futex when
- * the system had no queue for us), drain to the newest frame, process-all with overrun
- * accounting, predictive spinning, and the lock-free peek. Registration, epoch mapping
+/* The consumer's waits: frames by seq from the header ring with a doorbell sleep (on the
+ * queue, or on the control region's futex without one), or a descriptor per frame from
+ * the queue (a rate-capped or sealed reader); drain to the newest frame, process-all with
+ * overrun accounting, predictive spinning, and the lock-free peek. Registration, epoch mapping
  * and the seqlock read itself live in fshm_reader.c. */
 #include <sched.h>
 #include <stdio.h>
@@ -58,12 +59,48 @@ static uint32_t *doorbell(fshm_reader *r)
     return LOAD_RLX(&e->flags) & CONS_FLAG_DOORBELL ? &e->sleeping : NULL;
 }
 
-/* receive() for a reader without a queue: never a descriptor (0), but the same wake-ups:
- * once the control region shows a seq >= *newer_than (and a max_rate_hz reader's turn has
- * come), the stream moved, or the deadline passed. Sleeps on latest_seq's futex, each
- * sleep bounded by NO_QUEUE_SLICE_NS so that a producer that does not wake us (an older
- * library) costs latency, never frames. */
-static int receive_no_queue(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than)
+/* One sleep of a doorbell reader with a queue, after it raised its bell: the producer
+ * sends a descriptor only to a raised bell, and only to wake us (it names a frame we take
+ * from the ring anyway, or one we took already: a bell answered just as we found a frame
+ * without sleeping leaves one behind, which costs the next sleep a wake, nothing else). A
+ * descriptor of another epoch makes us follow the stream there at once. */
+static int queue_sleep(fshm_reader *r, uint64_t latest, uint64_t slice)
+{
+    /* The consumer's half of Dekker's pattern: `sleeping` (stored, then a full fence by
+     * the caller) before this load of latest_seq. A commit since the caller looked
+     * means no sleep; a later one sees the bell and sends. */
+    if (LOAD_ACQ(&r->ctl->latest_seq) != latest)
+        return 0;
+    struct timespec ts;   /* mq_timedreceive wants CLOCK_REALTIME */
+    clock_gettime(CLOCK_REALTIME, &ts);
+    uint64_t ns = (uint64_t)ts.tv_nsec + slice;
+    ts.tv_sec += (time_t)(ns / 1000000000ull);
+    ts.tv_nsec = (long)(ns % 1000000000ull);
+    uint8_t msg[64];
+    ssize_t n = mq_timedreceive(r->q, (char *)msg, sizeof msg, NULL, &ts);
+    if (n < 0) {
+        if (errno == ETIMEDOUT || errno == EAGAIN)
+            return 0;
+        if (errno == EINTR)
+            return -EINTR;
+        return fshm_set_error(-errno, "receiving from queue %s: %s", r->queue, strerror(errno));
+    }
+    uint64_t epoch, seq, pub;
+    if (fshm_desc_decode(msg, (size_t)n, r->paths.stream_id, &epoch, &seq, &pub) != 0)
+        r->drops++;
+    else if (epoch != r->epoch)
+        fshm_reader_check_environment(r, 1);
+    return 0;
+}
+
+/* receive() for a reader the producer wakes through its doorbell (all but those of
+ * fshm_reader_desc_per_frame): never a descriptor (0), but the same wake-ups: once the
+ * control region shows a seq > *newer_than (and a max_rate_hz reader's turn has come),
+ * the stream moved, or the deadline passed. Without a queue it sleeps on latest_seq's
+ * futex, each sleep bounded by NO_QUEUE_SLICE_NS so that a producer that does not wake us
+ * (an older library) costs latency, never frames; with one, on the queue (an older
+ * producer sends every frame's descriptor there, which wakes us all the more). */
+static int receive_rung(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than)
 {
     uint32_t gen = r->attach_gen;
     /* Without newer_than: any commit after this call wakes us. */
@@ -83,16 +120,25 @@ static int receive_no_queue(fshm_reader *r, uint64_t deadline, const uint64_t *n
         } else {
             bell = doorbell(r);
         }
-        uint64_t slice = until - now < NO_QUEUE_SLICE_NS ? until - now : NO_QUEUE_SLICE_NS;
+        uint64_t most = r->no_queue ? NO_QUEUE_SLICE_NS : WAIT_SLICE_NS;
+        uint64_t slice = until - now < most ? until - now : most;
         if (bell) {
-            /* The other half of the producer's doorbell_rung(): `sleeping` is visible
-             * before FUTEX_WAIT's own load of latest_seq. */
+            /* The other half of the producer's bell_answered(): `sleeping` is visible
+             * before our next load of latest_seq (FUTEX_WAIT's own, or queue_sleep's). */
             STORE_RLX(bell, 1);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
         }
-        int intr = fshm_futex_wait(&r->ctl->latest_seq, latest, slice);
-        if (bell)
+        int intr = r->no_queue ? fshm_futex_wait(&r->ctl->latest_seq, latest, slice)
+                               : queue_sleep(r, latest, slice);
+        if (bell) {
             STORE_RLX(bell, 0);
+            r->sleeps++;
+            /* The whole slice slept through while a frame was there: a lost wake-up
+             * (what the doorbell's ordering rules out; the tests count these). */
+            if (!intr && fshm_now_ns() >= now + slice && r->epoch &&
+                LOAD_ACQ(&r->ctl->latest_seq) > *newer_than)
+                r->missed_wakes++;
+        }
         if (intr)
             return intr;
         int rc = fshm_reader_check_environment(r, 0);
@@ -118,8 +164,8 @@ static int receive(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than
 {
     uint8_t msg[64];
     uint32_t gen = r->attach_gen;
-    if (r->no_queue)
-        return receive_no_queue(r, deadline, newer_than);
+    if (!fshm_reader_desc_per_frame(r))
+        return receive_rung(r, deadline, newer_than);
     for (;;) {
         ssize_t n;
         if (deadline == 0) {
@@ -388,6 +434,10 @@ static int predictive_wait(fshm_reader *r, uint64_t deadline, uint64_t floor, ui
             *got_desc = rc;   /* a descriptor (1) or an error (<0) */
             return rc;
         }
+        /* Committed before the window (a doorbell reader's sleep ends without a
+         * descriptor): the sleep caught it, not the window, so it is not scored. */
+        if (LOAD_ACQ(&r->ctl->latest_seq) > floor)
+            return 1;
         warm = until < deadline;
     }
     /* A window opening on the producer's CPU moves us first, and before the warm-up:
@@ -476,7 +526,8 @@ int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
             } else {
                 rc = fshm_reader_read_frame(r, best, f);
                 if (rc == 0) {
-                    f->publish_ns = best_pub;
+                    if (!f->publish_ns)   /* a producer that does not stamp the slot */
+                        f->publish_ns = best_pub;
                     took(r, f);
                     return 0;
                 }
@@ -563,7 +614,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         if (rc == 0) {
             int got = 0, p = 0;
             /* A frame after the last one returned is committed already and the queue is
-             * empty (a queueless reader's always is): the reader is behind, or the frame's
+             * empty (a doorbell reader's always is): the reader is behind, or the frame's
              * descriptor was dropped from a full queue (or is a microsecond from being
              * sent). Either way it is taken from the ring below without asking to wait:
              * no spin bookkeeping per message while catching up, and no watch for a
@@ -575,7 +626,7 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
                 return p;
             if (got) {
                 rc = 1;
-            } else if (p == 1 && !r->no_queue) {
+            } else if (p == 1 && fshm_reader_desc_per_frame(r)) {
                 rc = await_descriptor(r, &seq, &pub, &epoch);
             }
             if (rc == 0) {
@@ -589,7 +640,6 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
                     for (; s < latest; s++) {
                         int rr = fshm_reader_read_frame(r, s, f);
                         if (rr == 0) {
-                            f->publish_ns = 0;
                             took(r, f);
                             r->overruns += f->skipped;
                             return 0;
@@ -620,7 +670,6 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
                 /* A slot that fails here counts as overwritten (skipped), not as a drop: a
                  * corrupt one was counted when its own descriptor came, or will be. */
                 if (fshm_reader_read_frame(r, s, f) == 0) {
-                    f->publish_ns = 0;
                     took(r, f);
                     r->overruns += f->skipped;
                     return 0;
@@ -629,7 +678,8 @@ int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f)
         }
         rc = fshm_reader_read_frame(r, seq, f);
         if (rc == 0) {
-            f->publish_ns = pub;
+            if (!f->publish_ns)
+                f->publish_ns = pub;
             took(r, f);
             r->overruns += f->skipped;
             return 0;
@@ -652,7 +702,6 @@ int fshm_reader_peek_latest(fshm_reader *r, fshm_frame *f)
         rc = fshm_reader_read_frame(r, latest - 1, f);
         if (rc == 0) {
             f->skipped = 0;
-            f->publish_ns = 0;
             return 0;
         }
         if (rc == FSHM_E_CORRUPT) {

@@ -369,25 +369,29 @@ fail:
     return rc;
 }
 
-/* Whether a queueless consumer with a doorbell is asleep (or about to sleep) on
- * latest_seq's futex. Dekker's pattern with the consumer (receive_no_queue): we store
- * latest_seq, then load `sleeping`; it stores `sleeping`, then the kernel loads the futex
- * word in FUTEX_WAIT. With a full fence on each side between the two, at least one of us
- * sees the other's store: either we see it asleep and wake it, or its FUTEX_WAIT sees the
- * new seq and returns at once. A consumer that keeps up never sleeps, so its frames cost
- * neither side a system call. We lower the bell we answer: the commits that follow while
- * the woken consumer is still being scheduled (a burst) would otherwise each ring again,
+/* Whether a consumer with a doorbell is asleep (or about to sleep), and then lowers its
+ * bell: the caller wakes it. Dekker's pattern with the consumer (fshm_reader_wait.c,
+ * receive_rung): we store latest_seq, then load `sleeping`; it stores `sleeping`, then
+ * loads latest_seq (a queueless consumer: the kernel does, in FUTEX_WAIT). With a full
+ * fence on each side between the two (ours in commit_checked), at least one of us sees
+ * the other's store: either we see it asleep and wake it, or it sees the new seq and does
+ * not sleep. A consumer that keeps up never sleeps, so its frames cost neither side a
+ * system call. Lowering the bell we answer matters in a burst: the commits that follow
+ * while the woken consumer is still being scheduled would otherwise each wake it again,
  * for nobody. A corrupt `sleeping` only costs a spurious wake. */
+static int bell_answered(uint32_t *sleeping)
+{
+    return LOAD_RLX(sleeping) && __atomic_exchange_n(sleeping, 0, __ATOMIC_RELAXED);
+}
+
+/* The queueless sleepers: one FUTEX_WAKE wakes them all, so every raised bell is
+ * lowered. */
 static int doorbell_rung(fshm_writer *w)
 {
-    if (!w->nbells)
-        return 0;
-    __atomic_thread_fence(__ATOMIC_SEQ_CST);
     int rung = 0;
     for (uint32_t k = 0; k < w->nbells; k++) {
-        uint32_t *bell = &ctl_consumer(w->ctl, w->bells[k])->sleeping;
-        if (LOAD_RLX(bell) && __atomic_exchange_n(bell, 0, __ATOMIC_RELAXED))
-            rung = 1;   /* one FUTEX_WAKE wakes every sleeper: lower every bell */
+        if (bell_answered(&ctl_consumer(w->ctl, w->bells[k])->sleeping))
+            rung = 1;
     }
     return rung;
 }
@@ -400,7 +404,7 @@ static void refresh_consumers(fshm_writer *w)
     w->known_gen = gen;
     w->wake_no_queue = 0;
     w->nbells = 0;
-    w->nqueued = 0;
+    w->nqueued = w->nqbells = 0;
     for (unsigned i = 0; i < FSHM_MAX_CONSUMERS; i++) {
         fshm_ctl_consumer *e = ctl_consumer(w->ctl, i);
         writer_consumer *lc = &w->cons[i];
@@ -432,8 +436,11 @@ static void refresh_consumers(fshm_writer *w)
                 memcpy(lc->queue, q, sizeof q);
             }
         }
-        if (lc->open)
+        if (lc->open) {
+            lc->bell = !!(fl & CONS_FLAG_DOORBELL);
+            w->nqbells += (uint32_t)lc->bell;
             w->queued[w->nqueued++] = (uint8_t)i;
+        }
     }
 }
 
@@ -530,7 +537,10 @@ static int commit_checked(fshm_writer *w, const fshm_tensor *full, size_t nbytes
     uint8_t *slot = (uint8_t *)w->ring->base + FSHM_SUPERBLOCK_SIZE + (size_t)w->loan.slot * FSHM_SLOT_BYTES;
     fshm_slot_header_write(slot, (uint32_t)nbytes, w->loan.slot, w->loan.pool_id,
                            timestamp_ns ? timestamp_ns : now, full);
-    st64(slot + SH_HEADER + 8 + TH_PAD, w->ref_plus1);
+    st64(slot + SH_HEADER + 8 + TH_REF_SEQ, w->ref_plus1);
+    /* The commit time travels with the frame, so a reader that takes it from the ring
+     * by seq (without a descriptor) knows it too. */
+    st64(slot + SH_HEADER + 8 + TH_PUBLISH_NS, now);
     w->ref_plus1 = 0;
     STORE_REL((uint64_t *)slot, (seq << 1) | 1);
     w->loan_active = 0;
@@ -540,6 +550,9 @@ static int commit_checked(fshm_writer *w, const fshm_tensor *full, size_t nbytes
     STORE_REL(&c->latest_seq, seq + 1);
     STORE_RLX(&c->frames, LOAD_RLX(&c->frames) + 1);
     refresh_consumers(w);   /* one load unless the table changed: a new sleeper gets its wake */
+    /* Our half of every doorbell (bell_answered): latest_seq above, `sleeping` below. */
+    if (w->nbells || w->nqbells)
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
     if (w->wake_no_queue || doorbell_rung(w)) {
         fshm_futex_wake(&c->latest_seq);
         w->futex_wakes++;
@@ -548,6 +561,8 @@ static int commit_checked(fshm_writer *w, const fshm_tensor *full, size_t nbytes
     if (now >= w->next_prune_ns) {
         housekeeping(w, now);
         refresh_consumers(w);
+        /* A doorbell consumer the refresh found may have been skipped by the fence. */
+        __atomic_thread_fence(__ATOMIC_SEQ_CST);
     }
     uint8_t msg[FSHM_DESC_BYTES];
     fshm_desc_encode(msg, w->paths.stream_id, w->epoch, seq, now);
@@ -558,7 +573,11 @@ static int commit_checked(fshm_writer *w, const fshm_tensor *full, size_t nbytes
         if (!lc->open)   /* its queue failed earlier in this generation */
             continue;
         fshm_ctl_consumer *e = ctl_consumer(c, i);
-        if (lc->min_interval_ns) {
+        if (lc->bell) {
+            /* It takes its frames from the ring: the descriptor only wakes it. */
+            if (!bell_answered(&e->sleeping))
+                continue;
+        } else if (lc->min_interval_ns) {
             if (now < lc->next_send_ns)
                 continue;   /* rate-limited consumer (spec's max_rate_hz): not its turn */
             /* 10% slack so a request that divides the frame rate is met exactly rather

@@ -53,6 +53,7 @@ typedef struct want_slot {
     int32_t dims[8];
     int32_t strides[8];
     uint64_t ref_plus1;   /* frameshm extension at TensorHeader offset 75; 0 = none */
+    uint64_t published_from, published_to;   /* its commit time (offset 83) lies between */
 } want_slot;
 
 static void expect_slot(const uint8_t *ring, uint32_t nslots, const want_slot *w)
@@ -85,7 +86,12 @@ static void expect_slot(const uint8_t *ring, uint32_t nslots, const want_slot *w
         assert_int_equal((int32_t)tu_le32(t + 43 + 4 * i), i < w->ndims ? w->strides[i] : 0);
     }
     assert_int_equal(tu_le64(t + 75), w->ref_plus1);         /* ref_seq_plus1 */
-    expect_zero(t + 83, 184 - 83, "TensorHeader pad");
+    uint64_t published = tu_le64(t + 83);                    /* publish_ns */
+    if (published < w->published_from || published > w->published_to)
+        fail_msg("seq %llu: publish_ns %llu is outside its publish call [%llu, %llu]",
+                 (unsigned long long)w->seq, (unsigned long long)published,
+                 (unsigned long long)w->published_from, (unsigned long long)w->published_to);
+    expect_zero(t + 91, 184 - 91, "TensorHeader pad");
 }
 
 static fshm_tensor tensor2(int16_t dtype, int16_t order, int32_t d0, int32_t d1, int32_t s0,
@@ -172,13 +178,13 @@ static void test_layout_header_ring_and_pools(void **state)
     expect_superblock(ring, epoch, sid, 1, 0, 4, 256, 256, t0, t2);
     assert_true(tu_le64(ring + 48) <= t1);
 
-    want_slot s0 = {.seq = 0, .values_len = 64, .pool_id = 1, .timestamp = 1001,
+    want_slot s0 = {.seq = 0, .values_len = 64, .pool_id = 1, .timestamp = 1001, .published_from = t1, .published_to = t2,
                     .dtype = FSHM_DTYPE_UINT16, .major = 1, .ndims = 2,
                     .dims = {4, 6}, .strides = {16, 2}};
-    want_slot s1 = {.seq = 1, .values_len = 60, .pool_id = 1, .timestamp = 1002,
+    want_slot s1 = {.seq = 1, .values_len = 60, .pool_id = 1, .timestamp = 1002, .published_from = t1, .published_to = t2,
                     .dtype = FSHM_DTYPE_FLOAT32, .major = 2, .ndims = 2,
                     .dims = {3, 5}, .strides = {4, 12}};
-    want_slot s2 = {.seq = 2, .values_len = 5000, .pool_id = 2, .timestamp = 1003,
+    want_slot s2 = {.seq = 2, .values_len = 5000, .pool_id = 2, .timestamp = 1003, .published_from = t1, .published_to = t2,
                     .dtype = FSHM_DTYPE_UINT8, .major = 1, .ndims = 1,
                     .dims = {5000}, .strides = {1}};
     expect_slot(ring, 4, &s0);
@@ -292,6 +298,7 @@ static void test_ref_seq_extension(void **state)
     (void)state;
     fshm_writer *w = tu_writer("wire-ref", 4, 256);
     uint32_t sid = fshm_writer_stream_id(w);
+    uint64_t t0 = fshm_now_ns();
     fshm_writer_set_ref(w, 41);
     assert_int_equal(tu_publish(w, 8), 0);       /* seq 0: ref 41 */
     assert_int_equal(tu_publish(w, 8), 0);       /* seq 1: none (cleared) */
@@ -303,6 +310,7 @@ static void test_ref_seq_extension(void **state)
     fshm_tensor t = tu_u8_tensor(8);
     tu_fill(l.data, 8, l.seq);
     assert_int_equal(fshm_writer_commit(w, &t, 8, 5), 0);   /* seq 3: ref 7 via loan/commit */
+    uint64_t t1 = fshm_now_ns();
 
     char path[PATH_MAX + 64];
     size_t len;
@@ -313,7 +321,8 @@ static void test_ref_seq_extension(void **state)
         want_slot ws = {.seq = seq, .values_len = 8, .pool_id = 1,
                         .timestamp = tu_le64(ring + 64 + seq * 256 + 22),
                         .dtype = FSHM_DTYPE_UINT8, .major = 1, .ndims = 1,
-                        .dims = {8}, .strides = {1}, .ref_plus1 = want_ref[seq]};
+                        .dims = {8}, .strides = {1}, .ref_plus1 = want_ref[seq],
+                        .published_from = t0, .published_to = t1};
         expect_slot(ring, 4, &ws);
     }
     assert_int_equal(tu_le64(ring + 64 + 3 * 256 + 22), 5);
