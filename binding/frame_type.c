@@ -340,7 +340,7 @@ static PyMemberDef frame_members[] = {
     RO("seq", T_ULONGLONG, seq, "sequence number within the epoch"),
     RO("epoch", T_ULONGLONG, epoch, "producer epoch the frame belongs to"),
     RO("timestamp_ns", T_ULONGLONG, timestamp_ns, "capture time (CLOCK_MONOTONIC)"),
-    RO("publish_ns", T_ULONGLONG, publish_ns, "publish time from the descriptor, 0 if unknown"),
+    RO("publish_ns", T_ULONGLONG, publish_ns, "the producer's commit time (CLOCK_MONOTONIC, from the slot header), 0 if unknown"),
     RO("skipped", T_ULONGLONG, skipped, "frames passed over (wait_latest) or lost (wait_next)"),
     RO("nbytes", T_PYSSIZET, nbytes, "payload bytes"),
     RO("slot", T_UINT, slot, "ring slot that holds the frame"),

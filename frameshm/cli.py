@@ -87,7 +87,7 @@ def cmd_ls(args) -> int:
                 f"{'process-all' if c['process_all'] else 'latest'}"
                 f"{' max ' + str(c['max_rate_hz']) + ' Hz' if c.get('max_rate_hz') else ''}: "
                 f"lag {lag if lag is not None else '-'}, "
-                f"delivered {c['delivered']}, queue-full drops {c['queue_full']}"
+                f"descriptors {c['delivered']}, queue-full drops {c['queue_full']}"
             )
     return 0
 

@@ -408,14 +408,15 @@ class Reader:
     superblocks, frames by following the header ring (polling, at most ~2 ms behind), and
     ``producer`` comes from the superblock's activity time. No control bytes, no
     registration (docs/wire-format.md §9).
-    ``queue=False`` registers without a descriptor queue: frames are taken from the header
-    ring by seq, with no system call per frame on either side while the reader keeps up;
-    an idle reader sleeps on the newest seq's futex, and the producer wakes it only while
-    it sleeps (a doorbell in its consumer entry). Losses are counted as with a queue
-    (``skipped``, ``overruns``), ``publish_ns`` is 0 (it travels in the descriptors), and
-    it uses none of the system's message queues. With ``wait_next`` and the frame read as
-    a buffer (``struct.unpack_from(fmt, frame)``) it is the fastest way to take many small
-    messages (docs/benchmarks.md §11).
+    Every reader takes its frames from the header ring by seq, with no system call per
+    frame on either side while it keeps up; one that has caught up sleeps on its message
+    queue, and the producer sends it a descriptor only then, to wake it (a doorbell in its
+    consumer entry). A reader with ``max_rate_hz`` gets a descriptor per frame of its
+    share instead. ``queue=False`` registers without a descriptor queue: the same, but an
+    idle reader sleeps on the newest seq's futex, and it uses none of the system's message
+    queues. With ``wait_next`` and the frame read as a buffer
+    (``struct.unpack_from(fmt, frame)``) it is the fastest way to take many small messages
+    (docs/benchmarks.md §11).
     """
 
     def __init__(

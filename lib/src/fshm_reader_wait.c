@@ -86,10 +86,13 @@ static int queue_sleep(fshm_reader *r, uint64_t latest, uint64_t slice)
         return fshm_set_error(-errno, "receiving from queue %s: %s", r->queue, strerror(errno));
     }
     uint64_t epoch, seq, pub;
-    if (fshm_desc_decode(msg, (size_t)n, r->paths.stream_id, &epoch, &seq, &pub) != 0)
+    if (fshm_desc_decode(msg, (size_t)n, r->paths.stream_id, &epoch, &seq, &pub) != 0) {
         r->drops++;
-    else if (epoch != r->epoch)
+    } else if (epoch != r->epoch) {
         fshm_reader_check_environment(r, 1);
+        if (epoch != r->epoch)
+            r->drops++;   /* spec: descriptors of another epoch are dropped */
+    }
     return 0;
 }
 

@@ -176,8 +176,10 @@ def test_late_process_all_consumer_gets_no_history(name, spawn):
 def test_killed_consumer_is_pruned_and_producer_never_blocks(name, spawn):
     producer = spawn(producer_code(name, nbytes=64, period=0), label="producer")
     producer.expect("READY")
+    # Rate-capped (above the producer's rate): a descriptor per frame, so its queue fills;
+    # a default reader that stops reading is sent nothing at all.
     victim = spawn(f"""
-r = frameshm.Reader({name!r}, consumer="victim")
+r = frameshm.Reader({name!r}, consumer="victim", max_rate_hz=1_000_000)
 announce_queue(r)
 for _ in range(3):
     r.wait_latest(timeout=10)
@@ -515,6 +517,54 @@ def test_queueless_process_all_consumer_that_keeps_up_loses_nothing(name, spawn)
         producer.expect("DONE")
         with pytest.raises(frameshm.Timeout):
             r.wait_next(timeout=0.2)
+    assert producer.stop() == 0
+
+
+def test_queued_consumer_takes_frames_from_the_ring_and_is_sent_a_descriptor_only_to_wake(name, spawn):
+    """The default Reader has a queue, yet takes its frames from the header ring by seq: 300
+    frames another process publishes while the reader does not wait cost no descriptor
+    (none delivered, none dropped on a full queue), reach it in order with their commit
+    time, and once it waits with nothing there, the next commit wakes it."""
+    n = 300
+    with frameshm.Reader(name, consumer="queued") as r:
+        assert r._r.queue_name != ""
+        producer = spawn(f"""
+name, N = {name!r}, {n}
+w = frameshm.Writer(name, shape=(64,), dtype="uint8", nslots=512)
+say("READY")
+for i in range(N):
+    assert w.publish(make_frame(i, 64)) == i
+say("DONE")
+deadline = time.monotonic() + 30
+while [c for c in frameshm.stream_info(name)["consumers"] if c["last_seq_plus1"] < N]:
+    assert time.monotonic() < deadline, "the consumer stopped reading"
+    time.sleep(0.005)
+time.sleep(0.2)   # the consumer is asleep in its wait by now
+assert w.publish(make_frame(N, 64)) == N
+say("MORE")
+while not stopped():
+    time.sleep(0.01)
+w.close()
+""", label="producer")
+        producer.expect("READY")
+        producer.expect("DONE", timeout=30)
+        (entry,) = frameshm.stream_info(name)["consumers"]
+        assert (entry["delivered"], entry["queue_full"]) == (0, 0)
+        for want in range(n):
+            f = r.wait_next(timeout=10)
+            assert (f.seq, f.skipped) == (want, 0)
+            assert frame_seq_ok(f.array) == want
+            assert f.publish_ns >= f.timestamp_ns > 0
+            del f
+        assert r.overruns == 0 and r.drops == 0
+        f = r.wait_next(timeout=10)
+        assert (f.seq, f.skipped) == (n, 0)
+        producer.expect("MORE")
+        (entry,) = frameshm.stream_info(name)["consumers"]
+        # 1 when it slept before the commit, as it should have; 0 if a loaded machine
+        # kept it from its wait for the whole 0.2 s.
+        assert entry["delivered"] in (0, 1) and entry["queue_full"] == 0
+        del f
     assert producer.stop() == 0
 
 

@@ -551,10 +551,14 @@ def test_wait_latest_counts_skipped_frames(name):
         del f
 
 
-def test_wait_latest_survives_a_full_queue(name):
-    """More frames than the descriptor queue holds: the newest is still found."""
+@pytest.mark.parametrize("max_rate_hz", [0, 1_000_000])
+def test_wait_latest_survives_a_full_queue(name, max_rate_hz):
+    """More frames than the descriptor queue holds: the newest is still found. A rate-capped
+    reader is sent a descriptor per frame (above the rate here, so every frame), and its
+    queue overflows; a default reader that does not wait is sent none at all."""
     n = _msg_max() * 3
-    with frameshm.Writer(name, shape=(1,), dtype="uint32", nslots=4) as w, frameshm.Reader(name) as r:
+    with frameshm.Writer(name, shape=(1,), dtype="uint32", nslots=4) as w, \
+            frameshm.Reader(name, max_rate_hz=max_rate_hz) as r:
         w.publish(np.array([0], np.uint32))
         assert r.wait_latest(timeout=5).seq == 0
         for i in range(1, n + 1):
@@ -562,8 +566,12 @@ def test_wait_latest_survives_a_full_queue(name):
         f = r.wait_latest(timeout=5)
         assert (f.seq, int(f.array[0]), f.skipped) == (n, n, n - 1)
         info = frameshm.stream_info(name)
-        assert info["descriptors_dropped"] > 0
-        assert info["consumers"][0]["queue_full"] > 0
+        if max_rate_hz:
+            assert info["descriptors_dropped"] > 0
+            assert info["consumers"][0]["queue_full"] > 0
+        else:
+            assert info["descriptors_dropped"] == info["consumers"][0]["queue_full"] == 0
+            assert info["consumers"][0]["delivered"] <= 1   # the first wait may have slept
         with pytest.raises(frameshm.Timeout):
             r.wait_latest(timeout=0.05)
         del f
@@ -609,7 +617,8 @@ def test_wait_next_counts_overruns_from_registration(name):
     with frameshm.Writer(name, shape=(1,), dtype="uint16", nslots=2) as w, frameshm.Reader(name) as r:
         for i in range(10):  # registered before frame 0: all ten are this consumer's
             w.publish(np.array([i], np.uint16))
-        assert frameshm.stream_info(name)["consumers"][0]["delivered"] == 10
+        # it never waited: no descriptor, its frames are found in the ring by seq
+        assert frameshm.stream_info(name)["consumers"][0]["delivered"] == 0
         f = r.wait_next(timeout=5)
         assert f.seq == 8
         assert f.skipped == 8, "frames 0..7 were lost by this consumer"
@@ -965,7 +974,8 @@ def test_frames_iterator_ends_on_timeout(name):
 
 def test_stream_info_counters(name):
     with frameshm.Writer(name, shape=(2, 2), dtype="float64", nslots=8) as w, \
-            frameshm.Reader(name, consumer="viewer") as r1, frameshm.Reader(name, consumer="logger") as r2:
+            frameshm.Reader(name, consumer="viewer") as r1, \
+            frameshm.Reader(name, consumer="logger", max_rate_hz=1_000_000) as r2:
         for _ in range(3):
             w.publish(np.zeros((2, 2)))
         r1.wait_latest(timeout=5)
@@ -975,12 +985,16 @@ def test_stream_info_counters(name):
         assert info["producer"] == "alive" and info["producer_pid"] == os.getpid()
         assert (info["epoch"], info["frames"], info["latest_seq_plus1"], info["nslots"]) == (1, 3, 3, 8)
         assert info["pool_strides"] == [64]
-        assert info["descriptors_sent"] == 6 and info["descriptors_dropped"] == 0
+        # The viewer takes its frames from the ring (it never slept: no descriptor); the
+        # rate-capped logger is sent one per frame (above the rate here, so every frame).
+        assert info["descriptors_sent"] == 3 and info["descriptors_dropped"] == 0
         cons = {c["name"]: c for c in info["consumers"]}
         assert set(cons) == {"viewer", "logger"}
         assert cons["viewer"]["last_seq_plus1"] == 3 and not cons["viewer"]["process_all"]
         assert cons["logger"]["last_seq_plus1"] == 1 and cons["logger"]["process_all"]
-        assert all(c["alive"] and c["pid"] == os.getpid() and c["delivered"] == 3 for c in cons.values())
+        assert all(c["alive"] and c["pid"] == os.getpid() for c in cons.values())
+        assert (cons["viewer"]["delivered"], cons["logger"]["delivered"]) == (0, 3)
+        assert cons["logger"]["max_rate_hz"] == 1_000_000
         assert [s["name"] for s in frameshm.list_streams()] == [name]
 
 
@@ -1100,7 +1114,8 @@ def test_passive_reader_peeks_without_registering(name):
         w.publish(np.array([4, 5, 6], np.int16))
         assert r.wait_latest(timeout=5).seq == 1  # the real consumer is unaffected
         info = frameshm.stream_info(name)
-        assert info["descriptors_sent"] == 2 and info["descriptors_dropped"] == 0
+        # the real consumer found both frames in the ring: it never slept, was sent nothing
+        assert info["descriptors_sent"] == 0 and info["descriptors_dropped"] == 0
         del f
     assert not stream_dir(name).exists()
 

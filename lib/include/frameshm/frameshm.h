@@ -238,7 +238,10 @@ typedef struct fshm_reader_config {
     int passive;            /* 1: no queue and no registration — for peeking at the newest
                              * frame and the control bytes without being a consumer */
     uint32_t max_rate_hz;   /* >0: the producer sends this consumer at most this many
-                             * descriptors per second (others still get every frame) */
+                             * descriptors per second (others still get every frame); such
+                             * a queued reader gets a descriptor per frame of its share,
+                             * where every other reader takes frames from the header ring
+                             * and is sent one only to wake it from a sleep */
     const char *driver;     /* driver model: attach through the driver at this socket */
     uint32_t client_id;     /* 0 = generated */
     int publish_mode;       /* 0 = EXISTING_OR_CREATE */
@@ -250,8 +253,8 @@ typedef struct fshm_reader_config {
                              * registration, no control bytes. */
     int no_queue;           /* 1: register without a descriptor queue: frames are taken from
                              * the header ring by seq (no syscall per frame while the reader
-                             * keeps up), and it sleeps on latest_seq's futex, which the
-                             * producer wakes once per commit for all such consumers
+                             * keeps up), as with a queue, but it sleeps on latest_seq's
+                             * futex, which the producer wakes only while it sleeps
                              * (docs/wire-format.md §7). Losses count as with a queue. */
 } fshm_reader_config;
 
@@ -259,7 +262,8 @@ typedef struct fshm_frame {
     uint64_t seq;
     uint64_t epoch;
     uint64_t timestamp_ns;   /* capture time from the slot header (CLOCK_MONOTONIC) */
-    uint64_t publish_ns;     /* publish time from the descriptor, 0 if unknown */
+    uint64_t publish_ns;     /* the producer's commit time (CLOCK_MONOTONIC), from the slot
+                             * header; 0 if the producer does not record it */
     uint64_t skipped;        /* frames between the previously returned one and this */
     const void *data;
     size_t nbytes;
@@ -279,8 +283,9 @@ enum fshm_producer_state {
 };
 
 FSHM_API int fshm_reader_open(const fshm_reader_config *cfg, fshm_reader **out);
-/* Blocks up to timeout_ns (<0: forever) for a frame newer than the last one returned,
- * drains the descriptor queue and returns the newest committed frame. */
+/* Blocks up to timeout_ns (<0: forever) for a frame newer than the last one returned
+ * and returns the newest committed frame (a rate-capped reader: once its descriptor came,
+ * the queue drained). */
 FSHM_API int fshm_reader_wait_latest(fshm_reader *r, int64_t timeout_ns, fshm_frame *f);
 /* Process-all: the next frame in order; f->skipped counts frames lost (overruns). */
 FSHM_API int fshm_reader_wait_next(fshm_reader *r, int64_t timeout_ns, fshm_frame *f);
