@@ -414,8 +414,8 @@ class Reader:
     consumer entry). A reader with ``max_rate_hz`` gets a descriptor per frame of its
     share instead. ``queue=False`` registers without a descriptor queue: the same, but an
     idle reader sleeps on the newest seq's futex, and it uses none of the system's message
-    queues. With ``wait_next`` and the frame read as a buffer
-    (``struct.unpack_from(fmt, frame)``) it is the fastest way to take many small messages
+    queues. ``wait_next`` with the frame read as a buffer
+    (``struct.unpack_from(fmt, frame)``) is the fastest way to take many small messages
     (docs/benchmarks.md §11).
     """
 
@@ -461,13 +461,13 @@ class Reader:
         self.consumer = consumer
 
     def wait_latest(self, timeout: Optional[float] = None) -> Frame:
-        """Blocks for a frame newer than the last one returned, drains the queue and
-        returns the newest. ``frame.skipped`` counts frames passed over."""
+        """Blocks for a frame newer than the last one returned and returns the newest
+        committed one. ``frame.skipped`` counts frames passed over."""
         return self._r.wait_latest(timeout)
 
     def wait_next(self, timeout: Optional[float] = None) -> Frame:
         """Process-all: the next frame in order. ``frame.skipped`` counts frames lost
-        (the producer lapped this consumer or its queue was full)."""
+        (the producer lapped this consumer: the ring no longer held them)."""
         return self._r.wait_next(timeout)
 
     def read_latest(self, copy: bool = True):
