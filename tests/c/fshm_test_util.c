@@ -270,6 +270,25 @@ fshm_reader *tu_reader(const char *name)
     return r;
 }
 
+fshm_reader *tu_reader_no_queue(const char *name)
+{
+    fshm_reader_config cfg = FSHM_READER_CONFIG_INIT;
+    cfg.addr.name = name;
+    cfg.no_queue = 1;
+    fshm_reader *r = NULL;
+    int rc = fshm_reader_open(&cfg, &r);
+    if (rc)
+        fail_msg("fshm_reader_open(%s, no_queue): %d %s", name, rc, fshm_last_error());
+    return r;
+}
+
+fshm_frame tu_frame_zero(void)
+{
+    fshm_frame f;
+    memset(&f, 0, sizeof f);
+    return f;
+}
+
 fshm_tensor tu_u8_tensor(uint32_t n)
 {
     fshm_tensor t;

@@ -65,6 +65,10 @@ uint64_t tu_le64(const uint8_t *p);
 /* Writers/readers on the test base dir. pool_bytes == 0 means a 4 KiB pool. */
 fshm_writer *tu_writer(const char *name, uint32_t nslots, uint32_t pool_bytes);
 fshm_reader *tu_reader(const char *name);
+/* A registered reader without a descriptor queue (fshm_reader_config.no_queue). */
+fshm_reader *tu_reader_no_queue(const char *name);
+/* A frame with every field zero, for a wait to fill in. */
+fshm_frame tu_frame_zero(void);
 fshm_tensor tu_u8_tensor(uint32_t n);
 /* Remembers a reader's message queue so that group teardown can mq_unlink it even when
  * a failed assertion skipped fshm_reader_close (tu_reader does this itself). */

@@ -1,6 +1,7 @@
-/* The queued consumer's doorbell: a reader with a queue takes its frames from the header
- * ring by seq while it keeps up, and the producer sends it a descriptor only to wake it
- * from a sleep (its entry's `sleeping` raised). No system call per frame on either side
+/* The consumer's doorbell. Every reader that writes its own entry takes its frames from
+ * the header ring by seq while it keeps up, and the producer wakes it only while it sleeps
+ * (its entry's `sleeping` raised): a queueless one with a FUTEX_WAKE, a queued one with a
+ * descriptor. No system call per frame on either side
  * while it keeps up; exactly one descriptor per sleep; no lost wake-up when the commit
  * and the sleep race; a rate-capped reader still gets a descriptor per frame (its share),
  * and an entry without the doorbell (an older library's) gets every frame's descriptor,
@@ -17,13 +18,6 @@
 
 #define MS 1000000ll
 #define SEC 1000000000ll
-
-static fshm_frame frame_zero(void)
-{
-    fshm_frame f;
-    memset(&f, 0, sizeof f);
-    return f;
-}
 
 /* Descriptors waiting in the reader's queue. */
 static long queued(fshm_reader *r)
@@ -54,7 +48,7 @@ static void *sleeper_main(void *arg)
 
 static void expect_next(fshm_reader *r, uint64_t seq)
 {
-    fshm_frame f = frame_zero();
+    fshm_frame f = tu_frame_zero();
     int rc = fshm_reader_wait_next(r, 5 * SEC, &f);
     if (rc)
         fail_msg("wait_next for seq %llu: %d (%s)", (unsigned long long)seq, rc, fshm_last_error());
@@ -87,7 +81,7 @@ static void test_queued_reader_gets_a_descriptor_only_asleep(void **state)
     assert_int_equal(LOAD_RLX(&r->ctl->desc_sent), 0);
 
     /* Asleep in wait_next: the next commit sends the one descriptor that wakes it. */
-    sleeper s = {.r = r, .f = frame_zero(), .rc = 1};
+    sleeper s = {.r = r, .f = tu_frame_zero(), .rc = 1};
     pthread_t t;
     assert_int_equal(pthread_create(&t, NULL, sleeper_main, &s), 0);
     for (int i = 0; i < 10000 && !LOAD_ACQ(&e->sleeping); i++)
@@ -115,10 +109,65 @@ static void test_queued_reader_gets_a_descriptor_only_asleep(void **state)
         expect_next(r, seq);
     /* That descriptor named a frame taken already: it costs the next sleep a wake-up,
      * not a frame. */
-    fshm_frame f = frame_zero();
+    fshm_frame f = tu_frame_zero();
     assert_int_equal(fshm_reader_wait_next(r, 30 * MS, &f), -ETIMEDOUT);
     assert_int_equal(queued(r), 0);
     assert_int_equal(fshm_reader_drops(r), 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* A queueless consumer with a doorbell costs the producer no FUTEX_WAKE while it keeps up
+ * (the frames are there when it asks), gets exactly one when it has gone to sleep, and an
+ * entry without the doorbell (an older library's) is woken on every commit. */
+static void test_no_queue_doorbell_wakes_only_a_sleeper(void **state)
+{
+    (void)state;
+    const char *name = "db-futex";
+    fshm_writer *w = tu_writer(name, 64, 4096);
+    fshm_reader *r = tu_reader_no_queue(name);
+    fshm_ctl_consumer *e = entry_of(r);
+    assert_int_equal(LOAD_RLX(&e->flags) & (CONS_FLAG_NO_QUEUE | CONS_FLAG_DOORBELL),
+                     CONS_FLAG_NO_QUEUE | CONS_FLAG_DOORBELL);
+    fshm_frame f = tu_frame_zero();
+    uint64_t first = fshm_writer_next_seq(w), wakes = w->futex_wakes;
+    for (uint64_t want = first; want < first + 50; want++) {
+        assert_int_equal(tu_publish(w, 16), 0);
+        assert_int_equal(fshm_reader_wait_next(r, 5 * SEC, &f), 0);
+        assert_int_equal(f.seq, want);
+    }
+    assert_int_equal(w->futex_wakes, wakes);
+    assert_int_equal(LOAD_RLX(&e->sleeping), 0);
+
+    /* Asleep in wait_next: the next commit rings. */
+    sleeper d = {.r = r, .f = tu_frame_zero(), .rc = 1};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, sleeper_main, &d), 0);
+    for (int i = 0; i < 10000 && !LOAD_ACQ(&e->sleeping); i++)
+        tu_sleep_ms(1);
+    assert_int_equal(LOAD_ACQ(&e->sleeping), 1);
+    assert_int_equal(tu_publish(w, 16), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(d.rc, 0);
+    assert_int_equal(d.f.seq, first + 50);
+    assert_int_equal(w->futex_wakes, wakes + 1);
+    assert_int_equal(LOAD_RLX(&e->sleeping), 0);
+    /* Rung and not yet running (as when a burst follows the first frame): the producer
+     * lowered the bell with its wake, so the rest of the burst rings for nobody. */
+    STORE_RLX(&e->sleeping, 1);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(tu_publish(w, 16), 0);
+    assert_int_equal(w->futex_wakes, wakes + 2);
+    assert_int_equal(LOAD_RLX(&e->sleeping), 0);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(fshm_reader_wait_next(r, 5 * SEC, &f), 0);
+
+    /* The same entry as an older library writes it: no doorbell, a wake per commit. */
+    __atomic_fetch_and(&e->flags, ~CONS_FLAG_DOORBELL, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&r->ctl->consumers_gen, 1, __ATOMIC_RELEASE);
+    for (int i = 0; i < 5; i++)
+        assert_int_equal(tu_publish(w, 16), 0);
+    assert_int_equal(w->futex_wakes, wakes + 2 + 5);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
 }
@@ -145,7 +194,7 @@ static void test_rate_capped_reader_keeps_a_descriptor_per_frame(void **state)
     }
     assert_int_equal(LOAD_RLX(&e->delivered), 3);
     assert_int_equal(queued(r), 3);
-    fshm_frame f = frame_zero();
+    fshm_frame f = tu_frame_zero();
     assert_int_equal(fshm_reader_wait_latest(r, 5 * SEC, &f), 0);
     assert_int_equal(f.seq, fshm_writer_next_seq(w) - 1);
     assert_int_equal(queued(r), 0);   /* drained to the newest */
@@ -175,7 +224,7 @@ static void test_every_descriptor_to_an_entry_without_doorbell(void **state)
     assert_int_equal(queued(r), fshm_queue_limit());
     for (uint64_t seq = first; seq < first + (uint64_t)n; seq++)
         expect_next(r, seq);
-    fshm_frame f = frame_zero();
+    fshm_frame f = tu_frame_zero();
     assert_int_equal(fshm_reader_wait_next(r, 50 * MS, &f), -ETIMEDOUT);
     assert_int_equal(queued(r), 0);
     assert_int_equal(tu_publish(w, 16), 0);
@@ -260,7 +309,7 @@ static void test_no_wake_up_lost_in_the_race(void **state)
     int got = 0;
     for (; got < k.frames && r->missed_wakes == 0; got++) {
         int i = got;
-        fshm_frame f = frame_zero();
+        fshm_frame f = tu_frame_zero();
         int rc = fshm_reader_wait_next(r, 10 * SEC, &f);
         if (rc) {
             pthread_join(t, NULL);
@@ -292,6 +341,7 @@ static void test_no_wake_up_lost_in_the_race(void **state)
 int main(void)
 {
     const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_no_queue_doorbell_wakes_only_a_sleeper),
         cmocka_unit_test(test_queued_reader_gets_a_descriptor_only_asleep),
         cmocka_unit_test(test_rate_capped_reader_keeps_a_descriptor_per_frame),
         cmocka_unit_test(test_every_descriptor_to_an_entry_without_doorbell),
