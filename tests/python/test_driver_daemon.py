@@ -435,6 +435,9 @@ def test_attach_rules(driver, shm_base):
     assert q.detach(r, 22, P.Role.CONSUMER).code == P.Code.OK
     r2 = q.attach(4000, 22, P.Role.CONSUMER)
     assert r2.code == P.Code.OK and r2.lease_id > r.lease_id
+    # The driver logs an attach after answering it, and a thread of ours collects the
+    # lines: on a loaded machine they can lag the answers. They come in order.
+    driver.wait_log(rf"attach: lease {r2.lease_id} ")
     ids = [int(m.group(1)) for m in map(re.compile(r"attach: lease (\d+)").search, driver.lines) if m]
     assert ids == sorted(ids) and len(set(ids)) == len(ids) and ids[0] == 1
     p.close()
