@@ -31,6 +31,6 @@ echo "== ASan + UBSan: threads, lifetime, DLPack, spin window =="
 "$FRAMESHM_PY" -m pytest -q -p no:cacheprovider tests/python/test_threads.py \
     tests/python/test_lifetime.py tests/python/test_dlpack.py tests/python/test_spin_window.py \
     -k "not leak"
-echo "== TSan: the publish fill team (tests/c test_fill) =="
+echo "== TSan: the publish fill team and the doorbells' race (tests/c test_fill, test_doorbell) =="
 # Not under the ASan runtime preloaded above for the interpreter.
-env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS make -s -C tests/c tsan-fill
+env -u LD_PRELOAD -u ASAN_OPTIONS -u UBSAN_OPTIONS make -s -C tests/c tsan-fill tsan-doorbell

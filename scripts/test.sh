@@ -2,7 +2,7 @@
 # Installs what is missing (scripts/setup.sh test), then runs every test: libframeshm's and
 # the device code's cmocka suites, the Python suite (which also executes the notebooks, the
 # C library's install paths and the gateway page in headless Chromium), the thread, lifetime
-# and DLPack tests under ASan + UBSan and publish's fill team under TSan
+# and DLPack tests under ASan + UBSan and publish's fill team and the doorbells' race under TSan
 # (scripts/test-sanitizers.sh), then the core suite
 # under the oldest and newest supported Python and numpy (scripts/test-versions.sh).
 # Extra arguments go to pytest.
