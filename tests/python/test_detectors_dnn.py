@@ -26,7 +26,7 @@ needs_dnn = pytest.mark.skipif(_missing is not None, reason=f"DNN detector not i
 @pytest.fixture(scope="module")
 def dnn():
     """One detector for the module, with the default cache: a cold cache converts the
-    model here (10-20 s), once per machine."""
+    model here (a few seconds), once per machine."""
     det = DNNPersonDetector()
     yield det
     det.close()
@@ -157,15 +157,13 @@ def test_bad_parameters_and_a_wrong_model_file_are_refused(monkeypatch, tmp_path
 
 def fake_conversion(monkeypatch, dnn):
     """Replaces OpenVINO's (slow) conversion by a copy of the model already converted."""
-    import openvino
-
     calls = []
 
-    def convert(path, *a, **kw):
+    def convert(core, path):
         calls.append(path)
         return dnn._model.clone()
 
-    monkeypatch.setattr(openvino, "convert_model", convert)
+    monkeypatch.setattr(detectors_dnn, "_convert", convert)
     return calls
 
 
