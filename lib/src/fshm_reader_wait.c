@@ -64,7 +64,7 @@ static uint32_t *doorbell(fshm_reader *r)
  * from the ring anyway, or one we took already: a bell answered just as we found a frame
  * without sleeping leaves one behind, which costs the next sleep a wake, nothing else). A
  * descriptor of another epoch makes us follow the stream there at once. */
-static int queue_sleep(fshm_reader *r, uint64_t latest, uint64_t slice)
+static int queue_sleep(fshm_reader *r, uint64_t latest, uint64_t slice, int *timed_out)
 {
     /* The consumer's half of Dekker's pattern: `sleeping` (stored, then a full fence by
      * the caller) before this load of latest_seq. A commit since the caller looked
@@ -79,6 +79,7 @@ static int queue_sleep(fshm_reader *r, uint64_t latest, uint64_t slice)
     uint8_t msg[64];
     ssize_t n = mq_timedreceive(r->q, (char *)msg, sizeof msg, NULL, &ts);
     if (n < 0) {
+        *timed_out = errno == ETIMEDOUT;
         if (errno == ETIMEDOUT || errno == EAGAIN)
             return 0;
         if (errno == EINTR)
@@ -131,15 +132,15 @@ static int receive_rung(fshm_reader *r, uint64_t deadline, const uint64_t *newer
             STORE_RLX(bell, 1);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
         }
+        int timed_out = 0;
         int intr = r->no_queue ? fshm_futex_wait(&r->ctl->latest_seq, latest, slice)
-                               : queue_sleep(r, latest, slice);
+                               : queue_sleep(r, latest, slice, &timed_out);
         if (bell) {
             STORE_RLX(bell, 0);
             r->sleeps++;
-            /* The whole slice slept through while a frame was there: a lost wake-up
-             * (what the doorbell's ordering rules out; the tests count these). */
-            if (!intr && fshm_now_ns() >= now + slice && r->epoch &&
-                LOAD_ACQ(&r->ctl->latest_seq) > *newer_than)
+            /* The queue stayed empty for the whole slice while a frame was there: a lost
+             * wake-up (what the doorbell's ordering rules out; the tests count these). */
+            if (timed_out && r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > *newer_than)
                 r->missed_wakes++;
         }
         if (intr)
