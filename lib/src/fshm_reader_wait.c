@@ -59,6 +59,47 @@ static uint32_t *doorbell(fshm_reader *r)
     return LOAD_RLX(&e->flags) & CONS_FLAG_DOORBELL ? &e->sleeping : NULL;
 }
 
+/* One receive from our queue, waiting at most slice_ns (0: not at all): the message's
+ * length, -ETIMEDOUT when none came, -EINTR, or another error (set). */
+static ssize_t queue_receive(fshm_reader *r, uint8_t msg[64], uint64_t slice_ns)
+{
+    struct timespec ts = {0, 0};   /* an absolute time long past: do not wait */
+    if (slice_ns) {
+        clock_gettime(CLOCK_REALTIME, &ts);   /* mq_timedreceive wants CLOCK_REALTIME */
+        uint64_t ns = (uint64_t)ts.tv_nsec + slice_ns;
+        ts.tv_sec += (time_t)(ns / 1000000000ull);
+        ts.tv_nsec = (long)(ns % 1000000000ull);
+    }
+    ssize_t n = mq_timedreceive(r->q, (char *)msg, 64, NULL, &ts);
+    if (n >= 0)
+        return n;
+    if (errno == ETIMEDOUT || errno == EAGAIN)
+        return -ETIMEDOUT;
+    if (errno == EINTR)
+        return -EINTR;
+    return fshm_set_error(-errno, "receiving from queue %s: %s", r->queue, strerror(errno));
+}
+
+/* Whether a received message is a descriptor of the epoch we have mapped, after following
+ * the stream to the epoch it names; one that is not (malformed, another stream, an epoch
+ * we cannot follow) is counted as a drop, as the spec asks. */
+static int descriptor_ours(fshm_reader *r, const uint8_t *msg, size_t n, uint64_t *seq,
+                           uint64_t *pub, uint64_t *epoch)
+{
+    if (fshm_desc_decode(msg, n, r->paths.stream_id, epoch, seq, pub) != 0) {
+        r->drops++;
+        return 0;
+    }
+    if (*epoch != r->epoch) {
+        fshm_reader_check_environment(r, 1);
+        if (*epoch != r->epoch) {
+            r->drops++;
+            return 0;
+        }
+    }
+    return 1;
+}
+
 /* One sleep of a doorbell reader with a queue, after it raised its bell: the producer
  * sends a descriptor only to a raised bell, and only to wake us (it names a frame we take
  * from the ring anyway, or one we took already: a bell answered just as we found a frame
@@ -71,29 +112,15 @@ static int queue_sleep(fshm_reader *r, uint64_t latest, uint64_t slice, int *tim
      * means no sleep; a later one sees the bell and sends. */
     if (LOAD_ACQ(&r->ctl->latest_seq) != latest)
         return 0;
-    struct timespec ts;   /* mq_timedreceive wants CLOCK_REALTIME */
-    clock_gettime(CLOCK_REALTIME, &ts);
-    uint64_t ns = (uint64_t)ts.tv_nsec + slice;
-    ts.tv_sec += (time_t)(ns / 1000000000ull);
-    ts.tv_nsec = (long)(ns % 1000000000ull);
     uint8_t msg[64];
-    ssize_t n = mq_timedreceive(r->q, (char *)msg, sizeof msg, NULL, &ts);
-    if (n < 0) {
-        *timed_out = errno == ETIMEDOUT;
-        if (errno == ETIMEDOUT || errno == EAGAIN)
-            return 0;
-        if (errno == EINTR)
-            return -EINTR;
-        return fshm_set_error(-errno, "receiving from queue %s: %s", r->queue, strerror(errno));
-    }
     uint64_t epoch, seq, pub;
-    if (fshm_desc_decode(msg, (size_t)n, r->paths.stream_id, &epoch, &seq, &pub) != 0) {
-        r->drops++;
-    } else if (epoch != r->epoch) {
-        fshm_reader_check_environment(r, 1);
-        if (epoch != r->epoch)
-            r->drops++;   /* spec: descriptors of another epoch are dropped */
-    }
+    ssize_t n = queue_receive(r, msg, slice);
+    *timed_out = n == -ETIMEDOUT;
+    if (n == -ETIMEDOUT)
+        return 0;
+    if (n < 0)
+        return (int)n;
+    descriptor_ours(r, msg, (size_t)n, &seq, &pub, &epoch);   /* a wake-up either way */
     return 0;
 }
 
@@ -171,53 +198,30 @@ static int receive(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than
     if (!fshm_reader_desc_per_frame(r))
         return receive_rung(r, deadline, newer_than);
     for (;;) {
-        ssize_t n;
-        if (deadline == 0) {
-            struct timespec zero = {0, 0};
-            n = mq_timedreceive(r->q, (char *)msg, sizeof msg, NULL, &zero);
-        } else {
+        uint64_t slice = 0;
+        if (deadline != 0) {
             uint64_t now = fshm_now_ns();
             if (now >= deadline)
                 return 0;
-            uint64_t slice = deadline - now;
-            if (slice > WAIT_SLICE_NS)
-                slice = WAIT_SLICE_NS;
-            struct timespec ts;   /* mq_timedreceive wants CLOCK_REALTIME */
-            clock_gettime(CLOCK_REALTIME, &ts);
-            uint64_t ns = (uint64_t)ts.tv_nsec + slice;
-            ts.tv_sec += (time_t)(ns / 1000000000ull);
-            ts.tv_nsec = (long)(ns % 1000000000ull);
-            n = mq_timedreceive(r->q, (char *)msg, sizeof msg, NULL, &ts);
+            slice = deadline - now < WAIT_SLICE_NS ? deadline - now : WAIT_SLICE_NS;
         }
-        if (n < 0) {
-            if (errno == ETIMEDOUT || errno == EAGAIN) {
-                if (deadline == 0)
-                    return 0;
-                int rc = fshm_reader_check_environment(r, 0);
-                if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
-                    return rc;
-                if (r->attach_gen != gen)
-                    return 0;
-                if (newer_than && r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > *newer_than)
-                    return 0;
-                continue;
-            }
-            if (errno == EINTR)
-                return -EINTR;
-            return fshm_set_error(-errno, "receiving from queue %s: %s", r->queue, strerror(errno));
-        }
-        if (fshm_desc_decode(msg, (size_t)n, r->paths.stream_id, epoch, seq, pub) != 0) {
-            r->drops++;
+        ssize_t n = queue_receive(r, msg, slice);
+        if (n == -ETIMEDOUT) {
+            if (deadline == 0)
+                return 0;
+            int rc = fshm_reader_check_environment(r, 0);
+            if (rc == FSHM_E_CORRUPT || rc == FSHM_E_LEASE)
+                return rc;
+            if (r->attach_gen != gen)
+                return 0;
+            if (newer_than && r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > *newer_than)
+                return 0;
             continue;
         }
-        if (*epoch != r->epoch) {
-            fshm_reader_check_environment(r, 1);
-            if (*epoch != r->epoch) {
-                r->drops++;   /* spec: descriptors of another epoch are dropped */
-                continue;
-            }
-        }
-        return 1;
+        if (n < 0)
+            return (int)n;
+        if (descriptor_ours(r, msg, (size_t)n, seq, pub, epoch))
+            return 1;
     }
 }
 
