@@ -1136,6 +1136,54 @@ static void *replier_main(void *arg)
     return NULL;
 }
 
+/* Both sides' sleeps over `rounds` exchanges between this thread (requests, on cpus[0])
+ * and a replier thread (replies, on cpus[1]), the first 20 exchanges not counted. */
+static long exchange_sleeps(const int cpus[2], int no_queue, int spin, int rounds)
+{
+    fshm_writer *wq = tu_writer("st-request", 64, 4096), *wp = tu_writer("st-reply", 64, 4096);
+    fshm_reader *rs[2];
+    const char *names[2] = {"st-request", "st-reply"};
+    for (int k = 0; k < 2; k++) {
+        fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
+        rc.addr.name = names[k];
+        rc.no_queue = no_queue;
+        rc.spin = spin;
+        assert_int_equal(fshm_reader_open(&rc, &rs[k]), 0);
+        tu_track(rs[k]);
+    }
+    cpu_set_t all, one, theirs;
+    assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
+    pin_self(&one, cpus[0]);
+    CPU_ZERO(&theirs);
+    CPU_SET(cpus[1], &theirs);
+    replier p = {.r = rs[0], .w = wp, .rounds = rounds + 20};
+    pthread_t t = start_thread_on(replier_main, &p, &theirs);
+    fshm_frame f = tu_frame_zero();
+    long s0 = 0;
+    for (int i = 0; i < rounds + 20; i++) {
+        if (i == 2)
+            rs[0]->interval_ns = rs[1]->interval_ns = 10000;   /* read once by now */
+        if (i == 20)
+            s0 = thread_sleeps();
+        int rc = tu_publish(wq, 64);
+        if (!rc)
+            rc = fshm_reader_wait_next(rs[1], 10 * SEC, &f);
+        if (rc) {
+            pthread_join(t, NULL);
+            fail_msg("round %d: %d (%s)", i, rc, fshm_last_error());
+        }
+    }
+    long mine = thread_sleeps() - s0;
+    pthread_join(t, NULL);
+    assert_int_equal(p.rc, 0);
+    assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
+    fshm_reader_close(rs[0]);
+    fshm_reader_close(rs[1]);
+    fshm_writer_close(wq, 1);
+    fshm_writer_close(wp, 1);
+    return mine + p.sleeps;
+}
+
 /* Two threads exchange requests and replies over two streams, each on its own CPU, the
  * way a ping-pong between processes does. The reply comes back in microseconds, but a
  * reader that sleeps makes it 25-35 us on a 2-vCPU VM (a cross-CPU wake-up each way), so
@@ -1151,59 +1199,25 @@ static void test_request_reply_readers_poll(void **state)
         print_message("    (one CPU: a poll would only keep the other side off it)\n");
         return;
     }
-    enum { ROUNDS = 2000 };
-    long sleeps[2][2];   /* [no_queue][spin]: both sides' sleeps */
-    for (int no_queue = 0; no_queue < 2; no_queue++)
-        for (int spin = 0; spin < 2; spin++) {
-            fshm_writer *wq = tu_writer("st-request", 64, 4096), *wp = tu_writer("st-reply", 64, 4096);
-            fshm_reader *rs[2];
-            const char *names[2] = {"st-request", "st-reply"};
-            for (int k = 0; k < 2; k++) {
-                fshm_reader_config rc = FSHM_READER_CONFIG_INIT;
-                rc.addr.name = names[k];
-                rc.no_queue = no_queue;
-                rc.spin = spin;
-                assert_int_equal(fshm_reader_open(&rc, &rs[k]), 0);
-                tu_track(rs[k]);
-            }
-            cpu_set_t all, one, theirs;
-            assert_int_equal(sched_getaffinity(0, sizeof all, &all), 0);
-            pin_self(&one, cpus[0]);
-            CPU_ZERO(&theirs);
-            CPU_SET(cpus[1], &theirs);
-            replier p = {.r = rs[0], .w = wp, .rounds = ROUNDS + 20};
-            pthread_t t = start_thread_on(replier_main, &p, &theirs);
-            fshm_frame f = tu_frame_zero();
-            long s0 = 0;
-            for (int i = 0; i < ROUNDS + 20; i++) {
-                if (i == 2)
-                    rs[0]->interval_ns = rs[1]->interval_ns = 10000;   /* read once by now */
-                if (i == 20)
-                    s0 = thread_sleeps();
-                int rc = tu_publish(wq, 64);
-                if (!rc)
-                    rc = fshm_reader_wait_next(rs[1], 10 * SEC, &f);
-                if (rc) {
-                    pthread_join(t, NULL);
-                    fail_msg("round %d: %d (%s)", i, rc, fshm_last_error());
-                }
-            }
-            long mine = thread_sleeps() - s0;
-            pthread_join(t, NULL);
-            assert_int_equal(p.rc, 0);
-            assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
-            sleeps[no_queue][spin] = mine + p.sleeps;
-            fshm_reader_close(rs[0]);
-            fshm_reader_close(rs[1]);
-            fshm_writer_close(wq, 1);
-            fshm_writer_close(wp, 1);
-        }
-    print_message("    (%d exchanges, both sides' sleeps: queue %ld without the poll, %ld with it; "
-                  "no queue %ld and %ld)\n", ROUNDS, sleeps[0][0], sleeps[0][1], sleeps[1][0], sleeps[1][1]);
-    /* Without the poll each side sleeps about once per message; a loaded machine that
-     * deschedules one side still makes the other sleep now and then. */
-    assert_true(sleeps[0][1] * 4 <= 2 * ROUNDS);
-    assert_true(sleeps[1][1] * 4 <= 2 * ROUNDS);
+    enum { ROUNDS = 2000, TRIES = 3 };
+    for (int no_queue = 0; no_queue < 2; no_queue++) {
+        long without = exchange_sleeps(cpus, no_queue, 0, ROUNDS), with[TRIES];
+        /* The poll only pays while each side keeps its CPU: a machine busy enough to
+         * deschedule one side for most of an exchange (several busy tasks per CPU) makes
+         * the other sleep anyway. So the poll gets up to three tries to show it removes
+         * most sleeps; a poll that never works fails all three, whatever the load. */
+        int n = 0;
+        do
+            with[n] = exchange_sleeps(cpus, no_queue, 1, ROUNDS);
+        while (with[n++] * 4 > 2 * ROUNDS && n < TRIES);
+        char tries[64] = "";
+        for (int k = 0; k < n; k++)
+            snprintf(tries + strlen(tries), sizeof tries - strlen(tries), "%s%ld", k ? ", " : "", with[k]);
+        print_message("    (%s: %d exchanges, both sides' sleeps: %ld without the poll, %s with it)\n",
+                      no_queue ? "no queue" : "queue", ROUNDS, without, tries);
+        /* Without the poll each side sleeps about once per message. */
+        assert_true(with[n - 1] * 4 <= 2 * ROUNDS);
+    }
 }
 
 /* A big publish() (streaming stores past 1 MiB) from a misaligned source with a length
