@@ -409,12 +409,12 @@ class Reader:
     ``producer`` comes from the superblock's activity time. No control bytes, no
     registration (docs/wire-format.md §9).
     Every reader takes its frames from the header ring by seq, with no system call per
-    frame on either side while it keeps up; one that has caught up sleeps on its message
-    queue, and the producer sends it a descriptor only then, to wake it (a doorbell in its
-    consumer entry). A reader with ``max_rate_hz`` gets a descriptor per frame of its
-    share instead. ``queue=False`` registers without a descriptor queue: the same, but an
-    idle reader sleeps on the newest seq's futex, and it uses none of the system's message
-    queues. ``wait_next`` with the frame read as a buffer
+    frame on either side while it keeps up; one that has caught up raises a doorbell in its
+    consumer entry and sleeps on the newest seq's futex, and the producer wakes all such
+    sleepers with one system call (on its message queue instead, with a descriptor, when
+    the producer is an older frameshm). A reader with ``max_rate_hz`` gets a descriptor
+    per frame of its share instead. ``queue=False`` registers without a descriptor queue:
+    the same, and it uses none of the system's message queues. ``wait_next`` with the frame read as a buffer
     (``struct.unpack_from(fmt, frame)``) is the fastest way to take many small messages
     (docs/benchmarks.md §11).
     """

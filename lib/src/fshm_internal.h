@@ -117,11 +117,16 @@ enum { CONS_FREE = 0, CONS_CLAIMING = 1, CONS_ACTIVE = 2, CONS_PRUNING = 3 };
 #define CONS_PID_LIMIT (1u << 24)
 /* Consumer flags (fshm_ctl_consumer.flags, set by the consumer with atomic OR).
  * DOORBELL: the consumer takes frames from the header ring by seq, raises `sleeping`
- * before each sleep and wants a wake only then: a futex wake with NO_QUEUE, else one
- * descriptor in its queue. Without it the producer wakes a NO_QUEUE consumer on every
+ * before each sleep and wants a wake only then, where `sleeping` says it sleeps: a futex
+ * wake (BELL_FUTEX), or one descriptor in its queue (BELL_QUEUE). Without it the producer wakes a NO_QUEUE consumer on every
  * commit and sends a queued one a descriptor per frame (an older library, a sealed
  * consumer that cannot write its entry, a queued one with max_rate_hz). */
 enum { CONS_FLAG_NEXT = 1u, CONS_FLAG_NO_QUEUE = 2u, CONS_FLAG_DOORBELL = 4u };
+/* A raised bell (fshm_ctl_consumer.sleeping): where its consumer sleeps. A queued
+ * consumer sleeps on latest_seq's futex only while the control region's bells_epoch names
+ * the current epoch (its producer answers BELL_FUTEX with a FUTEX_WAKE), on its queue
+ * otherwise; any other non-zero value is answered as BELL_FUTEX. */
+enum { BELL_FUTEX = 1u, BELL_QUEUE = 2u };
 
 typedef struct fshm_ctl_pool {
     uint16_t pool_id;
@@ -161,7 +166,10 @@ typedef struct fshm_ctl {
     char header_uri[FSHM_URI_MAX + 16]; /* 208 .. 720 */
     fshm_ctl_pool pools[FSHM_MAX_POOLS]; /* 720 .. 2768 */
     uint32_t producer_cpu;      /* 2768: CPU of the producer's last loan + 1, 0 = unknown (atomic, a hint) */
-    uint8_t reserved2[FSHM_CTL_HEADER_BYTES - 2772];
+    uint32_t reserved1;         /* 2772 */
+    uint64_t bells_epoch;       /* 2776: the epoch whose producer wakes a BELL_FUTEX queued consumer
+                                 * with a FUTEX_WAKE (atomic; 0: none does) */
+    uint8_t reserved2[FSHM_CTL_HEADER_BYTES - 2784];
 } fshm_ctl;
 
 typedef struct fshm_ctl_consumer {
@@ -174,7 +182,7 @@ typedef struct fshm_ctl_consumer {
     uint64_t queue_full;        /* 40: written by the producer */
     uint64_t last_seq;          /* 48: written by the consumer: newest seq taken + 1 */
     uint32_t max_rate_hz;       /* 56: 0 = every frame */
-    uint32_t sleeping;          /* 60: DOORBELL consumers: nonzero around a sleep (atomic) */
+    uint32_t sleeping;          /* 60: DOORBELL consumers: BELL_* around a sleep, else 0 (atomic) */
     char name[32];              /* 64 */
     char queue[32];             /* 96 */
 } fshm_ctl_consumer;
@@ -187,6 +195,7 @@ _Static_assert(offsetof(fshm_ctl, name) == 128, "ctl name offset");
 _Static_assert(offsetof(fshm_ctl, announce_epoch) == 192, "announce offset");
 _Static_assert(offsetof(fshm_ctl, pools) == 720, "pools offset");
 _Static_assert(offsetof(fshm_ctl, producer_cpu) == 2768, "producer cpu hint offset");
+_Static_assert(offsetof(fshm_ctl, bells_epoch) == 2776, "futex bells epoch offset");
 _Static_assert(offsetof(fshm_ctl_consumer, sleeping) == 60, "consumer doorbell word offset");
 
 static inline fshm_ctl_consumer *ctl_consumer(void *ctl_base, unsigned i)
@@ -411,7 +420,7 @@ int fshm_lease_set_control(fshm_lease *l, unsigned index, uint8_t value);
  * each commit once a consumer flagged CONS_FLAG_NO_QUEUE is registered. */
 void fshm_futex_wake(uint64_t *latest_seq);
 /* Sleeps while the word still equals (uint32_t)seen, at most timeout_ns: -EINTR if a
- * signal handler ran, else 0. */
+ * signal handler ran, 1 if the time ran out, else 0 (woken, or the word had changed). */
 int fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns);
 
 /* ---- message queues (fshm_queue.c) ---- */

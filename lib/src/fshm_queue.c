@@ -107,9 +107,12 @@ int fshm_futex_wait(uint64_t *latest_seq, uint64_t seen, uint64_t timeout_ns)
     struct timespec ts = {(time_t)(timeout_ns / 1000000000ull), (long)(timeout_ns % 1000000000ull)};
     /* EAGAIN (changed already) and ETIMEDOUT mean: look again. EINTR is the caller's: a
      * handler without SA_RESTART ends a blocked wait, as it ends mq_timedreceive. */
-    if (syscall(SYS_futex, futex_word(latest_seq), FUTEX_WAIT, (uint32_t)seen, &ts, NULL, 0) < 0 &&
-        errno == EINTR)
-        return -EINTR;
+    if (syscall(SYS_futex, futex_word(latest_seq), FUTEX_WAIT, (uint32_t)seen, &ts, NULL, 0) < 0) {
+        if (errno == EINTR)
+            return -EINTR;
+        if (errno == ETIMEDOUT)
+            return 1;
+    }
     return 0;
 }
 

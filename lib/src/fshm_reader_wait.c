@@ -100,11 +100,32 @@ static int descriptor_ours(fshm_reader *r, const uint8_t *msg, size_t n, uint64_
     return 1;
 }
 
-/* One sleep of a doorbell reader with a queue, after it raised its bell: the producer
- * sends a descriptor only to a raised bell, and only to wake us (it names a frame we take
- * from the ring anyway, or one we took already: a bell answered just as we found a frame
- * without sleeping leaves one behind, which costs the next sleep a wake, nothing else). A
- * descriptor of another epoch makes us follow the stream there at once. */
+/* Whether the producer of the stream's current epoch wakes a queued doorbell reader with
+ * a FUTEX_WAKE (BELL_FUTEX): one system call wakes every sleeper, where a descriptor each
+ * costs the producer an mq_send per sleeper and the sleeper an mq_timedreceive. A
+ * producer that does not say so (an older library; the moment between a new epoch and
+ * its producer's start) wakes us through our queue. */
+static int producer_rings_futex(const fshm_reader *r)
+{
+    uint64_t e = LOAD_ACQ(&r->ctl->bells_epoch);
+    return e != 0 && e == LOAD_ACQ(&r->ctl->epoch);
+}
+
+/* One futex sleep on latest_seq after our bell was raised (or, queueless, without one):
+ * the kernel compares the word with `latest`, so a commit since we looked means no
+ * sleep. */
+static int futex_sleep(fshm_reader *r, uint64_t latest, uint64_t slice, int *timed_out)
+{
+    int rc = fshm_futex_wait(&r->ctl->latest_seq, latest, slice);
+    *timed_out = rc == 1;
+    return rc < 0 ? rc : 0;
+}
+
+/* One sleep of a doorbell reader on its queue, after it raised its bell (BELL_QUEUE): the
+ * producer sends a descriptor only to a raised bell, and only to wake us (it names a frame
+ * we take from the ring anyway, or one we took already: a bell answered just as we found a
+ * frame without sleeping leaves one behind, which costs the next sleep a wake, nothing
+ * else). A descriptor of another epoch makes us follow the stream there at once. */
 static int queue_sleep(fshm_reader *r, uint64_t latest, uint64_t slice, int *timed_out)
 {
     /* The consumer's half of Dekker's pattern: `sleeping` (stored, then a full fence by
@@ -129,7 +150,8 @@ static int queue_sleep(fshm_reader *r, uint64_t latest, uint64_t slice, int *tim
  * control region shows a seq > *newer_than (and a max_rate_hz reader's turn has come),
  * the stream moved, or the deadline passed. Without a queue it sleeps on latest_seq's
  * futex, each sleep bounded by NO_QUEUE_SLICE_NS so that a producer that does not wake us
- * (an older library) costs latency, never frames; with one, on the queue (an older
+ * (an older library) costs latency, never frames. With one, on the futex too while the
+ * producer says it answers there (producer_rings_futex), else on the queue (an older
  * producer sends every frame's descriptor there, which wakes us all the more). */
 static int receive_rung(fshm_reader *r, uint64_t deadline, const uint64_t *newer_than)
 {
@@ -153,20 +175,21 @@ static int receive_rung(fshm_reader *r, uint64_t deadline, const uint64_t *newer
         }
         uint64_t most = r->no_queue ? NO_QUEUE_SLICE_NS : WAIT_SLICE_NS;
         uint64_t slice = until - now < most ? until - now : most;
+        int on_futex = r->no_queue || (bell && producer_rings_futex(r));
         if (bell) {
             /* The other half of the producer's bell_answered(): `sleeping` is visible
              * before our next load of latest_seq (FUTEX_WAIT's own, or queue_sleep's). */
-            STORE_RLX(bell, 1);
+            STORE_RLX(bell, on_futex ? BELL_FUTEX : BELL_QUEUE);
             __atomic_thread_fence(__ATOMIC_SEQ_CST);
         }
         int timed_out = 0;
-        int intr = r->no_queue ? fshm_futex_wait(&r->ctl->latest_seq, latest, slice)
-                               : queue_sleep(r, latest, slice, &timed_out);
+        int intr = on_futex ? futex_sleep(r, latest, slice, &timed_out)
+                            : queue_sleep(r, latest, slice, &timed_out);
         if (bell) {
             STORE_RLX(bell, 0);
             r->sleeps++;
-            /* The queue stayed empty for the whole slice while a frame was there: a lost
-             * wake-up (what the doorbell's ordering rules out; the tests count these). */
+            /* The sleep ran out its slice while a frame was there: a lost wake-up (what
+             * the doorbell's ordering rules out; the tests count these). */
             if (timed_out && r->epoch && LOAD_ACQ(&r->ctl->latest_seq) > *newer_than)
                 r->missed_wakes++;
         }

@@ -123,6 +123,9 @@ static void become_producer(fshm_writer *w)
     STORE_RLX(&c->start_ns, w->start_ns);
     STORE_RLX(&c->activity_ns, w->start_ns);
     STORE_REL(&c->state, (uint8_t)CTL_STATE_LIVE);
+    /* Queued doorbell consumers may sleep on latest_seq's futex from now on: we answer
+     * their BELL_FUTEX (doorbell_rung). */
+    STORE_REL(&c->bells_epoch, w->epoch);
     /* Sequence numbers continue across restarts so consumers see them grow. */
     w->next_seq = LOAD_ACQ(&c->latest_seq);
     w->known_gen = LOAD_ACQ(&c->consumers_gen) - 1;   /* force a scan on first commit */
@@ -378,19 +381,29 @@ fail:
  * not sleep. A consumer that keeps up never sleeps, so its frames cost neither side a
  * system call. Lowering the bell we answer matters in a burst: the commits that follow
  * while the woken consumer is still being scheduled would otherwise each wake it again,
- * for nobody. A corrupt `sleeping` only costs a spurious wake. */
-static int bell_answered(uint32_t *sleeping)
+ * for nobody. A corrupt `sleeping` only costs a spurious wake. Returns the bell's value
+ * (BELL_*), 0 if it was not raised. */
+static uint32_t bell_answered(uint32_t *sleeping)
 {
-    return LOAD_RLX(sleeping) && __atomic_exchange_n(sleeping, 0, __ATOMIC_RELAXED);
+    return LOAD_RLX(sleeping) ? __atomic_exchange_n(sleeping, 0, __ATOMIC_RELAXED) : 0;
 }
 
-/* The queueless sleepers: one FUTEX_WAKE wakes them all, so every raised bell is
- * lowered. */
+/* Answers every raised bell: whether a FUTEX_WAKE is due (one wakes every futex sleeper,
+ * queueless or queued), and which queued sleepers want a descriptor instead (`due`: they
+ * sleep on their queue, as a queued reader does while bells_epoch is not ours yet). */
 static int doorbell_rung(fshm_writer *w)
 {
     int rung = 0;
     for (uint32_t k = 0; k < w->nbells; k++) {
         if (bell_answered(&ctl_consumer(w->ctl, w->bells[k])->sleeping))
+            rung = 1;
+    }
+    for (uint32_t k = 0; k < w->nqbells; k++) {
+        unsigned i = w->qbells[k];
+        uint32_t v = bell_answered(&ctl_consumer(w->ctl, i)->sleeping);
+        if (v == BELL_QUEUE)
+            w->cons[i].due = 1;
+        else if (v)
             rung = 1;
     }
     return rung;
@@ -433,12 +446,14 @@ static void refresh_consumers(fshm_writer *w)
                 lc->pid = pid;
                 lc->min_interval_ns = hz ? 1000000000ull / hz : 0;
                 lc->next_send_ns = 0;
+                lc->due = 0;
                 memcpy(lc->queue, q, sizeof q);
             }
         }
         if (lc->open) {
             lc->bell = !!(fl & CONS_FLAG_DOORBELL);
-            w->nqbells += (uint32_t)lc->bell;
+            if (lc->bell)
+                w->qbells[w->nqbells++] = (uint8_t)i;
             w->queued[w->nqueued++] = (uint8_t)i;
         }
     }
@@ -561,8 +576,12 @@ static int commit_checked(fshm_writer *w, const fshm_tensor *full, size_t nbytes
     if (now >= w->next_prune_ns) {
         housekeeping(w, now);
         refresh_consumers(w);
-        /* A doorbell consumer the refresh found may have been skipped by the fence. */
+        /* A doorbell consumer the refresh found was not among those answered above. */
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
+        if (doorbell_rung(w)) {
+            fshm_futex_wake(&c->latest_seq);
+            w->futex_wakes++;
+        }
     }
     uint8_t msg[FSHM_DESC_BYTES];
     fshm_desc_encode(msg, w->paths.stream_id, w->epoch, seq, now);
@@ -574,9 +593,11 @@ static int commit_checked(fshm_writer *w, const fshm_tensor *full, size_t nbytes
             continue;
         fshm_ctl_consumer *e = ctl_consumer(c, i);
         if (lc->bell) {
-            /* It takes its frames from the ring: the descriptor only wakes it. */
-            if (!bell_answered(&e->sleeping))
+            /* It takes its frames from the ring: a descriptor only wakes it from a sleep
+             * on its queue. */
+            if (!lc->due)
                 continue;
+            lc->due = 0;
         } else if (lc->min_interval_ns) {
             if (now < lc->next_send_ns)
                 continue;   /* rate-limited consumer (spec's max_rate_hz): not its turn */

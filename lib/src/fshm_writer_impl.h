@@ -17,7 +17,8 @@ typedef struct writer_consumer {
     uint64_t pid;
     uint64_t min_interval_ns;  /* from the consumer's max_rate_hz; 0 = every frame */
     uint64_t next_send_ns;
-    int bell;                  /* CONS_FLAG_DOORBELL: a descriptor only to wake it */
+    int bell;                  /* CONS_FLAG_DOORBELL: woken only while its bell is raised */
+    int due;                   /* its bell said BELL_QUEUE: one descriptor to wake it */
     char queue[32];
 } writer_consumer;
 
@@ -43,7 +44,8 @@ struct fshm_writer {
      * instead of scanning all FSHM_MAX_CONSUMERS (4 KiB) per frame. */
     uint32_t nqueued;
     uint8_t queued[FSHM_MAX_CONSUMERS];
-    uint32_t nqbells;        /* of those, consumers with a doorbell */
+    uint32_t nqbells;        /* of those, consumers with a doorbell: entries in qbells[] */
+    uint8_t qbells[FSHM_MAX_CONSUMERS];
     _Static_assert(FSHM_MAX_CONSUMERS <= 256, "bells[] and queued[] hold consumer indices in a byte");
     uint64_t futex_wakes;    /* FUTEX_WAKEs issued (the tests count them) */
     uint32_t fill_threads;   /* threads that copy a big publish() (1 = the caller alone) */

@@ -1,9 +1,10 @@
 /* The consumer's doorbell. Every reader that writes its own entry takes its frames from
  * the header ring by seq while it keeps up, and the producer wakes it only while it sleeps
- * (its entry's `sleeping` raised): a queueless one with a FUTEX_WAKE, a queued one with a
- * descriptor. No system call per frame on either side
- * while it keeps up; exactly one descriptor per sleep; no lost wake-up when the commit
- * and the sleep race; a rate-capped reader still gets a descriptor per frame (its share),
+ * (its entry's `sleeping` raised), where the bell says it sleeps: on latest_seq's futex
+ * (queueless readers, and queued ones while the producer says it answers so), or on its
+ * queue (one descriptor). No system call per frame on either side while it keeps up;
+ * exactly one wake per sleep; no lost wake-up when the commit and the sleep race, either
+ * way; a rate-capped reader still gets a descriptor per frame (its share),
  * and an entry without the doorbell (an older library's) gets every frame's descriptor,
  * which a doorbell reader copes with (the queue-full count shows it, nothing is lost). */
 #include "fshm_test_util.h"
@@ -58,7 +59,22 @@ static void expect_next(fshm_reader *r, uint64_t seq)
     assert_true(tu_check(f.data, f.nbytes, f.seq));
 }
 
-static void test_queued_reader_gets_a_descriptor_only_asleep(void **state)
+/* Starts a thread asleep in wait_next on r and returns once its bell is up. */
+static pthread_t start_sleeper(sleeper *s, fshm_reader *r)
+{
+    *s = (sleeper){.r = r, .f = tu_frame_zero(), .rc = 1};
+    pthread_t t;
+    assert_int_equal(pthread_create(&t, NULL, sleeper_main, s), 0);
+    fshm_ctl_consumer *e = entry_of(r);
+    for (int i = 0; i < 10000 && !LOAD_ACQ(&e->sleeping); i++)
+        tu_sleep_ms(1);
+    return t;
+}
+
+/* A queued reader whose producer answers its bell with a FUTEX_WAKE (bells_epoch names
+ * the epoch): keeping up costs no system call, a sleep costs one FUTEX_WAKE, and nothing
+ * goes through its queue. */
+static void test_queued_reader_is_woken_by_futex_only_asleep(void **state)
 {
     (void)state;
     const char *name = "db-queue";
@@ -68,44 +84,80 @@ static void test_queued_reader_gets_a_descriptor_only_asleep(void **state)
     assert_int_equal(LOAD_RLX(&e->flags) & (CONS_FLAG_NO_QUEUE | CONS_FLAG_DOORBELL),
                      CONS_FLAG_DOORBELL);
     assert_string_not_equal(fshm_reader_queue_name(r), "");
+    assert_int_equal(LOAD_ACQ(&r->ctl->bells_epoch), fshm_writer_epoch(w));
 
-    /* Keeping up: the frames are there when it asks; nothing is sent. */
-    uint64_t first = fshm_writer_next_seq(w);
+    /* Keeping up: the frames are there when it asks; nothing is sent, nobody woken. */
+    uint64_t first = fshm_writer_next_seq(w), wakes = w->futex_wakes;
     for (uint64_t seq = first; seq < first + 50; seq++) {
         assert_int_equal(tu_publish(w, 16), 0);
         expect_next(r, seq);
     }
-    assert_int_equal(LOAD_RLX(&e->delivered), 0);
-    assert_int_equal(queued(r), 0);
+    assert_int_equal(w->futex_wakes, wakes);
     assert_int_equal(LOAD_RLX(&e->sleeping), 0);
-    assert_int_equal(LOAD_RLX(&r->ctl->desc_sent), 0);
 
-    /* Asleep in wait_next: the next commit sends the one descriptor that wakes it. */
-    sleeper s = {.r = r, .f = tu_frame_zero(), .rc = 1};
-    pthread_t t;
-    assert_int_equal(pthread_create(&t, NULL, sleeper_main, &s), 0);
-    for (int i = 0; i < 10000 && !LOAD_ACQ(&e->sleeping); i++)
-        tu_sleep_ms(1);
-    assert_int_equal(LOAD_ACQ(&e->sleeping), 1);
+    /* Asleep in wait_next, on the futex: the next commit wakes it with one FUTEX_WAKE. */
+    sleeper s;
+    pthread_t t = start_sleeper(&s, r);
+    assert_int_equal(LOAD_ACQ(&e->sleeping), BELL_FUTEX);
     uint64_t missed = r->missed_wakes;
     assert_int_equal(tu_publish(w, 16), 0);
     pthread_join(t, NULL);
     assert_int_equal(s.rc, 0);
     assert_int_equal(s.f.seq, first + 50);
-    assert_int_equal(LOAD_RLX(&e->delivered), 1);
-    assert_int_equal(queued(r), 0);   /* the sleep took it */
+    assert_int_equal(w->futex_wakes, wakes + 1);
     assert_int_equal(LOAD_RLX(&e->sleeping), 0);
     assert_int_equal(r->missed_wakes, missed);
 
     /* Rung and not yet running (a burst after the first frame): the producer lowered the
-     * bell with its descriptor, so the rest of the burst sends nothing. */
-    STORE_RLX(&e->sleeping, 1);
+     * bell with its wake, so the rest of the burst wakes nobody. */
+    STORE_RLX(&e->sleeping, BELL_FUTEX);
+    for (int i = 0; i < 4; i++)
+        assert_int_equal(tu_publish(w, 16), 0);
+    assert_int_equal(w->futex_wakes, wakes + 2);
+    assert_int_equal(LOAD_RLX(&e->sleeping), 0);
+    for (uint64_t seq = first + 51; seq < first + 55; seq++)
+        expect_next(r, seq);
+    assert_int_equal(LOAD_RLX(&e->delivered), 0);
+    assert_int_equal(queued(r), 0);
+    assert_int_equal(LOAD_RLX(&r->ctl->desc_sent), 0);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
+/* A queued reader whose producer has not said it answers by futex (bells_epoch is not the
+ * epoch: an older library, or a new epoch whose producer has not started) sleeps on its
+ * queue, and the producer, seeing BELL_QUEUE, sends it exactly one descriptor. */
+static void test_queued_reader_sleeps_on_its_queue_otherwise(void **state)
+{
+    (void)state;
+    const char *name = "db-queue2";
+    fshm_writer *w = tu_writer(name, 64, 4096);
+    fshm_reader *r = tu_reader(name);
+    fshm_ctl_consumer *e = entry_of(r);
+    STORE_REL(&r->ctl->bells_epoch, 0);
+    uint64_t first = fshm_writer_next_seq(w), wakes = w->futex_wakes;
+    sleeper s;
+    pthread_t t = start_sleeper(&s, r);
+    assert_int_equal(LOAD_ACQ(&e->sleeping), BELL_QUEUE);
+    uint64_t missed = r->missed_wakes;
+    assert_int_equal(tu_publish(w, 16), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(s.rc, 0);
+    assert_int_equal(s.f.seq, first);
+    assert_int_equal(LOAD_RLX(&e->delivered), 1);
+    assert_int_equal(queued(r), 0);   /* the sleep took it */
+    assert_int_equal(w->futex_wakes, wakes);
+    assert_int_equal(r->missed_wakes, missed);
+
+    /* A burst after a bell rung that way sends one descriptor, lowering the bell. */
+    STORE_RLX(&e->sleeping, BELL_QUEUE);
     for (int i = 0; i < 4; i++)
         assert_int_equal(tu_publish(w, 16), 0);
     assert_int_equal(LOAD_RLX(&e->delivered), 2);
     assert_int_equal(LOAD_RLX(&e->sleeping), 0);
     assert_int_equal(queued(r), 1);
-    for (uint64_t seq = first + 51; seq < first + 55; seq++)
+    assert_int_equal(w->futex_wakes, wakes);
+    for (uint64_t seq = first + 1; seq < first + 5; seq++)
         expect_next(r, seq);
     /* That descriptor named a frame taken already: it costs the next sleep a wake-up,
      * not a frame. */
@@ -145,7 +197,7 @@ static void test_no_queue_doorbell_wakes_only_a_sleeper(void **state)
     assert_int_equal(pthread_create(&t, NULL, sleeper_main, &d), 0);
     for (int i = 0; i < 10000 && !LOAD_ACQ(&e->sleeping); i++)
         tu_sleep_ms(1);
-    assert_int_equal(LOAD_ACQ(&e->sleeping), 1);
+    assert_int_equal(LOAD_ACQ(&e->sleeping), BELL_FUTEX);
     assert_int_equal(tu_publish(w, 16), 0);
     pthread_join(t, NULL);
     assert_int_equal(d.rc, 0);
@@ -275,9 +327,8 @@ static void *racer_main(void *arg)
     return NULL;
 }
 
-static void test_no_wake_up_lost_in_the_race(void **state)
+static void race(int on_queue)
 {
-    (void)state;
     /* On one CPU the two take turns and the commit never lands in the window: the
      * producer and the reader get a CPU each. */
     cpu_set_t all, mine, theirs;
@@ -296,6 +347,8 @@ static void test_no_wake_up_lost_in_the_race(void **state)
     const char *name = "db-race";
     fshm_writer *w = tu_writer(name, 64, 4096);
     fshm_reader *r = tu_reader(name);
+    if (on_queue)
+        STORE_REL(&r->ctl->bells_epoch, 0);   /* as under a producer that does not answer by futex */
     racer k = {.w = w, .frames = 20000};
     atomic_init(&k.taken, 0);
     uint64_t first = fshm_writer_next_seq(w);
@@ -326,23 +379,34 @@ static void test_no_wake_up_lost_in_the_race(void **state)
     assert_int_equal(sched_setaffinity(0, sizeof all, &all), 0);
     assert_int_equal(k.rc, 0);
     fshm_ctl_consumer *e = entry_of(r);
-    print_message("%d frames: %llu sleeps, %llu descriptors, %llu wake-ups missed\n", got,
-                  (unsigned long long)r->sleeps, (unsigned long long)LOAD_RLX(&e->delivered),
+    uint64_t wakes = on_queue ? LOAD_RLX(&e->delivered) : w->futex_wakes;
+    print_message("%s, %d frames: %llu sleeps, %llu %s, %llu wake-ups missed\n",
+                  on_queue ? "on its queue" : "on the futex", got, (unsigned long long)r->sleeps,
+                  (unsigned long long)wakes, on_queue ? "descriptors" : "FUTEX_WAKEs",
                   (unsigned long long)r->missed_wakes);
     assert_int_equal(r->missed_wakes, 0);
-    /* The race was run: the reader slept often, and each sleep cost at most one
-     * descriptor. */
+    /* The race was run: the reader slept often, and each sleep cost at most one wake, of
+     * the kind its bell asked for. */
     assert_true(r->sleeps >= 100);
-    assert_true(LOAD_RLX(&e->delivered) <= r->sleeps);
+    assert_true(wakes <= r->sleeps);
+    assert_int_equal(on_queue ? w->futex_wakes : LOAD_RLX(&e->delivered), 0);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
+}
+
+static void test_no_wake_up_lost_in_the_race(void **state)
+{
+    (void)state;
+    race(0);
+    race(1);
 }
 
 int main(void)
 {
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_no_queue_doorbell_wakes_only_a_sleeper),
-        cmocka_unit_test(test_queued_reader_gets_a_descriptor_only_asleep),
+        cmocka_unit_test(test_queued_reader_is_woken_by_futex_only_asleep),
+        cmocka_unit_test(test_queued_reader_sleeps_on_its_queue_otherwise),
         cmocka_unit_test(test_rate_capped_reader_keeps_a_descriptor_per_frame),
         cmocka_unit_test(test_every_descriptor_to_an_entry_without_doorbell),
         cmocka_unit_test(test_no_wake_up_lost_in_the_race),

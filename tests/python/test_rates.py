@@ -62,7 +62,10 @@ def test_two_consumers_at_different_rates(name, spawn):
         # the throttled readers still get the newest frames, in order
         assert res["slow"] == sorted(res["slow"]) and res["slow"][-1] >= res["full"][-1] - 20
         info = {c["name"]: c for c in frameshm.stream_info(name)["consumers"]}
-        assert info["preview"]["delivered"] < info["full"]["delivered"] / 4
+        # the producer paces the preview's descriptors (~30 in 3 s); the full reader takes
+        # its frames from the ring and is woken by a FUTEX_WAKE when it sleeps, never by one
+        assert 15 <= info["preview"]["delivered"] <= 45, info["preview"]["delivered"]
+        assert info["full"]["delivered"] == 0, info["full"]["delivered"]
         assert info["preview"]["queue_full"] == 0
     finally:
         for r in (full, slow, slow_all):

@@ -241,7 +241,8 @@ typedef struct fshm_reader_config {
                              * descriptors per second (others still get every frame); such
                              * a queued reader gets a descriptor per frame of its share,
                              * where every other reader takes frames from the header ring
-                             * and is sent one only to wake it from a sleep */
+                             * and is woken only from a sleep (a futex wake; a descriptor
+                             * from an older producer) */
     const char *driver;     /* driver model: attach through the driver at this socket */
     uint32_t client_id;     /* 0 = generated */
     int publish_mode;       /* 0 = EXISTING_OR_CREATE */
@@ -253,9 +254,11 @@ typedef struct fshm_reader_config {
                              * registration, no control bytes. */
     int no_queue;           /* 1: register without a descriptor queue: frames are taken from
                              * the header ring by seq (no syscall per frame while the reader
-                             * keeps up), as with a queue, but it sleeps on latest_seq's
-                             * futex, which the producer wakes only while it sleeps
-                             * (docs/wire-format.md §7). Losses count as with a queue. */
+                             * keeps up) and it sleeps on latest_seq's futex, which the
+                             * producer wakes only while it sleeps, as with a queue; it uses
+                             * none of the system's queues, and an older producer wakes it
+                             * on every commit (docs/wire-format.md §7). Losses count as
+                             * with a queue. */
 } fshm_reader_config;
 
 typedef struct fshm_frame {
