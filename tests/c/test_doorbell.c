@@ -71,6 +71,21 @@ static pthread_t start_sleeper(sleeper *s, fshm_reader *r)
     return t;
 }
 
+/* Puts a thread to sleep in wait_next on r, checks that its bell says `bell`, commits a
+ * frame and checks that the sleeper took it (seq `want`) with no wake-up missed. */
+static void wake_sleeper(fshm_writer *w, fshm_reader *r, uint32_t bell, uint64_t want)
+{
+    sleeper s;
+    pthread_t t = start_sleeper(&s, r);
+    assert_int_equal(LOAD_ACQ(&entry_of(r)->sleeping), bell);
+    uint64_t missed = r->missed_wakes;
+    assert_int_equal(tu_publish(w, 16), 0);
+    pthread_join(t, NULL);
+    assert_int_equal(s.rc, 0);
+    assert_int_equal(s.f.seq, want);
+    assert_int_equal(r->missed_wakes, missed);
+}
+
 /* A queued reader whose producer answers its bell with a FUTEX_WAKE (bells_epoch names
  * the epoch): keeping up costs no system call, a sleep costs one FUTEX_WAKE, and nothing
  * goes through its queue. */
@@ -96,17 +111,9 @@ static void test_queued_reader_is_woken_by_futex_only_asleep(void **state)
     assert_int_equal(LOAD_RLX(&e->sleeping), 0);
 
     /* Asleep in wait_next, on the futex: the next commit wakes it with one FUTEX_WAKE. */
-    sleeper s;
-    pthread_t t = start_sleeper(&s, r);
-    assert_int_equal(LOAD_ACQ(&e->sleeping), BELL_FUTEX);
-    uint64_t missed = r->missed_wakes;
-    assert_int_equal(tu_publish(w, 16), 0);
-    pthread_join(t, NULL);
-    assert_int_equal(s.rc, 0);
-    assert_int_equal(s.f.seq, first + 50);
+    wake_sleeper(w, r, BELL_FUTEX, first + 50);
     assert_int_equal(w->futex_wakes, wakes + 1);
     assert_int_equal(LOAD_RLX(&e->sleeping), 0);
-    assert_int_equal(r->missed_wakes, missed);
 
     /* Rung and not yet running (a burst after the first frame): the producer lowered the
      * bell with its wake, so the rest of the burst wakes nobody. */
@@ -136,18 +143,10 @@ static void test_queued_reader_sleeps_on_its_queue_otherwise(void **state)
     fshm_ctl_consumer *e = entry_of(r);
     STORE_REL(&r->ctl->bells_epoch, 0);
     uint64_t first = fshm_writer_next_seq(w), wakes = w->futex_wakes;
-    sleeper s;
-    pthread_t t = start_sleeper(&s, r);
-    assert_int_equal(LOAD_ACQ(&e->sleeping), BELL_QUEUE);
-    uint64_t missed = r->missed_wakes;
-    assert_int_equal(tu_publish(w, 16), 0);
-    pthread_join(t, NULL);
-    assert_int_equal(s.rc, 0);
-    assert_int_equal(s.f.seq, first);
+    wake_sleeper(w, r, BELL_QUEUE, first);
     assert_int_equal(LOAD_RLX(&e->delivered), 1);
     assert_int_equal(queued(r), 0);   /* the sleep took it */
     assert_int_equal(w->futex_wakes, wakes);
-    assert_int_equal(r->missed_wakes, missed);
 
     /* A burst after a bell rung that way sends one descriptor, lowering the bell. */
     STORE_RLX(&e->sleeping, BELL_QUEUE);
@@ -192,16 +191,7 @@ static void test_no_queue_doorbell_wakes_only_a_sleeper(void **state)
     assert_int_equal(LOAD_RLX(&e->sleeping), 0);
 
     /* Asleep in wait_next: the next commit rings. */
-    sleeper d = {.r = r, .f = tu_frame_zero(), .rc = 1};
-    pthread_t t;
-    assert_int_equal(pthread_create(&t, NULL, sleeper_main, &d), 0);
-    for (int i = 0; i < 10000 && !LOAD_ACQ(&e->sleeping); i++)
-        tu_sleep_ms(1);
-    assert_int_equal(LOAD_ACQ(&e->sleeping), BELL_FUTEX);
-    assert_int_equal(tu_publish(w, 16), 0);
-    pthread_join(t, NULL);
-    assert_int_equal(d.rc, 0);
-    assert_int_equal(d.f.seq, first + 50);
+    wake_sleeper(w, r, BELL_FUTEX, first + 50);
     assert_int_equal(w->futex_wakes, wakes + 1);
     assert_int_equal(LOAD_RLX(&e->sleeping), 0);
     /* Rung and not yet running (as when a burst follows the first frame): the producer
