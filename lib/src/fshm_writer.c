@@ -401,10 +401,10 @@ static int doorbell_rung(fshm_writer *w)
     for (uint32_t k = 0; k < w->nqbells; k++) {
         unsigned i = w->qbells[k];
         uint32_t v = bell_answered(&ctl_consumer(w->ctl, i)->sleeping);
-        if (v == BELL_QUEUE)
+        if (v == BELL_QUEUE && w->cons[i].open)
             w->cons[i].due = 1;
         else if (v)
-            rung = 1;
+            rung = 1;   /* a queue we cannot send to: a wake it may not be waiting for */
     }
     return rung;
 }
@@ -428,6 +428,9 @@ static void refresh_consumers(fshm_writer *w)
                 w->bells[w->nbells++] = (uint8_t)i;
             else
                 w->wake_no_queue = 1;
+        } else if (active && (fl & CONS_FLAG_DOORBELL)) {
+            /* Even one whose queue we cannot open: its futex sleeps need no queue. */
+            w->qbells[w->nqbells++] = (uint8_t)i;
         }
         char q[32];
         memcpy(q, e->queue, sizeof q);
@@ -452,8 +455,6 @@ static void refresh_consumers(fshm_writer *w)
         }
         if (lc->open) {
             lc->bell = !!(fl & CONS_FLAG_DOORBELL);
-            if (lc->bell)
-                w->qbells[w->nqbells++] = (uint8_t)i;
             w->queued[w->nqueued++] = (uint8_t)i;
         }
     }

@@ -44,7 +44,7 @@ struct fshm_writer {
      * instead of scanning all FSHM_MAX_CONSUMERS (4 KiB) per frame. */
     uint32_t nqueued;
     uint8_t queued[FSHM_MAX_CONSUMERS];
-    uint32_t nqbells;        /* of those, consumers with a doorbell: entries in qbells[] */
+    uint32_t nqbells;        /* consumers with a queue and a doorbell (open or not): entries in qbells[] */
     uint8_t qbells[FSHM_MAX_CONSUMERS];
     _Static_assert(FSHM_MAX_CONSUMERS <= 256, "bells[] and queued[] hold consumer indices in a byte");
     uint64_t futex_wakes;    /* FUTEX_WAKEs issued (the tests count them) */

@@ -168,6 +168,28 @@ static void test_queued_reader_sleeps_on_its_queue_otherwise(void **state)
     fshm_writer_close(w, 1);
 }
 
+/* The producer answers a queued reader's futex bell even when it cannot open the reader's
+ * queue (here: the entry names a queue that is not named for its pid, which a producer
+ * refuses): a futex sleep needs no queue. */
+static void test_futex_bell_needs_no_queue(void **state)
+{
+    (void)state;
+    const char *name = "db-noq";
+    fshm_writer *w = tu_writer(name, 64, 4096);
+    fshm_reader *r = tu_reader(name);
+    fshm_ctl_consumer *e = entry_of(r);
+    memcpy(e->queue, "/fshm-1-00000000", sizeof "/fshm-1-00000000");
+    __atomic_fetch_add(&r->ctl->consumers_gen, 1, __ATOMIC_RELEASE);
+    uint64_t first = fshm_writer_next_seq(w), wakes = w->futex_wakes;
+    assert_int_equal(tu_publish(w, 16), 0);   /* the producer rescans the table */
+    expect_next(r, first);
+    assert_int_equal(w->nqueued, 0);
+    wake_sleeper(w, r, BELL_FUTEX, first + 1);
+    assert_int_equal(w->futex_wakes, wakes + 1);
+    fshm_reader_close(r);
+    fshm_writer_close(w, 1);
+}
+
 /* A queueless consumer with a doorbell costs the producer no FUTEX_WAKE while it keeps up
  * (the frames are there when it asks), gets exactly one when it has gone to sleep, and an
  * entry without the doorbell (an older library's) is woken on every commit. */
@@ -397,6 +419,7 @@ int main(void)
         cmocka_unit_test(test_no_queue_doorbell_wakes_only_a_sleeper),
         cmocka_unit_test(test_queued_reader_is_woken_by_futex_only_asleep),
         cmocka_unit_test(test_queued_reader_sleeps_on_its_queue_otherwise),
+        cmocka_unit_test(test_futex_bell_needs_no_queue),
         cmocka_unit_test(test_rate_capped_reader_keeps_a_descriptor_per_frame),
         cmocka_unit_test(test_every_descriptor_to_an_entry_without_doorbell),
         cmocka_unit_test(test_no_wake_up_lost_in_the_race),
