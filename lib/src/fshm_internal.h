@@ -118,9 +118,10 @@ enum { CONS_FREE = 0, CONS_CLAIMING = 1, CONS_ACTIVE = 2, CONS_PRUNING = 3 };
 /* Consumer flags (fshm_ctl_consumer.flags, set by the consumer with atomic OR).
  * DOORBELL: the consumer takes frames from the header ring by seq, raises `sleeping`
  * before each sleep and wants a wake only then, where `sleeping` says it sleeps: a futex
- * wake (BELL_FUTEX), or one descriptor in its queue (BELL_QUEUE). Without it the producer wakes a NO_QUEUE consumer on every
- * commit and sends a queued one a descriptor per frame (an older library, a sealed
- * consumer that cannot write its entry, a queued one with max_rate_hz). */
+ * wake (BELL_FUTEX), or one descriptor in its queue (BELL_QUEUE). Without it the producer
+ * wakes a NO_QUEUE consumer on every commit and sends a queued one a descriptor per frame
+ * (an older library, a sealed consumer that cannot write its entry, a queued one with
+ * max_rate_hz). */
 enum { CONS_FLAG_NEXT = 1u, CONS_FLAG_NO_QUEUE = 2u, CONS_FLAG_DOORBELL = 4u };
 /* A raised bell (fshm_ctl_consumer.sleeping): where its consumer sleeps. A queued
  * consumer sleeps on latest_seq's futex only while the control region's bells_epoch names

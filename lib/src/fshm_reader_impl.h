@@ -59,8 +59,8 @@ struct fshm_reader {
     uint16_t spin_tries, spin_hits;   /* this round of windows */
     uint32_t spin_rest;      /* frames to wait without spinning before the next round */
     uint32_t burst_span_ns;  /* a fast stream's poll before sleeping; 0 = not set yet */
-    uint64_t sleeps, missed_wakes;   /* doorbell sleeps; queue sleeps that ran out their
-                                      * slice with a frame there to take (tests count them) */
+    uint64_t sleeps, missed_wakes;   /* doorbell sleeps; those that ran out their slice
+                                      * with a frame there to take (the tests count them) */
     fshm_window_fn window_fn;   /* fshm_reader_on_window */
     void *window_arg;
     /* driver model */

@@ -409,6 +409,19 @@ static int doorbell_rung(fshm_writer *w)
     return rung;
 }
 
+/* After the full fence that follows latest_seq: answers every raised bell, then issues the
+ * one FUTEX_WAKE the futex sleepers need, or that is due anyway (`wake`: queueless entries
+ * without a doorbell are woken on every commit). The bells are answered even then: a
+ * queued sleeper's BELL_QUEUE wants its descriptor, and a lowered bell spares the next
+ * commit. */
+static void wake_sleepers(fshm_writer *w, int wake)
+{
+    if (doorbell_rung(w) || wake) {
+        fshm_futex_wake(&w->ctl->latest_seq);
+        w->futex_wakes++;
+    }
+}
+
 static void refresh_consumers(fshm_writer *w)
 {
     uint32_t gen = LOAD_ACQ(&w->ctl->consumers_gen);
@@ -569,20 +582,14 @@ static int commit_checked(fshm_writer *w, const fshm_tensor *full, size_t nbytes
     /* Our half of every doorbell (bell_answered): latest_seq above, `sleeping` below. */
     if (w->nbells || w->nqbells)
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-    if (w->wake_no_queue || doorbell_rung(w)) {
-        fshm_futex_wake(&c->latest_seq);
-        w->futex_wakes++;
-    }
+    wake_sleepers(w, w->wake_no_queue);
 
     if (now >= w->next_prune_ns) {
         housekeeping(w, now);
         refresh_consumers(w);
         /* A doorbell consumer the refresh found was not among those answered above. */
         __atomic_thread_fence(__ATOMIC_SEQ_CST);
-        if (doorbell_rung(w)) {
-            fshm_futex_wake(&c->latest_seq);
-            w->futex_wakes++;
-        }
+        wake_sleepers(w, 0);
     }
     uint8_t msg[FSHM_DESC_BYTES];
     fshm_desc_encode(msg, w->paths.stream_id, w->epoch, seq, now);

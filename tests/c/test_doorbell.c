@@ -164,6 +164,17 @@ static void test_queued_reader_sleeps_on_its_queue_otherwise(void **state)
     assert_int_equal(fshm_reader_wait_next(r, 30 * MS, &f), -ETIMEDOUT);
     assert_int_equal(queued(r), 0);
     assert_int_equal(fshm_reader_drops(r), 0);
+
+    /* Beside a queueless entry without a doorbell (woken on every commit anyway), the
+     * queue sleeper's bell is still answered with its descriptor. */
+    fshm_reader *old = tu_reader_no_queue(name);
+    fshm_ctl_consumer *oe = entry_of(old);
+    __atomic_fetch_and(&oe->flags, ~CONS_FLAG_DOORBELL, __ATOMIC_RELAXED);
+    __atomic_fetch_add(&r->ctl->consumers_gen, 1, __ATOMIC_RELEASE);
+    wake_sleeper(w, r, BELL_QUEUE, first + 5);
+    assert_int_equal(LOAD_RLX(&e->delivered), 3);
+    assert_int_equal(w->futex_wakes, wakes + 1);   /* the queueless entry's */
+    fshm_reader_close(old);
     fshm_reader_close(r);
     fshm_writer_close(w, 1);
 }
